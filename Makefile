@@ -1,0 +1,33 @@
+# Two commands: `make lab` (set up + open JupyterLab) and `make test` (set up + every test).
+# Both are idempotent: the virtual environment is rebuilt only when pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PORT ?= 8888
+LAB_ARGS ?=
+PYTEST_ARGS ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: lab test bench setup clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[lab,test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lab: $(STAMP)
+	cd notebooks && ../$(VENV)/bin/jupyter lab --port $(PORT) $(LAB_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,204 @@
+"""Public entry points: `span_search` and `superlinear_attention` (DESIGN.md, public API contract).
+
+Both validate every argument before any computation, derive the row starts from the left-padded
+mask, then dispatch to a backend: "oracle" (dense, small L, tests), "torch" (efficient, any
+device) or "triton" (GPU kernels); "auto" picks triton on CUDA tensors, torch otherwise. All
+backends return the same routing and outputs equal within dtype tolerance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .config import SpanConfig
+
+BACKENDS = ("auto", "oracle", "torch", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Routing of every (batch, query head, query): the top-K stripes and their spans (SPEC §2.4).
+
+    All fields have shape [B, H_Q, L_Q, K], sorted by search value (descending; ties → earlier anchor).
+    """
+
+    qstart: torch.Tensor  # int32, inclusive span start; -1 where the slot is invalid
+    qanchor: torch.Tensor  # int32, anchor position (right end of the backward span); -1 if invalid
+    qend: torch.Tensor  # int32, inclusive span end after the forward-end adjustment; -1 if invalid
+    values: torch.Tensor  # fp32, raw search scores <Q1, K(anchor)>; -inf if invalid
+    gate: torch.Tensor | None = None  # fp32 gate weights softmax(values) (superlinear_attention only)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """bool [B, H_Q, L_Q, K]: slots holding a real candidate."""
+        return self.qanchor >= 0
+
+    def detach(self) -> "SearchResult":
+        return replace(self, values=self.values.detach(),
+                       gate=None if self.gate is None else self.gate.detach())
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Validated inputs shared by the backends."""
+
+    cache_position: torch.Tensor  # int64 [L_Q] on the tensors' device
+    row_start: torch.Tensor  # int64 [B]: s, index of the first valid key of each row
+    q_max: int  # largest query position of the call
+    l_kv: int
+
+
+def _check_tensor(name: str, x, ndim: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(x.shape)}")
+
+
+def _prepare(q1: torch.Tensor, k: torch.Tensor, cache_position, cfg, attention_mask, backend: str,
+             q2: torch.Tensor | None = None, v: torch.Tensor | None = None) -> Prepared:
+    if not isinstance(cfg, SpanConfig):
+        raise TypeError(f"cfg: expected a SpanConfig, got {type(cfg).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+    named = [("q1", q1), ("k", k)] + ([("q2", q2), ("v", v)] if q2 is not None else [])
+    for name, x in named:
+        _check_tensor(name, x, 4)
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name}: dtype {x.dtype} not supported; expected float16, bfloat16 or float32")
+    for name, x in named[1:]:
+        if x.dtype != q1.dtype:
+            raise TypeError(f"{name}: dtype {x.dtype} differs from q1's {q1.dtype}; nothing is cast silently")
+        if x.device != q1.device:
+            raise ValueError(f"{name}: on {x.device} but q1 is on {q1.device}")
+    b, h_q, l_q, d = q1.shape
+    b_k, h_kv, l_kv, d_k = k.shape
+    if q2 is not None and q2.shape != q1.shape:
+        raise ValueError(f"q2: shape {tuple(q2.shape)} must equal q1's {tuple(q1.shape)}")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v: shape {tuple(v.shape)} must equal k's {tuple(k.shape)}")
+    if b_k != b:
+        raise ValueError(f"k: batch {b_k} differs from q1's batch {b}")
+    if d_k != d:
+        raise ValueError(f"k: head dim {d_k} differs from q1's head dim {d}")
+    if min(b, h_q, l_q, d, h_kv, l_kv) < 1:
+        raise ValueError(f"empty dimension: q1 {tuple(q1.shape)}, k {tuple(k.shape)}")
+    if h_q % h_kv:
+        raise ValueError(f"query heads H_Q={h_q} must be a multiple of KV heads H_KV={h_kv}")
+
+    if isinstance(cache_position, (list, tuple, range)):
+        cache_position = torch.tensor(list(cache_position), dtype=torch.int64)
+    _check_tensor("cache_position", cache_position, 1)
+    if cache_position.dtype.is_floating_point or cache_position.dtype == torch.bool or cache_position.is_complex():
+        raise TypeError(f"cache_position: expected an integer tensor, got {cache_position.dtype}")
+    if cache_position.numel() != l_q:
+        raise ValueError(f"cache_position: length {cache_position.numel()} must equal L_Q={l_q} (q1.shape[2])")
+    positions = cache_position.to(device=q1.device, dtype=torch.int64)
+    lo, hi = int(positions.min()), int(positions.max())
+    if lo < 0 or hi >= l_kv:
+        raise ValueError(f"cache_position: values must lie in [0, L_KV={l_kv}); got min {lo}, max {hi}")
+
+    if attention_mask is None:
+        row_start = torch.zeros(b, dtype=torch.int64, device=q1.device)
+    else:
+        _check_tensor("attention_mask", attention_mask, 2)
+        if tuple(attention_mask.shape) != (b, l_kv):
+            raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)}, expected [B, L_KV] = {(b, l_kv)}")
+        if attention_mask.dtype.is_floating_point or attention_mask.is_complex():
+            raise TypeError(f"attention_mask: expected bool or integer, got {attention_mask.dtype}")
+        mask = attention_mask.to(q1.device)
+        if mask.dtype != torch.bool:
+            if bool(((mask != 0) & (mask != 1)).any()):
+                raise ValueError("attention_mask: integer masks must hold only 0 and 1")
+            mask = mask != 0
+        seen = mask[:, : hi + 1]
+        # Left padding: over keys 0..q_max each row reads 0…0 1…1; s = number of leading zeros.
+        row_start = (~seen).to(torch.int64).cumprod(dim=1).sum(dim=1)
+        expected = torch.arange(hi + 1, device=q1.device)[None, :] >= row_start[:, None]
+        if not bool((seen == expected).all()):
+            bad = int((seen != expected).any(dim=1).nonzero()[0])
+            raise ValueError(f"attention_mask: row {bad} is not left-padded over keys 0..{hi} "
+                             "(expected 0…0 1…1, one contiguous valid suffix)")
+    return Prepared(positions, row_start, hi, l_kv)
+
+
+def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+    if backend == "auto":
+        return "triton" if x.is_cuda and _triton_available() else "torch"
+    return backend
+
+
+def _triton_available() -> bool:
+    try:
+        from .triton import available
+    except ImportError:
+        return False
+    return available()
+
+
+def _backend_module(name: str):
+    if name == "oracle":
+        from . import oracle
+
+        return oracle
+    if name == "torch":
+        from . import torch_ops
+
+        return torch_ops
+    from . import triton as triton_backend
+
+    if not triton_backend.available():
+        raise ValueError("backend='triton': Triton is not importable here (or the tensors are on a device it cannot "
+                         "run on); use backend='torch'")
+    return triton_backend
+
+
+def span_search(q1: torch.Tensor, k: torch.Tensor, cache_position, cfg: SpanConfig,
+                attention_mask: torch.Tensor | None = None, backend: str = "auto") -> SearchResult:
+    """Top-K stripe search (SPEC §2): score anchors with raw <Q1, K>, keep the K best, derive spans.
+
+    Args:
+        q1: search queries [B, H_Q, L_Q, D] (fp16, bf16 or fp32).
+        k: key cache [B, H_KV, L_KV, D], same dtype; H_Q must be a multiple of H_KV (GQA).
+        cache_position: int tensor [L_Q], absolute position of each query, in [0, L_KV).
+        cfg: the `SpanConfig`.
+        attention_mask: None or bool/int [B, L_KV], left-padded (0…0 1…1 over keys 0..max position).
+        backend: "auto", "oracle", "torch" or "triton".
+
+    Returns:
+        `SearchResult` with qstart/qanchor/qend (int32) and values (fp32), each [B, H_Q, L_Q, K].
+
+    Example::
+
+        r = span_search(torch.randn(1, 4, 64, 32), torch.randn(1, 2, 64, 32), torch.arange(64),
+                        SpanConfig.default(), backend="torch")
+    """
+    prep = _prepare(q1, k, cache_position, cfg, attention_mask, backend)
+    module = _backend_module(_resolve_backend(backend, q1))
+    return module.span_search(q1, k, cfg, prep)
+
+
+def superlinear_attention(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_position,
+                          cfg: SpanConfig, attention_mask: torch.Tensor | None = None, backend: str = "auto",
+                          return_routing: bool = False):
+    """Superlinear attention (SPEC §2–3): search, K span ∪ window branches, LSE merge and gate.
+
+    Args:
+        q1: search/gate queries [B, H_Q, L_Q, D] (unscaled dot with K at the anchors).
+        q2: attention queries [B, H_Q, L_Q, D] (scaled by 1/sqrt(D)).
+        k, v: cache [B, H_KV, L_KV, D]; all four tensors share one dtype (fp16, bf16, fp32) and device.
+        cache_position: int tensor [L_Q] in [0, L_KV). L_Q == 1 is decode; any chunk is chunked prefill.
+        cfg: the `SpanConfig`.
+        attention_mask: None or bool/int [B, L_KV], left-padded.
+        backend: "auto", "oracle", "torch" or "triton".
+        return_routing: also return the `SearchResult` (with `gate` [B, H_Q, L_Q, K]).
+
+    Returns:
+        out [B, H_Q, L_Q, D] in q2's dtype, or (out, routing) when `return_routing`.
+    """
+    prep = _prepare(q1, k, cache_position, cfg, attention_mask, backend, q2=q2, v=v)
+    module = _backend_module(_resolve_backend(backend, q1))
+    out, routing = module.superlinear_attention(q1, q2, k, v, cfg, prep)
+    return (out, routing) if return_routing else out

@@ -1,0 +1,175 @@
+"""The efficient torch backend: O(L^(1+p) + L^(1+ρ)) work, bounded memory, any device.
+
+This is what CPUs run (CI, laptops, notebooks). Same routing and outputs as the oracle.
+
+* **Search** scans only the stripes σ+1 … M(q_max+1), chunked over queries: one gather of the anchor
+  keys per KV head (shared by its query heads), raw fp32 dot products, then K rounds of argmax over
+  stripes ordered earliest position first (argmax returns the first maximum: the tie rule, SPEC §2.3).
+* **Attention** treats the window and every span as a *contiguous key range* [lo, hi] — both are
+  already clipped to the row start s, so no key mask is needed. Pairs (query head, query, range) are
+  grouped by (batch, KV head, first key block of 64); each group reads one contiguous slice of K and V
+  (a view, no copy) for one dense [pairs × D]·[D × keys] matmul with a range mask (the CPU analogue of
+  the bucketed prefill, SPEC §3.6). Branch and window are merged by log-sum-exp, then gated (§3.2–3.3).
+
+Memory bound (beyond inputs, outputs and one fp32 copy of K/V): the search holds at most
+`SEARCH_CHUNK_ELEMS` fp32 gathered elements (64 MiB) at a time; a group holds at most
+`MAX_GROUP_PAIRS` × (range length) fp32 logits, i.e. ≤ 512 × (B(t) + Fw(t) + 64) or 512 × (W + 64)
+elements. Routing/output tensors are O(B · H_Q · L_Q · K · D). Under autograd the per-group logits
+are saved for backward, so gradients cost O(B · H_Q · L_Q · K · span length) memory — use moderate L.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .api import Prepared, SearchResult
+from .config import SpanConfig
+from .geometry import span_bounds, stripe_table
+from .softmax import gate_weights, masked_attention, merge_with_window
+
+SEARCH_CHUNK_ELEMS = 16 * 1024 * 1024  # fp32 elements of gathered anchor keys per search chunk (64 MiB)
+KEY_BLOCK = 64  # pairs are grouped by the key block their range starts in
+MAX_GROUP_PAIRS = 512  # larger groups are split to bound the logits tile
+
+
+def span_search(q1: torch.Tensor, k: torch.Tensor, cfg: SpanConfig, prep: Prepared) -> SearchResult:
+    """Search over stripes σ+1 … M(q_max + 1) in query chunks; see the module docstring."""
+    b, h_q, l_q, d = q1.shape
+    h_kv, l_kv = k.shape[1], k.shape[2]
+    group = h_q // h_kv
+    num = cfg.num_spans
+    # Stripes ordered by ascending anchor position = descending stripe index.
+    offsets = stripe_table(cfg, prep.q_max + 1, device=q1.device)
+    last = int(torch.searchsorted(offsets, torch.tensor(prep.q_max + 1, device=q1.device), right=True)) - 1
+    offsets = offsets[cfg.sw_index + 1: last + 1].flip(0)  # [S]
+    n_stripes = offsets.numel()
+
+    q = prep.cache_position
+    anchors_out = torch.full((b, h_q, l_q, num), -1, dtype=torch.int64, device=q1.device)
+    values_out = torch.full((b, h_q, l_q, num), float("-inf"), dtype=torch.float32, device=q1.device)
+    if n_stripes == 0:
+        return _finish_search(cfg, prep, anchors_out, values_out, l_kv)
+
+    kf = k.float()
+    q1f = q1.float().view(b, h_kv, group, l_q, d)
+    key_valid = torch.arange(l_kv, device=q1.device)[None, :] >= prep.row_start[:, None]  # [B, L_KV]
+    chunk = max(1, SEARCH_CHUNK_ELEMS // max(1, b * h_kv * n_stripes * d))
+    anchor_parts, value_parts = [], []
+    for c0 in range(0, l_q, chunk):
+        qc = q[c0:c0 + chunk]
+        anchor = qc[:, None] + 1 - offsets[None, :]  # [C, S]
+        inside = (anchor >= 0) & (anchor < l_kv)
+        safe = anchor.clamp(0, l_kv - 1)
+        candidate = inside[None] & key_valid[:, safe]  # [B, C, S]
+        keys_at = kf[:, :, safe]  # [B, H_KV, C, S, D]
+        scores = torch.einsum("bgncd,bgcsd->bgncs", q1f[:, :, :, c0:c0 + chunk], keys_at)
+        scores = scores.masked_fill(~candidate[:, None, None], float("-inf")).reshape(b, h_q, -1, n_stripes)
+        picked, picked_values = [], []
+        remaining = scores.detach().clone()
+        for _ in range(min(num, n_stripes)):
+            best = remaining.argmax(dim=-1, keepdim=True)  # first maximum = earliest position
+            picked.append(best)
+            picked_values.append(scores.gather(-1, best))
+            remaining.scatter_(-1, best, float("-inf"))
+        idx = torch.cat(picked, dim=-1)
+        vals = torch.cat(picked_values, dim=-1)
+        pos = anchor[None, None].expand(b, h_q, -1, -1).gather(-1, idx)
+        pos = torch.where(torch.isfinite(vals), pos, torch.full_like(pos, -1))
+        anchor_parts.append(pos)
+        value_parts.append(vals)
+    anchors = torch.cat(anchor_parts, dim=2)
+    values = torch.cat(value_parts, dim=2)
+    if anchors.shape[-1] < num:  # fewer stripes than K: pad invalid slots
+        pad = num - anchors.shape[-1]
+        anchors = torch.cat([anchors, anchors.new_full((b, h_q, l_q, pad), -1)], dim=-1)
+        values = torch.cat([values, values.new_full((b, h_q, l_q, pad), float("-inf"))], dim=-1)
+    return _finish_search(cfg, prep, anchors, values, l_kv)
+
+
+def _finish_search(cfg, prep, anchors, values, l_kv) -> SearchResult:
+    q = prep.cache_position[None, None, :, None]
+    qstart, qend = span_bounds(cfg, anchors, q, prep.row_start[:, None, None, None], l_kv)
+    return SearchResult(qstart.to(torch.int32), anchors.to(torch.int32), qend.to(torch.int32), values)
+
+
+def range_attention(q: torch.Tensor, batch: torch.Tensor, kv_head: torch.Tensor, lo: torch.Tensor,
+                    hi: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query over one contiguous key range.
+
+    q [P, D] fp32; batch, kv_head, lo, hi [P] int64 (inclusive range; empty when hi < lo or lo < 0);
+    k, v [B, H_KV, L_KV, D] fp32. Returns out [P, D] (0 for empty ranges) and lse [P] (-inf there).
+    Pairs are grouped by (batch, KV head, lo // 64) so each group reads one slice of K and V.
+    """
+    n_pairs, d = q.shape
+    l_kv = k.shape[2]
+    out = q.new_zeros(n_pairs, d)
+    lse = q.new_full((n_pairs,), float("-inf"))
+    live = (lo >= 0) & (hi >= lo)
+    idx = live.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return out, lse
+    block = lo[idx] // KEY_BLOCK
+    n_blocks = (l_kv + KEY_BLOCK - 1) // KEY_BLOCK
+    key = (batch[idx] * k.shape[1] + kv_head[idx]) * n_blocks + block
+    key, order = torch.sort(key, stable=True)
+    idx = idx[order]
+    groups, counts = torch.unique_consecutive(key, return_counts=True)
+    ends = torch.zeros(groups.numel(), dtype=torch.int64, device=q.device).scatter_reduce(
+        0, torch.repeat_interleave(torch.arange(groups.numel(), device=q.device), counts), hi[idx], "amax")
+    out_parts, lse_parts = [], []
+    for group_key, count, end, members in zip(groups.tolist(), counts.tolist(), ends.tolist(),
+                                              torch.split(idx, counts.tolist())):
+        bh, blk = divmod(group_key, n_blocks)
+        bb, hh = divmod(bh, k.shape[1])
+        start = blk * KEY_BLOCK
+        keys = k[bb, hh, start:end + 1]  # contiguous slice: a view
+        vals = v[bb, hh, start:end + 1]
+        positions = torch.arange(start, end + 1, device=q.device)
+        for m0 in range(0, count, MAX_GROUP_PAIRS):
+            sub = members[m0:m0 + MAX_GROUP_PAIRS]
+            logits = (q[sub] @ keys.transpose(0, 1)) * scale
+            allowed = (positions[None, :] >= lo[sub, None]) & (positions[None, :] <= hi[sub, None])
+            o, l = masked_attention(logits, allowed, vals)
+            out_parts.append(o)
+            lse_parts.append(l)
+    # Parts were produced group by group in the order of `idx`.
+    out = out.index_put((idx,), torch.cat(out_parts))
+    lse = lse.index_put((idx,), torch.cat(lse_parts))
+    return out, lse
+
+
+def superlinear_attention(q1, q2, k, v, cfg: SpanConfig, prep: Prepared):
+    """Search, window and span branches over contiguous ranges, LSE merge, gate; see the module docstring."""
+    b, h_q, l_q, d = q2.shape
+    h_kv = k.shape[1]
+    group = h_q // h_kv
+    routing = span_search(q1, k, cfg, prep)
+    kf, vf = k.float(), v.float()
+    scale = 1.0 / math.sqrt(d)
+    dev = q2.device
+
+    bb = torch.arange(b, device=dev)[:, None, None].expand(b, h_q, l_q)
+    hh = (torch.arange(h_q, device=dev) // group)[None, :, None].expand(b, h_q, l_q)
+    q = prep.cache_position[None, None, :].expand(b, h_q, l_q)
+    s = prep.row_start[:, None, None].expand(b, h_q, l_q)
+    q2f = q2.float().reshape(-1, d)
+
+    w = cfg.window_len
+    if w > 0:
+        win_lo = torch.maximum((q - w + 1).clamp_min(0), s)
+        win_out, win_lse = range_attention(q2f, bb.reshape(-1), hh.reshape(-1), win_lo.reshape(-1),
+                                           q.reshape(-1), kf, vf, scale)
+    else:
+        win_out, win_lse = q2f.new_zeros(q2f.shape), q2f.new_full((q2f.shape[0],), float("-inf"))
+
+    num = cfg.num_spans
+    span_q = q2f.repeat_interleave(num, dim=0)
+    span_out, span_lse = range_attention(
+        span_q, bb.reshape(-1).repeat_interleave(num), hh.reshape(-1).repeat_interleave(num),
+        routing.qstart.reshape(-1).long(), routing.qend.reshape(-1).long(), kf, vf, scale)
+
+    branches = merge_with_window(span_out.view(-1, num, d), span_lse.view(-1, num), win_out, win_lse)
+    gate = gate_weights(routing.values, routing.valid)
+    out = (gate.reshape(-1, num, 1) * branches).sum(dim=1).view(b, h_q, l_q, d)
+    return out.to(q2.dtype), SearchResult(routing.qstart, routing.qanchor, routing.qend, routing.values, gate)
