@@ -1,0 +1,1 @@
+"""superlinear_lab.engine (being built)."""

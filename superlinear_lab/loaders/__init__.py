@@ -1,0 +1,1 @@
+"""superlinear_lab.loaders (being built)."""

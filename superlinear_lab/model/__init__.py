@@ -1,0 +1,1 @@
+"""superlinear_lab.model (being built)."""

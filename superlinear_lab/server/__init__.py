@@ -1,0 +1,1 @@
+"""superlinear_lab.server (being built)."""

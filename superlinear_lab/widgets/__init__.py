@@ -1,0 +1,1 @@
+"""superlinear_lab.widgets (being built)."""
