@@ -2,7 +2,7 @@
 Triton kernels of Superlinear Multi-Step Attention. Knows nothing of notebooks or models."""
 from .config import SpanConfig
 from .geometry import CoverageReport, coverage, query_geometry, stripe_offset, stripe_table
-from .api import SearchResult, span_search, superlinear_attention
+from .api import SearchResult, StripeScores, span_search, stripe_scores, superlinear_attention
 
 __all__ = [
     "SpanConfig",
@@ -13,5 +13,7 @@ __all__ = [
     "stripe_table",
     "SearchResult",
     "span_search",
+    "StripeScores",
+    "stripe_scores",
     "superlinear_attention",
 ]

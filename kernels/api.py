@@ -202,3 +202,26 @@ def superlinear_attention(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v
     module = _backend_module(_resolve_backend(backend, q1))
     out, routing = module.superlinear_attention(q1, q2, k, v, cfg, prep)
     return (out, routing) if return_routing else out
+
+
+@dataclass(frozen=True)
+class StripeScores:
+    """Search value of every stripe of every query — the full profile behind the top-K choice."""
+
+    stripes: torch.Tensor  # int64 [S]: stripe indices σ+1 … M(max position + 1), nearest anchor first
+    anchors: torch.Tensor  # int64 [L_Q, S]: anchor q + 1 - F(i) (may be < 0: then not a candidate)
+    values: torch.Tensor  # fp32 [B, H_Q, L_Q, S]: <Q1, K(anchor)>, -inf where not a candidate
+
+
+def stripe_scores(q1: torch.Tensor, k: torch.Tensor, cache_position, cfg: SpanConfig,
+                  attention_mask: torch.Tensor | None = None) -> StripeScores:
+    """Score every stripe (not only the top K) for views and debugging. Same inputs as `span_search`.
+
+    Memory is O(B · H_Q · L_Q · S) with S ≈ (max position)^p: call it on a chosen subset of queries.
+    The top-K of `values` per row, with ties to the earlier anchor, is exactly `span_search`'s choice.
+    """
+    prep = _prepare(q1, k, cache_position, cfg, attention_mask, "torch")
+    from . import torch_ops
+
+    stripes, anchors, values = torch_ops.stripe_scores(q1, k, cfg, prep)
+    return StripeScores(stripes, anchors, values)

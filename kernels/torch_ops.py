@@ -33,38 +33,64 @@ KEY_BLOCK = 64  # pairs are grouped by the key block their range starts in
 MAX_GROUP_PAIRS = 512  # larger groups are split to bound the logits tile
 
 
-def span_search(q1: torch.Tensor, k: torch.Tensor, cfg: SpanConfig, prep: Prepared) -> SearchResult:
-    """Search over stripes σ+1 … M(q_max + 1) in query chunks; see the module docstring."""
+def _search_stripes(cfg: SpanConfig, prep: Prepared, device) -> torch.Tensor:
+    """Offsets F(i) of stripes σ+1 … M(q_max + 1), ordered by ascending anchor position (largest i first)."""
+    offsets = stripe_table(cfg, prep.q_max + 1, device=device)
+    last = int(torch.searchsorted(offsets, torch.tensor(prep.q_max + 1, device=device), right=True)) - 1
+    return offsets[cfg.sw_index + 1: last + 1].flip(0)
+
+
+def _chunks_of_scores(q1: torch.Tensor, k: torch.Tensor, prep: Prepared, offsets: torch.Tensor):
+    """Yield (c0, anchor [C, S], scores [B, H_Q, C, S] fp32, -inf on non-candidates) per query chunk."""
     b, h_q, l_q, d = q1.shape
     h_kv, l_kv = k.shape[1], k.shape[2]
-    group = h_q // h_kv
-    num = cfg.num_spans
-    # Stripes ordered by ascending anchor position = descending stripe index.
-    offsets = stripe_table(cfg, prep.q_max + 1, device=q1.device)
-    last = int(torch.searchsorted(offsets, torch.tensor(prep.q_max + 1, device=q1.device), right=True)) - 1
-    offsets = offsets[cfg.sw_index + 1: last + 1].flip(0)  # [S]
     n_stripes = offsets.numel()
-
-    q = prep.cache_position
-    anchors_out = torch.full((b, h_q, l_q, num), -1, dtype=torch.int64, device=q1.device)
-    values_out = torch.full((b, h_q, l_q, num), float("-inf"), dtype=torch.float32, device=q1.device)
-    if n_stripes == 0:
-        return _finish_search(cfg, prep, anchors_out, values_out, l_kv)
-
     kf = k.float()
-    q1f = q1.float().view(b, h_kv, group, l_q, d)
+    q1f = q1.float().view(b, h_kv, h_q // h_kv, l_q, d)
     key_valid = torch.arange(l_kv, device=q1.device)[None, :] >= prep.row_start[:, None]  # [B, L_KV]
     chunk = max(1, SEARCH_CHUNK_ELEMS // max(1, b * h_kv * n_stripes * d))
-    anchor_parts, value_parts = [], []
     for c0 in range(0, l_q, chunk):
-        qc = q[c0:c0 + chunk]
+        qc = prep.cache_position[c0:c0 + chunk]
         anchor = qc[:, None] + 1 - offsets[None, :]  # [C, S]
         inside = (anchor >= 0) & (anchor < l_kv)
         safe = anchor.clamp(0, l_kv - 1)
         candidate = inside[None] & key_valid[:, safe]  # [B, C, S]
-        keys_at = kf[:, :, safe]  # [B, H_KV, C, S, D]
+        keys_at = kf[:, :, safe]  # [B, H_KV, C, S, D]: one gather per KV head, shared by its query heads
         scores = torch.einsum("bgncd,bgcsd->bgncs", q1f[:, :, :, c0:c0 + chunk], keys_at)
         scores = scores.masked_fill(~candidate[:, None, None], float("-inf")).reshape(b, h_q, -1, n_stripes)
+        yield c0, anchor, scores
+
+
+def stripe_scores(q1: torch.Tensor, k: torch.Tensor, cfg: SpanConfig, prep: Prepared):
+    """Search value of every stripe σ+1 … M(q_max + 1): (stripes [S], anchors [L_Q, S], values [B, H_Q, L_Q, S]).
+
+    Stripes are in ascending index (nearest anchor first); values are -inf on non-candidates.
+    """
+    offsets = _search_stripes(cfg, prep, q1.device)
+    stripes = torch.arange(cfg.sw_index + 1, cfg.sw_index + 1 + offsets.numel(), device=q1.device)
+    anchors, values = [], []
+    for _, anchor, scores in _chunks_of_scores(q1, k, prep, offsets):
+        anchors.append(anchor.flip(-1))
+        values.append(scores.flip(-1))
+    if not anchors:
+        l_q = q1.shape[2]
+        return stripes, torch.empty(l_q, 0, dtype=torch.int64), q1.new_empty(*q1.shape[:3], 0, dtype=torch.float32)
+    return stripes, torch.cat(anchors), torch.cat(values, dim=2)
+
+
+def span_search(q1: torch.Tensor, k: torch.Tensor, cfg: SpanConfig, prep: Prepared) -> SearchResult:
+    """Search over stripes σ+1 … M(q_max + 1) in query chunks; see the module docstring."""
+    b, h_q, l_q, _ = q1.shape
+    l_kv = k.shape[2]
+    num = cfg.num_spans
+    offsets = _search_stripes(cfg, prep, q1.device)
+    n_stripes = offsets.numel()
+    if n_stripes == 0:
+        anchors = torch.full((b, h_q, l_q, num), -1, dtype=torch.int64, device=q1.device)
+        values = torch.full((b, h_q, l_q, num), float("-inf"), dtype=torch.float32, device=q1.device)
+        return _finish_search(cfg, prep, anchors, values, l_kv)
+    anchor_parts, value_parts = [], []
+    for _, anchor, scores in _chunks_of_scores(q1, k, prep, offsets):
         picked, picked_values = [], []
         remaining = scores.detach().clone()
         for _ in range(min(num, n_stripes)):
