@@ -1,0 +1,202 @@
+"""What every view shares: the controller base class (state, actions, errors, listeners), the lazily built
+ipywidgets view, the static fallback and the self-contained HTML export.
+
+A view is split in two so it can be tested without a browser:
+
+* the **controller** (a subclass of `View`) holds the state, exposes one method per user action and builds
+  plain plotly figures from the state (`figures()`); actions that fail record `error` and leave the state
+  unchanged, they never raise into a widget callback where the message would be lost in the log;
+* the **widget** (`view`, built on first use) is a thin ipywidgets 8 layout: controls that call the actions
+  and `FigureWidget`s that are re-synchronised from `figures()` after every change.
+
+Front ends without widget support get the static fallback: `static()` returns the plain figure, and the
+display bundle carries a short text summary next to the widget view. `to_html(path)` writes one file with
+plotly.js inlined (no CDN), so it opens offline.
+"""
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+from typing import Callable
+
+import plotly.graph_objects as go
+import plotly.io as pio
+
+# Colours shared by all views, so "window", "span", "anchor" and "miss" mean the same thing everywhere.
+COLORS = {
+    "window": "#4C78A8",
+    "span": "#F58518",
+    "anchor": "#54A24B",
+    "union": "#72B7B2",
+    "miss": "#D62728",
+    "query": "#222222",
+    "muted": "#BBBBBB",
+    "other": "#B279A2",
+}
+FONT = dict(family="system-ui, -apple-system, 'Segoe UI', sans-serif", size=12)
+
+
+def base_layout(title: str, height: int = 380, **extra) -> dict:
+    """The layout every figure starts from: white background, small margins, a left-aligned title."""
+    layout = dict(
+        title=dict(text=title, x=0.01, xanchor="left", font=dict(size=14)),
+        template="plotly_white",
+        height=height,
+        margin=dict(l=70, r=20, t=50, b=50),
+        font=FONT,
+        showlegend=True,
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+        hoverlabel=dict(font=dict(family="ui-monospace, monospace", size=12)),
+    )
+    layout.update(extra)
+    return layout
+
+
+class ViewError(ValueError):
+    """A user action that a view refused (bad value, missing data); its message is shown in the view."""
+
+
+class View:
+    """Base controller: state + actions + figures; the widget and the exports are derived from it.
+
+    Subclasses implement `figures()` (plain `go.Figure`s, the static fallback), `summary()` (one line of
+    text) and `_build_controls()` (the ipywidgets controls, wired to the actions). Every action goes through
+    `_act`, which records failures in `error` and notifies listeners (the widget) on success.
+    """
+
+    title = "view"
+
+    def __init__(self) -> None:
+        self.error: str | None = None  # message of the last refused action, None after a successful one
+        self.last_redraw_s: float | None = None  # seconds the last figure rebuild took (controller side)
+        self._listeners: list[Callable[[], None]] = []
+        self._view = None
+
+    # ------------------------------------------------------------------ actions and errors
+    def _act(self, action: Callable[[], None]) -> bool:
+        """Run one state change; on ValueError/TypeError/KeyError/IndexError keep the old state, record the
+        message and return False. Listeners run only after a successful change."""
+        try:
+            action()
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            self.error = str(exc) if not isinstance(exc, KeyError) else f"unknown key {exc}"
+            self._notify()
+            return False
+        self.error = None
+        self._notify()
+        return True
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every action (the widget uses this to redraw)."""
+        self._listeners.append(listener)
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    # ------------------------------------------------------------------ what subclasses provide
+    def figures(self) -> list[go.Figure]:
+        """The current state as plain plotly figures (also the static fallback)."""
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        """One line describing the current state (text fallback, widget status line)."""
+        raise NotImplementedError
+
+    def _build_controls(self):
+        """The ipywidgets controls (a widget), wired to the actions."""
+        raise NotImplementedError
+
+    def _status_html(self) -> str:
+        """HTML of the status line under the figures: the summary, or the error in red."""
+        if self.error:
+            return (f"<div class='sl-status sl-error' style='color:{COLORS['miss']};font-weight:600'>"
+                    f"⚠ {html.escape(self.error)}</div>")
+        return f"<div class='sl-status'>{html.escape(self.summary())}</div>"
+
+    # ------------------------------------------------------------------ static fallback and export
+    def static(self) -> go.Figure:
+        """The main figure as a plain `go.Figure`, for front ends without widget support."""
+        return self.figures()[0]
+
+    def to_html(self, path: str | Path) -> Path:
+        """Write the current state as one self-contained HTML file (plotly.js inlined, no network)."""
+        path = Path(path)
+        parts = [
+            "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+            f"<title>{html.escape(self.title)}</title>",
+            "<style>body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px}"
+            ".sl-summary{color:#333;margin:8px 0 16px}</style></head><body>",
+            f"<h2>{html.escape(self.title)}</h2>",
+            f"<div class='sl-summary'>{html.escape(self.summary())}</div>",
+        ]
+        for i, fig in enumerate(self.figures()):
+            parts.append(pio.to_html(fig, include_plotlyjs=(i == 0), full_html=False,
+                                     config={"displaylogo": False}))
+        parts.append("</body></html>")
+        path.write_text("".join(parts), encoding="utf-8")
+        return path
+
+    # ------------------------------------------------------------------ the widget
+    @property
+    def view(self):
+        """The ipywidgets view (built on first access, then kept in sync with the controller)."""
+        if self._view is None:
+            self._view = _WidgetView(self)
+        return self._view.root
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = self.view._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = f"{self.title}: {self.summary()}"
+        return bundle
+
+    def redraw_seconds(self) -> float:
+        """Time one full redraw of the widget from the current state (figures + widget update)."""
+        began = time.perf_counter()
+        self.view  # noqa: B018 - builds the widget on first use
+        self._view.refresh()
+        return time.perf_counter() - began
+
+
+def sync_figure(widget: go.FigureWidget, fig: go.Figure) -> None:
+    """Make `widget` show `fig` in one batched message: traces updated in place when the structure matches
+    (same count and types), replaced otherwise; the layout is replaced as a whole."""
+    same = len(widget.data) == len(fig.data) and all(
+        a.type == b.type for a, b in zip(widget.data, fig.data))
+    with widget.batch_update():
+        if same:
+            for old, new in zip(widget.data, fig.data):
+                old.update(new.to_plotly_json(), overwrite=True)
+        else:
+            widget.data = ()
+            widget.add_traces(list(fig.data))
+        widget.layout = fig.layout
+
+
+class _WidgetView:
+    """The thin ipywidgets layer: controls on top, one FigureWidget per figure, a status line."""
+
+    def __init__(self, controller: View) -> None:
+        import ipywidgets as w
+
+        self.controller = controller
+        figs = controller.figures()
+        self.figure_widgets = [go.FigureWidget(fig) for fig in figs]
+        self.status = w.HTML(controller._status_html())
+        self.controls = controller._build_controls()
+        children = ([self.controls] if self.controls is not None else []) + self.figure_widgets + [self.status]
+        self.root = w.VBox(children, layout=w.Layout(width="100%"))
+        self.root.add_class("sl-view")
+        self.root.add_class("sl-" + type(controller).__name__.lower())
+        controller.subscribe(self.refresh)
+
+    def refresh(self) -> None:
+        began = time.perf_counter()
+        figs = self.controller.figures()
+        if len(figs) != len(self.figure_widgets):
+            raise RuntimeError(f"{type(self.controller).__name__}.figures() changed its figure count")
+        for widget, fig in zip(self.figure_widgets, figs):
+            sync_figure(widget, fig)
+        self.status.value = self.controller._status_html()
+        self.controller.last_redraw_s = time.perf_counter() - began
