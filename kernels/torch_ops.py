@@ -29,6 +29,7 @@ from .geometry import span_bounds, stripe_table
 from .softmax import gate_weights, masked_attention, merge_with_window
 
 SEARCH_CHUNK_ELEMS = 16 * 1024 * 1024  # fp32 elements of gathered anchor keys per search chunk (64 MiB)
+CONTIGUOUS_SEARCH_CHUNK = 1024  # queries per chunk when positions are consecutive (cache-sized slices)
 KEY_BLOCK = 64  # pairs are grouped by the key block their range starts in
 MAX_GROUP_PAIRS = 512  # larger groups are split to bound the logits tile
 
@@ -41,22 +42,43 @@ def _search_stripes(cfg: SpanConfig, prep: Prepared, device) -> torch.Tensor:
 
 
 def _chunks_of_scores(q1: torch.Tensor, k: torch.Tensor, prep: Prepared, offsets: torch.Tensor):
-    """Yield (c0, anchor [C, S], scores [B, H_Q, C, S] fp32, -inf on non-candidates) per query chunk."""
+    """Yield (c0, anchor [C, S], scores [B, H_Q, C, S] fp32, -inf on non-candidates) per query chunk.
+
+    For a run of consecutive query positions the anchors of one stripe are consecutive keys, so each
+    stripe's scores are a row-wise dot with a *slice* of K (no gather). Other chunks gather the anchor
+    rows (bounded by SEARCH_CHUNK_ELEMS).
+    """
     b, h_q, l_q, d = q1.shape
     h_kv, l_kv = k.shape[1], k.shape[2]
     n_stripes = offsets.numel()
     kf = k.float()
+    # Zero rows in front of the cache, so a slice may start at a negative anchor (masked afterwards).
+    front = int(offsets.max())
+    k_padded = torch.cat([kf.new_zeros(b, h_kv, front, d), kf], dim=2)
     q1f = q1.float().view(b, h_kv, h_q // h_kv, l_q, d)
     key_valid = torch.arange(l_kv, device=q1.device)[None, :] >= prep.row_start[:, None]  # [B, L_KV]
-    chunk = max(1, SEARCH_CHUNK_ELEMS // max(1, b * h_kv * n_stripes * d))
+    positions = prep.cache_position
+    contiguous = l_q == 1 or bool((positions[1:] - positions[:-1] == 1).all())
+    if contiguous:
+        chunk = CONTIGUOUS_SEARCH_CHUNK
+    else:
+        chunk = max(1, SEARCH_CHUNK_ELEMS // max(1, b * h_kv * n_stripes * d))
+    offset_list = offsets.tolist()
     for c0 in range(0, l_q, chunk):
-        qc = prep.cache_position[c0:c0 + chunk]
+        qc = positions[c0:c0 + chunk]
+        q1c = q1f[:, :, :, c0:c0 + chunk]
         anchor = qc[:, None] + 1 - offsets[None, :]  # [C, S]
         inside = (anchor >= 0) & (anchor < l_kv)
         safe = anchor.clamp(0, l_kv - 1)
         candidate = inside[None] & key_valid[:, safe]  # [B, C, S]
-        keys_at = kf[:, :, safe]  # [B, H_KV, C, S, D]: one gather per KV head, shared by its query heads
-        scores = torch.einsum("bgncd,bgcsd->bgncs", q1f[:, :, :, c0:c0 + chunk], keys_at)
+        if contiguous:
+            first = int(qc[0]) + 1 + front
+            n = qc.numel()
+            columns = [(q1c * k_padded[:, :, None, first - f: first - f + n]).sum(-1) for f in offset_list]
+            scores = torch.stack(columns, dim=-1)  # [B, H_KV, G, C, S]
+        else:
+            keys_at = kf[:, :, safe]  # [B, H_KV, C, S, D]: one gather per KV head, shared by its query heads
+            scores = torch.einsum("bgncd,bgcsd->bgncs", q1c, keys_at)
         scores = scores.masked_fill(~candidate[:, None, None], float("-inf")).reshape(b, h_q, -1, n_stripes)
         yield c0, anchor, scores
 

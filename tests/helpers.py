@@ -7,6 +7,8 @@ import torch
 def rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
     """max |ref - got| / max(max |ref|, tiny), computed in float64."""
     ref64, got64 = ref.detach().double(), got.detach().double()
+    if ref64.numel() == 0:
+        return 0.0
     scale = ref64.abs().max().clamp_min(1e-12)
     return float((ref64 - got64).abs().max() / scale)
 

@@ -1,0 +1,64 @@
+"""Shared pieces of the Triton backend: block-size choices, the geometry tables as device tensors,
+and the row layout that puts the query heads of one KV group into one program.
+
+Row layout (search and window kernels): a program owns one (batch, KV head, head chunk) and a block
+of BQ query indices; its BLOCK_M = GH * BQ rows are (head g in the chunk) x (query in the block),
+row r -> g = r // BQ, query = r % BQ. All heads of a KV group then read the same K rows / K-V tiles.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..config import SpanConfig
+from ..geometry import span_lengths, stripe_table
+
+# Read once, when the backend is first imported: Triton decides at kernel-definition time whether a
+# kernel runs compiled (CUDA) or in its CPU interpreter.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+MAX_SPANS = 4  # the search kernel keeps 4 register slots (SPEC §1.2: fast kernels support K <= 4)
+MAX_HEAD_DIM = 256  # SPEC §1.2: fast kernels support D <= 256
+TARGET_ROWS = 64  # rows per program in the search and window kernels
+MAX_HEAD_CHUNK = 64  # a KV group with more query heads is split into chunks of this many heads
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
+def block_d(d: int) -> int:
+    """Head dim padded to a power of two >= 16 (tl.dot needs inner dims >= 16)."""
+    return max(16, next_pow2(d))
+
+
+def head_rows(group: int, l_q: int) -> tuple[int, int, int]:
+    """(GH, BQ, n_head_chunks) for the row layout: GH heads x BQ queries per program, GH*BQ >= 16."""
+    gh = min(next_pow2(group), MAX_HEAD_CHUNK)
+    n_chunks = -(-group // gh)
+    bq = max(1, TARGET_ROWS // gh)
+    bq = min(bq, next_pow2(l_q))
+    bq = max(bq, -(-16 // gh))  # tl.dot needs >= 16 rows
+    return gh, bq, n_chunks
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs must not be rounded to TF32 (SPEC §3.8: nothing cast silently)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def geometry_tables(cfg: SpanConfig, l_kv: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offsets F(0..M(L_KV)+1), B[t], Fw[t] for t <= L_KV): int64 device tensors, cached per cache size.
+
+    Sized by L_KV (not by the call's largest position), so a decode loop reuses the same tensors
+    every step and nothing is rebuilt or synchronised (CUDA-graph friendly).
+    """
+    offsets = stripe_table(cfg, l_kv, device=device)
+    backward, forward = span_lengths(cfg, l_kv, device=device)
+    return offsets, backward, forward
+
+
+def max_stripes(offsets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """int64 [L_Q]: M(q + 1) per query position, by binary search in the exact table (SPEC §1.6)."""
+    return torch.searchsorted(offsets, positions + 1, right=True) - 1
