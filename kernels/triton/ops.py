@@ -1,0 +1,146 @@
+"""The Triton backend's entry points (called by `superlinear_kernels.api` after validation) and the
+autograd Functions that make them trainable.
+
+Forward pipeline of `superlinear_attention` (SPEC §3.5, "precomputed window" fused with bucketing):
+  1. search.py   — top-K anchors, spans and raw values;
+  2. window.py   — window branch out/lse (W > 0);
+  3. span.py     — each (q, k) pair continues the window's softmax over its span: O_k, ℓ_k of S_k ∪ Wnd
+                   (sorted pair tiles for prefill, one program per pair for decode, L_Q = 1);
+  4. merge.py    — gate g = softmax(ṽ) and O = Σ g_k O_k.
+Nothing here reads a tensor value on the host: grids come from shapes, loop bounds from device
+tensors, so the path has no host synchronisation.
+
+Backward (SPEC §2.6, §3.6), with dg_k = dO·O_k:
+  * gate:   dv_k = g_k (dg_k − Σ_j g_j dg_j) on valid slots -> search backward (dQ1, dK at anchors);
+  * spans:  branch k is plain attention over S_k ∪ Wnd with dO_k = g_k dO, Δ_k = g_k dg_k, lse ℓ_k;
+            its span keys go through the tile backward of span.py;
+  * window: the K branches share the window keys; summed over k their gradient is one attention
+            backward with lse_eff = −log Σ_k g_k e^{−ℓ_k} and Δ_eff = Σ_k w_k dg_k,
+            w_k = g_k e^{−ℓ_k} / Σ_j g_j e^{−ℓ_j}, run once by window.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..api import Prepared, SearchResult
+from ..config import SpanConfig
+from .common import INTERPRET, MAX_HEAD_DIM, MAX_SPANS, geometry_tables
+from .merge import gate_forward
+from .search import search_backward, search_forward
+from .span import span_backward, span_forward
+from .window import window_backward, window_forward
+
+
+def check_supported(q1: torch.Tensor, k: torch.Tensor, cfg: SpanConfig) -> None:
+    """Kernel-specific limits, raised before any launch (the generic checks ran in api._prepare)."""
+    if cfg.num_spans > MAX_SPANS:
+        raise ValueError(f"cfg.num_spans={cfg.num_spans}: the Triton backend supports K in 1..{MAX_SPANS} "
+                         "(SPEC §1.2); use backend='torch' or 'oracle' for larger K")
+    d = q1.shape[-1]
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"q1: head dim D={d} is larger than the Triton backend's limit {MAX_HEAD_DIM} "
+                         "(SPEC §1.2); use backend='torch'")
+    if not INTERPRET and not q1.is_cuda:
+        raise ValueError(f"q1: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+                         f"interpreter); got device {q1.device}")
+    if k.shape[2] >= 2**31 - 1:
+        raise ValueError(f"k: L_KV={k.shape[2]} does not fit the int32 span indices (< 2^31 - 1)")
+
+
+def _kv(x: torch.Tensor) -> torch.Tensor:
+    """K/V may be a strided view of a larger cache; the kernels need unit stride over D only."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _search(q1, k, cfg: SpanConfig, prep: Prepared):
+    tables = geometry_tables(cfg, k.shape[2], q1.device)
+    return search_forward(q1, k, prep.cache_position, prep.row_start, tables, cfg.sw_index, cfg.window_len,
+                          cfg.num_spans)
+
+
+class _SearchFunction(torch.autograd.Function):
+    """Span search; differentiable through `values` only (SPEC §2.6)."""
+
+    @staticmethod
+    def forward(ctx, q1, k, cfg, prep):
+        qstart, qanchor, qend, values = _search(q1, k, cfg, prep)
+        ctx.save_for_backward(q1, k, qanchor)
+        ctx.mark_non_differentiable(qstart, qanchor, qend)
+        return qstart, qanchor, qend, values
+
+    @staticmethod
+    def backward(ctx, _gs, _ga, _ge, dvalues):
+        q1, k, qanchor = ctx.saved_tensors
+        dvalues = torch.where(qanchor >= 0, dvalues, torch.zeros_like(dvalues)).float()
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dq1 = search_backward(q1, k, qanchor, dvalues, dk)
+        return dq1.to(q1.dtype), dk.to(k.dtype), None, None
+
+
+def span_search(q1: torch.Tensor, k: torch.Tensor, cfg: SpanConfig, prep: Prepared) -> SearchResult:
+    """Top-K search on the GPU (SPEC §2). q1 [B, H_Q, L_Q, D], k [B, H_KV, L_KV, D] -> `SearchResult`."""
+    check_supported(q1, k, cfg)
+    qstart, qanchor, qend, values = _SearchFunction.apply(q1.contiguous(), _kv(k), cfg, prep)
+    return SearchResult(qstart, qanchor, qend, values)
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """Search + window + spans + gate; gradients for q1 (through the gate), q2, k and v."""
+
+    @staticmethod
+    def forward(ctx, q1, q2, k, v, cfg, prep):
+        qstart, qanchor, qend, values = _search(q1, k, cfg, prep)
+        window = cfg.window_len
+        win_out, win_lse = window_forward(q2, k, v, prep.cache_position, prep.row_start, window)
+        per_pair = q2.shape[2] == 1  # decode
+        branch_out, branch_lse, order = span_forward(q2, k, v, qstart, qend, win_out, win_lse, per_pair)
+        out, gate = gate_forward(values, qanchor, branch_out, q2.dtype)
+        ctx.save_for_backward(q1, q2, k, v, qstart, qanchor, qend, gate, branch_out, branch_lse)
+        ctx.order = order
+        ctx.window = window
+        ctx.prep = prep
+        ctx.mark_non_differentiable(qstart, qanchor, qend, values, gate)
+        return out, qstart, qanchor, qend, values, gate
+
+    @staticmethod
+    def backward(ctx, dout, *_routing_grads):
+        q1, q2, k, v, qstart, qanchor, qend, gate, branch_out, branch_lse = ctx.saved_tensors
+        prep = ctx.prep
+        do = dout.float().contiguous()
+        dg = torch.einsum("bhld,bhlkd->bhlk", do, branch_out)
+        delta = gate * dg
+        valid = qanchor >= 0
+        dvalues = torch.where(valid, gate * (dg - delta.sum(-1, keepdim=True)), torch.zeros_like(dg))
+
+        # Window keys: the K branches folded into one attention backward (module docstring).
+        usable = torch.isfinite(branch_lse) & (gate > 0)
+        log_w = torch.where(usable, torch.log(gate) - branch_lse, torch.full_like(gate, float("-inf")))
+        log_c = torch.logsumexp(log_w, dim=-1, keepdim=True)
+        any_usable = torch.isfinite(log_c)
+        w = torch.where(any_usable, torch.exp(log_w - torch.where(any_usable, log_c, torch.zeros_like(log_c))),
+                        torch.zeros_like(log_w))
+        lse_eff = (-log_c).squeeze(-1).contiguous()  # +inf where no branch has keys: contributes nothing
+        delta_eff = (w * dg).sum(-1).contiguous()
+
+        dq2 = torch.zeros(q2.shape, dtype=torch.float32, device=q2.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        window_backward(q2, k, v, prep.cache_position, prep.row_start, ctx.window, do, lse_eff, delta_eff,
+                        dq2, dk, dv)
+        span_backward(q2, k, v, qstart, qend, ctx.order, do, gate.contiguous(), branch_lse, delta.contiguous(),
+                      dq2, dk, dv)
+        dq1 = search_backward(q1, k, qanchor, dvalues.contiguous(), dk)
+        return dq1.to(q1.dtype), dq2.to(q2.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def superlinear_attention(q1, q2, k, v, cfg: SpanConfig, prep: Prepared):
+    """Superlinear attention on the GPU (SPEC §2–3).
+
+    q1, q2 [B, H_Q, L_Q, D]; k, v [B, H_KV, L_KV, D]; returns (out [B, H_Q, L_Q, D] in q2's dtype,
+    `SearchResult` with gate). `values` and `gate` are returned detached; gradients reach q1 through
+    the gate inside `out`.
+    """
+    check_supported(q1, k, cfg)
+    out, qstart, qanchor, qend, values, gate = _AttentionFunction.apply(
+        q1.contiguous(), q2.contiguous(), _kv(k), _kv(v), cfg, prep)
+    return out, SearchResult(qstart, qanchor, qend, values, gate)

@@ -1,0 +1,193 @@
+"""Span search kernels (SPEC §2): raw <Q1, K(anchor)> over the stripes σ+1 … M(q+1), top-K with the
+tie rule, span bounds from the shared tables — and the backward through `values` (SPEC §2.6).
+
+Forward: one program per (batch, KV head, head chunk, block of BQ queries). Its rows are the query
+heads of that KV group times the queries, so each stripe step gathers one K row per *query* and every
+head of the group reuses it (same addresses: one HBM read). The loop bound is the block's own
+max M(q + 1), loaded from a device tensor: cost follows the current position (Decision D3), no
+recompile per length. Stripes are scanned from the largest index (earliest anchor) down, and a score
+enters the top-K only when strictly greater: on ties the earlier position wins (SPEC §2.3).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import block_d, head_rows, max_stripes
+
+
+@triton.jit
+def _insert(score, anchor, v0, v1, v2, v3, a0, a1, a2, a3):
+    """Insert (score, anchor) into the sorted slots v0 >= v1 >= v2 >= v3 on a strictly greater score."""
+    gt0 = score > v0
+    gt1 = score > v1
+    gt2 = score > v2
+    gt3 = score > v3
+    v3n = tl.where(gt2, v2, tl.where(gt3, score, v3))
+    a3n = tl.where(gt2, a2, tl.where(gt3, anchor, a3))
+    v2n = tl.where(gt1, v1, tl.where(gt2, score, v2))
+    a2n = tl.where(gt1, a1, tl.where(gt2, anchor, a2))
+    v1n = tl.where(gt0, v0, tl.where(gt1, score, v1))
+    a1n = tl.where(gt0, a0, tl.where(gt1, anchor, a1))
+    v0n = tl.where(gt0, score, v0)
+    a0n = tl.where(gt0, anchor, a0)
+    return v0n, v1n, v2n, v3n, a0n, a1n, a2n, a3n
+
+
+@triton.jit
+def _store_slot(slot, value, anchor, pos, s, t, blen_ptr, flen_ptr, base, ok, L_KV, W,
+                qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS: tl.constexpr):
+    """Write slot `slot` of each row: span bounds of SPEC §1.7 from the B(t)/Fw(t) tables."""
+    valid = anchor >= 0
+    back = tl.load(blen_ptr + t, mask=ok & valid, other=0)
+    fwd = tl.load(flen_ptr + t, mask=ok & valid, other=0)
+    qs = tl.maximum(tl.maximum(anchor - back, s), 0)
+    qe = tl.minimum(tl.minimum(anchor + fwd, pos), L_KV - 1)
+    qe = tl.where(W > 0, tl.minimum(qe, tl.maximum(pos - W + 1, 0) - 1), qe)
+    qs = tl.where(valid, qs, -1)
+    qe = tl.where(valid, qe, -1)
+    off = base * NUM_SPANS + slot
+    tl.store(qstart_ptr + off, qs.to(tl.int32), mask=ok)
+    tl.store(qanchor_ptr + off, anchor.to(tl.int32), mask=ok)
+    tl.store(qend_ptr + off, qe.to(tl.int32), mask=ok)
+    tl.store(values_ptr + off, value, mask=ok)
+
+
+@triton.jit
+def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, blen_ptr, flen_ptr,
+                   qstart_ptr, qanchor_ptr, qend_ptr, values_ptr,
+                   sk_b, sk_h, sk_l,
+                   H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, SIGMA, W,
+                   NUM_SPANS: tl.constexpr, GH: tl.constexpr, BQ: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_q = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    chunk = pid_g % N_CHUNKS
+    bh = pid_g // N_CHUNKS
+    b = bh // H_KV
+    hkv = bh % H_KV
+    rows = tl.arange(0, GH * BQ)
+    g = chunk * GH + rows // BQ
+    qi = pid_q * BQ + rows % BQ
+    ok = (g < G) & (qi < L_Q)
+    h = hkv * G + g
+    base = (b * H_Q + h).to(tl.int64) * L_Q + qi  # row index in [B, H_Q, L_Q]
+
+    pos = tl.load(pos_ptr + qi, mask=ok, other=0)
+    s = tl.load(start_ptr + b)
+    t = tl.maximum(pos + 1 - s, 0)
+    i_top = tl.max(tl.load(mstripe_ptr + qi, mask=ok, other=0), axis=0)
+
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(q1_ptr + base[:, None] * D + d[None, :], mask=ok[:, None] & dmask[None, :], other=0.0)
+    q = q.to(tl.float32)
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
+
+    neg = tl.full([GH * BQ], float("-inf"), tl.float32)
+    none = tl.full([GH * BQ], -1, tl.int64)
+    v0, v1, v2, v3 = neg, neg, neg, neg
+    a0, a1, a2, a3 = none, none, none, none
+    for j in range(0, i_top - SIGMA):
+        offset = tl.load(table_ptr + (i_top - j))
+        anchor = pos + 1 - offset
+        cand = ok & (anchor >= s) & (anchor >= 0) & (anchor < L_KV)
+        kk = tl.load(k_base + anchor[:, None] * sk_l + d[None, :], mask=cand[:, None] & dmask[None, :], other=0.0)
+        score = tl.sum(q * kk.to(tl.float32), axis=1)
+        score = tl.where(cand, score, float("-inf"))
+        v0, v1, v2, v3, a0, a1, a2, a3 = _insert(score, anchor, v0, v1, v2, v3, a0, a1, a2, a3)
+
+    _store_slot(0, v0, a0, pos, s, t, blen_ptr, flen_ptr, base, ok, L_KV, W,
+                qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS)
+    if NUM_SPANS > 1:
+        _store_slot(1, v1, a1, pos, s, t, blen_ptr, flen_ptr, base, ok, L_KV, W,
+                    qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS)
+    if NUM_SPANS > 2:
+        _store_slot(2, v2, a2, pos, s, t, blen_ptr, flen_ptr, base, ok, L_KV, W,
+                    qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS)
+    if NUM_SPANS > 3:
+        _store_slot(3, v3, a3, pos, s, t, blen_ptr, flen_ptr, base, ok, L_KV, W,
+                    qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS)
+
+
+def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, row_start: torch.Tensor,
+                   tables, sw_index: int, window: int, num_spans: int):
+    """Launch the search.
+
+    Args:
+        q1: [B, H_Q, L_Q, D] contiguous; k: [B, H_KV, L_KV, D] with unit stride in D.
+        positions: int64 [L_Q]; row_start: int64 [B]; tables: (offsets, B[t], Fw[t]) int64.
+    Returns:
+        qstart, qanchor, qend (int32) and values (fp32), each [B, H_Q, L_Q, K].
+    """
+    b, h_q, l_q, d = q1.shape
+    h_kv, l_kv = k.shape[1], k.shape[2]
+    group = h_q // h_kv
+    offsets, backward, forward = tables
+    shape = (b, h_q, l_q, num_spans)
+    dev = q1.device
+    qstart = torch.empty(shape, dtype=torch.int32, device=dev)
+    qanchor = torch.empty(shape, dtype=torch.int32, device=dev)
+    qend = torch.empty(shape, dtype=torch.int32, device=dev)
+    values = torch.empty(shape, dtype=torch.float32, device=dev)
+    gh, bq, n_chunks = head_rows(group, l_q)
+    grid = (triton.cdiv(l_q, bq), b * h_kv * n_chunks)
+    _search_kernel[grid](
+        q1, k, positions, row_start, max_stripes(offsets, positions), offsets, backward, forward,
+        qstart, qanchor, qend, values,
+        k.stride(0), k.stride(1), k.stride(2),
+        h_q, h_kv, l_q, l_kv, d, group, n_chunks, sw_index, window,
+        NUM_SPANS=num_spans, GH=gh, BQ=bq, BLOCK_D=block_d(d), num_warps=4)
+    return qstart, qanchor, qend, values
+
+
+@triton.jit
+def _search_bwd_kernel(q1_ptr, k_ptr, anchor_ptr, dval_ptr, dq1_ptr, dk_ptr,
+                       sk_b, sk_h, sk_l, H_Q, H_KV, L_Q, L_KV, D, G, N_ROWS,
+                       NUM_SPANS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dQ1(q) = Σ_k u_k K(a_k); dK(a_k) += u_k Q1(q) (atomic scatter: sums over the GQA group)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < N_ROWS
+    rows64 = rows.to(tl.int64)
+    bh = rows64 // L_Q
+    b = bh // H_Q
+    hkv = (bh % H_Q) // G
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    m2 = ok[:, None] & dmask[None, :]
+    q = tl.load(q1_ptr + rows64[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
+    k_row = b * sk_b + hkv * sk_h
+    dk_row = (b * H_KV + hkv) * L_KV  # dk: contiguous fp32 [B, H_KV, L_KV, D]
+    dq = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for slot in tl.static_range(NUM_SPANS):
+        anchor = tl.load(anchor_ptr + rows64 * NUM_SPANS + slot, mask=ok, other=-1).to(tl.int64)
+        u = tl.load(dval_ptr + rows64 * NUM_SPANS + slot, mask=ok, other=0.0)
+        live = ok & (anchor >= 0)
+        ml = live[:, None] & dmask[None, :]
+        kk = tl.load(k_ptr + k_row[:, None] + anchor[:, None] * sk_l + d[None, :], mask=ml, other=0.0)
+        dq += u[:, None] * kk.to(tl.float32)
+        tl.atomic_add(dk_ptr + (dk_row + anchor)[:, None] * D + d[None, :], u[:, None] * q, mask=ml)
+    tl.store(dq1_ptr + rows64[:, None] * D + d[None, :], dq, mask=m2)
+
+
+def search_backward(q1: torch.Tensor, k: torch.Tensor, qanchor: torch.Tensor, dvalues: torch.Tensor,
+                    dk: torch.Tensor) -> torch.Tensor:
+    """Gradient through `values` (SPEC §2.6).
+
+    Args:
+        q1: [B, H_Q, L_Q, D] contiguous; k: [B, H_KV, L_KV, D]; qanchor: int32 [B, H_Q, L_Q, K];
+        dvalues: fp32 [B, H_Q, L_Q, K] (0 on invalid slots); dk: fp32 [B, H_KV, L_KV, D], accumulated into.
+    Returns:
+        dq1 fp32 [B, H_Q, L_Q, D].
+    """
+    b, h_q, l_q, d = q1.shape
+    h_kv, l_kv = k.shape[1], k.shape[2]
+    num_spans = qanchor.shape[-1]
+    dq1 = torch.empty(b, h_q, l_q, d, dtype=torch.float32, device=q1.device)
+    n_rows = b * h_q * l_q
+    block_r = 32
+    _search_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
+        q1, k, qanchor.contiguous(), dvalues.contiguous(), dq1, dk,
+        k.stride(0), k.stride(1), k.stride(2), h_q, h_kv, l_q, l_kv, d, h_q // h_kv, n_rows,
+        NUM_SPANS=num_spans, BLOCK_R=block_r, BLOCK_D=block_d(d), num_warps=4)
+    return dq1

@@ -1,0 +1,263 @@
+"""Span branches (SPEC §3.1, §3.3, §3.6): each pair (b, h, q, k) attends over its span S_k, starting
+from the window branch's softmax state, so the result is directly O_k over S_k ∪ Wnd with its lse.
+
+* **Pair tiles (prefill).** Pairs are sorted by (batch·KV head, first key block, last key block) —
+  the bucket key of SPEC §3.6 — with one `argsort` on the device. Each KV group owns a fixed,
+  contiguous slice of the sorted order (its G·L_Q·K pairs), so the grid is static (no host sync).
+  A tile of BLOCK_P sorted pairs (any query heads of the group, any queries) loops over the union of
+  its spans, one [BLOCK_P x D]·[D x BLOCK_N] tl.dot per key block, with a per-row range mask. The
+  loop bound is the tile's own max(qend), never a precomputed cap: no pair is ever dropped, whatever
+  its length (Decision D5). Sorting makes tiles share their key blocks, so the union stays close to
+  one span length.
+* **Per pair (decode).** With L_Q = 1 the pairs of a tile point anywhere in the cache, so each pair
+  runs alone over exactly its own keys (mat-vec, no tile union): cost K·(B(t)+Fw(t)+1) per head.
+* **Window fold-in (SPEC §3.3).** Each pair starts its online softmax at (m, l, acc) =
+  (ℓ_w, 1, O_win) — or (-inf, 0, 0) for an empty window — which is exactly the stable LSE merge:
+  both empty gives O_k = 0 = O_win, never NaN.
+* **Backward.** The same tiles; dQ2 (per pair row), dK and dV go to fp32 buffers through atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import block_d, dot_precision
+
+
+def sort_pairs(qstart: torch.Tensor, qend: torch.Tensor, h_kv: int, block_n: int, l_kv: int) -> torch.Tensor:
+    """int64 [P]: pair indices (flattened [B, H_Q, L_Q, K]) sorted by (group, qstart block, qend block).
+
+    Pairs of KV group g = b·H_KV + h_kv fill positions [g·Pg, (g+1)·Pg), Pg = P / (B·H_KV); pairs with
+    an empty span sort last within their group.
+    """
+    n_groups = qstart.shape[0] * h_kv
+    n_blocks = -(-l_kv // block_n)
+    qs = qstart.reshape(n_groups, -1).long()
+    qe = qend.reshape(n_groups, -1).long()
+    live = (qs >= 0) & (qe >= qs)
+    key = torch.where(live, (qs // block_n) * n_blocks + qe // block_n, torch.full_like(qs, n_blocks * n_blocks))
+    key = key + torch.arange(n_groups, device=qs.device)[:, None] * (n_blocks * n_blocks + 1)
+    return torch.argsort(key.reshape(-1))
+
+
+@triton.jit
+def _pair_rows(order_ptr, qstart_ptr, qend_ptr, grp, tile, PG, H_Q, H_KV, L_Q, G,
+               NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr):
+    r = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    ok = r < PG
+    pair = tl.load(order_ptr + grp.to(tl.int64) * PG + r, mask=ok, other=0)
+    qs = tl.load(qstart_ptr + pair, mask=ok, other=-1).to(tl.int64)
+    qe = tl.load(qend_ptr + pair, mask=ok, other=-1).to(tl.int64)
+    live = ok & (qs >= 0) & (qe >= qs)
+    row = pair // NUM_SPANS  # flattened [B, H_Q, L_Q]
+    return pair, row, ok, live, qs, qe
+
+
+@triton.jit
+def _span_fwd_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, wout_ptr, wlse_ptr,
+                     bout_ptr, blse_ptr,
+                     sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                     H_Q, H_KV, L_Q, D, G, PG, scale,
+                     NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    grp = tl.program_id(1)
+    b = grp // H_KV
+    hkv = grp % H_KV
+    pair, row, ok, live, qs, qe = _pair_rows(order_ptr, qstart_ptr, qend_ptr, grp, tile, PG, H_Q, H_KV, L_Q, G,
+                                             NUM_SPANS, BLOCK_P)
+    lo = tl.min(tl.where(live, qs, 1 << 62), axis=0)
+    hi = tl.max(tl.where(live, qe, -1), axis=0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    m2 = ok[:, None] & dmask[None, :]
+    q = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)
+    acc = tl.load(wout_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)
+    m = tl.load(wlse_ptr + row, mask=ok, other=float("-inf"))
+    l = tl.where(m > float("-inf"), 1.0, 0.0)
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
+    for n0 in range(lo, hi + 1, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols <= hi
+        kt = tl.load(k_base + cols[None, :].to(tl.int64) * sk_l + d[:, None],
+                     mask=cmask[None, :] & dmask[:, None], other=0.0)
+        logits = tl.dot(q, kt, input_precision=PRECISION) * scale
+        allowed = live[:, None] & (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])
+        logits = tl.where(allowed, logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_use)
+        p = tl.exp(logits - m_use[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :],
+                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+        m = m_new
+    nonempty = l > 0
+    out = acc / tl.where(nonempty, l, 1.0)[:, None]
+    lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
+    tl.store(bout_ptr + pair[:, None] * D + d[None, :], out, mask=m2)
+    tl.store(blse_ptr + pair, lse, mask=ok)
+
+
+@triton.jit
+def _span_pair_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, wout_ptr, wlse_ptr, bout_ptr, blse_ptr,
+                      sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                      H_Q, H_KV, L_Q, D, G, scale,
+                      NUM_SPANS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pair = tl.program_id(0).to(tl.int64)
+    row = pair // NUM_SPANS
+    bh = row // L_Q
+    b = bh // H_Q
+    hkv = (bh % H_Q) // G
+    qs = tl.load(qstart_ptr + pair).to(tl.int64)
+    qe = tl.load(qend_ptr + pair).to(tl.int64)
+    qe = tl.where(qs >= 0, qe, -1)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(q_ptr + row * D + d, mask=dmask, other=0.0).to(tl.float32)
+    acc = tl.load(wout_ptr + row * D + d, mask=dmask, other=0.0)
+    m = tl.load(wlse_ptr + row)
+    l = tl.where(m > float("-inf"), 1.0, 0.0)
+    k_base = k_ptr + b * sk_b + hkv * sk_h
+    v_base = v_ptr + b * sv_b + hkv * sv_h
+    lo = tl.maximum(qs, 0)
+    for n0 in range(lo, qe + 1, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols <= qe
+        m2 = cmask[:, None] & dmask[None, :]
+        kk = tl.load(k_base + cols[:, None] * sk_l + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        logits = tl.sum(kk * q[None, :], axis=1) * scale
+        logits = tl.where(cmask, logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, axis=0))
+        alpha = tl.exp(m - m_new)  # m_new is finite: the block holds at least one key
+        p = tl.exp(logits - m_new)
+        l = l * alpha + tl.sum(p, axis=0)
+        vv = tl.load(v_base + cols[:, None] * sv_l + d[None, :], mask=m2, other=0.0)
+        # P·V operands in the model dtype (SPEC §3.8), accumulated in fp32.
+        pv = p.to(vv.dtype).to(tl.float32)
+        acc = acc * alpha + tl.sum(pv[:, None] * vv.to(tl.float32), axis=0)
+        m = m_new
+    nonempty = l > 0
+    out = acc / tl.where(nonempty, l, 1.0)
+    lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
+    tl.store(bout_ptr + pair * D + d, out, mask=dmask)
+    tl.store(blse_ptr + pair, lse)
+
+
+def _blocks(d: int) -> tuple[int, int, int]:
+    bd = block_d(d)
+    return bd, (64 if bd <= 128 else 32), 64
+
+
+def span_forward(q2, k, v, qstart, qend, win_out, win_lse, per_pair: bool):
+    """Span branches merged with the window.
+
+    Args:
+        q2: [B, H_Q, L_Q, D] contiguous; k, v: [B, H_KV, L_KV, D] (unit stride in D);
+        qstart, qend: int32 [B, H_Q, L_Q, K] contiguous; win_out fp32 [B, H_Q, L_Q, D]; win_lse fp32 [B, H_Q, L_Q].
+        per_pair: one program per pair (decode) instead of sorted pair tiles.
+    Returns:
+        (branch_out fp32 [B, H_Q, L_Q, K, D], branch_lse fp32 [B, H_Q, L_Q, K], order or None): O_k and the
+        lse of S_k ∪ Wnd; `order` is the tile sort, reused by the backward.
+    """
+    b, h_q, l_q, d = q2.shape
+    h_kv, l_kv = k.shape[1], k.shape[2]
+    num_spans = qstart.shape[-1]
+    group = h_q // h_kv
+    bout = torch.empty(b, h_q, l_q, num_spans, d, dtype=torch.float32, device=q2.device)
+    blse = torch.empty(b, h_q, l_q, num_spans, dtype=torch.float32, device=q2.device)
+    bd, block_n, block_p = _blocks(d)
+    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+    if per_pair:
+        _span_pair_kernel[(qstart.numel(),)](
+            q2, k, v, qstart, qend, win_out, win_lse, bout, blse, *strides,
+            h_q, h_kv, l_q, d, group, d ** -0.5,
+            NUM_SPANS=num_spans, BLOCK_N=block_n, BLOCK_D=bd, num_warps=4)
+        return bout, blse, None
+    order = sort_pairs(qstart, qend, h_kv, block_n, l_kv)
+    pg = group * l_q * num_spans
+    _span_fwd_kernel[(triton.cdiv(pg, block_p), b * h_kv)](
+        q2, k, v, order, qstart, qend, win_out, win_lse, bout, blse, *strides,
+        h_q, h_kv, l_q, d, group, pg, d ** -0.5,
+        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=bd,
+        PRECISION=dot_precision(q2.dtype), num_warps=4, num_stages=2)
+    return bout, blse, order
+
+
+@triton.jit
+def _span_bwd_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr,
+                     dq_ptr, dk_ptr, dv_ptr,
+                     sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                     H_Q, H_KV, L_Q, L_KV, D, G, PG, scale,
+                     NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    grp = tl.program_id(1)
+    b = grp // H_KV
+    hkv = grp % H_KV
+    pair, row, ok, live, qs, qe = _pair_rows(order_ptr, qstart_ptr, qend_ptr, grp, tile, PG, H_Q, H_KV, L_Q, G,
+                                             NUM_SPANS, BLOCK_P)
+    lo = tl.min(tl.where(live, qs, 1 << 62), axis=0)
+    hi = tl.max(tl.where(live, qe, -1), axis=0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    m2 = live[:, None] & dmask[None, :]
+    q = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)
+    gate = tl.load(gate_ptr + pair, mask=live, other=0.0)
+    # dO_k = g_k · dO (SPEC §3.2), in the model dtype for the tensor-core products.
+    do = (gate[:, None] * tl.load(do_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)).to(q.dtype)
+    lse = tl.load(blse_ptr + pair, mask=live, other=float("inf"))
+    delta = tl.load(delta_ptr + pair, mask=live, other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
+    kv_row = grp.to(tl.int64) * L_KV  # dk/dv: contiguous fp32 [B, H_KV, L_KV, D]
+
+    dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi + 1, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols <= hi
+        kv_mask = cmask[:, None] & dmask[None, :]
+        kk = tl.load(k_base + cols[:, None].to(tl.int64) * sk_l + d[None, :], mask=kv_mask, other=0.0)
+        vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :], mask=kv_mask, other=0.0)
+        logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * scale
+        allowed = live[:, None] & (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])
+        p = tl.where(allowed, tl.exp(logits - lse[:, None]), 0.0)
+        dv = tl.dot(tl.trans(p.to(q.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(q.dtype), kk, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+        off = (kv_row + cols[:, None]) * D + d[None, :]
+        tl.atomic_add(dk_ptr + off, dk, mask=kv_mask)
+        tl.atomic_add(dv_ptr + off, dv, mask=kv_mask)
+    tl.atomic_add(dq_ptr + row[:, None] * D + d[None, :], dq * scale, mask=m2)
+
+
+def span_backward(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dq, dk, dv) -> None:
+    """Span part of the backward, accumulating into fp32 dq [B,H_Q,L_Q,D], dk, dv [B,H_KV,L_KV,D].
+
+    do fp32 [B, H_Q, L_Q, D]; gate, branch_lse, delta fp32 [B, H_Q, L_Q, K] (delta_k = rowsum(dO_k ∘ O_k)).
+    `order` is the pair sort of the forward (or None: sorted here).
+    """
+    b, h_q, l_q, d = q2.shape
+    h_kv, l_kv = k.shape[1], k.shape[2]
+    num_spans = qstart.shape[-1]
+    group = h_q // h_kv
+    bd, block_n, block_p = _blocks(d)
+    block_n = 32 if bd > 64 else block_n  # the backward holds more tiles at once
+    if order is None:
+        order = sort_pairs(qstart, qend, h_kv, block_n, l_kv)
+    pg = group * l_q * num_spans
+    _span_bwd_kernel[(triton.cdiv(pg, block_p), b * h_kv)](
+        q2, k, v, order, qstart, qend, do, gate, branch_lse, delta, dq, dk, dv,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        h_q, h_kv, l_q, l_kv, d, group, pg, d ** -0.5,
+        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=bd,
+        PRECISION=dot_precision(q2.dtype), num_warps=4, num_stages=1)

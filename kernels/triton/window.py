@@ -1,0 +1,177 @@
+"""Sliding-window branch (SPEC §3.4): attention of each query over Wnd(q) = [max(q-W+1, s), q].
+
+Forward: flash-style. One program per (batch, KV head, head chunk, block of BQ queries); its rows are
+the group's query heads times the queries, so each K/V tile of the union of the block's windows is
+loaded once and used by every head (GQA sharing) in one [rows x D]·[D x BLOCK_N] tl.dot. Loop bounds
+come from the block's positions (dynamic: compile once). Returns out (fp32) and lse (fp32, -inf for
+an empty window).
+
+Backward: the same tiling with a given lse and Δ per row (the caller folds the K branches into one
+effective lse/Δ, see ops.py); dQ, dK, dV are accumulated into fp32 buffers with atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import block_d, dot_precision, head_rows
+
+
+@triton.jit
+def _rows(pid_q, pid_g, N_CHUNKS, H_Q, H_KV, L_Q, G, GH: tl.constexpr, BQ: tl.constexpr):
+    chunk = pid_g % N_CHUNKS
+    bh = pid_g // N_CHUNKS
+    b = bh // H_KV
+    hkv = bh % H_KV
+    rows = tl.arange(0, GH * BQ)
+    g = chunk * GH + rows // BQ
+    qi = pid_q * BQ + rows % BQ
+    ok = (g < G) & (qi < L_Q)
+    base = (b * H_Q + hkv * G + g).to(tl.int64) * L_Q + qi
+    return b, hkv, qi, ok, base
+
+
+@triton.jit
+def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, out_ptr, lse_ptr,
+                       sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                       H_Q, H_KV, L_Q, D, G, N_CHUNKS, W, scale,
+                       GH: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    b, hkv, qi, ok, base = _rows(tl.program_id(0), tl.program_id(1), N_CHUNKS, H_Q, H_KV, L_Q, G, GH, BQ)
+    pos = tl.load(pos_ptr + qi, mask=ok, other=0)
+    s = tl.load(start_ptr + b)
+    lo_row = tl.maximum(tl.maximum(pos - W + 1, s), 0)
+    lo = tl.min(tl.where(ok, lo_row, 1 << 62), axis=0)
+    hi = tl.max(tl.where(ok, pos, -1), axis=0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(q_ptr + base[:, None] * D + d[None, :], mask=ok[:, None] & dmask[None, :], other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
+
+    m = tl.full([GH * BQ], float("-inf"), tl.float32)
+    l = tl.zeros([GH * BQ], tl.float32)
+    acc = tl.zeros([GH * BQ, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi + 1, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols <= hi
+        kt = tl.load(k_base + cols[None, :].to(tl.int64) * sk_l + d[:, None],
+                     mask=cmask[None, :] & dmask[:, None], other=0.0)
+        logits = tl.dot(q, kt, input_precision=PRECISION) * scale
+        allowed = ok[:, None] & (cols[None, :] >= lo_row[:, None]) & (cols[None, :] <= pos[:, None])
+        logits = tl.where(allowed, logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_use)
+        p = tl.exp(logits - m_use[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :],
+                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+        m = m_new
+    nonempty = l > 0
+    out = acc / tl.where(nonempty, l, 1.0)[:, None]
+    lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
+    tl.store(out_ptr + base[:, None] * D + d[None, :], out, mask=ok[:, None] & dmask[None, :])
+    tl.store(lse_ptr + base, lse, mask=ok)
+
+
+def window_forward(q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                   row_start: torch.Tensor, window: int):
+    """Window branch forward.
+
+    Args:
+        q2: [B, H_Q, L_Q, D] contiguous; k, v: [B, H_KV, L_KV, D] (unit stride in D);
+        positions: int64 [L_Q]; row_start: int64 [B]; window: W >= 0.
+    Returns:
+        out fp32 [B, H_Q, L_Q, D] (0 for an empty window), lse fp32 [B, H_Q, L_Q] (-inf there).
+    """
+    b, h_q, l_q, d = q2.shape
+    h_kv = k.shape[1]
+    out = torch.zeros(b, h_q, l_q, d, dtype=torch.float32, device=q2.device)
+    lse = torch.full((b, h_q, l_q), float("-inf"), dtype=torch.float32, device=q2.device)
+    if window == 0:
+        return out, lse
+    group = h_q // h_kv
+    gh, bq, n_chunks = head_rows(group, l_q)
+    bd = block_d(d)
+    grid = (triton.cdiv(l_q, bq), b * h_kv * n_chunks)
+    _window_fwd_kernel[grid](
+        q2, k, v, positions, row_start, out, lse,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        h_q, h_kv, l_q, d, group, n_chunks, window, d ** -0.5,
+        GH=gh, BQ=bq, BLOCK_N=64 if bd <= 128 else 32, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
+        num_warps=4, num_stages=2)
+    return out, lse
+
+
+@triton.jit
+def _window_bwd_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, do_ptr, lse_ptr, delta_ptr,
+                       dq_ptr, dk_ptr, dv_ptr,
+                       sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                       H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, W, scale,
+                       GH: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    b, hkv, qi, ok, base = _rows(tl.program_id(0), tl.program_id(1), N_CHUNKS, H_Q, H_KV, L_Q, G, GH, BQ)
+    pos = tl.load(pos_ptr + qi, mask=ok, other=0)
+    s = tl.load(start_ptr + b)
+    lo_row = tl.maximum(tl.maximum(pos - W + 1, s), 0)
+    lo = tl.min(tl.where(ok, lo_row, 1 << 62), axis=0)
+    hi = tl.max(tl.where(ok, pos, -1), axis=0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    m2 = ok[:, None] & dmask[None, :]
+    q = tl.load(q_ptr + base[:, None] * D + d[None, :], mask=m2, other=0.0)
+    do = tl.load(do_ptr + base[:, None] * D + d[None, :], mask=m2, other=0.0).to(q.dtype)
+    lse = tl.load(lse_ptr + base, mask=ok, other=float("inf"))
+    delta = tl.load(delta_ptr + base, mask=ok, other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
+    kv_row = (b * H_KV + hkv).to(tl.int64) * L_KV  # dk/dv: contiguous fp32 [B, H_KV, L_KV, D]
+
+    dq = tl.zeros([GH * BQ, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi + 1, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols <= hi
+        kv_mask = cmask[:, None] & dmask[None, :]
+        kk = tl.load(k_base + cols[:, None].to(tl.int64) * sk_l + d[None, :], mask=kv_mask, other=0.0)
+        vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :], mask=kv_mask, other=0.0)
+        logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * scale
+        allowed = ok[:, None] & (cols[None, :] >= lo_row[:, None]) & (cols[None, :] <= pos[:, None])
+        p = tl.where(allowed, tl.exp(logits - lse[:, None]), 0.0)
+        dv = tl.dot(tl.trans(p.to(q.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(q.dtype), kk, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+        off = (kv_row + cols[:, None]) * D + d[None, :]
+        tl.atomic_add(dk_ptr + off, dk, mask=kv_mask)
+        tl.atomic_add(dv_ptr + off, dv, mask=kv_mask)
+    tl.atomic_add(dq_ptr + base[:, None] * D + d[None, :], dq * scale, mask=m2)
+
+
+def window_backward(q2, k, v, positions, row_start, window, do, lse, delta, dq, dk, dv) -> None:
+    """Window branch backward, accumulating into fp32 dq [B,H_Q,L_Q,D], dk, dv [B,H_KV,L_KV,D].
+
+    do fp32 [B, H_Q, L_Q, D]; lse, delta fp32 [B, H_Q, L_Q]: the softmax statistics to use
+    (P = exp(logit - lse), dS = P (dO·V - Δ)); lse = +inf makes a row contribute nothing.
+    """
+    if window == 0:
+        return
+    b, h_q, l_q, d = q2.shape
+    h_kv, l_kv = k.shape[1], k.shape[2]
+    group = h_q // h_kv
+    gh, bq, n_chunks = head_rows(group, l_q)
+    bd = block_d(d)
+    grid = (triton.cdiv(l_q, bq), b * h_kv * n_chunks)
+    _window_bwd_kernel[grid](
+        q2, k, v, positions, row_start, do, lse, delta, dq, dk, dv,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        h_q, h_kv, l_q, l_kv, d, group, n_chunks, window, d ** -0.5,
+        GH=gh, BQ=bq, BLOCK_N=64 if bd <= 64 else 32, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
+        num_warps=4, num_stages=1)
