@@ -14,6 +14,7 @@ from fractions import Fraction
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 import torch
 
 from superlinear_kernels import CoverageReport, SpanConfig, coverage
@@ -245,72 +246,74 @@ class StripeExplorer(View):
 
     def figures(self) -> list[go.Figure]:
         g, cfg = self.geometry, self.cfg
-        sigma = cfg.sw_index
-        union_row, window_row = sigma - 2, sigma - 1
         rows = g.stripes
+        n_rows = len(rows)
+        dense = n_rows > 60  # thinner marks when hundreds of stripes share the plot
         hover = [f"stripe i={i}<br>F(i)={f:,}<br>anchor {a:,}<br>span [{s:,}, {e:,}] ({e - s + 1:,} keys)"
                  for i, f, a, s, e in zip(rows.tolist(), g.offsets.tolist(), g.anchors.tolist(),
                                           g.qstart.tolist(), g.qend.tolist())]
-        traces = []
-        # Spans: one segment per candidate stripe (x from qstart to qend), anchors as dots.
-        sx, sy = _segments(self._x(g.qstart), self._x(g.qend), rows)
-        span_text = np.repeat(np.array(hover, dtype=object), 3)
-        traces.append(go.Scatter(x=sx, y=sy, mode="lines", name="candidate span",
-                                 line=dict(color=COLORS["span"], width=4), hovertext=span_text,
-                                 hoverinfo="text"))
-        traces.append(go.Scatter(x=self._x(g.anchors), y=rows, mode="markers", name="anchor a_i",
-                                 marker=dict(color=COLORS["anchor"], size=6, symbol="diamond"),
-                                 hovertext=hover, hoverinfo="text"))
-        # Window row.
-        wx, wy = ([], [])
-        if g.window is not None:
-            wx, wy = _segments(self._x([g.window[0]]), self._x([g.window[1]]), np.array([window_row]))
-        traces.append(go.Scatter(x=wx, y=wy, mode="lines", name=f"window (W={cfg.window_len:,})",
-                                 line=dict(color=COLORS["window"], width=8), hoverinfo="text",
-                                 hovertext=(f"window [{g.window[0]:,}, {g.window[1]:,}]" if g.window else "")))
-        # Union row: covered keys, and the uncovered remainder in red.
+        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.03,
+                            row_heights=[0.16, 0.84])
+        # Top panel: what the query can reach (union), the window, the unreachable keys in red.
         u_start = np.array([a for a, _ in g.union], dtype=np.int64)
         u_end = np.array([b for _, b in g.union], dtype=np.int64)
-        ux, uy = _segments(self._x(u_start), self._x(u_end), np.full(len(u_start), union_row))
-        traces.append(go.Scatter(x=ux, y=uy, mode="lines", name="union (reachable keys)",
-                                 line=dict(color=COLORS["union"], width=8), hoverinfo="text",
-                                 hovertext=[f"reachable [{a:,}, {b:,}]" for a, b in g.union for _ in range(3)]))
+        ux, uy = _segments(self._x(u_start), self._x(u_end), np.zeros(len(u_start)))
+        fig.add_trace(go.Scatter(x=ux, y=uy, mode="lines", name="union = reachable keys",
+                                 line=dict(color=COLORS["union"], width=10), hoverinfo="text",
+                                 hovertext=[f"reachable [{a:,}, {b:,}]" for a, b in g.union for _ in range(3)]),
+                      row=1, col=1)
         gaps = _complement(g.union, g.query)
-        gx, gy = _segments(self._x([a for a, _ in gaps]), self._x([b for _, b in gaps]),
-                           np.full(len(gaps), union_row))
-        traces.append(go.Scatter(x=gx, y=gy, mode="lines+markers", name="unreachable keys",
-                                 line=dict(color=COLORS["miss"], width=8), marker=dict(color=COLORS["miss"], size=9),
+        gx, gy = _segments(self._x([a for a, _ in gaps]), self._x([b for _, b in gaps]), np.zeros(len(gaps)))
+        fig.add_trace(go.Scatter(x=gx, y=gy, mode="lines+markers", name="unreachable keys",
+                                 line=dict(color=COLORS["miss"], width=10), marker=dict(color=COLORS["miss"], size=10),
                                  hoverinfo="text",
-                                 hovertext=[f"NOT reachable [{a:,}, {b:,}]" for a, b in gaps for _ in range(3)]))
-        # The query itself.
-        traces.append(go.Scatter(x=self._x([g.query]), y=[union_row], mode="markers", name=f"query q={g.query:,}",
-                                 marker=dict(color=COLORS["query"], size=10, symbol="triangle-left"),
-                                 hoverinfo="text", hovertext=[f"query q = {g.query:,}"]))
+                                 hovertext=[f"NOT reachable [{a:,}, {b:,}]" for a, b in gaps for _ in range(3)]),
+                      row=1, col=1)
+        wx, wy = [], []
+        if g.window is not None:
+            wx, wy = _segments(self._x([g.window[0]]), self._x([g.window[1]]), np.array([1]))
+        fig.add_trace(go.Scatter(x=wx, y=wy, mode="lines", name=f"window (W={cfg.window_len:,})",
+                                 line=dict(color=COLORS["window"], width=10), hoverinfo="text",
+                                 hovertext=(f"window [{g.window[0]:,}, {g.window[1]:,}]" if g.window else "")),
+                      row=1, col=1)
+        fig.add_trace(go.Scatter(x=self._x([g.query]), y=[0], mode="markers", name=f"query q={g.query:,}",
+                                 marker=dict(color=COLORS["query"], size=11, symbol="triangle-left"),
+                                 hoverinfo="text", hovertext=[f"query q = {g.query:,}"]), row=1, col=1)
+        # Bottom panel: one row per candidate stripe — its span (a segment) and its anchor (a diamond).
+        sx, sy = _segments(self._x(g.qstart), self._x(g.qend), rows)
+        fig.add_trace(go.Scatter(x=sx, y=sy, mode="lines", name="candidate span",
+                                 line=dict(color=COLORS["span"], width=2 if dense else 5),
+                                 hovertext=np.repeat(np.array(hover, dtype=object), 3), hoverinfo="text"),
+                      row=2, col=1)
+        fig.add_trace(go.Scatter(x=self._x(g.anchors), y=rows, mode="markers", name="anchor a_i = q+1−F(i)",
+                                 marker=dict(color=COLORS["anchor"], size=3 if dense else 7, symbol="diamond"),
+                                 hovertext=hover, hoverinfo="text"), row=2, col=1)
 
-        n_rows = len(rows)
-        tick_rows = rows if n_rows <= 12 else rows[np.unique(np.linspace(0, n_rows - 1, 10).astype(int))]
-        tickvals = [union_row, window_row] + tick_rows.tolist()
-        ticktext = ["union", "window"] + [f"i={i}" for i in tick_rows.tolist()]
-        shapes = []
         if g.first_uncovered is not None:
             xk = float(self._x([g.first_uncovered])[0])
-            shapes.append(dict(type="line", x0=xk, x1=xk, yref="paper", y0=0, y1=1,
-                               line=dict(color=COLORS["miss"], width=2, dash="dash")))
-        status = "all keys reachable" if g.first_uncovered is None else f"first unreachable key {g.first_uncovered:,}"
-        title = (f"Query q = {g.query:,}: window + {n_rows:,} candidate spans — {status}")
-        if self.x_axis == "position":
-            xaxis = dict(title="key position", range=[-0.02 * (g.query + 1), 1.02 * (g.query + 1)], zeroline=False)
+            fig.add_vline(x=xk, line=dict(color=COLORS["miss"], width=2, dash="dash"))
+            status = f"key {g.first_uncovered:,} is NOT reachable"
         else:
-            xaxis = dict(title="keys back from q (q − key + 1, log scale)", type="log",
-                         range=[-0.05, math.log10(g.query + 1) + 0.05], autorange=False)
-        height = int(min(640, max(320, 140 + 9 * n_rows)))
-        layout = base_layout(title, height=height, xaxis=xaxis,
-                             yaxis=dict(title="stripe", tickvals=tickvals, ticktext=ticktext, autorange="reversed",
-                                        zeroline=False, showgrid=False),
-                             shapes=shapes, hovermode="closest")
+            status = "every earlier key is reachable"
+        title = f"Query q = {g.query:,}: window + {n_rows:,} candidate spans — {status}"
+        height = int(min(640, max(360, 160 + 10 * n_rows)))
+        fig.update_layout(**base_layout(title, height=height, hovermode="closest"))
+        fig.update_layout(margin=dict(l=80, r=20, t=90, b=50),
+                          title=dict(y=0.98, yanchor="top", yref="container"),
+                          legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, xanchor="left"))
         if g.first_uncovered is not None:
-            layout["title"]["font"] = dict(size=14, color=COLORS["miss"])
-        return [go.Figure(data=traces, layout=layout)]
+            fig.update_layout(title_font_color=COLORS["miss"])
+        fig.update_yaxes(row=1, col=1, tickvals=[0, 1], ticktext=["union", "window"], range=[1.7, -0.7],
+                         showgrid=False, zeroline=False)
+        fig.update_yaxes(row=2, col=1, title_text="stripe i", autorange="reversed", zeroline=False,
+                         showgrid=False, tickprefix="i=")
+        if self.x_axis == "position":
+            fig.update_xaxes(range=[-0.02 * (g.query + 1), 1.02 * (g.query + 1)], zeroline=False)
+            fig.update_xaxes(row=2, col=1, title_text="key position")
+        else:
+            fig.update_xaxes(type="log", range=[-0.05, math.log10(g.query + 1) + 0.05])
+            fig.update_xaxes(row=2, col=1, title_text="keys back from q (q − key + 1, log scale)")
+        return [fig]
 
     # ------------------------------------------------------------------ widget controls
     def _build_controls(self):
@@ -343,10 +346,10 @@ class StripeExplorer(View):
                                      layout=lay, continuous_update=False),
         }
         x_toggle = w.ToggleButtons(options=[("key position", "position"), ("distance back (log)", "distance")],
-                                   value=self.x_axis, description="x axis", style={"button_width": "150px"})
+                                   value=self.x_axis, style={"button_width": "150px"})
         presets = [w.Button(description=f"{name} preset", layout=w.Layout(width="130px")) for name in
                    ("default", "release")]
-        gap_button = w.Button(description="go to first gap", button_style="danger", layout=w.Layout(width="150px"))
+        gap_button = w.Button(description="go to first gap", layout=w.Layout(width="264px"))
         syncing = [False]
 
         def sync_from_state():
@@ -360,7 +363,11 @@ class StripeExplorer(View):
                     if name != "search_power":
                         slider.value = getattr(c, name)
                 x_toggle.value = self.x_axis
-                gap_button.disabled = self.coverage_report.ok
+                report = self.coverage_report
+                gap_button.disabled = report.ok
+                gap_button.button_style = "success" if report.ok else "danger"
+                gap_button.description = ("coverage holds ✓" if report.ok else
+                                          f"go to first gap (q={report.first_gap[0]:,})")
             finally:
                 syncing[0] = False
 
@@ -387,7 +394,7 @@ class StripeExplorer(View):
         left = w.VBox([w.HBox([q_slider, q_text])] + [sliders[n] for n in names[:2]])
         middle = w.VBox([sliders[n] for n in names[2:4]] + [sliders["num_spans"]])
         right = w.VBox([sliders["sw_index"], w.HBox(presets), gap_button])
-        return w.VBox([w.HBox([left, middle, right]), x_toggle])
+        return w.VBox([w.HBox([left, middle, right]), w.HBox([w.Label("x axis:"), x_toggle])])
 
 
 def _complement(union: tuple[tuple[int, int], ...], q: int) -> list[tuple[int, int]]:
