@@ -1,0 +1,205 @@
+"""Triton backend against the dense oracle: routing, outputs and gradients.
+
+Without CUDA the kernels run in Triton's CPU interpreter, which must be switched on before the
+kernels are defined: TRITON_INTERPRET=1 is set here, before `superlinear_kernels.triton` is first
+imported (nothing else in the CPU test suite imports it). The interpreter gets bf16 `tl.dot` wrong,
+so CPU runs use fp32 and fp16 only; the `gpu`-marked tests repeat the comparison on CUDA with bf16.
+Shapes are tiny because the interpreter executes every block operation in numpy.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton_backend = pytest.importorskip("superlinear_kernels.triton")
+
+from helpers import assert_close, left_padded_mask, random_inputs  # noqa: E402
+from superlinear_kernels import SpanConfig, span_search, superlinear_attention  # noqa: E402
+
+if not triton_backend.available():
+    pytest.skip("Triton kernels cannot run here (no CUDA and not defined under TRITON_INTERPRET=1)",
+                allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OUT_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+GRAD_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+DEFAULT = SpanConfig.default()  # N = 2, σ = 3 (W = 15), K = 2, b_f = 2
+# The release preset's fractional powers (p = ρ = 0.55, b_f = 3, f_f = 1) with a window small enough
+# for routing to be active at interpreter-sized lengths.
+RELEASE_SMALL = SpanConfig.release().replace(sw_index=5)
+NO_WINDOW = SpanConfig(sw_index=0, num_spans=1, backward_factor=2.0, forward_factor=0.0,
+                       span_power=0.5, search_power=0.5)
+K3_FORWARD = SpanConfig(sw_index=2, num_spans=3, backward_factor=2.0, forward_factor=1.0,
+                        span_power=0.5, search_power=1 / 3)
+
+
+def _routing_equal(ref, got):
+    for field in ("qstart", "qanchor", "qend"):
+        r, g = getattr(ref, field), getattr(got, field)
+        assert r.dtype == g.dtype == torch.int32, f"{field}: dtype {g.dtype}"
+        mismatch = (r != g).nonzero()
+        assert mismatch.numel() == 0, f"{field}: {mismatch.shape[0]} slots differ, first at {mismatch[0].tolist()}"
+    finite = torch.isfinite(ref.values)
+    assert torch.equal(finite, torch.isfinite(got.values)), "values: -inf slots differ"
+    assert_close("values", ref.values[finite], got.values[finite], 1e-5)
+
+
+def _compare(cfg, b, h_q, h_kv, l_q, l_kv, d, dtype, starts=None, positions=None, grads=True, seed=0):
+    """Run oracle and triton on the same inputs; compare routing, gate, output and (optionally) gradients."""
+    q1, q2, k, v = random_inputs(b, h_q, h_kv, l_q, l_kv, d, dtype=dtype, seed=seed, device=DEVICE)
+    positions = torch.arange(l_kv - l_q, l_kv) if positions is None else torch.as_tensor(positions)
+    mask = None if starts is None else left_padded_mask(b, l_kv, starts, device=DEVICE)
+    weight = torch.randn(b, h_q, l_q, d, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
+    results = {}
+    for backend in ("oracle", "triton"):
+        inputs = [x.clone().requires_grad_(grads) for x in (q1, q2, k, v)]
+        out, routing = superlinear_attention(*inputs, positions, cfg, attention_mask=mask, backend=backend,
+                                             return_routing=True)
+        if grads:
+            (out.float() * weight).sum().backward()
+        results[backend] = (out, routing, [x.grad for x in inputs])
+    (ref_out, ref_r, ref_g), (out, r, g) = results["oracle"], results["triton"]
+    assert out.dtype == dtype, f"out: dtype {out.dtype}, expected {dtype}"
+    _routing_equal(ref_r, r)
+    assert_close("gate", ref_r.gate, r.gate, 1e-5)
+    assert_close("out", ref_out.float(), out.float(), OUT_TOL[dtype])
+    if grads:
+        for name, ref_grad, grad in zip(("dq1", "dq2", "dk", "dv"), ref_g, g):
+            assert grad.dtype == dtype, f"{name}: dtype {grad.dtype}"
+            assert_close(name, ref_grad.float(), grad.float(), GRAD_TOL[dtype])
+
+
+# (id, cfg, B, H_Q, H_KV, L_Q, L_KV, D, row starts or None)
+PREFILL = [
+    ("default-mha-odd", DEFAULT, 1, 2, 2, 37, 37, 16, None),
+    ("default-gqa2-mask", DEFAULT, 2, 4, 2, 45, 45, 24, [0, 11]),
+    ("default-gqa4", DEFAULT, 1, 4, 1, 53, 53, 32, None),
+    ("default-gqa16-mask", DEFAULT, 2, 16, 1, 29, 29, 16, [4, 0]),
+    ("release-small-gqa2", RELEASE_SMALL, 1, 4, 2, 61, 61, 16, None),
+    ("release-small-mask", RELEASE_SMALL, 2, 2, 1, 47, 47, 16, [0, 13]),
+    ("k1-no-window", NO_WINDOW, 1, 2, 1, 33, 33, 16, None),
+    ("k3-forward-n3", K3_FORWARD, 2, 4, 2, 41, 41, 16, [5, 0]),
+    ("chunk-tail", DEFAULT, 1, 4, 2, 19, 50, 16, None),  # the last 19 queries of a 50-key cache
+    ("d-not-pow2", DEFAULT, 1, 3, 1, 27, 27, 40, None),  # G = 3, D = 40
+    ("long-multiblock", DEFAULT, 1, 4, 2, 230, 230, 16, [17]),  # several key blocks per span and window
+    ("release-small-long", RELEASE_SMALL, 1, 2, 1, 300, 300, 16, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", PREFILL, ids=[c[0] for c in PREFILL])
+def test_prefill_matches_oracle(case, dtype):
+    _, cfg, b, h_q, h_kv, l_q, l_kv, d, starts = case
+    _compare(cfg, b, h_q, h_kv, l_q, l_kv, d, dtype, starts=starts)
+
+
+@pytest.mark.parametrize("cfg", [DEFAULT, RELEASE_SMALL], ids=["default", "release-small"])
+def test_chunked_prefill_equals_one_shot(cfg):
+    """Prefill in chunks of cache positions gives the one-shot rows (and each chunk matches the oracle)."""
+    b, h_q, h_kv, l, d = 2, 4, 2, 44, 16
+    q1, q2, k, v = random_inputs(b, h_q, h_kv, l, l, d, device=DEVICE)
+    mask = left_padded_mask(b, l, [0, 7], device=DEVICE)
+    full = superlinear_attention(q1, q2, k, v, torch.arange(l), cfg, attention_mask=mask, backend="triton")
+    for c0, c1 in ((0, 13), (13, 30), (30, 44)):
+        pos = torch.arange(c0, c1)
+        part = superlinear_attention(q1[:, :, c0:c1], q2[:, :, c0:c1], k, v, pos, cfg, attention_mask=mask,
+                                     backend="triton")
+        ref = superlinear_attention(q1[:, :, c0:c1], q2[:, :, c0:c1], k, v, pos, cfg, attention_mask=mask,
+                                    backend="oracle")
+        assert_close(f"chunk {c0}:{c1} vs one-shot", full[:, :, c0:c1], part, 1e-5)
+        assert_close(f"chunk {c0}:{c1} vs oracle", ref, part, 1e-4)
+
+
+def test_non_contiguous_cache_positions():
+    _compare(DEFAULT, 1, 4, 2, 5, 60, 16, torch.float32, positions=[3, 40, 41, 17, 59])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("cfg", [DEFAULT, RELEASE_SMALL, K3_FORWARD], ids=["default", "release-small", "k3"])
+def test_decode_batch_left_padding(cfg, dtype):
+    """L_Q = 1 at one position, batch 3 with different row starts (Decision D4), vs the oracle."""
+    _compare(cfg, 3, 8, 2, 1, 90, 16, dtype, starts=[0, 23, 70], positions=[85])
+
+
+def test_decode_equals_prefill_row():
+    cfg = RELEASE_SMALL
+    b, h_q, h_kv, l, d = 2, 4, 1, 57, 16
+    q1, q2, k, v = random_inputs(b, h_q, h_kv, l, l, d, device=DEVICE)
+    mask = left_padded_mask(b, l, [0, 9], device=DEVICE)
+    full = superlinear_attention(q1, q2, k, v, torch.arange(l), cfg, attention_mask=mask, backend="triton")
+    for q in (8, 30, 56):
+        step = superlinear_attention(q1[:, :, q:q + 1], q2[:, :, q:q + 1], k, v, torch.tensor([q]), cfg,
+                                     attention_mask=mask, backend="triton")
+        assert_close(f"decode at {q}", full[:, :, q:q + 1], step, 1e-5)
+
+
+def test_padding_queries_are_zero_not_nan():
+    """Queries before the row start have no keys at all: output 0, gradients finite (SPEC §3.1, §3.3)."""
+    _compare(DEFAULT, 1, 2, 1, 20, 20, 16, torch.float32, starts=[12])
+
+
+@pytest.mark.parametrize("num_spans", [1, 2, 3, 4])
+def test_search_routing_and_values(num_spans):
+    cfg = RELEASE_SMALL.replace(num_spans=num_spans)
+    b, h_q, h_kv, l, d = 2, 8, 2, 70, 16
+    q1, _, k, _ = random_inputs(b, h_q, h_kv, l, l, d, device=DEVICE)
+    mask = left_padded_mask(b, l, [0, 21], device=DEVICE)
+    ref = span_search(q1, k, torch.arange(l), cfg, attention_mask=mask, backend="oracle")
+    got = span_search(q1, k, torch.arange(l), cfg, attention_mask=mask, backend="triton")
+    _routing_equal(ref, got)
+
+
+def test_search_tie_rule_earlier_position_wins():
+    """Identical keys give identical scores: the earliest anchors must win (SPEC §2.3)."""
+    cfg = DEFAULT.replace(num_spans=3)
+    b, h_q, h_kv, l, d = 1, 4, 2, 64, 16
+    q1, _, k, _ = random_inputs(b, h_q, h_kv, l, l, d, device=DEVICE)
+    k = k[:, :, :1].expand(b, h_kv, l, d).contiguous()
+    ref = span_search(q1, k, torch.arange(l), cfg, backend="oracle")
+    got = span_search(q1, k, torch.arange(l), cfg, backend="triton")
+    _routing_equal(ref, got)
+    anchors = got.qanchor[got.qanchor >= 0].view(-1)
+    assert anchors.numel() > 0
+
+
+def test_search_gradient_through_values():
+    cfg = DEFAULT
+    b, h_q, h_kv, l, d = 1, 4, 2, 40, 16
+    q1, _, k, _ = random_inputs(b, h_q, h_kv, l, l, d, device=DEVICE)
+    grads = {}
+    for backend in ("oracle", "triton"):
+        a, bk = q1.clone().requires_grad_(), k.clone().requires_grad_()
+        r = span_search(a, bk, torch.arange(l), cfg, backend=backend)
+        finite = torch.isfinite(r.values)
+        weight = torch.linspace(-1, 1, r.values.numel()).view(r.values.shape).to(DEVICE)
+        (torch.where(finite, r.values, torch.zeros_like(r.values)) * weight).sum().backward()
+        grads[backend] = (a.grad, bk.grad)
+    assert_close("dq1", grads["oracle"][0], grads["triton"][0], 1e-5)
+    assert_close("dk", grads["oracle"][1], grads["triton"][1], 1e-5)
+
+
+def test_kernel_limits_raise_before_launch():
+    q1, q2, k, v = random_inputs(1, 2, 1, 8, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="num_spans"):
+        superlinear_attention(q1, q2, k, v, torch.arange(8), DEFAULT.replace(num_spans=5), backend="triton")
+    big = [x.new_zeros(*x.shape[:-1], 320) for x in (q1, q2, k, v)]
+    with pytest.raises(ValueError, match="q1: head dim"):
+        superlinear_attention(*big, torch.arange(8), DEFAULT, backend="triton")
+    with pytest.raises(ValueError, match="num_spans"):
+        span_search(q1, k, torch.arange(8), DEFAULT.replace(num_spans=7), backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("cfg", [DEFAULT, SpanConfig.release()], ids=["default", "release"])
+def test_gpu_matches_oracle(cfg, dtype):
+    """Moderate sizes on a real GPU (the interpreter can't check bf16 tl.dot)."""
+    _compare(cfg, 2, 8, 2, 2500, 2500, 64, dtype, starts=[0, 301], grads=True)
+    _compare(cfg, 2, 16, 1, 1, 3000, 128, dtype, starts=[0, 700], positions=[2999], grads=False)
