@@ -1,0 +1,350 @@
+"""`Session`: a static cache + cursor + last logits + transcript on top of a `HybridLM` (SPEC §6.1–6.2).
+
+* `append(text | ids)` prefills in chunks (tqdm progress) at positions cursor … cursor+n-1.
+* `stream(n, …)` / `generate(n, …)` sample from the stored logits (temperature 0 = greedy, then top-p,
+  Decision D7); each accepted token is written before it is yielded, a stop token is never written.
+* `checkpoint()` / `rollback(cp)` clone and restore the SSM/conv states, logits, cursor, transcript and sampler
+  state; K/V is not copied (entries past a rewound cursor are simply overwritten later). A checkpoint whose
+  positions were overwritten since (rollback to an earlier point, then new tokens) is refused.
+* `fork()` is an independent deep copy; `grow(max_len)` reallocates a larger cache with the same contents.
+
+Every error leaves the session exactly as it was: overflow and bad ids are checked before any write, and an
+exception or KeyboardInterrupt in the middle of a prefill chunk restores the pre-call state (K/V written past
+the cursor is unobservable).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import uuid
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+from ..model.hybrid import HybridCache, HybridLM
+
+
+class ContextOverflowError(ValueError):
+    """The tokens do not fit the session's `max_len` (grow the session first)."""
+
+
+class SessionError(RuntimeError):
+    """A session operation that is not possible in the current state (e.g. generate before any append)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """State to return to with `Session.rollback`. Holds clones; K/V is shared with the session."""
+
+    session_id: str  # session the checkpoint was taken on
+    clock: int  # session clock when taken (orders it against later overwrites)
+    cursor: int  # tokens in the context
+    conv_states: torch.Tensor  # [n_mamba, B, conv_dim, conv_kernel-1]
+    ssm_states: torch.Tensor  # [n_mamba, B, H, P, N] fp32
+    logits: torch.Tensor | None  # fp32 [vocab] or None
+    transcript: tuple  # deep copy of the transcript messages
+    rng_state: torch.Tensor  # sampler generator state
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """SPEC §6.1 sampler: argmax at temperature 0; else softmax(logits / T) in fp32, top-p (smallest most-probable
+    set with cumulative probability >= top_p, at least one token, renormalised), one multinomial draw."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True, stable=True)
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass strictly above each token
+        keep = before < top_p
+        keep[0] = True
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+class Session:
+    """One token row with its static cache (batch 1).
+
+    Args:
+        model: a `HybridLM` (eval mode; the session runs it under `torch.no_grad`).
+        max_len: allocated positions; `append` needs cursor + n < max_len (one slot stays free for generation).
+        chunk_size: prefill chunk length.
+        seed: sampler seed.
+        progress: show a tqdm bar for appends of more than one chunk (None), always (True) or never (False).
+
+    Example::
+
+        s = Session(load_model(), max_len=4096)
+        s.append("Hello")
+        print(s.generate_text(20))
+    """
+
+    def __init__(self, model: HybridLM, max_len: int = 4096, *, chunk_size: int = 4096, seed: int = 0,
+                 progress: bool | None = None, _cache: HybridCache | None = None):
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size!r}: expected an int >= 1")
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.cache = _cache if _cache is not None else model.new_cache(max_len)
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.id = uuid.uuid4().hex
+        self.transcript: list[dict] = []
+        self._cursor = 0
+        self._logits: torch.Tensor | None = None
+        self._token_ids = torch.full((self.cache.max_len,), -1, dtype=torch.int64)
+        self._gen = torch.Generator().manual_seed(seed)
+        self._clock = 0  # counts writes; orders checkpoints against overwrites
+        self._high = 0  # highest cursor ever reached
+        self._overwrites: list[tuple[int, int]] = []  # (clock, start position) of writes below `_high`
+        self._lineage: dict[str, float] = {self.id: float("inf")}  # session id -> last clock shared with it
+
+    # ------------------------------------------------------------------ state
+    @property
+    def cursor(self) -> int:
+        """Tokens in the context (current_pos): the next token goes to this position."""
+        return self._cursor
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        """fp32 [vocab]: next-token logits after the last token, or None (fresh or restored session)."""
+        return self._logits
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """int64 [cursor]: the token ids of the context."""
+        return self._token_ids[: self._cursor].clone()
+
+    def text(self) -> str:
+        """The context decoded as text."""
+        return self.tokenizer.decode(self.ids.tolist())
+
+    def memory(self) -> dict[str, int]:
+        """Bytes by kind: kv (allocated), kv_used (up to the cursor), conv, ssm, token_ids, logits, total."""
+        mem = self.cache.memory()
+        mem["kv_used"] = mem["kv"] * self._cursor // self.max_len
+        mem["token_ids"] = self._token_ids.numel() * self._token_ids.element_size()
+        mem["logits"] = 0 if self._logits is None else self._logits.numel() * self._logits.element_size()
+        mem["total"] = mem["kv"] + mem["conv"] + mem["ssm"] + mem["token_ids"] + mem["logits"]
+        return mem
+
+    def __repr__(self) -> str:
+        return f"Session(id={self.id[:8]}, cursor={self._cursor}, max_len={self.max_len}, messages={len(self.transcript)})"
+
+    # ------------------------------------------------------------------ input
+    def _as_ids(self, data) -> list[int]:
+        if isinstance(data, str):
+            return self.tokenizer.encode(data)
+        if isinstance(data, torch.Tensor):
+            if data.dim() != 1 or data.dtype.is_floating_point or data.dtype == torch.bool:
+                raise ValueError(f"ids: expected a 1-D int tensor, got {data.dtype} {tuple(data.shape)}")
+            ids = data.tolist()
+        else:
+            ids = list(data)
+        vocab = self.model.cfg.vocab_size
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"ids[{i}]={t!r}: expected an int token id in [0, {vocab})")
+        return ids
+
+    def _check_fits(self, n: int) -> None:
+        if self._cursor + n >= self.max_len:
+            raise ContextOverflowError(f"{n} tokens at cursor {self._cursor} need cursor + n < max_len={self.max_len}; "
+                                       f"call grow({self._cursor + n + 1}) or more first")
+
+    def _begin_write(self) -> None:
+        self._clock += 1
+        if self._cursor < self._high:
+            self._overwrites.append((self._clock, self._cursor))
+
+    def _internal_state(self):
+        return (self._cursor, self._logits, len(self.transcript), self.cache.conv_states.clone(),
+                self.cache.ssm_states.clone(), self._clock, self._high, len(self._overwrites))
+
+    def _restore_internal(self, saved) -> None:
+        cursor, logits, n_msgs, conv, ssm, clock, high, n_over = saved
+        self._cursor, self._logits = cursor, logits
+        del self.transcript[n_msgs:]
+        self.cache.conv_states.copy_(conv)
+        self.cache.ssm_states.copy_(ssm)
+        self._clock, self._high = clock, high
+        del self._overwrites[n_over:]
+
+    def append(self, data, role: str | None = "user", *, chunk_size: int | None = None,
+               progress: bool | None = None) -> int:
+        """Prefill `data` (text or token ids) after the cursor; returns the number of tokens appended.
+
+        The transcript gets {"role": role, "content": text, "tokens": n} unless role is None. Raises
+        ContextOverflowError / ValueError before any write; on any exception (KeyboardInterrupt included)
+        the session is restored to its state before the call.
+        """
+        ids = self._as_ids(data)
+        if not ids:
+            raise ValueError("append: nothing to append (empty text or ids)")
+        chunk = self.chunk_size if chunk_size is None else chunk_size
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk_size={chunk!r}: expected an int >= 1")
+        self._check_fits(len(ids))
+        from tqdm.auto import tqdm
+
+        wanted = self.progress if progress is None else progress
+        show = len(ids) > chunk if wanted is None else bool(wanted)
+        saved = self._internal_state()
+        tensor = torch.tensor(ids, dtype=torch.int64)
+        device = self.model.device
+        try:
+            self._begin_write()
+            start = self._cursor
+            logits = None
+            with torch.no_grad(), tqdm(total=len(ids), unit="tok", disable=not show, desc="prefill",
+                                       leave=False) as bar:
+                for c0 in range(0, len(ids), chunk):
+                    part = tensor[c0:c0 + chunk]
+                    self._token_ids[start + c0:start + c0 + part.numel()] = part
+                    logits = self.model(part.to(device)[None], self.cache, start + c0)
+                    bar.update(part.numel())
+            self._cursor = start + len(ids)
+            self._high = max(self._high, self._cursor)
+            self._logits = logits[0, -1].clone()
+            if role is not None:
+                self.transcript.append({"role": role, "content": self.tokenizer.decode(ids), "tokens": len(ids)})
+        except BaseException:
+            self._restore_internal(saved)
+            raise
+        return len(ids)
+
+    # ------------------------------------------------------------------ generation
+    def _step(self, token: int) -> None:
+        """Write one token at the cursor (one-token forward), atomically."""
+        self._check_fits(1)
+        saved = self._internal_state()
+        try:
+            self._begin_write()
+            self._token_ids[self._cursor] = token
+            with torch.no_grad():
+                logits = self.model(torch.tensor([[token]], device=self.model.device), self.cache, self._cursor)
+            self._cursor += 1
+            self._high = max(self._high, self._cursor)
+            self._logits = logits[0, -1].clone()
+        except BaseException:
+            self._restore_internal(saved)
+            raise
+
+    def stream(self, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               stop: Iterable[int] | int | None = None, seed: int | None = None,
+               role: str | None = "assistant") -> Iterator[int]:
+        """Yield up to `max_new_tokens` sampled token ids; each is in the cache before it is yielded.
+
+        Stops early on <|eos|> or a `stop` id (that token is neither written nor yielded). Stopping the
+        consumer early keeps what was yielded. The transcript gets one message with the generated text.
+        Arguments are validated when `stream` is called, not at the first `next`.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 0")
+        if not (isinstance(temperature, (int, float)) and temperature >= 0):
+            raise ValueError(f"temperature={temperature!r}: expected a number >= 0 (0 = greedy)")
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p={top_p!r}: expected a number in (0, 1]")
+        stop_ids = {self.tokenizer.eos_id} | set(self._as_ids([stop] if isinstance(stop, int) else (stop or [])))
+        if self._logits is None:
+            raise SessionError("no logits to sample from: append tokens first (a fresh or restored session has none)")
+        if seed is not None:
+            self._gen.manual_seed(seed)
+        return self._stream(max_new_tokens, float(temperature), float(top_p), stop_ids, role)
+
+    def _stream(self, n, temperature, top_p, stop_ids, role) -> Iterator[int]:
+        produced: list[int] = []
+        try:
+            for _ in range(n):
+                token = _sample(self._logits, temperature, top_p, self._gen)
+                if token in stop_ids:
+                    break
+                self._step(token)
+                produced.append(token)
+                yield token
+        finally:
+            if produced and role is not None:
+                self.transcript.append({"role": role, "content": self.tokenizer.decode(produced),
+                                        "tokens": len(produced)})
+
+    def generate(self, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: Iterable[int] | int | None = None, seed: int | None = None,
+                 role: str | None = "assistant") -> list[int]:
+        """All tokens of `stream(...)` as a list."""
+        return list(self.stream(max_new_tokens, temperature, top_p, stop, seed, role))
+
+    def generate_text(self, max_new_tokens: int, **kwargs) -> str:
+        """`generate(...)` decoded as text."""
+        return self.tokenizer.decode(self.generate(max_new_tokens, **kwargs))
+
+    # ------------------------------------------------------------------ checkpoints, forks, growth
+    def checkpoint(self) -> Checkpoint:
+        """Capture the state to return to (cheap: K/V is not copied)."""
+        return Checkpoint(self.id, self._clock, self._cursor, self.cache.conv_states.clone(),
+                          self.cache.ssm_states.clone(), None if self._logits is None else self._logits.clone(),
+                          tuple(copy.deepcopy(self.transcript)), self._gen.get_state())
+
+    def rollback(self, cp: Checkpoint) -> None:
+        """Return bit-exactly to `cp` (cursor, logits, states, transcript, sampler). Raises SessionError if `cp`
+        belongs to another session or positions below its cursor were overwritten since it was taken."""
+        if not isinstance(cp, Checkpoint):
+            raise TypeError(f"cp: expected a Checkpoint, got {type(cp).__name__}")
+        shared = self._lineage.get(cp.session_id)
+        if shared is None or cp.clock > shared:
+            raise SessionError("checkpoint belongs to another session (or was taken on a parent after the fork)")
+        for clock, position in self._overwrites:
+            if clock > cp.clock and position < cp.cursor:
+                raise SessionError(f"checkpoint at cursor {cp.cursor} is stale: position {position} was overwritten "
+                                   "after it was taken")
+        if cp.conv_states.shape != self.cache.conv_states.shape:
+            raise SessionError("checkpoint states do not match this session's cache")
+        self.cache.conv_states.copy_(cp.conv_states)
+        self.cache.ssm_states.copy_(cp.ssm_states)
+        self._logits = None if cp.logits is None else cp.logits.clone()
+        self._cursor = cp.cursor
+        self.transcript[:] = copy.deepcopy(list(cp.transcript))
+        self._gen.set_state(cp.rng_state)
+
+    def fork(self, seed: int | None = None) -> "Session":
+        """An independent copy (cache, cursor, logits, transcript, sampler state; `seed` reseeds the copy).
+        Checkpoints taken on this session before the fork also work on the fork."""
+        other = Session(self.model, chunk_size=self.chunk_size, progress=self.progress, _cache=self.cache.clone())
+        other._cursor = self._cursor
+        other._logits = None if self._logits is None else self._logits.clone()
+        other._token_ids = self._token_ids.clone()
+        other.transcript = copy.deepcopy(self.transcript)
+        other._gen.set_state(self._gen.get_state())
+        if seed is not None:
+            other._gen.manual_seed(seed)
+        other._clock, other._high = self._clock, self._high
+        other._overwrites = list(self._overwrites)
+        other._lineage = {sid: min(limit, self._clock) for sid, limit in self._lineage.items()}
+        other._lineage[other.id] = float("inf")
+        return other
+
+    def grow(self, max_len: int) -> None:
+        """Reallocate the cache with `max_len` >= the current one, keeping everything (checkpoints stay valid)."""
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < self.max_len:
+            raise ValueError(f"max_len={max_len!r}: expected an int >= the current max_len {self.max_len}")
+        if max_len == self.max_len:
+            return
+        cache = self.cache.clone(max_len)
+        ids = torch.full((max_len,), -1, dtype=torch.int64)
+        ids[: self._token_ids.numel()] = self._token_ids
+        self.cache, self._token_ids = cache, ids
+
+    # ------------------------------------------------------------------ tracing
+    @contextlib.contextmanager
+    def trace(self, queries=None, profile_queries=None, layers=None):
+        """``with session.trace(...) as tr: session.append(doc)`` — a `RoutingTrace` of the calls inside
+        (`RoutingTrace.capture`), whose tokens are the session's whole context up to the trace's length."""
+        with self.model.trace(queries=queries, profile_queries=profile_queries, layers=layers) as tr:
+            yield tr
+        ids = self._token_ids[: tr.length].clone()
+        tr.token_ids = ids
+        tr.tokens = self.tokenizer.token_strings(ids.tolist())

@@ -1,0 +1,60 @@
+"""`SuperlinearAttentionLayer`: the `*` mixer — two query projections (Q1 search/gate, Q2 attention), shared K/V,
+GQA, no RoPE (cache_position is the only positional input, SPEC §5.1). Calls `superlinear_attention`."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from superlinear_kernels import superlinear_attention
+
+from .config import ModelConfig
+
+
+class SuperlinearAttentionLayer(nn.Module):
+    """x [B, L, d_model] -> [B, L, d_model] with Superlinear attention over a (static) K/V cache.
+
+    `routing_recorders` is the capture protocol of `superlinear_lab.trace`: while non-empty, each call asks the
+    kernel for its routing and hands ``(positions, routing, q1, k_cache)`` to every recorder. The output does not
+    depend on whether recorders are present.
+    """
+
+    def __init__(self, cfg: ModelConfig, backend: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.span_config = cfg.span
+        self.backend = backend
+        hq, hkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q1_proj = nn.Linear(cfg.d_model, hq * d, bias=False)  # search / gate query (no 1/sqrt(D))
+        self.q2_proj = nn.Linear(cfg.d_model, hq * d, bias=False)  # attention query
+        self.k_proj = nn.Linear(cfg.d_model, hkv * d, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, hkv * d, bias=False)
+        self.o_proj = nn.Linear(hq * d, cfg.d_model, bias=False)
+        self.routing_recorders: list = []
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, key_cache: torch.Tensor | None = None,
+                value_cache: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, d_model]; positions int64 [L] (contiguous, ascending).
+
+        With caches [B, H_KV, max_len, D] the new K/V are written at `positions` and attention reads the whole
+        static cache (keys after each query are never read). Without caches, L_KV = L (positions must be 0..L-1).
+        """
+        bsz, length, _ = x.shape
+        hq, hkv, d = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
+        q1 = self.q1_proj(x).view(bsz, length, hq, d).transpose(1, 2)
+        q2 = self.q2_proj(x).view(bsz, length, hq, d).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, length, hkv, d).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, length, hkv, d).transpose(1, 2)
+        if key_cache is not None:
+            start = int(positions[0])
+            key_cache[:, :, start:start + length] = k
+            value_cache[:, :, start:start + length] = v
+            k, v = key_cache, value_cache
+        recorders = list(self.routing_recorders)
+        if recorders:
+            out, routing = superlinear_attention(q1, q2, k, v, positions, self.span_config, backend=self.backend,
+                                                 return_routing=True)
+            for record in recorders:
+                record(positions, routing, q1, k)
+        else:
+            out = superlinear_attention(q1, q2, k, v, positions, self.span_config, backend=self.backend)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, length, hq * d))
