@@ -1,0 +1,232 @@
+"""`SuperlinearExpLM`: the Superlinear-Exp hybrid (Nemotron-H layout, SPEC §5) built from the transformers
+NemotronH modules for ``M`` (Mamba-2), ``E`` (mixture of experts) and ``-`` (MLP) blocks and this project's
+`SuperlinearAttentionLayer` for ``*`` blocks (search query Q1, attention query Q2, shared K/V, GQA, no RoPE).
+
+Each block is ``x = x + mixer(norm(x))`` (Nemotron-H blocks hold one mixer each), then a final RMSNorm and the
+output head. The model speaks the same protocol as `superlinear_lab.model.HybridLM`, so `Session`,
+`SnapshotStore`, `RoutingTrace` and the views work on it unchanged:
+
+* ``model(ids, cache=None, start=0)`` -> fp32 logits [B, L, vocab] at positions start … start+L-1;
+* ``model.new_cache(max_len)`` -> a `HybridCache`: K/V [B, H_KV, max_len, D] per attention layer, conv states
+  [n_mamba, B, conv_dim, conv_kernel-1] (model dtype) and SSM states [n_mamba, B, H, P, N] (fp32);
+* ``routing_layers()``, ``token_recorders``, ``trace(...)``, ``tokenizer``, ``model_id``, ``source``, ``cfg``.
+
+The transformers Mamba-2 mixer reads and writes its states through a cache object; `_MambaStates` is that
+object over the `HybridCache` tensors. The states are taken as empty exactly when ``start == 0``, so a forward
+is a pure function of (ids, start, the states belonging to `start`): chunked prefill then one-token decode
+computes the same function as one full forward, and checkpoint/rollback only need to restore the tensors.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..model.attention import SuperlinearAttentionLayer
+from ..model.config import ModelConfig
+from ..model.hybrid import HybridCache, HybridLM
+from .config import SuperlinearExpConfig
+
+
+def _nemotron_modules():
+    try:
+        from transformers.models.nemotron_h import modeling_nemotron_h as m
+    except ImportError as e:
+        raise ImportError("loading Superlinear-Exp checkpoints needs transformers' NemotronH modules: "
+                          "pip install 'superlinear-lab[hf]'") from e
+    return m
+
+
+def attention_dims(cfg: SuperlinearExpConfig) -> ModelConfig:
+    """The `ModelConfig` that sizes a `SuperlinearAttentionLayer` for `cfg` (d_model, heads, head_dim, span).
+
+    Only those fields are read by the layer; ssm_expand = ssm_head_dim = 1 keeps ModelConfig's SSM checks
+    trivially satisfied for any hidden size.
+    """
+    return ModelConfig(vocab_size=cfg.vocab_size, pattern="*", d_model=cfg.hidden_size,
+                       n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                       span=cfg.span, ssm_expand=1, ssm_head_dim=1, norm_eps=cfg.layer_norm_epsilon)
+
+
+class _MambaStates:
+    """The cache interface `NemotronHMamba2Mixer` calls, over the stacked states of a `HybridCache`.
+
+    Args:
+        cache: the session's `HybridCache`.
+        slots: block index -> row of ``cache.conv_states`` / ``cache.ssm_states``.
+        has_previous: False at position 0 — the stored states are then ignored (taken as zeros).
+    """
+
+    def __init__(self, cache: HybridCache, slots: dict[int, int], has_previous: bool):
+        self.cache, self.slots, self.has_previous = cache, slots, has_previous
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return False
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        """[B, conv_dim, conv_kernel-1] view (updated in place by the one-token path), or None at position 0."""
+        return self.cache.conv_states[self.slots[layer_idx]] if self.has_previous else None
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        """[B, H, P, N] fp32 view (updated in place by the one-token path), or None at position 0."""
+        return self.cache.ssm_states[self.slots[layer_idx]] if self.has_previous else None
+
+    def update_conv_state(self, conv_input: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                          **kwargs) -> torch.Tensor:
+        """conv_input [B, conv_dim, L] -> [B, conv_dim, conv_kernel-1+L]: the stored last inputs (zeros at
+        position 0) followed by the new ones, so the causal convolution sees its true left context. The last
+        conv_kernel-1 columns become the new state."""
+        state = self.cache.conv_states[self.slots[layer_idx]]
+        previous = state if self.has_previous else torch.zeros_like(state)
+        full = torch.cat([previous.to(conv_input.dtype), conv_input], dim=-1)
+        state.copy_(full[..., full.shape[-1] - state.shape[-1]:])
+        return full
+
+    def update_recurrent_state(self, recurrent_state: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                               **kwargs) -> torch.Tensor:
+        """Store the SSM state [B, H, P, N] reached at the end of the chunk."""
+        state = self.cache.ssm_states[self.slots[layer_idx]]
+        state.copy_(recurrent_state)
+        return state
+
+
+class ExpBlock(nn.Module):
+    """One Nemotron-H block: RMSNorm then one mixer, residual. `kind` is its pattern character."""
+
+    def __init__(self, kind: str, norm: nn.Module, mixer: nn.Module):
+        super().__init__()
+        self.kind = kind
+        self.norm = norm
+        self.mixer = mixer
+
+
+class SuperlinearExpLM(nn.Module):
+    """Superlinear-Exp hybrid causal LM. ``model(ids)`` -> logits fp32 [B, L, vocab].
+
+    Build it from a config (random or empty weights) or, usually, with `load_checkpoint`.
+
+    Example::
+
+        cfg = SuperlinearExpConfig.released()
+        with torch.device("meta"):
+            model = SuperlinearExpLM(cfg)       # shapes only, no memory
+        model.num_parameters()                  # = cfg.parameter_counts()["total"]
+    """
+
+    # The HybridLM protocol methods read only `cfg`, `blocks[i].kind`, `blocks[i].mixer`, `embed`: shared
+    # rather than copied, so the two models cannot drift apart.
+    routing_layers = HybridLM.routing_layers
+    new_cache = HybridLM.new_cache
+    trace = HybridLM.trace
+    check_ids = HybridLM.check_ids
+    set_backend = HybridLM.set_backend
+    num_parameters = HybridLM.num_parameters
+    dtype = HybridLM.dtype
+    device = HybridLM.device
+
+    def __init__(self, cfg: SuperlinearExpConfig, backend: str = "auto"):
+        super().__init__()
+        m = _nemotron_modules()
+        hf = cfg.to_nemotron_config()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        attn_dims = attention_dims(cfg)
+        blocks = []
+        for i, kind in enumerate(cfg.pattern):
+            if kind == "M":
+                mixer = m.NemotronHMamba2Mixer(hf, layer_idx=i)
+                # transformers clamps dt at time_step_min in the chunked scan but not in the one-token update;
+                # the checkpoint's own limit (default (0, inf)) keeps prefill and decode the same function.
+                mixer.time_step_limit = cfg.time_step_limit
+            elif kind == "E":
+                mixer = m.NemotronHMoE(hf, layer_idx=i)
+            elif kind == "-":
+                mixer = m.NemotronHMLP(hf)
+            else:
+                mixer = SuperlinearAttentionLayer(attn_dims, backend)
+            blocks.append(ExpBlock(kind, m.NemotronHRMSNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon), mixer))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_f = m.NemotronHRMSNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.token_recorders: list = []  # trace protocol: fn(positions [L], ids [B, L])
+        self.tokenizer = None  # set by load_checkpoint (CheckpointTokenizer or IdTokenizer)
+        self.model_id = "superlinear-exp/custom"  # set by load_checkpoint
+        self.source: dict = {}  # where the weights came from (fingerprinted by snapshots)
+        self._mamba_slots = {i: j for j, i in enumerate(cfg.mamba_layers)}
+
+    # ------------------------------------------------------------------ dtype / init
+    def keep_router_fp32(self) -> "SuperlinearExpLM":
+        """Hold the MoE router weight and score bias in fp32 whatever the model dtype (as transformers does;
+        the router computes in fp32 anyway, and the score correction bias is tiny against the scores)."""
+        for block in self.blocks:
+            if block.kind == "E":
+                block.mixer.gate.float()
+        return self
+
+    @torch.no_grad()
+    def init_random(self, seed: int = 0, std: float = 0.02) -> "SuperlinearExpLM":
+        """Deterministic random weights (for tests and demos): N(0, std) matrices and experts, unit norms,
+        Mamba A = -(1…H), D = 1, dt_bias = softplus⁻¹ of steps log-spaced in [1e-3, 1e-1]."""
+        gen = torch.Generator().manual_seed(seed)
+
+        def normal(p, scale=std):
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                normal(p)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+        for block in self.blocks:
+            if block.kind == "M":
+                mixer = block.mixer
+                heads = mixer.num_heads
+                mixer.A_log.copy_(torch.log(torch.arange(1, heads + 1, dtype=torch.float32)))
+                dt = torch.exp(torch.linspace(math.log(1e-3), math.log(1e-1), heads))
+                mixer.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+                normal(mixer.conv1d.weight, 1 / math.sqrt(mixer.conv_kernel_size))
+            elif block.kind == "E":
+                normal(block.mixer.gate.e_score_correction_bias, 0.01)
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, ids: torch.Tensor, cache: HybridCache | None = None, start: int = 0) -> torch.Tensor:
+        """Logits fp32 [B, L, vocab] of `ids` [B, L] at positions start … start+L-1.
+
+        Without `cache` the row starts from empty state (start must be 0). With `cache`, K/V are written at those
+        positions and the conv/SSM states are advanced in place; the caller passes the states that belong to
+        position `start` (the session does).
+        """
+        self.check_ids(ids)
+        bsz, length = ids.shape
+        if length == 0:
+            raise ValueError("ids: empty sequence")
+        if cache is None and start != 0:
+            raise ValueError(f"start={start}: without a cache the row must start at 0")
+        if cache is not None and not 0 <= start <= cache.max_len - length:
+            raise ValueError(f"positions {start}..{start + length - 1} do not fit the cache (max_len {cache.max_len})")
+        positions = torch.arange(start, start + length, device=ids.device)
+        for record in list(self.token_recorders):
+            record(positions, ids)
+        states = None if cache is None else _MambaStates(cache, self._mamba_slots, has_previous=start > 0)
+        x = self.embed(ids)
+        att_j = 0
+        for block in self.blocks:
+            h = block.norm(x)
+            if block.kind == "M":
+                h = block.mixer(h, cache=states)
+            elif block.kind == "*":
+                if cache is None:
+                    h = block.mixer(h, positions)
+                else:
+                    h = block.mixer(h, positions, cache.keys[att_j], cache.values[att_j])
+                att_j += 1
+            else:
+                h = block.mixer(h)
+            x = x + h
+        x = self.norm_f(x)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return (x @ weight.t()).float()
