@@ -52,7 +52,7 @@ from safetensors.torch import save_file
 from superlinear_kernels import SpanConfig
 
 from .config import CheckpointError, SuperlinearExpConfig
-from .files import FLOAT_DTYPES, PICKLE_SUFFIXES, checkpoint_shards, read_safetensors_header
+from .files import FLOAT_DTYPES, PICKLE_SUFFIXES, checkpoint_shards, shard_headers
 from .model import SuperlinearExpLM
 from .tokenizer import CheckpointTokenizer, IdTokenizer
 
@@ -174,7 +174,7 @@ def load_checkpoint(path, *, device: str | torch.device = "cpu", dtype=None, spa
     want_dtype = _resolve_dtype(dtype)
     cfg = SuperlinearExpConfig.from_file(root / "config.json", span=span, ignore_auto_map=ignore_auto_map)
     index_name, weight_map = checkpoint_shards(root)
-    headers = {shard: read_safetensors_header(root / shard) for shard in sorted(set(weight_map.values()))}
+    headers = shard_headers(root, weight_map)
 
     with torch.device("meta"):
         model = SuperlinearExpLM(cfg, backend=backend)

@@ -41,39 +41,37 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-def _refuse_pickle_magic(path: Path, head: bytes) -> None:
-    # torch.save writes a zip archive ("PK\x03\x04"); bare pickles start with the PROTO opcode 0x80.
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        raise CheckpointError(f"{path}: is a pickle/zip archive (torch.save format), not safetensors; "
-                              "pickle files are never loaded")
-
-
-def read_safetensors_header(path) -> dict[str, TensorInfo]:
+def read_safetensors_header(path, key: str | None = None) -> dict[str, TensorInfo]:
     """{tensor name: TensorInfo} from the header of `path`; no tensor data is read.
 
-    Raises CheckpointError naming the file (and the tensor) for a pickle file, a truncated or malformed
-    header, or offsets that disagree with dtype x shape or the file size.
+    Raises CheckpointError naming the file (and the tensor; `key` names one the caller expects in the file when
+    the whole file is bad) for a pickle file, a truncated or malformed header, or offsets that disagree with
+    dtype x shape or the file size.
     """
     path = Path(path)
+    where = f"{path}: key {key!r}" if key is not None else f"{path}"
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)
-            _refuse_pickle_magic(path, head)
+            # torch.save writes a zip archive ("PK\x03\x04"); bare pickles start with the PROTO opcode 0x80.
+            if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+                raise CheckpointError(f"{where}: the file is a pickle/zip archive (torch.save format), not "
+                                      "safetensors; pickle files are never loaded")
             if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+                raise CheckpointError(f"{where}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
             if n > min(_MAX_HEADER_BYTES, size - 8):
-                raise CheckpointError(f"{path}: header length {n} does not fit the file ({size} bytes)")
+                raise CheckpointError(f"{where}: header length {n} does not fit the file ({size} bytes)")
             raw = f.read(n)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise CheckpointError(f"{where}: cannot read ({e.strerror or e})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: malformed safetensors header ({e})") from None
+        raise CheckpointError(f"{where}: malformed safetensors header ({e})") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: malformed safetensors header (not an object)")
+        raise CheckpointError(f"{where}: malformed safetensors header (not an object)")
     data_bytes = size - 8 - n
     out = {}
     for name, entry in header.items():
@@ -95,8 +93,16 @@ def read_safetensors_header(path) -> dict[str, TensorInfo]:
     return out
 
 
-def _inside(root: Path, name: str) -> bool:
+def _inside(name: str) -> bool:
     return not Path(name).is_absolute() and ".." not in Path(name).parts
+
+
+def shard_headers(root, weight_map: dict[str, str]) -> dict[str, dict[str, TensorInfo]]:
+    """{shard file: its header} for every shard of `weight_map` (errors name the shard and a key it holds)."""
+    first = {}
+    for key, shard in weight_map.items():
+        first.setdefault(shard, key)
+    return {shard: read_safetensors_header(Path(root) / shard, key) for shard, key in sorted(first.items())}
 
 
 def checkpoint_shards(path) -> tuple[str, dict[str, str]]:
@@ -118,7 +124,7 @@ def checkpoint_shards(path) -> tuple[str, dict[str, str]]:
         for key, shard in weight_map.items():
             if shard in checked:
                 continue
-            if not _inside(root, shard):
+            if not _inside(shard):
                 raise CheckpointError(f"{index}: key {key!r}: shard {shard!r} is outside the checkpoint directory")
             if shard.lower().endswith(PICKLE_SUFFIXES):
                 raise CheckpointError(f"{root / shard}: key {key!r}: pickle-based weight file; only .safetensors "

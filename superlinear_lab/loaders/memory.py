@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import CheckpointError, SuperlinearExpConfig
-from .files import FLOAT_DTYPES, checkpoint_shards, read_safetensors_header
+from .files import FLOAT_DTYPES, TensorInfo, checkpoint_shards, shard_headers
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -38,9 +38,9 @@ def parse_bytes(text) -> int:
     K, M, G); plain numbers are bytes."""
     if isinstance(text, int) and not isinstance(text, bool):
         return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
     if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"{text!r}: expected a size such as 80GB, 141GB, 80GiB or 1e9 bytes as a number")
+        raise ValueError(f"{text!r}: expected a size such as 80GB, 141GB, 80GiB or a byte count")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
@@ -118,12 +118,11 @@ class MemoryPlan:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def _header_tensors(root: Path) -> dict[str, "TensorInfo"]:
+def _header_tensors(root: Path) -> dict[str, TensorInfo]:
     """{tensor name: TensorInfo} of every tensor the index assigns to a shard, from the headers only."""
     _, weight_map = checkpoint_shards(root)
     out = {}
-    for shard in sorted(set(weight_map.values())):
-        header = read_safetensors_header(root / shard)
+    for shard, header in shard_headers(root, weight_map).items():
         out.update({key: info for key, info in header.items() if weight_map.get(key) == shard})
     return out
 

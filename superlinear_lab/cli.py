@@ -1,0 +1,127 @@
+"""The ``superlinear-lab`` command.
+
+Each subcommand is one ``add_<name>(subparsers)`` function that builds its parser and sets ``func``; `COMMANDS`
+lists them, so a new subcommand is one function and one entry. ``func(args)`` returns the exit status.
+
+    superlinear-lab plan PATH --gpu-mem 80GB     memory plan for a checkpoint (no weights are loaded)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _size(text: str) -> int:
+    from .loaders.memory import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _tokens(text: str) -> int:
+    from .loaders.memory import parse_tokens
+
+    try:
+        return parse_tokens(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
+
+
+# ---------------------------------------------------------------------- plan
+PLAN_EPILOG = """\
+PATH is a checkpoint directory (weights are summed from the safetensors shard headers; no tensor is read),
+its config.json (weights from the parameter count), or the word `released` for the built-in
+Superlinear-Exp-v0.1 layout (SPEC §5).
+
+sizes: GB/MB are SI (80GB = 80e9 bytes), GiB/MiB binary; token counts take K and M (1M = 1,048,576).
+
+examples:
+  superlinear-lab plan released --gpu-mem 80GB
+  superlinear-lab plan ~/models/superlinear-exp-v0.1 --gpu-mem 141GB --sessions 4 --context 1M
+  superlinear-lab plan released --gpu-mem 80GiB --dtype bfloat16 --json
+"""
+
+
+def add_plan(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan", help="how long a session fits on a GPU (weights, KV per token, recurrent state)",
+        description="Plan GPU memory for a Superlinear-Exp-style model: weights + reserve + prefill workspace + "
+                    "sessions x (recurrent state + context x KV bytes per token).",
+        epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", metavar="PATH", help="checkpoint directory, config.json, or 'released'")
+    p.add_argument("--gpu-mem", required=True, type=_size, metavar="SIZE", help="GPU memory, e.g. 80GB or 141GB")
+    p.add_argument("--sessions", type=_positive_int, default=1, metavar="N",
+                   help="sessions sharing the GPU (default 1)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+                   help="model dtype (default: the checkpoint's; float16 for `released`)")
+    p.add_argument("--chunk-size", type=_positive_int, default=4096, metavar="N",
+                   help="prefill chunk length; sets the logits workspace (default 4096)")
+    p.add_argument("--reserve", type=_size, default=2**30, metavar="SIZE",
+                   help="allowance for CUDA context, allocator slack, activations (default 1GiB)")
+    p.add_argument("--context", type=_tokens, default=None, metavar="TOKENS",
+                   help="also report the total for this context per session, e.g. 1M")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run_plan)
+
+
+def run_plan(args) -> int:
+    from .loaders import CheckpointError, SuperlinearExpConfig, plan_memory
+    from .loaders.memory import format_bytes
+
+    target = SuperlinearExpConfig.released() if args.path == "released" else args.path
+    try:
+        plan = plan_memory(target, args.gpu_mem, sessions=args.sessions, dtype=args.dtype,
+                           chunk_size=args.chunk_size, reserve_bytes=args.reserve)
+    except (CheckpointError, ValueError) as e:
+        print(f"superlinear-lab plan: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = plan.to_dict()
+        if args.context is not None:
+            out["context"] = {"tokens": args.context, "total_bytes": plan.total_bytes(args.context),
+                              "fits": plan.total_bytes(args.context) <= plan.gpu_bytes}
+        print(json.dumps(out, indent=2))
+        return 0
+    print(plan)
+    if args.context is not None:
+        total = plan.total_bytes(args.context)
+        verdict = "fits" if total <= plan.gpu_bytes else "does NOT fit"
+        print(f"\n{args.context:,} tokens x {plan.sessions} session(s): KV {format_bytes(plan.kv_bytes(args.context))} "
+              f"each, total {format_bytes(total)} -> {verdict}")
+    return 0
+
+
+# ---------------------------------------------------------------------- entry point
+COMMANDS = [add_plan]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="superlinear-lab",
+        description="superlinear-lab: Superlinear attention models, sessions and their memory.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
