@@ -5,6 +5,10 @@ Arrows go one way: these views read `superlinear_lab` (traces, sessions) and `su
 nothing below imports them.
 """
 from ._base import View, ViewError
+from .coverage_map import CoverageMap, look_back
+from .missed import Evidence, MissedSpanDebugger, char_to_token
+from .routing import RoutingExplorer, routing_map
 from .stripes import StripeExplorer, stripe_geometry
 
-__all__ = ["View", "ViewError", "StripeExplorer", "stripe_geometry"]
+__all__ = ["View", "ViewError", "StripeExplorer", "stripe_geometry", "RoutingExplorer", "routing_map",
+           "CoverageMap", "look_back", "MissedSpanDebugger", "Evidence", "char_to_token"]

@@ -108,6 +108,13 @@ class View:
         """The ipywidgets controls (a widget), wired to the actions."""
         raise NotImplementedError
 
+    def panels_html(self) -> list[str]:
+        """HTML panels shown under the figures (tables, text); a fixed number per view. Default: none."""
+        return []
+
+    def _wire_figures(self, widgets: list) -> None:
+        """Attach click/hover callbacks to the FigureWidgets (called again whenever their traces are replaced)."""
+
     def _status_html(self) -> str:
         """HTML of the status line under the figures: the summary, or the error in red."""
         if self.error:
@@ -159,9 +166,9 @@ class View:
         return time.perf_counter() - began
 
 
-def sync_figure(widget: go.FigureWidget, fig: go.Figure) -> None:
+def sync_figure(widget: go.FigureWidget, fig: go.Figure) -> bool:
     """Make `widget` show `fig` in one batched message: traces updated in place when the structure matches
-    (same count and types), replaced otherwise; the layout is replaced as a whole."""
+    (same count and types), replaced otherwise; the layout is replaced as a whole. True if traces were replaced."""
     same = len(widget.data) == len(fig.data) and all(
         a.type == b.type for a, b in zip(widget.data, fig.data))
     with widget.batch_update():
@@ -172,6 +179,7 @@ def sync_figure(widget: go.FigureWidget, fig: go.Figure) -> None:
             widget.data = ()
             widget.add_traces(list(fig.data))
         widget.layout = fig.layout
+    return not same
 
 
 class _WidgetView:
@@ -184,8 +192,11 @@ class _WidgetView:
         figs = controller.figures()
         self.figure_widgets = [go.FigureWidget(fig) for fig in figs]
         self.status = w.HTML(controller._status_html())
+        self.panels = [w.HTML(text) for text in controller.panels_html()]
         self.controls = controller._build_controls()
-        children = ([self.controls] if self.controls is not None else []) + self.figure_widgets + [self.status]
+        controller._wire_figures(self.figure_widgets)
+        children = (([self.controls] if self.controls is not None else []) + self.figure_widgets + self.panels
+                    + [self.status])
         self.root = w.VBox(children, layout=w.Layout(width="100%"))
         self.root.add_class("sl-view")
         self.root.add_class("sl-" + type(controller).__name__.lower())
@@ -196,7 +207,10 @@ class _WidgetView:
         figs = self.controller.figures()
         if len(figs) != len(self.figure_widgets):
             raise RuntimeError(f"{type(self.controller).__name__}.figures() changed its figure count")
-        for widget, fig in zip(self.figure_widgets, figs):
-            sync_figure(widget, fig)
+        replaced = [sync_figure(widget, fig) for widget, fig in zip(self.figure_widgets, figs)]
+        if any(replaced):
+            self.controller._wire_figures(self.figure_widgets)
+        for panel, text in zip(self.panels, self.controller.panels_html()):
+            panel.value = text
         self.status.value = self.controller._status_html()
         self.controller.last_redraw_s = time.perf_counter() - began

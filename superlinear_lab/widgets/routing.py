@@ -1,0 +1,523 @@
+"""`RoutingExplorer`: what a recorded run actually routed — per layer and head, a query × key map of the chosen
+spans, their anchors and the window; for one picked query, its search-score profile over stripes with the top K
+marked, the gate weights and the text around each chosen span. Compare mode puts two traces (two configs, or
+model vs oracle) side by side and highlights where they chose differently.
+
+The map is aggregated in Python (`_aggregate.interval_mass`): at most `max_bins` bins per axis reach the
+browser, exact for short inputs (one bin per position) and exact bin masses for long ones. The map of a
+(layer, head, weighting) is cached, so picking another query only redraws the overlay and the detail figure.
+"""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from superlinear_lab.trace import RoutingTrace
+
+from ._aggregate import bin_edges, interval_mass, snippet
+from ._base import COLORS, View, ViewError, base_layout
+
+WEIGHTS = ("count", "gate")
+_TRANSPARENT = "rgba(0,0,0,0)"
+
+
+@dataclass(frozen=True)
+class RoutingMap:
+    """Aggregated routing of one (layer, head): masses per (query bin, key bin), already normalised.
+
+    `spans[r, j]`: mean over the recorded queries of query bin r and keys of key bin j of the number of chosen
+    spans containing the key (weight "count", 0 … K) or of the gate weight of those spans (weight "gate", 0 … 1).
+    `window[r, j]`: the fraction of those (query, key) pairs inside the sliding window. NaN where a query bin
+    holds no recorded query.
+    """
+
+    query_edges: np.ndarray  # int64 [R + 1] query-position bin edges
+    key_edges: np.ndarray  # int64 [C + 1] key-position bin edges
+    spans: np.ndarray  # float32 [R, C]
+    window: np.ndarray  # float32 [R, C]
+    queries_per_bin: np.ndarray  # int64 [R]
+    key_use: np.ndarray  # float64 [C]: Σ over recorded queries of keys-in-span mass per key bin / bin width
+
+    @property
+    def exact(self) -> bool:
+        """True when every bin is one position on both axes (nothing was aggregated)."""
+        return bool((np.diff(self.key_edges) == 1).all() and (np.diff(self.query_edges) == 1).all())
+
+
+def routing_map(trace: RoutingTrace, layer, head: int, max_bins: int = 240, weight: str = "count") -> RoutingMap:
+    """Aggregate the chosen spans and windows of (layer, head) onto a ≤ max_bins × max_bins grid."""
+    if weight not in WEIGHTS:
+        raise ViewError(f"weight={weight!r}: expected one of {WEIGHTS}")
+    rec = trace.layer(layer)
+    if not 0 <= head < rec.heads:
+        raise ViewError(f"head={head}: expected 0 <= head < {rec.heads}")
+    length = trace.length
+    q_edges = bin_edges(length, max_bins)
+    k_edges = bin_edges(length, max_bins)
+    queries = trace.queries.numpy()
+    rows = np.searchsorted(q_edges, queries, side="right") - 1
+    n_rows = len(q_edges) - 1
+    qs = rec.qstart[head].numpy().astype(np.int64)  # [Lsel, K]
+    qe = rec.qend[head].numpy().astype(np.int64)
+    valid = rec.qanchor[head].numpy() >= 0
+    w = rec.gate[head].numpy().astype(np.float64) if weight == "gate" else np.ones(qs.shape)
+    w = np.where(valid, w, 0.0)
+    k = qs.shape[1]
+    span_mass = interval_mass(np.repeat(rows, k), qs, qe, w, n_rows, k_edges)
+    win = rec.window.numpy()
+    window_mass = interval_mass(rows, win[:, 0], win[:, 1], None, n_rows, k_edges)
+    counts = np.bincount(rows, minlength=n_rows)
+    width = np.diff(k_edges).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = counts[:, None] * width[None, :]
+        spans = np.where(counts[:, None] > 0, span_mass / norm, np.nan)
+        window = np.where(counts[:, None] > 0, window_mass / norm, np.nan)
+    return RoutingMap(q_edges, k_edges, spans.astype(np.float32), window.astype(np.float32), counts,
+                      span_mass.sum(axis=0) / width)
+
+
+def _centres(edges: np.ndarray) -> np.ndarray:
+    """Bin centres in position units (a one-position bin [e, e+1) is centred on e)."""
+    return (edges[:-1] + edges[1:] - 1) / 2.0
+
+
+class RoutingExplorer(View):
+    """Layer × head selector, the aggregated query × key routing map, and the detail of one picked query.
+
+    Args:
+        trace: a `RoutingTrace`.
+        tokens: display strings, one per position (default `trace.tokens`; None shows positions only).
+        compare: optional second `RoutingTrace` over the same tokens (another config, or the oracle): the map
+            shows A, B and A − B, and the detail lists both choices with the differences marked.
+        labels: names of the two traces in compare mode.
+        max_bins: bins per axis of the map (inputs up to this length are shown exactly, position by position).
+
+    Actions: `set_layer(layer)`, `set_head(h)`, `set_query(q)` (a recorded position), `pick(key_pos, query_pos)`
+    (a click on the map: the nearest recorded query), `set_weight("count" | "gate")`, `set_bins(n)`.
+
+    Example::
+
+        ex = RoutingExplorer(trace)
+        ex.set_head(1); ex.set_query(int(trace.queries[-1]))
+        ex.span_report()      # rank, anchor, span, score, gate and text of each chosen span
+    """
+
+    title = "Routing explorer"
+
+    def __init__(self, trace: RoutingTrace, tokens: list[str] | None = None, compare: RoutingTrace | None = None,
+                 labels: tuple[str, str] = ("A", "B"), max_bins: int = 240) -> None:
+        super().__init__()
+        if not isinstance(trace, RoutingTrace):
+            raise TypeError(f"trace: expected a RoutingTrace, got {type(trace).__name__}")
+        if not trace.layers or trace.queries.numel() == 0:
+            raise ValueError("trace: no recorded layers or queries")
+        if compare is not None:
+            if not isinstance(compare, RoutingTrace):
+                raise TypeError(f"compare: expected a RoutingTrace, got {type(compare).__name__}")
+            if compare.length != trace.length:
+                raise ValueError(f"compare: length {compare.length} differs from trace length {trace.length}")
+            if not set(trace.layers) & set(compare.layers):
+                raise ValueError(f"compare: no layer in common (trace {trace.layers}, compare {compare.layers})")
+        self.trace = trace
+        self.compare = compare
+        self.labels = tuple(labels)
+        tokens = trace.tokens if tokens is None else tokens
+        if tokens is not None and len(tokens) != trace.length:
+            raise ValueError(f"tokens: {len(tokens)} entries, expected trace.length = {trace.length}")
+        self.tokens = tokens
+        self.max_bins = int(max_bins)
+        self.layer = trace.layers[0] if compare is None else sorted(set(trace.layers) & set(compare.layers))[0]
+        self.head = 0
+        self.weight = "count"
+        rec = trace.layer(self.layer)
+        profiled = rec.profile_queries
+        self.query = int(profiled[-1]) if profiled.numel() else int(trace.queries[-1])
+        self._maps: dict[tuple, RoutingMap] = {}
+
+    # ------------------------------------------------------------------ derived state
+    @property
+    def heads(self) -> int:
+        return self.trace.layer(self.layer).heads
+
+    def routing_map(self, which: str = "A") -> RoutingMap:
+        """The cached aggregated map of the current (layer, head, weight) for trace A or B."""
+        trace = self.trace if which == "A" else self.compare
+        key = (which, self.layer, self.head, self.weight, self.max_bins)
+        if key not in self._maps:
+            self._maps[key] = routing_map(trace, self.layer, self.head, self.max_bins, self.weight)
+        return self._maps[key]
+
+    def chosen(self, which: str = "A") -> list[dict]:
+        """The K slots of the current (layer, head, query) in trace A or B, best score first (invalid skipped)."""
+        trace = self.trace if which == "A" else self.compare
+        rec = trace.layer(self.layer)
+        i = trace.query_index(self.query)
+        out = []
+        for k in range(rec.num_spans):
+            anchor = int(rec.qanchor[self.head, i, k])
+            if anchor < 0:
+                continue
+            out.append(dict(rank=k + 1, anchor=anchor, qstart=int(rec.qstart[self.head, i, k]),
+                            qend=int(rec.qend[self.head, i, k]), score=float(rec.values[self.head, i, k]),
+                            gate=float(rec.gate[self.head, i, k])))
+        return out
+
+    def profile(self):
+        """(anchors, scores) of every candidate stripe of the current query and head, or None if the trace holds
+        no full profile for this query."""
+        rec = self.trace.layer(self.layer)
+        pq = rec.profile_queries
+        if pq.numel() == 0:
+            return None
+        j = int(np.searchsorted(pq.numpy(), self.query))
+        if j >= pq.numel() or int(pq[j]) != self.query:
+            return None
+        anchors = rec.stripe_anchors[j].numpy()
+        scores = rec.stripe_values[self.head, j].numpy()
+        keep = (anchors >= 0) & np.isfinite(scores)
+        return anchors[keep], scores[keep]
+
+    def span_report(self) -> list[dict]:
+        """Each chosen span of the current query: rank, anchor, span, score, gate, text (and, in compare mode,
+        `in_other`: whether trace B chose the same anchor)."""
+        rows = self.chosen("A")
+        other = {r["anchor"] for r in self.chosen("B")} if self.compare is not None else None
+        for r in rows:
+            r["text"] = snippet(self.tokens, r["qstart"], r["qend"], limit=90)
+            r["anchor_text"] = snippet(self.tokens, r["anchor"], r["anchor"], limit=20)
+            if other is not None:
+                r["in_other"] = r["anchor"] in other
+        return rows
+
+    def agreement(self) -> float:
+        """Compare mode: fraction of recorded queries (common to both traces) whose chosen anchor sets are equal
+        for the current (layer, head)."""
+        if self.compare is None:
+            raise ViewError("agreement needs a compare trace")
+        a, b = self.trace, self.compare
+        common, ia, ib = np.intersect1d(a.queries.numpy(), b.queries.numpy(), return_indices=True)
+        if len(common) == 0:
+            return float("nan")
+        anchors_a = a.layer(self.layer).qanchor[self.head].numpy()[ia]
+        anchors_b = b.layer(self.layer).qanchor[self.head].numpy()[ib]
+        k = max(anchors_a.shape[1], anchors_b.shape[1])  # different K: pad with invalid slots (-1)
+        pad = lambda x: np.sort(np.pad(x, ((0, 0), (0, k - x.shape[1])), constant_values=-1), axis=1)  # noqa: E731
+        return float((pad(anchors_a) == pad(anchors_b)).all(axis=1).mean())
+
+    # ------------------------------------------------------------------ actions
+    def set_layer(self, layer) -> bool:
+        """Select an attention layer (index or 'layers.<i>.routing')."""
+        def action():
+            index = self.trace.layer(layer).index
+            if self.compare is not None:
+                self.compare.layer(index)
+            heads = self.trace.layer(index).heads
+            self.layer = index
+            self.head = min(self.head, heads - 1)
+        return self._act(action)
+
+    def set_head(self, head: int) -> bool:
+        """Select a query head 0 … H_Q − 1."""
+        def action():
+            if isinstance(head, bool) or not isinstance(head, (int, np.integer)) or not 0 <= head < self.heads:
+                raise ViewError(f"head={head!r}: expected an int in 0 … {self.heads - 1}")
+            self.head = int(head)
+        return self._act(action)
+
+    def set_query(self, query: int) -> bool:
+        """Select a recorded query position (see `trace.queries`)."""
+        def action():
+            if isinstance(query, bool) or not isinstance(query, (int, np.integer)):
+                raise ViewError(f"query={query!r}: expected an int position")
+            self.trace.query_index(int(query))
+            if self.compare is not None:
+                self.compare.query_index(int(query))
+            self.query = int(query)
+        return self._act(action)
+
+    def set_query_index(self, index: int) -> bool:
+        """Select the `index`-th recorded query (what the query slider moves)."""
+        def action():
+            n = self.trace.queries.numel()
+            if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+                raise ViewError(f"query index {index!r}: expected an int in 0 … {n - 1}")
+            query = int(self.trace.queries[index])
+            if self.compare is not None:
+                self.compare.query_index(query)
+            self.query = query
+        return self._act(action)
+
+    def pick(self, key_pos: float, query_pos: float) -> bool:
+        """A click on the map at (key, query): select the recorded query nearest to `query_pos`."""
+        def action():
+            queries = self.trace.queries.numpy()
+            j = int(np.clip(np.searchsorted(queries, query_pos), 0, len(queries) - 1))
+            if j > 0 and abs(queries[j - 1] - query_pos) <= abs(queries[j] - query_pos):
+                j -= 1
+            query = int(queries[j])
+            if self.compare is not None:
+                self.compare.query_index(query)
+            self.query = query
+        return self._act(action)
+
+    def set_weight(self, weight: str) -> bool:
+        """Weight the map by span count ("count") or by gate weight ("gate")."""
+        def action():
+            if weight not in WEIGHTS:
+                raise ViewError(f"weight={weight!r}: expected one of {WEIGHTS}")
+            self.weight = weight
+        return self._act(action)
+
+    def set_bins(self, max_bins: int) -> bool:
+        """Bins per axis of the map (16 … 1024)."""
+        def action():
+            if isinstance(max_bins, bool) or not isinstance(max_bins, (int, np.integer)) or not 16 <= max_bins <= 1024:
+                raise ViewError(f"max_bins={max_bins!r}: expected an int in 16 … 1024")
+            self.max_bins = int(max_bins)
+        return self._act(action)
+
+    # ------------------------------------------------------------------ text
+    def summary(self) -> str:
+        rec = self.trace.layer(self.layer)
+        m = self.routing_map("A")
+        parts = [f"{rec.name}, head {self.head}", f"query {self.query:,}",
+                 f"{self.trace.queries.numel():,} recorded queries over {self.trace.length:,} tokens",
+                 "exact map" if m.exact else
+                 f"map aggregated to {len(m.query_edges) - 1}×{len(m.key_edges) - 1} bins"]
+        if self.compare is not None:
+            parts.append(f"{self.labels[0]} and {self.labels[1]} choose the same anchors for "
+                         f"{self.agreement():.1%} of queries")
+        return " · ".join(parts)
+
+    def panels_html(self) -> list[str]:
+        rows = self.span_report()
+        head = ("<tr><th>#</th><th>anchor</th><th>span</th><th>score</th><th>gate</th>"
+                + (f"<th>in {html.escape(self.labels[1])}?</th>" if self.compare is not None else "")
+                + "<th>text of the span</th></tr>")
+        body = []
+        for r in rows:
+            mark = ""
+            style = ""
+            if self.compare is not None:
+                mark = "<td>yes</td>" if r["in_other"] else f"<td style='color:{COLORS['miss']}'>no</td>"
+                style = "" if r["in_other"] else " style='background:#fdecea'"
+            body.append(f"<tr{style}><td>{r['rank']}</td><td>{r['anchor']:,}</td>"
+                        f"<td>[{r['qstart']:,}, {r['qend']:,}]</td><td>{r['score']:.3f}</td>"
+                        f"<td>{r['gate']:.3f}</td>{mark}<td><code>{html.escape(r['text'])}</code></td></tr>")
+        if not body:
+            body.append("<tr><td colspan='7'>no chosen span (all slots invalid: window-only attention)</td></tr>")
+        title = (f"<b>Chosen spans of query {self.query:,}</b> "
+                 f"(<code>{html.escape(snippet(self.tokens, max(0, self.query - 12), self.query, 40))}</code>)"
+                 if self.tokens else f"<b>Chosen spans of query {self.query:,}</b>")
+        if self.compare is not None:
+            b_anchors = ", ".join(f"{r['anchor']:,}" for r in self.chosen("B")) or "none"
+            title += f" · {html.escape(self.labels[1])} chose anchors {b_anchors}"
+        return [f"<div class='sl-spans'>{title}<table class='sl-table' style='border-collapse:collapse;"
+                f"font-size:12px'>{head}{''.join(body)}</table></div>"]
+
+    # ------------------------------------------------------------------ figures
+    def _map_panel(self, fig, m: RoutingMap, col: int, which: str, show_overlay: bool) -> None:
+        x, y = _centres(m.key_edges), _centres(m.query_edges)
+        unit = "spans per key" if self.weight == "count" else "gate mass"
+        fig.add_trace(go.Heatmap(
+            x=x, y=y, z=np.where(m.window > 0, m.window, np.nan), zmin=0, zmax=1, showscale=False,
+            colorscale=[[0, "rgba(76,120,168,0.15)"], [1, "rgba(76,120,168,0.75)"]], name="window",
+            hovertemplate="keys ≈ %{x:.0f} · queries ≈ %{y:.0f}<br>in window: %{z:.2f}<extra>window</extra>"),
+            row=1, col=col)
+        zmax = float(self.trace.layer(self.layer).num_spans) if self.weight == "count" else 1.0
+        fig.add_trace(go.Heatmap(
+            x=x, y=y, z=np.where(m.spans > 0, m.spans, np.nan), zmin=0, zmax=zmax,
+            colorscale=[[0, "#fde0c5"], [0.3, "#f8a45e"], [1, "#b3470c"]], name="chosen spans",
+            showscale=(col == 1), colorbar=dict(title=dict(text=unit, side="right"), thickness=10, len=0.6, y=0.6),
+            hovertemplate=f"keys ≈ %{{x:.0f}} · queries ≈ %{{y:.0f}}<br>{unit}: %{{z:.3f}}<extra>{which}</extra>"),
+            row=1, col=col)
+        if show_overlay:
+            trace = self.trace if which == "A" else self.compare
+            rec = trace.layer(self.layer)
+            queries = trace.queries.numpy()
+            pick = np.unique(np.linspace(0, len(queries) - 1, min(len(queries), 160)).astype(int))
+            anchors = rec.qanchor[self.head].numpy()[pick]
+            qq = np.repeat(queries[pick], anchors.shape[1])
+            aa = anchors.ravel()
+            ok = aa >= 0
+            fig.add_trace(go.Scattergl(x=aa[ok], y=qq[ok], mode="markers", name="anchors (sample)",
+                                       marker=dict(color=COLORS["anchor"], size=3), showlegend=(col == 1),
+                                       hovertemplate="anchor %{x}<br>query %{y}<extra></extra>"), row=1, col=col)
+            chosen = self.chosen(which)
+            sx, sy, st = [], [], []
+            for r in chosen:
+                sx += [r["qstart"], r["qend"], None]
+                sy += [self.query, self.query, None]
+                st += [f"#{r['rank']} span [{r['qstart']:,}, {r['qend']:,}] score {r['score']:.3f}"] * 3
+            fig.add_trace(go.Scatter(x=sx, y=sy, mode="lines", name=f"query {self.query:,}: chosen spans",
+                                     line=dict(color=COLORS["miss"] if which == "B" else COLORS["query"], width=5),
+                                     hovertext=st, hoverinfo="text", showlegend=(col == 1)), row=1, col=col)
+            fig.add_trace(go.Scatter(x=[r["anchor"] for r in chosen], y=[self.query] * len(chosen),
+                                     mode="markers", name="its anchors", showlegend=False,
+                                     marker=dict(color=COLORS["anchor"], size=10, symbol="diamond",
+                                                 line=dict(color="black", width=1)),
+                                     hoverinfo="skip"), row=1, col=col)
+
+    def _key_strip(self, fig, m: RoutingMap, row: int, cols: int) -> None:
+        """A one-row strip under the map: how much each key bin is used, hover = its text."""
+        x = _centres(m.key_edges)
+        text = [f"keys {a:,}–{b - 1:,}: {html.escape(snippet(self.tokens, a, b - 1, 48))}" if self.tokens
+                else f"keys {a:,}–{b - 1:,}" for a, b in zip(m.key_edges[:-1], m.key_edges[1:])]
+        for col in range(1, cols + 1):
+            fig.add_trace(go.Heatmap(x=x, y=[0], z=[m.key_use], colorscale="Greys", showscale=False,
+                                     name="key use", hovertext=[text], hoverinfo="text"), row=row, col=col)
+
+    def figures(self) -> list[go.Figure]:
+        return [self._map_figure(), self._detail_figure()]
+
+    def _map_figure(self) -> go.Figure:
+        m = self.routing_map("A")
+        rec = self.trace.layer(self.layer)
+        if self.compare is None:
+            fig = make_subplots(rows=2, cols=1, row_heights=[0.93, 0.07], vertical_spacing=0.02,
+                                shared_xaxes=True)
+            self._map_panel(fig, m, 1, "A", True)
+            self._key_strip(fig, m, 2, 1)
+            title = f"{rec.name} · head {self.head}: which keys each query attends (window + top-{rec.num_spans} spans)"
+            height = 560
+        else:
+            mb = self.routing_map("B")
+            a, b = self.labels
+            fig = make_subplots(rows=2, cols=3, row_heights=[0.93, 0.07], vertical_spacing=0.02,
+                                horizontal_spacing=0.04, shared_xaxes=True, shared_yaxes=True,
+                                column_titles=[a, b, f"{a} − {b}"])
+            self._map_panel(fig, m, 1, "A", True)
+            self._map_panel(fig, mb, 2, "B", True)
+            diff = m.spans - mb.spans
+            lim = float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 1.0
+            fig.add_trace(go.Heatmap(x=_centres(m.key_edges), y=_centres(m.query_edges),
+                                     z=np.where(np.abs(diff) > 1e-9, diff, np.nan), zmid=0,
+                                     zmin=-max(lim, 1e-9), zmax=max(lim, 1e-9), colorscale="RdBu_r", showscale=False,
+                                     name=f"{a} − {b}",
+                                     hovertemplate="keys ≈ %{x:.0f} · queries ≈ %{y:.0f}<br>difference %{z:.3f}"
+                                                   "<extra></extra>"), row=1, col=3)
+            self._key_strip(fig, m, 2, 3)
+            title = f"{rec.name} · head {self.head}: {a} vs {b} (red: only {a}, blue: only {b})"
+            height = 520
+        fig.update_layout(**base_layout(title, height=height))
+        fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.08, x=0, xanchor="left"),
+                          margin=dict(l=70, r=20, t=60, b=60), clickmode="event")
+        fig.update_yaxes(autorange="reversed", row=1)
+        fig.update_yaxes(title_text="query position", row=1, col=1)
+        fig.update_yaxes(showticklabels=False, showgrid=False, row=2)
+        fig.update_xaxes(range=[-0.5, self.trace.length - 0.5], showgrid=False)
+        fig.update_xaxes(title_text="key position (strip: how often each key is used; hover for its text)",
+                         row=2, col=1)
+        return fig
+
+    def _detail_figure(self) -> go.Figure:
+        rec = self.trace.layer(self.layer)
+        fig = make_subplots(rows=1, cols=2, column_widths=[0.72, 0.28], horizontal_spacing=0.08,
+                            subplot_titles=["search score of every candidate stripe", "gate weights"])
+        chosen = self.chosen("A")
+        prof = self.profile()
+        if prof is not None:
+            anchors, scores = prof
+            order = np.argsort(anchors)
+            fig.add_trace(go.Scatter(x=anchors[order], y=scores[order], mode="lines+markers", name="stripe scores",
+                                     line=dict(color=COLORS["muted"], width=1), marker=dict(color="#888", size=4),
+                                     hovertemplate="anchor %{x}<br>score %{y:.3f}<extra></extra>"), row=1, col=1)
+            if chosen:
+                kth = min(r["score"] for r in chosen)
+                fig.add_hline(y=kth, line=dict(color=COLORS["span"], dash="dot", width=1), row=1, col=1)
+            note = ""
+        else:
+            fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="stripe scores"), row=1, col=1)
+            n_prof = rec.profile_queries.numel()
+            note = (f"full profile not recorded for this query (recorded for {n_prof} queries)" if n_prof
+                    else "no full stripe profile in this trace: only the chosen top-K are shown")
+        fig.add_trace(go.Scatter(
+            x=[r["anchor"] for r in chosen], y=[r["score"] for r in chosen], mode="markers+text",
+            name=f"top-{rec.num_spans} (chosen)", text=[f"#{r['rank']}" for r in chosen], textposition="top center",
+            marker=dict(color=COLORS["span"], size=12, line=dict(color="black", width=1)),
+            hovertext=[f"#{r['rank']} anchor {r['anchor']:,}: {html.escape(snippet(self.tokens, r['qstart'], r['qend']))}"
+                       for r in chosen], hoverinfo="text"), row=1, col=1)
+        if self.compare is not None:
+            other = self.chosen("B")
+            fig.add_trace(go.Scatter(x=[r["anchor"] for r in other], y=[r["score"] for r in other], mode="markers",
+                                     name=f"{self.labels[1]}'s choice", marker=dict(color=COLORS["miss"], size=9,
+                                                                                    symbol="x"),
+                                     hovertemplate="anchor %{x}<br>score %{y:.3f}<extra></extra>"), row=1, col=1)
+        fig.add_trace(go.Bar(x=[f"#{r['rank']}" for r in chosen], y=[r["gate"] for r in chosen],
+                             name="gate", marker_color=COLORS["span"], showlegend=False,
+                             hovertext=[f"anchor {r['anchor']:,}, span [{r['qstart']:,}, {r['qend']:,}]"
+                                        for r in chosen], hoverinfo="text+y"), row=1, col=2)
+        title = f"Query {self.query:,} · {rec.name} · head {self.head}"
+        fig.update_layout(**base_layout(title, height=300))
+        fig.update_layout(margin=dict(l=70, r=20, t=70, b=45), legend=dict(y=1.12))
+        fig.update_xaxes(title_text="anchor position", range=[-0.5, self.query + 0.5], row=1, col=1)
+        fig.update_yaxes(title_text="score ⟨Q1, K(anchor)⟩", row=1, col=1)
+        fig.update_yaxes(range=[0, 1], row=1, col=2)
+        if note:
+            fig.add_annotation(text=note, xref="x domain", yref="y domain", x=0.5, y=0.5, showarrow=False,
+                               font=dict(color="#666"))
+        return fig
+
+    # ------------------------------------------------------------------ widget controls
+    def _wire_figures(self, widgets) -> None:
+        def on_click(trace, points, state):
+            if points.point_inds:
+                self.pick(points.xs[0], points.ys[0])
+
+        for t in widgets[0].data:
+            if t.type == "heatmap":
+                t.on_click(on_click)
+
+    def _build_controls(self):
+        import ipywidgets as w
+
+        style = {"description_width": "60px"}
+        layer = w.Dropdown(options=[(self.trace.layer(i).name, i) for i in self.trace.layers
+                                    if self.compare is None or i in self.compare.layers],
+                           value=self.layer, description="layer", style=style, layout=w.Layout(width="230px"))
+        head = w.Dropdown(options=list(range(self.heads)), value=self.head, description="head", style=style,
+                          layout=w.Layout(width="140px"))
+        n = self.trace.queries.numel()
+        query = w.IntSlider(value=int(np.searchsorted(self.trace.queries.numpy(), self.query)), min=0, max=n - 1,
+                            description="query", readout=False, continuous_update=False, style=style,
+                            layout=w.Layout(width="360px"))
+        query_label = w.Label()
+        profiled = self.trace.layer(self.layer).profile_queries.tolist()
+        prof = w.Dropdown(options=[("—", -1)] + [(f"{q:,}", q) for q in profiled], value=-1,
+                          description="profiled", style={"description_width": "60px"},
+                          layout=w.Layout(width="190px"), disabled=not profiled)
+        weight = w.ToggleButtons(options=[("span count", "count"), ("gate weight", "gate")], value=self.weight,
+                                 style={"button_width": "100px"})
+        syncing = [False]
+
+        def sync():
+            syncing[0] = True
+            try:
+                layer.value = self.layer
+                head.options = list(range(self.heads))
+                head.value = self.head
+                query.value = int(np.searchsorted(self.trace.queries.numpy(), self.query))
+                query_label.value = f"position {self.query:,}"
+                weight.value = self.weight
+                plist = self.trace.layer(self.layer).profile_queries.tolist()
+                prof.options = [("—", -1)] + [(f"{q:,}", q) for q in plist]
+                prof.value = self.query if self.query in plist else -1
+            finally:
+                syncing[0] = False
+
+        def guarded(fn):
+            return lambda ch: None if syncing[0] else fn(ch["new"])
+
+        layer.observe(guarded(self.set_layer), names="value")
+        head.observe(guarded(self.set_head), names="value")
+        query.observe(guarded(self.set_query_index), names="value")
+        prof.observe(guarded(lambda v: v >= 0 and self.set_query(v)), names="value")
+        weight.observe(guarded(self.set_weight), names="value")
+        self.subscribe(sync)
+        sync()
+        self._controls = dict(layer=layer, head=head, query=query, profiled=prof, weight=weight)
+        return w.VBox([w.HBox([layer, head, weight]), w.HBox([query, query_label, prof])])
