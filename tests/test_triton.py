@@ -127,6 +127,17 @@ def test_decode_batch_left_padding(cfg, dtype):
     _compare(cfg, 3, 8, 2, 1, 90, 16, dtype, starts=[0, 23, 70], positions=[85])
 
 
+@pytest.mark.parametrize("split", [2, 5])
+def test_decode_search_split_runs(monkeypatch, split):
+    """Decode splits the stripe list into runs and merges partial top-4 lists: same routing as the oracle."""
+    from superlinear_kernels.triton import search
+
+    monkeypatch.setattr(search, "DECODE_SPLIT", split)
+    _compare(RELEASE_SMALL.replace(num_spans=3), 2, 4, 2, 1, 300, 16, torch.float32, starts=[0, 40],
+             positions=[297], grads=False)
+    _compare(DEFAULT.replace(num_spans=4), 1, 2, 1, 1, 200, 16, torch.float32, positions=[150], grads=False)
+
+
 def test_decode_equals_prefill_row():
     cfg = RELEASE_SMALL
     b, h_q, h_kv, l, d = 2, 4, 1, 57, 16

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_d, head_rows, max_stripes
+from .common import block_d, head_rows, max_stripes, next_pow2
 
 
 @triton.jit
@@ -56,12 +56,14 @@ def _store_slot(slot, value, anchor, pos, s, t, blen_ptr, flen_ptr, base, ok, L_
 
 @triton.jit
 def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, blen_ptr, flen_ptr,
-                   qstart_ptr, qanchor_ptr, qend_ptr, values_ptr,
+                   qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, part_v_ptr, part_a_ptr,
                    sk_b, sk_h, sk_l,
-                   H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, SIGMA, W,
-                   NUM_SPANS: tl.constexpr, GH: tl.constexpr, BQ: tl.constexpr, BLOCK_D: tl.constexpr):
+                   H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, SIGMA, W, SPLIT, N_SPLIT,
+                   NUM_SPANS: tl.constexpr, GH: tl.constexpr, BQ: tl.constexpr, BLOCK_D: tl.constexpr,
+                   IS_SPLIT: tl.constexpr):
     pid_q = tl.program_id(0)
     pid_g = tl.program_id(1)
+    pid_s = tl.program_id(2)  # which run of SPLIT stripes (decode); 0 with one run per query block
     chunk = pid_g % N_CHUNKS
     bh = pid_g // N_CHUNKS
     b = bh // H_KV
@@ -88,8 +90,9 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
     none = tl.full([GH * BQ], -1, tl.int64)
     v0, v1, v2, v3 = neg, neg, neg, neg
     a0, a1, a2, a3 = none, none, none, none
-    for j in range(0, i_top - SIGMA):
-        offset = tl.load(table_ptr + (i_top - j))
+    i_hi = tl.minimum(i_top, SIGMA + (pid_s + 1) * SPLIT)
+    for j in range(0, i_hi - SIGMA - pid_s * SPLIT):
+        offset = tl.load(table_ptr + (i_hi - j))
         anchor = pos + 1 - offset
         cand = ok & (anchor >= s) & (anchor >= 0) & (anchor < L_KV)
         kk = tl.load(k_base + anchor[:, None] * sk_l + d[None, :], mask=cand[:, None] & dmask[None, :], other=0.0)
@@ -97,6 +100,25 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
         score = tl.where(cand, score, float("-inf"))
         v0, v1, v2, v3, a0, a1, a2, a3 = _insert(score, anchor, v0, v1, v2, v3, a0, a1, a2, a3)
 
+    if IS_SPLIT:
+        # Partial top-4 of this run of stripes; _search_merge_kernel picks the final top-K.
+        part = (base * N_SPLIT + pid_s) * 4
+        tl.store(part_v_ptr + part, v0, mask=ok)
+        tl.store(part_v_ptr + part + 1, v1, mask=ok)
+        tl.store(part_v_ptr + part + 2, v2, mask=ok)
+        tl.store(part_v_ptr + part + 3, v3, mask=ok)
+        tl.store(part_a_ptr + part, a0, mask=ok)
+        tl.store(part_a_ptr + part + 1, a1, mask=ok)
+        tl.store(part_a_ptr + part + 2, a2, mask=ok)
+        tl.store(part_a_ptr + part + 3, a3, mask=ok)
+    else:
+        _store_all(v0, v1, v2, v3, a0, a1, a2, a3, pos, s, t, blen_ptr, flen_ptr, base, ok, L_KV, W,
+                   qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS)
+
+
+@triton.jit
+def _store_all(v0, v1, v2, v3, a0, a1, a2, a3, pos, s, t, blen_ptr, flen_ptr, base, ok, L_KV, W,
+               qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS: tl.constexpr):
     _store_slot(0, v0, a0, pos, s, t, blen_ptr, flen_ptr, base, ok, L_KV, W,
                 qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS)
     if NUM_SPANS > 1:
@@ -110,15 +132,67 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
                     qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS)
 
 
+@triton.jit
+def _search_merge_kernel(part_v_ptr, part_a_ptr, pos_ptr, start_ptr, blen_ptr, flen_ptr,
+                         qstart_ptr, qanchor_ptr, qend_ptr, values_ptr,
+                         H_Q, L_Q, L_KV, W, N_ROWS, N_PART,
+                         NUM_SPANS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Final top-K over the partial top-4 lists of all stripe runs: score descending, then anchor
+    ascending (the tie rule; anchors of different stripes are distinct, so the order is total)."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    ok = rows < N_ROWS
+    c = tl.arange(0, BLOCK_C)
+    m2 = ok[:, None] & (c < N_PART)[None, :]
+    vals = tl.load(part_v_ptr + rows[:, None] * N_PART + c[None, :], mask=m2, other=float("-inf"))
+    anch = tl.load(part_a_ptr + rows[:, None] * N_PART + c[None, :], mask=m2, other=-1)
+    vals = tl.where(anch >= 0, vals, float("-inf"))
+    qi = rows % L_Q
+    b = rows // (H_Q * L_Q)
+    pos = tl.load(pos_ptr + qi, mask=ok, other=0)
+    s = tl.load(start_ptr + b, mask=ok, other=0)
+    t = tl.maximum(pos + 1 - s, 0)
+    big = 1 << 62
+    v0, v1, v2, v3, a0, a1, a2, a3 = _select(vals, anch, big)
+    _store_all(v0, v1, v2, v3, a0, a1, a2, a3, pos, s, t, blen_ptr, flen_ptr, rows, ok, L_KV, W,
+               qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS)
+
+
+@triton.jit
+def _pick(vals, anch, big):
+    top = tl.max(vals, axis=1)
+    found = top > float("-inf")
+    anchor = tl.min(tl.where((vals == top[:, None]) & (anch >= 0), anch, big), axis=1)
+    anchor = tl.where(found, anchor, -1)
+    vals = tl.where(anch == anchor[:, None], float("-inf"), vals)
+    return top, anchor, vals
+
+
+@triton.jit
+def _select(vals, anch, big):
+    v0, a0, vals = _pick(vals, anch, big)
+    v1, a1, vals = _pick(vals, anch, big)
+    v2, a2, vals = _pick(vals, anch, big)
+    v3, a3, vals = _pick(vals, anch, big)
+    return v0, v1, v2, v3, a0, a1, a2, a3
+
+
+# Decode (L_Q = 1) has one program per KV head: it splits the stripe list into runs of this many
+# stripes, one program each, and merges their partial top-4 lists (SPEC §2.7, steps 3-4).
+DECODE_SPLIT = 16
+
+
 def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, row_start: torch.Tensor,
                    tables, sw_index: int, window: int, num_spans: int):
     """Launch the search.
 
     Args:
         q1: [B, H_Q, L_Q, D] contiguous; k: [B, H_KV, L_KV, D] with unit stride in D.
-        positions: int64 [L_Q]; row_start: int64 [B]; tables: (offsets, B[t], Fw[t]) int64.
+        positions: int64 [L_Q]; row_start: int64 [B]; tables: (offsets, B[t], Fw[t]) int64, sized by L_KV.
     Returns:
         qstart, qanchor, qend (int32) and values (fp32), each [B, H_Q, L_Q, K].
+
+    With L_Q = 1 the stripes σ+1 … M(L_KV) are split into static runs of DECODE_SPLIT (a fixed grid
+    for CUDA graphs); runs beyond the query's own M(q + 1) do no loads, so the cost follows q (D3).
     """
     b, h_q, l_q, d = q1.shape
     h_kv, l_kv = k.shape[1], k.shape[2]
@@ -131,13 +205,29 @@ def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, r
     qend = torch.empty(shape, dtype=torch.int32, device=dev)
     values = torch.empty(shape, dtype=torch.float32, device=dev)
     gh, bq, n_chunks = head_rows(group, l_q)
-    grid = (triton.cdiv(l_q, bq), b * h_kv * n_chunks)
+    n_stripes = max(offsets.numel() - 2 - sw_index, 0)  # σ+1 … M(L_KV)
+    split = l_q == 1 and n_stripes > DECODE_SPLIT
+    run = DECODE_SPLIT if split else max(n_stripes, 1)
+    n_split = triton.cdiv(max(n_stripes, 1), run)
+    n_rows = b * h_q * l_q
+    if split:
+        part_v = torch.empty(n_rows * n_split * 4, dtype=torch.float32, device=dev)
+        part_a = torch.empty(n_rows * n_split * 4, dtype=torch.int64, device=dev)
+    else:
+        part_v, part_a = values, qanchor  # unused
+    grid = (triton.cdiv(l_q, bq), b * h_kv * n_chunks, n_split)
     _search_kernel[grid](
         q1, k, positions, row_start, max_stripes(offsets, positions), offsets, backward, forward,
-        qstart, qanchor, qend, values,
+        qstart, qanchor, qend, values, part_v, part_a,
         k.stride(0), k.stride(1), k.stride(2),
-        h_q, h_kv, l_q, l_kv, d, group, n_chunks, sw_index, window,
-        NUM_SPANS=num_spans, GH=gh, BQ=bq, BLOCK_D=block_d(d), num_warps=4)
+        h_q, h_kv, l_q, l_kv, d, group, n_chunks, sw_index, window, run, n_split,
+        NUM_SPANS=num_spans, GH=gh, BQ=bq, BLOCK_D=block_d(d), IS_SPLIT=split, num_warps=4)
+    if split:
+        block_r = 16
+        _search_merge_kernel[(triton.cdiv(n_rows, block_r),)](
+            part_v, part_a, positions, row_start, backward, forward, qstart, qanchor, qend, values,
+            h_q, l_q, l_kv, window, n_rows, n_split * 4,
+            NUM_SPANS=num_spans, BLOCK_R=block_r, BLOCK_C=max(16, next_pow2(n_split * 4)), num_warps=4)
     return qstart, qanchor, qend, values
 
 
