@@ -25,6 +25,25 @@ import torch
 from ..model.hybrid import HybridCache, HybridLM
 
 
+# Decode steps and short chunks are made of sub-millisecond ops; on a few CPU cores the intra-op thread pool's
+# fork-join overhead dominates them (10x slower than one thread when the machine is busy). Calls on at most this
+# many tokens therefore run single-threaded on CPU.
+SINGLE_THREAD_TOKENS = 64
+
+
+@contextlib.contextmanager
+def _threads_for(n_tokens: int, device: torch.device):
+    if device.type != "cpu" or n_tokens > SINGLE_THREAD_TOKENS or torch.get_num_threads() == 1:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class ContextOverflowError(ValueError):
     """The tokens do not fit the session's `max_len` (grow the session first)."""
 
@@ -206,7 +225,8 @@ class Session:
                 for c0 in range(0, len(ids), chunk):
                     part = tensor[c0:c0 + chunk]
                     self._token_ids[start + c0:start + c0 + part.numel()] = part
-                    logits = self.model(part.to(device)[None], self.cache, start + c0)
+                    with _threads_for(part.numel(), device):
+                        logits = self.model(part.to(device)[None], self.cache, start + c0)
                     bar.update(part.numel())
             self._cursor = start + len(ids)
             self._high = max(self._high, self._cursor)
@@ -226,7 +246,7 @@ class Session:
         try:
             self._begin_write()
             self._token_ids[self._cursor] = token
-            with torch.no_grad():
+            with torch.no_grad(), _threads_for(1, self.model.device):
                 logits = self.model(torch.tensor([[token]], device=self.model.device), self.cache, self._cursor)
             self._cursor += 1
             self._high = max(self._high, self._cursor)
