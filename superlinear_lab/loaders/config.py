@@ -157,6 +157,8 @@ class SuperlinearExpConfig:
                                           "experts per group (the router scores each group by its top 2)")
         if self.topk_group > self.n_group:
             fail("topk_group", self.topk_group, f"<= n_group={self.n_group}")
+        if self.conv_kernel < 2:
+            fail("conv_kernel", self.conv_kernel, "an int >= 2")
         if self.attention_bias:
             fail("attention_bias", self.attention_bias, "False (the attention layer has no biases)")
         if not isinstance(self.span, SpanConfig):
@@ -168,6 +170,18 @@ class SuperlinearExpConfig:
     def released(cls, **changes) -> "SuperlinearExpConfig":
         """Superlinear-Exp-v0.1 as SPEC §5.2–5.3 describe it (layout inferred from the base model)."""
         return cls(**changes)
+
+    @classmethod
+    def tiny(cls, **changes) -> "SuperlinearExpConfig":
+        """A CPU-sized model in the released style: 13 blocks ``MEM*EMEM*EM-E`` (5 Mamba-2, 5 MoE, 2 attention,
+        1 MLP), width 64, 8 experts, the teaching span preset (W = 15, so routing is active on short inputs)."""
+        base = dict(vocab_size=320, hidden_size=64, pattern="MEM*EMEM*EM-E", num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16,
+                    n_groups=2, chunk_size=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                    moe_shared_expert_intermediate_size=48, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                    intermediate_size=96, max_position_embeddings=4096, eos_token_id=256,
+                    span=SpanConfig.default())
+        return cls(**(base | changes))
 
     def replace(self, **changes) -> "SuperlinearExpConfig":
         return replace(self, **changes)

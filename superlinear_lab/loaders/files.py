@@ -54,18 +54,17 @@ def read_safetensors_header(path, key: str | None = None) -> dict[str, TensorInf
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)
-            # torch.save writes a zip archive ("PK\x03\x04"); bare pickles start with the PROTO opcode 0x80.
-            if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-                raise CheckpointError(f"{where}: the file is a pickle/zip archive (torch.save format), not "
-                                      "safetensors; pickle files are never loaded")
-            if len(head) < 8:
-                raise CheckpointError(f"{where}: truncated safetensors file ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(_MAX_HEADER_BYTES, size - 8):
-                raise CheckpointError(f"{where}: header length {n} does not fit the file ({size} bytes)")
-            raw = f.read(n)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            raw = f.read(n) if 0 <= n <= min(_MAX_HEADER_BYTES, size - 8) else b""
     except OSError as e:
         raise CheckpointError(f"{where}: cannot read ({e.strerror or e})") from None
+    if not raw.startswith(b"{"):
+        # torch.save writes a zip archive ("PK\x03\x04"); a bare pickle starts with PROTO (0x80) and a version.
+        if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"):
+            raise CheckpointError(f"{where}: the file is a pickle/zip archive (torch.save format), not "
+                                  "safetensors; pickle files are never loaded")
+        raise CheckpointError(f"{where}: not a safetensors file (no JSON header of a length that fits the "
+                              f"{size}-byte file)")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -48,6 +48,20 @@ class CheckpointTokenizer:
         return out
 
 
+def byte_level_tokenizer_json(eos_token: str = "</s>") -> str:
+    """``tokenizer.json`` text of a byte-level tokenizer (256 byte tokens, then `eos_token` at id 256) — for
+    tiny demo and test checkpoints."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {eos_token: len(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([eos_token])
+    return tok.to_str()
+
+
 class IdTokenizer:
     """Stand-in for checkpoints without ``tokenizer.json``: sessions take token ids; text is refused."""
 
