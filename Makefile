@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[lab,test,hf]"
+	$(PY) -m pip install --quiet -e ".[lab,test,hf,server]"
 	touch $(STAMP)
 
 setup: $(STAMP)

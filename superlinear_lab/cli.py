@@ -4,12 +4,15 @@ Each subcommand is one ``add_<name>(subparsers)`` function that builds its parse
 lists them, so a new subcommand is one function and one entry. ``func(args)`` returns the exit status.
 
     superlinear-lab plan PATH --gpu-mem 80GB     memory plan for a checkpoint (no weights are loaded)
+    superlinear-lab serve | chat | session … | snapshot …   the server and its HTTP clients (server/commands.py)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from .server.commands import COMMANDS as SERVER_COMMANDS  # serve, chat, session, snapshot
 
 
 def _size(text: str) -> int:
@@ -105,7 +108,7 @@ def run_plan(args) -> int:
 
 
 # ---------------------------------------------------------------------- entry point
-COMMANDS = [add_plan]
+COMMANDS = [add_plan, *SERVER_COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,162 @@
+"""Start the server: refuse unsafe binds, load the model, bind, serve (SPEC §6.5, Decision D8).
+
+`serve(options)` checks the host *before* anything is loaded or bound: a non-loopback host needs a token. Once
+the app is ready it prints one line, ``superlinear-lab server ready on http://HOST:PORT``, to stdout (flushed),
+so scripts and tests can wait for it; with ``--port 0`` the line carries the port the OS picked.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+API_KEY_ENV = "SUPERLINEAR_LAB_API_KEY"
+READY_LINE = "superlinear-lab server ready on"
+
+
+class UnsafeBindError(ValueError):
+    """A non-loopback host was asked for without a token."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1); any other name counts as remote."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Raise UnsafeBindError for a non-loopback `host` without `api_key` (Decision D8)."""
+    if not is_loopback(host) and not api_key:
+        raise UnsafeBindError(
+            f"refusing to bind {host!r} without a token: a non-loopback address exposes the model to the network. "
+            f"Set --api-key/--token or ${API_KEY_ENV}, or bind 127.0.0.1 (the default).")
+
+
+@dataclass
+class ServeOptions:
+    """Everything `superlinear-lab serve` takes (one field per flag)."""
+
+    model: str = "tiny"  # a model directory, or a name for load_model (shipped model first, else random init)
+    random_init: bool = False  # use the preset's random initialisation even if a trained model is shipped
+    host: str = "127.0.0.1"  # bind address (loopback by default, Decision D8)
+    port: int = 8787  # 0 = any free port (printed in the ready line)
+    api_key: str | None = None  # bearer token (also $SUPERLINEAR_LAB_API_KEY)
+    served_model_name: str | None = None  # the id clients send as `model` (default: the model's id)
+    device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda when available)
+    dtype: str = "auto"  # float32, float16, bfloat16 or auto (float16 on CUDA, float32 on CPU), printed at start
+    backend: str = "auto"  # attention backend: auto, torch, triton, oracle
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    chunk_size: int = 8192  # prefill chunk length
+    max_concurrency: int = 16  # engine requests in flight before 429 (0 = no limit)
+    max_completion_tokens: int = 1024  # cap on max_tokens
+    max_request_bytes: int = 8 << 20  # cap on a request body
+    max_prompt_tokens: int = 1048576  # cap on the tokens one request prefills
+    session_max_seq_len: int = 131072  # allocation of a new session by default
+    max_seq_len_limit: int = 1048576  # the largest allocation a request may ask for
+    max_sessions: int = 64  # sessions held at once
+    snapshot_dir: str | None = None  # default $SUPERLINEAR_LAB_SNAPSHOT_DIR, else the XDG cache
+    warmup: bool = True  # a short prefill + decode before serving
+    log_level: str = "info"
+
+
+def _load(options: ServeOptions):
+    import torch
+
+    from ..model import load_model
+
+    device = options.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = options.dtype
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    kwargs = dict(device=device, dtype=dtype, backend=options.backend)
+    if os.path.isdir(options.model):
+        model = load_model(path=options.model, **kwargs)
+    elif options.random_init:
+        from ..model.io import PRESETS
+
+        if options.model not in PRESETS:
+            raise ValueError(f"--model {options.model!r} with --random-init: expected a preset ({sorted(PRESETS)})")
+        model = load_model(options.model, config=PRESETS[options.model](), **kwargs)
+    else:
+        model = load_model(options.model, **kwargs)
+    return model, device, dtype
+
+
+def _warmup(model) -> None:
+    from ..engine import Session
+
+    s = Session(model, 512, progress=False)
+    s.append(list(range(256)), role=None)
+    s.generate(4, role=None)
+
+
+def serve(options: ServeOptions) -> None:
+    """Run the server in the foreground until interrupted."""
+    import torch
+    import uvicorn
+
+    from ..engine import SnapshotStore
+    from .app import ServerSettings, create_app
+    from .engine import ChatEngine
+
+    api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
+    check_bind(options.host, api_key)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    model, device, dtype = _load(options)
+    if options.warmup:
+        _warmup(model)
+    store = SnapshotStore(options.snapshot_dir)
+    engine = ChatEngine(model, store, session_max_seq_len=options.session_max_seq_len,
+                        max_seq_len_limit=options.max_seq_len_limit, max_sessions=options.max_sessions,
+                        max_prompt_tokens=options.max_prompt_tokens, chunk_size=options.chunk_size)
+    served = options.served_model_name or model.model_id
+    settings = ServerSettings(served_model=served, api_key=api_key, max_concurrency=options.max_concurrency,
+                              max_completion_tokens=options.max_completion_tokens,
+                              max_request_bytes=options.max_request_bytes)
+    app = create_app(engine, settings)
+
+    family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((options.host.strip("[]"), options.port))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    host = f"[{options.host.strip('[]')}]" if family == socket.AF_INET6 else options.host
+    print(f"model {served} on {device} ({dtype}); snapshots in {store.root}; "
+          f"auth {'on' if api_key else 'off'}; max concurrency {options.max_concurrency or 'unlimited'}",
+          flush=True)
+
+    config = uvicorn.Config(app, log_level=options.log_level, timeout_graceful_shutdown=5, lifespan="off")
+    server = uvicorn.Server(config)
+
+    original_startup = server.startup
+
+    async def startup(sockets=None):  # the ready line goes out once uvicorn serves the socket
+        await original_startup(sockets=sockets)
+        print(f"{READY_LINE} http://{host}:{port}", flush=True)
+
+    server.startup = startup
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.close()
+        sock.close()
+
+
+def main_serve(options: ServeOptions) -> int:
+    """`serve` with the bind refusal as a clean exit status 2."""
+    try:
+        serve(options)
+    except UnsafeBindError as e:
+        print(f"superlinear-lab serve: error: {e}", file=sys.stderr)
+        return 2
+    return 0
