@@ -32,14 +32,16 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 
-# notebook -> the one interaction: (index of the view among the notebook's `.sl-view`s, control label, key).
-# The control is a slider found by its description; the key moves it one step.
+# notebook -> the one interaction: (index of the view among the notebook's `.sl-view`s, slider label, key).
+# The slider is found by its description; the key moves it one step (the opposite key is tried if the slider
+# already sits at that end).
 NOTEBOOKS = {
     "01_structural_non_exclusion.ipynb": (0, "b_f (backward)", "ArrowLeft"),
     "02_routing_explorer.ipynb": (0, "query", "ArrowLeft"),
-    "04_debugging_missed_spans.ipynb": (0, "needle", "ArrowRight"),
+    "04_debugging_missed_spans.ipynb": (0, "head", "ArrowRight"),
     "05_kernels_and_scaling.ipynb": (0, "query q (log)", "ArrowLeft"),
 }
+_OPPOSITE = {"ArrowLeft": "ArrowRight", "ArrowRight": "ArrowLeft"}
 
 
 def _ensure_chromium() -> str:
@@ -200,10 +202,15 @@ def test_notebook_runs_and_views_render(lab, browser, notebook):
         before = _view_text(view)
         slider = view.locator(".widget-slider", has=page.locator(".widget-label", has_text=label)).first
         handle = slider.locator(".noUi-handle").first
-        handle.focus()
-        page.keyboard.press(key)
-        page.wait_for_function("([el, before]) => el.innerText !== before", arg=[view.element_handle(), before],
-                               timeout=30_000)
+        changed = "([el, before]) => el.innerText !== before"
+        for attempt in (key, _OPPOSITE[key]):
+            handle.focus()
+            page.keyboard.press(attempt)
+            try:
+                page.wait_for_function(changed, arg=[view.element_handle(), before], timeout=20_000)
+                break
+            except Exception:  # playwright's TimeoutError: the slider may sit at that end; try the other way
+                continue
         view.screenshot(path=str(ARTIFACTS / f"{stem}.view{index}.after.png"))
         page.screenshot(path=str(ARTIFACTS / f"{stem}.page.png"), full_page=False)
         assert _view_text(view) != before

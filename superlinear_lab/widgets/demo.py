@@ -77,7 +77,7 @@ def _summaries(ids: torch.Tensor, emb: torch.Tensor, decay: float, taps: int) ->
 
 def demo_trace(text: str, cfg: SpanConfig | None = None, needle: str | None = None, queries=None,
                profile_queries=None, dim: int = 64, decay: float = 0.985, gain: float = 6.0,
-               seed: int = 0) -> RoutingTrace:
+               seed: int = 0, backend: str = "torch") -> RoutingTrace:
     """A `RoutingTrace` of one attention layer with the four heads of `HEADS` over the bytes of `text`.
 
     Args:
@@ -88,6 +88,7 @@ def demo_trace(text: str, cfg: SpanConfig | None = None, needle: str | None = No
         profile_queries: positions whose full stripe-score profile is recorded (default: the last position).
         dim: key dimension D; decay/taps: the key summary's memory; gain: sharpness of the search.
         seed: seed of the byte embedding and of the random head.
+        backend: the `span_search` backend ("torch", or "oracle" for short texts).
     """
     cfg = SpanConfig.default() if cfg is None else cfg
     data = text.encode("ascii", "replace")
@@ -114,7 +115,7 @@ def demo_trace(text: str, cfg: SpanConfig | None = None, needle: str | None = No
     ])[None]  # [1, 4, L, D]
     k = keys[None, None].contiguous()  # [1, 1, L, D]
     positions = torch.arange(length) if queries is None else torch.as_tensor(list(queries), dtype=torch.long)
-    routing = span_search(q1[:, :, positions].contiguous(), k, positions, cfg, backend="torch")
+    routing = span_search(q1[:, :, positions].contiguous(), k, positions, cfg, backend=backend)
     prof = torch.tensor([length - 1]) if profile_queries is None else torch.as_tensor(list(profile_queries))
     prof_scores = stripe_scores(q1[:, :, prof], k, prof, cfg)
     tokens = [chr(b) if 32 <= b < 127 or b in (9, 10) else "·" for b in data]
