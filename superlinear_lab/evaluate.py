@@ -1,0 +1,293 @@
+"""Long-context evaluation: NIAH grid (length × depth), multi-needle and multi-hop suites; answer accuracy and
+routing recall, as JSON plus a heatmap figure.
+
+* **Answer accuracy** — one forward over prompt + answer; an example is right when the argmax at every answer
+  query equals the answer token. That is exactly "greedy decoding reproduces the answer" (each greedy step sees
+  the correct prefix iff all earlier steps were right), at the cost of one forward.
+* **Routing recall** — for every (query, evidence range) pair an example declares (`Example.needs`), per attention
+  layer and query head: is every evidence token inside one of the head's chosen spans or its window?
+  ``recall_any`` counts a pair as reached when at least one (layer, head) reached it; ``per_head`` gives each
+  head's own rate, ``best_head`` the best of those.
+
+CLI::
+
+    python -m superlinear_lab.evaluate --lengths 1024 2048 --depths 0 0.25 0.5 0.75 1 --seeds 4 --out eval/
+    python -m superlinear_lab.evaluate --device cuda --lengths 4096 8192 16384 32768 --out eval/   # GPU
+
+writes ``eval.json`` and ``niah_heatmap.html`` (plus ``.png`` when kaleido is installed; plotly is imported only
+for the figure, so the JSON is written where plotly is absent).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import data as D
+
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+# --------------------------------------------------------------------------- routing capture and recall
+@contextlib.contextmanager
+def capture_routing(model):
+    """Record every attention layer's routing of the next forward(s) through the model's recorder protocol.
+
+    Yields a dict {layer index: (positions [L], SearchResult [B, H_Q, L, K], q1, k)} (the latest call per layer);
+    recorders are always removed on exit. The model computes the same outputs with or without them.
+    """
+    records: dict[int, tuple] = {}
+    hooks = []
+    for index, layer in model.routing_layers():
+        def record(positions, routing, q1, k, index=index):
+            records[index] = (positions, routing, q1, k)
+        layer.routing_recorders.append(record)
+        hooks.append((layer, record))
+    try:
+        yield records
+    finally:
+        for layer, record in hooks:
+            layer.routing_recorders.remove(record)
+
+
+def evidence_pairs(examples: list[D.Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flatten every (row, query, evidence range) the examples need.
+
+    Returns (row [P], query [P], ev_start [P], ev_end [P]) int64, ranges end-exclusive, in example order.
+    """
+    rows, queries, starts, ends = [], [], [], []
+    for b, ex in enumerate(examples):
+        for q in ex.queries:
+            for e in ex.needs[q]:
+                rows.append(b)
+                queries.append(q)
+                starts.append(ex.evidence[e][0])
+                ends.append(ex.evidence[e][1])
+    as_t = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
+    return as_t(rows), as_t(queries), as_t(starts), as_t(ends)
+
+
+def reached(routing, window_len: int, row, query, ev_start, ev_end) -> torch.Tensor:
+    """bool [P, H_Q]: is every key of evidence range p inside the window or one chosen span of each head?
+
+    Args:
+        routing: a `SearchResult` with qstart/qend [B, H_Q, L, K] for queries at positions 0 … L-1.
+        window_len: W of the layer's `SpanConfig`.
+        row, query, ev_start, ev_end: int64 [P] from `evidence_pairs` (ranges end-exclusive).
+    """
+    dev = routing.qstart.device
+    row, query, ev_start, ev_end = (t.to(dev) for t in (row, query, ev_start, ev_end))
+    qs = routing.qstart[row, :, query].long()  # [P, H, K]
+    qe = routing.qend[row, :, query].long()
+    inside_span = (qs >= 0) & (qs <= ev_start[:, None, None]) & (qe >= (ev_end - 1)[:, None, None])  # [P, H, K]
+    hit = inside_span.any(dim=-1)
+    if window_len > 0:
+        in_window = ev_start >= (query - window_len + 1)  # the range ends before the query (causal)
+        hit = hit | in_window[:, None]
+    return hit
+
+
+def answer_correct(logits: torch.Tensor, examples: list[D.Example]) -> list[bool]:
+    """Per example: argmax at every answer query equals the answer token (greedy decoding reproduces it)."""
+    out = []
+    for b, ex in enumerate(examples):
+        a0, a1 = ex.answer
+        target = torch.tensor(ex.ids[a0:a1], device=logits.device)
+        out.append(bool((logits[b, a0 - 1:a1 - 1].argmax(-1) == target).all()))
+    return out
+
+
+@torch.no_grad()
+def run_examples(model, examples: list[D.Example], batch_size: int = 1) -> list[dict]:
+    """Evaluate examples (same length within a batch). Returns one dict per example: task, length, meta,
+    correct, pairs, hit_any [pairs], hit [layers][heads] counts."""
+    results = []
+    device = model.device
+    window = {i: layer.span_config.window_len for i, layer in model.routing_layers()}
+    for b0 in range(0, len(examples), batch_size):
+        chunk = examples[b0:b0 + batch_size]
+        if len({ex.length for ex in chunk}) != 1:
+            raise ValueError("run_examples: a batch must hold examples of one length")
+        ids = torch.tensor([ex.ids for ex in chunk], device=device)
+        with capture_routing(model) as records:
+            logits = model(ids)
+        correct = answer_correct(logits, chunk)
+        row, query, es, ee = evidence_pairs(chunk)
+        per_layer = {i: reached(records[i][1], window[i], row, query, es, ee).cpu() for i in sorted(records)}
+        hits = torch.stack([per_layer[i] for i in sorted(per_layer)], dim=1)  # [P, layers, H]
+        for b, ex in enumerate(chunk):
+            sel = row == b
+            h = hits[sel]
+            results.append({"task": ex.task, "length": ex.length, "meta": ex.meta, "correct": correct[b],
+                            "pairs": int(sel.sum()), "hit_any": h.flatten(1).any(1).tolist(),
+                            "hit": h.sum(0).tolist()})
+    return results
+
+
+def summarize(results: list[dict], layers: list[int]) -> dict:
+    """Accuracy, recall_any (over pairs), example-level routing success, per-layer-any, per-head, best head."""
+    n = len(results)
+    pairs = sum(r["pairs"] for r in results)
+    any_hits = sum(sum(r["hit_any"]) for r in results)
+    per_head = None
+    for r in results:
+        t = torch.tensor(r["hit"], dtype=torch.float64)
+        per_head = t if per_head is None else per_head + t
+    per_head = (per_head / max(pairs, 1)).tolist() if per_head is not None else []
+    flat = [(v, layers[li], h) for li, row in enumerate(per_head) for h, v in enumerate(row)]
+    best = max(flat) if flat else (math.nan, None, None)
+    return {
+        "n": n,
+        "accuracy": sum(r["correct"] for r in results) / max(n, 1),
+        "pairs": pairs,
+        "recall_any": any_hits / max(pairs, 1),
+        "routed_examples": sum(all(r["hit_any"]) for r in results) / max(n, 1),
+        "per_head": {f"layers.{layers[li]}": row for li, row in enumerate(per_head)},
+        "best_head": {"recall": best[0], "layer": best[1], "head": best[2]},
+    }
+
+
+# --------------------------------------------------------------------------- suites
+def niah_grid(model, lengths, depths=DEFAULT_DEPTHS, seeds: int = 4, task: str = "niah", batch_size: int = 1,
+              progress: bool = True) -> dict:
+    """Accuracy and routing recall per (length, depth) on held-out seeds (split "eval")."""
+    layers = [i for i, _ in model.routing_layers()]
+    cells, all_results = [], []
+    total = len(lengths) * len(depths)
+    for n, length in enumerate(lengths):
+        for depth in depths:
+            t0 = time.time()
+            exs = [D.make_example(task, length, s, "eval", depth=depth) for s in range(seeds)]
+            res = run_examples(model, exs, batch_size)
+            all_results += res
+            cell = summarize(res, layers)
+            cells.append({"length": length, "depth": depth, **cell, "seconds": round(time.time() - t0, 2)})
+            if progress:
+                print(f"[{len(cells)}/{total}] {task} L={length} depth={depth}: acc {cell['accuracy']:.2f} "
+                      f"recall {cell['recall_any']:.3f} ({cell['seconds']}s)", file=sys.stderr, flush=True)
+    by_length = {}
+    for length in lengths:
+        res = [r for r in all_results if r["length"] == length]
+        by_length[str(length)] = summarize(res, layers)
+    return {"task": task, "lengths": list(lengths), "depths": list(depths), "seeds": seeds, "cells": cells,
+            "by_length": by_length}
+
+
+def task_suite(model, task: str, lengths, seeds: int = 8, batch_size: int = 1) -> dict:
+    """One of multi_key / multi_value / multi_hop / passkey per length on held-out seeds."""
+    layers = [i for i, _ in model.routing_layers()]
+    out = {}
+    for length in lengths:
+        exs = [D.make_example(task, length, s, "eval") for s in range(seeds)]
+        out[str(length)] = summarize(run_examples(model, exs, batch_size), layers)
+        print(f"{task} L={length}: acc {out[str(length)]['accuracy']:.2f} "
+              f"recall {out[str(length)]['recall_any']:.3f}", file=sys.stderr, flush=True)
+    return {"task": task, "seeds": seeds, "by_length": out}
+
+
+def heatmap(grid: dict, path, title: str = "NIAH") -> list[Path]:
+    """Two heatmaps (answer accuracy, routing recall_any) over length × depth, to `path`.html (+ .png with
+    kaleido). Returns the files written."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    lengths, depths = grid["lengths"], grid["depths"]
+    cell = {(c["length"], c["depth"]): c for c in grid["cells"]}
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("answer accuracy", "routing recall (any head)"))
+    for col, key in ((1, "accuracy"), (2, "recall_any")):
+        z = [[cell[(length, d)][key] for length in lengths] for d in depths]
+        fig.add_trace(go.Heatmap(z=z, x=[str(x) for x in lengths], y=[f"{d:.2f}" for d in depths], zmin=0, zmax=1,
+                                 colorscale="Viridis", text=[[f"{v:.2f}" for v in row] for row in z],
+                                 texttemplate="%{text}", showscale=col == 2), row=1, col=col)
+        fig.update_xaxes(title_text="context length (tokens)", type="category", row=1, col=col)
+        fig.update_yaxes(title_text="needle depth", row=1, col=col)
+    fig.update_layout(title=title, width=1000, height=420)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    html = path.with_suffix(".html")
+    fig.write_html(str(html), include_plotlyjs=True)
+    written = [html]
+    try:
+        fig.write_image(str(path.with_suffix(".png")))
+        written.append(path.with_suffix(".png"))
+    except Exception:  # kaleido missing or unable to start: the HTML is the figure
+        pass
+    return written
+
+
+def evaluate(model, lengths, depths=DEFAULT_DEPTHS, seeds: int = 4, suite_seeds: int = 8,
+             suites=("multi_key", "multi_value", "multi_hop"), batch_size: int = 1) -> dict:
+    """The full evaluation: NIAH grid plus the other suites at the same lengths."""
+    t0 = time.time()
+    report = {"niah": niah_grid(model, lengths, depths, seeds, batch_size=batch_size)}
+    for task in suites:
+        report[task] = task_suite(model, task, lengths, suite_seeds, batch_size)
+    report["seconds"] = round(time.time() - t0, 1)
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m superlinear_lab.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", help="model name (data/models/<name>) or a directory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "oracle"])
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--depths", type=float, nargs="+", default=list(DEFAULT_DEPTHS))
+    p.add_argument("--seeds", type=int, default=4, help="held-out seeds per NIAH cell")
+    p.add_argument("--suite-seeds", type=int, default=8, help="held-out seeds per suite and length")
+    p.add_argument("--suites", nargs="*", default=["multi_key", "multi_value", "multi_hop"])
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--out", default="eval", help="output directory (eval.json, niah_heatmap.html)")
+    p.add_argument("--no-figure", action="store_true")
+    args = p.parse_args(argv)
+
+    from .model import load_model
+
+    path = Path(args.model)
+    kwargs = {"path": path} if path.is_dir() else {"name": args.model}
+    model = load_model(**kwargs, device=args.device, dtype=args.dtype, backend=args.backend)
+    report = evaluate(model, args.lengths, args.depths, args.seeds, args.suite_seeds, tuple(args.suites),
+                      args.batch_size)
+    report["setup"] = {"model": model.model_id, "source": model.source.get("name"), "device": args.device,
+                       "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                       "dtype": args.dtype, "backend": args.backend, "torch": torch.__version__,
+                       "span": model.cfg.span.to_dict()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    if not args.no_figure:
+        try:
+            heatmap(report["niah"], out / "niah_heatmap", title=f"NIAH — {model.model_id}")
+        except ImportError:
+            print("plotly not installed: figure skipped (eval.json written)", file=sys.stderr)
+    print(format_table(report))
+    return 0
+
+
+def format_table(report: dict) -> str:
+    """Markdown table: per length, NIAH accuracy / recall and each suite's accuracy / recall."""
+    lengths = report["niah"]["lengths"]
+    suites = [k for k in report if k not in ("niah", "seconds", "setup")]
+    head = "| length | NIAH acc | NIAH recall | NIAH best head |" + "".join(
+        f" {s} acc | {s} recall |" for s in suites)
+    sep = "|" + "---|" * (4 + 2 * len(suites))
+    rows = [head, sep]
+    for length in lengths:
+        n = report["niah"]["by_length"][str(length)]
+        row = f"| {length} | {n['accuracy']:.3f} | {n['recall_any']:.3f} | {n['best_head']['recall']:.3f} |"
+        for s in suites:
+            c = report[s]["by_length"].get(str(length))
+            row += f" {c['accuracy']:.3f} | {c['recall_any']:.3f} |" if c else " – | – |"
+        rows.append(row)
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,451 @@
+"""Train the hybrid model on natural text mixed with long-context retrieval tasks; resumable in slices.
+
+Loss per step = w_lm · mean CE over all tokens + w_answer · mean CE over answer tokens + w_route · routing loss.
+
+**Routing loss.** The router (Q1 and K at the anchors) learns through the gate only (SPEC §2.6, §3.2): gradient
+reaches the K chosen anchors and nothing else, so a router that never picks the evidence's stripe gets no signal
+to start picking it. Because every task example knows its evidence ranges and the queries that need them, we
+add a supervised term on the full stripe profile at those queries: for each attention layer, query head and
+(query, evidence) pair, −log of the softmax mass (over the query's candidate stripes, raw search values
+⟨Q1, K(anchor)⟩) that falls on stripes whose span contains the whole evidence range. It trains the same
+quantities the search ranks, so at inference the top-K picks those stripes; the model itself is unchanged.
+
+**Curriculum.** `stages` lists (context length, steps, batch rows); lengths grow, so the model first learns the
+tasks on short rows and then on long ones.
+
+**Resumable.** `--ckpt DIR` holds ``model.safetensors``, ``optimizer_exp_avg.safetensors`` and
+``optimizer_exp_avg_sq.safetensors`` (AdamW moments keyed by parameter name), ``state.json`` (step, config, tokens
+seen, wall time, AdamW step counts) and ``log.jsonl`` (one JSON line per step: losses, lr, routing metrics). Every batch is a pure function
+of (config seed, step), so a run cut into slices (``--time-limit``) gives the same weights as one long run.
+Nothing is pickled.
+
+CLI::
+
+    python -m superlinear_lab.train --ckpt runs/tiny --device cuda --time-limit 500     # start or resume
+    python -m superlinear_lab.train --ckpt runs/tiny --export data/models/tiny          # write shipped weights
+    python -m superlinear_lab.train --plan 800 --plan-out runs/plan.json --device cuda  # size stages to a budget
+    python -m superlinear_lab.train --check-backends --device cuda                      # triton vs oracle
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from superlinear_kernels import SpanConfig
+from superlinear_kernels.geometry import span_bounds, stripe_table
+
+from . import data as D
+from .evaluate import capture_routing, evidence_pairs, reached
+from .model import HybridLM, ModelConfig
+
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run (stored in state.json; a resumed run must match)."""
+
+    model: dict = field(default_factory=lambda: ModelConfig(
+        d_model=192, d_ff=512, n_heads=4, n_kv_heads=2, head_dim=32,
+        span=SpanConfig(sw_index=3, num_spans=2, backward_factor=3.0, forward_factor=0.0,
+                        search_power=0.5, span_power=0.5)).to_dict())  # ModelConfig as a dict
+    stages: list = field(default_factory=lambda: [[256, 300, 64], [512, 300, 32], [1024, 400, 16],
+                                                  [2048, 400, 8], [4096, 400, 4]])  # [length, steps, batch]
+    task_mix: dict = field(default_factory=lambda: {"text": 0.15, "passkey": 0.1, "niah": 0.25, "multi_key": 0.2,
+                                                    "multi_value": 0.15, "multi_hop": 0.15})
+    lr: float = 2e-3  # AdamW peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
+    warmup: int = 100  # linear warm-up steps
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    w_lm: float = 1.0  # weight of the mean CE over all tokens
+    w_answer: float = 2.0  # weight of the mean CE over answer tokens
+    w_route: float = 0.5  # weight of the supervised routing loss (0 = gate-only router learning)
+    seed: int = 0  # data seed (batches are a function of (seed, step))
+    probe_every: int = 100  # steps between probe evaluations (routing recall / accuracy on eval seeds)
+    probe_rows: int = 8  # held-out NIAH rows per probe
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s[1] for s in self.stages)
+
+    def stage_at(self, step: int) -> tuple[int, int]:
+        """(length, batch) of `step` (0-based)."""
+        for length, steps, batch in self.stages:
+            if step < steps:
+                return length, batch
+            step -= steps
+        return self.stages[-1][0], self.stages[-1][2]
+
+
+def make_batch(cfg: TrainConfig, step: int) -> list[D.Example]:
+    """The examples of training step `step`: tasks drawn by `task_mix`, seeds from (cfg.seed, step, row)."""
+    length, batch = cfg.stage_at(step)
+    rng = random.Random(f"batch:{cfg.seed}:{step}")
+    names, weights = zip(*sorted(cfg.task_mix.items()))
+    out = []
+    for row in range(batch):
+        task = rng.choices(names, weights)[0]
+        out.append(D.make_example(task, length, seed=(cfg.seed * 1_000_003 + step) * 1024 + row, split="train"))
+    return out
+
+
+def loss_weights(examples: list[D.Example], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, L], answer mask [B, L-1]: 1 where position q predicts an answer token)."""
+    ids = torch.tensor([ex.ids for ex in examples], device=device)
+    mask = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=device)
+    for b, ex in enumerate(examples):
+        mask[b, ex.answer[0] - 1:ex.answer[1] - 1] = 1
+    return ids, mask
+
+
+def routing_loss(records: dict, span: SpanConfig, pairs) -> torch.Tensor:
+    """Supervised stripe loss (module docstring) over every recorded layer, query head and evidence pair.
+
+    Args:
+        records: {layer: (positions [L], routing, q1 [B, H_Q, L, D], k [B, H_KV, L, D])} from `capture_routing`.
+        pairs: (row, query, ev_start, ev_end) int64 [P] from `evidence_pairs`.
+    Returns a scalar (0 when no pair has a stripe whose span holds its evidence, e.g. evidence in the window).
+    """
+    row, query, es, ee = pairs
+    first = next(iter(records.values()))
+    dev = first[2].device
+    row, query, es, ee = (t.to(dev) for t in (row, query, es, ee))
+    w = span.window_len
+    keep = es < query - w + 1  # evidence reachable only through a span
+    row, query, es, ee = row[keep], query[keep], es[keep], ee[keep]
+    if row.numel() == 0:
+        return first[2].sum() * 0
+    l_kv = first[3].shape[2]
+    offsets = stripe_table(span, int(query.max()) + 1, device=dev)[span.sw_index + 1:]
+    offsets = offsets[offsets <= int(query.max()) + 1]
+    anchor = query[:, None] + 1 - offsets[None, :]  # [P, S]
+    candidate = anchor >= 0
+    anchor = torch.where(candidate, anchor, torch.full_like(anchor, -1))
+    qstart, qend = span_bounds(span, anchor, query[:, None], torch.zeros_like(query)[:, None], l_kv)
+    target = candidate & (qstart <= es[:, None]) & (qend >= (ee - 1)[:, None])
+    has_target = target.any(dim=1)
+    row, query, anchor, candidate, target = (t[has_target] for t in (row, query, anchor, candidate, target))
+    if row.numel() == 0:
+        return first[2].sum() * 0
+    total = 0.0
+    for _, _, q1, k in records.values():
+        h_q, h_kv = q1.shape[1], k.shape[1]
+        q = q1[row, :, query].float()  # [P, H_Q, D]
+        keys = k[row[:, None], :, anchor.clamp_min(0)].float()  # [P, S, H_KV, D]
+        keys = keys.repeat_interleave(h_q // h_kv, dim=2)  # [P, S, H_Q, D]
+        scores = torch.einsum("phd,pshd->phs", q, keys)
+        scores = scores.masked_fill(~candidate[:, None, :], float("-inf"))
+        good = scores.masked_fill(~target[:, None, :], float("-inf"))
+        total = total + (torch.logsumexp(scores, -1) - torch.logsumexp(good, -1)).mean()
+    return total / len(records)
+
+
+def step_loss(model: HybridLM, cfg: TrainConfig, examples: list[D.Example], device, autocast: bool):
+    """Forward one batch; returns (loss, stats dict of floats)."""
+    ids, ans_mask = loss_weights(examples, device)
+    pairs = evidence_pairs(examples)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with capture_routing(model) as records:
+            logits = model(ids)
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        lm = ce.mean()
+        n_ans = ans_mask.sum()
+        ans = (ce * ans_mask).sum() / n_ans.clamp_min(1)
+        route = routing_loss(records, model.cfg.span, pairs) if cfg.w_route > 0 and pairs[0].numel() else lm * 0
+    loss = cfg.w_lm * lm + cfg.w_answer * ans + cfg.w_route * route
+    with torch.no_grad():
+        hits = [reached(records[i][1], model.cfg.span.window_len, *pairs).any(-1) for i in sorted(records)] \
+            if pairs[0].numel() else []
+        recall = float(torch.stack(hits).any(0).float().mean()) if hits else float("nan")
+    return loss, {"loss": loss.item(), "lm": lm.item(), "answer": ans.item(), "route": route.item(),
+                  "train_recall": recall}
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.total_steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def make_optimizer(model: HybridLM, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+# --------------------------------------------------------------------------- checkpoints (safetensors + JSON)
+def save_checkpoint(path, model: HybridLM, opt: torch.optim.AdamW, cfg: TrainConfig, state: dict) -> None:
+    """Write model.safetensors, optimizer_exp_avg.safetensors, optimizer_exp_avg_sq.safetensors (AdamW moments
+    keyed by parameter name; one file each keeps every file small) and state.json (with the per-parameter AdamW
+    step counts) into `path`; each file is replaced atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    moments = {"exp_avg": {}, "exp_avg_sq": {}}
+    steps = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if st:
+                for key in moments:
+                    moments[key][names[id(p)]] = st[key].detach().float().cpu().contiguous()
+                steps[names[id(p)]] = float(st["step"])
+    files = {"model.safetensors": {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+             "optimizer_exp_avg.safetensors": moments["exp_avg"],
+             "optimizer_exp_avg_sq.safetensors": moments["exp_avg_sq"]}
+    for name, obj in files.items():
+        tmp = path / (name + ".tmp")
+        save_file(obj, str(tmp))
+        tmp.replace(path / name)
+    tmp = path / "state.json.tmp"
+    tmp.write_text(json.dumps({**state, "adam_steps": steps, "config": asdict(cfg)}, indent=1))
+    tmp.replace(path / "state.json")
+
+
+def load_checkpoint(path, model: HybridLM, opt: torch.optim.AdamW) -> dict:
+    """Restore model and optimizer from `path`; returns the state dict (step, tokens, elapsed, config, ...)."""
+    path = Path(path)
+    dev = str(model.device)
+    model.load_state_dict(load_file(str(path / "model.safetensors"), device=dev))
+    exp_avg = load_file(str(path / "optimizer_exp_avg.safetensors"), device=dev)
+    exp_avg_sq = load_file(str(path / "optimizer_exp_avg_sq.safetensors"), device=dev)
+    state = json.loads((path / "state.json").read_text())
+    steps = state.pop("adam_steps")
+    for name, p in model.named_parameters():
+        if name in steps:
+            opt.state[p] = {"step": torch.tensor(steps[name]), "exp_avg": exp_avg[name],
+                            "exp_avg_sq": exp_avg_sq[name]}
+    return state
+
+
+# --------------------------------------------------------------------------- probe
+@torch.no_grad()
+def probe(model: HybridLM, cfg: TrainConfig, length: int, autocast: bool) -> dict:
+    """Held-out NIAH rows at `length` and spread depths: answer accuracy and routing recall (any head)."""
+    from .evaluate import run_examples, summarize
+
+    model.eval()
+    n = cfg.probe_rows
+    exs = [D.niah(length, i / max(1, n - 1), 10_000 + i, "eval") for i in range(n)]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        res = run_examples(model, exs, batch_size=n)
+    model.train()
+    s = summarize(res, [i for i, _ in model.routing_layers()])
+    return {"probe_length": length, "probe_acc": s["accuracy"], "probe_recall": s["recall_any"],
+            "probe_best_head": s["best_head"]["recall"]}
+
+
+# --------------------------------------------------------------------------- loop
+def train(cfg: TrainConfig, ckpt: str | Path, device: str = "cpu", backend: str = "auto", time_limit: float = 0,
+          max_steps: int | None = None, save_every: int = 200, progress: bool = True) -> dict:
+    """Train from scratch or resume from `ckpt` until the schedule ends, `max_steps` (absolute step count) is
+    reached, or `time_limit` seconds pass (0 = none); checkpoints at the end and every `save_every` steps.
+    Returns the final state dict."""
+    from tqdm.auto import tqdm
+
+    ckpt = Path(ckpt)
+    t_start = time.time()
+    model = HybridLM(ModelConfig.from_dict(cfg.model), backend=backend).to(device)
+    model.train()
+    opt = make_optimizer(model, cfg)
+    state = {"step": 0, "tokens": 0, "answer_tokens": 0, "elapsed_s": 0.0, "slices": []}
+    if (ckpt / "state.json").is_file():
+        state = load_checkpoint(ckpt, model, opt)
+        saved = state.pop("config")
+        if saved != json.loads(json.dumps(asdict(cfg))):
+            raise ValueError(f"{ckpt}/state.json: the checkpoint was made with another TrainConfig; "
+                             "resume with the same settings (see its 'config')")
+    autocast = device.startswith("cuda")
+    if autocast:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    end = cfg.total_steps if max_steps is None else min(max_steps, cfg.total_steps)
+    slice_info = {"start_step": state["step"], "device": device, "backend": backend,
+                  "device_name": torch.cuda.get_device_name() if autocast else "cpu", "torch": torch.__version__}
+    ckpt.mkdir(parents=True, exist_ok=True)
+    log_f = open(ckpt / LOG_FILE, "a")
+    bar = tqdm(total=end, initial=state["step"], disable=not progress, dynamic_ncols=True)
+    t_slice = time.time()
+    last_save = state["step"]
+    try:
+        while state["step"] < end:
+            step = state["step"]
+            if time_limit and time.time() - t_start > time_limit:
+                break
+            examples = make_batch(cfg, step)
+            lr = lr_at(cfg, step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss, stats = step_loss(model, cfg, examples, device, autocast)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            opt.step()
+            length = len(examples[0].ids)
+            state["step"] = step + 1
+            state["tokens"] += length * len(examples)
+            state["answer_tokens"] += sum(ex.answer[1] - ex.answer[0] for ex in examples)
+            entry = {"step": step + 1, "length": length, "batch": len(examples), "lr": lr, "grad_norm": gnorm,
+                     **stats}
+            if cfg.probe_every and ((step + 1) % cfg.probe_every == 0 or step + 1 == cfg.total_steps):
+                entry.update(probe(model, cfg, length, autocast))
+            entry["elapsed_s"] = round(state["elapsed_s"] + time.time() - t_slice, 2)
+            log_f.write(json.dumps(entry) + "\n")
+            log_f.flush()
+            bar.update(1)
+            bar.set_postfix(L=length, loss=f"{stats['loss']:.3f}", ans=f"{stats['answer']:.3f}",
+                            rec=f"{stats['train_recall']:.2f}")
+            if state["step"] - last_save >= save_every:
+                _save(ckpt, model, opt, cfg, state, t_slice, slice_info)
+                t_slice, last_save = time.time(), state["step"]
+    finally:
+        bar.close()
+        log_f.close()
+    _save(ckpt, model, opt, cfg, state, t_slice, slice_info)
+    return state
+
+
+def _save(ckpt, model, opt, cfg, state, t_slice, slice_info) -> None:
+    now = time.time()
+    state["elapsed_s"] = round(state["elapsed_s"] + now - t_slice, 2)
+    slices = state.setdefault("slices", [])
+    if slices and slices[-1].get("start_step") == slice_info["start_step"]:
+        slices[-1] = {**slice_info, "end_step": state["step"]}
+    else:
+        slices.append({**slice_info, "end_step": state["step"]})
+    save_checkpoint(ckpt, model, opt, cfg, state)
+
+
+def export(ckpt, out, dtype: str = "float16") -> Path:
+    """Write the checkpoint's model as shipped weights (`save_model` layout) in `dtype` into `out`."""
+    from .model import save_model
+
+    state = json.loads((Path(ckpt) / "state.json").read_text())
+    model = HybridLM(ModelConfig.from_dict(state["config"]["model"]))
+    model.load_state_dict(load_file(str(Path(ckpt) / "model.safetensors")))
+    model = model.to({"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype])
+    return save_model(model, out)
+
+
+def _timed_steps(cfg: TrainConfig, length: int, batch: int, device: str, backend: str, n: int = 3) -> float:
+    """Median seconds of a training step (forward, backward, AdamW) at (length, batch) on a fresh model."""
+    model = HybridLM(ModelConfig.from_dict(cfg.model), backend=backend).to(device).train()
+    opt = make_optimizer(model, cfg)
+    stage_cfg = TrainConfig(**{**asdict(cfg), "stages": [[length, n + 1, batch]]})
+    times = []
+    for step in range(n + 1):
+        examples = make_batch(stage_cfg, step)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.time()
+        loss, _ = step_loss(model, cfg, examples, device, device.startswith("cuda"))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.time() - t0)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def plan(cfg: TrainConfig, seconds: float, device: str, backend: str,
+         shares=(0.1, 0.15, 0.2, 0.25, 0.3)) -> TrainConfig:
+    """Resize each stage's step count so the schedule takes about `seconds` on this device: stage i gets
+    `shares[i]` of the time (measured step time at its length and batch). Returns the new config."""
+    if len(shares) != len(cfg.stages):
+        raise ValueError(f"shares: {len(shares)} values for {len(cfg.stages)} stages")
+    stages = []
+    for (length, _, batch), share in zip(cfg.stages, shares):
+        t = _timed_steps(cfg, length, batch, device, backend)
+        steps = max(1, int(share * seconds / t))
+        print(f"plan: L={length} batch={batch}: {t:.3f} s/step, {length * batch / t:,.0f} tok/s -> {steps} steps",
+              file=sys.stderr, flush=True)
+        stages.append([length, steps, batch])
+    return TrainConfig(**{**asdict(cfg), "stages": stages})
+
+
+def check_backends(cfg: TrainConfig, device: str, lengths=(1024, 4096), batch: int = 2) -> list[dict]:
+    """Loss and gradients of one batch with backend "triton" vs "oracle" (same weights), plus step times."""
+    rows = []
+    for length in lengths:
+        stage_cfg = TrainConfig(**{**asdict(cfg), "stages": [[length, 1, batch]]})
+        examples = make_batch(stage_cfg, 0)
+        grads, losses = {}, {}
+        for backend in ("oracle", "triton"):
+            model = HybridLM(ModelConfig.from_dict(cfg.model), backend=backend).to(device).train()
+            try:
+                loss, _ = step_loss(model, cfg, examples, device, device.startswith("cuda"))
+                loss.backward()
+            except Exception as exc:  # report, do not hide: the caller decides which backend to train with
+                rows.append({"length": length, "backend": backend, "error": repr(exc)[:400]})
+                continue
+            losses[backend] = float(loss)
+            grads[backend] = {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
+                              if p.grad is not None}
+        row = {"length": length, "losses": losses}
+        if len(grads) == 2:
+            rel = {n: float((grads["oracle"][n] - grads["triton"][n]).norm() / grads["oracle"][n].norm().clamp_min(1e-12))
+                   for n in grads["oracle"]}
+            row["max_grad_rel"] = max(rel.values())
+            row["worst_grad"] = max(rel, key=rel.get)
+            for backend in ("oracle", "triton"):
+                row[f"step_s_{backend}"] = _timed_steps(cfg, length, batch * 2, device, backend, n=2)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def load_config(path: str | None) -> TrainConfig:
+    if not path:
+        return TrainConfig()
+    return TrainConfig(**json.loads(Path(path).read_text()))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m superlinear_lab.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", help="checkpoint directory (created; resumed when it holds state.json)")
+    p.add_argument("--config", help="TrainConfig JSON (default: the built-in config)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default="auto", choices=["auto", "oracle", "torch", "triton"])
+    p.add_argument("--time-limit", type=float, default=0, help="stop (and checkpoint) after this many seconds")
+    p.add_argument("--max-steps", type=int, help="stop at this absolute step")
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--export", help="write the checkpoint's weights to this model directory and exit")
+    p.add_argument("--export-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--plan", type=float, help="size the stages to about this many seconds here, write --plan-out")
+    p.add_argument("--plan-out", default="train_config.json")
+    p.add_argument("--check-backends", action="store_true", help="compare triton with oracle (loss, grads, time)")
+    args = p.parse_args(argv)
+    if args.check_backends:
+        print(json.dumps(check_backends(load_config(args.config), args.device), indent=1))
+        return 0
+    if args.plan:
+        cfg = plan(load_config(args.config), args.plan, args.device, args.backend)
+        Path(args.plan_out).write_text(json.dumps(asdict(cfg), indent=1))
+        print(json.dumps(cfg.stages))
+        return 0
+    if args.export:
+        print(export(args.ckpt, args.export, args.export_dtype))
+        return 0
+    cfg = load_config(args.config)
+    state = train(cfg, args.ckpt, args.device, args.backend, args.time_limit, args.max_steps, args.save_every,
+                  progress=not args.no_progress)
+    print(json.dumps({k: state[k] for k in ("step", "tokens", "elapsed_s")}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
