@@ -123,6 +123,20 @@ def test_routing_trace_of_a_session_equals_the_full_forward(model):
     assert all(not lay.routing_recorders for _, lay in model.routing_layers())
 
 
+def test_views_render_a_trace_of_the_loaded_model(model, tmp_path):
+    from superlinear_lab.widgets import CoverageMap, RoutingExplorer
+
+    s = Session(model, max_len=64, progress=False)
+    with s.trace() as tr:
+        s.append("routing views on a loaded checkpoint")
+    explorer = RoutingExplorer(tr)
+    explorer.set_layer(8)
+    explorer.set_query(int(tr.queries[-1]))
+    assert explorer.error is None and explorer.figures()
+    out = CoverageMap(tr).to_html(tmp_path / "coverage.html")
+    assert out.stat().st_size > 0
+
+
 def test_snapshot_round_trip(model, ckpt, tmp_path):
     store = SnapshotStore(tmp_path / "snapshots")
     s = Session(model, max_len=96, chunk_size=16, progress=False)
@@ -176,3 +190,31 @@ def test_checkpoint_without_tokenizer_takes_ids(tmp_path):
     assert len(s.generate(3)) <= 3
     with pytest.raises(ValueError, match="no tokenizer.json"):
         s.append("text")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_load_prefill_decode_trace(ckpt, dtype, tmp_path):
+    """On a GPU (Triton attention): load in 16-bit, chunked prefill + decode against one full forward, routing."""
+    path, _ = ckpt
+    model = load_checkpoint(path, device="cuda", dtype=dtype)
+    assert model.device.type == "cuda" and model.blocks[1].mixer.gate.weight.dtype == torch.float32
+    ids = ids_of(96, seed=7)
+    with torch.no_grad(), model.trace() as full_trace:
+        full = model(ids.cuda()[None])[0]
+    s = Session(model, max_len=128, chunk_size=32, progress=False)
+    with s.trace() as tr:
+        s.append(ids[:80])
+        assert_close("prefill logits", full[79], s.logits, 3e-2)
+        for p in range(80, 96):
+            s.append(ids[p:p + 1])
+            assert_close(f"decode logits at {p}", full[p], s.logits, 3e-2)
+    for layer in tr.layers:
+        same = (tr.layer(layer).qanchor == full_trace.layer(layer).qanchor).float().mean().item()
+        assert same > 0.98, f"layer {layer}: only {same:.3f} of the anchors agree (16-bit rounding flips ties)"
+    store = SnapshotStore(tmp_path)
+    back = store.load(store.save(s), model)
+    back.append(ids[:4])
+    s.append(ids[:4])
+    assert torch.equal(back.logits, s.logits)
