@@ -100,6 +100,9 @@ def _warmup(model) -> None:
 
 def serve(options: ServeOptions) -> None:
     """Run the server in the foreground until interrupted."""
+    api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
+    check_bind(options.host, api_key)  # before anything is loaded or bound
+
     import torch
     import uvicorn
 
@@ -107,8 +110,6 @@ def serve(options: ServeOptions) -> None:
     from .app import ServerSettings, create_app
     from .engine import ChatEngine
 
-    api_key = options.api_key or os.environ.get(API_KEY_ENV) or None
-    check_bind(options.host, api_key)
     if options.threads:
         torch.set_num_threads(options.threads)
     model, device, dtype = _load(options)
