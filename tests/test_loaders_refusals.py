@@ -81,9 +81,13 @@ def test_missing_shape_field(ckpt):
     refused(ckpt, "config.json", "'ssm_state_size'", "missing")
 
 
-def test_unknown_config_key(ckpt):
+def test_unknown_span_key_is_refused_other_unknown_keys_warn(ckpt):
     edit_json(ckpt / "config.json", lambda d: d.update(span_attention_mode="dense"))
     refused(ckpt, "config.json", "'span_attention_mode'")
+    edit_json(ckpt / "config.json", lambda d: [d.pop("span_attention_mode"), d.update(publisher_note="hi")])
+    with pytest.warns(UserWarning, match=r"config.json: keys not understood .*'publisher_note'"):
+        model = load_checkpoint(ckpt, backend="torch")
+    assert model.cfg.ignored_keys == ("publisher_note",)
 
 
 def test_bad_layer_pattern(ckpt):

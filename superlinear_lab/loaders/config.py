@@ -9,6 +9,8 @@ replaced by Superlinear attention. Its ``config.json`` is Hugging Face style; th
   is ignored (``ignore_auto_map=True``): this toolkit never runs checkpoint code;
 * every field that fixes a tensor shape must be present (`SHAPE_FIELDS`); behavioural fields that are absent
   take the transformers NemotronH defaults and are listed in ``cfg.defaults_used``;
+* an unknown ``span_attention_*`` key is refused (it would change the attention math); other unknown keys are
+  ignored with a warning and listed in ``cfg.ignored_keys``;
 * the layer pattern (``hybrid_override_pattern``) uses ``M`` Mamba-2, ``E`` mixture-of-experts, ``*`` attention,
   ``-`` MLP; the ``span_attention_*`` fields become a `SpanConfig`.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -61,6 +64,10 @@ _IGNORED_KEYS = {
     "attn_implementation", "decode_kernel", "_name_or_path", "model_type", "auto_map", "hybrid_override_pattern",
     "enable_cuda_graph", "use_shared_fused_moe", "rope_theta", "rope_scaling", "partial_rotary_factor",
 }
+
+
+# Dataclass fields that are not config.json keys of the same name.
+_NOT_HF_FIELDS = {"pattern", "span", "defaults_used", "ignored_keys", "torch_dtype", "eos_token_id"}
 
 
 class CheckpointError(ValueError):
@@ -133,6 +140,7 @@ class SuperlinearExpConfig:
     torch_dtype: str | None = None  # storage dtype declared by config.json ("bfloat16", "float16", ...)
     span: SpanConfig = field(default_factory=SpanConfig.release)  # geometry of every attention layer
     defaults_used: tuple = ()  # behavioural config.json keys that were absent (NemotronH defaults taken)
+    ignored_keys: tuple = ()  # config.json keys this loader does not understand (ignored, with a warning)
 
     def __post_init__(self) -> None:
         def fail(name, value, expected):
@@ -287,13 +295,14 @@ class SuperlinearExpConfig:
         d["span"] = self.span.to_dict()
         d["time_step_limit"] = list(self.time_step_limit)
         d["defaults_used"] = list(self.defaults_used)
+        d["ignored_keys"] = list(self.ignored_keys)
         d["model_type"] = MODEL_TYPE
         return d
 
     def to_hf_dict(self) -> dict:
         """The Hugging Face style ``config.json`` a Superlinear-Exp checkpoint carries (inverse of `from_hf_dict`)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)
-             if f.name not in ("pattern", "span", "defaults_used", "torch_dtype", "eos_token_id")}
+             if f.name not in _NOT_HF_FIELDS}
         d["time_step_limit"] = list(self.time_step_limit)
         d["model_type"] = MODEL_TYPE
         d["hybrid_override_pattern"] = self.pattern
@@ -345,11 +354,14 @@ class SuperlinearExpConfig:
         for key in SHAPE_FIELDS:
             if key not in d:
                 refuse(key, "is missing; it fixes tensor shapes and is never guessed")
-        known = {f.name for f in fields(cls)} - {"pattern", "span", "defaults_used", "torch_dtype", "eos_token_id"}
+        known = {f.name for f in fields(cls)} - _NOT_HF_FIELDS
         unknown = sorted(set(d) - known - _IGNORED_KEYS - set(SPAN_KEYS) - {"eos_token_id", "bos_token_id",
                                                                            "pad_token_id"})
+        for key in unknown:
+            if key.startswith("span_attention_"):
+                refuse(key, f"is not understood by this loader; known span keys: {sorted(SPAN_KEYS)}")
         if unknown:
-            refuse(unknown[0], f"is not understood by this loader (unknown keys: {unknown})")
+            warnings.warn(f"{source}: keys not understood by this loader were ignored: {unknown}", stacklevel=3)
         kwargs = {k: d[k] for k in known if k in d}
         span_fields = {name: d[key] for key, name in SPAN_KEYS.items() if key in d}
         if span is None:
@@ -367,7 +379,7 @@ class SuperlinearExpConfig:
         defaults_used = tuple(sorted(known - set(SHAPE_FIELDS) - set(kwargs)))
         try:
             return cls(pattern=pattern, span=span, eos_token_id=eos, torch_dtype=dtype,
-                       defaults_used=defaults_used, **kwargs)
+                       defaults_used=defaults_used, ignored_keys=tuple(unknown), **kwargs)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{source}: {e}") from None
 
