@@ -224,6 +224,16 @@ def test_fp32_router_in_a_16_bit_checkpoint_is_accepted(tmp_path):
         load_checkpoint(tmp_path)
 
 
+def test_unsupported_checkpoint_dtype(ckpt):
+    edit_json(ckpt / "config.json", lambda d: d.update(torch_dtype="float8_e4m3fn"))
+    refused(ckpt, "config.json", "'torch_dtype'", "float8_e4m3fn")
+
+
+def test_key_map_row_that_matches_nothing(ckpt):
+    refused(ckpt, "key_map", "'blocks.{i}.mixer.q3_proj.weight'",
+            key_map={"blocks.{i}.mixer.q3_proj.weight": "backbone.layers.{i}.mixer.q3.weight"})
+
+
 def test_not_a_directory(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         load_checkpoint(tmp_path / "nowhere")

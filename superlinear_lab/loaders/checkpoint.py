@@ -104,7 +104,8 @@ def model_tensor_names(model: SuperlinearExpLM) -> dict[str, tuple]:
 def checkpoint_names(model: SuperlinearExpLM, key_map: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
     """{checkpoint tensor name: (model tensor name, KEY_MAP row)} under `KEY_MAP` updated by `key_map`.
 
-    Raises CheckpointError if a model tensor matches no row, or two model tensors map to one checkpoint name.
+    Raises CheckpointError if a model tensor matches no row, two model tensors map to one checkpoint name, or a
+    row of `key_map` matches no model tensor (a typo would otherwise be ignored).
     """
     rows = {**KEY_MAP, **(key_map or {})}
     compiled = [(row, _template_regex(row), ckpt) for row, ckpt in rows.items()]
@@ -121,6 +122,9 @@ def checkpoint_names(model: SuperlinearExpLM, key_map: dict[str, str] | None = N
                 break
         else:
             raise CheckpointError(f"key_map: no row for model tensor {name!r}")
+    unused = sorted(set(key_map or {}) - {row for _, row in out.values()})
+    if unused:
+        raise CheckpointError(f"key_map: row {unused[0]!r} matches no tensor of this model")
     return out
 
 
@@ -193,6 +197,9 @@ def load_checkpoint(path, *, device: str | torch.device = "cpu", dtype=None, spa
     if declared is None:  # no torch_dtype in config.json: the embedding's dtype is the checkpoint's
         embed_key = next(k for k, (name, _) in names.items() if name == "embed.weight")
         declared = FLOAT_DTYPES.get(headers[weight_map[embed_key]][embed_key].dtype)
+    if declared not in _DTYPES:
+        raise CheckpointError(f"{root / 'config.json'}: key 'torch_dtype': checkpoint dtype {declared!r} is not "
+                              f"one of {sorted(_DTYPES)}")
     for key, (model_name, row) in names.items():
         shard = weight_map[key]
         info = headers[shard].get(key)
@@ -208,7 +215,7 @@ def load_checkpoint(path, *, device: str | torch.device = "cpu", dtype=None, spa
             raise CheckpointError(f"{where}: dtype {info.dtype}, expected {declared} (the checkpoint's dtype)"
                                   + (" or float32" if row in FP32_ALLOWED else ""))
 
-    model.to(dtype=want_dtype or _DTYPES.get(declared, torch.float32))
+    model.to(dtype=want_dtype or _DTYPES[declared])
     model.keep_router_fp32()
     model.to_empty(device=device)
     params = dict(model.named_parameters()) | dict(model.named_buffers())
