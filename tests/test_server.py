@@ -269,7 +269,12 @@ def test_corrupted_snapshot_is_refused(http, server):
 
 
 # ---------------------------------------------------------------------- disconnects
+def cancelled(http) -> int:
+    return ok(http.get("/v1/server"))["chat"]["cancelled"]
+
+
 def test_stream_disconnect_cancels_and_rolls_back(http, long_reply):
+    n_cancelled = cancelled(http)
     sid = new_session(http, max_seq_len=1024)
     chat(http, user("setup turn"), sid)
     before = state(http, sid)
@@ -287,6 +292,7 @@ def test_stream_disconnect_cancels_and_rolls_back(http, long_reply):
     assert got
     # the next request on the session is served after the cancelled one rolled back
     after = chat(http, user("next"), sid)
+    assert cancelled(http) == n_cancelled + 1
     control = new_session(http, max_seq_len=1024)
     chat(http, user("setup turn"), control)
     assert state(http, control) == before
@@ -295,6 +301,7 @@ def test_stream_disconnect_cancels_and_rolls_back(http, long_reply):
 
 
 def test_non_streaming_disconnect_cancels_and_rolls_back(http, server, long_reply):
+    n_cancelled = cancelled(http)
     sid = new_session(http, max_seq_len=1024)
     body = json.dumps({"model": MODEL, "messages": LONG, "session_id": sid, "max_tokens": CAP,
                        "temperature": 0}).encode()
@@ -302,7 +309,12 @@ def test_non_streaming_disconnect_cancels_and_rolls_back(http, server, long_repl
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    r = chat(http, user("after"), sid)  # queued behind the abandoned request, which must have rolled back
+    deadline = time.monotonic() + 120  # bounded: the server notices the disconnect and cancels the job
+    while cancelled(http) == n_cancelled and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cancelled(http) == n_cancelled + 1
+    assert state(http, sid) == (0, [])
+    r = chat(http, user("after"), sid)
     assert state(http, sid)[1][0][:2] == ("user", "after")
     control = new_session(http, max_seq_len=1024)
     assert reply(chat(http, user("after"), control)) == reply(r)

@@ -141,10 +141,11 @@ class Admission:
     """Counts engine requests in flight; `enter()` is False when `limit` (> 0) are."""
 
     def __init__(self, limit: int):
-        self.limit, self.active = limit, 0
+        self.limit, self.active, self.rejected = limit, 0, 0
 
     def enter(self) -> bool:
         if self.limit and self.active >= self.limit:
+            self.rejected += 1
             return False
         self.active += 1
         return True
@@ -272,6 +273,13 @@ def create_app(engine: ChatEngine, settings: ServerSettings) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": settings.served_model}
+
+    @app.get("/v1/server")
+    async def server_stats():
+        return {"model": settings.served_model, "in_flight": admission.active,
+                "max_concurrency": settings.max_concurrency, "rejected": admission.rejected,
+                "max_completion_tokens": settings.max_completion_tokens, "sessions": len(engine.sessions),
+                "chat": dict(engine.stats)}
 
     @app.get("/v1/models")
     async def models():

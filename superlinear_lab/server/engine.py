@@ -134,6 +134,7 @@ class ChatEngine:
         self.chunk_size = chunk_size
         self.sessions: dict[str, ServerSession] = {}
         self.closing = threading.Event()
+        self.stats = {"completed": 0, "cancelled": 0, "failed": 0}  # chat turns by outcome (worker-written)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="superlinear-engine")
         self._stops = stop_token_ids(self.tokenizer)
 
@@ -240,7 +241,20 @@ class ChatEngine:
 
     # ------------------------------------------------------------------ chat (worker thread)
     def chat(self, req: ChatRequest, emit: Callable[[str, str], None], cancel: threading.Event) -> ChatResult:
-        """Job: one chat turn. `emit("start", "")` is called once the prompt is in the cache, then
+        """Job: `_chat`, counted in `stats` by outcome."""
+        try:
+            result = self._chat(req, emit, cancel)
+        except Cancelled:
+            self.stats["cancelled"] += 1
+            raise
+        except BaseException:
+            self.stats["failed"] += 1
+            raise
+        self.stats["completed"] += 1
+        return result
+
+    def _chat(self, req: ChatRequest, emit: Callable[[str, str], None], cancel: threading.Event) -> ChatResult:
+        """One chat turn. `emit("start", "")` is called once the prompt is in the cache, then
         `emit("delta", text)` with the reply text as it becomes final; `cancel` is polled between prefill chunks
         and tokens.
 
