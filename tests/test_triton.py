@@ -138,6 +138,17 @@ def test_decode_search_split_runs(monkeypatch, split):
     _compare(DEFAULT.replace(num_spans=4), 1, 2, 1, 1, 200, 16, torch.float32, positions=[150], grads=False)
 
 
+def test_decode_key_splits(monkeypatch):
+    """Tiny key runs: spans cross several splits and the last split takes the remainder (D5)."""
+    from superlinear_kernels.triton import decode
+
+    monkeypatch.setattr(decode, "DECODE_BLOCK_N", 16)
+    monkeypatch.setattr(decode, "DECODE_SPAN_SPLITS", 2)
+    monkeypatch.setattr(decode, "DECODE_WINDOW_SPLITS", 3)
+    _compare(RELEASE_SMALL.replace(sw_index=6), 2, 4, 1, 1, 300, 16, torch.float32, starts=[0, 31],
+             positions=[290], grads=False)
+
+
 def test_decode_equals_prefill_row():
     cfg = RELEASE_SMALL
     b, h_q, h_kv, l, d = 2, 4, 1, 57, 16

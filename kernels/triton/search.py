@@ -1,9 +1,9 @@
 """Span search kernels (SPEC §2): raw <Q1, K(anchor)> over the stripes σ+1 … M(q+1), top-K with the
 tie rule, span bounds from the shared tables — and the backward through `values` (SPEC §2.6).
 
-Forward: one program per (batch, KV head, head chunk, block of BQ queries). Its rows are the query
-heads of that KV group times the queries, so each stripe step gathers one K row per *query* and every
-head of the group reuses it (same addresses: one HBM read). The loop bound is the block's own
+Forward: one program per (batch, KV head, head chunk, block of BQ queries). It holds Q1 of the
+group's heads x its queries as one [GH, BQ, D] tile, so each stripe step gathers one K row per
+*query* ([BQ, D]) and every head of the group reuses it from registers (loaded once). The loop bound is the block's own
 max M(q + 1), loaded from a device tensor: cost follows the current position (Decision D3), no
 recompile per length. Stripes are scanned from the largest index (earliest anchor) down, and a score
 enters the top-K only when strictly greater: on ties the earlier position wins (SPEC §2.3).
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_d, head_rows, max_stripes, next_pow2
+from .common import block_d, max_stripes, next_pow2
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
                    sk_b, sk_h, sk_l,
                    H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, SIGMA, W, SPLIT, N_SPLIT,
                    NUM_SPANS: tl.constexpr, GH: tl.constexpr, BQ: tl.constexpr, BLOCK_D: tl.constexpr,
-                   IS_SPLIT: tl.constexpr):
+                   UNROLL: tl.constexpr, IS_SPLIT: tl.constexpr):
     pid_q = tl.program_id(0)
     pid_g = tl.program_id(1)
     pid_s = tl.program_id(2)  # which run of SPLIT stripes (decode); 0 with one run per query block
@@ -68,37 +68,42 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
     bh = pid_g // N_CHUNKS
     b = bh // H_KV
     hkv = bh % H_KV
-    rows = tl.arange(0, GH * BQ)
-    g = chunk * GH + rows // BQ
-    qi = pid_q * BQ + rows % BQ
-    ok = (g < G) & (qi < L_Q)
-    h = hkv * G + g
-    base = (b * H_Q + h).to(tl.int64) * L_Q + qi  # row index in [B, H_Q, L_Q]
+    g = chunk * GH + tl.arange(0, GH)
+    qi = pid_q * BQ + tl.arange(0, BQ)
+    g_ok = g < G
+    q_ok = qi < L_Q
+    ok = g_ok[:, None] & q_ok[None, :]  # [GH, BQ]
+    base = ((b * H_Q + hkv * G + g).to(tl.int64) * L_Q)[:, None] + qi[None, :]  # row in [B, H_Q, L_Q]
 
-    pos = tl.load(pos_ptr + qi, mask=ok, other=0)
+    pos = tl.load(pos_ptr + qi, mask=q_ok, other=0)  # [BQ]
     s = tl.load(start_ptr + b)
-    t = tl.maximum(pos + 1 - s, 0)
-    i_top = tl.max(tl.load(mstripe_ptr + qi, mask=ok, other=0), axis=0)
+    i_top = tl.max(tl.load(mstripe_ptr + qi, mask=q_ok, other=0), axis=0)
 
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q = tl.load(q1_ptr + base[:, None] * D + d[None, :], mask=ok[:, None] & dmask[None, :], other=0.0)
-    q = q.to(tl.float32)
+    q = tl.load(q1_ptr + base[:, :, None] * D + d[None, None, :],
+                mask=ok[:, :, None] & dmask[None, None, :], other=0.0).to(tl.float32)  # [GH, BQ, BLOCK_D]
     k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
 
-    neg = tl.full([GH * BQ], float("-inf"), tl.float32)
-    none = tl.full([GH * BQ], -1, tl.int64)
+    neg = tl.full([GH, BQ], float("-inf"), tl.float32)
+    none = tl.full([GH, BQ], -1, tl.int64)
     v0, v1, v2, v3 = neg, neg, neg, neg
     a0, a1, a2, a3 = none, none, none, none
     i_hi = tl.minimum(i_top, SIGMA + (pid_s + 1) * SPLIT)
-    for j in range(0, i_hi - SIGMA - pid_s * SPLIT):
-        offset = tl.load(table_ptr + (i_hi - j))
-        anchor = pos + 1 - offset
-        cand = ok & (anchor >= s) & (anchor >= 0) & (anchor < L_KV)
-        kk = tl.load(k_base + anchor[:, None] * sk_l + d[None, :], mask=cand[:, None] & dmask[None, :], other=0.0)
-        score = tl.sum(q * kk.to(tl.float32), axis=1)
-        score = tl.where(cand, score, float("-inf"))
-        v0, v1, v2, v3, a0, a1, a2, a3 = _insert(score, anchor, v0, v1, v2, v3, a0, a1, a2, a3)
+    n = i_hi - SIGMA - pid_s * SPLIT
+    for j0 in range(0, n, UNROLL):
+        # UNROLL independent stripe gathers per trip keep several loads in flight.
+        for u in tl.static_range(UNROLL):
+            step_ok = j0 + u < n
+            offset = tl.load(table_ptr + (i_hi - j0 - u), mask=step_ok, other=1 << 62)
+            anchor = pos + 1 - offset  # [BQ]; a masked step gives a negative anchor: no candidate
+            cand = q_ok & (anchor >= s) & (anchor >= 0) & (anchor < L_KV)
+            kk = tl.load(k_base + anchor[:, None] * sk_l + d[None, :], mask=cand[:, None] & dmask[None, :],
+                         other=0.0).to(tl.float32)  # [BQ, BLOCK_D]: one K row per query, shared by the heads
+            score = tl.sum(q * kk[None, :, :], axis=2)  # [GH, BQ], fp32, no 1/sqrt(D)
+            score = tl.where(cand[None, :], score, float("-inf"))
+            anchor2 = tl.broadcast_to(anchor[None, :], [GH, BQ])
+            v0, v1, v2, v3, a0, a1, a2, a3 = _insert(score, anchor2, v0, v1, v2, v3, a0, a1, a2, a3)
 
     if IS_SPLIT:
         # Partial top-4 of this run of stripes; _search_merge_kernel picks the final top-K.
@@ -112,7 +117,9 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
         tl.store(part_a_ptr + part + 2, a2, mask=ok)
         tl.store(part_a_ptr + part + 3, a3, mask=ok)
     else:
-        _store_all(v0, v1, v2, v3, a0, a1, a2, a3, pos, s, t, blen_ptr, flen_ptr, base, ok, L_KV, W,
+        pos2 = tl.broadcast_to(pos[None, :], [GH, BQ])
+        t2 = tl.maximum(pos2 + 1 - s, 0)
+        _store_all(v0, v1, v2, v3, a0, a1, a2, a3, pos2, s, t2, blen_ptr, flen_ptr, base, ok, L_KV, W,
                    qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS)
 
 
@@ -176,6 +183,18 @@ def _select(vals, anch, big):
     return v0, v1, v2, v3, a0, a1, a2, a3
 
 
+SEARCH_UNROLL = 4  # stripes gathered per loop trip
+SEARCH_TILE = 16384  # elements of the fp32 [heads x queries x D] Q1 tile a program keeps in registers
+
+
+def search_layout(group: int, l_q: int, d: int) -> tuple[int, int, int]:
+    """(GH heads, BQ queries, head chunks) of a search program: all heads of a KV group (up to 16 per
+    chunk) times as many queries as fit the register tile."""
+    gh = min(next_pow2(group), 16)
+    bq = max(1, min(SEARCH_TILE // (gh * block_d(d)), next_pow2(l_q), 128))
+    return gh, bq, -(-group // gh)
+
+
 # Decode (L_Q = 1) has one program per KV head: it splits the stripe list into runs of this many
 # stripes, one program each, and merges their partial top-4 lists (SPEC §2.7, steps 3-4).
 DECODE_SPLIT = 16
@@ -204,7 +223,7 @@ def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, r
     qanchor = torch.empty(shape, dtype=torch.int32, device=dev)
     qend = torch.empty(shape, dtype=torch.int32, device=dev)
     values = torch.empty(shape, dtype=torch.float32, device=dev)
-    gh, bq, n_chunks = head_rows(group, l_q)
+    gh, bq, n_chunks = search_layout(group, l_q, d)
     n_stripes = max(offsets.numel() - 2 - sw_index, 0)  # σ+1 … M(L_KV)
     split = l_q == 1 and n_stripes > DECODE_SPLIT
     run = DECODE_SPLIT if split else max(n_stripes, 1)
@@ -221,7 +240,8 @@ def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, r
         qstart, qanchor, qend, values, part_v, part_a,
         k.stride(0), k.stride(1), k.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, n_chunks, sw_index, window, run, n_split,
-        NUM_SPANS=num_spans, GH=gh, BQ=bq, BLOCK_D=block_d(d), IS_SPLIT=split, num_warps=4)
+        NUM_SPANS=num_spans, GH=gh, BQ=bq, BLOCK_D=block_d(d), UNROLL=SEARCH_UNROLL, IS_SPLIT=split,
+        num_warps=8 if gh * bq * block_d(d) >= 8192 else 4)
     if split:
         block_r = 16
         _search_merge_kernel[(triton.cdiv(n_rows, block_r),)](

@@ -9,8 +9,8 @@ from the window branch's softmax state, so the result is directly O_k over S_k �
   loop bound is the tile's own max(qend), never a precomputed cap: no pair is ever dropped, whatever
   its length (Decision D5). Sorting makes tiles share their key blocks, so the union stays close to
   one span length.
-* **Per pair (decode).** With L_Q = 1 the pairs of a tile point anywhere in the cache, so each pair
-  runs alone over exactly its own keys (mat-vec, no tile union): cost K·(B(t)+Fw(t)+1) per head.
+* **Decode** (L_Q = 1) does not use these tiles: its pairs point anywhere in the cache, so decode.py
+  splits each pair's own keys instead.
 * **Window fold-in (SPEC §3.3).** Each pair starts its online softmax at (m, l, acc) =
   (ℓ_w, 1, O_win) — or (-inf, 0, 0) for an empty window — which is exactly the stable LSE merge:
   both empty gives O_k = 0 = O_win, never NaN.
@@ -104,65 +104,19 @@ def _span_fwd_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, wout_
     tl.store(blse_ptr + pair, lse, mask=ok)
 
 
-@triton.jit
-def _span_pair_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, wout_ptr, wlse_ptr, bout_ptr, blse_ptr,
-                      sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                      H_Q, H_KV, L_Q, D, G, scale,
-                      NUM_SPANS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pair = tl.program_id(0).to(tl.int64)
-    row = pair // NUM_SPANS
-    bh = row // L_Q
-    b = bh // H_Q
-    hkv = (bh % H_Q) // G
-    qs = tl.load(qstart_ptr + pair).to(tl.int64)
-    qe = tl.load(qend_ptr + pair).to(tl.int64)
-    qe = tl.where(qs >= 0, qe, -1)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    q = tl.load(q_ptr + row * D + d, mask=dmask, other=0.0).to(tl.float32)
-    acc = tl.load(wout_ptr + row * D + d, mask=dmask, other=0.0)
-    m = tl.load(wlse_ptr + row)
-    l = tl.where(m > float("-inf"), 1.0, 0.0)
-    k_base = k_ptr + b * sk_b + hkv * sk_h
-    v_base = v_ptr + b * sv_b + hkv * sv_h
-    lo = tl.maximum(qs, 0)
-    for n0 in range(lo, qe + 1, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols <= qe
-        m2 = cmask[:, None] & dmask[None, :]
-        kk = tl.load(k_base + cols[:, None] * sk_l + d[None, :], mask=m2, other=0.0).to(tl.float32)
-        logits = tl.sum(kk * q[None, :], axis=1) * scale
-        logits = tl.where(cmask, logits, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logits, axis=0))
-        alpha = tl.exp(m - m_new)  # m_new is finite: the block holds at least one key
-        p = tl.exp(logits - m_new)
-        l = l * alpha + tl.sum(p, axis=0)
-        vv = tl.load(v_base + cols[:, None] * sv_l + d[None, :], mask=m2, other=0.0)
-        # P·V operands in the model dtype (SPEC §3.8), accumulated in fp32.
-        pv = p.to(vv.dtype).to(tl.float32)
-        acc = acc * alpha + tl.sum(pv[:, None] * vv.to(tl.float32), axis=0)
-        m = m_new
-    nonempty = l > 0
-    out = acc / tl.where(nonempty, l, 1.0)
-    lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
-    tl.store(bout_ptr + pair * D + d, out, mask=dmask)
-    tl.store(blse_ptr + pair, lse)
-
-
 def _blocks(d: int) -> tuple[int, int, int]:
     bd = block_d(d)
     return bd, (64 if bd <= 128 else 32), 64
 
 
-def span_forward(q2, k, v, qstart, qend, win_out, win_lse, per_pair: bool):
+def span_forward(q2, k, v, qstart, qend, win_out, win_lse):
     """Span branches merged with the window.
 
     Args:
         q2: [B, H_Q, L_Q, D] contiguous; k, v: [B, H_KV, L_KV, D] (unit stride in D);
         qstart, qend: int32 [B, H_Q, L_Q, K] contiguous; win_out fp32 [B, H_Q, L_Q, D]; win_lse fp32 [B, H_Q, L_Q].
-        per_pair: one program per pair (decode) instead of sorted pair tiles.
     Returns:
-        (branch_out fp32 [B, H_Q, L_Q, K, D], branch_lse fp32 [B, H_Q, L_Q, K], order or None): O_k and the
+        (branch_out fp32 [B, H_Q, L_Q, K, D], branch_lse fp32 [B, H_Q, L_Q, K], order): O_k and the
         lse of S_k ∪ Wnd; `order` is the tile sort, reused by the backward.
     """
     b, h_q, l_q, d = q2.shape
@@ -173,12 +127,6 @@ def span_forward(q2, k, v, qstart, qend, win_out, win_lse, per_pair: bool):
     blse = torch.empty(b, h_q, l_q, num_spans, dtype=torch.float32, device=q2.device)
     bd, block_n, block_p = _blocks(d)
     strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
-    if per_pair:
-        _span_pair_kernel[(qstart.numel(),)](
-            q2, k, v, qstart, qend, win_out, win_lse, bout, blse, *strides,
-            h_q, h_kv, l_q, d, group, d ** -0.5,
-            NUM_SPANS=num_spans, BLOCK_N=block_n, BLOCK_D=bd, num_warps=4)
-        return bout, blse, None
     order = sort_pairs(qstart, qend, h_kv, block_n, l_kv)
     pg = group * l_q * num_spans
     _span_fwd_kernel[(triton.cdiv(pg, block_p), b * h_kv)](
