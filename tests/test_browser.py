@@ -156,8 +156,14 @@ _KERNEL_IDLE = """() => {
 }"""
 
 
+# What the *kernel* drew: plot titles, HTML panels and the status line — not the controls, whose readouts change
+# in the browser before the kernel has answered.
+_CONTENT = """el => [...el.querySelectorAll('.js-plotly-plot .gtitle, .js-plotly-plot .xtick, .widget-html-content')]
+  .map(e => e.textContent).join('|')"""
+
+
 def _view_text(view) -> str:
-    return view.inner_text()
+    return view.evaluate(_CONTENT)
 
 
 @pytest.mark.parametrize("notebook", sorted(NOTEBOOKS))
@@ -167,7 +173,7 @@ def test_notebook_runs_and_views_render(lab, browser, notebook):
     base, token = lab
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     stem = notebook.removesuffix(".ipynb")
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = browser.new_page(viewport={"width": 1400, "height": 2400})
     console_errors: list[str] = []
     page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
     try:
@@ -202,7 +208,8 @@ def test_notebook_runs_and_views_render(lab, browser, notebook):
         before = _view_text(view)
         slider = view.locator(".widget-slider", has=page.locator(".widget-label", has_text=label)).first
         handle = slider.locator(".noUi-handle").first
-        changed = "([el, before]) => el.innerText !== before"
+        changed = ("([el, before]) => [...el.querySelectorAll('.js-plotly-plot .gtitle, .js-plotly-plot .xtick, "
+                   ".widget-html-content')].map(e => e.textContent).join('|') !== before")
         for attempt in (key, _OPPOSITE[key]):
             handle.focus()
             page.keyboard.press(attempt)

@@ -35,6 +35,9 @@ COLORS = {
     "other": "#B279A2",
 }
 FONT = dict(family="system-ui, -apple-system, 'Segoe UI', sans-serif", size=12)
+# FigureWidgets do not reliably measure their output area when first shown (they fall back to plotly's 700 px),
+# so widgets get an explicit width that fits JupyterLab's default notebook column; exports stay responsive.
+WIDGET_WIDTH = 980
 
 
 def base_layout(title: str, height: int = 380, **extra) -> dict:
@@ -179,6 +182,8 @@ def sync_figure(widget: go.FigureWidget, fig: go.Figure) -> bool:
             widget.data = ()
             widget.add_traces(list(fig.data))
         widget.layout = fig.layout
+        if fig.layout.width is None:
+            widget.layout.width = WIDGET_WIDTH
     return not same
 
 
@@ -191,6 +196,9 @@ class _WidgetView:
         self.controller = controller
         figs = controller.figures()
         self.figure_widgets = [go.FigureWidget(fig) for fig in figs]
+        for widget, fig in zip(self.figure_widgets, figs):
+            if fig.layout.width is None:
+                widget.layout.width = WIDGET_WIDTH
         self.status = w.HTML(controller._status_html())
         self.panels = [w.HTML(text) for text in controller.panels_html()]
         self.controls = controller._build_controls()

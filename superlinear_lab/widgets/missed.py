@@ -245,6 +245,8 @@ class MissedSpanDebugger(View):
         table = ("<table style='border-collapse:collapse;font-size:12px'><tr><th>chosen</th><th>anchor</th>"
                  f"<th>span</th><th>score</th><th>gate</th><th>text chosen instead</th></tr>{rows}</table>"
                  if rows else "<i>no span chosen (window only)</i>")
+        table = table.replace("<td", "<td style='padding:2px 10px 2px 0;vertical-align:top;white-space:nowrap'").replace(
+            "<th>", "<th style='padding:2px 10px 2px 0;text-align:left'>")
         return ["<div class='sl-explain'>" + "<br>".join(lines) + table + "</div>"]
 
     def figures(self) -> list[go.Figure]:
@@ -296,7 +298,12 @@ class MissedSpanDebugger(View):
             detail.add_hline(y=x["kth_score"], line=dict(color=COLORS["span"], dash="dot", width=1))
         detail.update_layout(**base_layout(f"Query {q:,} · layers.{self.layer}.routing · head {self.head}: "
                                            "search scores (evidence shaded red)", height=300))
-        detail.update_xaxes(title_text="anchor position", range=[-0.5, q + 0.5])
+        detail.update_xaxes(title_text="anchor position", range=[-0.03 * q - 1, 1.03 * q + 1])
+        ys = [float(v) for t in detail.data if t.y is not None for v in t.y if v is not None]
+        if ys:  # room above the top marker for its "#1" label
+            lo, hi = min(ys), max(ys)
+            pad = 0.15 * max(hi - lo, 1e-6)
+            detail.update_yaxes(range=[lo - pad, hi + 2 * pad])
         detail.update_yaxes(title_text="score")
         return [grid, detail]
 

@@ -311,13 +311,15 @@ class RoutingExplorer(View):
         if not body:
             body.append("<tr><td colspan='7'>no chosen span (all slots invalid: window-only attention)</td></tr>")
         title = (f"<b>Chosen spans of query {self.query:,}</b> "
-                 f"(<code>{html.escape(snippet(self.tokens, max(0, self.query - 12), self.query, 40))}</code>)"
+                 f"— the text it ends: <code>…{html.escape(snippet(self.tokens, max(0, self.query - 24), self.query, 40))}</code>"
                  if self.tokens else f"<b>Chosen spans of query {self.query:,}</b>")
         if self.compare is not None:
             b_anchors = ", ".join(f"{r['anchor']:,}" for r in self.chosen("B")) or "none"
             title += f" · {html.escape(self.labels[1])} chose anchors {b_anchors}"
-        return [f"<div class='sl-spans'>{title}<table class='sl-table' style='border-collapse:collapse;"
-                f"font-size:12px'>{head}{''.join(body)}</table></div>"]
+        table = (f"<table class='sl-table' style='border-collapse:collapse;font-size:12px'>{head}{''.join(body)}"
+                 "</table>").replace("<td", "<td style='padding:2px 10px 2px 0;vertical-align:top;white-space:nowrap'").replace(
+                     "<th>", "<th style='padding:2px 10px 2px 0;text-align:left'>")
+        return [f"<div class='sl-spans'>{title}{table}</div>"]
 
     # ------------------------------------------------------------------ figures
     def _map_panel(self, fig, m: RoutingMap, col: int, which: str, show_overlay: bool) -> None:
@@ -410,8 +412,8 @@ class RoutingExplorer(View):
         fig.update_yaxes(title_text="query position", row=1, col=1)
         fig.update_yaxes(showticklabels=False, showgrid=False, row=2)
         fig.update_xaxes(range=[-0.5, self.trace.length - 0.5], showgrid=False)
-        fig.update_xaxes(title_text="key position (strip: how often each key is used; hover for its text)",
-                         row=2, col=1)
+        fig.update_xaxes(title_text="key position · grey strip: how often each key is used (hover: its text)",
+                         row=2, col=2 if self.compare is not None else 1)
         return fig
 
     def _detail_figure(self) -> go.Figure:
@@ -454,8 +456,14 @@ class RoutingExplorer(View):
         title = f"Query {self.query:,} · {rec.name} · head {self.head}"
         fig.update_layout(**base_layout(title, height=300))
         fig.update_layout(margin=dict(l=70, r=20, t=70, b=45), legend=dict(y=1.12))
-        fig.update_xaxes(title_text="anchor position", range=[-0.5, self.query + 0.5], row=1, col=1)
+        fig.update_xaxes(title_text="anchor position", range=[-0.03 * self.query - 1, 1.03 * self.query + 1],
+                         row=1, col=1)
         fig.update_yaxes(title_text="score ⟨Q1, K(anchor)⟩", row=1, col=1)
+        scores = [r["score"] for r in chosen] + ([] if prof is None else prof[1].tolist())
+        if scores:  # room above the top marker for its "#1" label
+            lo, hi = min(scores), max(scores)
+            pad = 0.15 * max(hi - lo, 1e-6)
+            fig.update_yaxes(range=[lo - pad, hi + 2 * pad], row=1, col=1)
         fig.update_yaxes(range=[0, 1], row=1, col=2)
         if note:
             fig.add_annotation(text=note, xref="x domain", yref="y domain", x=0.5, y=0.5, showarrow=False,
