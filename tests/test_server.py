@@ -167,6 +167,9 @@ def test_request_validation(http):
     big = {"model": MODEL, "messages": user("x" * 70_000)}
     err(http.post("/v1/chat/completions", json=big), 413)
     err(http.post("/v1/sessions", json={"max_seq_len": 10**9}), 400)
+    err(http.post("/v1/chat/completions", json={"model": MODEL, "messages": user("x"), "stream": True,
+                                                "stream_options": {"flush_every_ms": "soon"}}), 400)
+    err(http.post("/v1/chat/completions", json={"model": MODEL, "messages": user("x"), "tools": [{}]}), 400)
 
 
 def test_prompt_longer_than_session_is_refused_and_changes_nothing(http):
@@ -266,6 +269,22 @@ def test_corrupted_snapshot_is_refused(http, server):
     r = http.post(f"/v1/snapshots/{snap}/load", json={"session_id": "never"})
     assert r.status_code == 422 and "sha256" in r.json()["error"]["message"]
     assert http.get("/v1/sessions/never").status_code == 404
+
+
+def test_snapshot_without_chat_transcript_gives_409_until_reset(http, server):
+    """A snapshot whose cache holds tokens the transcript does not describe (here: saved by library code that
+    appended raw text) loads, but chatting on it is a 409 until it is rolled back to nothing."""
+    from superlinear_lab.engine import Session, SnapshotStore
+    from superlinear_lab.model import ModelConfig, load_model
+
+    session = Session(load_model(config=ModelConfig.tiny()), 256, progress=False)
+    session.append("raw text, no chat format", role=None)
+    snap = SnapshotStore(server.snapshot_dir).save(session, title="library")
+    sid = ok(http.post(f"/v1/snapshots/{snap}/load", json={}), 201)["session_id"]
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "session_id": sid, "messages": user("hi")})
+    assert r.status_code == 409 and "transcript is empty" in r.json()["error"]["message"]
+    assert ok(http.post(f"/v1/sessions/{sid}/rollback", json={"keep_messages": 0}))["current_pos"] == 0
+    assert chat(http, user("hi"), sid)["session_id"] == sid
 
 
 # ---------------------------------------------------------------------- disconnects

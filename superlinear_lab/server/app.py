@@ -341,6 +341,11 @@ def create_app(engine: ChatEngine, settings: ServerSettings) -> FastAPI:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > settings.max_stop:
             raise EngineError(400, f"stop: at most {settings.max_stop} strings")
+        opts = body.stream_options or {}
+        for name in ("flush_every_n_tokens", "flush_every_ms"):
+            value = opts.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise EngineError(400, f"stream_options.{name}={value!r}: expected an int >= 0")
         wanted = body.max_completion_tokens or body.max_tokens or settings.max_completion_tokens
         session = None
         if body.session_id is not None:
@@ -510,8 +515,8 @@ async def _sse(channel: _Channel, fut, cancel: threading.Event, body: ChatComple
     a final chunk with finish_reason, an optional usage chunk, then ``data: [DONE]``. If the client leaves,
     the `finally` cancels the job (which rolls its session back)."""
     opts = body.stream_options or {}
-    flush_n = max(1, int(opts.get("flush_every_n_tokens", 8)))
-    flush_s = max(0.0, float(opts.get("flush_every_ms", 50))) / 1000
+    flush_n = max(1, opts.get("flush_every_n_tokens", 8))
+    flush_s = opts.get("flush_every_ms", 50) / 1000
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(delta: dict, finish=None, **extra) -> bytes:

@@ -190,7 +190,8 @@ class ChatEngine:
     def rollback(self, ss: ServerSession, keep_messages: int) -> ServerSession:
         """Job: keep the first `keep_messages` messages; the cache is recreated and re-prefilled (SPEC §6.2)."""
         s = ss.session
-        self._require_consistent(ss)
+        if keep_messages != 0:  # keeping nothing also resets a session whose transcript does not match
+            self._require_consistent(ss)
         if isinstance(keep_messages, bool) or not isinstance(keep_messages, int) \
                 or not 0 <= keep_messages <= len(s.transcript):
             raise EngineError(400, f"keep_messages={keep_messages!r}: expected an int in [0, {len(s.transcript)}]")
@@ -201,6 +202,7 @@ class ChatEngine:
             fresh.append(s.ids[:n], role=None)
         fresh.transcript = copy.deepcopy(kept)
         ss.session = fresh
+        ss.verified = True
         ss.publish()
         return ss
 
