@@ -4,7 +4,9 @@ against its cache.
 A conversation is rendered with the byte tokenizer's special tokens::
 
     <|bos|> <|system|>…<|end|> <|user|>…<|end|> <|assistant|>…<|end|> … <|assistant|>
-    └ once  └──────────── one message: role token, UTF-8 bytes of the content, <|end|> ───┘ └ generation prompt
+
+<|bos|> opens the conversation once; each message is its role token, the UTF-8 bytes of its content and <|end|>;
+the trailing <|assistant|> is the generation prompt.
 
 Every message renders on its own, so rendering the whole history and appending "the tokens from current_pos on"
 (SPEC §6.5) is the same as appending the rendering of the new messages only. Generation stops at any special

@@ -28,7 +28,8 @@ commands inside the chat:
 
 def _client_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--url", default=None, help="server URL (default $SUPERLINEAR_LAB_URL or http://127.0.0.1:8787)")
+    parent.add_argument("--url", default=None,
+                        help="server URL (default $SUPERLINEAR_LAB_URL or http://127.0.0.1:8787)")
     parent.add_argument("--api-key", default=None, help="bearer token (default $SUPERLINEAR_LAB_API_KEY)")
     return parent
 
@@ -88,7 +89,8 @@ def add_serve(subparsers) -> None:
     p.add_argument("--backend", default=d.backend, choices=("auto", "torch", "triton", "oracle"),
                    help="attention backend (default auto)")
     p.add_argument("--threads", type=_nonneg_int, default=d.threads, help="torch CPU threads (default: torch's)")
-    p.add_argument("--chunk-size", type=_nonneg_int, default=d.chunk_size, help=f"prefill chunk (default {d.chunk_size})")
+    p.add_argument("--chunk-size", type=_nonneg_int, default=d.chunk_size,
+                   help=f"prefill chunk (default {d.chunk_size})")
     p.add_argument("--http-max-concurrency", type=_nonneg_int, default=d.max_concurrency,
                    help=f"requests in flight before 429 (default {d.max_concurrency}; 0 = no limit)")
     p.add_argument("--http-max-completion-tokens", type=_nonneg_int, default=d.max_completion_tokens,

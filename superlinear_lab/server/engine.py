@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..engine import ContextOverflowError, Session, SnapshotStore
+from ..engine import Session, SnapshotStore
 from .chat import generation_prompt, render, render_message, stop_token_ids, transcript_problem
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
@@ -370,7 +370,3 @@ class ChatEngine:
         content = bytes(out).decode("utf-8", errors="replace")
         return ChatResult(content, finish, 0, len(out))
 
-
-def overflow_error(e: ContextOverflowError) -> EngineError:
-    """A session overflow as a 400 the client can act on."""
-    return EngineError(400, str(e), "context_length_exceeded")
