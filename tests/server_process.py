@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,14 @@ def server_env(snapshot_dir: Path, **extra: str) -> dict:
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
     return env
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM it if the test process dies without stopping it (PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def cli_command(*args: str) -> list[str]:
@@ -57,7 +66,7 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cli_command(*self.args), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.env)
+                                         stdin=subprocess.DEVNULL, env=self.env, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             match = READY.search(self.log())
