@@ -170,6 +170,20 @@ def test_dtype_is_explicit_and_router_stays_fp32(ckpt):
         load_checkpoint(path, dtype="float64")
 
 
+@pytest.mark.parametrize("impl", ["batched_mm", "grouped_mm"])
+def test_batched_expert_kernels_match_eager(model, impl):
+    ids = ids_of(24)[None]
+    with torch.no_grad():
+        eager = model(ids)
+        try:
+            model.set_experts_implementation(impl)
+            assert_close(impl, eager, model(ids), 1e-5)
+        finally:
+            model.set_experts_implementation("eager")
+    with pytest.raises(ValueError, match="experts_implementation='fast'"):
+        model.set_experts_implementation("fast")
+
+
 def test_key_map_override_renames_the_search_query(tmp_path):
     rows = {"blocks.{i}.mixer.q1_proj.weight": "backbone.layers.{i}.mixer.search_proj.weight"}
     model = SuperlinearExpLM(SuperlinearExpConfig.tiny()).init_random(2)
@@ -218,3 +232,6 @@ def test_cuda_load_prefill_decode_trace(ckpt, dtype, tmp_path):
     back.append(ids[:4])
     s.append(ids[:4])
     assert torch.equal(back.logits, s.logits)
+    with torch.no_grad():
+        grouped = model.set_experts_implementation("grouped_mm")(ids.cuda()[None])[0]
+    assert_close("grouped_mm experts", full, grouped, 3e-2)

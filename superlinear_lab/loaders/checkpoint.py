@@ -146,7 +146,7 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
 
 def load_checkpoint(path, *, device: str | torch.device = "cpu", dtype=None, span: SpanConfig | None = None,
                     key_map: dict[str, str] | None = None, ignore_auto_map: bool = False,
-                    backend: str = "auto") -> SuperlinearExpLM:
+                    backend: str = "auto", experts_implementation: str = "eager") -> SuperlinearExpLM:
     """Load a Superlinear-Exp-style checkpoint directory into a `SuperlinearExpLM` (eval mode).
 
     Args:
@@ -160,6 +160,8 @@ def load_checkpoint(path, *, device: str | torch.device = "cpu", dtype=None, spa
         key_map: rows that replace or extend `KEY_MAP` ({model tensor template: checkpoint tensor template}).
         ignore_auto_map: accept a config.json with ``auto_map``; the named code is never run.
         backend: attention backend ("auto", "torch", "triton", "oracle").
+        experts_implementation: MoE expert kernels, "eager", "batched_mm" or "grouped_mm"
+            (`SuperlinearExpLM.set_experts_implementation`).
 
     Returns:
         the model, with ``model.tokenizer``, ``model.model_id`` (``superlinear-exp/<dir name>``) and
@@ -181,7 +183,7 @@ def load_checkpoint(path, *, device: str | torch.device = "cpu", dtype=None, spa
     headers = shard_headers(root, weight_map)
 
     with torch.device("meta"):
-        model = SuperlinearExpLM(cfg, backend=backend)
+        model = SuperlinearExpLM(cfg, backend=backend, experts_implementation=experts_implementation)
     names = checkpoint_names(model, key_map)
     layout = model_tensor_names(model)
     missing = [k for k in names if k not in weight_map]

@@ -395,8 +395,12 @@ class SuperlinearExpConfig:
         return cls.from_hf_dict(read_json_lenient(path), source=str(path), span=span,
                                 ignore_auto_map=ignore_auto_map)
 
-    def to_nemotron_config(self):
-        """The transformers `NemotronHConfig` that the Mamba-2 / MoE / MLP modules are built from."""
+    def to_nemotron_config(self, experts_implementation: str = "eager"):
+        """The transformers `NemotronHConfig` that the Mamba-2 / MoE / MLP modules are built from.
+
+        `experts_implementation`: "eager" (a loop over the experts hit), "batched_mm" or "grouped_mm"
+        (transformers' batched expert kernels; same results up to rounding).
+        """
         from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
 
         hf = NemotronHConfig(
@@ -414,5 +418,5 @@ class SuperlinearExpConfig:
             mlp_hidden_act=self.mlp_hidden_act, mlp_bias=self.mlp_bias, layer_norm_epsilon=self.layer_norm_epsilon,
             tie_word_embeddings=self.tie_word_embeddings, max_position_embeddings=self.max_position_embeddings,
         )
-        hf._experts_implementation = "eager"  # explicit: a standalone expert module has no dispatch otherwise
+        hf._experts_implementation = experts_implementation  # read by every MoE block at each call
         return hf

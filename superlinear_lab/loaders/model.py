@@ -29,6 +29,9 @@ from ..model.hybrid import HybridCache, HybridLM
 from .config import SuperlinearExpConfig
 
 
+EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+
+
 def _nemotron_modules():
     try:
         from transformers.models.nemotron_h import modeling_nemotron_h as m
@@ -125,11 +128,13 @@ class SuperlinearExpLM(nn.Module):
     dtype = HybridLM.dtype
     device = HybridLM.device
 
-    def __init__(self, cfg: SuperlinearExpConfig, backend: str = "auto"):
+    def __init__(self, cfg: SuperlinearExpConfig, backend: str = "auto", experts_implementation: str = "eager"):
         super().__init__()
         m = _nemotron_modules()
         hf = cfg.to_nemotron_config()
         self.cfg = cfg
+        self.hf_config = hf  # shared by the transformers modules
+        self.set_experts_implementation(experts_implementation)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         attn_dims = attention_dims(cfg)
         blocks = []
@@ -154,6 +159,14 @@ class SuperlinearExpLM(nn.Module):
         self.model_id = "superlinear-exp/custom"  # set by load_checkpoint
         self.source: dict = {}  # where the weights came from (fingerprinted by snapshots)
         self._mamba_slots = {i: j for j, i in enumerate(cfg.mamba_layers)}
+
+    def set_experts_implementation(self, name: str) -> "SuperlinearExpLM":
+        """How MoE blocks run their experts: "eager" (loop over the experts hit; the reference), "batched_mm" or
+        "grouped_mm" (transformers' batched kernels, faster on GPUs; equal up to rounding)."""
+        if name not in EXPERTS_IMPLEMENTATIONS:
+            raise ValueError(f"experts_implementation={name!r}: expected one of {EXPERTS_IMPLEMENTATIONS}")
+        self.hf_config._experts_implementation = name
+        return self
 
     # ------------------------------------------------------------------ dtype / init
     def keep_router_fp32(self) -> "SuperlinearExpLM":
