@@ -82,3 +82,12 @@ def test_chat_repl_commands(url, capsys, monkeypatch):
 def test_client_commands_report_an_unreachable_server(capsys):
     assert main(["session", "ls", "--url", "http://127.0.0.1:9"]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["serve", "--chunk-size", "0"], ["serve", "--port", "-1"],
+                                  ["serve", "--session-max-seq-len", "1"], ["chat", "--max-tokens", "x"],
+                                  ["session", "rollback", "s", "-2"]])
+def test_bad_arguments_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2 and "expected an integer" in capsys.readouterr().err

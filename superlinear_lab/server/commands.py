@@ -45,14 +45,20 @@ def _fail(command: str, e: Exception) -> int:
     return 1
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= `minimum`, with a message naming the value otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= {minimum}")
+        return value
+    return parse
+
+
+_nonneg_int, _positive_int = _int_at_least(0), _int_at_least(1)
 
 
 # ---------------------------------------------------------------------- serve
@@ -86,24 +92,24 @@ def add_serve(subparsers) -> None:
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default auto)")
     p.add_argument("--dtype", default=d.dtype, choices=("auto", "float32", "float16", "bfloat16"),
                    help="model dtype (default auto: float16 on CUDA, float32 on CPU)")
-    p.add_argument("--backend", default=d.backend, choices=("auto", "torch", "triton", "oracle"),
-                   help="attention backend (default auto)")
+    p.add_argument("--attn-backend", default=d.attn_backend, choices=("auto", "torch", "triton", "oracle"),
+                   help="attention kernels (default auto: triton on CUDA, torch on CPU)")
     p.add_argument("--threads", type=_nonneg_int, default=d.threads, help="torch CPU threads (default: torch's)")
-    p.add_argument("--chunk-size", type=_nonneg_int, default=d.chunk_size,
+    p.add_argument("--chunk-size", type=_positive_int, default=d.chunk_size,
                    help=f"prefill chunk (default {d.chunk_size})")
     p.add_argument("--http-max-concurrency", type=_nonneg_int, default=d.max_concurrency,
                    help=f"requests in flight before 429 (default {d.max_concurrency}; 0 = no limit)")
-    p.add_argument("--http-max-completion-tokens", type=_nonneg_int, default=d.max_completion_tokens,
+    p.add_argument("--http-max-completion-tokens", type=_positive_int, default=d.max_completion_tokens,
                    help=f"cap on max_tokens (default {d.max_completion_tokens})")
-    p.add_argument("--max-request-bytes", type=_nonneg_int, default=d.max_request_bytes,
+    p.add_argument("--max-request-bytes", type=_positive_int, default=d.max_request_bytes,
                    help=f"cap on a request body (default {d.max_request_bytes})")
-    p.add_argument("--max-prompt-tokens", type=_nonneg_int, default=d.max_prompt_tokens,
+    p.add_argument("--max-prompt-tokens", type=_positive_int, default=d.max_prompt_tokens,
                    help=f"cap on the tokens one request prefills (default {d.max_prompt_tokens})")
-    p.add_argument("--session-max-seq-len", type=_nonneg_int, default=d.session_max_seq_len,
+    p.add_argument("--session-max-seq-len", type=_int_at_least(2), default=d.session_max_seq_len,
                    help=f"allocation of a new session (default {d.session_max_seq_len})")
-    p.add_argument("--max-seq-len-limit", type=_nonneg_int, default=d.max_seq_len_limit,
+    p.add_argument("--max-seq-len-limit", type=_int_at_least(2), default=d.max_seq_len_limit,
                    help=f"largest allocation a request may ask for (default {d.max_seq_len_limit})")
-    p.add_argument("--max-sessions", type=_nonneg_int, default=d.max_sessions,
+    p.add_argument("--max-sessions", type=_positive_int, default=d.max_sessions,
                    help=f"sessions held at once (default {d.max_sessions})")
     p.add_argument("--snapshot-dir", default=None,
                    help="snapshot root (default $SUPERLINEAR_LAB_SNAPSHOT_DIR, else the XDG cache)")
@@ -119,8 +125,8 @@ def run_serve(args) -> int:
     options = ServeOptions(
         model=args.model, random_init=args.random_init, host=args.host, port=args.port,
         api_key=args.server_api_key, served_model_name=args.served_model_name, device=args.device,
-        dtype=args.dtype, backend=args.backend, threads=args.threads, chunk_size=max(1, args.chunk_size),
-        max_concurrency=args.http_max_concurrency, max_completion_tokens=max(1, args.http_max_completion_tokens),
+        dtype=args.dtype, attn_backend=args.attn_backend, threads=args.threads, chunk_size=args.chunk_size,
+        max_concurrency=args.http_max_concurrency, max_completion_tokens=args.http_max_completion_tokens,
         max_request_bytes=args.max_request_bytes, max_prompt_tokens=args.max_prompt_tokens,
         session_max_seq_len=args.session_max_seq_len, max_seq_len_limit=args.max_seq_len_limit,
         max_sessions=args.max_sessions, snapshot_dir=args.snapshot_dir, warmup=args.warmup,
@@ -138,10 +144,10 @@ def add_chat(subparsers) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--session", default=None, help="continue this session")
     which.add_argument("--new", action="store_true", help="start a new session (the default without --session)")
-    p.add_argument("--max-seq-len", type=_nonneg_int, default=None, help="allocation of a new session")
+    p.add_argument("--max-seq-len", type=_int_at_least(2), default=None, help="allocation of a new session")
     p.add_argument("--temperature", type=float, default=0.1, help="0 = greedy (default 0.1)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (default 0.95; 1 disables)")
-    p.add_argument("--max-tokens", type=_nonneg_int, default=256, help="reply length cap (default 256)")
+    p.add_argument("--max-tokens", type=_positive_int, default=256, help="reply length cap (default 256)")
     p.add_argument("--system-prompt", default=None, help="system message of a new session")
     p.add_argument("-m", "--message", action="append", default=None,
                    help="send this message, print the reply and exit (repeatable; no REPL)")
@@ -155,7 +161,7 @@ def run_chat(args) -> int:
     try:
         sid = args.session or client.create_session(max_seq_len=args.max_seq_len)["session_id"]
         pending_system = args.system_prompt if not args.session else None
-        sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": max(1, args.max_tokens)}
+        sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens}
 
         def turn(text: str) -> None:
             nonlocal pending_system

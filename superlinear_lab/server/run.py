@@ -50,7 +50,7 @@ class ServeOptions:
     served_model_name: str | None = None  # the id clients send as `model` (default: the model's id)
     device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda when available)
     dtype: str = "auto"  # float32, float16, bfloat16 or auto (float16 on CUDA, float32 on CPU), printed at start
-    backend: str = "auto"  # attention backend: auto, torch, triton, oracle
+    attn_backend: str = "auto"  # attention kernels: auto, torch, triton, oracle
     threads: int = 0  # torch CPU threads (0 = torch's default)
     chunk_size: int = 8192  # prefill chunk length
     max_concurrency: int = 16  # engine requests in flight before 429 (0 = no limit)
@@ -76,7 +76,7 @@ def _load(options: ServeOptions):
     dtype = options.dtype
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
-    kwargs = dict(device=device, dtype=dtype, backend=options.backend)
+    kwargs = dict(device=device, dtype=dtype, backend=options.attn_backend)
     if os.path.isdir(options.model):
         model = load_model(path=options.model, **kwargs)
     elif options.random_init:
