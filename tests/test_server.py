@@ -114,6 +114,19 @@ def test_openai_streaming_equals_non_streaming(oai, http):
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
 
 
+def test_openai_client_drives_a_session(oai, http):
+    sid = new_session(http, max_seq_len=512)
+    a = oai.chat.completions.create(model=MODEL, messages=user("one"), temperature=0, max_tokens=4,
+                                    extra_body={"session_id": sid})
+    stream = oai.chat.completions.create(model=MODEL, messages=user("two"), temperature=0, max_tokens=4,
+                                         stream=True, extra_body={"session_id": sid})
+    b = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    pos, messages = state(http, sid)
+    assert [m[:2] for m in messages] == [("user", "one"), ("assistant", a.choices[0].message.content),
+                                         ("user", "two"), ("assistant", b)]
+    assert pos == sum(m[2] for m in messages)
+
+
 def test_sampling_top_p_and_seed(oai):
     kwargs = dict(model=MODEL, messages=user("Tell me a story"), max_tokens=8)
     a = oai.chat.completions.create(temperature=1.0, top_p=0.9, seed=7, **kwargs).choices[0].message.content
