@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 
 from ..engine import ContextOverflowError, SnapshotCompatibilityError, SnapshotError
+from ..engine.snapshot import check_id as check_snapshot_id
 from .chat import ChatFormatError, message_text
 from .engine import Cancelled, ChatEngine, ChatRequest, EngineError, check_session_id
 
@@ -216,13 +217,20 @@ def _snapshot_json(info) -> dict:
             "max_seq_len": info.max_seq_len, "model_key": info.model_key, "fingerprint": info.fingerprint}
 
 
+def _snapshot_id(snapshot_id: str) -> str:
+    """`snapshot_id` if well-formed, else EngineError 400 (checked before the store is touched)."""
+    try:
+        return check_snapshot_id(snapshot_id)
+    except SnapshotError as e:
+        raise EngineError(400, str(e)) from None
+
+
 def _snapshot_error(e: SnapshotError) -> EngineError:
+    """409 for another model's snapshot, 404 for a missing one, 422 for one that fails verification."""
     if isinstance(e, SnapshotCompatibilityError):
         return EngineError(409, str(e), "conflict_error")
-    if ": not found under " in str(e):
+    if "not found" in str(e):
         return EngineError(404, str(e), "not_found_error")
-    if "is invalid: expected" in str(e) and str(e).startswith("snapshot id"):
-        return EngineError(400, str(e))
     return EngineError(422, str(e), "snapshot_error")
 
 
@@ -254,11 +262,14 @@ def create_app(engine: ChatEngine, settings: ServerSettings) -> FastAPI:
             return EngineError(400, str(e))
         return None
 
-    async def engine_call(job, *args):
-        """Run an engine job under admission control; errors become API errors."""
+    def admit() -> None:
         if not admission.enter():
             raise EngineError(429, f"server busy: {admission.limit} requests in flight (--http-max-concurrency)",
                               "rate_limit_error")
+
+    async def engine_call(job, *args):
+        """Run an engine job under admission control; errors become API errors."""
+        admit()
         fut = asyncio.ensure_future(engine.run(job, *args))
         fut.add_done_callback(lambda _: admission.leave())
         try:
@@ -290,9 +301,7 @@ def create_app(engine: ChatEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionBody, request: Request):
         req = _chat_request(body)
-        if not admission.enter():
-            raise EngineError(429, f"server busy: {admission.limit} requests in flight (--http-max-concurrency)",
-                              "rate_limit_error")
+        admit()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -423,22 +432,23 @@ def create_app(engine: ChatEngine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/v1/snapshots/{snapshot_id}")
     async def get_snapshot(snapshot_id: str):
-        return _snapshot_json(await store_call(engine.store.info, snapshot_id))
+        return _snapshot_json(await store_call(engine.store.info, _snapshot_id(snapshot_id)))
 
     @app.patch("/v1/snapshots/{snapshot_id}")
     async def patch_snapshot(snapshot_id: str, body: SnapshotPatchBody):
-        return _snapshot_json(await store_call(engine.store.update, snapshot_id, body.title, body.tags,
-                                               body.description))
+        return _snapshot_json(await store_call(engine.store.update, _snapshot_id(snapshot_id), body.title,
+                                               body.tags, body.description))
 
     @app.delete("/v1/snapshots/{snapshot_id}")
     async def delete_snapshot(snapshot_id: str):
-        await store_call(engine.store.delete, snapshot_id)
+        await store_call(engine.store.delete, _snapshot_id(snapshot_id))
         return {"id": snapshot_id, "object": "snapshot", "deleted": True}
 
     @app.post("/v1/snapshots/{snapshot_id}/load", status_code=201)
     async def load_snapshot(snapshot_id: str, body: SnapshotLoadBody | None = None):
         body = body or SnapshotLoadBody()
-        ss = await engine_call(engine.load_snapshot, snapshot_id, body.session_id, body.force, body.max_seq_len)
+        ss = await engine_call(engine.load_snapshot, _snapshot_id(snapshot_id), body.session_id, body.force,
+                               body.max_seq_len)
         return {"session_id": ss.id, "snapshot_id": snapshot_id, **ss.info()}
 
     return BearerAuth(BodyLimit(app, settings.max_request_bytes), settings.api_key)
