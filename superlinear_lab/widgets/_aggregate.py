@@ -27,9 +27,10 @@ def interval_mass(rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, weight
                   n_rows: int, edges: np.ndarray) -> np.ndarray:
     """float64 [n_rows, len(edges) - 1]: Σ over intervals of row r of weight · |[start, end] ∩ [e_j, e_{j+1})|.
 
-    Intervals are inclusive integer ranges; empty ones (end < start) or rows outside [0, n_rows) contribute
-    nothing. Uses F_r(x) = Σ w·(relu(x − start) − relu(x − end − 1)), the mass of row r below x, evaluated at
-    every edge through one sort and prefix sums.
+    Intervals are inclusive integer ranges; only keys inside [e_0, e_last) count, and empty intervals
+    (end < start) or rows outside [0, n_rows) contribute nothing. With F_r(x) = Σ w·(relu(x − start) − relu(x − end − 1)), the mass of row r below x, and the
+    interval end points p (weight +w at start, −w at end + 1): F_r(e_j) = e_j·Σ_{p < e_j} w − Σ_{p < e_j} w·p.
+    Both sums are bincounts over (row, first edge above p) followed by a cumulative sum over edges: O(N log C).
     """
     rows = np.asarray(rows, dtype=np.int64).ravel()
     starts = np.asarray(starts, dtype=np.int64).ravel()
@@ -38,20 +39,17 @@ def interval_mass(rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, weight
     keep = (ends >= starts) & (rows >= 0) & (rows < n_rows) & (w != 0)
     rows, starts, ends, w = rows[keep], starts[keep], ends[keep], w[keep]
     edges = np.asarray(edges, dtype=np.int64)
-    span = int(max(edges[-1], ends.max(initial=0) + 1)) + 2
+    n_edges = len(edges)
     points = np.concatenate([starts, ends + 1])
     sign = np.concatenate([w, -w])
     point_rows = np.concatenate([rows, rows])
-    keys = point_rows * span + points
-    order = np.argsort(keys, kind="stable")
-    keys = keys[order]
-    cum_sign = np.concatenate([[0.0], np.cumsum(sign[order])])
-    cum_moment = np.concatenate([[0.0], np.cumsum((sign * points)[order])])
-    r = np.arange(n_rows, dtype=np.int64)[:, None]
-    lookup = np.searchsorted(keys, r * span + edges[None, :], side="left")  # points < x in rows <= r
-    row_begin = np.searchsorted(keys, r * span, side="left")
-    x = edges[None, :].astype(np.float64)
-    below = x * (cum_sign[lookup] - cum_sign[row_begin]) - (cum_moment[lookup] - cum_moment[row_begin])
+    first = np.searchsorted(edges, points, side="right")  # first edge index j with e_j > p
+    inside = first < n_edges
+    flat = point_rows[inside] * n_edges + first[inside]
+    size = n_rows * n_edges
+    weight_sum = np.bincount(flat, weights=sign[inside], minlength=size).reshape(n_rows, n_edges)
+    moment_sum = np.bincount(flat, weights=(sign * points)[inside], minlength=size).reshape(n_rows, n_edges)
+    below = edges[None, :] * np.cumsum(weight_sum, axis=1) - np.cumsum(moment_sum, axis=1)
     return np.diff(below, axis=1)
 
 

@@ -170,20 +170,29 @@ class View:
 
 
 def sync_figure(widget: go.FigureWidget, fig: go.Figure) -> bool:
-    """Make `widget` show `fig` in one batched message: traces updated in place when the structure matches
-    (same count and types), replaced otherwise; the layout is replaced as a whole. True if traces were replaced."""
+    """Make `widget` show `fig` in one batched message; True if the traces had to be replaced.
+
+    When the structure matches (same count and types) traces are updated in place, and a trace whose `uid`
+    is set and equal to the widget's is skipped: views give their heavy, rarely changing traces (aggregated
+    maps) a uid derived from the state they depend on, so picking a query does not resend a 240×240 map.
+    The layout is only sent when it changed.
+    """
     same = len(widget.data) == len(fig.data) and all(
         a.type == b.type for a, b in zip(widget.data, fig.data))
     with widget.batch_update():
         if same:
             for old, new in zip(widget.data, fig.data):
+                if new.uid is not None and old.uid == new.uid:
+                    continue
                 old.update(new.to_plotly_json(), overwrite=True)
         else:
             widget.data = ()
             widget.add_traces(list(fig.data))
-        widget.layout = fig.layout
+        layout = fig.layout.to_plotly_json()
         if fig.layout.width is None:
-            widget.layout.width = WIDGET_WIDTH
+            layout["width"] = WIDGET_WIDTH
+        if widget.layout.to_plotly_json() != layout:
+            widget.layout = layout
     return not same
 
 

@@ -61,6 +61,8 @@ class CoverageMap(View):
         self.head = 0
         self.include_window = True
         self._grid: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
+        self._counts: dict[tuple, np.ndarray] = {}
+        self._hist: dict[tuple, dict] = {}
 
     # ------------------------------------------------------------------ derived state
     def grid(self) -> tuple[np.ndarray, np.ndarray]:
@@ -83,14 +85,22 @@ class CoverageMap(View):
         return [(self.trace.layers[r], h) for r, h in zip(*np.nonzero(depth < self.far))]
 
     def histogram(self) -> dict:
-        """Per key bin of the selected head: mean attend count per key and fraction of keys reached at least once."""
-        counts = self.trace.key_counts(self.layer, self.head, include_window=self.include_window).numpy()
-        edges = bin_edges(self.trace.length, self.max_bins)
-        width = np.diff(edges)
-        mean = np.add.reduceat(counts.astype(np.float64), edges[:-1]) / width
-        reached = np.add.reduceat((counts > 0).astype(np.float64), edges[:-1]) / width
-        return dict(edges=edges, mean=mean, reached=reached,
-                    unreached_keys=int((counts[self.trace.row_start:] == 0).sum()))
+        """Per key bin of the selected head: mean attend count per key and fraction of keys reached at least once
+        (cached per layer, head, window setting and bins; key counts per layer for all heads at once)."""
+        key = (self.layer, self.head, self.include_window, self.max_bins)
+        if key not in self._hist:
+            counts_key = (self.layer, self.include_window)
+            if counts_key not in self._counts:
+                self._counts[counts_key] = self.trace.key_counts(
+                    self.layer, include_window=self.include_window).numpy()
+            counts = self._counts[counts_key][self.head]
+            edges = bin_edges(self.trace.length, self.max_bins)
+            width = np.diff(edges)
+            mean = np.add.reduceat(counts.astype(np.float64), edges[:-1]) / width
+            reached = np.add.reduceat((counts > 0).astype(np.float64), edges[:-1]) / width
+            self._hist[key] = dict(edges=edges, mean=mean, reached=reached,
+                                   unreached_keys=int((counts[self.trace.row_start:] == 0).sum()))
+        return self._hist[key]
 
     # ------------------------------------------------------------------ actions
     def select(self, layer, head: int) -> bool:

@@ -102,6 +102,7 @@ class MissedSpanDebugger(View):
         self.layer = trace.layers[0]
         self.head = 0
         self._grid = self._reached_grid()
+        self._explained: dict[tuple, dict] = {}
         missed = np.argwhere(self._grid == 0)
         if len(missed):  # start on the first miss: that is what the user came for
             c, r, h = missed[0]
@@ -144,6 +145,12 @@ class MissedSpanDebugger(View):
         case = self.case if case is None else case
         layer = self.layer if layer is None else self.trace.layer(layer).index
         head = self.head if head is None else head
+        key = (case, layer, head)
+        if key not in self._explained:
+            self._explained[key] = self._explain(case, layer, head)
+        return self._explained[key]
+
+    def _explain(self, case: int, layer: int, head: int) -> dict:
         e, q = self.cases[case]
         ev = self.evidence[e]
         rec = self.trace.layer(layer)

@@ -137,6 +137,9 @@ class RoutingExplorer(View):
         profiled = rec.profile_queries
         self.query = int(profiled[-1]) if profiled.numel() else int(trace.queries[-1])
         self._maps: dict[tuple, RoutingMap] = {}
+        self._map_key: tuple | None = None
+        self._agreement: dict[tuple, float] = {}
+        self._map_fig: go.Figure | None = None
 
     # ------------------------------------------------------------------ derived state
     @property
@@ -198,12 +201,18 @@ class RoutingExplorer(View):
         for the current (layer, head)."""
         if self.compare is None:
             raise ViewError("agreement needs a compare trace")
+        key = (self.layer, self.head)
+        if key not in self._agreement:
+            self._agreement[key] = self._agreement_of(*key)
+        return self._agreement[key]
+
+    def _agreement_of(self, layer: int, head: int) -> float:
         a, b = self.trace, self.compare
         common, ia, ib = np.intersect1d(a.queries.numpy(), b.queries.numpy(), return_indices=True)
         if len(common) == 0:
             return float("nan")
-        anchors_a = a.layer(self.layer).qanchor[self.head].numpy()[ia]
-        anchors_b = b.layer(self.layer).qanchor[self.head].numpy()[ib]
+        anchors_a = a.layer(layer).qanchor[head].numpy()[ia]
+        anchors_b = b.layer(layer).qanchor[head].numpy()[ib]
         k = max(anchors_a.shape[1], anchors_b.shape[1])  # different K: pad with invalid slots (-1)
         pad = lambda x: np.sort(np.pad(x, ((0, 0), (0, k - x.shape[1])), constant_values=-1), axis=1)  # noqa: E731
         return float((pad(anchors_a) == pad(anchors_b)).all(axis=1).mean())
@@ -349,20 +358,33 @@ class RoutingExplorer(View):
             fig.add_trace(go.Scattergl(x=aa[ok], y=qq[ok], mode="markers", name="anchors (sample)",
                                        marker=dict(color=COLORS["anchor"], size=3), showlegend=(col == 1),
                                        hovertemplate="anchor %{x}<br>query %{y}<extra></extra>"), row=1, col=col)
-            chosen = self.chosen(which)
-            sx, sy, st = [], [], []
-            for r in chosen:
-                sx += [r["qstart"], r["qend"], None]
-                sy += [self.query, self.query, None]
-                st += [f"#{r['rank']} span [{r['qstart']:,}, {r['qend']:,}] score {r['score']:.3f}"] * 3
-            fig.add_trace(go.Scatter(x=sx, y=sy, mode="lines", name=f"query {self.query:,}: chosen spans",
+            # The picked query's spans and anchors: placeholders filled by `_update_overlay` on every redraw.
+            fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="chosen spans of the picked query",
                                      line=dict(color=COLORS["miss"] if which == "B" else COLORS["query"], width=5),
-                                     hovertext=st, hoverinfo="text", showlegend=(col == 1)), row=1, col=col)
-            fig.add_trace(go.Scatter(x=[r["anchor"] for r in chosen], y=[self.query] * len(chosen),
-                                     mode="markers", name="its anchors", showlegend=False,
+                                     hoverinfo="text", showlegend=(col == 1), meta=f"overlay-spans-{which}"),
+                          row=1, col=col)
+            fig.add_trace(go.Scatter(x=[], y=[], mode="markers", name="its anchors", showlegend=False,
                                      marker=dict(color=COLORS["anchor"], size=10, symbol="diamond",
                                                  line=dict(color="black", width=1)),
-                                     hoverinfo="skip"), row=1, col=col)
+                                     hoverinfo="skip", meta=f"overlay-anchors-{which}"), row=1, col=col)
+
+    def _update_overlay(self, fig: go.Figure) -> None:
+        """Draw the picked query's chosen spans and anchors into the (cached) map figure."""
+        for t in fig.data:
+            meta = t.meta if isinstance(t.meta, str) else ""
+            if not meta.startswith("overlay-"):
+                continue
+            which = meta.rsplit("-", 1)[1]
+            chosen = self.chosen(which)
+            if meta.startswith("overlay-spans"):
+                sx, sy, st = [], [], []
+                for r in chosen:
+                    sx += [r["qstart"], r["qend"], None]
+                    sy += [self.query, self.query, None]
+                    st += [f"#{r['rank']} span [{r['qstart']:,}, {r['qend']:,}] score {r['score']:.3f}"] * 3
+                t.update(x=sx, y=sy, hovertext=st, name=f"query {self.query:,}: chosen spans")
+            else:
+                t.update(x=[r["anchor"] for r in chosen], y=[self.query] * len(chosen))
 
     def _key_strip(self, fig, m: RoutingMap, row: int, cols: int) -> None:
         """A one-row strip under the map: how much each key bin is used, hover = its text."""
@@ -377,6 +399,19 @@ class RoutingExplorer(View):
         return [self._map_figure(), self._detail_figure()]
 
     def _map_figure(self) -> go.Figure:
+        """The map, rebuilt only when (layer, head, weight, bins) change; the picked query is an overlay."""
+        key = (self.layer, self.head, self.weight, self.max_bins)
+        if self._map_key != key:
+            fig = self._build_map_figure()
+            tag = "map:" + ":".join(str(x) for x in key)
+            for i, t in enumerate(fig.data):
+                if not (isinstance(t.meta, str) and t.meta.startswith("overlay-")):
+                    t.uid = f"{tag}:{i}"  # unchanged heavy traces are not resent (see `sync_figure`)
+            self._map_fig, self._map_key = fig, key
+        self._update_overlay(self._map_fig)
+        return self._map_fig
+
+    def _build_map_figure(self) -> go.Figure:
         m = self.routing_map("A")
         rec = self.trace.layer(self.layer)
         if self.compare is None:
