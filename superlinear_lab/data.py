@@ -26,6 +26,7 @@ import hashlib
 import importlib
 import inspect
 import random
+import warnings
 from dataclasses import dataclass, field
 
 from .model.tokenizer import ByteTokenizer
@@ -57,12 +58,17 @@ def _docstrings() -> list[str]:
     texts = []
     for mod_name in DOCSTRING_MODULES:
         try:
-            mod = importlib.import_module(mod_name)
+            with warnings.catch_warnings():  # deprecated aliases (typing.io, ...) warn when touched
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(mod_name)
+                members = [getattr(mod, n) for n in sorted(dir(mod)) if not n.startswith("_")]
         except ImportError:
             continue
         seen = set()
-        for obj in [mod] + [getattr(mod, n) for n in sorted(dir(mod)) if not n.startswith("_")]:
-            doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj) or callable(obj)) else None
+        for obj in [mod] + members:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj) or callable(obj)) else None
             if doc and len(doc) > 80 and doc not in seen:
                 seen.add(doc)
                 texts.append(doc)

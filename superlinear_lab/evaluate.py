@@ -166,8 +166,8 @@ def niah_grid(model, lengths, depths=DEFAULT_DEPTHS, seeds: int = 4, task: str =
             exs = [D.make_example(task, length, s, "eval", depth=depth) for s in range(seeds)]
             res = run_examples(model, exs, batch_size)
             all_results += res
-            cell = summarize(res, layers)
-            cells.append({"length": length, "depth": depth, **cell, "seconds": round(time.time() - t0, 2)})
+            cell = {"length": length, "depth": depth, **summarize(res, layers), "seconds": round(time.time() - t0, 2)}
+            cells.append(cell)
             if progress:
                 print(f"[{len(cells)}/{total}] {task} L={length} depth={depth}: acc {cell['accuracy']:.2f} "
                       f"recall {cell['recall_any']:.3f} ({cell['seconds']}s)", file=sys.stderr, flush=True)
@@ -189,6 +189,34 @@ def task_suite(model, task: str, lengths, seeds: int = 8, batch_size: int = 1) -
         print(f"{task} L={length}: acc {out[str(length)]['accuracy']:.2f} "
               f"recall {out[str(length)]['recall_any']:.3f}", file=sys.stderr, flush=True)
     return {"task": task, "seeds": seeds, "by_length": out}
+
+
+@torch.no_grad()
+def compare_backends(model, examples: list[D.Example], reference: str = "oracle") -> dict:
+    """Run `examples` with the model's backend and with `reference`; report, per attention layer, the share of
+    (head, query, slot) anchors that agree, the max |Δlogit|, and whether correctness and recall agree."""
+    backend = model.routing_layers()[0][1].backend
+    layers = [i for i, _ in model.routing_layers()]
+    runs = {}
+    for name in (backend, reference):
+        model.set_backend(name)
+        rows = []
+        for ex in examples:
+            ids = torch.tensor([ex.ids], device=model.device)
+            with capture_routing(model) as records:
+                logits = model(ids)
+            rows.append((logits, {i: records[i][1].qanchor.clone() for i in layers}, run_examples(model, [ex])[0]))
+        runs[name] = rows
+    model.set_backend(backend)
+    out = {"backend": backend, "reference": reference, "lengths": [ex.length for ex in examples],
+           "anchor_agreement": {}, "max_logit_diff": 0.0, "same_results": True}
+    for i in layers:
+        eq = [float((a[1][i] == b[1][i]).float().mean()) for a, b in zip(runs[backend], runs[reference])]
+        out["anchor_agreement"][f"layers.{i}"] = min(eq)
+    for a, b in zip(runs[backend], runs[reference]):
+        out["max_logit_diff"] = max(out["max_logit_diff"], float((a[0] - b[0]).abs().max()))
+        out["same_results"] &= a[2]["correct"] == b[2]["correct"] and a[2]["hit_any"] == b[2]["hit_any"]
+    return out
 
 
 def heatmap(grid: dict, path, title: str = "NIAH") -> list[Path]:
@@ -246,6 +274,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--out", default="eval", help="output directory (eval.json, niah_heatmap.html)")
     p.add_argument("--no-figure", action="store_true")
+    p.add_argument("--compare", metavar="BACKEND", help="first check the backend against this one (e.g. oracle) "
+                   "on two held-out NIAH rows at --compare-length")
+    p.add_argument("--compare-length", type=int, default=4096)
     args = p.parse_args(argv)
 
     from .model import load_model
@@ -253,12 +284,17 @@ def main(argv=None) -> int:
     path = Path(args.model)
     kwargs = {"path": path} if path.is_dir() else {"name": args.model}
     model = load_model(**kwargs, device=args.device, dtype=args.dtype, backend=args.backend)
+    check = None
+    if args.compare:
+        exs = [D.niah(args.compare_length, d, 900 + i, "eval") for i, d in enumerate((0.1, 0.9))]
+        check = compare_backends(model, exs, args.compare)
+        print(json.dumps(check), file=sys.stderr, flush=True)
     report = evaluate(model, args.lengths, args.depths, args.seeds, args.suite_seeds, tuple(args.suites),
                       args.batch_size)
     report["setup"] = {"model": model.model_id, "source": model.source.get("name"), "device": args.device,
                        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                        "dtype": args.dtype, "backend": args.backend, "torch": torch.__version__,
-                       "span": model.cfg.span.to_dict()}
+                       "span": model.cfg.span.to_dict(), "backend_check": check}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=1))
