@@ -69,6 +69,7 @@ class View:
     """
 
     title = "view"
+    _errors: tuple[type[BaseException], ...] = ()  # extra exception types an action may report (engine errors)
 
     def __init__(self) -> None:
         self.error: str | None = None  # message of the last refused action, None after a successful one
@@ -78,11 +79,12 @@ class View:
 
     # ------------------------------------------------------------------ actions and errors
     def _act(self, action: Callable[[], None]) -> bool:
-        """Run one state change; on ValueError/TypeError/KeyError/IndexError keep the old state, record the
-        message and return False. Listeners run only after a successful change."""
+        """Run one state change; on ValueError/TypeError/KeyError/IndexError (or a view's `_errors`) record the
+        message and return False — actions check before they change anything, so the old state stays.
+        Listeners run after every action, so the widget shows the new state or the error."""
         try:
             action()
-        except (ValueError, TypeError, KeyError, IndexError) as exc:
+        except (ValueError, TypeError, KeyError, IndexError) + self._errors as exc:
             self.error = str(exc) if not isinstance(exc, KeyError) else f"unknown key {exc}"
             self._notify()
             return False
