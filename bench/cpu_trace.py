@@ -1,0 +1,105 @@
+"""CPU benchmark (not a test): append a 64K-token document (Python's reference docs, `pydoc_data.topics`) into a
+session of the default model while recording a full routing trace (every layer, head and query). Prints time,
+tokens/s and peak memory, and writes JSON. Target (DESIGN.md): <= 30 s on 2 cores.
+
+    python bench/cpu_trace.py [--tokens 65536] [--chunk-size 4096] [--profile] [--json bench/cpu_trace.json]
+
+`--profile` adds a second run under cProfile and prints where the time goes (attention kernel vs the rest).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import platform
+import pstats
+import resource
+import threading
+import time
+
+import psutil
+import torch
+
+from superlinear_lab import Session, load_model
+
+
+def reference_document(n_tokens: int) -> str:
+    """The first `n_tokens` bytes (= byte-level tokens) of the concatenated pydoc topics, cut at a char boundary."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(f"{name}\n{body}" for name, body in sorted(topics.items()))
+    while len(text.encode()) < n_tokens:
+        text += "\n\n" + text
+    return text.encode()[:n_tokens].decode("utf-8", errors="ignore")
+
+
+class PeakRSS:
+    """Peak resident set size of this process over a block (sampled every 5 ms in a background thread)."""
+
+    def __enter__(self):
+        self.proc = psutil.Process()
+        self.base = self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def run(doc: str, chunk_size: int) -> tuple[dict, object]:
+    model = load_model("tiny", backend="torch")
+    n = len(doc.encode())
+    session = Session(model, max_len=n + 1024, chunk_size=chunk_size, progress=False)
+    with PeakRSS() as mem:
+        began = time.perf_counter()
+        with session.trace() as trace:
+            session.append(doc)
+        seconds = time.perf_counter() - began
+    return {
+        "tokens": n, "seconds": round(seconds, 2), "tokens_per_s": round(n / seconds),
+        "peak_rss_gb": round(mem.peak / 1e9, 3), "rss_before_gb": round(mem.base / 1e9, 3),
+        "session_memory_mb": {k: round(v / 1e6, 2) for k, v in session.memory().items()},
+        "trace_queries": int(trace.queries.numel()), "trace_layers": trace.names,
+        "coverage_layer1": [round(c, 4) for c in trace.coverage(1).tolist()],
+    }, session
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--chunk-size", type=int, default=4096)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    doc = reference_document(args.tokens)
+    result, _ = run(doc, args.chunk_size)
+    result.update({"chunk_size": args.chunk_size, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "cpus": psutil.cpu_count(), "load_avg_1m": round(psutil.getloadavg()[0], 2),
+                   "machine": platform.processor() or platform.machine(),
+                   "ru_maxrss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)})
+    print(json.dumps(result, indent=2))
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        run(doc, args.chunk_size)
+        prof.disable()
+        stats = pstats.Stats(prof)
+        stats.sort_stats("cumulative").print_stats(r"(superlinear_attention|span_search|range_attention|"
+                                                   r"_chunks_of_scores|ssm.py|layers.py|trace.py|hybrid.py)")
+        stats.sort_stats("tottime").print_stats(12)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
