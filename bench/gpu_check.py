@@ -47,7 +47,7 @@ def _import_kernels():
 
 
 sk = _import_kernels()
-from superlinear_kernels import SpanConfig, span_search, superlinear_attention  # noqa: E402
+from superlinear_kernels import SpanConfig, superlinear_attention  # noqa: E402
 from superlinear_kernels.api import Prepared  # noqa: E402
 from superlinear_kernels.triton import ops as triton_ops  # noqa: E402
 

@@ -1,9 +1,10 @@
 """Shared pieces of the Triton backend: block-size choices, the geometry tables as device tensors,
 and the row layout that puts the query heads of one KV group into one program.
 
-Row layout (search and window kernels): a program owns one (batch, KV head, head chunk) and a block
-of BQ query indices; its BLOCK_M = GH * BQ rows are (head g in the chunk) x (query in the block),
-row r -> g = r // BQ, query = r % BQ. All heads of a KV group then read the same K rows / K-V tiles.
+Row layout (window kernels): a program owns one (batch, KV head, head chunk) and a block of BQ
+query indices; its BLOCK_M = GH * BQ rows are (head g in the chunk) x (query in the block),
+row r -> g = r // BQ, query = r % BQ. All heads of a KV group then share each K/V tile in one tl.dot.
+(The search keeps a 3-D [heads, queries, D] tile instead, see search.py.)
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 MAX_SPANS = 4  # the search kernel keeps 4 register slots (SPEC §1.2: fast kernels support K <= 4)
 MAX_HEAD_DIM = 256  # SPEC §1.2: fast kernels support D <= 256
-TARGET_ROWS = 64  # rows per program in the search and window kernels
+TARGET_ROWS = 64  # rows per program in the window kernels
 MAX_HEAD_CHUNK = 64  # a KV group with more query heads is split into chunks of this many heads
 
 
