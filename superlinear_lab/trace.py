@@ -474,7 +474,7 @@ class _Recorder:
         parts.positions.append(positions[rows])
         for f in _ROUTING_FIELDS:
             t = gate if f == "gate" else getattr(res, f)
-            t = t[batch].detach().to("cpu")[:, rows.to(t.device) if t.is_cuda else rows]
+            t = t[batch].detach().to("cpu")[:, rows]
             parts.routing[f].append(t.to(torch.int32) if f in _INT_FIELDS else t.float())
 
     def add_profile(self, index: int, positions: torch.Tensor, prof: StripeScores, batch: int = 0) -> None:
