@@ -141,3 +141,14 @@ def test_figure_size_stays_bounded_for_long_contexts():
     ex = StripeExplorer(SpanConfig.default().replace(search_power=2 / 3), query=(1 << 20) - 1)
     fig = ex.static()
     assert len(fig.data) == 6 and len(ex.geometry.stripes) > 10_000
+
+
+def test_kernels_do_not_import_views():
+    """Arrows go notebooks → superlinear_lab → superlinear_kernels: the kernels never load widget libraries."""
+    import subprocess
+    import sys
+
+    code = ("import sys, superlinear_kernels; "
+            "bad = [m for m in ('ipywidgets', 'plotly', 'anywidget', 'superlinear_lab') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

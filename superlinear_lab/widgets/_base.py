@@ -186,15 +186,24 @@ def sync_figure(widget: go.FigureWidget, fig: go.Figure) -> bool:
             for old, new in zip(widget.data, fig.data):
                 if new.uid is not None and old.uid == new.uid:
                     continue
-                old.update(new.to_plotly_json(), overwrite=True)
+                # Merge, never overwrite: overwriting drops the uid plotly.js gave the trace, and the front end
+                # then mis-draws it (colour bars turn black, lines stay put). Views keep each trace's property
+                # set fixed, so a merge is a full update.
+                props = new.to_plotly_json()
+                props.pop("type", None)
+                props.pop("uid", None)
+                old.update(props)
         else:
             widget.data = ()
             widget.add_traces(list(fig.data))
         layout = fig.layout.to_plotly_json()
         if fig.layout.width is None:
             layout["width"] = WIDGET_WIDTH
-        if widget.layout.to_plotly_json() != layout:
+        # Compare with what was last sent, not with widget.layout: the front end writes computed values
+        # (ranges, autosize) back into it, so it never equals a fresh layout.
+        if getattr(widget, "_sl_sent_layout", None) != layout:
             widget.layout = layout
+            widget._sl_sent_layout = layout
     return not same
 
 

@@ -320,7 +320,7 @@ class RoutingExplorer(View):
         if not body:
             body.append("<tr><td colspan='7'>no chosen span (all slots invalid: window-only attention)</td></tr>")
         title = (f"<b>Chosen spans of query {self.query:,}</b> "
-                 f"— the text it ends: <code>…{html.escape(snippet(self.tokens, max(0, self.query - 24), self.query, 40))}</code>"
+                 f"— text up to it: <code>…{html.escape(snippet(self.tokens, max(0, self.query - 24), self.query, 40))}</code>"
                  if self.tokens else f"<b>Chosen spans of query {self.query:,}</b>")
         if self.compare is not None:
             b_anchors = ", ".join(f"{r['anchor']:,}" for r in self.chosen("B")) or "none"
@@ -470,7 +470,8 @@ class RoutingExplorer(View):
         else:
             fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="stripe scores"), row=1, col=1)
             n_prof = rec.profile_queries.numel()
-            note = (f"full profile not recorded for this query (recorded for {n_prof} queries)" if n_prof
+            note = (f"full profile not recorded for this query (pick one of the {n_prof} profiled: "
+                    "see the 'profiled' menu)" if n_prof
                     else "no full stripe profile in this trace: only the chosen top-K are shown")
         fig.add_trace(go.Scatter(
             x=[r["anchor"] for r in chosen], y=[r["score"] for r in chosen], mode="markers+text",

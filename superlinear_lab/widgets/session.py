@@ -190,8 +190,8 @@ class SessionPanel(View):
         n_new = w.IntSlider(value=32, min=1, max=512, description="new tokens", continuous_update=False,
                             style={"description_width": "80px"}, layout=w.Layout(width="320px"))
         temperature = w.FloatSlider(value=0.0, min=0.0, max=2.0, step=0.05, description="temperature",
-                                    continuous_update=False, style={"description_width": "80px"},
-                                    layout=w.Layout(width="300px"))
+                                    continuous_update=False, style={"description_width": "90px"},
+                                    layout=w.Layout(width="320px"))
         generate = w.Button(description="generate", button_style="success", icon="play")
         stream = w.HTML()
         cp = w.Button(description="checkpoint", icon="bookmark")
@@ -213,6 +213,7 @@ class SessionPanel(View):
                 prefill.max, prefill.value = max(total, 1), done
                 prefill_label.value = f"{done:,} / {total:,}" if total else ""
                 cps.options = list(self.checkpoints)
+                cps.value = list(self.checkpoints)[-1] if self.checkpoints else None
                 sessions.options = [(f"{i}: {x.id[:8]}" + (" (fork)" if i else ""), i)
                                     for i, x in enumerate(self.sessions)]
                 sessions.value = self.index
