@@ -254,6 +254,11 @@ def _cases():
         d.symlink_to(d.parent / "real")
     cases.append(("snapshot-dir-symlink", dir_symlink, OWN, "not a plain directory"))
 
+    def dir_is_file(d):
+        shutil.rmtree(d)
+        d.write_bytes(b"not a directory")
+    cases.append(("snapshot-dir-is-a-file", dir_is_file, OWN, "not a plain directory"))
+
     # Edited manifests.
     edits = [
         ("schema_version", 2, "schema_version"), ("schema_version", "1", "schema_version"),

@@ -294,8 +294,11 @@ class SnapshotStore:
         fingerprint mismatch) before anything is allocated.
         """
         path = self._locate(snapshot_id)
-        manifest = self._read_manifest(path)
-        blobs = self._verified_files(path, manifest)
+        try:
+            manifest = self._read_manifest(path)
+            blobs = self._verified_files(path, manifest)
+        except OSError as e:  # unreadable entries, permissions, a file where a directory should be, ...
+            raise SnapshotError(f"snapshot {snapshot_id}: cannot read it ({type(e).__name__}: {e})") from None
         fingerprint, _ = model_fingerprint(model)
         if manifest["compat"]["fingerprint"] != fingerprint:
             raise SnapshotCompatibilityError(
@@ -405,7 +408,7 @@ class SnapshotStore:
         for mk, fp, path in self._dirs():
             try:
                 m = self._read_manifest(path)
-            except SnapshotError:
+            except (SnapshotError, OSError):
                 continue
             if want is None or m["compat"]["fingerprint"] == want:
                 out.append(self._info(mk, fp, path, m))
