@@ -42,6 +42,8 @@ NOTEBOOKS = {
     "05_kernels_and_scaling.ipynb": (0, "query q (log)", "ArrowLeft"),
 }
 _OPPOSITE = {"ArrowLeft": "ArrowRight", "ArrowRight": "ArrowLeft"}
+# A test-only notebook (written into the server's temporary copy) for the session and snapshot panels.
+PANELS_NOTEBOOK = "_panels_check.ipynb"
 
 
 def _ensure_chromium() -> str:
@@ -89,6 +91,7 @@ def lab(tmp_path_factory):
     work = tmp_path_factory.mktemp("lab")
     root = work / "notebooks"
     shutil.copytree(ROOT / "notebooks", root, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    (root / PANELS_NOTEBOOK).write_text(json.dumps(_PANELS_NOTEBOOK))
     settings = work / "settings"
     _write_settings(settings)
     port, token = _free_port(), secrets.token_hex(16)
@@ -166,6 +169,41 @@ def _view_text(view) -> str:
     return view.evaluate(_CONTENT)
 
 
+def _run_notebook(page, base: str, token: str, notebook: str, stem: str):
+    """Open `notebook`, run all cells, check for error outputs and rendered views; returns the views locator."""
+    page.goto(f"{base}/lab/tree/{notebook}?token={token}&reset", wait_until="domcontentloaded")
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+    page.wait_for_function(_KERNEL_IDLE, timeout=60_000)
+    page.evaluate(_RUN_ALL)
+    page.wait_for_function(_ALL_RUN, timeout=120_000, polling=500)
+    page.wait_for_function(_KERNEL_IDLE, timeout=120_000)
+    _assert_no_errors(page, notebook)
+    views = page.locator(".sl-view")
+    page.wait_for_function("() => document.querySelectorAll('.sl-view .js-plotly-plot .main-svg').length > 0",
+                           timeout=60_000)
+    assert views.count() >= 1, f"{notebook}: no view rendered"
+    for i in range(views.count()):
+        view = views.nth(i)
+        view.scroll_into_view_if_needed()
+        view.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=30_000)
+        assert view.locator(".widget-slider, .widget-dropdown, .widget-toggle-buttons, "
+                            ".widget-button, .widget-text").count() > 0, f"{notebook}: view {i} has no controls"
+        view.screenshot(path=str(ARTIFACTS / f"{stem}.view{i}.png"))
+    return views
+
+
+def _assert_no_errors(page, notebook: str) -> None:
+    nb = page.evaluate(_NOTEBOOK_JSON)
+    errors = [(i, o.get("ename"), o.get("evalue")) for i, cell in enumerate(nb["cells"])
+              for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, f"{notebook}: cells raised {errors}"
+
+
+def _wait_changed(page, view, before: str, timeout: int = 30_000) -> None:
+    page.wait_for_function(f"([el, before]) => ({_CONTENT})(el) !== before", arg=[view.element_handle(), before],
+                           timeout=timeout)
+
+
 @pytest.mark.parametrize("notebook", sorted(NOTEBOOKS))
 def test_notebook_runs_and_views_render(lab, browser, notebook):
     if not (ROOT / "notebooks" / notebook).exists():
@@ -174,56 +212,74 @@ def test_notebook_runs_and_views_render(lab, browser, notebook):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     stem = notebook.removesuffix(".ipynb")
     page = browser.new_page(viewport={"width": 1400, "height": 2400})
-    console_errors: list[str] = []
-    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
     try:
-        page.goto(f"{base}/lab/tree/{notebook}?token={token}&reset", wait_until="domcontentloaded")
-        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-        page.wait_for_function(_KERNEL_IDLE, timeout=60_000)
-        page.evaluate(_RUN_ALL)
-        page.wait_for_function(_ALL_RUN, timeout=120_000, polling=500)
-        page.wait_for_function(_KERNEL_IDLE, timeout=120_000)
-
-        nb = page.evaluate(_NOTEBOOK_JSON)
-        errors = [(i, o.get("ename"), o.get("evalue")) for i, cell in enumerate(nb["cells"])
-                  for o in cell.get("outputs", []) if o.get("output_type") == "error"]
-        assert not errors, f"{notebook}: cells raised {errors}"
-
-        views = page.locator(".sl-view")
-        page.wait_for_function("() => document.querySelectorAll('.sl-view .js-plotly-plot .main-svg').length > 0",
-                               timeout=60_000)
-        n_views = views.count()
-        assert n_views >= 1, f"{notebook}: no view rendered"
-        for i in range(n_views):
-            view = views.nth(i)
-            view.scroll_into_view_if_needed()
-            view.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=30_000)
-            assert view.locator(".widget-slider, .widget-dropdown, .widget-toggle-buttons, "
-                                ".widget-button, .widget-text").count() > 0, f"{notebook}: view {i} has no controls"
-            view.screenshot(path=str(ARTIFACTS / f"{stem}.view{i}.png"))
-
+        views = _run_notebook(page, base, token, notebook, stem)
         index, label, key = NOTEBOOKS[notebook]
         view = views.nth(index)
         view.scroll_into_view_if_needed()
         before = _view_text(view)
         slider = view.locator(".widget-slider", has=page.locator(".widget-label", has_text=label)).first
         handle = slider.locator(".noUi-handle").first
-        changed = ("([el, before]) => [...el.querySelectorAll('.js-plotly-plot .gtitle, .js-plotly-plot .xtick, "
-                   ".widget-html-content')].map(e => e.textContent).join('|') !== before")
         for attempt in (key, _OPPOSITE[key]):
             handle.focus()
             page.keyboard.press(attempt)
             try:
-                page.wait_for_function(changed, arg=[view.element_handle(), before], timeout=20_000)
+                _wait_changed(page, view, before, timeout=20_000)
                 break
             except Exception:  # playwright's TimeoutError: the slider may sit at that end; try the other way
                 continue
         view.screenshot(path=str(ARTIFACTS / f"{stem}.view{index}.after.png"))
         page.screenshot(path=str(ARTIFACTS / f"{stem}.page.png"), full_page=False)
-        assert _view_text(view) != before
-        nb = page.evaluate(_NOTEBOOK_JSON)
-        errors = [o.get("evalue") for cell in nb["cells"] for o in cell.get("outputs", [])
-                  if o.get("output_type") == "error"]
-        assert not errors, f"{notebook}: interaction raised {errors}"
+        assert _view_text(view) != before, f"{notebook}: moving '{label}' did not change the view"
+        _assert_no_errors(page, notebook)
+    finally:
+        page.close()
+
+
+_PANELS_NOTEBOOK = {
+    "cells": [{"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None, "source": src}
+              for src in (
+        "import tempfile\n"
+        "from superlinear_lab.engine import Session, SnapshotStore\n"
+        "from superlinear_lab.model import load_model\n"
+        "from superlinear_lab.widgets import SessionPanel, SnapshotPanel\n"
+        "model = load_model('tiny', backend='torch')\n"
+        "panel = SessionPanel(Session(model, max_len=2048), chunk_size=128)\n"
+        "assert panel.append('Superlinear attention routes every query to a few spans. ' * 8)\n"
+        "panel",
+        "snapshots = SnapshotPanel(SnapshotStore(tempfile.mkdtemp()), model=model, session=lambda: panel.session)\n"
+        "assert snapshots.save('first context', ['demo'])\n"
+        "snapshots",
+    )],
+    "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    "nbformat": 4, "nbformat_minor": 5,
+}
+
+
+def test_session_and_snapshot_panels(lab, browser):
+    """The engine panels (shown in lesson 03 by its author): append through the panel, save a snapshot."""
+    base, token = lab
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 2000})
+    try:
+        views = _run_notebook(page, base, token, PANELS_NOTEBOOK, "panels")
+        assert views.count() == 2
+        session_view, snapshot_view = views.nth(0), views.nth(1)
+        before = _view_text(session_view)
+        session_view.locator("textarea").fill("appended from the browser")
+        session_view.locator("button", has_text="append").click()
+        _wait_changed(page, session_view, before)
+        assert "appended from the browser" in _view_text(session_view)
+        session_view.screenshot(path=str(ARTIFACTS / "panels.view0.after.png"))
+        before = _view_text(snapshot_view)
+        snapshot_view.locator("input[placeholder='title']").fill("after the append")
+        snapshot_view.locator("button", has_text="save session").click()
+        _wait_changed(page, snapshot_view, before)
+        assert "after the append" in _view_text(snapshot_view)
+        snapshot_view.locator("button", has_text="delete").first.click()
+        page.wait_for_function("el => el.innerText.includes('confirm or cancel')", arg=snapshot_view.element_handle(),
+                               timeout=30_000)
+        snapshot_view.screenshot(path=str(ARTIFACTS / "panels.view1.after.png"))
+        _assert_no_errors(page, PANELS_NOTEBOOK)
     finally:
         page.close()
