@@ -95,7 +95,7 @@ def main() -> None:
           f"{'+ json)':>8s} {'payload KB':>11s}")
     for r in results:
         print(f"{r['view']:44s} {r['interactions']:3d} {r['median_ms']:10.1f} {r['max_ms']:8.1f} "
-              f"{r['interaction_median_ms']:8.1f} {r['serialise_median_ms']:8.1f} {r['payload_kb']:11.0f}")
+              f"{r['interaction_median_ms']:8.1f} {r['serialise_median_ms']:8.1f} {r["payload_kb"]:10.0f}")
     out = dict(length=trace.length, recorded_queries=int(n), heads=trace.layer(0).heads, trace_build_s=build_s,
                torch=torch.__version__, threads=torch.get_num_threads(), python=platform.python_version(),
                machine=platform.machine(), target_ms=150, results=results)
