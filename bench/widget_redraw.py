@@ -92,10 +92,10 @@ def main() -> None:
         lambda h=h: debugger.select(head=h) for h in (1, 2, 3, 0)], args.repeat))
 
     print(f"\n{'view / interaction':44s} {'n':>3s} {'median ms':>10s} {'max ms':>8s} {'(action':>8s} "
-          f"{'+ json)':>8s} {'payload KB':>11s}")
+          f"{'+ json)':>8s} {'figure KB':>10s}")
     for r in results:
         print(f"{r['view']:44s} {r['interactions']:3d} {r['median_ms']:10.1f} {r['max_ms']:8.1f} "
-              f"{r['interaction_median_ms']:8.1f} {r['serialise_median_ms']:8.1f} {r["payload_kb"]:10.0f}")
+              f"{r['interaction_median_ms']:8.1f} {r['serialise_median_ms']:8.1f} {r['payload_kb']:10.0f}")
     out = dict(length=trace.length, recorded_queries=int(n), heads=trace.layer(0).heads, trace_build_s=build_s,
                torch=torch.__version__, threads=torch.get_num_threads(), python=platform.python_version(),
                machine=platform.machine(), target_ms=150, results=results)
