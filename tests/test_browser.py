@@ -169,6 +169,22 @@ def _view_text(view) -> str:
     return view.evaluate(_CONTENT)
 
 
+def _offline(page, base: str) -> list[str]:
+    """Block every request that does not go to our JupyterLab server; returns the list of blocked URLs (the
+    views must work offline: plotly.js and the widget code come from the installed lab extensions)."""
+    blocked: list[str] = []
+
+    def route(r):
+        if r.request.url.startswith(base) or r.request.url.startswith(("data:", "blob:")):
+            r.continue_()
+        else:
+            blocked.append(r.request.url)
+            r.abort()
+
+    page.route("**/*", route)
+    return blocked
+
+
 def _run_notebook(page, base: str, token: str, notebook: str, stem: str):
     """Open `notebook`, run all cells, check for error outputs and rendered views; returns the views locator."""
     page.goto(f"{base}/lab/tree/{notebook}?token={token}&reset", wait_until="domcontentloaded")
@@ -212,6 +228,7 @@ def test_notebook_runs_and_views_render(lab, browser, notebook):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     stem = notebook.removesuffix(".ipynb")
     page = browser.new_page(viewport={"width": 1400, "height": 2400})
+    blocked = _offline(page, base)
     try:
         views = _run_notebook(page, base, token, notebook, stem)
         index, label, key = NOTEBOOKS[notebook]
@@ -232,6 +249,7 @@ def test_notebook_runs_and_views_render(lab, browser, notebook):
         page.screenshot(path=str(ARTIFACTS / f"{stem}.page.png"), full_page=False)
         assert _view_text(view) != before, f"{notebook}: moving '{label}' did not change the view"
         _assert_no_errors(page, notebook)
+        assert not blocked, f"{notebook}: the page tried to reach the network: {blocked[:5]}"
     finally:
         page.close()
 
@@ -261,6 +279,7 @@ def test_session_and_snapshot_panels(lab, browser):
     base, token = lab
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 2000})
+    blocked = _offline(page, base)
     try:
         views = _run_notebook(page, base, token, PANELS_NOTEBOOK, "panels")
         assert views.count() == 2
@@ -281,5 +300,6 @@ def test_session_and_snapshot_panels(lab, browser):
                                timeout=30_000)
         snapshot_view.screenshot(path=str(ARTIFACTS / "panels.view1.after.png"))
         _assert_no_errors(page, PANELS_NOTEBOOK)
+        assert not blocked, f"panels: the page tried to reach the network: {blocked[:5]}"
     finally:
         page.close()
