@@ -266,7 +266,7 @@ def test_cuda_session_trace_and_snapshot(tmp_path, dtype):
         full = model.set_backend("torch")(ids[None].cuda())[0, -1]
     model.set_backend("auto")
     assert_close("last logits, triton session vs torch full forward", full, s.logits, tol)
-    assert tr.queries.numel() == 2880 and tr.layer(1).stripe_values.shape[1] == 2
+    assert tr.queries.numel() == 2880 and tr.layer(tr.layers[0]).stripe_values.shape[1] == 2
     out = s.generate(16)
     store = SnapshotStore(tmp_path)
     back = store.load(store.save(s), model)

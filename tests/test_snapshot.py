@@ -19,6 +19,7 @@ from superlinear_lab.engine import snapshot as snapshot_module
 from superlinear_lab.model import ModelConfig, load_model
 from superlinear_lab.model.io import canonical_json
 
+FIRST, LAST = load_model("tiny").cfg.attention_layers[0], load_model("tiny").cfg.attention_layers[-1]
 TEXT = "The span search scores one key per stripe; the gate mixes the chosen spans. " * 3
 
 
@@ -308,10 +309,12 @@ def _cases():
     forged_cache = [
         ("missing-ssm_states", _forge_cache(drop("ssm_states")), "tensors"),
         ("extra-tensor", _forge_cache(lambda t: t.__setitem__("evil", torch.zeros(1))), "tensors"),
-        ("key-fp16", _forge_cache(lambda t: t.__setitem__("key.1", t["key.1"].half())), "tensor key.1"),
-        ("key-short", _forge_cache(lambda t: t.__setitem__("key.1", t["key.1"][:, :, :-1].contiguous())), "tensor key.1"),
-        ("value-heads", _forge_cache(lambda t: t.__setitem__("value.3", t["value.3"].repeat(1, 2, 1, 1))),
-         "tensor value.3"),
+        ("key-fp16", _forge_cache(lambda t: t.__setitem__(f"key.{FIRST}", t[f"key.{FIRST}"].half())),
+         f"tensor key.{FIRST}"),
+        ("key-short", _forge_cache(lambda t: t.__setitem__(f"key.{FIRST}", t[f"key.{FIRST}"][:, :, :-1].contiguous())),
+         f"tensor key.{FIRST}"),
+        ("value-heads", _forge_cache(lambda t: t.__setitem__(f"value.{LAST}", t[f"value.{LAST}"].repeat(1, 2, 1, 1))),
+         f"tensor value.{LAST}"),
         ("conv-shape", _forge_cache(lambda t: t.__setitem__("conv_states", t["conv_states"][:2].contiguous())),
          "tensor conv_states"),
         ("ssm-f64", _forge_cache(lambda t: t.__setitem__("ssm_states", t["ssm_states"].double())), "tensor ssm_states"),
