@@ -152,3 +152,12 @@ def test_kernels_do_not_import_views():
             "bad = [m for m in ('ipywidgets', 'plotly', 'anywidget', 'superlinear_lab') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_html_export_has_an_offline_query_slider(tmp_path):
+    ex = StripeExplorer(SpanConfig.default(), query=500, max_query=4096)
+    text = ex.to_html(tmp_path / "stripes.html").read_text()
+    assert "<script src=" not in text and '"sliders"' in text
+    assert text.count('"method":"animate"') >= 16 and ex.query == 500  # the export leaves the state alone
+    with pytest.raises(ValueError):
+        ex.to_html(tmp_path / "bad.html", queries=[5000])

@@ -355,9 +355,12 @@ class RoutingExplorer(View):
             qq = np.repeat(queries[pick], anchors.shape[1])
             aa = anchors.ravel()
             ok = aa >= 0
+            text = [f"anchor {a:,} ← query {q:,}" + (f"<br>{html.escape(snippet(self.tokens, a - 16, a, 24))}"
+                                                    if self.tokens else "")
+                    for a, q in zip(aa[ok].tolist(), qq[ok].tolist())]
             fig.add_trace(go.Scattergl(x=aa[ok], y=qq[ok], mode="markers", name="anchors (sample)",
                                        marker=dict(color=COLORS["anchor"], size=3), showlegend=(col == 1),
-                                       hovertemplate="anchor %{x}<br>query %{y}<extra></extra>"), row=1, col=col)
+                                       hovertext=text, hoverinfo="text"), row=1, col=col)
             # The picked query's spans and anchors: placeholders filled by `_update_overlay` on every redraw.
             fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="chosen spans of the picked query",
                                      line=dict(color=COLORS["miss"] if which == "B" else COLORS["query"], width=5),

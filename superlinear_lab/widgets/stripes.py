@@ -315,6 +315,56 @@ class StripeExplorer(View):
             fig.update_xaxes(row=2, col=1, title_text="keys back from q (q − key + 1, log scale)")
         return [fig]
 
+    # ------------------------------------------------------------------ export
+    def to_html(self, path, queries=None):
+        """Self-contained HTML (plotly.js inlined) with a slider over query positions that works offline,
+        without a kernel: one precomputed frame per position (default: 16 log-spaced positions up to the
+        current query's slider range, plus the current query)."""
+        from pathlib import Path
+
+        import plotly.io as pio
+
+        if queries is None:
+            top = self.max_query - 1
+            queries = sorted({int(round(x)) for x in np.geomspace(1, top, 16)} | {self.query})
+        queries = [int(q) for q in queries]
+        bad = [q for q in queries if not 0 <= q < self.max_query]
+        if bad or not queries:
+            raise ValueError(f"queries={bad or queries}: expected positions in [0, {self.max_query})")
+        current = self.query
+        frames, steps = [], []
+        try:
+            for q in queries:
+                self.query = q
+                fig = self.figures()[0]
+                name = str(q)
+                frames.append(go.Frame(data=fig.data, name=name, layout=dict(
+                    title=fig.layout.title, xaxis=dict(range=fig.layout.xaxis.range),
+                    xaxis2=dict(range=fig.layout.xaxis2.range), shapes=fig.layout.shapes,
+                    height=fig.layout.height)))
+                steps.append(dict(method="animate", label=f"{q:,}",
+                                  args=[[name], dict(mode="immediate", frame=dict(duration=0, redraw=True),
+                                                     transition=dict(duration=0))]))
+        finally:
+            self.query = current
+        first = queries.index(current) if current in queries else 0
+        fig = go.Figure(data=frames[first].data, frames=frames, layout=self._figure_for(queries[first]).layout)
+        fig.update_layout(sliders=[dict(active=first, steps=steps, currentvalue=dict(prefix="query q = "),
+                                        pad=dict(t=60), len=1.0, x=0)], margin=dict(b=140))
+        html_text = pio.to_html(fig, include_plotlyjs=True, full_html=True, config={"displaylogo": False})
+        path = Path(path)
+        path.write_text(html_text.replace("<head>", f"<head><title>{self.title}: {self.summary()}</title>", 1),
+                        encoding="utf-8")
+        return path
+
+    def _figure_for(self, q: int) -> go.Figure:
+        current = self.query
+        try:
+            self.query = q
+            return self.figures()[0]
+        finally:
+            self.query = current
+
     # ------------------------------------------------------------------ widget controls
     def _build_controls(self):
         import ipywidgets as w
