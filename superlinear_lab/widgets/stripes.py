@@ -292,9 +292,9 @@ class StripeExplorer(View):
         if g.first_uncovered is not None:
             xk = float(self._x([g.first_uncovered])[0])
             fig.add_vline(x=xk, line=dict(color=COLORS["miss"], width=2, dash="dash"))
-            status = f"key {g.first_uncovered:,} is NOT reachable"
+            status = f"key {g.first_uncovered:,} is NOT reachable from it"
         else:
-            status = "every earlier key is reachable"
+            status = "it reaches every earlier key"
         title = f"Query q = {g.query:,}: window + {n_rows:,} candidate spans — {status}"
         height = int(min(640, max(360, 160 + 10 * n_rows)))
         fig.update_layout(**base_layout(title, height=height, hovermode="closest"))
@@ -370,12 +370,12 @@ class StripeExplorer(View):
         import ipywidgets as w
 
         cfg = self.cfg
-        style = {"description_width": "110px"}
-        lay = w.Layout(width="340px")
+        style = {"description_width": "100px"}
+        lay = w.Layout(width="315px")
         exp_max = math.log2(self.max_query - 1)
         q_slider = w.FloatLogSlider(value=max(self.query, 1), base=2, min=0, max=exp_max, step=0.01,
-                                    description="query q (log)", readout=False, style=style, layout=lay,
-                                    continuous_update=False)
+                                    description="query q (log)", readout=False, style=style,
+                                    layout=w.Layout(width="420px"), continuous_update=False)
         q_text = w.BoundedIntText(value=self.query, min=0, max=self.max_query - 1, description="q =",
                                   style={"description_width": "30px"}, layout=w.Layout(width="150px"))
         p_slider = w.SelectionSlider(options=SEARCH_POWERS, value=_nearest_power(cfg.search_power),
@@ -395,8 +395,8 @@ class StripeExplorer(View):
             "num_spans": w.IntSlider(value=cfg.num_spans, min=1, max=8, description="K (spans)", style=style,
                                      layout=lay, continuous_update=False),
         }
-        x_toggle = w.ToggleButtons(options=[("key position", "position"), ("distance back (log)", "distance")],
-                                   value=self.x_axis, style={"button_width": "150px"})
+        x_toggle = w.ToggleButtons(options=[("key position", "position"), ("log distance", "distance")],
+                                   value=self.x_axis, style={"button_width": "110px"})
         presets = [w.Button(description=f"{name} preset", layout=w.Layout(width="130px")) for name in
                    ("default", "release")]
         gap_button = w.Button(description="go to first gap", layout=w.Layout(width="264px"))
@@ -440,11 +440,10 @@ class StripeExplorer(View):
         sync_from_state()
         self._controls = dict(query=q_slider, query_text=q_text, x_axis=x_toggle, gap=gap_button,
                               presets=presets, **sliders)
-        names = list(sliders)
-        left = w.VBox([w.HBox([q_slider, q_text])] + [sliders[n] for n in names[:2]])
-        middle = w.VBox([sliders[n] for n in names[2:4]] + [sliders["num_spans"]])
-        right = w.VBox([sliders["sw_index"], w.HBox(presets), gap_button])
-        return w.VBox([w.HBox([left, middle, right]), w.HBox([w.Label("x axis:"), x_toggle])])
+        grid = [[sliders[n] for n in ("search_power", "span_power", "num_spans")],
+                [sliders[n] for n in ("backward_factor", "forward_factor", "sw_index")]]
+        return w.VBox([w.HBox([q_slider, q_text, w.Label("x axis:"), x_toggle]),
+                       *(w.HBox(row) for row in grid), w.HBox(presets + [gap_button])])
 
 
 def _complement(union: tuple[tuple[int, int], ...], q: int) -> list[tuple[int, int]]:
