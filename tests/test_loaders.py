@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="the loaders need the optional extra 'hf'")
+pytest.importorskip("transformers", minversion="5.24", reason="the loaders need the optional extra hf")
 
 from helpers import assert_close  # noqa: E402
 

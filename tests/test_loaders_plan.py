@@ -64,7 +64,7 @@ def test_released_on_80_and_141_gb_cards():
 
 
 def test_plan_reads_shard_headers_only(tmp_path, monkeypatch):
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", minversion="5.24")
     import safetensors
 
     from superlinear_lab.loaders import save_checkpoint

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="the loaders need the optional extra 'hf'")
+pytest.importorskip("transformers", minversion="5.24", reason="the loaders need the optional extra hf")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 

@@ -30,14 +30,22 @@ from .config import SuperlinearExpConfig
 
 
 EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+# The Mamba-2 mixer's cache calls (get_conv_state, update_conv_state, ...) that `_MambaStates` answers are those
+# of transformers 5.24; 5.17 calls a different interface and silently computes wrong chunked prefills.
+MIN_TRANSFORMERS = "5.24"
 
 
 def _nemotron_modules():
     try:
+        import transformers
+        from packaging.version import Version
         from transformers.models.nemotron_h import modeling_nemotron_h as m
     except ImportError as e:
         raise ImportError("loading Superlinear-Exp checkpoints needs transformers' NemotronH modules: "
                           "pip install 'superlinear-lab[hf]'") from e
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+        raise ImportError(f"transformers {transformers.__version__} is too old for the Superlinear-Exp loader "
+                          f"(needs >= {MIN_TRANSFORMERS}): pip install 'superlinear-lab[hf]'")
     return m
 
 
