@@ -1,9 +1,10 @@
 """Span search kernels (SPEC §2): raw <Q1, K(anchor)> over the stripes σ+1 … M(q+1), top-K with the
 tie rule, span bounds from the shared tables — and the backward through `values` (SPEC §2.6).
 
-Forward: one program per (batch, KV head, head chunk, block of BQ queries). It holds Q1 of the
-group's heads x its queries as one [GH, BQ, D] tile, so each stripe step gathers one K row per
-*query* ([BQ, D]) and every head of the group reuses it from registers (loaded once). The loop bound is the block's own
+Forward: one program per (batch, KV head, head chunk, block of BQ queries). It holds Q1 of its
+queries x the group's heads as one [BQ, GH, D] tile. Each loop trip takes SC stripes at once: one
+gather of the BQ x SC anchor rows of K (each loaded once and shared by every head of the group), then
+a batched tl.dot [BQ: GH x D]·[BQ: D x SC] with fp32 accumulation. The loop bound is the block's own
 max M(q + 1), loaded from a device tensor: cost follows the current position (Decision D3), no
 recompile per length. Stripes are scanned from the largest index (earliest anchor) down, and a score
 enters the top-K only when strictly greater: on ties the earlier position wins (SPEC §2.3).
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_d, max_stripes, next_pow2
+from .common import block_d, dot_precision, max_stripes, next_pow2
 
 
 @triton.jit
@@ -59,8 +60,8 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
                    qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, part_v_ptr, part_a_ptr,
                    sk_b, sk_h, sk_l,
                    H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, SIGMA, W, SPLIT, N_SPLIT,
-                   NUM_SPANS: tl.constexpr, GH: tl.constexpr, BQ: tl.constexpr, BLOCK_D: tl.constexpr,
-                   UNROLL: tl.constexpr, IS_SPLIT: tl.constexpr):
+                   NUM_SPANS: tl.constexpr, GH: tl.constexpr, BQ: tl.constexpr, SC: tl.constexpr,
+                   BLOCK_D: tl.constexpr, IS_SPLIT: tl.constexpr, PRECISION: tl.constexpr):
     pid_q = tl.program_id(0)
     pid_g = tl.program_id(1)
     pid_s = tl.program_id(2)  # which run of SPLIT stripes (decode); 0 with one run per query block
@@ -70,10 +71,9 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
     hkv = bh % H_KV
     g = chunk * GH + tl.arange(0, GH)
     qi = pid_q * BQ + tl.arange(0, BQ)
-    g_ok = g < G
     q_ok = qi < L_Q
-    ok = g_ok[:, None] & q_ok[None, :]  # [GH, BQ]
-    base = ((b * H_Q + hkv * G + g).to(tl.int64) * L_Q)[:, None] + qi[None, :]  # row in [B, H_Q, L_Q]
+    ok = q_ok[:, None] & (g < G)[None, :]  # [BQ, GH]
+    base = qi[:, None] + ((b * H_Q + hkv * G + g).to(tl.int64) * L_Q)[None, :]  # row in [B, H_Q, L_Q]
 
     pos = tl.load(pos_ptr + qi, mask=q_ok, other=0)  # [BQ]
     s = tl.load(start_ptr + b)
@@ -82,31 +82,37 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     q = tl.load(q1_ptr + base[:, :, None] * D + d[None, None, :],
-                mask=ok[:, :, None] & dmask[None, None, :], other=0.0).to(tl.float32)  # [GH, BQ, BLOCK_D]
+                mask=ok[:, :, None] & dmask[None, None, :], other=0.0)  # [BQ, GH, BLOCK_D]
     k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
+    col = tl.arange(0, SC)
 
-    neg = tl.full([GH, BQ], float("-inf"), tl.float32)
-    none = tl.full([GH, BQ], -1, tl.int64)
+    neg = tl.full([BQ, GH], float("-inf"), tl.float32)
+    none = tl.full([BQ, GH], -1, tl.int64)
     v0, v1, v2, v3 = neg, neg, neg, neg
     a0, a1, a2, a3 = none, none, none, none
     i_hi = tl.minimum(i_top, SIGMA + (pid_s + 1) * SPLIT)
     n = i_hi - SIGMA - pid_s * SPLIT
-    for j0 in range(0, n, UNROLL):
-        # UNROLL independent stripe gathers per trip keep several loads in flight.
-        for u in tl.static_range(UNROLL):
-            step_ok = j0 + u < n
-            offset = tl.load(table_ptr + (i_hi - j0 - u), mask=step_ok, other=1 << 62)
-            anchor = pos + 1 - offset  # [BQ]; a masked step gives a negative anchor: no candidate
-            cand = q_ok & (anchor >= s) & (anchor >= 0) & (anchor < L_KV)
-            kk = tl.load(k_base + anchor[:, None] * sk_l + d[None, :], mask=cand[:, None] & dmask[None, :],
-                         other=0.0).to(tl.float32)  # [BQ, BLOCK_D]: one K row per query, shared by the heads
-            score = tl.sum(q * kk[None, :, :], axis=2)  # [GH, BQ], fp32, no 1/sqrt(D)
-            score = tl.where(cand[None, :], score, float("-inf"))
-            anchor2 = tl.broadcast_to(anchor[None, :], [GH, BQ])
-            v0, v1, v2, v3, a0, a1, a2, a3 = _insert(score, anchor2, v0, v1, v2, v3, a0, a1, a2, a3)
+    for j0 in range(0, n, SC):
+        # SC stripes per trip, largest index (earliest anchor) in column 0.
+        offset = tl.load(table_ptr + (i_hi - j0 - col), mask=j0 + col < n, other=1 << 62)  # [SC]
+        anchor = pos[:, None] + 1 - offset[None, :]  # [BQ, SC]; masked columns are negative
+        cand = q_ok[:, None] & (anchor >= s) & (anchor >= 0) & (anchor < L_KV)
+        # One gather of BQ x SC key rows; each is shared by all heads of the group.
+        kt = tl.load(k_base + anchor[:, None, :] * sk_l + d[None, :, None],
+                     mask=cand[:, None, :] & dmask[None, :, None], other=0.0)  # [BQ, BLOCK_D, SC]
+        score = tl.dot(q, kt, input_precision=PRECISION)  # [BQ, GH, SC], fp32 accumulation, no 1/sqrt(D)
+        score = tl.where(cand[:, None, :], score, float("-inf"))
+        anchor3 = tl.broadcast_to(anchor[:, None, :], [BQ, GH, SC])
+        # Feed the trip's best NUM_SPANS into the slots, best first and, among equal scores, earliest
+        # first; the slots already hold earlier anchors, and _insert needs a strictly greater score.
+        for _r in tl.static_range(NUM_SPANS):
+            best = tl.max(score, axis=2)
+            pick = tl.min(tl.where(score == best[:, :, None], anchor3, 1 << 62), axis=2)
+            v0, v1, v2, v3, a0, a1, a2, a3 = _insert(best, pick, v0, v1, v2, v3, a0, a1, a2, a3)
+            score = tl.where(anchor3 == pick[:, :, None], float("-inf"), score)
 
     if IS_SPLIT:
-        # Partial top-4 of this run of stripes; _search_merge_kernel picks the final top-K.
+        # Partial top-K of this run of stripes; _search_merge_kernel picks the final top-K.
         part = (base * N_SPLIT + pid_s) * 4
         tl.store(part_v_ptr + part, v0, mask=ok)
         tl.store(part_v_ptr + part + 1, v1, mask=ok)
@@ -117,7 +123,7 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
         tl.store(part_a_ptr + part + 2, a2, mask=ok)
         tl.store(part_a_ptr + part + 3, a3, mask=ok)
     else:
-        pos2 = tl.broadcast_to(pos[None, :], [GH, BQ])
+        pos2 = tl.broadcast_to(pos[:, None], [BQ, GH])
         t2 = tl.maximum(pos2 + 1 - s, 0)
         _store_all(v0, v1, v2, v3, a0, a1, a2, a3, pos2, s, t2, blen_ptr, flen_ptr, base, ok, L_KV, W,
                    qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS)
@@ -183,15 +189,15 @@ def _select(vals, anch, big):
     return v0, v1, v2, v3, a0, a1, a2, a3
 
 
-SEARCH_UNROLL = 4  # stripes gathered per loop trip
-SEARCH_TILE = 16384  # elements of the fp32 [heads x queries x D] Q1 tile a program keeps in registers
+SEARCH_STRIPES = 16  # stripes per loop trip (the N of the batched tl.dot)
+SEARCH_TILE_BYTES = 32768  # bytes of the [queries x heads x D] Q1 tile a program keeps in registers
 
 
-def search_layout(group: int, l_q: int, d: int) -> tuple[int, int, int]:
-    """(GH heads, BQ queries, head chunks) of a search program: all heads of a KV group (up to 16 per
-    chunk) times as many queries as fit the register tile."""
-    gh = min(next_pow2(group), 16)
-    bq = max(1, min(SEARCH_TILE // (gh * block_d(d)), next_pow2(l_q), 128))
+def search_layout(group: int, l_q: int, d: int, itemsize: int) -> tuple[int, int, int]:
+    """(GH heads, BQ queries, head chunks) of a search program: the heads of a KV group, padded to 16
+    (the M of tl.dot) or cut into chunks of 16, times as many queries as fit the register tile."""
+    gh = 16
+    bq = max(1, min(SEARCH_TILE_BYTES // (gh * block_d(d) * itemsize), next_pow2(l_q)))
     return gh, bq, -(-group // gh)
 
 
@@ -223,7 +229,7 @@ def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, r
     qanchor = torch.empty(shape, dtype=torch.int32, device=dev)
     qend = torch.empty(shape, dtype=torch.int32, device=dev)
     values = torch.empty(shape, dtype=torch.float32, device=dev)
-    gh, bq, n_chunks = search_layout(group, l_q, d)
+    gh, bq, n_chunks = search_layout(group, l_q, d, q1.element_size())
     n_stripes = max(offsets.numel() - 2 - sw_index, 0)  # σ+1 … M(L_KV)
     split = l_q == 1 and n_stripes > DECODE_SPLIT
     run = DECODE_SPLIT if split else max(n_stripes, 1)
@@ -240,8 +246,8 @@ def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, r
         qstart, qanchor, qend, values, part_v, part_a,
         k.stride(0), k.stride(1), k.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, n_chunks, sw_index, window, run, n_split,
-        NUM_SPANS=num_spans, GH=gh, BQ=bq, BLOCK_D=block_d(d), UNROLL=SEARCH_UNROLL, IS_SPLIT=split,
-        num_warps=8 if gh * bq * block_d(d) >= 8192 else 4)
+        NUM_SPANS=num_spans, GH=gh, BQ=bq, SC=SEARCH_STRIPES, BLOCK_D=block_d(d), IS_SPLIT=split,
+        PRECISION=dot_precision(q1.dtype), num_warps=4)
     if split:
         block_r = 16
         _search_merge_kernel[(triton.cdiv(n_rows, block_r),)](
