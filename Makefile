@@ -24,7 +24,7 @@ lab: $(STAMP)
 	cd notebooks && ../$(VENV)/bin/jupyter lab --port $(PORT) $(LAB_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --nbval-lax $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
