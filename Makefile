@@ -27,7 +27,9 @@ test: $(STAMP)
 	$(PY) -m pytest --nbval-lax $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) bench/run_all.py
+	$(PY) bench/gpu_check.py
+	$(PY) bench/speed.py --mode both
+	$(PY) bench/speed.py --mode both --coherent --lengths 131072 1048576
 
 clean:
 	rm -rf $(VENV)

@@ -1,0 +1,176 @@
+"""GPU speed benchmark of the attention layer (issue: beat dense attention from 64K to 1M and beyond).
+
+Setting: the released model's attention layer — B = 1, H_Q = 32, H_KV = 2, D = 128, bf16,
+`SpanConfig.release()`. Prefill runs in chunks of 32,768 queries into a static cache of length L (as a
+long-context server does); decode is one query at position L - 1. The baseline runs in the same process:
+dense causal `scaled_dot_product_attention(..., is_causal=True, enable_gqa=True)` over all L queries for
+prefill, and the same without causality for one-token decode.
+
+    python bench/speed.py --mode both --lengths 65536 131072 262144 524288 1048576 [--coherent]
+
+Prints a table (L, dense s, ours s, ratio, tokens/s, peak GB, keys attended per query) and writes JSON to
+$OUT/speed.json (or bench/speed.json). Decode is timed eagerly through the public API and, where the
+Triton backend allows it, replayed in a CUDA graph.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from gpu_check import _import_kernels  # noqa: E402  (imports superlinear_kernels from this checkout)
+
+_import_kernels()
+from superlinear_kernels import SpanConfig, superlinear_attention  # noqa: E402
+from superlinear_kernels.api import Prepared  # noqa: E402
+from superlinear_kernels.geometry import max_stripe, span_lengths  # noqa: E402
+
+H_Q, H_KV, D = 32, 2, 128
+CHUNK = 32768
+
+
+def keys_per_query(cfg: SpanConfig, t: int) -> int:
+    """Keys one query at t reads at most: K (B + Fw + 1) + W (SPEC §1.9), capped at t."""
+    backward, forward = span_lengths(cfg, t)
+    routed = cfg.num_spans * (int(backward[t]) + int(forward[t]) + 1) if max_stripe(cfg, t) > cfg.sw_index else 0
+    return min(t, routed + cfg.window_len)
+
+
+def make_inputs(length: int, dtype, coherent: bool, seed: int = 0):
+    """q1, q2 [1, H_Q, L, D]; k, v [1, H_KV, L, D]. Coherent keys vary slowly with position."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q1 = torch.randn(1, H_Q, length, D, device="cuda", dtype=dtype, generator=gen)
+    q2 = torch.randn(1, H_Q, length, D, device="cuda", dtype=dtype, generator=gen)
+    if coherent:
+        # A random walk in key space, normalised: neighbouring queries see near-identical anchor scores.
+        steps = torch.randn(1, H_KV, length // 256 + 2, D, device="cuda", generator=gen)
+        walk = torch.nn.functional.interpolate(steps.cumsum(2).flatten(0, 1).transpose(1, 2), size=length,
+                                               mode="linear", align_corners=True).transpose(1, 2)
+        k = (walk / walk.norm(dim=-1, keepdim=True) * D ** 0.5).view(1, H_KV, length, D).to(dtype)
+    else:
+        k = torch.randn(1, H_KV, length, D, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(1, H_KV, length, D, device="cuda", dtype=dtype, generator=gen)
+    return q1, q2, k, v
+
+
+def timed(fn, reps: int) -> float:
+    """Median seconds of `reps` calls (after one warm-up), CUDA-synchronised."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def dense(q, k, v, causal: bool):
+    try:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    except TypeError:  # torch < 2.5 has no enable_gqa
+        group = q.shape[1] // k.shape[1]
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), is_causal=causal)
+
+
+def prefill_row(length: int, cfg, dtype, coherent: bool, reps: int, dense_max: int) -> dict:
+    q1, q2, k, v = make_inputs(length, dtype, coherent)
+
+    def ours():
+        for c0 in range(0, length, CHUNK):
+            pos = torch.arange(c0, min(c0 + CHUNK, length), device="cuda")
+            superlinear_attention(q1[:, :, c0:c0 + CHUNK], q2[:, :, c0:c0 + CHUNK], k, v, pos, cfg, backend="triton")
+
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ours_s = timed(ours, reps)
+    peak = torch.cuda.max_memory_allocated() - base
+    dense_s = timed(lambda: dense(q2, k, v, True), max(1, reps // 2)) if length <= dense_max else None
+    return {"mode": "prefill", "length": length, "coherent": coherent, "ours_s": ours_s, "dense_s": dense_s,
+            "ratio": None if dense_s is None else dense_s / ours_s, "tokens_per_s": length / ours_s,
+            "peak_extra_gb": peak / 1e9, "inputs_gb": sum(x.numel() * x.element_size() for x in (q1, q2, k, v)) / 1e9,
+            "keys_per_query_at_L": keys_per_query(cfg, length)}
+
+
+def decode_row(length: int, cfg, dtype, coherent: bool, reps: int) -> dict:
+    q1, q2, k, v = make_inputs(length, dtype, coherent)
+    q1, q2 = q1[:, :, -1:].contiguous(), q2[:, :, -1:].contiguous()
+    pos = torch.tensor([length - 1], device="cuda")
+    eager = timed(lambda: superlinear_attention(q1, q2, k, v, pos, cfg, backend="triton"), reps)
+    graph_s = None
+    try:
+        from superlinear_kernels.triton import ops
+
+        prep = Prepared(pos.clone(), torch.zeros(1, dtype=torch.int64, device="cuda"), length - 1, length)
+        ops.superlinear_attention(q1, q2, k, v, cfg, prep)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ops.superlinear_attention(q1, q2, k, v, cfg, prep)
+        graph_s = timed(graph.replay, reps)
+    except Exception as e:  # report, don't hide: the eager number still stands
+        print(f"  (CUDA graph capture failed at L={length}: {type(e).__name__}: {e})")
+    dense_s = timed(lambda: dense(q2, k, v, False), reps)
+    best = min(x for x in (eager, graph_s) if x is not None)
+    return {"mode": "decode", "length": length, "coherent": coherent, "ours_eager_s": eager, "ours_graph_s": graph_s,
+            "ours_s": best, "dense_s": dense_s, "ratio": dense_s / best, "tokens_per_s": 1 / best,
+            "peak_extra_gb": None, "keys_per_query_at_L": keys_per_query(cfg, length)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("prefill", "decode", "both"), default="both")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[65536, 131072, 262144, 524288, 1048576])
+    parser.add_argument("--coherent", action="store_true", help="slowly varying keys instead of random")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--dense-max", type=int, default=1 << 21, help="skip the dense prefill above this length")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/speed.py needs a CUDA device")
+    cfg, dtype = SpanConfig.release(), getattr(torch, args.dtype)
+    import triton
+
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "dtype": args.dtype, "H_Q": H_Q, "H_KV": H_KV, "D": D, "chunk": CHUNK,
+            "config": cfg.to_dict()}
+    rows = []
+    print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {args.dtype} | "
+          f"{'coherent' if args.coherent else 'random'} keys")
+    print(f"{'mode':>7} {'L':>9} {'dense s':>9} {'ours s':>9} {'ratio':>7} {'tokens/s':>11} {'peak GB':>8} {'keys/q':>7}")
+    for length in args.lengths:
+        for mode in (("prefill", "decode") if args.mode == "both" else (args.mode,)):
+            row = (prefill_row(length, cfg, dtype, args.coherent, args.reps, args.dense_max) if mode == "prefill"
+                   else decode_row(length, cfg, dtype, args.coherent, args.reps * 10))
+            rows.append(row)
+            dense_s = "—" if row["dense_s"] is None else f"{row['dense_s']:.4f}"
+            ratio = "—" if row["ratio"] is None else f"{row['ratio']:.2f}"
+            peak = "—" if row["peak_extra_gb"] is None else f"{row['peak_extra_gb']:.2f}"
+            print(f"{mode:>7} {length:>9} {dense_s:>9} {row['ours_s']:>9.4f} {ratio:>7} {row['tokens_per_s']:>11.0f} "
+                  f"{peak:>8} {row['keys_per_query_at_L']:>7}", flush=True)
+            torch.cuda.empty_cache()
+    prefill = [r for r in rows if r["mode"] == "prefill" and r["length"] >= 131072]
+    if len(prefill) >= 2:
+        import math
+
+        xs = [math.log(r["length"]) for r in prefill]
+        ys = [math.log(r["ours_s"]) for r in prefill]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        meta["prefill_time_exponent_128k_up"] = slope
+        print(f"fitted prefill time exponent (L >= 128K): {slope:.3f}")
+    out = Path(os.environ.get("OUT", ROOT / "bench")) / ("speed_coherent.json" if args.coherent else "speed.json")
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
