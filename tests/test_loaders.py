@@ -124,6 +124,7 @@ def test_routing_trace_of_a_session_equals_the_full_forward(model):
 
 
 def test_views_render_a_trace_of_the_loaded_model(model, tmp_path):
+    pytest.importorskip("plotly")
     from superlinear_lab.widgets import CoverageMap, RoutingExplorer
 
     s = Session(model, max_len=64, progress=False)
