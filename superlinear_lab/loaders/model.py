@@ -192,7 +192,7 @@ class SuperlinearExpLM(nn.Module):
         gen = torch.Generator().manual_seed(seed)
 
         def normal(p, scale=std):
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+            p.copy_(torch.randn(p.shape, generator=gen, device="cpu") * scale)
 
         for name, p in self.named_parameters():
             if p.dim() >= 2:
@@ -205,8 +205,8 @@ class SuperlinearExpLM(nn.Module):
             if block.kind == "M":
                 mixer = block.mixer
                 heads = mixer.num_heads
-                mixer.A_log.copy_(torch.log(torch.arange(1, heads + 1, dtype=torch.float32)))
-                dt = torch.exp(torch.linspace(math.log(1e-3), math.log(1e-1), heads))
+                mixer.A_log.copy_(torch.log(torch.arange(1, heads + 1, dtype=torch.float32, device="cpu")))
+                dt = torch.exp(torch.linspace(math.log(1e-3), math.log(1e-1), heads, device="cpu"))
                 mixer.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
                 normal(mixer.conv1d.weight, 1 / math.sqrt(mixer.conv_kernel_size))
             elif block.kind == "E":
