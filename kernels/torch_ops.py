@@ -31,7 +31,8 @@ from .softmax import gate_weights, masked_attention, merge_with_window
 SEARCH_CHUNK_ELEMS = 16 * 1024 * 1024  # fp32 elements of gathered anchor keys per search chunk (64 MiB)
 CONTIGUOUS_SEARCH_CHUNK = 1024  # queries per chunk when positions are consecutive (cache-sized slices)
 KEY_BLOCK = 64  # pairs are grouped by the key block their range starts in
-MAX_GROUP_PAIRS = 512  # larger groups are split to bound the logits tile
+MIN_TILE_PAIRS, MAX_TILE_PAIRS = 8, 256  # pairs per dense tile (all starting in one key block)
+TILE_BATCH_ELEMS = 32 * 1024 * 1024  # fp32 elements of gathered keys + logits per batch of tiles (128 MiB)
 
 
 def _search_stripes(cfg: SpanConfig, prep: Prepared, device) -> torch.Tensor:
@@ -143,47 +144,71 @@ def _finish_search(cfg, prep, anchors, values, l_kv) -> SearchResult:
 
 def range_attention(q: torch.Tensor, batch: torch.Tensor, kv_head: torch.Tensor, lo: torch.Tensor,
                     hi: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of each query over one contiguous key range.
+    """Attention of each query over one contiguous key range, in dense tiles.
 
     q [P, D] fp32; batch, kv_head, lo, hi [P] int64 (inclusive range; empty when hi < lo or lo < 0);
     k, v [B, H_KV, L_KV, D] fp32. Returns out [P, D] (0 for empty ranges) and lse [P] (-inf there).
-    Pairs are grouped by (batch, KV head, lo // 64) so each group reads one slice of K and V.
+
+    Pairs are sorted by (batch, KV head, lo // 64) and packed P at a time into tiles whose pairs all
+    start in the same key block; a tile reads one window of R keys from that block on (R = the call's
+    longest range end, measured from its block start), so the work is batched [tiles, P, D] x
+    [tiles, D, R] matmuls with no Python loop per group. P is the power of two nearest the mean group
+    size (clamped to [MIN_TILE_PAIRS, MAX_TILE_PAIRS]): big enough to share each gathered key window
+    among many pairs, small enough not to pad sparse groups.
     """
     n_pairs, d = q.shape
-    l_kv = k.shape[2]
+    h_kv, l_kv = k.shape[1], k.shape[2]
     out = q.new_zeros(n_pairs, d)
     lse = q.new_full((n_pairs,), float("-inf"))
-    live = (lo >= 0) & (hi >= lo)
-    idx = live.nonzero().squeeze(1)
-    if idx.numel() == 0:
+    live = ((lo >= 0) & (hi >= lo)).nonzero().squeeze(1)
+    if live.numel() == 0:
         return out, lse
-    block = lo[idx] // KEY_BLOCK
-    n_blocks = (l_kv + KEY_BLOCK - 1) // KEY_BLOCK
-    key = (batch[idx] * k.shape[1] + kv_head[idx]) * n_blocks + block
-    key, order = torch.sort(key, stable=True)
-    idx = idx[order]
-    groups, counts = torch.unique_consecutive(key, return_counts=True)
-    ends = torch.zeros(groups.numel(), dtype=torch.int64, device=q.device).scatter_reduce(
-        0, torch.repeat_interleave(torch.arange(groups.numel(), device=q.device), counts), hi[idx], "amax")
+    block_start = (lo[live] // KEY_BLOCK) * KEY_BLOCK
+    row = batch[live] * h_kv + kv_head[live]  # which [L_KV, D] slice of k/v
+    order = torch.argsort(row * l_kv + block_start, stable=True)
+    live, block_start, row = live[order], block_start[order], row[order]
+    group_key = row * l_kv + block_start
+    _, group_of_pair, counts = torch.unique_consecutive(group_key, return_inverse=True, return_counts=True)
+    group_first = torch.cumsum(counts, 0) - counts  # index of each group's first pair
+    rank = torch.arange(live.numel(), device=q.device) - group_first[group_of_pair]
+    mean = live.numel() / counts.numel()
+    tile_pairs = min(MAX_TILE_PAIRS, max(MIN_TILE_PAIRS, 1 << max(0, round(mean).bit_length() - 1)))
+    tiles_per_group = (counts + tile_pairs - 1) // tile_pairs
+    tile_first = torch.cumsum(tiles_per_group, 0) - tiles_per_group
+    tile_of_pair = tile_first[group_of_pair] + rank // tile_pairs
+    slot_of_pair = tile_of_pair * tile_pairs + rank % tile_pairs
+    n_tiles = int(tiles_per_group.sum())
+    span = int((hi[live] - block_start).max()) + 1  # R: keys read per tile
+
+    # Per tile: which k/v slice, first key; per slot: the pair it holds (n_pairs = an empty dummy row).
+    tile_row = torch.zeros(n_tiles, dtype=torch.int64, device=q.device).index_put((tile_of_pair,), row)
+    tile_start = torch.zeros(n_tiles, dtype=torch.int64, device=q.device).index_put((tile_of_pair,), block_start)
+    slot_pair = torch.full((n_tiles * tile_pairs,), n_pairs, dtype=torch.int64, device=q.device)
+    slot_pair[slot_of_pair] = live
+    q_padded = torch.cat([q, q.new_zeros(1, d)])
+    lo_padded = torch.cat([lo, lo.new_ones(1)])  # the dummy row's range [1, 0] is empty
+    hi_padded = torch.cat([hi, hi.new_zeros(1)])
+    k_rows, v_rows = k.reshape(-1, d), v.reshape(-1, d)
+    offsets = torch.arange(span, device=q.device)
+
+    per_tile = span * (2 * d + 4 * tile_pairs)
+    tiles_per_batch = max(1, TILE_BATCH_ELEMS // per_tile)
     out_parts, lse_parts = [], []
-    for group_key, count, end, members in zip(groups.tolist(), counts.tolist(), ends.tolist(),
-                                              torch.split(idx, counts.tolist())):
-        bh, blk = divmod(group_key, n_blocks)
-        bb, hh = divmod(bh, k.shape[1])
-        start = blk * KEY_BLOCK
-        keys = k[bb, hh, start:end + 1]  # contiguous slice: a view
-        vals = v[bb, hh, start:end + 1]
-        positions = torch.arange(start, end + 1, device=q.device)
-        for m0 in range(0, count, MAX_GROUP_PAIRS):
-            sub = members[m0:m0 + MAX_GROUP_PAIRS]
-            logits = (q[sub] @ keys.transpose(0, 1)) * scale
-            allowed = (positions[None, :] >= lo[sub, None]) & (positions[None, :] <= hi[sub, None])
-            o, l = masked_attention(logits, allowed, vals)
-            out_parts.append(o)
-            lse_parts.append(l)
-    # Parts were produced group by group in the order of `idx`.
-    out = out.index_put((idx,), torch.cat(out_parts))
-    lse = lse.index_put((idx,), torch.cat(lse_parts))
+    for t0 in range(0, n_tiles, tiles_per_batch):
+        t1 = min(n_tiles, t0 + tiles_per_batch)
+        positions = tile_start[t0:t1, None] + offsets[None, :]  # [T, R]
+        key_index = tile_row[t0:t1, None] * l_kv + positions.clamp(max=l_kv - 1)
+        keys, vals = k_rows[key_index], v_rows[key_index]  # [T, R, D]
+        pairs = slot_pair[t0 * tile_pairs:t1 * tile_pairs].view(t1 - t0, tile_pairs)
+        logits = (q_padded[pairs] @ keys.transpose(1, 2)) * scale  # [T, tile_pairs, R]
+        allowed = (positions[:, None, :] >= lo_padded[pairs][:, :, None]) & \
+                  (positions[:, None, :] <= hi_padded[pairs][:, :, None])
+        o, l = masked_attention(logits, allowed, vals)
+        out_parts.append(o.reshape(-1, d))
+        lse_parts.append(l.reshape(-1))
+    slot_out, slot_lse = torch.cat(out_parts), torch.cat(lse_parts)
+    out = out.index_put((live,), slot_out[slot_of_pair])
+    lse = lse.index_put((live,), slot_lse[slot_of_pair])
     return out, lse
 
 
