@@ -34,9 +34,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 # notebook -> the one interaction: (index of the view among the notebook's `.sl-view`s, slider label, key).
 # The slider is found by its description; the key moves it one step (the opposite key is tried if the slider
-# already sits at that end).
+# already sits at that end). A key of None means: click the button with that label instead.
 NOTEBOOKS = {
     "01_structural_non_exclusion.ipynb": (0, "b_f (backward)", "ArrowLeft"),
+    "03_sessions_and_snapshots.ipynb": (0, "checkpoint", None),
     "02_routing_explorer.ipynb": (0, "query", "ArrowLeft"),
     "04_debugging_missed_spans.ipynb": (0, "head", "ArrowRight"),
     "05_kernels_and_scaling.ipynb": (0, "query q (log)", "ArrowLeft"),
@@ -235,19 +236,23 @@ def test_notebook_runs_and_views_render(lab, browser, notebook):
         view = views.nth(index)
         view.scroll_into_view_if_needed()
         before = _view_text(view)
-        slider = view.locator(".widget-slider", has=page.locator(".widget-label", has_text=label)).first
-        handle = slider.locator(".noUi-handle").first
-        for attempt in (key, _OPPOSITE[key]):
-            handle.focus()
-            page.keyboard.press(attempt)
-            try:
-                _wait_changed(page, view, before, timeout=20_000)
-                break
-            except Exception:  # playwright's TimeoutError: the slider may sit at that end; try the other way
-                continue
+        if key is None:
+            view.locator("button", has_text=label).first.click()
+            _wait_changed(page, view, before)
+        else:
+            slider = view.locator(".widget-slider", has=page.locator(".widget-label", has_text=label)).first
+            handle = slider.locator(".noUi-handle").first
+            for attempt in (key, _OPPOSITE[key]):
+                handle.focus()
+                page.keyboard.press(attempt)
+                try:
+                    _wait_changed(page, view, before, timeout=20_000)
+                    break
+                except Exception:  # playwright's TimeoutError: the slider may sit at that end; try the other way
+                    continue
         view.screenshot(path=str(ARTIFACTS / f"{stem}.view{index}.after.png"))
         page.screenshot(path=str(ARTIFACTS / f"{stem}.page.png"), full_page=False)
-        assert _view_text(view) != before, f"{notebook}: moving '{label}' did not change the view"
+        assert _view_text(view) != before, f"{notebook}: using '{label}' did not change the view"
         _assert_no_errors(page, notebook)
         assert not blocked, f"{notebook}: the page tried to reach the network: {blocked[:5]}"
     finally:
