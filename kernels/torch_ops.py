@@ -7,15 +7,17 @@ This is what CPUs run (CI, laptops, notebooks). Same routing and outputs as the 
   stripes ordered earliest position first (argmax returns the first maximum: the tie rule, SPEC §2.3).
 * **Attention** treats the window and every span as a *contiguous key range* [lo, hi] — both are
   already clipped to the row start s, so no key mask is needed. Pairs (query head, query, range) are
-  grouped by (batch, KV head, first key block of 64); each group reads one contiguous slice of K and V
-  (a view, no copy) for one dense [pairs × D]·[D × keys] matmul with a range mask (the CPU analogue of
-  the bucketed prefill, SPEC §3.6). Branch and window are merged by log-sum-exp, then gated (§3.2–3.3).
+  sorted by (batch, KV head, first key block of 64) and packed into dense tiles of pairs that start in
+  the same block; each tile gathers one window of keys for a batched [pairs × D]·[D × keys] matmul with
+  a range mask (the CPU analogue of the bucketed prefill, SPEC §3.6). Branch and window are merged by
+  log-sum-exp, then gated (§3.2–3.3).
 
 Memory bound (beyond inputs, outputs and one fp32 copy of K/V): the search holds at most
-`SEARCH_CHUNK_ELEMS` fp32 gathered elements (64 MiB) at a time; a group holds at most
-`MAX_GROUP_PAIRS` × (range length) fp32 logits, i.e. ≤ 512 × (B(t) + Fw(t) + 64) or 512 × (W + 64)
-elements. Routing/output tensors are O(B · H_Q · L_Q · K · D). Under autograd the per-group logits
-are saved for backward, so gradients cost O(B · H_Q · L_Q · K · span length) memory — use moderate L.
+`SEARCH_CHUNK_ELEMS` fp32 gathered elements (64 MiB) at a time, attention at most `TILE_BATCH_ELEMS`
+(64 MiB, times the few temporaries of a softmax) of gathered keys and logits, plus the per-pair bookkeeping (a few int64 per pair, i.e.
+O(B · H_Q · L_Q · K)). Routing/output tensors are O(B · H_Q · L_Q · K · D). Under autograd the gathered
+tiles are saved for backward, so gradients cost O(B · H_Q · L_Q · K · span length) memory: use moderate
+L (training runs on the GPU kernels).
 """
 from __future__ import annotations
 
@@ -29,10 +31,9 @@ from .geometry import span_bounds, stripe_table
 from .softmax import gate_weights, masked_attention, merge_with_window
 
 SEARCH_CHUNK_ELEMS = 16 * 1024 * 1024  # fp32 elements of gathered anchor keys per search chunk (64 MiB)
-CONTIGUOUS_SEARCH_CHUNK = 1024  # queries per chunk when positions are consecutive (cache-sized slices)
 KEY_BLOCK = 64  # pairs are grouped by the key block their range starts in
 MIN_TILE_PAIRS, MAX_TILE_PAIRS = 8, 256  # pairs per dense tile (all starting in one key block)
-TILE_BATCH_ELEMS = 32 * 1024 * 1024  # fp32 elements of gathered keys + logits per batch of tiles (128 MiB)
+TILE_BATCH_ELEMS = 16 * 1024 * 1024  # fp32 elements of gathered keys + logits per batch of tiles (64 MiB)
 
 
 def _search_stripes(cfg: SpanConfig, prep: Prepared, device) -> torch.Tensor:
@@ -45,43 +46,29 @@ def _search_stripes(cfg: SpanConfig, prep: Prepared, device) -> torch.Tensor:
 def _chunks_of_scores(q1: torch.Tensor, k: torch.Tensor, prep: Prepared, offsets: torch.Tensor):
     """Yield (c0, anchor [C, S], scores [B, H_Q, C, S] fp32, -inf on non-candidates) per query chunk.
 
-    For a run of consecutive query positions the anchors of one stripe are consecutive keys, so each
-    stripe's scores are a row-wise dot with a *slice* of K (no gather). Other chunks gather the anchor
-    rows (bounded by SEARCH_CHUNK_ELEMS).
+    Each chunk gathers its anchor key rows once per KV head ([B, H_KV, C, S, D], at most
+    SEARCH_CHUNK_ELEMS elements) and scores all query heads of the group with one batched matmul.
+    Few large ops rather than one op per stripe: on a busy CPU, many small multi-threaded ops stall.
     """
     b, h_q, l_q, d = q1.shape
     h_kv, l_kv = k.shape[1], k.shape[2]
+    group = h_q // h_kv
     n_stripes = offsets.numel()
     kf = k.float()
-    # Zero rows in front of the cache, so a slice may start at a negative anchor (masked afterwards).
-    front = int(offsets.max())
-    k_padded = torch.cat([kf.new_zeros(b, h_kv, front, d), kf], dim=2)
-    q1f = q1.float().view(b, h_kv, h_q // h_kv, l_q, d)
+    # [B, H_KV, L_Q, G, D]: the heads of a group side by side, so one matmul scores them all.
+    q1f = q1.float().view(b, h_kv, group, l_q, d).transpose(2, 3)
     key_valid = torch.arange(l_kv, device=q1.device)[None, :] >= prep.row_start[:, None]  # [B, L_KV]
-    positions = prep.cache_position
-    contiguous = l_q == 1 or bool((positions[1:] - positions[:-1] == 1).all())
-    if contiguous:
-        chunk = CONTIGUOUS_SEARCH_CHUNK
-    else:
-        chunk = max(1, SEARCH_CHUNK_ELEMS // max(1, b * h_kv * n_stripes * d))
-    offset_list = offsets.tolist()
+    chunk = max(1, SEARCH_CHUNK_ELEMS // max(1, b * h_kv * n_stripes * d))
     for c0 in range(0, l_q, chunk):
-        qc = positions[c0:c0 + chunk]
-        q1c = q1f[:, :, :, c0:c0 + chunk]
+        qc = prep.cache_position[c0:c0 + chunk]
         anchor = qc[:, None] + 1 - offsets[None, :]  # [C, S]
         inside = (anchor >= 0) & (anchor < l_kv)
         safe = anchor.clamp(0, l_kv - 1)
         candidate = inside[None] & key_valid[:, safe]  # [B, C, S]
-        if contiguous:
-            first = int(qc[0]) + 1 + front
-            n = qc.numel()
-            columns = [(q1c * k_padded[:, :, None, first - f: first - f + n]).sum(-1) for f in offset_list]
-            scores = torch.stack(columns, dim=-1)  # [B, H_KV, G, C, S]
-        else:
-            keys_at = kf[:, :, safe]  # [B, H_KV, C, S, D]: one gather per KV head, shared by its query heads
-            scores = torch.einsum("bgncd,bgcsd->bgncs", q1c, keys_at)
-        scores = scores.masked_fill(~candidate[:, None, None], float("-inf")).reshape(b, h_q, -1, n_stripes)
-        yield c0, anchor, scores
+        keys_at = kf[:, :, safe]  # [B, H_KV, C, S, D]
+        scores = q1f[:, :, c0:c0 + chunk] @ keys_at.transpose(-1, -2)  # [B, H_KV, C, G, S]
+        scores = scores.masked_fill(~candidate[:, None, :, None], float("-inf"))
+        yield c0, anchor, scores.permute(0, 1, 3, 2, 4).reshape(b, h_q, -1, n_stripes)
 
 
 def stripe_scores(q1: torch.Tensor, k: torch.Tensor, cfg: SpanConfig, prep: Prepared):
