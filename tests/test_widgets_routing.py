@@ -319,3 +319,23 @@ def test_every_view_exports_self_contained_html(tmp_path):
         text = view.to_html(tmp_path / f"{type(view).__name__}.html").read_text()
         assert "<script src=" not in text and text.count("Plotly.newPlot") >= 2
         assert view.static().to_dict()["data"]
+
+
+def test_char_evidence_on_a_model_trace_uses_the_tokenizer():
+    """A model's token strings escape newlines ("\\n" is two characters): character evidence must be mapped
+    through the tokenizer, or every offset after a newline drifts."""
+    from superlinear_lab.engine import Session
+    from superlinear_lab.model import load_model
+
+    model = load_model("tiny", backend="torch")
+    doc, ranges = plant("first line\nsecond line\nthird line\n" * 6, "NEEDLE!\n", [0.5])
+    session = Session(model, max_len=len(doc) + 8, progress=False)
+    with session.trace(queries=[len(doc) - 1]) as tr:
+        session.append(doc)
+    a, b = ranges[0]
+    dbg = MissedSpanDebugger(tr, [dict(start=a, end=b, unit="char")], tokenizer=model.tokenizer)
+    ev = dbg.evidence[0]
+    assert model.tokenizer.decode(tr.token_ids[ev.start:ev.end + 1].tolist()) == "NEEDLE!\n"
+    with pytest.raises(ValueError, match="token_ids"):
+        MissedSpanDebugger(_trace(length=40), [dict(start=1, end=2, unit="char")],
+                           tokenizer=model.tokenizer)

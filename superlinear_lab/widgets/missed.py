@@ -41,7 +41,20 @@ def char_to_token(tokens: list[str], start: int, end: int) -> tuple[int, int]:
     return int(np.searchsorted(ends, start, side="right")), int(np.searchsorted(ends, end, side="right"))
 
 
-def _parse_evidence(trace: RoutingTrace, evidence, queries) -> list[Evidence]:
+def _text_pieces(trace: RoutingTrace, tokenizer) -> list[str] | None:
+    """The raw text of each token (their concatenation is the document), for character evidence.
+
+    With a tokenizer and recorded token ids, each id is decoded on its own; otherwise the trace's token
+    strings are used, which is right only when they are the raw text (as in `demo_trace`) — a model's display
+    strings escape newlines ("\\n"), so pass its tokenizer."""
+    if tokenizer is not None:
+        if trace.token_ids is None:
+            raise ValueError("tokenizer given but the trace has no token_ids to decode")
+        return [tokenizer.decode([i]) if i >= 0 else "" for i in trace.token_ids.tolist()]
+    return trace.tokens
+
+
+def _parse_evidence(trace: RoutingTrace, evidence, queries, tokenizer=None) -> list[Evidence]:
     default_q = tuple(int(q) for q in queries) if queries is not None else (int(trace.queries[-1]),)
     out = []
     for n, item in enumerate(evidence):
@@ -57,9 +70,10 @@ def _parse_evidence(trace: RoutingTrace, evidence, queries) -> list[Evidence]:
             start, end = item
             unit, label, qs = "token", f"evidence {n + 1}", default_q
         if unit == "char":
-            if trace.tokens is None:
-                raise ValueError("character evidence needs token strings in the trace (trace.tokens)")
-            start, end = char_to_token(trace.tokens, int(start), int(end))
+            pieces = _text_pieces(trace, tokenizer)
+            if pieces is None:
+                raise ValueError("character evidence needs the tokens' text: pass tokenizer= or record tokens")
+            start, end = char_to_token(pieces, int(start), int(end))
         elif unit != "token":
             raise ValueError(f"evidence {n + 1}: unit={unit!r}, expected 'token' or 'char'")
         if not 0 <= start <= end < trace.length:
@@ -82,19 +96,21 @@ class MissedSpanDebugger(View):
         evidence: spans as (start, end) token pairs, dicts {start, end, unit: "token"|"char", label, queries}
             or `Evidence` objects.
         queries: the queries that needed the evidence (default: the last recorded query).
+        tokenizer: maps character evidence to tokens through `tokenizer.decode` of each recorded token id
+            (needed for model traces, whose token strings are display-escaped); default: `trace.tokens`.
 
     Actions: `select(evidence=, query=, layer=, head=)` (any subset; also a click on the grid).
     """
 
     title = "Missed-span debugger"
 
-    def __init__(self, trace: RoutingTrace, evidence, queries=None) -> None:
+    def __init__(self, trace: RoutingTrace, evidence, queries=None, tokenizer=None) -> None:
         super().__init__()
         if not isinstance(trace, RoutingTrace):
             raise TypeError(f"trace: expected a RoutingTrace, got {type(trace).__name__}")
         self.trace = trace
         try:
-            self.evidence = _parse_evidence(trace, evidence, queries)
+            self.evidence = _parse_evidence(trace, evidence, queries, tokenizer)
         except KeyError as exc:
             raise ValueError(str(exc)) from None
         self.cases = [(e, q) for e in range(len(self.evidence)) for q in self.evidence[e].queries]
