@@ -328,12 +328,19 @@ def _save(ckpt, model, opt, cfg, state, t_slice, slice_info) -> None:
     save_checkpoint(ckpt, model, opt, cfg, state)
 
 
-def export(ckpt, out, dtype: str = "float16") -> Path:
-    """Write the checkpoint's model as shipped weights (`save_model` layout) in `dtype` into `out`."""
+def export(ckpt, out, dtype: str = "float16", search_power: float | None = None) -> Path:
+    """Write the checkpoint's model as shipped weights (`save_model` layout) in `dtype` into `out`; with
+    `search_power`, the shipped config uses that stripe power p instead of the training one (an inference-time
+    geometry choice: same weights, denser or sparser anchors)."""
+    from dataclasses import replace
+
     from .model import save_model
 
     state = json.loads((Path(ckpt) / "state.json").read_text())
-    model = HybridLM(ModelConfig.from_dict(state["config"]["model"]))
+    model_cfg = ModelConfig.from_dict(state["config"]["model"])
+    if search_power is not None:
+        model_cfg = replace(model_cfg, span=model_cfg.span.replace(search_power=search_power))
+    model = HybridLM(model_cfg)
     model.load_state_dict(load_file(str(Path(ckpt) / "model.safetensors")))
     model = model.to({"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype])
     return save_model(model, out)
@@ -424,6 +431,7 @@ def main(argv=None) -> int:
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--export", help="write the checkpoint's weights to this model directory and exit")
     p.add_argument("--export-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--export-search-power", type=float, help="stripe power p written into the exported config")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--plan", type=float, help="size the stages to about this many seconds here, write --plan-out")
     p.add_argument("--plan-out", default="train_config.json")
@@ -438,7 +446,7 @@ def main(argv=None) -> int:
         print(json.dumps(cfg.stages))
         return 0
     if args.export:
-        print(export(args.ckpt, args.export, args.export_dtype))
+        print(export(args.ckpt, args.export, args.export_dtype, args.export_search_power))
         return 0
     cfg = load_config(args.config)
     state = train(cfg, args.ckpt, args.device, args.backend, args.time_limit, args.max_steps, args.save_every,

@@ -1,0 +1,56 @@
+"""The shipped model (data/models/tiny): `load_model()` finds it, it answers a held-out NIAH case, and the
+evidence was reached by routing — so a broken loader or a routing regression fails here, on CPU."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from superlinear_lab import RoutingTrace, Session, load_model
+from superlinear_lab import data as D
+
+MODEL_DIR = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(backend="torch")  # the default: name "tiny", CPU, float32
+
+
+@pytest.fixture(scope="module")
+def case():
+    # Held-out seed, needle far behind the question: only a chosen span can reach it.
+    return D.niah(1536, 0.3, seed=7, split="eval")
+
+
+def test_default_load_is_the_shipped_model(model):
+    assert model.source["kind"] == "directory" and model.source["name"] == "tiny"
+    assert (MODEL_DIR / "MODEL_CARD.md").is_file()
+    shipped = json.loads((MODEL_DIR / "config.json").read_text())
+    assert model.cfg.to_dict() == shipped
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+
+
+def test_answers_niah_and_routes_to_the_needle(model, case):
+    ids = torch.tensor([case.ids])
+    with torch.no_grad(), RoutingTrace.capture(model, queries=case.queries) as trace:
+        logits = model(ids)
+    a0, a1 = case.answer
+    assert model.tokenizer.decode(logits[0, a0 - 1:a1 - 1].argmax(-1).tolist()) == case.answer_text()
+
+    start, end = case.evidence[0]
+    heads = model.cfg.n_heads
+    for q in case.queries:
+        assert not trace.in_window(trace.layers[0], q, start), "the needle must lie outside the window"
+        by = [(layer, h) for layer in trace.layers for h in range(heads)
+              if all(trace.reached(layer, h, q, key) for key in range(start, end))]
+        assert by, f"query {q}: no (layer, head) reached the evidence keys {start}..{end - 1}"
+
+
+def test_greedy_session_generates_the_answer(model, case):
+    a0, a1 = case.answer
+    session = Session(model, max_len=case.length + 8, progress=False)
+    session.append(case.ids[:a0], role=None)
+    assert session.generate_text(a1 - a0, temperature=0.0) == case.answer_text()
