@@ -4,6 +4,7 @@ Each subcommand is one ``add_<name>(subparsers)`` function that builds its parse
 lists them, so a new subcommand is one function and one entry. ``func(args)`` returns the exit status.
 
     superlinear-lab plan PATH --gpu-mem 80GB     memory plan for a checkpoint (no weights are loaded)
+    superlinear-lab report PATH -o FILE.html     routing report of a document (one offline HTML file)
     superlinear-lab serve | chat | session … | snapshot …   the server and its HTTP clients (server/commands.py)
 """
 from __future__ import annotations
@@ -107,8 +108,62 @@ def run_plan(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- report
+REPORT_EPILOG = """\
+PATH is a UTF-8 text file, `-` for standard input, or `pydoc` for Python's own reference docs
+(`pydoc_data.topics`, always present offline).
+
+examples:
+  superlinear-lab report notes.txt -o notes-routing.html
+  superlinear-lab report pydoc --max-tokens 16K -o pydoc.html
+"""
+
+
+def add_report(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report", help="routing report of a document to one self-contained HTML file",
+        description="Run a document through a model while recording its routing, then write per-layer statistics, "
+                    "the routing map and the coverage map as one HTML file (opens offline).",
+        epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", metavar="PATH", help="text file, '-' (stdin) or 'pydoc'")
+    p.add_argument("-o", "--output", default="routing-report.html", metavar="FILE",
+                   help="HTML file to write (default routing-report.html)")
+    p.add_argument("--model", default="tiny", metavar="NAME", help="model name for load_model (default tiny)")
+    p.add_argument("--max-tokens", type=_tokens, default=None, metavar="TOKENS",
+                   help="truncate the document, e.g. 16K (default: all of it)")
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "oracle"), default="auto",
+                   help="attention backend (default auto: triton on CUDA, torch otherwise)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--title", default=None, help="report title (default: the file name)")
+    p.set_defaults(func=run_report)
+
+
+def run_report(args) -> int:
+    from .model import load_model
+    from .report import routing_report
+
+    try:
+        if args.path == "-":
+            text = sys.stdin.read()
+        elif args.path == "pydoc":
+            from pydoc_data.topics import topics
+
+            text = "\n\n".join(f"{name}\n{body}" for name, body in sorted(topics.items()))
+        else:
+            with open(args.path, encoding="utf-8") as f:
+                text = f.read()
+        model = load_model(args.model, device=args.device, backend=args.backend)
+        out = routing_report(text, args.output, model, max_tokens=args.max_tokens,
+                             title=args.title or f"Routing report: {args.path}")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        print(f"superlinear-lab report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
 # ---------------------------------------------------------------------- entry point
-COMMANDS = [add_plan, *SERVER_COMMANDS]
+COMMANDS = [add_plan, add_report, *SERVER_COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:

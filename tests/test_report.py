@@ -1,0 +1,45 @@
+"""The routing report: a document traced through the model, written as one offline HTML file; its CLI."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from superlinear_lab.cli import main
+from superlinear_lab.model import load_model
+from superlinear_lab.report import routing_report, trace_document
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(backend="torch")
+
+
+def test_report_is_self_contained_and_lists_every_layer(model, tmp_path):
+    text = "The quick brown fox jumps over the lazy dog. " * 30
+    out = routing_report(text, tmp_path / "r.html", model, max_tokens=1000, progress=False)
+    page = out.read_text(encoding="utf-8")
+    assert not re.search(r"<script[^>]+src=", page)  # plotly.js is inlined: the page loads nothing
+    assert page.count("Plotly.newPlot") >= 3  # routing map, query detail, coverage figures
+    for index in model.cfg.attention_layers:
+        assert f"layers.{index}.routing" in page
+    assert "1,000 tokens" in page
+
+
+def test_trace_document_truncates_and_records_all_queries(model):
+    trace, session = trace_document("abc " * 100, model, max_tokens=123, progress=False)
+    assert trace.length == 123 == session.cursor
+    assert trace.queries.tolist() == list(range(123))
+    with pytest.raises(ValueError, match="max_tokens"):
+        trace_document("abc", model, max_tokens=0)
+    with pytest.raises(ValueError, match="text"):
+        trace_document("", model)
+
+
+def test_report_cli(tmp_path, capsys):
+    out = tmp_path / "pydoc.html"
+    assert main(["report", "pydoc", "--max-tokens", "1K", "--backend", "torch", "-o", str(out)]) == 0
+    assert re.search(r"wrote .*pydoc\.html", capsys.readouterr().out)
+    assert "1,024 tokens" in out.read_text(encoding="utf-8")
+    assert main(["report", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "x.html")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
