@@ -1,0 +1,70 @@
+"""Evaluation pieces: routing recall from chosen spans, answer checking, summaries, the figure and the CLI."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from superlinear_kernels import SearchResult
+from superlinear_lab import data as D
+from superlinear_lab import evaluate as E
+from superlinear_lab.model import HybridLM, ModelConfig, save_model
+
+
+def _routing(spans):
+    """SearchResult [1, H=2, L=50, K=2] with given {(head, query): [(qstart, qend), ...]}; all else invalid."""
+    qs = torch.full((1, 2, 50, 2), -1, dtype=torch.int32)
+    qe = qs.clone()
+    for (h, q), pairs in spans.items():
+        for k, (a, b) in enumerate(pairs):
+            qs[0, h, q, k], qe[0, h, q, k] = a, b
+    values = torch.where(qs >= 0, torch.zeros(qs.shape), torch.full(qs.shape, float("-inf")))
+    return SearchResult(qs, qe.clone(), qe, values)
+
+
+def test_reached_needs_the_whole_range_in_one_span_or_the_window():
+    r = _routing({(0, 40): [(10, 20), (0, 5)], (1, 40): [(15, 25), (0, 14)]})
+    row = torch.tensor([0, 0, 0])
+    query = torch.tensor([40, 40, 40])
+    start, end = torch.tensor([12, 18, 30]), torch.tensor([18, 22, 33])  # end exclusive
+    hit = E.reached(r, window_len=9, row=row, query=query, ev_start=start, ev_end=end)
+    assert hit.tolist() == [[True, False],  # [12, 17] inside head 0's (10, 20); head 1 splits it over two spans
+                            [False, True],  # [18, 21] inside head 1's (15, 25) only
+                            [False, False]]  # [30, 32]: no span, window is [32, 40]
+    assert E.reached(r, 15, row, query, start, end)[2].tolist() == [True, True]  # window [26, 40]
+
+
+def test_summary_counts_pairs_and_heads():
+    results = [{"task": "niah", "length": 10, "meta": {}, "correct": True, "pairs": 2, "hit_any": [True, True],
+                "hit": [[2, 1], [0, 0]]},
+               {"task": "niah", "length": 10, "meta": {}, "correct": False, "pairs": 2, "hit_any": [True, False],
+                "hit": [[1, 0], [0, 1]]}]
+    s = E.summarize(results, [1, 3])
+    assert s["accuracy"] == 0.5 and s["recall_any"] == 0.75 and s["routed_examples"] == 0.5
+    assert s["per_head"] == {"layers.1": [0.75, 0.25], "layers.3": [0.0, 0.25]}
+    assert s["best_head"] == {"recall": 0.75, "layer": 1, "head": 0}
+
+
+def test_cli_on_a_tiny_random_model(tmp_path):
+    cfg = ModelConfig(pattern="M*", d_model=32, d_ff=64, n_heads=2, n_kv_heads=1, head_dim=16, ssm_head_dim=16)
+    save_model(HybridLM(cfg), tmp_path / "m")
+    assert E.main(["--model", str(tmp_path / "m"), "--lengths", "300", "--depths", "0", "1", "--seeds", "2",
+                   "--suite-seeds", "1", "--suites", "multi_hop", "--out", str(tmp_path / "out"),
+                   "--backend", "torch", "--batch-size", "2"]) == 0
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert [c["depth"] for c in report["niah"]["cells"]] == [0.0, 1.0]
+    assert report["niah"]["by_length"]["300"]["n"] == 4 and report["niah"]["by_length"]["300"]["pairs"] == 20
+    assert "300" in report["multi_hop"]["by_length"] and report["setup"]["backend"] == "torch"
+    assert (tmp_path / "out" / "niah_heatmap.html").stat().st_size > 10_000
+    assert "| 300 |" in E.format_table(report)
+
+
+def test_answer_correct_is_greedy_exact_match():
+    ex = D.niah(300, 0.5, 0, "eval")
+    logits = torch.full((1, 300, 264), -1.0)
+    a0, a1 = ex.answer
+    for q in range(a0 - 1, a1 - 1):
+        logits[0, q, ex.ids[q + 1]] = 1.0
+    assert E.answer_correct(logits, [ex]) == [True]
+    logits[0, a1 - 2, ex.ids[a1 - 1]] = -2.0
+    assert E.answer_correct(logits, [ex]) == [False]
