@@ -5,6 +5,8 @@ lists them, so a new subcommand is one function and one entry. ``func(args)`` re
 
     superlinear-lab plan PATH --gpu-mem 80GB     memory plan for a checkpoint (no weights are loaded)
     superlinear-lab report PATH -o FILE.html     routing report of a document (one offline HTML file)
+    superlinear-lab train …                      train / resume / export the model (= python -m superlinear_lab.train)
+    superlinear-lab evaluate …                   NIAH grid and suites (= python -m superlinear_lab.evaluate)
     superlinear-lab serve | chat | session … | snapshot …   the server and its HTTP clients (server/commands.py)
 """
 from __future__ import annotations
@@ -162,8 +164,30 @@ def run_report(args) -> int:
     return 0
 
 
+def _add_passthrough(subparsers, name: str, module: str, help_text: str) -> None:
+    # prefix_chars="+" keeps argparse from reading the module's own "--options" here: they all go to its main().
+    p = subparsers.add_parser(name, help=help_text, add_help=False, prefix_chars="+")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    def run(args) -> int:
+        import importlib
+
+        return importlib.import_module(module).main(args.args)
+    p.set_defaults(func=run)
+
+
+def add_train(subparsers) -> None:
+    _add_passthrough(subparsers, "train", "superlinear_lab.train",
+                     "train, resume or export the hybrid model (options: superlinear-lab train --help)")
+
+
+def add_evaluate(subparsers) -> None:
+    _add_passthrough(subparsers, "evaluate", "superlinear_lab.evaluate",
+                     "NIAH grid, multi-needle and multi-hop suites (options: superlinear-lab evaluate --help)")
+
+
 # ---------------------------------------------------------------------- entry point
-COMMANDS = [add_plan, add_report, *SERVER_COMMANDS]
+COMMANDS = [add_plan, add_report, add_train, add_evaluate, *SERVER_COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:

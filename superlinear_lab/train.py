@@ -445,6 +445,8 @@ def main(argv=None) -> int:
         Path(args.plan_out).write_text(json.dumps(asdict(cfg), indent=1))
         print(json.dumps(cfg.stages))
         return 0
+    if not args.ckpt:
+        p.error("--ckpt is required to train or export")
     if args.export:
         print(export(args.ckpt, args.export, args.export_dtype, args.export_search_power))
         return 0

@@ -78,7 +78,9 @@ def test_export_writes_loadable_half_weights(tmp_path):
 
     cfg = tiny_config(stages=[[256, 1, 1]])
     T.train(cfg, tmp_path / "ck", backend="oracle", progress=False)
-    T.export(tmp_path / "ck", tmp_path / "m", "float16")
+    from superlinear_lab.cli import main as cli_main
+
+    assert cli_main(["train", "--ckpt", str(tmp_path / "ck"), "--export", str(tmp_path / "m")]) == 0  # float16
     assert load_file(str(tmp_path / "m" / "model.safetensors"))["embed.weight"].dtype == torch.float16
     model = load_model(path=tmp_path / "m", backend="torch")
     assert model.cfg == ModelConfig.from_dict(asdict(cfg)["model"])
