@@ -129,12 +129,14 @@ def _finish_search(cfg, prep, anchors, values, l_kv) -> SearchResult:
     return SearchResult(qstart.to(torch.int32), anchors.to(torch.int32), qend.to(torch.int32), values)
 
 
-def range_attention(q: torch.Tensor, batch: torch.Tensor, kv_head: torch.Tensor, lo: torch.Tensor,
-                    hi: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of each query over one contiguous key range, in dense tiles.
+def range_attention(q: torch.Tensor, query: torch.Tensor, batch: torch.Tensor, kv_head: torch.Tensor,
+                    lo: torch.Tensor, hi: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of pairs (query row, contiguous key range), in dense tiles.
 
-    q [P, D] fp32; batch, kv_head, lo, hi [P] int64 (inclusive range; empty when hi < lo or lo < 0);
-    k, v [B, H_KV, L_KV, D] fp32. Returns out [P, D] (0 for empty ranges) and lse [P] (-inf there).
+    q [N, D] fp32 query rows; query, batch, kv_head, lo, hi [P] int64: pair p attends with row query[p]
+    to keys [lo[p], hi[p]] of (batch[p], kv_head[p]) (empty when hi < lo or lo < 0); k, v [B, H_KV, L_KV, D]
+    fp32. Returns out [P, D] (0 for empty ranges) and lse [P] (-inf there).
 
     Pairs are sorted by (batch, KV head, lo // 64) and packed P at a time into tiles whose pairs all
     start in the same key block; a tile reads one window of R keys from that block on (R = the call's
@@ -143,13 +145,11 @@ def range_attention(q: torch.Tensor, batch: torch.Tensor, kv_head: torch.Tensor,
     size (clamped to [MIN_TILE_PAIRS, MAX_TILE_PAIRS]): big enough to share each gathered key window
     among many pairs, small enough not to pad sparse groups.
     """
-    n_pairs, d = q.shape
+    n_pairs, d = lo.numel(), q.shape[1]
     h_kv, l_kv = k.shape[1], k.shape[2]
-    out = q.new_zeros(n_pairs, d)
-    lse = q.new_full((n_pairs,), float("-inf"))
     live = ((lo >= 0) & (hi >= lo)).nonzero().squeeze(1)
     if live.numel() == 0:
-        return out, lse
+        return q.new_zeros(n_pairs, d), q.new_full((n_pairs,), float("-inf"))
     block_start = (lo[live] // KEY_BLOCK) * KEY_BLOCK
     row = batch[live] * h_kv + kv_head[live]  # which [L_KV, D] slice of k/v
     order = torch.argsort(row * l_kv + block_start, stable=True)
@@ -165,38 +165,38 @@ def range_attention(q: torch.Tensor, batch: torch.Tensor, kv_head: torch.Tensor,
     tile_of_pair = tile_first[group_of_pair] + rank // tile_pairs
     slot_of_pair = tile_of_pair * tile_pairs + rank % tile_pairs
     n_tiles = int(tiles_per_group.sum())
+    n_slots = n_tiles * tile_pairs
     span = int((hi[live] - block_start).max()) + 1  # R: keys read per tile
 
-    # Per tile: which k/v slice, first key; per slot: the pair it holds (n_pairs = an empty dummy row).
+    # Per tile: which k/v slice and its first key. Per slot: its pair, or an empty range [1, 0] when unused.
     tile_row = torch.zeros(n_tiles, dtype=torch.int64, device=q.device).index_put((tile_of_pair,), row)
     tile_start = torch.zeros(n_tiles, dtype=torch.int64, device=q.device).index_put((tile_of_pair,), block_start)
-    slot_pair = torch.full((n_tiles * tile_pairs,), n_pairs, dtype=torch.int64, device=q.device)
-    slot_pair[slot_of_pair] = live
-    q_padded = torch.cat([q, q.new_zeros(1, d)])
-    lo_padded = torch.cat([lo, lo.new_ones(1)])  # the dummy row's range [1, 0] is empty
-    hi_padded = torch.cat([hi, hi.new_zeros(1)])
+    slot_query = torch.zeros(n_slots, dtype=torch.int64, device=q.device).index_put((slot_of_pair,), query[live])
+    slot_lo = torch.ones(n_slots, dtype=torch.int64, device=q.device).index_put((slot_of_pair,), lo[live])
+    slot_hi = torch.zeros(n_slots, dtype=torch.int64, device=q.device).index_put((slot_of_pair,), hi[live])
     k_rows, v_rows = k.reshape(-1, d), v.reshape(-1, d)
     offsets = torch.arange(span, device=q.device)
 
+    # One extra zero row (index n_slots) answers the pairs with an empty range.
+    slot_out = q.new_zeros(n_slots + 1, d)
+    slot_lse = q.new_full((n_slots + 1,), float("-inf"))
     per_tile = span * (2 * d + 4 * tile_pairs)
     tiles_per_batch = max(1, TILE_BATCH_ELEMS // per_tile)
-    out_parts, lse_parts = [], []
     for t0 in range(0, n_tiles, tiles_per_batch):
         t1 = min(n_tiles, t0 + tiles_per_batch)
+        s0, s1 = t0 * tile_pairs, t1 * tile_pairs
         positions = tile_start[t0:t1, None] + offsets[None, :]  # [T, R]
         key_index = tile_row[t0:t1, None] * l_kv + positions.clamp(max=l_kv - 1)
         keys, vals = k_rows[key_index], v_rows[key_index]  # [T, R, D]
-        pairs = slot_pair[t0 * tile_pairs:t1 * tile_pairs].view(t1 - t0, tile_pairs)
-        logits = (q_padded[pairs] @ keys.transpose(1, 2)) * scale  # [T, tile_pairs, R]
-        allowed = (positions[:, None, :] >= lo_padded[pairs][:, :, None]) & \
-                  (positions[:, None, :] <= hi_padded[pairs][:, :, None])
+        queries = q[slot_query[s0:s1]].view(t1 - t0, tile_pairs, d)
+        logits = (queries @ keys.transpose(1, 2)) * scale  # [T, tile_pairs, R]
+        allowed = (positions[:, None, :] >= slot_lo[s0:s1].view(-1, tile_pairs, 1)) & \
+                  (positions[:, None, :] <= slot_hi[s0:s1].view(-1, tile_pairs, 1))
         o, l = masked_attention(logits, allowed, vals)
-        out_parts.append(o.reshape(-1, d))
-        lse_parts.append(l.reshape(-1))
-    slot_out, slot_lse = torch.cat(out_parts), torch.cat(lse_parts)
-    out = out.index_put((live,), slot_out[slot_of_pair])
-    lse = lse.index_put((live,), slot_lse[slot_of_pair])
-    return out, lse
+        slot_out[s0:s1] = o.reshape(-1, d)
+        slot_lse[s0:s1] = l.reshape(-1)
+    slot_of = torch.full((n_pairs,), n_slots, dtype=torch.int64, device=q.device).index_put((live,), slot_of_pair)
+    return slot_out[slot_of], slot_lse[slot_of]
 
 
 def superlinear_attention(q1, q2, k, v, cfg: SpanConfig, prep: Prepared):
@@ -218,15 +218,15 @@ def superlinear_attention(q1, q2, k, v, cfg: SpanConfig, prep: Prepared):
     w = cfg.window_len
     if w > 0:
         win_lo = torch.maximum((q - w + 1).clamp_min(0), s)
-        win_out, win_lse = range_attention(q2f, bb.reshape(-1), hh.reshape(-1), win_lo.reshape(-1),
-                                           q.reshape(-1), kf, vf, scale)
+        win_out, win_lse = range_attention(q2f, torch.arange(q2f.shape[0], device=dev), bb.reshape(-1),
+                                           hh.reshape(-1), win_lo.reshape(-1), q.reshape(-1), kf, vf, scale)
     else:
         win_out, win_lse = q2f.new_zeros(q2f.shape), q2f.new_full((q2f.shape[0],), float("-inf"))
 
     num = cfg.num_spans
-    span_q = q2f.repeat_interleave(num, dim=0)
     span_out, span_lse = range_attention(
-        span_q, bb.reshape(-1).repeat_interleave(num), hh.reshape(-1).repeat_interleave(num),
+        q2f, torch.arange(q2f.shape[0], device=dev).repeat_interleave(num), bb.reshape(-1).repeat_interleave(num),
+        hh.reshape(-1).repeat_interleave(num),
         routing.qstart.reshape(-1).long(), routing.qend.reshape(-1).long(), kf, vf, scale)
 
     branches = merge_with_window(span_out.view(-1, num, d), span_lse.view(-1, num), win_out, win_lse)
