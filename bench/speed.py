@@ -53,7 +53,7 @@ def make_inputs(length: int, dtype, coherent: bool, seed: int = 0):
         steps = torch.randn(1, H_KV, length // 256 + 2, D, device="cuda", generator=gen)
         walk = torch.nn.functional.interpolate(steps.cumsum(2).flatten(0, 1).transpose(1, 2), size=length,
                                                mode="linear", align_corners=True).transpose(1, 2)
-        k = (walk / walk.norm(dim=-1, keepdim=True) * D ** 0.5).view(1, H_KV, length, D).to(dtype)
+        k = (walk / walk.norm(dim=-1, keepdim=True) * D ** 0.5).reshape(1, H_KV, length, D).to(dtype).contiguous()
     else:
         k = torch.randn(1, H_KV, length, D, device="cuda", dtype=dtype, generator=gen)
     v = torch.randn(1, H_KV, length, D, device="cuda", dtype=dtype, generator=gen)
@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dense-max", type=int, default=1 << 21, help="skip the dense prefill above this length")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    parser.add_argument("--json", default=None, help="file name of the JSON written under $OUT (or bench/)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/speed.py needs a CUDA device")
@@ -149,8 +150,14 @@ def main() -> None:
     print(f"{'mode':>7} {'L':>9} {'dense s':>9} {'ours s':>9} {'ratio':>7} {'tokens/s':>11} {'peak GB':>8} {'keys/q':>7}")
     for length in args.lengths:
         for mode in (("prefill", "decode") if args.mode == "both" else (args.mode,)):
-            row = (prefill_row(length, cfg, dtype, args.coherent, args.reps, args.dense_max) if mode == "prefill"
-                   else decode_row(length, cfg, dtype, args.coherent, args.reps * 10))
+            try:
+                row = (prefill_row(length, cfg, dtype, args.coherent, args.reps, args.dense_max) if mode == "prefill"
+                       else decode_row(length, cfg, dtype, args.coherent, args.reps * 10))
+            except torch.cuda.OutOfMemoryError as e:
+                print(f"{mode:>7} {length:>9}  out of GPU memory: {str(e).splitlines()[0][:100]}", flush=True)
+                rows.append({"mode": mode, "length": length, "coherent": args.coherent, "error": "out of memory"})
+                torch.cuda.empty_cache()
+                continue
             rows.append(row)
             dense_s = "—" if row["dense_s"] is None else f"{row['dense_s']:.4f}"
             ratio = "—" if row["ratio"] is None else f"{row['ratio']:.2f}"
@@ -158,7 +165,7 @@ def main() -> None:
             print(f"{mode:>7} {length:>9} {dense_s:>9} {row['ours_s']:>9.4f} {ratio:>7} {row['tokens_per_s']:>11.0f} "
                   f"{peak:>8} {row['keys_per_query_at_L']:>7}", flush=True)
             torch.cuda.empty_cache()
-    prefill = [r for r in rows if r["mode"] == "prefill" and r["length"] >= 131072]
+    prefill = [r for r in rows if r["mode"] == "prefill" and r["length"] >= 131072 and "error" not in r]
     if len(prefill) >= 2:
         import math
 
@@ -168,7 +175,8 @@ def main() -> None:
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
         meta["prefill_time_exponent_128k_up"] = slope
         print(f"fitted prefill time exponent (L >= 128K): {slope:.3f}")
-    out = Path(os.environ.get("OUT", ROOT / "bench")) / ("speed_coherent.json" if args.coherent else "speed.json")
+    name = args.json or ("speed_coherent.json" if args.coherent else "speed.json")
+    out = Path(os.environ.get("OUT", ROOT / "bench")) / name
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
 
