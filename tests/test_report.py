@@ -43,3 +43,14 @@ def test_report_cli(tmp_path, capsys):
     assert "1,024 tokens" in out.read_text(encoding="utf-8")
     assert main(["report", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "x.html")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_exported_trace_uids_are_css_safe(model):
+    # plotly.js builds CSS selectors from trace uids; a ':' or '.' in one blanked the whole exported map.
+    from superlinear_lab.widgets import CoverageMap, RoutingExplorer
+
+    trace, _ = trace_document("needle in a haystack " * 40, model, progress=False)
+    for view in (RoutingExplorer(trace, trace.tokens), CoverageMap(trace)):
+        for fig in view.figures():
+            for t in fig.data:
+                assert t.uid is None or re.fullmatch(r"[A-Za-z0-9_-]+", t.uid), f"{view.title}: uid {t.uid!r}"

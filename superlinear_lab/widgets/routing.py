@@ -10,6 +10,7 @@ browser, exact for short inputs (one bin per position) and exact bin masses for 
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -358,9 +359,9 @@ class RoutingExplorer(View):
             text = [f"anchor {a:,} ← query {q:,}" + (f"<br>{html.escape(snippet(self.tokens, a - 16, a, 24))}"
                                                     if self.tokens else "")
                     for a, q in zip(aa[ok].tolist(), qq[ok].tolist())]
-            fig.add_trace(go.Scattergl(x=aa[ok], y=qq[ok], mode="markers", name="anchors (sample)",
-                                       marker=dict(color=COLORS["anchor"], size=3), showlegend=(col == 1),
-                                       hovertext=text, hoverinfo="text"), row=1, col=col)
+            fig.add_trace(go.Scatter(x=aa[ok], y=qq[ok], mode="markers", name="anchors (sample)",
+                                     marker=dict(color=COLORS["anchor"], size=3), showlegend=(col == 1),
+                                     hovertext=text, hoverinfo="text"), row=1, col=col)
             # The picked query's spans and anchors: placeholders filled by `_update_overlay` on every redraw.
             fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="chosen spans of the picked query",
                                      line=dict(color=COLORS["miss"] if which == "B" else COLORS["query"], width=5),
@@ -406,10 +407,11 @@ class RoutingExplorer(View):
         key = (self.layer, self.head, self.weight, self.max_bins)
         if self._map_key != key:
             fig = self._build_map_figure()
-            tag = "map:" + ":".join(str(x) for x in key)
+            # plotly.js builds CSS selectors from uids: letters, digits, '-' and '_' only.
+            tag = re.sub(r"[^A-Za-z0-9_-]", "-", "map-" + "-".join(str(x) for x in key))
             for i, t in enumerate(fig.data):
                 if not (isinstance(t.meta, str) and t.meta.startswith("overlay-")):
-                    t.uid = f"{tag}:{i}"  # unchanged heavy traces are not resent (see `sync_figure`)
+                    t.uid = f"{tag}-{i}"  # unchanged heavy traces are not resent (see `sync_figure`)
             self._map_fig, self._map_key = fig, key
         self._update_overlay(self._map_fig)
         return self._map_fig
