@@ -14,13 +14,14 @@ import json
 import platform
 import pstats
 import resource
-import threading
 import time
 
 import psutil
 import torch
 
 from superlinear_lab import Session, load_model
+
+from cpu_torch import PeakRSS  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 def reference_document(n_tokens: int) -> str:
@@ -31,28 +32,6 @@ def reference_document(n_tokens: int) -> str:
     while len(text.encode()) < n_tokens:
         text += "\n\n" + text
     return text.encode()[:n_tokens].decode("utf-8", errors="ignore")
-
-
-class PeakRSS:
-    """Peak resident set size of this process over a block (sampled every 5 ms in a background thread)."""
-
-    def __enter__(self):
-        self.proc = psutil.Process()
-        self.base = self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 def run(doc: str, chunk_size: int) -> tuple[dict, object]:

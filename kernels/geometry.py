@@ -173,22 +173,32 @@ class QueryGeometry:
         intervals = [(st.qstart, st.qend) for st in self.candidates if st.qend >= st.qstart]
         if self.window is not None:
             intervals.append(self.window)
-        merged: list[list[int]] = []
-        for a, b in sorted(intervals):
-            if merged and a <= merged[-1][1] + 1:
-                merged[-1][1] = max(merged[-1][1], b)
-            else:
-                merged.append([a, b])
-        return [(a, b) for a, b in merged]
+        return merge_intervals(intervals)
 
     def first_uncovered(self) -> int | None:
         """Smallest key in [s, q] that neither the window nor any candidate span reaches."""
-        expected = self.start
-        for a, b in self.covered():
-            if a > expected:
-                return expected
-            expected = max(expected, b + 1)
-        return expected if expected <= self.query else None
+        return first_uncovered_key(self.covered(), self.start, self.query)
+
+
+def merge_intervals(intervals) -> list[tuple[int, int]]:
+    """Sorted disjoint union of inclusive integer intervals (touching intervals are joined)."""
+    merged: list[list[int]] = []
+    for a, b in sorted(intervals):
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
+def first_uncovered_key(union, start: int, q: int) -> int | None:
+    """Smallest key in [start, q] outside `union` (sorted disjoint intervals), or None."""
+    expected = start
+    for a, b in union:
+        if a > expected:
+            return expected
+        expected = max(expected, b + 1)
+    return expected if expected <= q else None
 
 
 def query_geometry(cfg: SpanConfig, q: int, start: int = 0, l_kv: int | None = None) -> QueryGeometry:
@@ -205,18 +215,14 @@ def query_geometry(cfg: SpanConfig, q: int, start: int = 0, l_kv: int | None = N
     w = cfg.window_len
     window_start = max(max(0, q - w + 1), start)
     window = (window_start, q) if w > 0 and window_start <= q else None
-    stripes = []
-    for i in range(cfg.sw_index + 1, max_stripe(cfg, q + 1) + 1):
-        offset = stripe_offset(cfg, i)
-        anchor = q + 1 - offset
-        candidate = start <= anchor < l_kv
-        if candidate:
-            qs, qe = span_bounds(cfg, torch.tensor(anchor), torch.tensor(q), torch.tensor(start), l_kv)
-            qs, qe = int(qs), int(qe)
-        else:
-            qs = qe = -1
-        stripes.append(Stripe(i, offset, anchor, candidate, qs, qe))
-    return QueryGeometry(q, start, t, window, int(backward[t]), int(forward[t]), tuple(stripes))
+    index = torch.arange(cfg.sw_index + 1, max(max_stripe(cfg, q + 1), cfg.sw_index) + 1, dtype=torch.int64)
+    offsets = stripe_table(cfg, q + 1)[index]
+    anchors = q + 1 - offsets
+    candidate = (anchors >= start) & (anchors < l_kv)
+    qs, qe = span_bounds(cfg, torch.where(candidate, anchors, -1), torch.tensor(q), torch.tensor(start), l_kv)
+    stripes = tuple(Stripe(*row) for row in zip(index.tolist(), offsets.tolist(), anchors.tolist(),
+                                                candidate.tolist(), qs.tolist(), qe.tolist()))
+    return QueryGeometry(q, start, t, window, int(backward[t]), int(forward[t]), stripes)
 
 
 # --------------------------------------------------------------------------- coverage

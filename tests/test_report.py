@@ -6,13 +6,7 @@ import re
 import pytest
 
 from superlinear_lab.cli import main
-from superlinear_lab.model import load_model
 from superlinear_lab.report import routing_report, trace_document
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model(backend="torch")
 
 
 def test_report_is_self_contained_and_lists_every_layer(model, tmp_path):

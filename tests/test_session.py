@@ -13,18 +13,7 @@ from helpers import assert_close
 TEXT = "Superlinear attention searches stripes, then attends spans. " * 6  # 360 bytes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests run many small forwards; one intra-op thread keeps them fast on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model("tiny", backend="torch")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def state(s: Session) -> dict:

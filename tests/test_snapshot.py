@@ -23,18 +23,7 @@ FIRST, LAST = load_model("tiny").cfg.attention_layers[0], load_model("tiny").cfg
 TEXT = "The span search scores one key per stripe; the gate mixes the chosen spans. " * 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests run many small forwards; one intra-op thread keeps them fast on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model("tiny", backend="torch")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fresh_session(model, text=TEXT, max_len=512):

@@ -7,24 +7,12 @@ import torch
 
 from superlinear_kernels import query_geometry
 from superlinear_lab.engine import Session
-from superlinear_lab.model import load_model
 from superlinear_lab.trace import RoutingTrace
 
 TEXT = "Stripes are searched, spans are attended, the gate mixes them. " * 5  # 320 bytes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests run many small forwards; one intra-op thread keeps them fast on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model("tiny", backend="torch")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hook_counts(model):

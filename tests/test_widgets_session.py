@@ -6,22 +6,10 @@ import pytest
 import torch
 
 from superlinear_lab.engine import Session, SnapshotStore
-from superlinear_lab.model import load_model
 from superlinear_lab.widgets import SessionPanel, SnapshotPanel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny forwards: one intra-op thread is faster on a busy small machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model("tiny", backend="torch")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

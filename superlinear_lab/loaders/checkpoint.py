@@ -40,7 +40,6 @@ dtype other than the checkpoint's declared ``torch_dtype`` — fp32 is also acce
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -51,6 +50,7 @@ from safetensors.torch import save_file
 
 from superlinear_kernels import SpanConfig
 
+from ..model.io import sha256_file
 from .config import CheckpointError, SuperlinearExpConfig
 from .files import FLOAT_DTYPES, PICKLE_SUFFIXES, checkpoint_shards, shard_headers
 from .model import SuperlinearExpLM
@@ -126,14 +126,6 @@ def checkpoint_names(model: SuperlinearExpLM, key_map: dict[str, str] | None = N
     if unused:
         raise CheckpointError(f"key_map: row {unused[0]!r} matches no tensor of this model")
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _resolve_dtype(dtype) -> torch.dtype | None:
@@ -238,7 +230,7 @@ def load_checkpoint(path, *, device: str | torch.device = "cpu", dtype=None, spa
         else IdTokenizer(cfg.vocab_size, cfg.eos_token_id)
     model.model_id = f"superlinear-exp/{root.name}"
     model.source = {"kind": "checkpoint", "path": str(root), "name": root.name,
-                    "files": {n: _sha256(root / n) for n in ("config.json", index_name)}}
+                    "files": {n: sha256_file(root / n) for n in ("config.json", index_name)}}
     return model.eval()
 
 

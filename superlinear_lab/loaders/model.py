@@ -131,6 +131,7 @@ class SuperlinearExpLM(nn.Module):
     new_cache = HybridLM.new_cache
     trace = HybridLM.trace
     check_ids = HybridLM.check_ids
+    _begin_forward = HybridLM._begin_forward
     set_backend = HybridLM.set_backend
     num_parameters = HybridLM.num_parameters
     dtype = HybridLM.dtype
@@ -221,17 +222,8 @@ class SuperlinearExpLM(nn.Module):
         positions and the conv/SSM states are advanced in place; the caller passes the states that belong to
         position `start` (the session does).
         """
-        self.check_ids(ids)
+        positions = self._begin_forward(ids, cache, start)
         bsz, length = ids.shape
-        if length == 0:
-            raise ValueError("ids: empty sequence")
-        if cache is None and start != 0:
-            raise ValueError(f"start={start}: without a cache the row must start at 0")
-        if cache is not None and not 0 <= start <= cache.max_len - length:
-            raise ValueError(f"positions {start}..{start + length - 1} do not fit the cache (max_len {cache.max_len})")
-        positions = torch.arange(start, start + length, device=ids.device)
-        for record in list(self.token_recorders):
-            record(positions, ids)
         states = None if cache is None else _MambaStates(cache, self._mamba_slots, has_previous=start > 0)
         x = self.embed(ids)
         att_j = 0

@@ -169,15 +169,10 @@ class HybridLM(nn.Module):
             raise ValueError(f"ids: token ids must lie in [0, {self.cfg.vocab_size}); got min {int(ids.min())}, "
                              f"max {int(ids.max())}")
 
-    def forward(self, ids: torch.Tensor, cache: HybridCache | None = None, start: int = 0) -> torch.Tensor:
-        """Logits fp32 [B, L, vocab] of `ids` [B, L] at positions start … start+L-1.
-
-        Without `cache` the row starts from empty state (start must be 0). With `cache`, K/V are written at
-        those positions and the cache's SSM/conv states are replaced by the advanced ones, so the caller must
-        pass the states that belong to position `start` (the session does).
-        """
+    def _begin_forward(self, ids: torch.Tensor, cache, start: int) -> torch.Tensor:
+        """Check a forward's ids against the cache and return their positions int64 [L] (token recorders run here)."""
         self.check_ids(ids)
-        bsz, length = ids.shape
+        length = ids.shape[1]
         if length == 0:
             raise ValueError("ids: empty sequence")
         if cache is None and start != 0:
@@ -187,6 +182,17 @@ class HybridLM(nn.Module):
         positions = torch.arange(start, start + length, device=ids.device)
         for record in list(self.token_recorders):
             record(positions, ids)
+        return positions
+
+    def forward(self, ids: torch.Tensor, cache: HybridCache | None = None, start: int = 0) -> torch.Tensor:
+        """Logits fp32 [B, L, vocab] of `ids` [B, L] at positions start … start+L-1.
+
+        Without `cache` the row starts from empty state (start must be 0). With `cache`, K/V are written at
+        those positions and the cache's SSM/conv states are replaced by the advanced ones, so the caller must
+        pass the states that belong to position `start` (the session does).
+        """
+        positions = self._begin_forward(ids, cache, start)
+        bsz, length = ids.shape
         cfg = self.cfg
         x = self.embed(ids)
         att_j = mamba_j = 0

@@ -24,7 +24,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -70,7 +70,7 @@ def _load_dir(path: Path, device, dtype: torch.dtype, backend: str) -> HybridLM:
                              f"expected {tuple(expected[k].shape)}")
     model.load_state_dict(tensors)
     model.source = {"kind": "directory", "path": str(path), "name": path.name,
-                    "files": {f: _sha256_file(path / f) for f in ("config.json", "model.safetensors")}}
+                    "files": {f: sha256_file(path / f) for f in ("config.json", "model.safetensors")}}
     return model.to(device=device, dtype=dtype)
 
 

@@ -18,7 +18,8 @@ from plotly.subplots import make_subplots
 import torch
 
 from superlinear_kernels import CoverageReport, SpanConfig, coverage
-from superlinear_kernels.geometry import max_stripe, span_bounds, span_lengths, stripe_table
+from superlinear_kernels.geometry import (first_uncovered_key, max_stripe, merge_intervals, span_bounds, span_lengths,
+                                          stripe_table)
 
 from ._base import COLORS, View, ViewError, base_layout
 
@@ -72,32 +73,12 @@ def stripe_geometry(cfg: SpanConfig, q: int) -> StripeGeometry:
     intervals = [(int(a), int(b)) for a, b in zip(qs.tolist(), qe.tolist()) if b >= a]
     if window is not None:
         intervals.append(window)
-    union = _merge(intervals)
+    union = tuple(merge_intervals(intervals))
     return StripeGeometry(
         query=q, t=t, window=window, backward_len=int(backward[t]), forward_len=int(forward[t]),
         stripes=stripes.numpy(), offsets=offsets.numpy(), anchors=anchors.numpy(),
-        qstart=qs.numpy(), qend=qe.numpy(), union=union, first_uncovered=_first_gap(union, q),
+        qstart=qs.numpy(), qend=qe.numpy(), union=union, first_uncovered=first_uncovered_key(union, 0, q),
     )
-
-
-def _merge(intervals: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    """Sorted disjoint union of inclusive integer intervals (touching intervals are joined)."""
-    merged: list[list[int]] = []
-    for a, b in sorted(intervals):
-        if merged and a <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return tuple((a, b) for a, b in merged)
-
-
-def _first_gap(union: tuple[tuple[int, int], ...], q: int) -> int | None:
-    expected = 0
-    for a, b in union:
-        if a > expected:
-            return expected
-        expected = max(expected, b + 1)
-    return expected if expected <= q else None
 
 
 def _segments(starts: np.ndarray, ends: np.ndarray, rows: np.ndarray):
