@@ -7,6 +7,8 @@ PORT ?= 8888
 LAB_ARGS ?=
 PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
+# Jupyter refuses to run as root unless told; containers and CI machines often are root.
+ALLOW_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 STAMP := $(VENV)/.installed
 
 .PHONY: lab test bench setup clean
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 lab: $(STAMP)
-	cd notebooks && ../$(VENV)/bin/jupyter lab --port $(PORT) $(LAB_ARGS)
+	cd notebooks && ../$(VENV)/bin/jupyter lab --port $(PORT) $(ALLOW_ROOT) $(LAB_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest --nbval-lax $(PYTEST_ARGS)
