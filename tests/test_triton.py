@@ -206,6 +206,21 @@ def test_search_gradient_through_values():
     assert_close("dk", grads["oracle"][1], grads["triton"][1], 1e-5)
 
 
+def test_values_and_gate_are_differentiable_like_the_oracle():
+    # A loss on the returned routing (search values, gate) reaches q1 and k on every backend.
+    q1, q2, k, v = random_inputs(1, 4, 2, 29, 29, 16, seed=11, device=DEVICE)
+    grads = {}
+    for backend in ("oracle", "triton"):
+        inputs = [x.clone().requires_grad_() for x in (q1, q2, k, v)]
+        out, r = superlinear_attention(*inputs, torch.arange(29), DEFAULT, backend=backend, return_routing=True)
+        valid = r.qanchor >= 0
+        loss = out.sum() + torch.where(valid, r.values, torch.zeros_like(r.values)).sum() + (r.gate ** 2).sum()
+        loss.backward()
+        grads[backend] = [x.grad for x in inputs]
+    for name, ref, got in zip(("dq1", "dq2", "dk", "dv"), grads["oracle"], grads["triton"]):
+        assert_close(name, ref, got, 1e-4)
+
+
 def test_kernel_limits_raise_before_launch():
     q1, q2, k, v = random_inputs(1, 2, 1, 8, 8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="num_spans"):

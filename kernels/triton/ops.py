@@ -113,18 +113,22 @@ class _AttentionFunction(torch.autograd.Function):
         ctx.order = order
         ctx.window = window
         ctx.prep = prep
-        ctx.mark_non_differentiable(qstart, qanchor, qend, values, gate)
+        ctx.mark_non_differentiable(qstart, qanchor, qend)
         return out, qstart, qanchor, qend, values, gate
 
     @staticmethod
-    def backward(ctx, dout, *_routing_grads):
+    def backward(ctx, dout, _dqstart, _dqanchor, _dqend, dvalues_out, dgate_out):
         q1, q2, k, v, qstart, qanchor, qend, gate, branch_out, branch_lse = ctx.saved_tensors
         prep = ctx.prep
         do = dout.float().contiguous()
         dg = torch.einsum("bhld,bhlkd->bhlk", do, branch_out)
-        delta = gate * dg
+        delta = gate * dg  # the out path only: span/window backward weight their branches by it
         valid = qanchor >= 0
-        dvalues = torch.where(valid, gate * (dg - delta.sum(-1, keepdim=True)), torch.zeros_like(dg))
+        # The returned values and gate are differentiable too (same as the other backends): a loss on them
+        # adds to the gate's gradient and to the values' gradient before the search backward.
+        dg_all = dg + dgate_out.float()
+        dvalues = gate * (dg_all - (gate * dg_all).sum(-1, keepdim=True)) + dvalues_out.float()
+        dvalues = torch.where(valid, dvalues, torch.zeros_like(dg))
 
         # Window keys: the K branches folded into one attention backward (module docstring).
         usable = torch.isfinite(branch_lse) & (gate > 0)
@@ -151,8 +155,8 @@ def superlinear_attention(q1, q2, k, v, cfg: SpanConfig, prep: Prepared):
     """Superlinear attention on the GPU (SPEC §2–3).
 
     q1, q2 [B, H_Q, L_Q, D]; k, v [B, H_KV, L_KV, D]; returns (out [B, H_Q, L_Q, D] in q2's dtype,
-    `SearchResult` with gate). `values` and `gate` are returned detached; gradients reach q1 through
-    the gate inside `out`.
+    `SearchResult` with gate). `values` and `gate` are differentiable (to q1 and k through the search), as on
+    the other backends; the span bounds are integers.
     """
     check_supported(q1, k, cfg)
     out, qstart, qanchor, qend, values, gate = _AttentionFunction.apply(
