@@ -14,8 +14,8 @@ This is what CPUs run (CI, laptops, notebooks). Same routing and outputs as the 
 
 Memory bound (beyond inputs, outputs and one fp32 copy of K/V): the search holds at most
 `SEARCH_CHUNK_ELEMS` fp32 gathered elements (64 MiB) at a time, attention at most `TILE_BATCH_ELEMS`
-(64 MiB, times the few temporaries of a softmax) of gathered keys and logits, plus the per-pair bookkeeping (a few int64 per pair, i.e.
-O(B · H_Q · L_Q · K)). Routing/output tensors are O(B · H_Q · L_Q · K · D). Under autograd the gathered
+(64 MiB, times the few temporaries of a softmax) of gathered keys and logits, plus the per-pair
+bookkeeping (a few int64 per pair, i.e. O(B · H_Q · L_Q · K)). Routing/output tensors are O(B · H_Q · L_Q · K · D). Under autograd the gathered
 tiles are saved for backward, so gradients cost O(B · H_Q · L_Q · K · span length) memory: use moderate
 L (training runs on the GPU kernels).
 """
@@ -44,7 +44,7 @@ def _search_stripes(cfg: SpanConfig, prep: Prepared, device) -> torch.Tensor:
 
 
 def _chunks_of_scores(q1: torch.Tensor, k: torch.Tensor, prep: Prepared, offsets: torch.Tensor):
-    """Yield (c0, anchor [C, S], scores [B, H_Q, C, S] fp32, -inf on non-candidates) per query chunk.
+    """Yield (anchor [C, S], scores [B, H_Q, C, S] fp32, -inf on non-candidates) per query chunk.
 
     Each chunk gathers its anchor key rows once per KV head ([B, H_KV, C, S, D], at most
     SEARCH_CHUNK_ELEMS elements) and scores all query heads of the group with one batched matmul.
@@ -68,7 +68,7 @@ def _chunks_of_scores(q1: torch.Tensor, k: torch.Tensor, prep: Prepared, offsets
         keys_at = kf[:, :, safe]  # [B, H_KV, C, S, D]
         scores = q1f[:, :, c0:c0 + chunk] @ keys_at.transpose(-1, -2)  # [B, H_KV, C, G, S]
         scores = scores.masked_fill(~candidate[:, None, :, None], float("-inf"))
-        yield c0, anchor, scores.permute(0, 1, 3, 2, 4).reshape(b, h_q, -1, n_stripes)
+        yield anchor, scores.permute(0, 1, 3, 2, 4).reshape(b, h_q, -1, n_stripes)
 
 
 def stripe_scores(q1: torch.Tensor, k: torch.Tensor, cfg: SpanConfig, prep: Prepared):
@@ -79,7 +79,7 @@ def stripe_scores(q1: torch.Tensor, k: torch.Tensor, cfg: SpanConfig, prep: Prep
     offsets = _search_stripes(cfg, prep, q1.device)
     stripes = torch.arange(cfg.sw_index + 1, cfg.sw_index + 1 + offsets.numel(), device=q1.device)
     anchors, values = [], []
-    for _, anchor, scores in _chunks_of_scores(q1, k, prep, offsets):
+    for anchor, scores in _chunks_of_scores(q1, k, prep, offsets):
         anchors.append(anchor.flip(-1))
         values.append(scores.flip(-1))
     if not anchors:
@@ -100,7 +100,7 @@ def span_search(q1: torch.Tensor, k: torch.Tensor, cfg: SpanConfig, prep: Prepar
         values = torch.full((b, h_q, l_q, num), float("-inf"), dtype=torch.float32, device=q1.device)
         return _finish_search(cfg, prep, anchors, values, l_kv)
     anchor_parts, value_parts = [], []
-    for _, anchor, scores in _chunks_of_scores(q1, k, prep, offsets):
+    for anchor, scores in _chunks_of_scores(q1, k, prep, offsets):
         picked, picked_values = [], []
         remaining = scores.detach().clone()
         for _ in range(min(num, n_stripes)):
