@@ -26,9 +26,9 @@ from cpu_torch import PeakRSS  # noqa: E402  (bench/ is on sys.path when run as 
 
 def reference_document(n_tokens: int) -> str:
     """The first `n_tokens` bytes (= byte-level tokens) of the concatenated pydoc topics, cut at a char boundary."""
-    from pydoc_data.topics import topics
+    from superlinear_lab.data import reference_docs
 
-    text = "\n\n".join(f"{name}\n{body}" for name, body in sorted(topics.items()))
+    text = reference_docs()
     while len(text.encode()) < n_tokens:
         text += "\n\n" + text
     return text.encode()[:n_tokens].decode("utf-8", errors="ignore")

@@ -148,9 +148,9 @@ def run_report(args) -> int:
         if args.path == "-":
             text = sys.stdin.read()
         elif args.path == "pydoc":
-            from pydoc_data.topics import topics
+            from .data import reference_docs
 
-            text = "\n\n".join(f"{name}\n{body}" for name, body in sorted(topics.items()))
+            text = reference_docs()
         else:
             with open(args.path, encoding="utf-8") as f:
                 text = f.read()

@@ -89,6 +89,14 @@ def corpus(split: str = "train") -> bytes:
     return "\n\n".join(d.strip() for d in docs).encode("utf-8")
 
 
+def reference_docs() -> str:
+    """All of Python's reference docs (`pydoc_data.topics`) as one document: "name\nbody" per topic, sorted by
+    name, joined by blank lines. The real text that is present offline on every install."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(f"{name}\n{body}" for name, body in sorted(topics.items()))
+
+
 def corpus_fingerprint() -> dict:
     """Sizes and sha256 of both corpus splits (recorded in logs and the model card)."""
     return {s: {"bytes": len(corpus(s)), "sha256": hashlib.sha256(corpus(s)).hexdigest()[:16]} for s in SPLITS}
