@@ -121,7 +121,8 @@ def test_non_contiguous_cache_positions():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("cfg", [DEFAULT, RELEASE_SMALL, K3_FORWARD], ids=["default", "release-small", "k3"])
+@pytest.mark.parametrize("cfg", [DEFAULT, RELEASE_SMALL, K3_FORWARD, NO_WINDOW],
+                         ids=["default", "release-small", "k3", "no-window"])
 def test_decode_batch_left_padding(cfg, dtype):
     """L_Q = 1 at one position, batch 3 with different row starts (Decision D4), vs the oracle."""
     _compare(cfg, 3, 8, 2, 1, 90, 16, dtype, starts=[0, 23, 70], positions=[85])
@@ -138,15 +139,27 @@ def test_decode_search_split_runs(monkeypatch, split):
     _compare(DEFAULT.replace(num_spans=4), 1, 2, 1, 1, 200, 16, torch.float32, positions=[150], grads=False)
 
 
-def test_decode_key_splits(monkeypatch):
-    """Tiny key runs: spans cross several splits and the last split takes the remainder (D5)."""
+def test_decode_key_chunks(monkeypatch):
+    """Tiny key chunks and blocks: spans and the window cross several chunks, a chunk holds the end of
+    one span and the start of the window, untouched chunks are skipped; same as the oracle."""
     from superlinear_kernels.triton import decode
 
     monkeypatch.setattr(decode, "DECODE_BLOCK_N", 16)
-    monkeypatch.setattr(decode, "DECODE_SPAN_SPLITS", 2)
-    monkeypatch.setattr(decode, "DECODE_WINDOW_SPLITS", 3)
+    monkeypatch.setattr(decode, "decode_chunk", lambda l_kv: 32)
     _compare(RELEASE_SMALL.replace(sw_index=6), 2, 4, 1, 1, 300, 16, torch.float32, starts=[0, 31],
              positions=[290], grads=False)
+    _compare(DEFAULT.replace(num_spans=3), 1, 4, 2, 1, 200, 16, torch.float32, positions=[170], grads=False)
+    # Row 1 starts after the query: no keys at all, output 0 and never NaN (SPEC §3.3).
+    _compare(RELEASE_SMALL, 2, 4, 2, 1, 120, 16, torch.float32, starts=[0, 119], positions=[100], grads=False)
+
+
+def test_decode_row_blocks(monkeypatch):
+    """A group's (head, slot) rows split over several programs (G x K > DECODE_MAX_ROWS)."""
+    from superlinear_kernels.triton import decode
+
+    monkeypatch.setattr(decode, "DECODE_MAX_ROWS", 16)
+    monkeypatch.setattr(decode, "decode_chunk", lambda l_kv: 64)
+    _compare(RELEASE_SMALL, 1, 8, 1, 1, 200, 16, torch.float32, positions=[199], grads=False)  # 24 rows
 
 
 def test_decode_equals_prefill_row():

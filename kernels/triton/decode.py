@@ -1,14 +1,24 @@
-"""Decode branches (L_Q = 1, SPEC §3.7): split-key ("flash-decoding") window and span attention.
+"""Decode (L_Q = 1, SPEC §3.7): every branch of a KV group in one pass over the keys, then merge + gate.
 
-One query per row gives too few programs for the prefill layouts, so the keys are split:
-* window: programs per (batch, KV head, head chunk, split); the group's query heads are the rows of
-  one tl.dot, each split covers DECODE_WINDOW_SPLITS-th of the window's key blocks;
-* spans: programs per (pair, split); each split covers a fixed run of keys of the pair's span and the
-  last split takes whatever remains, so no key is ever dropped (Decision D5);
-* combine: per pair, the window partials and the pair's span partials are merged by log-sum-exp into
-  O_k and ℓ_k over S_k ∪ Wnd (SPEC §3.3: both empty gives 0, never NaN).
-Grids depend only on shapes and the cache length (CUDA-graph friendly); loops are bounded by the
-current position, so work grows with the position, not with L_KV (Decision D3).
+One decode step reads K·(B + Fw + 1) span keys per query head plus the window. The query heads of
+one KV group choose their spans independently, but the candidate spans overlap about 9-fold
+(SPEC §1.8), so the spans chosen by a group's heads overlap too: with random routing at 1M the
+union of 16 heads x 3 spans is ~0.79 of their sum, and the window is shared by every branch. This
+path therefore reads each needed K/V key once per group:
+
+* `_decode_group_kernel`, grid (batch x KV head x row block, key chunk): a program owns CHUNK
+  consecutive keys and the rows r = (head g, slot k) of its group (pair index order, so the
+  group's qstart/qend are contiguous). Each key block of BLOCK_N keys is loaded only where some
+  row needs it (its span S_k or the window); one tl.dot gives the logits of every row, each row
+  masks them to S_k ∪ Wnd and runs its own online softmax (SPEC §3.1: branches are normalised on
+  their own). Chunks that no row touches load nothing. Partials (m, ℓ, acc) per (pair, chunk).
+* `_decode_merge_kernel`, one program per query row: for each slot, log-sum-exp merges the partials
+  of the chunks its span and the window cover (only those can be non-empty) into O_k, ℓ_k
+  (both empty gives O_k = 0, ℓ_k = -inf, SPEC §3.3), then applies the gate g = softmax(ṽ) (§3.2)
+  and writes O = Σ g_k O_k in the model dtype.
+
+Grids depend only on shapes and L_KV (CUDA-graph friendly); a program past the current position
+loads nothing, so the work follows the position, not L_KV (Decision D3).
 """
 from __future__ import annotations
 
@@ -16,193 +26,202 @@ import torch
 import triton
 import triton.language as tl
 
+from ..softmax import INVALID_GATE_LOGIT
 from .common import block_d, dot_precision, next_pow2
 
-DECODE_WINDOW_SPLITS = 16  # programs per (row group) over the window's key blocks
-DECODE_SPAN_SPLITS = 8  # programs per (query head, span slot) over the span's keys
 DECODE_BLOCK_N = 64  # keys per loop trip
+DECODE_MAX_ROWS = 64  # (head, slot) rows per program; a larger group x K is split into row blocks
+DECODE_TARGET_CHUNKS = 1024  # key chunks per (batch, KV head) the chunk size aims at (>= 4 programs per SM)
+DECODE_MIN_CHUNK = 256
+DECODE_MAX_CHUNK = 4096
+DECODE_STAGES = 3  # software-pipelining depth of the key loop
+
+
+def decode_chunk(l_kv: int) -> int:
+    """Keys per program: a power of two in [DECODE_MIN_CHUNK, DECODE_MAX_CHUNK] giving about
+    DECODE_TARGET_CHUNKS chunks over the cache. A function of L_KV only (one grid per cache)."""
+    return min(max(next_pow2(-(-l_kv // DECODE_TARGET_CHUNKS)), DECODE_MIN_CHUNK), DECODE_MAX_CHUNK)
 
 
 @triton.jit
-def _decode_window_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, pm_ptr, pl_ptr, pacc_ptr,
-                          sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                          H_Q, H_KV, D, G, N_CHUNKS, W, SPLIT_BLOCKS, N_SPLIT, scale,
-                          GH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PRECISION: tl.constexpr):
-    pid_g = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    chunk = pid_g % N_CHUNKS
-    bh = pid_g // N_CHUNKS
+def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, start_ptr, pm_ptr, pl_ptr, pacc_ptr,
+                         sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                         H_Q, H_KV, D, G, W, N_ROWS, N_RB, N_CHUNKS, CHUNK, scale,
+                         NUM_SPANS: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    rb = pid % N_RB
+    bh = pid // N_RB
     b = bh // H_KV
     hkv = bh % H_KV
-    g = chunk * GH + tl.arange(0, GH)
-    ok = g < G
-    row = (b * H_Q + hkv * G + g).to(tl.int64)  # L_Q = 1
+    r = rb * RB + tl.arange(0, RB)  # row of the group: r = g * K + slot
+    rok = r < N_ROWS
+    pair = (b * H_Q + hkv * G).to(tl.int64) * NUM_SPANS + r  # index into [B, H_Q, 1, K]
+    qrow = (b * H_Q + hkv * G).to(tl.int64) + r // NUM_SPANS
+    qs = tl.load(qstart_ptr + pair, mask=rok, other=-1).to(tl.int64)
+    qe = tl.load(qend_ptr + pair, mask=rok, other=-1).to(tl.int64)
+    qe = tl.where(qs >= 0, qe, -1)  # an invalid slot has no span keys (its branch is the window alone)
+    qs = tl.where(qs >= 0, qs, 0)
+
     pos = tl.load(pos_ptr)
     s = tl.load(start_ptr + b)
-    lo = tl.maximum(tl.maximum(pos - W + 1, s), 0)
-    first = (lo // BLOCK_N) * BLOCK_N + pid_s.to(tl.int64) * SPLIT_BLOCKS * BLOCK_N
-    stop = tl.minimum(pos + 1, first + SPLIT_BLOCKS * BLOCK_N)
+    w_lo = tl.maximum(tl.maximum(pos - W + 1, s), 0)
+    w_hi = tl.where(W > 0, pos, w_lo - 1)  # empty window when W = 0
+    c0 = c.to(tl.int64) * CHUNK
+    c1 = tl.minimum(c0 + CHUNK, pos + 1)
+    span_hit = rok & (qs <= qe) & (qs < c1) & (qe >= c0)
+    win_hit = (w_lo <= w_hi) & (w_lo < c1) & (w_hi >= c0)
+    active = (tl.max(span_hit.to(tl.int32), axis=0) > 0) | win_hit
+    stop = tl.where(active, c1, c0)  # an untouched chunk runs no trips and loads nothing
 
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=ok[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=rok[:, None] & dmask[None, :], other=0.0)
     k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
-    m = tl.full([GH], float("-inf"), tl.float32)
-    l = tl.zeros([GH], tl.float32)
-    acc = tl.zeros([GH, BLOCK_D], tl.float32)
-    for n0 in range(first, stop, BLOCK_N):
+    m = tl.full([RB], float("-inf"), tl.float32)
+    l = tl.zeros([RB], tl.float32)
+    acc = tl.zeros([RB, BLOCK_D], tl.float32)
+    for n0 in range(c0, stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = (cols < stop) & (cols >= lo)
-        kt = tl.load(k_base + cols[None, :].to(tl.int64) * sk_l + d[:, None],
-                     mask=cmask[None, :] & dmask[:, None], other=0.0)
+        in_win = (cols >= w_lo) & (cols <= w_hi) & (cols < c1)
+        keep = (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None]) & (cols < c1)[None, :]
+        keep = (keep | in_win[None, :]) & rok[:, None]  # [RB, BLOCK_N]: key in S_k ∪ Wnd of the row
+        need = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_N]: some row reads this key
+        kt = tl.load(k_base + cols[None, :] * sk_l + d[:, None], mask=need[None, :] & dmask[:, None], other=0.0)
         logits = tl.dot(q, kt, input_precision=PRECISION) * scale
-        logits = tl.where(ok[:, None] & cmask[None, :], logits, float("-inf"))
+        logits = tl.where(keep, logits, float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_use)
         p = tl.exp(logits - m_use[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :],
-                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        vv = tl.load(v_base + cols[:, None] * sv_l + d[None, :], mask=need[:, None] & dmask[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
         m = m_new
-    part = row * N_SPLIT + pid_s
-    tl.store(pm_ptr + part, m, mask=ok)
-    tl.store(pl_ptr + part, l, mask=ok)
-    tl.store(pacc_ptr + part[:, None] * D + d[None, :], acc, mask=ok[:, None] & dmask[None, :])
+    part = pair * N_CHUNKS + c
+    tl.store(pm_ptr + part, m, mask=rok)
+    tl.store(pl_ptr + part, l, mask=rok)
+    tl.store(pacc_ptr + part[:, None] * D + d[None, :], acc, mask=(rok & (l > 0))[:, None] & dmask[None, :])
 
 
 @triton.jit
-def _decode_span_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pm_ptr, pl_ptr, pacc_ptr,
-                        sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                        H_Q, D, G, SPLIT_LEN, N_SPLIT, scale,
-                        NUM_SPANS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pair = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    row = pair // NUM_SPANS  # L_Q = 1: row = b * H_Q + h
+def _merge_chunks(pm_ptr, pl_ptr, pacc_ptr, pair, first, last, skip_lo, skip_hi, N_CHUNKS, D, top, l, acc,
+                  d, dmask, BC: tl.constexpr):
+    """Fold the partials of chunks first..last (minus skip_lo..skip_hi) into the running (top, l, acc)."""
+    for c0 in range(first, last + 1, BC):
+        cc = c0 + tl.arange(0, BC)
+        cm = (cc <= last) & ((cc < skip_lo) | (cc > skip_hi))
+        base = pair * N_CHUNKS + cc
+        mm = tl.load(pm_ptr + base, mask=cm, other=float("-inf"))
+        ll = tl.load(pl_ptr + base, mask=cm, other=0.0)
+        live = cm & (ll > 0)
+        new_top = tl.maximum(top, tl.max(tl.where(live, mm, float("-inf")), axis=0))
+        use = tl.where(new_top == float("-inf"), 0.0, new_top)
+        alpha = tl.exp(top - use)
+        e = tl.where(live, tl.exp(mm - use), 0.0)
+        aa = tl.load(pacc_ptr + base[:, None] * D + d[None, :], mask=live[:, None] & dmask[None, :], other=0.0)
+        l = l * alpha + tl.sum(e * ll, axis=0)
+        acc = acc * alpha + tl.sum(e[:, None] * aa, axis=0)
+        top = new_top
+    return top, l, acc
+
+
+@triton.jit
+def _decode_merge_kernel(pm_ptr, pl_ptr, pacc_ptr, qstart_ptr, qend_ptr, values_ptr, anchor_ptr, pos_ptr, start_ptr,
+                         bout_ptr, blse_ptr, out_ptr, gate_ptr,
+                         H_Q, D, W, N_CHUNKS, CHUNK, INVALID,
+                         NUM_SPANS: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # b * H_Q + h (L_Q = 1)
     b = row // H_Q
-    hkv = (row % H_Q) // G
-    qs = tl.load(qstart_ptr + pair).to(tl.int64)
-    qe = tl.load(qend_ptr + pair).to(tl.int64)
-    qe = tl.where(qs >= 0, qe, -1)
-    first = tl.maximum(qs, 0) + c.to(tl.int64) * SPLIT_LEN
-    stop = tl.where(c == N_SPLIT - 1, qe + 1, tl.minimum(qe + 1, first + SPLIT_LEN))
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q = tl.load(q_ptr + row * D + d, mask=dmask, other=0.0).to(tl.float32)
-    k_base = k_ptr + b * sk_b + hkv * sk_h
-    v_base = v_ptr + b * sv_b + hkv * sv_h
-    m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)  # fp32 scalars for the loop carry
-    l = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for n0 in range(first, stop, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < stop
-        m2 = cmask[:, None] & dmask[None, :]
-        kk = tl.load(k_base + cols[:, None] * sk_l + d[None, :], mask=m2, other=0.0).to(tl.float32)
-        logits = tl.sum(kk * q[None, :], axis=1) * scale
-        logits = tl.where(cmask, logits, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logits, axis=0))  # finite: the trip holds at least one key
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(logits - m_new)
-        l = l * alpha + tl.sum(p, axis=0)
-        vv = tl.load(v_base + cols[:, None] * sv_l + d[None, :], mask=m2, other=0.0)
-        pv = p.to(vv.dtype).to(tl.float32)  # P·V operands in the model dtype (SPEC §3.8)
-        acc = acc * alpha + tl.sum(pv[:, None] * vv.to(tl.float32), axis=0)
-        m = m_new
-    part = pair * N_SPLIT + c
-    tl.store(pm_ptr + part, m)
-    tl.store(pl_ptr + part, l)
-    tl.store(pacc_ptr + part * D + d, acc, mask=dmask)
+    # Gate (SPEC §3.2): softmax over the slots' values, -1e9 for invalid slots.
+    slots = tl.arange(0, KP)
+    smask = slots < NUM_SPANS
+    val = tl.load(values_ptr + row * NUM_SPANS + slots, mask=smask, other=0.0)
+    anc = tl.load(anchor_ptr + row * NUM_SPANS + slots, mask=smask, other=-1)
+    logit = tl.where(smask, tl.where(anc >= 0, val, INVALID), float("-inf"))
+    e = tl.exp(logit - tl.max(logit, axis=0))
+    gate = e / tl.sum(e, axis=0)
+    tl.store(gate_ptr + row * NUM_SPANS + slots, gate, mask=smask)
+
+    pos = tl.load(pos_ptr)
+    s = tl.load(start_ptr + b)
+    w_lo = tl.maximum(tl.maximum(pos - W + 1, s), 0)
+    has_win = (W > 0) & (w_lo <= pos)
+    w_first = tl.where(has_win, w_lo // CHUNK, 0)
+    w_last = tl.where(has_win, pos // CHUNK, -1)
+    out = tl.zeros([BLOCK_D], tl.float32)
+    for slot in tl.static_range(NUM_SPANS):
+        pair = row * NUM_SPANS + slot
+        qs = tl.load(qstart_ptr + pair).to(tl.int64)
+        qe = tl.load(qend_ptr + pair).to(tl.int64)
+        has_span = (qs >= 0) & (qs <= qe)
+        s_first = tl.where(has_span, qs // CHUNK, 0)
+        s_last = tl.where(has_span, qe // CHUNK, -1)
+        top = tl.max(tl.full([BC], float("-inf"), tl.float32), axis=0)  # fp32 scalars for the loop carry
+        l = tl.sum(tl.zeros([BC], tl.float32), axis=0)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        # The span's chunks, then the window's chunks not already merged (a chunk may hold both).
+        top, l, acc = _merge_chunks(pm_ptr, pl_ptr, pacc_ptr, pair, s_first, s_last, 1, 0, N_CHUNKS, D,
+                                    top, l, acc, d, dmask, BC)
+        top, l, acc = _merge_chunks(pm_ptr, pl_ptr, pacc_ptr, pair, w_first, w_last, s_first, s_last, N_CHUNKS, D,
+                                    top, l, acc, d, dmask, BC)
+        nonempty = l > 0
+        o = acc / tl.where(nonempty, l, 1.0)
+        lse = tl.where(nonempty, top + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
+        tl.store(bout_ptr + pair * D + d, o, mask=dmask)
+        tl.store(blse_ptr + pair, lse)
+        out += tl.sum(tl.where(slots == slot, gate, 0.0), axis=0) * o
+    tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
-@triton.jit
-def _decode_combine_kernel(wm_ptr, wl_ptr, wacc_ptr, sm_ptr, sl_ptr, sacc_ptr, bout_ptr, blse_ptr,
-                           D, N_WSPLIT, N_SSPLIT,
-                           NUM_SPANS: tl.constexpr, BLOCK_WS: tl.constexpr, BLOCK_SS: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
-    pair = tl.program_id(0).to(tl.int64)
-    row = pair // NUM_SPANS
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    w = tl.arange(0, BLOCK_WS)
-    wmask = w < N_WSPLIT
-    wpart = row * N_WSPLIT + w
-    wm = tl.load(wm_ptr + wpart, mask=wmask, other=float("-inf"))
-    wl = tl.load(wl_ptr + wpart, mask=wmask, other=0.0)
-    wacc = tl.load(wacc_ptr + wpart[:, None] * D + d[None, :], mask=wmask[:, None] & dmask[None, :], other=0.0)
-    c = tl.arange(0, BLOCK_SS)
-    smask = c < N_SSPLIT
-    spart = pair * N_SSPLIT + c
-    sm = tl.load(sm_ptr + spart, mask=smask, other=float("-inf"))
-    sl = tl.load(sl_ptr + spart, mask=smask, other=0.0)
-    sacc = tl.load(sacc_ptr + spart[:, None] * D + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
-    top = tl.maximum(tl.max(wm, axis=0), tl.max(sm, axis=0))
-    top = tl.where(top == float("-inf"), 0.0, top)
-    ew = tl.exp(wm - top)
-    es = tl.exp(sm - top)
-    l = tl.sum(ew * wl, axis=0) + tl.sum(es * sl, axis=0)
-    acc = tl.sum(ew[:, None] * wacc, axis=0) + tl.sum(es[:, None] * sacc, axis=0)
-    nonempty = l > 0
-    out = acc / tl.where(nonempty, l, 1.0)
-    lse = tl.where(nonempty, top + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
-    tl.store(bout_ptr + pair * D + d, out, mask=dmask)
-    tl.store(blse_ptr + pair, lse)
-
-
-def decode_branches(q2, k, v, qstart, qend, positions, row_start, window: int, max_span_len: int):
-    """Branch outputs of one decode step.
+def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start, window: int, max_span_len: int):
+    """One decode step after the search: branch attention, merge and gate.
 
     Args:
         q2: [B, H_Q, 1, D] contiguous; k, v: [B, H_KV, L_KV, D] (unit stride in D);
-        qstart, qend: int32 [B, H_Q, 1, K]; positions: int64 [1]; row_start: int64 [B];
-        window: W; max_span_len: an upper bound of B(t) + Fw(t) + 1 (sizes the splits only).
+        qstart, qend, qanchor: int32 [B, H_Q, 1, K]; values: fp32 [B, H_Q, 1, K];
+        positions: int64 [1]; row_start: int64 [B]; window: W;
+        max_span_len: an upper bound of B(t) + Fw(t) + 1 (sizes the merge's chunk vector only).
     Returns:
-        branch_out fp32 [B, H_Q, 1, K, D] and branch_lse fp32 [B, H_Q, 1, K] over S_k ∪ Wnd.
+        out [B, H_Q, 1, D] in q2's dtype, gate fp32 [B, H_Q, 1, K], branch_out fp32 [B, H_Q, 1, K, D]
+        and branch_lse fp32 [B, H_Q, 1, K] over S_k ∪ Wnd.
     """
     b, h_q, l_q, d = q2.shape
-    h_kv = k.shape[1]
+    h_kv, l_kv = k.shape[1], k.shape[2]
     group = h_q // h_kv
     num_spans = qstart.shape[-1]
     dev = q2.device
     bd = block_d(d)
-    bn = DECODE_BLOCK_N
-    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
-    n_rows, n_pairs = b * h_q, qstart.numel()
+    chunk = decode_chunk(l_kv)
+    n_chunks = triton.cdiv(l_kv, chunk)
+    n_rows = group * num_spans
+    rb = min(max(16, next_pow2(n_rows)), max(16, DECODE_MAX_ROWS))
+    n_rb = triton.cdiv(n_rows, rb)
+    n_pairs = qstart.numel()
+    pm = torch.empty(n_pairs * n_chunks, dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    pacc = torch.empty(n_pairs * n_chunks, d, dtype=torch.float32, device=dev)
+    warps = 8 if bd * rb > 64 * 128 else 4
+    _decode_group_kernel[(b * h_kv * n_rb, n_chunks)](
+        q2, k, v, qstart, qend, positions, row_start, pm, pl, pacc,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        h_q, h_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, d ** -0.5,
+        NUM_SPANS=num_spans, RB=rb, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
+        num_warps=warps, num_stages=DECODE_STAGES)
 
-    if window > 0:
-        gh = max(16, min(next_pow2(group), 64))  # tl.dot needs >= 16 rows
-        n_chunks = -(-group // gh)
-        n_ws = DECODE_WINDOW_SPLITS
-        split_blocks = -(-(-(-window // bn) + 1) // n_ws)
-        wm = torch.empty(n_rows * n_ws, dtype=torch.float32, device=dev)
-        wl = torch.empty_like(wm)
-        wacc = torch.empty(n_rows * n_ws, d, dtype=torch.float32, device=dev)
-        _decode_window_kernel[(b * h_kv * n_chunks, n_ws)](
-            q2, k, v, positions, row_start, wm, wl, wacc, *strides,
-            h_q, h_kv, d, group, n_chunks, window, split_blocks, n_ws, d ** -0.5,
-            GH=gh, BLOCK_N=bn, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype), num_warps=4)
-    else:
-        n_ws = 0
-        wm = wl = torch.empty(1, dtype=torch.float32, device=dev)
-        wacc = torch.empty(1, d, dtype=torch.float32, device=dev)
-
-    n_ss = DECODE_SPAN_SPLITS
-    split_len = max(1, -(-max_span_len // (n_ss * bn))) * bn
-    sm = torch.empty(n_pairs * n_ss, dtype=torch.float32, device=dev)
-    sl = torch.empty_like(sm)
-    sacc = torch.empty(n_pairs * n_ss, d, dtype=torch.float32, device=dev)
-    _decode_span_kernel[(n_pairs, n_ss)](
-        q2, k, v, qstart, qend, sm, sl, sacc, *strides,
-        h_q, d, group, split_len, n_ss, d ** -0.5,
-        NUM_SPANS=num_spans, BLOCK_N=bn, BLOCK_D=bd, num_warps=4)
-
+    out = torch.empty(b, h_q, l_q, d, dtype=q2.dtype, device=dev)
+    gate = torch.empty(b, h_q, l_q, num_spans, dtype=torch.float32, device=dev)
     bout = torch.empty(b, h_q, l_q, num_spans, d, dtype=torch.float32, device=dev)
     blse = torch.empty(b, h_q, l_q, num_spans, dtype=torch.float32, device=dev)
-    _decode_combine_kernel[(n_pairs,)](
-        wm, wl, wacc, sm, sl, sacc, bout, blse, d, n_ws, n_ss,
-        NUM_SPANS=num_spans, BLOCK_WS=max(2, next_pow2(max(n_ws, 1))), BLOCK_SS=max(2, next_pow2(n_ss)),
-        BLOCK_D=bd, num_warps=4)
-    return bout, blse
+    # Chunks one span or the window can touch: the merge folds them in vectors of BC.
+    reach = max(max_span_len, window, 1)
+    bc = max(2, min(next_pow2(-(-reach // chunk) + 1), 64))
+    _decode_merge_kernel[(b * h_q,)](
+        pm, pl, pacc, qstart, qend, values, qanchor, positions, row_start, bout, blse, out, gate,
+        h_q, d, window, n_chunks, chunk, INVALID_GATE_LOGIT,
+        NUM_SPANS=num_spans, KP=max(2, next_pow2(num_spans)), BC=bc, BLOCK_D=bd, num_warps=4)
+    return out, gate, bout, blse

@@ -5,8 +5,9 @@ Forward pipeline of `superlinear_attention` (SPEC §3.5, "precomputed window" fu
   1. search.py   — top-K anchors, spans and raw values;
   2. window.py   — window branch out/lse (W > 0);
   3. span.py     — each (q, k) pair continues the window's softmax over its span: O_k, ℓ_k of S_k ∪ Wnd
-                   in sorted pair tiles; for decode (L_Q = 1) decode.py does steps 2-3 with split keys;
+                   in sorted pair tiles;
   4. merge.py    — gate g = softmax(ṽ) and O = Σ g_k O_k.
+For decode (L_Q = 1), decode.py does steps 2-4: one pass per KV group over the keys its branches need.
 Nothing here reads a tensor value on the host: grids come from shapes, loop bounds from device
 tensors, so the path has no host synchronisation.
 
@@ -26,7 +27,7 @@ from ..api import Prepared, SearchResult
 from ..config import SpanConfig
 from ..geometry import span_lengths
 from .common import INTERPRET, MAX_HEAD_DIM, MAX_SPANS, geometry_tables
-from .decode import decode_branches
+from .decode import decode_forward
 from .merge import gate_forward
 from .search import search_backward, search_forward
 from .span import span_backward, span_forward
@@ -56,7 +57,7 @@ def _kv(x: torch.Tensor) -> torch.Tensor:
 
 def _max_span_len(cfg: SpanConfig, l_kv: int) -> int:
     """B(L_KV) + Fw(L_KV) + 1 >= every span length of the call, read from the host copy of the
-    shared tables (no device sync); it only sizes the decode splits."""
+    shared tables (no device sync); it only sizes the decode merge's chunk vectors."""
     backward, forward = span_lengths(cfg, l_kv, device="cpu")
     return int(backward[l_kv]) + int(forward[l_kv]) + 1
 
@@ -100,15 +101,16 @@ class _AttentionFunction(torch.autograd.Function):
     def forward(ctx, q1, q2, k, v, cfg, prep):
         qstart, qanchor, qend, values = _search(q1, k, cfg, prep)
         window = cfg.window_len
-        if q2.shape[2] == 1:  # decode: split-key kernels
-            branch_out, branch_lse = decode_branches(q2, k, v, qstart, qend, prep.cache_position, prep.row_start,
-                                                     window, _max_span_len(cfg, k.shape[2]))
+        if q2.shape[2] == 1:  # decode: one pass per KV group over the union of its branches' keys
+            out, gate, branch_out, branch_lse = decode_forward(
+                q2, k, v, qstart, qend, qanchor, values, prep.cache_position, prep.row_start, window,
+                _max_span_len(cfg, k.shape[2]))
             order = None
         else:
             win_out, win_lse = window_forward(q2, k, v, prep.cache_position, prep.row_start, window)
             branch_out, branch_lse, order = span_forward(q2, k, v, qstart, qend, win_out, win_lse)
             del win_out, win_lse
-        out, gate = gate_forward(values, qanchor, branch_out, q2.dtype)
+            out, gate = gate_forward(values, qanchor, branch_out, q2.dtype)
         ctx.save_for_backward(q1, q2, k, v, qstart, qanchor, qend, gate, branch_out, branch_lse)
         ctx.order = order
         ctx.window = window
