@@ -5,7 +5,7 @@ L − 1 of a cache of length L. For every L:
   * the Triton decode output (CUDA-graph replay) against the torch backend on the same inputs;
   * device time per step with CUDA events, L2 flushed before each step ("cold"), and the mean of
     back-to-back steps ("warm"); the same for dense non-causal SDPA;
-  * on the sweep lengths, every (chunk target, BLOCK_N, stages) combination; elsewhere the defaults;
+  * on the sweep lengths, every (chunk size, BLOCK_N, stages) combination; elsewhere the defaults;
   * stage times: search alone and branches + merge + gate alone (each its own graph).
 
     python bench/decode_tune.py [--lengths ...] [--sweep-lengths ...]
@@ -31,41 +31,11 @@ _import_kernels()
 from superlinear_kernels import SpanConfig, superlinear_attention  # noqa: E402
 from superlinear_kernels.api import Prepared  # noqa: E402
 from superlinear_kernels.triton import decode, ops  # noqa: E402
-
-H_Q, H_KV, D = 32, 2, 128
-FLUSH = None
+from speed import H_KV, H_Q, D, device_times, make_inputs  # noqa: E402
 
 
-def inputs(length: int, dtype, seed: int = 0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    q1 = torch.randn(1, H_Q, 1, D, device="cuda", dtype=dtype, generator=gen)
-    q2 = torch.randn(1, H_Q, 1, D, device="cuda", dtype=dtype, generator=gen)
-    k = torch.randn(1, H_KV, length, D, device="cuda", dtype=dtype, generator=gen)
-    v = torch.randn(1, H_KV, length, D, device="cuda", dtype=dtype, generator=gen)
-    return q1, q2, k, v
-
-
-def device_times(fn, reps: int) -> tuple[float, float]:
-    """(cold, warm) seconds per call: median over calls each after an L2 flush; mean of back-to-back calls."""
-    fn()
-    torch.cuda.synchronize()
-    pairs = []
-    for _ in range(reps):
-        FLUSH.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        pairs.append((start, end))
-    torch.cuda.synchronize()
-    cold = sorted(s.elapsed_time(e) for s, e in pairs)[reps // 2] / 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return cold, start.elapsed_time(end) / 1e3 / reps
+def inputs(length: int, dtype, coherent: bool):
+    return make_inputs(length, dtype, coherent, q_len=1)
 
 
 def graphed(fn):
@@ -83,18 +53,49 @@ def dense(q, k, v):
 
 def settings(sweep: bool):
     if not sweep:
-        return [dict(target=decode.DECODE_TARGET_CHUNKS, block_n=decode.DECODE_BLOCK_N, stages=decode.DECODE_STAGES)]
-    return [dict(target=t, block_n=n, stages=s) for t, n, s in itertools.product((256, 512, 1024, 2048), (64, 128), (2, 3))]
+        return [dict(chunk=None, block_n=decode.DECODE_BLOCK_N, stages=decode.DECODE_STAGES, warps=decode.DECODE_WARPS)]
+    return [dict(chunk=c, block_n=n, stages=s, warps=w)
+            for c, n, s, w in itertools.product((256, 512, 1024, 2048, 4096), (32, 64), (2, 3), (4,))]
+
+
+_DEFAULT_CHUNK = decode.decode_chunk
 
 
 def apply(setting):
-    decode.DECODE_TARGET_CHUNKS = setting["target"]
+    chunk = setting["chunk"]
+    decode.decode_chunk = _DEFAULT_CHUNK if chunk is None else (lambda l_kv: chunk)
     decode.DECODE_BLOCK_N = setting["block_n"]
     decode.DECODE_STAGES = setting["stages"]
+    decode.DECODE_WARPS = setting["warps"]
 
 
-def run_length(length: int, cfg, dtype, sweep: bool, reps: int) -> dict:
-    q1, q2, k, v = inputs(length, dtype)
+def profile(length: int, cfg, dtype, coherent: bool) -> list[dict]:
+    """Per-kernel device time of eager decode steps (torch.profiler), to see where a step goes."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    q1, q2, k, v = inputs(length, dtype, coherent)
+    pos = torch.tensor([length - 1], device="cuda")
+    prep = Prepared(pos, torch.zeros(1, dtype=torch.int64, device="cuda"), length - 1, length)
+    step = lambda: ops._AttentionFunction.apply(q1, q2, k, v, cfg, prep)  # noqa: E731
+    step()
+    torch.cuda.synchronize()
+    reps = 20
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if total > 0:
+            rows.append({"kernel": event.key[:60], "calls_per_step": event.count / reps, "us_per_step": total / reps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    print(f"profile L={length}: " + "; ".join(f"{r['kernel']} {r['us_per_step']:.1f} us" for r in rows), flush=True)
+    return rows
+
+
+def run_length(length: int, cfg, dtype, sweep: bool, reps: int, coherent: bool) -> dict:
+    q1, q2, k, v = inputs(length, dtype, coherent)
     pos = torch.tensor([length - 1], device="cuda")
     prep = Prepared(pos, torch.zeros(1, dtype=torch.int64, device="cuda"), length - 1, length)
     ref, ref_r = superlinear_attention(q1, q2, k, v, pos, cfg, backend="torch", return_routing=True)
@@ -112,8 +113,8 @@ def run_length(length: int, cfg, dtype, sweep: bool, reps: int) -> dict:
         entry = dict(setting, chunk=decode.decode_chunk(length), cold_s=cold, warm_s=warm, max_abs_err=err,
                      routing_equal=same)
         row["settings"].append(entry)
-        print(f"  L={length:>8} target={setting['target']:>5} chunk={entry['chunk']:>5} BN={setting['block_n']:>3} "
-              f"stages={setting['stages']}  cold {cold * 1e3:.4f} ms  warm {warm * 1e3:.4f} ms  err {err:.2e} "
+        print(f"  L={length:>8} chunk={entry['chunk']:>5} BN={setting['block_n']:>3} "
+              f"stages={setting['stages']} warps={setting['warps']}  cold {cold * 1e3:.4f} ms  warm {warm * 1e3:.4f} ms  err {err:.2e} "
               f"routing {'=' if same else '≠'}", flush=True)
         del graph
     best = min(row["settings"], key=lambda e: e["cold_s"])
@@ -147,24 +148,26 @@ def run_length(length: int, cfg, dtype, sweep: bool, reps: int) -> dict:
 
 
 def main() -> None:
-    global FLUSH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+",
                         default=[65536, 131072, 262144, 524288, 1048576, 2097152, 4194304])
     parser.add_argument("--sweep-lengths", type=int, nargs="*", default=[131072, 1048576])
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--profile-lengths", type=int, nargs="*", default=[131072, 1048576])
+    parser.add_argument("--coherent", action="store_true", help="slowly varying keys (bench/speed.py's walk)")
     parser.add_argument("--json", default="decode_tune.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/decode_tune.py needs a CUDA device")
     import triton
 
-    FLUSH = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # > the H100's 50 MB L2
     cfg = SpanConfig.release()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "H_Q": H_Q, "H_KV": H_KV, "D": D, "dtype": "bfloat16"}
     print(meta, flush=True)
-    rows = [run_length(n, cfg, torch.bfloat16, n in args.sweep_lengths, args.reps) for n in args.lengths]
+    meta["coherent"] = args.coherent
+    meta["profile"] = {n: profile(n, cfg, torch.bfloat16, args.coherent) for n in args.profile_lengths}
+    rows = [run_length(n, cfg, torch.bfloat16, n in args.sweep_lengths, args.reps, args.coherent) for n in args.lengths]
     out = Path(os.environ.get("OUT", ROOT / "bench")) / args.json
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 

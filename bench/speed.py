@@ -9,8 +9,8 @@ prefill, and the same without causality for one-token decode.
     python bench/speed.py --mode both --lengths 65536 131072 262144 524288 1048576 [--coherent]
 
 Prints a table (L, dense s, ours s, ratio, tokens/s, peak GB, keys attended per query) and writes JSON to
-$OUT/speed.json (or bench/speed.json). Decode is timed eagerly through the public API and, where the
-Triton backend allows it, replayed in a CUDA graph.
+$OUT/speed.json (or bench/speed.json). Decode is one step replayed from a CUDA graph, timed on the device
+(L2 flushed before each step) against dense SDPA timed the same way.
 """
 from __future__ import annotations
 
@@ -43,11 +43,12 @@ def keys_per_query(cfg: SpanConfig, t: int) -> int:
     return min(t, routed + cfg.window_len)
 
 
-def make_inputs(length: int, dtype, coherent: bool, seed: int = 0):
-    """q1, q2 [1, H_Q, L, D]; k, v [1, H_KV, L, D]. Coherent keys vary slowly with position."""
+def make_inputs(length: int, dtype, coherent: bool, seed: int = 0, q_len: int | None = None):
+    """q1, q2 [1, H_Q, q_len (default L), D]; k, v [1, H_KV, L, D]. Coherent keys vary slowly with position."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    q1 = torch.randn(1, H_Q, length, D, device="cuda", dtype=dtype, generator=gen)
-    q2 = torch.randn(1, H_Q, length, D, device="cuda", dtype=dtype, generator=gen)
+    q_len = length if q_len is None else q_len
+    q1 = torch.randn(1, H_Q, q_len, D, device="cuda", dtype=dtype, generator=gen)
+    q2 = torch.randn(1, H_Q, q_len, D, device="cuda", dtype=dtype, generator=gen)
     if coherent:
         # A random walk in key space, normalised: neighbouring queries see near-identical anchor scores.
         steps = torch.randn(1, H_KV, length // 256 + 2, D, device="cuda", generator=gen)
@@ -71,6 +72,35 @@ def timed(fn, reps: int) -> float:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+_FLUSH: list[torch.Tensor] = []
+
+
+def device_times(fn, reps: int) -> tuple[float, float]:
+    """(cold, warm) device seconds per call from CUDA events: the median over calls that each follow an
+    L2 flush (a 256 MB write, more than the H100's 50 MB L2), and the mean of `reps` back-to-back calls."""
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda"))
+    fn()
+    torch.cuda.synchronize()
+    pairs = []
+    for _ in range(reps):
+        _FLUSH[0].zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        pairs.append((start, end))
+    torch.cuda.synchronize()
+    cold = sorted(s.elapsed_time(e) for s, e in pairs)[reps // 2] / 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return cold, start.elapsed_time(end) / 1e3 / reps
 
 
 def dense(q, k, v, causal: bool):
@@ -102,27 +132,25 @@ def prefill_row(length: int, cfg, dtype, coherent: bool, reps: int, dense_max: i
 
 
 def decode_row(length: int, cfg, dtype, coherent: bool, reps: int) -> dict:
-    q1, q2, k, v = make_inputs(length, dtype, coherent)
-    q1, q2 = q1[:, :, -1:].contiguous(), q2[:, :, -1:].contiguous()
+    """One decode step at L - 1. Ours: the Triton op replayed from a CUDA graph (as a serving loop runs
+    it); dense: non-causal SDPA. Both timed on the device with CUDA events, cold (L2 flushed before
+    each call, the headline) and warm (back-to-back); the eager public call is timed on the host too."""
+    q1, q2, k, v = make_inputs(length, dtype, coherent, q_len=1)
     pos = torch.tensor([length - 1], device="cuda")
     eager = timed(lambda: superlinear_attention(q1, q2, k, v, pos, cfg, backend="triton"), reps)
-    graph_s = None
-    try:
-        from superlinear_kernels.triton import ops
+    from superlinear_kernels.triton import ops
 
-        prep = Prepared(pos.clone(), torch.zeros(1, dtype=torch.int64, device="cuda"), length - 1, length)
+    prep = Prepared(pos.clone(), torch.zeros(1, dtype=torch.int64, device="cuda"), length - 1, length)
+    ops.superlinear_attention(q1, q2, k, v, cfg, prep)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         ops.superlinear_attention(q1, q2, k, v, cfg, prep)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            ops.superlinear_attention(q1, q2, k, v, cfg, prep)
-        graph_s = timed(graph.replay, reps)
-    except Exception as e:  # report, don't hide: the eager number still stands
-        print(f"  (CUDA graph capture failed at L={length}: {type(e).__name__}: {e})")
-    dense_s = timed(lambda: dense(q2, k, v, False), reps)
-    best = min(x for x in (eager, graph_s) if x is not None)
-    return {"mode": "decode", "length": length, "coherent": coherent, "ours_eager_s": eager, "ours_graph_s": graph_s,
-            "ours_s": best, "dense_s": dense_s, "ratio": dense_s / best, "tokens_per_s": 1 / best,
+    cold, warm = device_times(graph.replay, reps)
+    dense_cold, dense_warm = device_times(lambda: dense(q2, k, v, False), reps)
+    return {"mode": "decode", "length": length, "coherent": coherent, "ours_eager_host_s": eager,
+            "ours_s": cold, "ours_warm_s": warm, "dense_s": dense_cold, "dense_warm_s": dense_warm,
+            "ratio": dense_cold / cold, "ratio_warm": dense_warm / warm, "tokens_per_s": 1 / cold,
             "peak_extra_gb": None, "keys_per_query_at_L": keys_per_query(cfg, length)}
 
 
@@ -130,6 +158,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("prefill", "decode", "both"), default="both")
     parser.add_argument("--lengths", type=int, nargs="+", default=[65536, 131072, 262144, 524288, 1048576])
+    parser.add_argument("--decode-lengths", type=int, nargs="*", default=None,
+                        help="decode lengths (default: --lengths); decode needs only the cache, so 2M-4M fit")
     parser.add_argument("--coherent", action="store_true", help="slowly varying keys instead of random")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dense-max", type=int, default=1 << 21, help="skip the dense prefill above this length")
@@ -148,23 +178,27 @@ def main() -> None:
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {args.dtype} | "
           f"{'coherent' if args.coherent else 'random'} keys")
     print(f"{'mode':>7} {'L':>9} {'dense s':>9} {'ours s':>9} {'ratio':>7} {'tokens/s':>11} {'peak GB':>8} {'keys/q':>7}")
-    for length in args.lengths:
-        for mode in (("prefill", "decode") if args.mode == "both" else (args.mode,)):
-            try:
-                row = (prefill_row(length, cfg, dtype, args.coherent, args.reps, args.dense_max) if mode == "prefill"
-                       else decode_row(length, cfg, dtype, args.coherent, args.reps * 10))
-            except torch.cuda.OutOfMemoryError as e:
-                print(f"{mode:>7} {length:>9}  out of GPU memory: {str(e).splitlines()[0][:100]}", flush=True)
-                rows.append({"mode": mode, "length": length, "coherent": args.coherent, "error": "out of memory"})
-                torch.cuda.empty_cache()
-                continue
-            rows.append(row)
-            dense_s = "—" if row["dense_s"] is None else f"{row['dense_s']:.4f}"
-            ratio = "—" if row["ratio"] is None else f"{row['ratio']:.2f}"
-            peak = "—" if row["peak_extra_gb"] is None else f"{row['peak_extra_gb']:.2f}"
-            print(f"{mode:>7} {length:>9} {dense_s:>9} {row['ours_s']:>9.4f} {ratio:>7} {row['tokens_per_s']:>11.0f} "
-                  f"{peak:>8} {row['keys_per_query_at_L']:>7}", flush=True)
+    modes = ("prefill", "decode") if args.mode == "both" else (args.mode,)
+    decode_lengths = args.lengths if args.decode_lengths is None else args.decode_lengths
+    plan = [(n, "prefill") for n in args.lengths if "prefill" in modes]
+    plan += [(n, "decode") for n in decode_lengths if "decode" in modes]
+    for length, mode in plan:
+        try:
+            row = (prefill_row(length, cfg, dtype, args.coherent, args.reps, args.dense_max) if mode == "prefill"
+                   else decode_row(length, cfg, dtype, args.coherent, args.reps * 10))
+        except torch.cuda.OutOfMemoryError as e:
+            print(f"{mode:>7} {length:>9}  out of GPU memory: {str(e).splitlines()[0][:100]}", flush=True)
+            rows.append({"mode": mode, "length": length, "coherent": args.coherent, "error": "out of memory"})
             torch.cuda.empty_cache()
+            continue
+        rows.append(row)
+        fmt = ".6f" if mode == "decode" else ".4f"
+        dense_s = "—" if row["dense_s"] is None else f"{row['dense_s']:{fmt}}"
+        ratio = "—" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        peak = "—" if row["peak_extra_gb"] is None else f"{row['peak_extra_gb']:.2f}"
+        print(f"{mode:>7} {length:>9} {dense_s:>9} {row['ours_s']:>9{fmt}} {ratio:>7} {row['tokens_per_s']:>11.0f} "
+              f"{peak:>8} {row['keys_per_query_at_L']:>7}", flush=True)
+        torch.cuda.empty_cache()
     prefill = [r for r in rows if r["mode"] == "prefill" and r["length"] >= 131072 and "error" not in r]
     if len(prefill) >= 2:
         import math

@@ -8,10 +8,10 @@ path therefore reads each needed K/V key once per group:
 
 * `_decode_group_kernel`, grid (batch x KV head x row block, key chunk): a program owns CHUNK
   consecutive keys and the rows r = (head g, slot k) of its group (pair index order, so the
-  group's qstart/qend are contiguous). Each key block of BLOCK_N keys is loaded only where some
-  row needs it (its span S_k or the window); one tl.dot gives the logits of every row, each row
+  group's qstart/qend are contiguous). One tl.dot gives the logits of every row, each row
   masks them to S_k ∪ Wnd and runs its own online softmax (SPEC §3.1: branches are normalised on
-  their own). Chunks that no row touches load nothing. Partials (m, ℓ, acc) per (pair, chunk).
+  their own). A program reads only the run of blocks between the first and the last key some row
+  needs; chunks that no row touches load nothing. Partials (m, ℓ, acc) per (pair, chunk).
 * `_decode_merge_kernel`, one program per query row: for each slot, log-sum-exp merges the partials
   of the chunks its span and the window cover (only those can be non-empty) into O_k, ℓ_k
   (both empty gives O_k = 0, ℓ_k = -inf, SPEC §3.3), then applies the gate g = softmax(ṽ) (§3.2)
@@ -30,6 +30,7 @@ from ..softmax import INVALID_GATE_LOGIT
 from .common import block_d, dot_precision, next_pow2
 
 DECODE_BLOCK_N = 64  # keys per loop trip
+DECODE_WARPS = 4  # warps per program (8 where the row x D tile is larger than 64 x 128)
 DECODE_MAX_ROWS = 64  # (head, slot) rows per program; a larger group x K is split into row blocks
 DECODE_TARGET_CHUNKS = 1024  # key chunks per (batch, KV head) the chunk size aims at (>= 4 programs per SM)
 DECODE_MIN_CHUNK = 256
@@ -46,9 +47,11 @@ def decode_chunk(l_kv: int) -> int:
 @triton.jit
 def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, start_ptr, pm_ptr, pl_ptr, pacc_ptr,
                          sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                         H_Q, H_KV, D, G, W, N_ROWS, N_RB, N_CHUNKS, CHUNK, scale,
+                         H_Q, H_KV, D, G, W, N_ROWS, N_RB, N_CHUNKS, CHUNK, qk_scale,
                          NUM_SPANS: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    # Positions fit int32 (L_KV < 2^31, checked by the backend); only pointer offsets are int64.
+    # Logits are in log2 units (qk_scale = log2(e) / sqrt(D)) so the softmax runs on exp2.
     pid = tl.program_id(0)
     c = tl.program_id(1)
     rb = pid % N_RB
@@ -59,73 +62,66 @@ def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, sta
     rok = r < N_ROWS
     pair = (b * H_Q + hkv * G).to(tl.int64) * NUM_SPANS + r  # index into [B, H_Q, 1, K]
     qrow = (b * H_Q + hkv * G).to(tl.int64) + r // NUM_SPANS
-    qs = tl.load(qstart_ptr + pair, mask=rok, other=-1).to(tl.int64)
-    qe = tl.load(qend_ptr + pair, mask=rok, other=-1).to(tl.int64)
+    qs = tl.load(qstart_ptr + pair, mask=rok, other=-1)
+    qe = tl.load(qend_ptr + pair, mask=rok, other=-1)
     qe = tl.where(qs >= 0, qe, -1)  # an invalid slot has no span keys (its branch is the window alone)
     qs = tl.where(qs >= 0, qs, 0)
 
-    pos = tl.load(pos_ptr)
-    s = tl.load(start_ptr + b)
+    pos = tl.load(pos_ptr).to(tl.int32)
+    s = tl.load(start_ptr + b).to(tl.int32)
     w_lo = tl.maximum(tl.maximum(pos - W + 1, s), 0)
     w_hi = tl.where(W > 0, pos, w_lo - 1)  # empty window when W = 0
-    c0 = c.to(tl.int64) * CHUNK
+    c0 = c * CHUNK
     c1 = tl.minimum(c0 + CHUNK, pos + 1)
+    # The keys of this chunk that some row needs lie in [lo, hi]; only that run of blocks is read (a gap
+    # between two spans inside one chunk is read and masked, which is rare and cheap).
     span_hit = rok & (qs <= qe) & (qs < c1) & (qe >= c0)
     win_hit = (w_lo <= w_hi) & (w_lo < c1) & (w_hi >= c0)
-    active = (tl.max(span_hit.to(tl.int32), axis=0) > 0) | win_hit
-    stop = tl.where(active, c1, c0)  # an untouched chunk runs no trips and loads nothing
+    lo = tl.min(tl.where(span_hit, tl.maximum(qs, c0), 2147483647), axis=0)
+    hi = tl.max(tl.where(span_hit, tl.minimum(qe, c1 - 1), -1), axis=0)
+    lo = tl.where(win_hit, tl.minimum(lo, tl.maximum(w_lo, c0)), lo)
+    hi = tl.where(win_hit, tl.maximum(hi, tl.minimum(w_hi, c1 - 1)), hi)
+    active = hi >= lo
+    first = tl.where(active, c0 + ((lo - c0) // BLOCK_N) * BLOCK_N, c0)
+    stop = tl.where(active, hi + 1, c0)  # an untouched chunk runs no trips and loads nothing
 
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=rok[:, None] & dmask[None, :], other=0.0)
+    # (A per-row comparison, not `rok & active`: Triton's CPU interpreter mistypes bool-vector & bool-scalar.)
+    q_rows = rok & (r * 0 + hi >= lo)
+    q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=q_rows[:, None] & dmask[None, :], other=0.0)
     k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
     m = tl.full([RB], float("-inf"), tl.float32)
     l = tl.zeros([RB], tl.float32)
     acc = tl.zeros([RB, BLOCK_D], tl.float32)
-    for n0 in range(c0, stop, BLOCK_N):
+    for n0 in range(first, stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        in_win = (cols >= w_lo) & (cols <= w_hi) & (cols < c1)
-        keep = (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None]) & (cols < c1)[None, :]
-        keep = (keep | in_win[None, :]) & rok[:, None]  # [RB, BLOCK_N]: key in S_k ∪ Wnd of the row
-        need = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_N]: some row reads this key
-        kt = tl.load(k_base + cols[None, :] * sk_l + d[:, None], mask=need[None, :] & dmask[:, None], other=0.0)
-        logits = tl.dot(q, kt, input_precision=PRECISION) * scale
+        cmask = cols < stop
+        if EVEN_D:
+            ld_mask = cmask[:, None]
+        else:
+            ld_mask = cmask[:, None] & dmask[None, :]
+        # [BLOCK_N, D] row-major tiles (coalesced along D); K enters the dot transposed.
+        offs = cols.to(tl.int64)[:, None]
+        kk = tl.load(k_base + offs * sk_l + d[None, :], mask=ld_mask, other=0.0)
+        vv = tl.load(v_base + offs * sv_l + d[None, :], mask=ld_mask, other=0.0)
+        in_win = (cols >= w_lo) & (cols <= w_hi)
+        keep = (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])
+        keep = (keep | in_win[None, :]) & cmask[None, :] & rok[:, None]  # [RB, BLOCK_N]: key in S_k ∪ Wnd
+        logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * qk_scale
         logits = tl.where(keep, logits, float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_use)
-        p = tl.exp(logits - m_use[:, None])
+        alpha = tl.exp2(m - m_use)
+        p = tl.exp2(logits - m_use[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        vv = tl.load(v_base + cols[:, None] * sv_l + d[None, :], mask=need[:, None] & dmask[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
         m = m_new
     part = pair * N_CHUNKS + c
     tl.store(pm_ptr + part, m, mask=rok)
     tl.store(pl_ptr + part, l, mask=rok)
     tl.store(pacc_ptr + part[:, None] * D + d[None, :], acc, mask=(rok & (l > 0))[:, None] & dmask[None, :])
-
-
-@triton.jit
-def _merge_chunks(pm_ptr, pl_ptr, pacc_ptr, pair, first, last, skip_lo, skip_hi, N_CHUNKS, D, top, l, acc,
-                  d, dmask, BC: tl.constexpr):
-    """Fold the partials of chunks first..last (minus skip_lo..skip_hi) into the running (top, l, acc)."""
-    for c0 in range(first, last + 1, BC):
-        cc = c0 + tl.arange(0, BC)
-        cm = (cc <= last) & ((cc < skip_lo) | (cc > skip_hi))
-        base = pair * N_CHUNKS + cc
-        mm = tl.load(pm_ptr + base, mask=cm, other=float("-inf"))
-        ll = tl.load(pl_ptr + base, mask=cm, other=0.0)
-        live = cm & (ll > 0)
-        new_top = tl.maximum(top, tl.max(tl.where(live, mm, float("-inf")), axis=0))
-        use = tl.where(new_top == float("-inf"), 0.0, new_top)
-        alpha = tl.exp(top - use)
-        e = tl.where(live, tl.exp(mm - use), 0.0)
-        aa = tl.load(pacc_ptr + base[:, None] * D + d[None, :], mask=live[:, None] & dmask[None, :], other=0.0)
-        l = l * alpha + tl.sum(e * ll, axis=0)
-        acc = acc * alpha + tl.sum(e[:, None] * aa, axis=0)
-        top = new_top
-    return top, l, acc
 
 
 @triton.jit
@@ -137,44 +133,57 @@ def _decode_merge_kernel(pm_ptr, pl_ptr, pacc_ptr, qstart_ptr, qend_ptr, values_
     b = row // H_Q
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    # Gate (SPEC §3.2): softmax over the slots' values, -1e9 for invalid slots.
     slots = tl.arange(0, KP)
     smask = slots < NUM_SPANS
-    val = tl.load(values_ptr + row * NUM_SPANS + slots, mask=smask, other=0.0)
-    anc = tl.load(anchor_ptr + row * NUM_SPANS + slots, mask=smask, other=-1)
+    pair = row * NUM_SPANS + slots
+    # Gate (SPEC §3.2): softmax over the slots' values, -1e9 for invalid slots.
+    val = tl.load(values_ptr + pair, mask=smask, other=0.0)
+    anc = tl.load(anchor_ptr + pair, mask=smask, other=-1)
     logit = tl.where(smask, tl.where(anc >= 0, val, INVALID), float("-inf"))
     e = tl.exp(logit - tl.max(logit, axis=0))
     gate = e / tl.sum(e, axis=0)
-    tl.store(gate_ptr + row * NUM_SPANS + slots, gate, mask=smask)
+    tl.store(gate_ptr + pair, gate, mask=smask)
 
-    pos = tl.load(pos_ptr)
-    s = tl.load(start_ptr + b)
+    # Chunks each slot's partials can be non-empty in: its span's, then the window's. A span ends
+    # before the window starts (SPEC §1.7), so only the span's last chunk can also hold window keys.
+    qs = tl.load(qstart_ptr + pair, mask=smask, other=-1)
+    qe = tl.load(qend_ptr + pair, mask=smask, other=-1)
+    has_span = smask & (qs >= 0) & (qs <= qe)
+    s_first = tl.where(has_span, qs // CHUNK, 0)
+    n_span = tl.where(has_span, qe // CHUNK - s_first + 1, 0)
+    pos = tl.load(pos_ptr).to(tl.int32)
+    s = tl.load(start_ptr + b).to(tl.int32)
     w_lo = tl.maximum(tl.maximum(pos - W + 1, s), 0)
     has_win = (W > 0) & (w_lo <= pos)
-    w_first = tl.where(has_win, w_lo // CHUNK, 0)
-    w_last = tl.where(has_win, pos // CHUNK, -1)
-    out = tl.zeros([BLOCK_D], tl.float32)
-    for slot in tl.static_range(NUM_SPANS):
-        pair = row * NUM_SPANS + slot
-        qs = tl.load(qstart_ptr + pair).to(tl.int64)
-        qe = tl.load(qend_ptr + pair).to(tl.int64)
-        has_span = (qs >= 0) & (qs <= qe)
-        s_first = tl.where(has_span, qs // CHUNK, 0)
-        s_last = tl.where(has_span, qe // CHUNK, -1)
-        top = tl.max(tl.full([BC], float("-inf"), tl.float32), axis=0)  # fp32 scalars for the loop carry
-        l = tl.sum(tl.zeros([BC], tl.float32), axis=0)
-        acc = tl.zeros([BLOCK_D], tl.float32)
-        # The span's chunks, then the window's chunks not already merged (a chunk may hold both).
-        top, l, acc = _merge_chunks(pm_ptr, pl_ptr, pacc_ptr, pair, s_first, s_last, 1, 0, N_CHUNKS, D,
-                                    top, l, acc, d, dmask, BC)
-        top, l, acc = _merge_chunks(pm_ptr, pl_ptr, pacc_ptr, pair, w_first, w_last, s_first, s_last, N_CHUNKS, D,
-                                    top, l, acc, d, dmask, BC)
-        nonempty = l > 0
-        o = acc / tl.where(nonempty, l, 1.0)
-        lse = tl.where(nonempty, top + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
-        tl.store(bout_ptr + pair * D + d, o, mask=dmask)
-        tl.store(blse_ptr + pair, lse)
-        out += tl.sum(tl.where(slots == slot, gate, 0.0), axis=0) * o
+    w_first = tl.where(has_span, tl.maximum(w_lo // CHUNK, qe // CHUNK + 1), w_lo // CHUNK)
+    n_win = tl.where(has_win & smask, tl.maximum(pos // CHUNK - w_first + 1, 0), 0)
+    n = n_span + n_win
+    top = tl.full([KP], float("-inf"), tl.float32)
+    l = tl.zeros([KP], tl.float32)
+    acc = tl.zeros([KP, BLOCK_D], tl.float32)
+    for j0 in range(0, tl.max(n, axis=0), BC):
+        j = j0 + tl.arange(0, BC)[None, :]  # [1, BC]
+        chunk = tl.where(j < n_span[:, None], s_first[:, None] + j, w_first[:, None] + j - n_span[:, None])
+        ok = j < n[:, None]  # [KP, BC]
+        base = pair[:, None] * N_CHUNKS + chunk
+        mm = tl.load(pm_ptr + base, mask=ok, other=float("-inf"))
+        ll = tl.load(pl_ptr + base, mask=ok, other=0.0)
+        live = ok & (ll > 0)
+        new_top = tl.maximum(top, tl.max(tl.where(live, mm, float("-inf")), axis=1))
+        use = tl.where(new_top == float("-inf"), 0.0, new_top)
+        alpha = tl.exp2(top - use)
+        w = tl.where(live, tl.exp2(mm - use[:, None]), 0.0)
+        aa = tl.load(pacc_ptr + base[:, :, None] * D + d[None, None, :],
+                     mask=live[:, :, None] & dmask[None, None, :], other=0.0)  # [KP, BC, BLOCK_D]
+        l = l * alpha + tl.sum(w * ll, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * aa, axis=1)
+        top = new_top
+    nonempty = l > 0
+    o = acc / tl.where(nonempty, l, 1.0)[:, None]
+    lse = tl.where(nonempty, (top + tl.log2(tl.where(nonempty, l, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(bout_ptr + pair[:, None] * D + d[None, :], o, mask=smask[:, None] & dmask[None, :])
+    tl.store(blse_ptr + pair, lse, mask=smask)
+    out = tl.sum(gate[:, None] * o, axis=0)
     tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
@@ -185,7 +194,7 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
         q2: [B, H_Q, 1, D] contiguous; k, v: [B, H_KV, L_KV, D] (unit stride in D);
         qstart, qend, qanchor: int32 [B, H_Q, 1, K]; values: fp32 [B, H_Q, 1, K];
         positions: int64 [1]; row_start: int64 [B]; window: W;
-        max_span_len: an upper bound of B(t) + Fw(t) + 1 (sizes the merge's chunk vector only).
+        max_span_len: an upper bound of B(t) + Fw(t) + 1 (sizes the merge's chunk tile only).
     Returns:
         out [B, H_Q, 1, D] in q2's dtype, gate fp32 [B, H_Q, 1, K], branch_out fp32 [B, H_Q, 1, K, D]
         and branch_lse fp32 [B, H_Q, 1, K] over S_k ∪ Wnd.
@@ -205,23 +214,24 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
     pm = torch.empty(n_pairs * n_chunks, dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.empty(n_pairs * n_chunks, d, dtype=torch.float32, device=dev)
-    warps = 8 if bd * rb > 64 * 128 else 4
+    warps = 2 * DECODE_WARPS if bd * rb > 64 * 128 else DECODE_WARPS
     _decode_group_kernel[(b * h_kv * n_rb, n_chunks)](
         q2, k, v, qstart, qend, positions, row_start, pm, pl, pacc,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h_q, h_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, d ** -0.5,
-        NUM_SPANS=num_spans, RB=rb, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
-        num_warps=warps, num_stages=DECODE_STAGES)
+        h_q, h_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, d ** -0.5 * 1.4426950408889634,
+        NUM_SPANS=num_spans, RB=rb, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, EVEN_D=bd == d,
+        PRECISION=dot_precision(q2.dtype), num_warps=warps, num_stages=DECODE_STAGES)
 
     out = torch.empty(b, h_q, l_q, d, dtype=q2.dtype, device=dev)
     gate = torch.empty(b, h_q, l_q, num_spans, dtype=torch.float32, device=dev)
     bout = torch.empty(b, h_q, l_q, num_spans, d, dtype=torch.float32, device=dev)
     blse = torch.empty(b, h_q, l_q, num_spans, dtype=torch.float32, device=dev)
-    # Chunks one span or the window can touch: the merge folds them in vectors of BC.
-    reach = max(max_span_len, window, 1)
-    bc = max(2, min(next_pow2(-(-reach // chunk) + 1), 64))
+    # Chunks one slot's span and the window can touch: the merge folds them in [K, BC] tiles.
+    reach = -(-max(max_span_len, 1) // chunk) + -(-max(window, 1) // chunk) + 2
+    kp = max(2, next_pow2(num_spans))
+    bc = max(2, min(next_pow2(reach), 16))
     _decode_merge_kernel[(b * h_q,)](
         pm, pl, pacc, qstart, qend, values, qanchor, positions, row_start, bout, blse, out, gate,
         h_q, d, window, n_chunks, chunk, INVALID_GATE_LOGIT,
-        NUM_SPANS=num_spans, KP=max(2, next_pow2(num_spans)), BC=bc, BLOCK_D=bd, num_warps=4)
+        NUM_SPANS=num_spans, KP=kp, BC=bc, BLOCK_D=bd, num_warps=8 if kp * bc * bd > 8192 else 4)
     return out, gate, bout, blse

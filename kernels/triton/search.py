@@ -59,9 +59,10 @@ def _store_slot(slot, value, anchor, pos, s, t, blen_ptr, flen_ptr, base, ok, L_
 def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, blen_ptr, flen_ptr,
                    qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, part_v_ptr, part_a_ptr,
                    sk_b, sk_h, sk_l,
-                   H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, SIGMA, W, SPLIT, N_SPLIT,
+                   H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, SIGMA, W, SPLIT, N_SPLIT, I_MAX,
                    NUM_SPANS: tl.constexpr, GH: tl.constexpr, BQ: tl.constexpr, SC: tl.constexpr,
-                   BLOCK_D: tl.constexpr, IS_SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_D: tl.constexpr, IS_SPLIT: tl.constexpr, FIXED_TOP: tl.constexpr,
+                   PRECISION: tl.constexpr):
     pid_q = tl.program_id(0)
     pid_g = tl.program_id(1)
     pid_s = tl.program_id(2)  # which run of SPLIT stripes (decode); 0 with one run per query block
@@ -77,7 +78,10 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
 
     pos = tl.load(pos_ptr + qi, mask=q_ok, other=0)  # [BQ]
     s = tl.load(start_ptr + b)
-    i_top = tl.max(tl.load(mstripe_ptr + qi, mask=q_ok, other=0), axis=0)
+    if FIXED_TOP:  # decode: runs past the position's own M(q + 1) find only negative anchors and load nothing
+        i_top = I_MAX
+    else:
+        i_top = tl.max(tl.load(mstripe_ptr + qi, mask=q_ok, other=0), axis=0)
 
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
@@ -201,9 +205,12 @@ def search_layout(group: int, l_q: int, d: int, itemsize: int) -> tuple[int, int
     return gh, bq, -(-group // gh)
 
 
-# Decode (L_Q = 1) has one program per KV head: it splits the stripe list into runs of this many
-# stripes, one program each, and merges their partial top-4 lists (SPEC §2.7, steps 3-4).
+# Decode (L_Q = 1) has one program per KV head: it splits the stripe list into about DECODE_RUNS runs of
+# at least DECODE_SPLIT stripes, one program each, and merges their partial top-4 lists (SPEC §2.7,
+# steps 3-4). Few runs keep the merge small; a run of up to DECODE_STRIPES stripes is one gather.
 DECODE_SPLIT = 16
+DECODE_RUNS = 32
+DECODE_STRIPES = 64
 
 
 def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, row_start: torch.Tensor,
@@ -232,8 +239,9 @@ def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, r
     gh, bq, n_chunks = search_layout(group, l_q, d, q1.element_size())
     n_stripes = max(offsets.numel() - 2 - sw_index, 0)  # σ+1 … M(L_KV)
     split = l_q == 1 and n_stripes > DECODE_SPLIT
-    run = DECODE_SPLIT if split else max(n_stripes, 1)
+    run = max(DECODE_SPLIT, triton.cdiv(n_stripes, DECODE_RUNS)) if split else max(n_stripes, 1)
     n_split = triton.cdiv(max(n_stripes, 1), run)
+    stripes_per_trip = min(DECODE_STRIPES, max(SEARCH_STRIPES, next_pow2(run))) if l_q == 1 else SEARCH_STRIPES
     n_rows = b * h_q * l_q
     if split:
         part_v = torch.empty(n_rows * n_split * 4, dtype=torch.float32, device=dev)
@@ -241,15 +249,18 @@ def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, r
     else:
         part_v, part_a = values, qanchor  # unused
     grid = (triton.cdiv(l_q, bq), b * h_kv * n_chunks, n_split)
+    # Decode skips the M(q + 1) lookup (one launch less per step): the loop bound is M(L_KV) and the
+    # candidate test drops the stripes beyond the position.
+    mstripe = positions if l_q == 1 else max_stripes(offsets, positions)
     _search_kernel[grid](
-        q1, k, positions, row_start, max_stripes(offsets, positions), offsets, backward, forward,
+        q1, k, positions, row_start, mstripe, offsets, backward, forward,
         qstart, qanchor, qend, values, part_v, part_a,
         k.stride(0), k.stride(1), k.stride(2),
-        h_q, h_kv, l_q, l_kv, d, group, n_chunks, sw_index, window, run, n_split,
-        NUM_SPANS=num_spans, GH=gh, BQ=bq, SC=SEARCH_STRIPES, BLOCK_D=block_d(d), IS_SPLIT=split,
-        PRECISION=dot_precision(q1.dtype), num_warps=4)
+        h_q, h_kv, l_q, l_kv, d, group, n_chunks, sw_index, window, run, n_split, offsets.numel() - 2,
+        NUM_SPANS=num_spans, GH=gh, BQ=bq, SC=stripes_per_trip, BLOCK_D=block_d(d), IS_SPLIT=split,
+        FIXED_TOP=l_q == 1, PRECISION=dot_precision(q1.dtype), num_warps=4)
     if split:
-        block_r = 16
+        block_r = 4
         _search_merge_kernel[(triton.cdiv(n_rows, block_r),)](
             part_v, part_a, positions, row_start, backward, forward, qstart, qanchor, qend, values,
             h_q, l_q, l_kv, window, n_rows, n_split * 4,
