@@ -5,7 +5,7 @@ L − 1 of a cache of length L. For every L:
   * the Triton decode output (CUDA-graph replay) against the torch backend on the same inputs;
   * device time per step with CUDA events, L2 flushed before each step ("cold"), and the mean of
     back-to-back steps ("warm"); the same for dense non-causal SDPA;
-  * on the sweep lengths, every (chunk size, BLOCK_N, programs per SM) combination; elsewhere the defaults;
+  * on the sweep lengths, every (chunk size, BLOCK_N, stages) combination; elsewhere the defaults;
   * stage times: search alone and branches + merge + gate alone (each its own graph).
 
     python bench/decode_tune.py [--lengths ...] [--sweep-lengths ...]
@@ -53,10 +53,9 @@ def dense(q, k, v):
 
 def settings(sweep: bool):
     if not sweep:
-        return [dict(chunk=None, block_n=decode.DECODE_BLOCK_N, stages=decode.DECODE_STAGES,
-                     per_sm=decode.DECODE_PROGRAMS_PER_SM)]
-    return [dict(chunk=c, block_n=n, stages=3, per_sm=p)
-            for c, n, p in itertools.product((128, 256, 512, 1024), (32, 64), (1, 2, 4))]
+        return [dict(chunk=None, block_n=decode.DECODE_BLOCK_N, stages=decode.DECODE_STAGES, warps=decode.DECODE_WARPS)]
+    return [dict(chunk=c, block_n=n, stages=s, warps=w)
+            for c, n, s, w in itertools.product((256, 512, 1024, 2048, 4096), (32, 64), (2, 3), (4,))]
 
 
 _DEFAULT_CHUNK = decode.decode_chunk
@@ -67,7 +66,7 @@ def apply(setting):
     decode.decode_chunk = _DEFAULT_CHUNK if chunk is None else (lambda l_kv: chunk)
     decode.DECODE_BLOCK_N = setting["block_n"]
     decode.DECODE_STAGES = setting["stages"]
-    decode.DECODE_PROGRAMS_PER_SM = setting["per_sm"]
+    decode.DECODE_WARPS = setting["warps"]
 
 
 def profile(length: int, cfg, dtype, coherent: bool) -> list[dict]:
@@ -115,7 +114,7 @@ def run_length(length: int, cfg, dtype, sweep: bool, reps: int, coherent: bool) 
                      routing_equal=same)
         row["settings"].append(entry)
         print(f"  L={length:>8} chunk={entry['chunk']:>5} BN={setting['block_n']:>3} "
-              f"stages={setting['stages']} per_sm={setting['per_sm']}  cold {cold * 1e3:.4f} ms  warm {warm * 1e3:.4f} ms  err {err:.2e} "
+              f"stages={setting['stages']} warps={setting['warps']}  cold {cold * 1e3:.4f} ms  warm {warm * 1e3:.4f} ms  err {err:.2e} "
               f"routing {'=' if same else '≠'}", flush=True)
         del graph
     best = min(row["settings"], key=lambda e: e["cold_s"])

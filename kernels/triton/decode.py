@@ -6,14 +6,12 @@ one KV group choose their spans independently, but the candidate spans overlap a
 union of 16 heads x 3 spans is ~0.79 of their sum, and the window is shared by every branch. This
 path therefore reads each needed K/V key once per group:
 
-* `_decode_group_kernel`, grid (batch x KV head x row block, a few programs per SM): the keys are cut
-  into chunks of CHUNK; a program owns the rows r = (head g, slot k) of its group (pair index order,
-  so the group's qstart/qend are contiguous) and every NP-th chunk. Per chunk, one tl.dot per key
-  block gives the logits of every row, each row masks them to S_k ∪ Wnd and runs its own online
-  softmax (SPEC §3.1: branches are normalised on their own). Only the run of blocks between the
-  first and the last key some row needs is read; a chunk no row touches loads nothing. Partials
-  (m, ℓ, acc) per (pair, chunk). A fixed number of looping programs, rather than one per chunk,
-  keeps the cost of the many untouched chunks to a few vector ops each.
+* `_decode_group_kernel`, grid (batch x KV head x row block, key chunk): a program owns CHUNK
+  consecutive keys and the rows r = (head g, slot k) of its group (pair index order, so the
+  group's qstart/qend are contiguous). One tl.dot gives the logits of every row, each row
+  masks them to S_k ∪ Wnd and runs its own online softmax (SPEC §3.1: branches are normalised on
+  their own). A program reads only the run of blocks between the first and the last key some row
+  needs; chunks that no row touches load nothing. Partials (m, ℓ, acc) per (pair, chunk).
 * `_decode_merge_kernel`, one program per query row: for each slot, log-sum-exp merges the partials
   of the chunks its span and the window cover (only those can be non-empty) into O_k, ℓ_k
   (both empty gives O_k = 0, ℓ_k = -inf, SPEC §3.3), then applies the gate g = softmax(ṽ) (§3.2)
@@ -34,39 +32,28 @@ from .common import block_d, dot_precision, next_pow2
 DECODE_BLOCK_N = 64  # keys per loop trip
 DECODE_WARPS = 4  # warps per program (8 where the row x D tile is larger than 64 x 128)
 DECODE_MAX_ROWS = 64  # (head, slot) rows per program; a larger group x K is split into row blocks
-DECODE_TARGET_CHUNKS = 4096  # key chunks per (batch, KV head) the chunk size aims at
+DECODE_TARGET_CHUNKS = 1024  # key chunks per (batch, KV head) the chunk size aims at (>= 4 programs per SM)
 DECODE_MIN_CHUNK = 256
 DECODE_MAX_CHUNK = 4096
-DECODE_PROGRAMS_PER_SM = 2  # resident programs the group kernel's grid aims at (each loops over chunks)
-_SM_COUNT: dict[str, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of the device (cached); 2 under the CPU interpreter."""
-    key = str(device)
-    if key not in _SM_COUNT:
-        _SM_COUNT[key] = (torch.cuda.get_device_properties(device).multi_processor_count
-                          if device.type == "cuda" else 2)
-    return _SM_COUNT[key]
 DECODE_STAGES = 3  # software-pipelining depth of the key loop
 
 
 def decode_chunk(l_kv: int) -> int:
-    """Keys per chunk (the unit of partials): a power of two in [DECODE_MIN_CHUNK, DECODE_MAX_CHUNK]
-    giving about DECODE_TARGET_CHUNKS chunks over the cache. A function of L_KV only (one grid per cache)."""
+    """Keys per program: a power of two in [DECODE_MIN_CHUNK, DECODE_MAX_CHUNK] giving about
+    DECODE_TARGET_CHUNKS chunks over the cache. A function of L_KV only (one grid per cache)."""
     return min(max(next_pow2(-(-l_kv // DECODE_TARGET_CHUNKS)), DECODE_MIN_CHUNK), DECODE_MAX_CHUNK)
 
 
 @triton.jit
 def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, start_ptr, pm_ptr, pl_ptr, pacc_ptr,
                          sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                         H_Q, H_KV, D, G, W, N_ROWS, N_RB, N_CHUNKS, CHUNK, NP, qk_scale,
+                         H_Q, H_KV, D, G, W, N_ROWS, N_RB, N_CHUNKS, CHUNK, qk_scale,
                          NUM_SPANS: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
     # Positions fit int32 (L_KV < 2^31, checked by the backend); only pointer offsets are int64.
     # Logits are in log2 units (qk_scale = log2(e) / sqrt(D)) so the softmax runs on exp2.
     pid = tl.program_id(0)
-    p = tl.program_id(1)
+    c = tl.program_id(1)
     rb = pid % N_RB
     bh = pid // N_RB
     b = bh // H_KV
@@ -84,58 +71,57 @@ def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, sta
     s = tl.load(start_ptr + b).to(tl.int32)
     w_lo = tl.maximum(tl.maximum(pos - W + 1, s), 0)
     w_hi = tl.where(W > 0, pos, w_lo - 1)  # empty window when W = 0
+    c0 = c * CHUNK
+    c1 = tl.minimum(c0 + CHUNK, pos + 1)
+    # The keys of this chunk that some row needs lie in [lo, hi]; only that run of blocks is read (a gap
+    # between two spans inside one chunk is read and masked, which is rare and cheap).
+    span_hit = rok & (qs <= qe) & (qs < c1) & (qe >= c0)
+    win_hit = (w_lo <= w_hi) & (w_lo < c1) & (w_hi >= c0)
+    lo = tl.min(tl.where(span_hit, tl.maximum(qs, c0), 2147483647), axis=0)
+    hi = tl.max(tl.where(span_hit, tl.minimum(qe, c1 - 1), -1), axis=0)
+    lo = tl.where(win_hit, tl.minimum(lo, tl.maximum(w_lo, c0)), lo)
+    hi = tl.where(win_hit, tl.maximum(hi, tl.minimum(w_hi, c1 - 1)), hi)
+    active = hi >= lo
+    first = tl.where(active, c0 + ((lo - c0) // BLOCK_N) * BLOCK_N, c0)
+    stop = tl.where(active, hi + 1, c0)  # an untouched chunk runs no trips and loads nothing
+
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=rok[:, None] & dmask[None, :], other=0.0)
+    # (A per-row comparison, not `rok & active`: Triton's CPU interpreter mistypes bool-vector & bool-scalar.)
+    q_rows = rok & (r * 0 + hi >= lo)
+    q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=q_rows[:, None] & dmask[None, :], other=0.0)
     k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
-    # Chunks c = p, p + NP, p + 2 NP, ... up to the position's last chunk (Decision D3): interleaving
-    # spreads each span's chunks over many programs, and an untouched chunk costs a few vector ops.
-    n_used = tl.minimum(pos // CHUNK + 1, N_CHUNKS)
-    for c in range(p, n_used, NP):
-        c0 = c * CHUNK
-        c1 = tl.minimum(c0 + CHUNK, pos + 1)
-        # The keys of this chunk that some row needs lie in [lo, hi]; only that run of blocks is read (a
-        # gap between two spans inside one chunk is read and masked, which is rare and cheap).
-        span_hit = rok & (qs <= qe) & (qs < c1) & (qe >= c0)
-        win_hit = (w_lo <= w_hi) & (w_lo < c1) & (w_hi >= c0)
-        lo = tl.min(tl.where(span_hit, tl.maximum(qs, c0), 2147483647), axis=0)
-        hi = tl.max(tl.where(span_hit, tl.minimum(qe, c1 - 1), -1), axis=0)
-        lo = tl.where(win_hit, tl.minimum(lo, tl.maximum(w_lo, c0)), lo)
-        hi = tl.where(win_hit, tl.maximum(hi, tl.minimum(w_hi, c1 - 1)), hi)
-        active = hi >= lo
-        first = tl.where(active, c0 + ((lo - c0) // BLOCK_N) * BLOCK_N, c0)
-        stop = tl.where(active, hi + 1, c0)  # an untouched chunk runs no trips and loads nothing
-        m = tl.full([RB], float("-inf"), tl.float32)
-        l = tl.zeros([RB], tl.float32)
-        acc = tl.zeros([RB, BLOCK_D], tl.float32)
-        for n0 in range(first, stop, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            cmask = cols < stop
-            if EVEN_D:
-                ld_mask = cmask[:, None]
-            else:
-                ld_mask = cmask[:, None] & dmask[None, :]
-            # [BLOCK_N, D] row-major tiles (coalesced along D); K enters the dot transposed.
-            offs = cols.to(tl.int64)[:, None]
-            kk = tl.load(k_base + offs * sk_l + d[None, :], mask=ld_mask, other=0.0)
-            vv = tl.load(v_base + offs * sv_l + d[None, :], mask=ld_mask, other=0.0)
-            in_win = (cols >= w_lo) & (cols <= w_hi)
-            keep = (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])
-            keep = (keep | in_win[None, :]) & cmask[None, :] & rok[:, None]  # [RB, BLOCK_N]: key in S_k ∪ Wnd
-            logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * qk_scale
-            logits = tl.where(keep, logits, float("-inf"))
-            m_new = tl.maximum(m, tl.max(logits, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m - m_use)
-            pr = tl.exp2(logits - m_use[:, None])
-            l = l * alpha + tl.sum(pr, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(pr.to(vv.dtype), vv, input_precision=PRECISION)
-            m = m_new
-        part = pair * N_CHUNKS + c
-        tl.store(pm_ptr + part, m, mask=rok)
-        tl.store(pl_ptr + part, l, mask=rok)
-        tl.store(pacc_ptr + part[:, None] * D + d[None, :], acc, mask=(rok & (l > 0))[:, None] & dmask[None, :])
+    m = tl.full([RB], float("-inf"), tl.float32)
+    l = tl.zeros([RB], tl.float32)
+    acc = tl.zeros([RB, BLOCK_D], tl.float32)
+    for n0 in range(first, stop, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < stop
+        if EVEN_D:
+            ld_mask = cmask[:, None]
+        else:
+            ld_mask = cmask[:, None] & dmask[None, :]
+        # [BLOCK_N, D] row-major tiles (coalesced along D); K enters the dot transposed.
+        offs = cols.to(tl.int64)[:, None]
+        kk = tl.load(k_base + offs * sk_l + d[None, :], mask=ld_mask, other=0.0)
+        vv = tl.load(v_base + offs * sv_l + d[None, :], mask=ld_mask, other=0.0)
+        in_win = (cols >= w_lo) & (cols <= w_hi)
+        keep = (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])
+        keep = (keep | in_win[None, :]) & cmask[None, :] & rok[:, None]  # [RB, BLOCK_N]: key in S_k ∪ Wnd
+        logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * qk_scale
+        logits = tl.where(keep, logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        p = tl.exp2(logits - m_use[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+        m = m_new
+    part = pair * N_CHUNKS + c
+    tl.store(pm_ptr + part, m, mask=rok)
+    tl.store(pl_ptr + part, l, mask=rok)
+    tl.store(pacc_ptr + part[:, None] * D + d[None, :], acc, mask=(rok & (l > 0))[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -229,11 +215,10 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
     pl = torch.empty_like(pm)
     pacc = torch.empty(n_pairs * n_chunks, d, dtype=torch.float32, device=dev)
     warps = 2 * DECODE_WARPS if bd * rb > 64 * 128 else DECODE_WARPS
-    n_prog = min(n_chunks, max(1, DECODE_PROGRAMS_PER_SM * _sm_count(dev) // (b * h_kv * n_rb)))
-    _decode_group_kernel[(b * h_kv * n_rb, n_prog)](
+    _decode_group_kernel[(b * h_kv * n_rb, n_chunks)](
         q2, k, v, qstart, qend, positions, row_start, pm, pl, pacc,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h_q, h_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, n_prog, d ** -0.5 * 1.4426950408889634,
+        h_q, h_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, d ** -0.5 * 1.4426950408889634,
         NUM_SPANS=num_spans, RB=rb, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, EVEN_D=bd == d,
         PRECISION=dot_precision(q2.dtype), num_warps=warps, num_stages=DECODE_STAGES)
 
