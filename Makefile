@@ -30,8 +30,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/gpu_check.py
-	$(PY) bench/speed.py --mode both
-	$(PY) bench/speed.py --mode both --coherent --lengths 131072 1048576
+	$(PY) bench/speed.py --mode both --decode-lengths 65536 131072 262144 524288 1048576 2097152 4194304
+	$(PY) bench/speed.py --mode both --coherent --lengths 131072 1048576 --decode-lengths 131072 1048576 4194304
+	$(PY) bench/decode_tune.py
 
 clean:
 	rm -rf $(VENV)

@@ -231,37 +231,37 @@ def sdpa(q, k, v, causal):
 
 
 def stage_times(q1, q2, k, v, cfg, prep, reps):
-    """Median seconds of each forward stage (search, window, span, gate) for the tuning issue."""
+    """Median seconds of each forward stage (prefill: search, window, span, gate; decode: search and the
+    group kernel + merge) for the tuning issue."""
     from superlinear_kernels.triton import decode, merge, span, window
 
     qs, qa, qe, vals = triton_ops._search(q1, k, cfg, prep)
     times = {"search": cuda_time(lambda: triton_ops._search(q1, k, cfg, prep), reps)}
     if q2.shape[2] == 1:
         longest = triton_ops._max_span_len(cfg, k.shape[2])
-        run = lambda: decode.decode_branches(q2, k, v, qs, qe, prep.cache_position, prep.row_start,  # noqa: E731
-                                             cfg.window_len, longest)
-        bo, bl = run()
-        wo = wl = order = None
-        times["window+span (split keys)"] = cuda_time(run, reps)
-    else:
-        wo, wl = window.window_forward(q2, k, v, prep.cache_position, prep.row_start, cfg.window_len)
-        bo, bl, order = span.span_forward(q2, k, v, qs, qe, wo, wl)
-        times["window"] = cuda_time(lambda: window.window_forward(q2, k, v, prep.cache_position, prep.row_start,
-                                                                  cfg.window_len), reps)
-        times["span"] = cuda_time(lambda: span.span_forward(q2, k, v, qs, qe, wo, wl), reps)
+        run = lambda: decode.decode_forward(q2, k, v, qs, qe, qa, vals, prep.cache_position,  # noqa: E731
+                                            prep.row_start, cfg.window_len, longest)
+        times["branches+merge+gate (group kernel)"] = cuda_time(run, reps)
+        del qs, qa, qe, vals
+        return times
+    wo, wl = window.window_forward(q2, k, v, prep.cache_position, prep.row_start, cfg.window_len)
+    bo, bl, order = span.span_forward(q2, k, v, qs, qe, wo, wl)
+    times["window"] = cuda_time(lambda: window.window_forward(q2, k, v, prep.cache_position, prep.row_start,
+                                                              cfg.window_len), reps)
+    times["span"] = cuda_time(lambda: span.span_forward(q2, k, v, qs, qe, wo, wl), reps)
     times["gate"] = cuda_time(lambda: merge.gate_forward(vals, qa, bo, q2.dtype), reps)
-    if order is not None:  # fraction of each pair tile's (rows x keys) loop that lies inside the rows' spans
-        a, e = qs.reshape(-1)[order].long(), qe.reshape(-1)[order].long()
-        live = (a >= 0) & (e >= a)
-        pad = (-a.numel()) % 64
-        a = torch.cat([a, a.new_full((pad,), -1)]).view(-1, 64)
-        e = torch.cat([e, e.new_full((pad,), -1)]).view(-1, 64)
-        live = torch.cat([live, live.new_zeros(pad)]).view(-1, 64)
-        lo = torch.where(live, a, torch.full_like(a, 1 << 40)).min(1).values
-        hi = torch.where(live, e, torch.full_like(e, -1)).max(1).values
-        blocks = torch.where(hi >= lo, hi // 64 - lo // 64 + 1, torch.zeros_like(hi))
-        useful = torch.where(live, e - a + 1, torch.zeros_like(a)).sum()
-        times["span_tile_efficiency"] = float(useful) / max(float(blocks.sum()) * 64 * 64, 1.0)
+    # Fraction of each pair tile's (rows x keys) loop that lies inside the rows' spans.
+    a, e = qs.reshape(-1)[order].long(), qe.reshape(-1)[order].long()
+    live = (a >= 0) & (e >= a)
+    pad = (-a.numel()) % 64
+    a = torch.cat([a, a.new_full((pad,), -1)]).view(-1, 64)
+    e = torch.cat([e, e.new_full((pad,), -1)]).view(-1, 64)
+    live = torch.cat([live, live.new_zeros(pad)]).view(-1, 64)
+    lo = torch.where(live, a, torch.full_like(a, 1 << 40)).min(1).values
+    hi = torch.where(live, e, torch.full_like(e, -1)).max(1).values
+    blocks = torch.where(hi >= lo, hi // 64 - lo // 64 + 1, torch.zeros_like(hi))
+    useful = torch.where(live, e - a + 1, torch.zeros_like(a)).sum()
+    times["span_tile_efficiency"] = float(useful) / max(float(blocks.sum()) * 64 * 64, 1.0)
     del qs, qa, qe, vals, wo, wl, bo, bl
     return times
 
