@@ -137,6 +137,12 @@ def decode_row(length: int, cfg, dtype, coherent: bool, reps: int) -> dict:
     each call, the headline) and warm (back-to-back); the eager public call is timed on the host too."""
     q1, q2, k, v = make_inputs(length, dtype, coherent, q_len=1)
     pos = torch.tensor([length - 1], device="cuda")
+    superlinear_attention(q1, q2, k, v, pos, cfg, backend="triton")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    superlinear_attention(q1, q2, k, v, pos, cfg, backend="triton")
+    peak = torch.cuda.max_memory_allocated() - base  # one eager step's scratch: routing, partials, output
     eager = timed(lambda: superlinear_attention(q1, q2, k, v, pos, cfg, backend="triton"), reps)
     from superlinear_kernels.triton import ops
 
@@ -151,7 +157,8 @@ def decode_row(length: int, cfg, dtype, coherent: bool, reps: int) -> dict:
     return {"mode": "decode", "length": length, "coherent": coherent, "ours_eager_host_s": eager,
             "ours_s": cold, "ours_warm_s": warm, "dense_s": dense_cold, "dense_warm_s": dense_warm,
             "ratio": dense_cold / cold, "ratio_warm": dense_warm / warm, "tokens_per_s": 1 / cold,
-            "peak_extra_gb": None, "keys_per_query_at_L": keys_per_query(cfg, length)}
+            "peak_extra_gb": peak / 1e9, "inputs_gb": sum(x.numel() * x.element_size() for x in (q1, q2, k, v)) / 1e9,
+            "keys_per_query_at_L": keys_per_query(cfg, length)}
 
 
 def main() -> None:
@@ -195,7 +202,7 @@ def main() -> None:
         fmt = ".6f" if mode == "decode" else ".4f"
         dense_s = "—" if row["dense_s"] is None else f"{row['dense_s']:{fmt}}"
         ratio = "—" if row["ratio"] is None else f"{row['ratio']:.2f}"
-        peak = "—" if row["peak_extra_gb"] is None else f"{row['peak_extra_gb']:.2f}"
+        peak = "—" if row["peak_extra_gb"] is None else f"{row['peak_extra_gb']:.{3 if mode == 'decode' else 2}f}"
         print(f"{mode:>7} {length:>9} {dense_s:>9} {row['ours_s']:>9{fmt}} {ratio:>7} {row['tokens_per_s']:>11.0f} "
               f"{peak:>8} {row['keys_per_query_at_L']:>7}", flush=True)
         torch.cuda.empty_cache()

@@ -29,7 +29,7 @@ import triton.language as tl
 from ..softmax import INVALID_GATE_LOGIT
 from .common import block_d, dot_precision, next_pow2
 
-DECODE_BLOCK_N = 64  # keys per loop trip
+DECODE_BLOCK_N = 32  # keys per loop trip (32 and 64 tie on random routing; 32 is ~10% faster on coherent)
 DECODE_WARPS = 4  # warps per program (8 where the row x D tile is larger than 64 x 128)
 DECODE_MAX_ROWS = 64  # (head, slot) rows per program; a larger group x K is split into row blocks
 DECODE_TARGET_CHUNKS = 1024  # key chunks per (batch, KV head) the chunk size aims at (>= 4 programs per SM)
