@@ -153,6 +153,11 @@ def test_decode_key_chunks(monkeypatch):
     _compare(RELEASE_SMALL, 2, 4, 2, 1, 120, 16, torch.float32, starts=[0, 119], positions=[100], grads=False)
 
 
+def test_decode_head_dim_not_pow2():
+    """D = 40 pads the tiles to 64 (masked loads along D) and G = 3 heads per KV group."""
+    _compare(RELEASE_SMALL, 2, 6, 2, 1, 150, 40, torch.float32, starts=[0, 17], positions=[149])
+
+
 def test_decode_row_blocks(monkeypatch):
     """A group's (head, slot) rows split over several programs (G x K > DECODE_MAX_ROWS)."""
     from superlinear_kernels.triton import decode
