@@ -31,29 +31,20 @@ _import_kernels()
 from superlinear_kernels import SpanConfig, superlinear_attention  # noqa: E402
 from superlinear_kernels.api import Prepared  # noqa: E402
 from superlinear_kernels.triton import decode, ops  # noqa: E402
-from speed import H_KV, H_Q, D, device_times, make_inputs  # noqa: E402
+from speed import H_KV, H_Q, D, dense, device_times, graphed, make_inputs  # noqa: E402
 
 
 def inputs(length: int, dtype, coherent: bool):
     return make_inputs(length, dtype, coherent, q_len=1)
 
 
-def graphed(fn):
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        result = fn()
-    return graph, result
-
-
-def dense(q, k, v):
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=True)
+# The shipped tile choices (chunk None = decode.decode_chunk); read once, before any sweep changes them.
+DEFAULTS = dict(chunk=None, block_n=decode.DECODE_BLOCK_N, stages=decode.DECODE_STAGES, warps=decode.DECODE_WARPS)
 
 
 def settings(sweep: bool):
     if not sweep:
-        return [dict(chunk=None, block_n=decode.DECODE_BLOCK_N, stages=decode.DECODE_STAGES, warps=decode.DECODE_WARPS)]
+        return [DEFAULTS]
     return [dict(chunk=c, block_n=n, stages=s, warps=w)
             for c, n, s, w in itertools.product((256, 512, 1024, 2048, 4096), (32, 64), (2, 3), (4,))]
 
@@ -100,7 +91,7 @@ def run_length(length: int, cfg, dtype, sweep: bool, reps: int, coherent: bool) 
     prep = Prepared(pos, torch.zeros(1, dtype=torch.int64, device="cuda"), length - 1, length)
     ref, ref_r = superlinear_attention(q1, q2, k, v, pos, cfg, backend="torch", return_routing=True)
     row = {"length": length, "settings": []}
-    dense_cold, dense_warm = device_times(lambda: dense(q2, k, v), reps)
+    dense_cold, dense_warm = device_times(lambda: dense(q2, k, v, False), reps)
     row.update(dense_cold_s=dense_cold, dense_warm_s=dense_warm)
     for setting in settings(sweep):
         apply(setting)
@@ -126,12 +117,15 @@ def run_length(length: int, cfg, dtype, sweep: bool, reps: int, coherent: bool) 
                                                         cfg.window_len, longest))
     row["stage_cold_s"] = {"search": device_times(g_search.replay, reps)[0],
                            "branches+merge+gate": device_times(g_branch.replay, reps)[0]}
+    apply(DEFAULTS)  # the next length runs the shipped choices, not this sweep's best
     # Keys one step reads: the union over each KV group's branches (what the kernel loads) vs their sum.
     starts, ends = qs[0, :, 0].long(), qe[0, :, 0].long()
+    group = H_Q // H_KV
     union = 0
     for h in range(H_KV):
         cover = torch.zeros(length, dtype=torch.bool, device="cuda")
-        for a, e in zip(starts[h * 16:(h + 1) * 16].flatten().tolist(), ends[h * 16:(h + 1) * 16].flatten().tolist()):
+        heads = slice(h * group, (h + 1) * group)
+        for a, e in zip(starts[heads].flatten().tolist(), ends[heads].flatten().tolist()):
             if a >= 0 and e >= a:
                 cover[a:e + 1] = True
         cover[max(0, length - cfg.window_len):] = True

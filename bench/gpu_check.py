@@ -242,7 +242,6 @@ def stage_times(q1, q2, k, v, cfg, prep, reps):
         run = lambda: decode.decode_forward(q2, k, v, qs, qe, qa, vals, prep.cache_position,  # noqa: E731
                                             prep.row_start, cfg.window_len, longest)
         times["branches+merge+gate (group kernel)"] = cuda_time(run, reps)
-        del qs, qa, qe, vals
         return times
     wo, wl = window.window_forward(q2, k, v, prep.cache_position, prep.row_start, cfg.window_len)
     bo, bl, order = span.span_forward(q2, k, v, qs, qe, wo, wl)

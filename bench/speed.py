@@ -103,6 +103,16 @@ def device_times(fn, reps: int) -> tuple[float, float]:
     return cold, start.elapsed_time(end) / 1e3 / reps
 
 
+def graphed(fn):
+    """Run `fn` once (compiles, warms the allocator), then capture it in a CUDA graph: (graph, fn's result)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
+
+
 def dense(q, k, v, causal: bool):
     try:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
@@ -147,11 +157,7 @@ def decode_row(length: int, cfg, dtype, coherent: bool, reps: int) -> dict:
     from superlinear_kernels.triton import ops
 
     prep = Prepared(pos.clone(), torch.zeros(1, dtype=torch.int64, device="cuda"), length - 1, length)
-    ops.superlinear_attention(q1, q2, k, v, cfg, prep)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ops.superlinear_attention(q1, q2, k, v, cfg, prep)
+    graph, _ = graphed(lambda: ops.superlinear_attention(q1, q2, k, v, cfg, prep))
     cold, warm = device_times(graph.replay, reps)
     dense_cold, dense_warm = device_times(lambda: dense(q2, k, v, False), reps)
     return {"mode": "decode", "length": length, "coherent": coherent, "ours_eager_host_s": eager,
