@@ -33,13 +33,13 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from ..ids import is_valid_id, validate_id
 from ..model.io import canonical_json, model_fingerprint
 from .session import Session
 
 SCHEMA_VERSION = 1
 FORMAT = "superlinear-lab.session-snapshot"
 CACHE_FORMAT = "hybrid_mamba_attention_static_v1"
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # always fullmatch: "$" would accept a trailing newline
 DATA_FILES = ("cache.safetensors", "transcript.json")
 MAX_MANIFEST_BYTES = 1 << 20
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -85,11 +85,12 @@ def model_key(model_id: str) -> str:
 
 
 def check_id(snapshot_id) -> str:
-    """Return `snapshot_id` if it matches ``^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$``, else raise SnapshotError."""
-    if not isinstance(snapshot_id, str) or not ID_PATTERN.fullmatch(snapshot_id):
-        raise SnapshotError(f"snapshot id {snapshot_id!r} is invalid: expected 1-128 characters of [A-Za-z0-9_-], "
-                            "starting with a letter or digit")
-    return snapshot_id
+    """Return `snapshot_id` if it follows the id rule (`superlinear_lab.ids.validate_id`), else raise
+    SnapshotError with that rule's message."""
+    try:
+        return validate_id(snapshot_id, "snapshot_id")
+    except ValueError as e:
+        raise SnapshotError(str(e)) from None
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -139,13 +140,13 @@ class SnapshotStore:
         if not self.root.is_dir():
             return
         for mk in sorted(os.listdir(self.root)):
-            if not ID_PATTERN.fullmatch(mk) or not (self.root / mk).is_dir():
+            if not is_valid_id(mk) or not (self.root / mk).is_dir():
                 continue
             for fp in sorted(os.listdir(self.root / mk)):
-                if not ID_PATTERN.fullmatch(fp) or not (self.root / mk / fp).is_dir():
+                if not is_valid_id(fp) or not (self.root / mk / fp).is_dir():
                     continue
                 for sid in sorted(os.listdir(self.root / mk / fp)):
-                    if ID_PATTERN.fullmatch(sid):
+                    if is_valid_id(sid):
                         yield mk, fp, self.root / mk / fp / sid
 
     def _locate(self, snapshot_id) -> Path:
