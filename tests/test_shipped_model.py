@@ -1,5 +1,6 @@
-"""The shipped model (data/models/tiny): `load_model()` finds it, it answers a held-out NIAH case, and the
-evidence was reached by routing — so a broken loader or a routing regression fails here, on CPU."""
+"""The shipped model (package data, superlinear_lab/models/tiny): `load_model()` finds it, it answers a held-out
+NIAH case, and the evidence was reached by routing — so a broken loader or a routing regression fails here, on CPU.
+Without its files `load_model` raises; random weights come only when asked for."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,9 @@ import torch
 
 from superlinear_lab import RoutingTrace, Session, load_model
 from superlinear_lab import data as D
+from superlinear_lab.model import describe_model, io
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "data" / "models" / "tiny"
+MODEL_DIR = Path(__file__).resolve().parents[1] / "superlinear_lab" / "models" / "tiny"
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,11 @@ def case():
 
 
 def test_default_load_is_the_shipped_model(model):
-    assert model.source["kind"] == "directory" and model.source["name"] == "tiny"
+    assert model.source["kind"] == "shipped" and model.source["name"] == "tiny"
+    assert Path(model.source["path"]).resolve() == MODEL_DIR.resolve()
+    assert model.source["weights_sha256"] == io.sha256_file(MODEL_DIR / "model.safetensors")
+    assert model.model_id == "superlinear-lab/tiny"
+    assert describe_model(model) == f"superlinear-lab/tiny (shipped, weights sha256 {model.source['weights_sha256'][:12]})"
     assert (MODEL_DIR / "MODEL_CARD.md").is_file()
     shipped = json.loads((MODEL_DIR / "config.json").read_text())
     assert model.cfg.to_dict() == shipped
@@ -54,3 +60,18 @@ def test_greedy_session_generates_the_answer(model, case):
     session = Session(model, max_len=case.length + 8, progress=False)
     session.append(case.ids[:a0], role=None)
     assert session.generate_text(a1 - a0, temperature=0.0) == case.answer_text()
+
+
+def test_missing_files_raise_instead_of_random_weights(tmp_path, monkeypatch):
+    monkeypatch.delenv(io.MODELS_ENV, raising=False)
+    monkeypatch.setattr(io, "shipped_models_dir", lambda: tmp_path)  # an install without the model files
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text((MODEL_DIR / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match=r"model 'tiny': its weight files .* random_init=True"):
+        load_model("tiny")
+    with pytest.raises(ValueError, match="not a shipped model"):
+        load_model("tiny-typo")
+    random = load_model("tiny", random_init=True)  # explicit: fine, and it says so
+    assert random.source["kind"] == "random-init" and "RANDOM WEIGHTS" in describe_model(random)
+    with pytest.raises(ValueError, match="random_init and config given together"):
+        load_model("tiny", random_init=True, config=random.cfg)
