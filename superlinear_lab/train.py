@@ -22,7 +22,7 @@ Nothing is pickled.
 CLI::
 
     python -m superlinear_lab.train --ckpt runs/tiny --device cuda --time-limit 500     # start or resume
-    python -m superlinear_lab.train --ckpt runs/tiny --export data/models/tiny          # write shipped weights
+    python -m superlinear_lab.train --ckpt runs/tiny --export superlinear_lab/models/tiny  # write shipped weights
     python -m superlinear_lab.train --plan 800 --plan-out runs/plan.json --device cuda  # size stages to a budget
     python -m superlinear_lab.train --check-backends --device cuda                      # triton vs oracle
 """

@@ -68,7 +68,7 @@ every endpoint but /health needs "Authorization: Bearer <token>".
 
 examples:
   superlinear-lab serve                                 # tiny model on 127.0.0.1:8787
-  superlinear-lab serve --model data/models/tiny --port 9000 --http-max-concurrency 4
+  superlinear-lab serve --model superlinear_lab/models/tiny --port 9000 --http-max-concurrency 4
   SUPERLINEAR_LAB_API_KEY=secret superlinear-lab serve --host 0.0.0.0
 """
 
