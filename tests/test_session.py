@@ -220,9 +220,14 @@ def test_generate_needs_logits_and_decode_overflow(model):
     with pytest.raises(SessionError, match="append"):
         s.generate(3)
     s.append("0123456789")
-    with pytest.raises(ContextOverflowError):
-        s.generate(50)  # fills positions up to max_len - 1, then refuses the next write
-    assert s.cursor == 19 and s.logits is not None
+    before = state(s)
+    with pytest.raises(ContextOverflowError, match=r"max_new_tokens=50: only 9 tokens fit"):
+        s.generate(50)  # refused before any write (issue 18 #9: it used to write 9 tokens, then raise)
+    assert_same_state(before, state(s))
+    with pytest.raises(ContextOverflowError, match="only 9 tokens fit"):
+        s.stream(10_000)  # refused when called, not at the first next()
+    assert_same_state(before, state(s))
+    assert len(s.generate(9)) <= 9 and s.cursor <= 19  # what fits still works
 
 
 def test_memory_by_kind(model):

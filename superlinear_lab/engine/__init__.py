@@ -1,6 +1,6 @@
 """superlinear_lab.engine: stateful sessions over the hybrid model and verified on-disk snapshots."""
-from .session import Checkpoint, ContextOverflowError, Session, SessionError
+from .session import Checkpoint, ContextOverflowError, Session, SessionError, SessionState
 from .snapshot import SnapshotCompatibilityError, SnapshotError, SnapshotInfo, SnapshotStore
 
-__all__ = ["Session", "Checkpoint", "SessionError", "ContextOverflowError", "SnapshotStore", "SnapshotInfo",
-           "SnapshotError", "SnapshotCompatibilityError"]
+__all__ = ["Session", "SessionState", "Checkpoint", "SessionError", "ContextOverflowError", "SnapshotStore",
+           "SnapshotInfo", "SnapshotError", "SnapshotCompatibilityError"]

@@ -7,6 +7,9 @@
   state; K/V is not copied (entries past a rewound cursor are simply overwritten later). A checkpoint whose
   positions were overwritten since (rollback to an earlier point, then new tokens) is refused.
 * `fork()` is an independent deep copy; `grow(max_len)` reallocates a larger cache with the same contents.
+* Public state API (the only way other code reads or writes a session's internals): `export_state()` →
+  `SessionState`, `Session.from_state(model, state)` / `restore_state(state)`, `add_message(...)` and
+  `set_transcript(...)`. Every state, checkpoint and transcript handed in is validated before anything is written.
 
 Every error leaves the session exactly as it was: overflow and bad ids are checked before any write, and an
 exception or KeyboardInterrupt in the middle of a prefill chunk restores the pre-call state (K/V written past
@@ -50,6 +53,72 @@ class ContextOverflowError(ValueError):
 
 class SessionError(RuntimeError):
     """A session operation that is not possible in the current state (e.g. generate before any append)."""
+
+
+@dataclass(frozen=True)
+class SessionState:
+    """What a session holds apart from its logits and sampler state (what a snapshot stores).
+
+    `Session.export_state()` returns CPU clones; `Session.from_state` / `restore_state` validate every field
+    (types, dtypes, shapes against the model, finite values, token ids in the vocabulary, transcript) before
+    writing anything. cursor = ``token_ids.numel()``.
+    """
+
+    max_len: int  # allocated positions; cursor < max_len
+    token_ids: torch.Tensor  # int64 [cursor]
+    keys: tuple  # per attention layer (in `model.routing_layers()` order): [1, H_KV, cursor, D], model dtype
+    values: tuple  # same shapes as keys
+    conv_states: torch.Tensor  # [n_mamba, 1, conv_dim, conv_kernel-1], model dtype
+    ssm_states: torch.Tensor  # [n_mamba, 1, H, P, N] fp32
+    transcript: tuple  # messages {"role": str, "content": str, "tokens": int >= 0}, sum of tokens <= cursor
+
+    @property
+    def cursor(self) -> int:
+        return int(self.token_ids.numel()) if isinstance(self.token_ids, torch.Tensor) else -1
+
+
+MESSAGE_KEYS = {"role", "content", "tokens"}
+
+
+def check_transcript(messages, cursor: int, what: str = "transcript") -> list[dict]:
+    """Validate transcript messages and return a deep copy as a list of plain dicts.
+
+    Each message is exactly {"role": str, "content": str, "tokens": int >= 0}; the tokens of all messages add
+    up to at most `cursor` (a message records tokens that are in the context). Raises ValueError naming the
+    message and field.
+    """
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"{what}: expected a list of messages, got {type(messages).__name__}")
+    out, total = [], 0
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or set(msg) != MESSAGE_KEYS:
+            keys = sorted(map(str, msg)) if isinstance(msg, dict) else type(msg).__name__
+            raise ValueError(f"{what}[{i}]: expected exactly the keys {sorted(MESSAGE_KEYS)}, got {keys}")
+        if not isinstance(msg["role"], str) or not isinstance(msg["content"], str):
+            raise ValueError(f"{what}[{i}]: 'role' and 'content' must be strings")
+        tokens = msg["tokens"]
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"{what}[{i}].tokens={tokens!r}: expected an int >= 0")
+        total += tokens
+        if total > cursor:
+            raise ValueError(f"{what}: messages count {total} tokens by message {i}, more than the {cursor} tokens "
+                             "in the context")
+        out.append({"role": msg["role"], "content": msg["content"], "tokens": tokens})
+    return out
+
+
+def _check_tensor(value, name: str, dtype: torch.dtype, shape: tuple) -> None:
+    """ValueError unless `value` is a finite tensor of exactly `dtype` and `shape` (no broadcasting)."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor, got {type(value).__name__}")
+    if value.dtype != dtype or tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name}: got {value.dtype} {list(value.shape)}, expected {dtype} {list(shape)}")
+    if value.dtype.is_floating_point and value.numel() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name}: contains NaN or infinite values")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -109,7 +178,7 @@ class Session:
         self.chunk_size = chunk_size
         self.progress = progress
         self.id = uuid.uuid4().hex
-        self.transcript: list[dict] = []
+        self.transcript: list[dict] = []  # read it; change it only through add_message / set_transcript
         self._cursor = 0
         self._logits: torch.Tensor | None = None
         self._token_ids = torch.full((self.cache.max_len,), -1, dtype=torch.int64)
@@ -128,6 +197,11 @@ class Session:
     @property
     def max_len(self) -> int:
         return self.cache.max_len
+
+    @property
+    def room(self) -> int:
+        """Tokens that still fit: max_len - 1 - cursor (one slot stays free, so cursor + n < max_len)."""
+        return self.max_len - 1 - self._cursor
 
     @property
     def logits(self) -> torch.Tensor | None:
@@ -155,6 +229,89 @@ class Session:
     def __repr__(self) -> str:
         return f"Session(id={self.id[:8]}, cursor={self._cursor}, max_len={self.max_len}, messages={len(self.transcript)})"
 
+    # ------------------------------------------------------------------ public state API
+    def add_message(self, role: str, content: str, tokens: int) -> None:
+        """Record a transcript message for `tokens` tokens already in the context (e.g. appended with
+        ``role=None`` in several pieces). Raises ValueError (nothing recorded) if the message is malformed or the
+        transcript would count more tokens than the context holds."""
+        self.transcript[:] = check_transcript(
+            self.transcript + [{"role": role, "content": content, "tokens": tokens}], self._cursor)
+
+    def set_transcript(self, messages) -> None:
+        """Replace the transcript (validated as in `check_transcript`; deep-copied). Tokens are not touched."""
+        self.transcript[:] = check_transcript(messages, self._cursor)
+
+    def export_state(self) -> SessionState:
+        """The session's contents as CPU clones (K/V truncated to the cursor); see `SessionState`."""
+        cur = self._cursor
+        return SessionState(
+            max_len=self.max_len, token_ids=self._token_ids[:cur].clone(),
+            keys=tuple(k[:, :, :cur].contiguous().cpu().clone() for k in self.cache.keys),
+            values=tuple(v[:, :, :cur].contiguous().cpu().clone() for v in self.cache.values),
+            conv_states=self.cache.conv_states.cpu().clone(), ssm_states=self.cache.ssm_states.cpu().clone(),
+            transcript=tuple(copy.deepcopy(self.transcript)))
+
+    @staticmethod
+    def check_state(model: HybridLM, state: SessionState, max_len: int | None = None) -> int:
+        """Validate `state` for `model` (and an allocation of `max_len` >= state.max_len); returns the allocation
+        length. Raises ValueError naming the field, the value and what was expected. Allocates nothing large."""
+        if not isinstance(state, SessionState):
+            raise ValueError(f"state: expected a SessionState, got {type(state).__name__}")
+        if not _is_int(state.max_len) or state.max_len < 1:
+            raise ValueError(f"state.max_len={state.max_len!r}: expected an int >= 1")
+        n = state.max_len if max_len is None else max_len
+        if not _is_int(n) or n < state.max_len:
+            raise ValueError(f"max_len={max_len!r}: expected an int >= the state's max_len {state.max_len}")
+        ids = state.token_ids
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
+            shown = f"{ids.dtype} {list(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"state.token_ids: got {shown}, expected int64 [cursor]")
+        cur = ids.numel()
+        if cur >= state.max_len:
+            raise ValueError(f"state: cursor {cur} (token_ids length) must be < max_len {state.max_len}")
+        vocab = model.cfg.vocab_size
+        if cur and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"state.token_ids: values outside [0, {vocab})")
+        probe = model.new_cache(1)  # the cache geometry of this model, one position long
+        for kind, want in (("keys", probe.keys), ("values", probe.values)):
+            got = getattr(state, kind)
+            if not isinstance(got, (list, tuple)) or len(got) != len(want):
+                raise ValueError(f"state.{kind}: expected {len(want)} tensors (one per attention layer)")
+            for j, (t, w) in enumerate(zip(got, want)):
+                _check_tensor(t, f"state.{kind}[{j}]", w.dtype, (1, w.shape[1], cur, w.shape[3]))
+        _check_tensor(state.conv_states, "state.conv_states", probe.conv_states.dtype, probe.conv_states.shape)
+        _check_tensor(state.ssm_states, "state.ssm_states", probe.ssm_states.dtype, probe.ssm_states.shape)
+        check_transcript(state.transcript, cur, "state.transcript")
+        return n
+
+    @classmethod
+    def from_state(cls, model: HybridLM, state: SessionState, max_len: int | None = None, **kwargs) -> "Session":
+        """A new session on `model` holding `state` (allocated at `max_len`, default state.max_len; larger is
+        allowed). Logits are None until the next append. `kwargs` go to `Session(...)`. The state is validated
+        before the cache is allocated (ValueError)."""
+        n = cls.check_state(model, state, max_len)
+        session = cls(model, n, **kwargs)
+        session.restore_state(state)
+        return session
+
+    def restore_state(self, state: SessionState) -> None:
+        """Replace this session's contents by `state` (validated first: on ValueError nothing changed). The
+        allocation must hold it (state.max_len <= max_len; `grow` first otherwise). Logits become None, the
+        sampler state is kept, and checkpoints taken before can no longer be rolled back to (unless at cursor 0)."""
+        self.check_state(self.model, state, self.max_len)
+        cur = state.cursor
+        cache = self.cache
+        for dst, src in zip(cache.keys + cache.values, state.keys + state.values):
+            dst[:, :, :cur].copy_(src)
+        cache.conv_states.copy_(state.conv_states)
+        cache.ssm_states.copy_(state.ssm_states)
+        self._token_ids[:cur] = state.token_ids
+        self._begin_write_at(0)
+        self._cursor = cur
+        self._high = max(self._high, cur)
+        self._logits = None
+        self.transcript[:] = check_transcript(state.transcript, cur)
+
     # ------------------------------------------------------------------ input
     def _as_ids(self, data) -> list[int]:
         if isinstance(data, str):
@@ -172,14 +329,17 @@ class Session:
         return ids
 
     def _check_fits(self, n: int) -> None:
-        if self._cursor + n >= self.max_len:
+        if n > self.room:
             raise ContextOverflowError(f"{n} tokens at cursor {self._cursor} need cursor + n < max_len={self.max_len}; "
                                        f"call grow({self._cursor + n + 1}) or more first")
 
     def _begin_write(self) -> None:
+        self._begin_write_at(self._cursor)
+
+    def _begin_write_at(self, position: int) -> None:
         self._clock += 1
-        if self._cursor < self._high:
-            self._overwrites.append((self._clock, self._cursor))
+        if position < self._high:
+            self._overwrites.append((self._clock, position))
 
     def _internal_state(self):
         return (self._cursor, self._logits, len(self.transcript), self.cache.conv_states.clone(),
@@ -260,6 +420,9 @@ class Session:
                role: str | None = "assistant") -> Iterator[int]:
         """Yield up to `max_new_tokens` sampled token ids; each is in the cache before it is yielded.
 
+        Raises ContextOverflowError before anything is written if `max_new_tokens` tokens would not fit (the
+        message says how many do).
+
         Stops early on <|eos|> or a `stop` id (that token is neither written nor yielded). Stopping the
         consumer early keeps what was yielded. The transcript gets one message with the generated text.
         Arguments are validated when `stream` is called, not at the first `next`.
@@ -271,6 +434,11 @@ class Session:
         if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ValueError(f"top_p={top_p!r}: expected a number in (0, 1]")
         stop_ids = {self.tokenizer.eos_id} | set(self._as_ids([stop] if isinstance(stop, int) else (stop or [])))
+        room = self.room
+        if max_new_tokens > room:
+            raise ContextOverflowError(f"max_new_tokens={max_new_tokens}: only {room} tokens fit at cursor "
+                                       f"{self._cursor} (max_len={self.max_len}); call grow("
+                                       f"{self._cursor + max_new_tokens + 1}) or more first, or ask for at most {room}")
         if self._logits is None:
             raise SessionError("no logits to sample from: append tokens first (a fresh or restored session has none)")
         if seed is not None:
@@ -310,24 +478,48 @@ class Session:
                           tuple(copy.deepcopy(self.transcript)), self._gen.get_state())
 
     def rollback(self, cp: Checkpoint) -> None:
-        """Return bit-exactly to `cp` (cursor, logits, states, transcript, sampler). Raises SessionError if `cp`
-        belongs to another session or positions below its cursor were overwritten since it was taken."""
+        """Return bit-exactly to `cp` (cursor, logits, states, transcript, sampler).
+
+        Raises SessionError if `cp` belongs to another session or positions below its cursor were overwritten
+        since it was taken; ValueError if `cp` is malformed (cursor outside what was written, clock in the future,
+        states or logits of the wrong dtype/shape or not finite, a bad transcript or sampler state). Everything is
+        checked before anything is restored: on any error the session is unchanged.
+        """
         if not isinstance(cp, Checkpoint):
             raise TypeError(f"cp: expected a Checkpoint, got {type(cp).__name__}")
+        if not isinstance(cp.session_id, str):
+            raise ValueError(f"cp.session_id={cp.session_id!r}: expected a str")
+        if not _is_int(cp.clock) or cp.clock < 0:
+            raise ValueError(f"cp.clock={cp.clock!r}: expected an int >= 0")
         shared = self._lineage.get(cp.session_id)
         if shared is None or cp.clock > shared:
             raise SessionError("checkpoint belongs to another session (or was taken on a parent after the fork)")
+        if cp.clock > self._clock:
+            raise ValueError(f"cp.clock={cp.clock}: in the future of this session (its clock is {self._clock})")
+        if not _is_int(cp.cursor) or not 0 <= cp.cursor <= min(self._high, self.max_len - 1):
+            raise ValueError(f"cp.cursor={cp.cursor!r}: expected an int in [0, {min(self._high, self.max_len - 1)}] "
+                             "(positions this session has written)")
         for clock, position in self._overwrites:
             if clock > cp.clock and position < cp.cursor:
                 raise SessionError(f"checkpoint at cursor {cp.cursor} is stale: position {position} was overwritten "
                                    "after it was taken")
-        if cp.conv_states.shape != self.cache.conv_states.shape:
-            raise SessionError("checkpoint states do not match this session's cache")
-        self.cache.conv_states.copy_(cp.conv_states)
-        self.cache.ssm_states.copy_(cp.ssm_states)
+        cache = self.cache
+        _check_tensor(cp.conv_states, "cp.conv_states", cache.conv_states.dtype, cache.conv_states.shape)
+        _check_tensor(cp.ssm_states, "cp.ssm_states", cache.ssm_states.dtype, cache.ssm_states.shape)
+        if cp.logits is not None:
+            _check_tensor(cp.logits, "cp.logits", torch.float32, (self.model.cfg.vocab_size,))
+        transcript = check_transcript(cp.transcript, cp.cursor, "cp.transcript")
+        if not isinstance(cp.rng_state, torch.Tensor):
+            raise ValueError(f"cp.rng_state: expected a tensor, got {type(cp.rng_state).__name__}")
+        try:  # validated on a scratch generator, so a bad state cannot leave this session half-restored
+            torch.Generator().set_state(cp.rng_state)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"cp.rng_state: not a valid CPU generator state ({e})") from None
+        cache.conv_states.copy_(cp.conv_states)
+        cache.ssm_states.copy_(cp.ssm_states)
         self._logits = None if cp.logits is None else cp.logits.clone()
         self._cursor = cp.cursor
-        self.transcript[:] = copy.deepcopy(list(cp.transcript))
+        self.transcript[:] = transcript
         self._gen.set_state(cp.rng_state)
 
     def fork(self, seed: int | None = None) -> "Session":
