@@ -1,4 +1,5 @@
-"""superlinear_lab.loaders: open Superlinear-Exp-style checkpoints (Hugging Face layout: config.json +
+"""superlinear_lab.loaders: `open_model(spec)` (a shipped name, our model directory or a Superlinear-Exp
+checkpoint -> a loaded model); open Superlinear-Exp-style checkpoints (Hugging Face layout: config.json +
 safetensors shards) with no remote code and no pickle, and plan GPU memory before trying.
 
 * `load_checkpoint(path, device=..., dtype=...)` -> `SuperlinearExpLM` (works with `Session`, `SnapshotStore`,
@@ -13,8 +14,9 @@ from .checkpoint import FP32_ALLOWED, KEY_MAP, checkpoint_names, load_checkpoint
 from .config import MODEL_TYPE, RELEASED_PATTERN, CheckpointError, SuperlinearExpConfig, read_json_lenient
 from .files import read_safetensors_header
 from .memory import MemoryPlan, format_bytes, parse_bytes, parse_tokens, plan_memory
+from .open import FORMATS, ModelFormat, open_model
 
-__all__ = ["load_checkpoint", "save_checkpoint", "plan_memory", "MemoryPlan", "SuperlinearExpConfig",
+__all__ = ["open_model", "FORMATS", "ModelFormat", "load_checkpoint", "save_checkpoint", "plan_memory", "MemoryPlan", "SuperlinearExpConfig",
            "CheckpointError", "KEY_MAP", "FP32_ALLOWED", "checkpoint_names", "MODEL_TYPE", "RELEASED_PATTERN",
            "read_json_lenient", "read_safetensors_header", "parse_bytes", "parse_tokens", "format_bytes",
            "SuperlinearExpLM"]

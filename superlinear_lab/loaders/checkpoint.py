@@ -157,7 +157,8 @@ def load_checkpoint(path, *, device: str | torch.device = "cpu", dtype=None, spa
 
     Returns:
         the model, with ``model.tokenizer``, ``model.model_id`` (``superlinear-exp/<dir name>``) and
-        ``model.source`` (sha256 of config.json and the index, fingerprinted by snapshots) set.
+        ``model.source`` (kind, name, path, sha256 of config.json and the index — ``weights_sha256`` is the
+        index's — fingerprinted by snapshots) set.
 
     Raises:
         CheckpointError: a refusal listed in the module docstring; the message names the file and the key.
@@ -229,8 +230,9 @@ def load_checkpoint(path, *, device: str | torch.device = "cpu", dtype=None, spa
     model.tokenizer = CheckpointTokenizer(tok_path, cfg.eos_token_id) if tok_path.is_file() \
         else IdTokenizer(cfg.vocab_size, cfg.eos_token_id)
     model.model_id = f"superlinear-exp/{root.name}"
+    files = {n: sha256_file(root / n) for n in ("config.json", index_name)}
     model.source = {"kind": "checkpoint", "path": str(root), "name": root.name,
-                    "files": {n: sha256_file(root / n) for n in ("config.json", index_name)}}
+                    "weights_sha256": files[index_name], "files": files}
     return model.eval()
 
 
