@@ -1,10 +1,18 @@
 """superlinear_kernels: the engine's math — exact geometry, the dense oracle, the torch backend and the
 Triton kernels of Superlinear Multi-Step Attention. Knows nothing of notebooks or models."""
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # the one version: pyproject.toml's, through the installed distribution (superlinear_lab re-exports it)
+    __version__ = version("superlinear-lab")
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
+
 from .config import SpanConfig
 from .geometry import CoverageReport, coverage, query_geometry, stripe_offset, stripe_table
 from .api import SearchResult, StripeScores, span_search, stripe_scores, superlinear_attention
 
 __all__ = [
+    "__version__",
     "SpanConfig",
     "CoverageReport",
     "coverage",

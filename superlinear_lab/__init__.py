@@ -3,9 +3,11 @@
 
     from superlinear_lab import load_model, Session, SnapshotStore, RoutingTrace
 """
+from superlinear_kernels import __version__
+
 from .engine import Session, SnapshotError, SnapshotStore
-from .model import ByteTokenizer, HybridLM, ModelConfig, load_model
+from .model import ByteTokenizer, HybridLM, ModelConfig, describe_model, load_model
 from .trace import RoutingTrace
 
-__all__ = ["load_model", "HybridLM", "ModelConfig", "ByteTokenizer", "Session", "SnapshotStore", "SnapshotError",
-           "RoutingTrace"]
+__all__ = ["__version__", "load_model", "describe_model", "HybridLM", "ModelConfig", "ByteTokenizer", "Session",
+           "SnapshotStore", "SnapshotError", "RoutingTrace"]

@@ -5,8 +5,8 @@ lists them, so a new subcommand is one function and one entry. ``func(args)`` re
 
     superlinear-lab plan PATH --gpu-mem 80GB     memory plan for a checkpoint (no weights are loaded)
     superlinear-lab report PATH -o FILE.html     routing report of a document (one offline HTML file)
-    superlinear-lab train …                      train / resume / export the model (= python -m superlinear_lab.train)
-    superlinear-lab evaluate …                   NIAH grid and suites (= python -m superlinear_lab.evaluate)
+    superlinear-lab train …                      train / resume / export the model (superlinear_lab.train)
+    superlinear-lab evaluate …                   NIAH grid and suites (superlinear_lab.evaluate)
     superlinear-lab serve | chat | session … | snapshot …   the server and its HTTP clients (server/commands.py)
 """
 from __future__ import annotations
@@ -115,9 +115,13 @@ REPORT_EPILOG = """\
 PATH is a UTF-8 text file, `-` for standard input, or `pydoc` for Python's own reference docs
 (`pydoc_data.topics`, always present offline).
 
+--model is a shipped model name (tiny), a directory with config.json + model.safetensors, or a
+Superlinear-Exp checkpoint directory (needs the extra hf). The report names the model and its weights.
+
 examples:
   superlinear-lab report notes.txt -o notes-routing.html
   superlinear-lab report pydoc --max-tokens 16K -o pydoc.html
+  superlinear-lab report notes.txt --model ~/models/my-tiny -o mine.html
 """
 
 
@@ -130,7 +134,8 @@ def add_report(subparsers) -> None:
     p.add_argument("path", metavar="PATH", help="text file, '-' (stdin) or 'pydoc'")
     p.add_argument("-o", "--output", default="routing-report.html", metavar="FILE",
                    help="HTML file to write (default routing-report.html)")
-    p.add_argument("--model", default="tiny", metavar="NAME", help="model name for load_model (default tiny)")
+    p.add_argument("--model", default="tiny", metavar="NAME|PATH",
+                   help="shipped model name, model directory or Superlinear-Exp checkpoint (default tiny)")
     p.add_argument("--max-tokens", type=_tokens, default=None, metavar="TOKENS",
                    help="truncate the document, e.g. 16K (default: all of it)")
     p.add_argument("--backend", choices=("auto", "torch", "triton", "oracle"), default="auto",
@@ -141,7 +146,8 @@ def add_report(subparsers) -> None:
 
 
 def run_report(args) -> int:
-    from .model import load_model
+    from .loaders import open_model
+    from .model import describe_model
     from .report import routing_report
 
     try:
@@ -154,13 +160,13 @@ def run_report(args) -> int:
         else:
             with open(args.path, encoding="utf-8") as f:
                 text = f.read()
-        model = load_model(args.model, device=args.device, backend=args.backend)
+        model = open_model(args.model, device=args.device, backend=args.backend)
         out = routing_report(text, args.output, model, max_tokens=args.max_tokens,
                              title=args.title or f"Routing report: {args.path}")
     except (OSError, UnicodeDecodeError, ValueError) as e:
         print(f"superlinear-lab report: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
+    print(f"wrote {out} (model: {describe_model(model)})")
     return 0
 
 
@@ -191,9 +197,12 @@ COMMANDS = [add_plan, add_report, add_train, add_evaluate, *SERVER_COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="superlinear-lab",
         description="superlinear-lab: Superlinear attention models, sessions and their memory.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(subparsers)

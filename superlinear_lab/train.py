@@ -21,18 +21,18 @@ Nothing is pickled.
 
 CLI::
 
-    python -m superlinear_lab.train --ckpt runs/tiny --device cuda --time-limit 500     # start or resume
-    python -m superlinear_lab.train --ckpt runs/tiny --export superlinear_lab/models/tiny  # write shipped weights
-    python -m superlinear_lab.train --plan 800 --plan-out runs/plan.json --device cuda  # size stages to a budget
-    python -m superlinear_lab.train --check-backends --device cuda                      # triton vs oracle
+    superlinear-lab train --ckpt runs/tiny --device cuda --time-limit 500     # start or resume
+    superlinear-lab train --ckpt runs/tiny --export superlinear_lab/models/tiny  # write shipped weights
+    superlinear-lab train --plan 800 --plan-out runs/plan.json --device cuda  # size stages to a budget
+    superlinear-lab train --check-backends --device cuda                      # triton vs oracle
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +48,7 @@ from .evaluate import capture_routing, evidence_pairs, reached
 from .model import HybridLM, ModelConfig
 
 LOG_FILE = "log.jsonl"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -377,8 +378,8 @@ def plan(cfg: TrainConfig, seconds: float, device: str, backend: str,
     for (length, _, batch), share in zip(cfg.stages, shares):
         t = _timed_steps(cfg, length, batch, device, backend)
         steps = max(1, int(share * seconds / t))
-        print(f"plan: L={length} batch={batch}: {t:.3f} s/step, {length * batch / t:,.0f} tok/s -> {steps} steps",
-              file=sys.stderr, flush=True)
+        log.info("plan: L=%d batch=%d: %.3f s/step, %s tok/s -> %d steps", length, batch, t,
+                 f"{length * batch / t:,.0f}", steps)
         stages.append([length, steps, batch])
     return TrainConfig(**{**asdict(cfg), "stages": stages})
 
@@ -410,7 +411,7 @@ def check_backends(cfg: TrainConfig, device: str, lengths=(1024, 4096), batch: i
             for backend in ("oracle", "triton"):
                 row[f"step_s_{backend}"] = _timed_steps(cfg, length, batch * 2, device, backend, n=2)
         rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        log.info("%s", json.dumps(row))
     return rows
 
 
@@ -421,7 +422,7 @@ def load_config(path: str | None) -> TrainConfig:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m superlinear_lab.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="superlinear-lab train", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", help="checkpoint directory (created; resumed when it holds state.json)")
     p.add_argument("--config", help="TrainConfig JSON (default: the built-in config)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -437,6 +438,7 @@ def main(argv=None) -> int:
     p.add_argument("--plan-out", default="train_config.json")
     p.add_argument("--check-backends", action="store_true", help="compare triton with oracle (loss, grads, time)")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the command's progress lines, on stderr
     if args.check_backends:
         print(json.dumps(check_backends(load_config(args.config), args.device), indent=1))
         return 0
@@ -453,7 +455,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config)
     state = train(cfg, args.ckpt, args.device, args.backend, args.time_limit, args.max_steps, args.save_every,
                   progress=not args.no_progress)
-    print(json.dumps({k: state[k] for k in ("step", "tokens", "elapsed_s")}), file=sys.stderr)
+    log.info("%s", json.dumps({k: state[k] for k in ("step", "tokens", "elapsed_s")}))
     return 0
 
 
