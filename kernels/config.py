@@ -10,10 +10,25 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from functools import cached_property
 
-# A float search power is snapped to the nearest fraction with a denominator up to this bound
-# (SPEC §1.3); anything further than `_FRACTION_TOLERANCE` from it is rejected.
+# A float power (search p, span ρ) is snapped to the nearest fraction with a denominator up to this bound
+# (SPEC §1.3); anything further than `_FRACTION_TOLERANCE` from it is rejected. The span factors b_f, f_f
+# are snapped the same way when they lie that close to such a fraction (1.9 means 19/10), and otherwise
+# taken at their exact binary value: either way B(t), Fw(t) are ceilings of exact values (SPEC §1.7).
 _MAX_DENOMINATOR = 1000
 _FRACTION_TOLERANCE = 1e-9
+
+# Bounds on every parameter, so a bad config fails here with a clear message instead of overflowing (or
+# running for minutes) on first use.
+MAX_NUM_SPANS = 64  # K: beyond this the per-query work only pads (no preset or kernel needs more)
+MAX_POSITION = 2**31 - 2  # positions and span bounds are int32 (SPEC §2.4): W must fit below this
+MIN_FACTOR, MAX_FACTOR = 2.0**-20, 2.0**20  # b_f in [MIN, MAX]; f_f = 0 or in [MIN, MAX]
+
+
+def exact_fraction(value: float) -> Fraction:
+    """The exact rational a float parameter stands for: the nearest fraction with denominator <= 1000
+    when within 1e-9 of it (0.55 -> 11/20, 1.9 -> 19/10), else the float's exact binary value."""
+    frac = Fraction(value).limit_denominator(_MAX_DENOMINATOR)
+    return frac if abs(float(frac) - value) <= _FRACTION_TOLERANCE else Fraction(value)
 
 
 @dataclass(frozen=True)
@@ -43,28 +58,30 @@ class SpanConfig:
                 fail(field, value, "an int")
         if self.sw_index < 0:
             fail("sw_index", self.sw_index, "an integer >= 0")
-        if self.num_spans < 1:
-            fail("num_spans", self.num_spans, "an integer >= 1")
+        if not 1 <= self.num_spans <= MAX_NUM_SPANS:
+            fail("num_spans", self.num_spans, f"an integer in 1..{MAX_NUM_SPANS}")
         for field in ("backward_factor", "forward_factor", "span_power", "search_power"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 fail(field, value, "a finite number")
-        if not self.backward_factor > 0:
-            fail("backward_factor", self.backward_factor, "a number > 0")
-        if not self.forward_factor >= 0:
-            fail("forward_factor", self.forward_factor, "a number >= 0")
-        if not 0 < self.span_power < 1:
-            fail("span_power", self.span_power, "a number in (0, 1)")
-        if not 0 < self.search_power < 1:
-            fail("search_power", self.search_power, "a number in (0, 1)")
-        frac = Fraction(self.search_power).limit_denominator(_MAX_DENOMINATOR)
-        if abs(float(frac) - self.search_power) > _FRACTION_TOLERANCE:
-            fail(
-                "search_power",
-                self.search_power,
-                f"a fraction u/v with v <= {_MAX_DENOMINATOR} (nearest is {frac}, off by "
-                f"{abs(float(frac) - self.search_power):.3g})",
-            )
+        if not MIN_FACTOR <= self.backward_factor <= MAX_FACTOR:
+            fail("backward_factor", self.backward_factor, "a number in [2^-20, 2^20]")
+        if not (self.forward_factor == 0 or MIN_FACTOR <= self.forward_factor <= MAX_FACTOR):
+            fail("forward_factor", self.forward_factor, "0 or a number in [2^-20, 2^20]")
+        for field in ("span_power", "search_power"):
+            value = getattr(self, field)
+            if not 0 < value < 1:
+                fail(field, value, "a number in (0, 1)")
+            frac = Fraction(value).limit_denominator(_MAX_DENOMINATOR)
+            if abs(float(frac) - value) > _FRACTION_TOLERANCE:
+                fail(field, value, f"a fraction u/v with v <= {_MAX_DENOMINATOR} (nearest is {frac}, off by "
+                                   f"{abs(float(frac) - value):.3g})")
+        # W = F(σ + 1) - 1 must be a valid position: W > MAX_POSITION iff F(σ+1) >= MAX_POSITION + 2 iff
+        # (MAX_POSITION + 2)^u <= (σ+1)^v (SPEC §1.3), decided without computing F.
+        u, v = self.power_fraction
+        if self.sw_index >= MAX_POSITION or (MAX_POSITION + 2) ** u <= (self.sw_index + 1) ** v:
+            fail("sw_index", self.sw_index, f"a window W = F(σ+1) - 1 <= {MAX_POSITION} (positions are int32); "
+                                            f"search_power={self.search_power} makes F(σ+1) too large")
 
     # ----------------------------------------------------------------- presets
     @classmethod
@@ -94,6 +111,17 @@ class SpanConfig:
         """(u, v) in lowest terms with p = u/v; integer mode p = 1/N gives (1, N)."""
         frac = Fraction(self.search_power).limit_denominator(_MAX_DENOMINATOR)
         return frac.numerator, frac.denominator
+
+    @cached_property
+    def span_fraction(self) -> tuple[int, int]:
+        """(u, v) in lowest terms with ρ = u/v (SPEC §1.7: B(t) = ceil(b_f t^(u/v)) on exact values)."""
+        frac = Fraction(self.span_power).limit_denominator(_MAX_DENOMINATOR)
+        return frac.numerator, frac.denominator
+
+    @cached_property
+    def factor_fractions(self) -> tuple[Fraction, Fraction]:
+        """(b_f, f_f) as the exact rationals they stand for (see `exact_fraction`)."""
+        return exact_fraction(self.backward_factor), exact_fraction(self.forward_factor)
 
     @property
     def inv_search_power_int(self) -> int | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from threading import Lock
 
 import torch
@@ -98,22 +99,62 @@ def window_len(cfg: SpanConfig) -> int:
     return cfg.window_len
 
 
+def window_bounds(cfg: SpanConfig, q, start=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive sliding-window bounds (lo, hi) of query positions `q` in rows starting at `start` (SPEC §1.5).
+
+    The one place the window rule lives. q, start: ints or int64 tensors (broadcast together).
+    Returns two int64 tensors of the broadcast shape (0-d for int inputs): lo = max(q - W + 1, s, 0),
+    hi = q; both -1 where the window is empty (W = 0, or s > q). With start = 0, lo is sw_start(q), the
+    key after which no span may end (SPEC §1.7).
+    """
+    q = torch.as_tensor(q, dtype=torch.int64)
+    start = torch.as_tensor(start, dtype=torch.int64, device=q.device)
+    w = cfg.window_len
+    lo = torch.maximum((q - w + 1).clamp_min(0), start)
+    empty = (lo > q) | (w == 0)
+    minus_one = torch.full_like(lo, -1)
+    return torch.where(empty, minus_one, lo), torch.where(empty, minus_one, q.expand_as(lo))
+
+
 # --------------------------------------------------------------------------- span lengths
+def _exact_ceil_lengths(factor, power: tuple[int, int], t_max: int) -> torch.Tensor:
+    """int64 [t_max + 1]: ceil(c · t^(u/v)) for t = 0 .. t_max, exactly, for a rational c >= 0.
+
+    float64 gives each value to within a few ulps, so its ceiling can be wrong only where the exact value
+    is within that of an integer n. There (|x - n| <= 1e-9 · max(1, x), far wider than float64's error)
+    the ceiling is n iff c · t^(u/v) <= n iff cn^v · t^u <= n^v · cd^v (c = cn/cd), decided on
+    Python integers, and n + 1 otherwise (so n = 0 gives 1 unless c · t = 0). Elsewhere the
+    float ceiling is already exact. Typical presets flag a few thousand t out of millions.
+    """
+    u, v = power
+    x = torch.pow(torch.arange(t_max + 1, dtype=torch.float64), u / v).mul_(float(factor))
+    out = torch.ceil(x).to(torch.int64)
+    distance = torch.round(x).sub_(x).abs_()
+    flagged = (distance <= torch.clamp(x, min=1.0).mul_(1e-9)).nonzero().squeeze(1)
+    if flagged.numel():
+        cn_v, cd_v = factor.numerator ** v, factor.denominator ** v
+        nearest = torch.round(x[flagged]).to(torch.int64).tolist()
+        fixed = [n if cn_v * ti ** u <= n ** v * cd_v else n + 1 for ti, n in zip(flagged.tolist(), nearest)]
+        out[flagged] = torch.tensor(fixed, dtype=torch.int64)
+    return out
+
+
 def span_lengths(cfg: SpanConfig, t_max: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(B, Fw): int64 tensors of length >= t_max + 1 with B[t] = ceil(b_f t^ρ), Fw[t] = ceil(f_f t^ρ).
 
-    The single routine every path uses (SPEC §1.7, Decision D1): float64 on the host, so an exact
-    product stays exact (b_f = 2, ρ = ½, t = 16 gives 8). Cached per (b_f, f_f, ρ, extent, device);
-    the extent is rounded up to a power of two so growing caches reuse tables.
+    The single routine every path uses (SPEC §1.7, Decision D1). The ceiling acts on exact values: ρ and
+    the factors are the rationals of `SpanConfig.span_fraction` / `factor_fractions` (0.55 = 11/20), so
+    b_f = 2, ρ = ½, t = 16 gives 8 and the release preset at t = 2^20 gives B = 6144, Fw = 2048 (a float64
+    ceiling gives 6145, 2049). Cached per (b_f, f_f, ρ, extent, device); the extent is rounded up to a
+    power of two so growing caches reuse tables.
     """
     n = 1 << max(int(t_max), 1).bit_length()
     key = ("span", float(cfg.backward_factor), float(cfg.forward_factor), float(cfg.span_power), n, str(device))
     cached = _tensor_cache.get(key)
     if cached is None:
-        t = torch.arange(n + 1, dtype=torch.float64)
-        power = torch.pow(t, float(cfg.span_power))
-        backward = torch.ceil(float(cfg.backward_factor) * power).to(torch.int64)
-        forward = torch.ceil(float(cfg.forward_factor) * power).to(torch.int64)
+        backward_factor, forward_factor = cfg.factor_fractions
+        backward = _exact_ceil_lengths(backward_factor, cfg.span_fraction, n)
+        forward = _exact_ceil_lengths(forward_factor, cfg.span_fraction, n)
         cached = torch.stack([backward, forward]).to(device)
         _tensor_cache[key] = cached
     return cached[0], cached[1]
@@ -131,9 +172,8 @@ def span_bounds(cfg: SpanConfig, anchor: torch.Tensor, q: torch.Tensor, s: torch
     backward, forward = span_lengths(cfg, int(t.max()) if t.numel() else 1, device=anchor.device)
     qstart = torch.maximum(anchor - backward[t], s.clamp_min(0))
     qend = torch.minimum(anchor + forward[t], torch.clamp(q, max=l_kv - 1))
-    w = cfg.window_len
-    if w > 0:
-        qend = torch.minimum(qend, (q - w + 1).clamp_min(0) - 1)
+    if cfg.window_len > 0:
+        qend = torch.minimum(qend, window_bounds(cfg, q)[0] - 1)
     valid = anchor >= 0
     minus_one = torch.full_like(qstart, -1)
     return torch.where(valid, qstart, minus_one), torch.where(valid, qend, minus_one)
@@ -152,9 +192,13 @@ class Stripe:
     qend: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class QueryGeometry:
-    """Everything the geometry says about one query: window, stripes, spans (SPEC §1.4–1.7)."""
+    """Everything the geometry says about one query: window, stripes, spans (SPEC §1.4–1.7).
+
+    The stripes are held as int64 tensors [S] over i = σ+1 .. M(q + 1), nearest anchor first (one
+    vectorised computation, cheap at any q); `stripes` / `candidates` give them as `Stripe` records.
+    """
 
     query: int  # q
     start: int  # s, the row start
@@ -162,7 +206,18 @@ class QueryGeometry:
     window: tuple[int, int] | None  # [max(sw_start, s), q], or None when empty
     backward_len: int  # B(t)
     forward_len: int  # Fw(t)
-    stripes: tuple[Stripe, ...]  # i = σ+1 .. M(q + 1), nearest first
+    stripe_index: torch.Tensor  # int64 [S]: i
+    offsets: torch.Tensor  # int64 [S]: F(i)
+    anchors: torch.Tensor  # int64 [S]: a_i = q + 1 - F(i)
+    candidate: torch.Tensor  # bool [S]: s <= a_i < L_KV
+    qstart: torch.Tensor  # int64 [S]: span start, -1 where not a candidate
+    qend: torch.Tensor  # int64 [S]: span end, -1 where not a candidate
+
+    @cached_property
+    def stripes(self) -> tuple[Stripe, ...]:
+        """All stripes i = σ+1 .. M(q + 1), nearest first, as records."""
+        columns = (self.stripe_index, self.offsets, self.anchors, self.candidate, self.qstart, self.qend)
+        return tuple(Stripe(*row) for row in zip(*(c.tolist() for c in columns)))
 
     @property
     def candidates(self) -> tuple[Stripe, ...]:
@@ -170,7 +225,8 @@ class QueryGeometry:
 
     def covered(self) -> list[tuple[int, int]]:
         """The union of window and candidate spans as sorted disjoint inclusive intervals."""
-        intervals = [(st.qstart, st.qend) for st in self.candidates if st.qend >= st.qstart]
+        keep = self.candidate & (self.qend >= self.qstart)
+        intervals = list(zip(self.qstart[keep].tolist(), self.qend[keep].tolist()))
         if self.window is not None:
             intervals.append(self.window)
         return merge_intervals(intervals)
@@ -212,17 +268,15 @@ def query_geometry(cfg: SpanConfig, q: int, start: int = 0, l_kv: int | None = N
         raise ValueError(f"l_kv={l_kv}: expected >= q + 1 = {q + 1}")
     t = max(0, q + 1 - start)
     backward, forward = span_lengths(cfg, max(t, 1))
-    w = cfg.window_len
-    window_start = max(max(0, q - w + 1), start)
-    window = (window_start, q) if w > 0 and window_start <= q else None
+    lo, hi = window_bounds(cfg, q, start)
+    window = (int(lo), int(hi)) if lo >= 0 else None
     index = torch.arange(cfg.sw_index + 1, max(max_stripe(cfg, q + 1), cfg.sw_index) + 1, dtype=torch.int64)
     offsets = stripe_table(cfg, q + 1)[index]
     anchors = q + 1 - offsets
     candidate = (anchors >= start) & (anchors < l_kv)
     qs, qe = span_bounds(cfg, torch.where(candidate, anchors, -1), torch.tensor(q), torch.tensor(start), l_kv)
-    stripes = tuple(Stripe(*row) for row in zip(index.tolist(), offsets.tolist(), anchors.tolist(),
-                                                candidate.tolist(), qs.tolist(), qe.tolist()))
-    return QueryGeometry(q, start, t, window, int(backward[t]), int(forward[t]), stripes)
+    return QueryGeometry(q, start, t, window, int(backward[t]), int(forward[t]), index, offsets, anchors,
+                         candidate, qs, qe)
 
 
 # --------------------------------------------------------------------------- coverage

@@ -87,7 +87,7 @@ def test_window_len(cfg, w):
 
 
 @pytest.mark.parametrize("t,stripes,b,fw", [(8192, 77, 427, 143), (131072, 587, 1958, 653),
-                                            (1048576, 1983, 6145, 2049), (10485760, 7201, 21800, 7267)])
+                                            (1048576, 1983, 6144, 2048), (10485760, 7201, 21800, 7267)])
 def test_release_worked_numbers(t, stripes, b, fw):
     cfg = SpanConfig.release()
     backward, forward = span_lengths(cfg, t)

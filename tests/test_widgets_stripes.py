@@ -94,9 +94,9 @@ def test_presets_axis_and_errors():
 
 
 def test_release_worked_numbers():
-    """SPEC §1.9 table: at t = 2^20 the release preset reads at most 26,617 keys with 1,983 stripes."""
+    """SPEC §1.9 table: at t = 2^20 the release preset reads at most 26,611 keys with 1,983 stripes (B = 6144, Fw = 2048: the exact ceiling)."""
     ex = StripeExplorer(SpanConfig.release(), query=(1 << 20) - 1)
-    assert len(ex.geometry.stripes) == 1983 and ex.keys_per_query() == 26_617
+    assert len(ex.geometry.stripes) == 1983 and ex.keys_per_query() == 26_611
 
 
 def test_constructor_rejects_bad_arguments():
