@@ -53,7 +53,7 @@ def test_specs_that_name_nothing_raise(tmp_path):
         open_model(tmp_path / "empty")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match="model_type='llama'"):
+    with pytest.raises(ValueError, match="model_type='llama', which none"):
         open_model(tmp_path / "other")
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(ValueError, match="a file"):

@@ -1,6 +1,7 @@
 """`open_model(spec)`: one way from what a user types (``--model NAME|PATH``) to a loaded model.
 
-`spec` is tried against `FORMATS` in order; each entry recognises a directory by its files and loads it:
+A directory is tried against `FORMATS` in order; the first entry whose ``detect(path, config)`` accepts it
+(``config`` = its parsed ``config.json``) loads it:
 
 * ``superlinear-lab`` — our model directory: ``config.json`` (model_type ``superlinear-lab-hybrid``) and
   ``model.safetensors`` (`superlinear_lab.model.load_model(path=...)`);
@@ -27,8 +28,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ModelFormat:
     name: str  # shown in errors and logs
-    model_type: str  # config.json's "model_type" that marks this format
+    detect: Callable[[Path, dict], bool]  # detect(directory, parsed config.json) -> this format?
     load: Callable  # load(path: Path, *, device, dtype, backend) -> model
+
+
+def _model_type_is(model_type: str) -> Callable[[Path, dict], bool]:
+    return lambda path, config: config.get("model_type") == model_type
 
 
 def _load_ours(path: Path, *, device, dtype, backend):
@@ -44,8 +49,8 @@ def _load_exp(path: Path, *, device, dtype, backend):
 
 
 FORMATS: list[ModelFormat] = [
-    ModelFormat("superlinear-lab", OUR_MODEL_TYPE, _load_ours),
-    ModelFormat("superlinear-exp", EXP_MODEL_TYPE, _load_exp),
+    ModelFormat("superlinear-lab", _model_type_is(OUR_MODEL_TYPE), _load_ours),
+    ModelFormat("superlinear-exp", _model_type_is(EXP_MODEL_TYPE), _load_exp),
 ]
 
 
@@ -72,15 +77,15 @@ def open_model(spec, *, device="cpu", dtype=None, backend: str = "auto"):
             raise ValueError(f"model {text!r}: directory has no config.json; expected one of "
                              f"{[f.name for f in FORMATS]} (a model directory or a checkpoint)")
         try:
-            model_type = read_json_lenient(config).get("model_type")
+            parsed = read_json_lenient(config)
         except CheckpointError as e:
             raise ValueError(f"model {text!r}: {e}") from None
         for fmt in FORMATS:
-            if model_type == fmt.model_type:
+            if fmt.detect(path, parsed):
                 log.info("opening %s as %s", path, fmt.name)
                 return fmt.load(path, device=device, dtype=dtype, backend=backend)
-        raise ValueError(f"model {text!r}: config.json has model_type={model_type!r}; expected one of "
-                         f"{[f.model_type for f in FORMATS]}")
+        raise ValueError(f"model {text!r}: config.json has model_type={parsed.get('model_type')!r}, which none of "
+                         f"the formats {[f.name for f in FORMATS]} reads")
     if path.exists():
         raise ValueError(f"model {text!r}: a file; expected a model directory or a shipped model name")
     if any(sep in text for sep in ("/", "\\")) or text.startswith((".", "~")):
