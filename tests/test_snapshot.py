@@ -96,7 +96,7 @@ def test_failed_save_leaves_nothing(model, tmp_path, monkeypatch):
         real(path, data)
 
     monkeypatch.setattr(snapshot_module, "_fsync_write", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(SnapshotError, match="disk full.*nothing was kept"):
         store.save(s)
     monkeypatch.setattr(snapshot_module, "_fsync_write", real)
     assert store.list() == [] and not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp")]
@@ -263,7 +263,8 @@ def _cases():
         ("session/current_pos", lambda c: c - 1, "cache.safetensors: header metadata"),
         ("session/current_pos", -1, r"session\.current_pos"), ("session/current_pos", 512, r"session\.current_pos"),
         ("session/current_pos", "64", r"session\.current_pos"), ("session/current_pos", 64.0, r"session\.current_pos"),
-        ("session/max_seq_len", 10 ** 9, "cache.safetensors: header metadata"),
+        ("session/max_seq_len", 10 ** 9, "exceeds max_len_limit"),
+        ("session/max_seq_len", 1000, "cache.safetensors: header metadata"),
         ("session/max_seq_len", 0, r"session\.max_seq_len"), ("session/max_seq_len", True, r"session\.max_seq_len"),
         ("session", {}, "session"), ("metadata", None, "metadata"), ("metadata/tags", "a", r"metadata\.tags"),
         ("metadata/tags", [1], r"metadata\.tags"), ("metadata/title", 5, r"metadata\.title"),

@@ -94,8 +94,8 @@ def check_transcript(messages, cursor: int, what: str = "transcript") -> list[di
         if not isinstance(msg, dict) or set(msg) != MESSAGE_KEYS:
             keys = sorted(map(str, msg)) if isinstance(msg, dict) else type(msg).__name__
             raise ValueError(f"{what}[{i}]: expected exactly the keys {sorted(MESSAGE_KEYS)}, got {keys}")
-        if not isinstance(msg["role"], str) or not isinstance(msg["content"], str):
-            raise ValueError(f"{what}[{i}]: 'role' and 'content' must be strings")
+        if not _is_text(msg["role"]) or not _is_text(msg["content"]):
+            raise ValueError(f"{what}[{i}]: 'role' and 'content' must be strings (valid unicode)")
         tokens = msg["tokens"]
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"{what}[{i}].tokens={tokens!r}: expected an int >= 0")
@@ -119,6 +119,17 @@ def _check_tensor(value, name: str, dtype: torch.dtype, shape: tuple) -> None:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_text(x) -> bool:
+    """A str that can be written as UTF-8 (no lone surrogates)."""
+    if not isinstance(x, str):
+        return False
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -252,6 +263,20 @@ class Session:
             transcript=tuple(copy.deepcopy(self.transcript)))
 
     @staticmethod
+    def state_layout(model: HybridLM, cursor: int) -> dict:
+        """(dtype, shape) of each `SessionState` tensor for `model` at `cursor` tokens: {"token_ids": …,
+        "keys": [… per attention layer], "values": [...], "conv_states": …, "ssm_states": …}. Allocates only a
+        one-position cache (to read the model's cache geometry)."""
+        probe = model.new_cache(1)
+
+        def kv(t):
+            return t.dtype, (1, t.shape[1], cursor, t.shape[3])
+        return {"token_ids": (torch.int64, (cursor,)), "keys": [kv(t) for t in probe.keys],
+                "values": [kv(t) for t in probe.values],
+                "conv_states": (probe.conv_states.dtype, tuple(probe.conv_states.shape)),
+                "ssm_states": (probe.ssm_states.dtype, tuple(probe.ssm_states.shape))}
+
+    @staticmethod
     def check_state(model: HybridLM, state: SessionState, max_len: int | None = None) -> int:
         """Validate `state` for `model` (and an allocation of `max_len` >= state.max_len); returns the allocation
         length. Raises ValueError naming the field, the value and what was expected. Allocates nothing large."""
@@ -272,15 +297,15 @@ class Session:
         vocab = model.cfg.vocab_size
         if cur and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
             raise ValueError(f"state.token_ids: values outside [0, {vocab})")
-        probe = model.new_cache(1)  # the cache geometry of this model, one position long
-        for kind, want in (("keys", probe.keys), ("values", probe.values)):
+        layout = Session.state_layout(model, cur)
+        for kind in ("keys", "values"):
             got = getattr(state, kind)
-            if not isinstance(got, (list, tuple)) or len(got) != len(want):
-                raise ValueError(f"state.{kind}: expected {len(want)} tensors (one per attention layer)")
-            for j, (t, w) in enumerate(zip(got, want)):
-                _check_tensor(t, f"state.{kind}[{j}]", w.dtype, (1, w.shape[1], cur, w.shape[3]))
-        _check_tensor(state.conv_states, "state.conv_states", probe.conv_states.dtype, probe.conv_states.shape)
-        _check_tensor(state.ssm_states, "state.ssm_states", probe.ssm_states.dtype, probe.ssm_states.shape)
+            if not isinstance(got, (list, tuple)) or len(got) != len(layout[kind]):
+                raise ValueError(f"state.{kind}: expected {len(layout[kind])} tensors (one per attention layer)")
+            for j, (t, (dtype, shape)) in enumerate(zip(got, layout[kind])):
+                _check_tensor(t, f"state.{kind}[{j}]", dtype, shape)
+        for kind in ("conv_states", "ssm_states"):
+            _check_tensor(getattr(state, kind), f"state.{kind}", *layout[kind])
         check_transcript(state.transcript, cur, "state.transcript")
         return n
 
