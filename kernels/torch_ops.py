@@ -27,7 +27,7 @@ import torch
 
 from .api import Prepared, SearchResult
 from .config import SpanConfig
-from .geometry import span_bounds, stripe_table
+from .geometry import span_bounds, stripe_table, window_bounds
 from .softmax import gate_weights, masked_attention, merge_with_window
 
 SEARCH_CHUNK_ELEMS = 16 * 1024 * 1024  # fp32 elements of gathered anchor keys per search chunk (64 MiB)
@@ -215,13 +215,9 @@ def superlinear_attention(q1, q2, k, v, cfg: SpanConfig, prep: Prepared):
     s = prep.row_start[:, None, None].expand(b, h_q, l_q)
     q2f = q2.float().reshape(-1, d)
 
-    w = cfg.window_len
-    if w > 0:
-        win_lo = torch.maximum((q - w + 1).clamp_min(0), s)
-        win_out, win_lse = range_attention(q2f, torch.arange(q2f.shape[0], device=dev), bb.reshape(-1),
-                                           hh.reshape(-1), win_lo.reshape(-1), q.reshape(-1), kf, vf, scale)
-    else:
-        win_out, win_lse = q2f.new_zeros(q2f.shape), q2f.new_full((q2f.shape[0],), float("-inf"))
+    win_lo, win_hi = window_bounds(cfg, q, s)  # -1 where empty (W = 0): range_attention gives 0, lse -inf
+    win_out, win_lse = range_attention(q2f, torch.arange(q2f.shape[0], device=dev), bb.reshape(-1), hh.reshape(-1),
+                                       win_lo.reshape(-1), win_hi.reshape(-1), kf, vf, scale)
 
     num = cfg.num_spans
     span_out, span_lse = range_attention(

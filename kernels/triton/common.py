@@ -19,7 +19,7 @@ from ..geometry import span_lengths, stripe_table
 # kernel runs compiled (CUDA) or in its CPU interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-MAX_SPANS = 4  # the search kernel keeps 4 register slots (SPEC §1.2: fast kernels support K <= 4)
+MAX_SPANS = 4  # SPEC §1.2: fast kernels support K <= 4 (the kernels take any K; this is the tested, tuned range)
 MAX_HEAD_DIM = 256  # SPEC §1.2: fast kernels support D <= 256
 TARGET_ROWS = 64  # rows per program in the window kernels
 MAX_HEAD_CHUNK = 64  # a KV group with more query heads is split into chunks of this many heads

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from ..softmax import INVALID_GATE_LOGIT
 from .common import block_d, dot_precision, next_pow2
+from .rules import window_lo
 
 DECODE_BLOCK_N = 32  # keys per loop trip (32 and 64 tie on random routing; 32 is ~10% faster on coherent)
 DECODE_WARPS = 4  # warps per program (8 where the row x D tile is larger than 64 x 128)
@@ -69,7 +70,7 @@ def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, sta
 
     pos = tl.load(pos_ptr).to(tl.int32)
     s = tl.load(start_ptr + b).to(tl.int32)
-    w_lo = tl.maximum(tl.maximum(pos - W + 1, s), 0)
+    w_lo = window_lo(pos, s, W)
     w_hi = tl.where(W > 0, pos, w_lo - 1)  # empty window when W = 0
     c0 = c * CHUNK
     c1 = tl.minimum(c0 + CHUNK, pos + 1)
@@ -153,7 +154,7 @@ def _decode_merge_kernel(pm_ptr, pl_ptr, pacc_ptr, qstart_ptr, qend_ptr, values_
     n_span = tl.where(has_span, qe // CHUNK - s_first + 1, 0)
     pos = tl.load(pos_ptr).to(tl.int32)
     s = tl.load(start_ptr + b).to(tl.int32)
-    w_lo = tl.maximum(tl.maximum(pos - W + 1, s), 0)
+    w_lo = window_lo(pos, s, W)
     has_win = (W > 0) & (w_lo <= pos)
     w_first = tl.where(has_span, tl.maximum(w_lo // CHUNK, qe // CHUNK + 1), w_lo // CHUNK)
     n_win = tl.where(has_win & smask, tl.maximum(pos // CHUNK - w_first + 1, 0), 0)

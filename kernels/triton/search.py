@@ -6,8 +6,9 @@ queries x the group's heads as one [BQ, GH, D] tile. Each loop trip takes SC str
 gather of the BQ x SC anchor rows of K (each loaded once and shared by every head of the group), then
 a batched tl.dot [BQ: GH x D]·[BQ: D x SC] with fp32 accumulation. The loop bound is the block's own
 max M(q + 1), loaded from a device tensor: cost follows the current position (Decision D3), no
-recompile per length. Stripes are scanned from the largest index (earliest anchor) down, and a score
-enters the top-K only when strictly greater: on ties the earlier position wins (SPEC §2.3).
+recompile per length. The top-K is a [BQ, GH, KP] register tile (KP = K padded to a power of two, any
+K): each trip merges its scores into it by K rounds of "highest score, then earliest anchor" (SPEC §2.3).
+The Triton backend limits K to `common.MAX_SPANS` (SPEC §1.2); the code itself has no fixed K.
 """
 from __future__ import annotations
 
@@ -16,43 +17,50 @@ import triton
 import triton.language as tl
 
 from .common import block_d, dot_precision, max_stripes, next_pow2
+from .rules import window_lo
 
 
 @triton.jit
-def _insert(score, anchor, v0, v1, v2, v3, a0, a1, a2, a3):
-    """Insert (score, anchor) into the sorted slots v0 >= v1 >= v2 >= v3 on a strictly greater score."""
-    gt0 = score > v0
-    gt1 = score > v1
-    gt2 = score > v2
-    gt3 = score > v3
-    v3n = tl.where(gt2, v2, tl.where(gt3, score, v3))
-    a3n = tl.where(gt2, a2, tl.where(gt3, anchor, a3))
-    v2n = tl.where(gt1, v1, tl.where(gt2, score, v2))
-    a2n = tl.where(gt1, a1, tl.where(gt2, anchor, a2))
-    v1n = tl.where(gt0, v0, tl.where(gt1, score, v1))
-    a1n = tl.where(gt0, a0, tl.where(gt1, anchor, a1))
-    v0n = tl.where(gt0, score, v0)
-    a0n = tl.where(gt0, anchor, a0)
-    return v0n, v1n, v2n, v3n, a0n, a1n, a2n, a3n
+def _merge_top(top_v, top_a, score, anchor, slot, NUM_SPANS: tl.constexpr, AXIS: tl.constexpr):
+    """The best NUM_SPANS of (current slots, new candidates): score descending, then anchor ascending.
+
+    top_v/top_a [..., KP] hold the slots along the last axis AXIS (KP = NUM_SPANS padded to a power of two;
+    slot = arange(KP) broadcast to that shape; unused slots are -inf / -1); score/anchor [..., C] are the
+    new candidates (-inf where not a candidate). Anchors are distinct positions, so "earliest anchor among
+    equal scores" is the tie rule (SPEC §2.3) whatever order the candidates came in. Returns (top_v, top_a).
+    """
+    new_v = tl.full(top_v.shape, float("-inf"), tl.float32)
+    new_a = tl.full(top_a.shape, -1, tl.int64)
+    for r in tl.static_range(NUM_SPANS):
+        best = tl.maximum(tl.max(score, axis=AXIS), tl.max(top_v, axis=AXIS))
+        best_x = tl.expand_dims(best, AXIS)
+        pick = tl.minimum(tl.min(tl.where(score == best_x, anchor, 1 << 62), axis=AXIS),
+                          tl.min(tl.where(top_v == best_x, top_a, 1 << 62), axis=AXIS))
+        pick_x = tl.expand_dims(tl.where(best > float("-inf"), pick, -1), AXIS)
+        new_v = tl.where(slot == r, best_x, new_v)
+        new_a = tl.where(slot == r, pick_x, new_a)
+        score = tl.where(anchor == pick_x, float("-inf"), score)
+        top_v = tl.where(top_a == pick_x, float("-inf"), top_v)
+    return new_v, new_a
 
 
 @triton.jit
-def _store_slot(slot, value, anchor, pos, s, t, blen_ptr, flen_ptr, base, ok, L_KV, W,
-                qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS: tl.constexpr):
-    """Write slot `slot` of each row: span bounds of SPEC §1.7 from the B(t)/Fw(t) tables."""
-    valid = anchor >= 0
+def _store_slots(top_v, top_a, pos, s, t, blen_ptr, flen_ptr, off, ok, L_KV, W,
+                 qstart_ptr, qanchor_ptr, qend_ptr, values_ptr):
+    """Write the slots (all arguments broadcast to the slots' shape; `off` = row * NUM_SPANS + slot, `ok`
+    false on padding slots): span bounds of SPEC §1.7 from the B(t)/Fw(t) tables."""
+    valid = top_a >= 0
     back = tl.load(blen_ptr + t, mask=ok & valid, other=0)
     fwd = tl.load(flen_ptr + t, mask=ok & valid, other=0)
-    qs = tl.maximum(tl.maximum(anchor - back, s), 0)
-    qe = tl.minimum(tl.minimum(anchor + fwd, pos), L_KV - 1)
-    qe = tl.where(W > 0, tl.minimum(qe, tl.maximum(pos - W + 1, 0) - 1), qe)
+    qs = tl.maximum(tl.maximum(top_a - back, s), 0)
+    qe = tl.minimum(tl.minimum(top_a + fwd, pos), L_KV - 1)
+    qe = tl.where(W > 0, tl.minimum(qe, window_lo(pos, 0, W) - 1), qe)
     qs = tl.where(valid, qs, -1)
     qe = tl.where(valid, qe, -1)
-    off = base * NUM_SPANS + slot
     tl.store(qstart_ptr + off, qs.to(tl.int32), mask=ok)
-    tl.store(qanchor_ptr + off, anchor.to(tl.int32), mask=ok)
+    tl.store(qanchor_ptr + off, top_a.to(tl.int32), mask=ok)
     tl.store(qend_ptr + off, qe.to(tl.int32), mask=ok)
-    tl.store(values_ptr + off, value, mask=ok)
+    tl.store(values_ptr + off, top_v, mask=ok)
 
 
 @triton.jit
@@ -60,8 +68,8 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
                    qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, part_v_ptr, part_a_ptr,
                    sk_b, sk_h, sk_l,
                    H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, SIGMA, W, SPLIT, N_SPLIT, I_MAX,
-                   NUM_SPANS: tl.constexpr, GH: tl.constexpr, BQ: tl.constexpr, SC: tl.constexpr,
-                   BLOCK_D: tl.constexpr, IS_SPLIT: tl.constexpr, FIXED_TOP: tl.constexpr,
+                   NUM_SPANS: tl.constexpr, KP: tl.constexpr, GH: tl.constexpr, BQ: tl.constexpr,
+                   SC: tl.constexpr, BLOCK_D: tl.constexpr, IS_SPLIT: tl.constexpr, FIXED_TOP: tl.constexpr,
                    PRECISION: tl.constexpr):
     pid_q = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -90,10 +98,9 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
     k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
     col = tl.arange(0, SC)
 
-    neg = tl.full([BQ, GH], float("-inf"), tl.float32)
-    none = tl.full([BQ, GH], -1, tl.int64)
-    v0, v1, v2, v3 = neg, neg, neg, neg
-    a0, a1, a2, a3 = none, none, none, none
+    slot = tl.arange(0, KP)[None, None, :]  # [1, 1, KP]
+    top_v = tl.full([BQ, GH, KP], float("-inf"), tl.float32)
+    top_a = tl.full([BQ, GH, KP], -1, tl.int64)
     i_hi = tl.minimum(i_top, SIGMA + (pid_s + 1) * SPLIT)
     n = i_hi - SIGMA - pid_s * SPLIT
     for j0 in range(0, n, SC):
@@ -107,54 +114,27 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
         score = tl.dot(q, kt, input_precision=PRECISION)  # [BQ, GH, SC], fp32 accumulation, no 1/sqrt(D)
         score = tl.where(cand[:, None, :], score, float("-inf"))
         anchor3 = tl.broadcast_to(anchor[:, None, :], [BQ, GH, SC])
-        # Feed the trip's best NUM_SPANS into the slots, best first and, among equal scores, earliest
-        # first; the slots already hold earlier anchors, and _insert needs a strictly greater score.
-        for _r in tl.static_range(NUM_SPANS):
-            best = tl.max(score, axis=2)
-            pick = tl.min(tl.where(score == best[:, :, None], anchor3, 1 << 62), axis=2)
-            v0, v1, v2, v3, a0, a1, a2, a3 = _insert(best, pick, v0, v1, v2, v3, a0, a1, a2, a3)
-            score = tl.where(anchor3 == pick[:, :, None], float("-inf"), score)
+        top_v, top_a = _merge_top(top_v, top_a, score, anchor3, slot, NUM_SPANS, 2)
 
+    in_k = ok[:, :, None] & (slot < NUM_SPANS)
     if IS_SPLIT:
         # Partial top-K of this run of stripes; _search_merge_kernel picks the final top-K.
-        part = (base * N_SPLIT + pid_s) * 4
-        tl.store(part_v_ptr + part, v0, mask=ok)
-        tl.store(part_v_ptr + part + 1, v1, mask=ok)
-        tl.store(part_v_ptr + part + 2, v2, mask=ok)
-        tl.store(part_v_ptr + part + 3, v3, mask=ok)
-        tl.store(part_a_ptr + part, a0, mask=ok)
-        tl.store(part_a_ptr + part + 1, a1, mask=ok)
-        tl.store(part_a_ptr + part + 2, a2, mask=ok)
-        tl.store(part_a_ptr + part + 3, a3, mask=ok)
+        part = (base[:, :, None] * N_SPLIT + pid_s) * NUM_SPANS + slot
+        tl.store(part_v_ptr + part, top_v, mask=in_k)
+        tl.store(part_a_ptr + part, top_a, mask=in_k)
     else:
-        pos2 = tl.broadcast_to(pos[:, None], [BQ, GH])
-        t2 = tl.maximum(pos2 + 1 - s, 0)
-        _store_all(v0, v1, v2, v3, a0, a1, a2, a3, pos2, s, t2, blen_ptr, flen_ptr, base, ok, L_KV, W,
-                   qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS)
-
-
-@triton.jit
-def _store_all(v0, v1, v2, v3, a0, a1, a2, a3, pos, s, t, blen_ptr, flen_ptr, base, ok, L_KV, W,
-               qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS: tl.constexpr):
-    _store_slot(0, v0, a0, pos, s, t, blen_ptr, flen_ptr, base, ok, L_KV, W,
-                qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS)
-    if NUM_SPANS > 1:
-        _store_slot(1, v1, a1, pos, s, t, blen_ptr, flen_ptr, base, ok, L_KV, W,
-                    qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS)
-    if NUM_SPANS > 2:
-        _store_slot(2, v2, a2, pos, s, t, blen_ptr, flen_ptr, base, ok, L_KV, W,
-                    qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS)
-    if NUM_SPANS > 3:
-        _store_slot(3, v3, a3, pos, s, t, blen_ptr, flen_ptr, base, ok, L_KV, W,
-                    qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS)
+        pos3 = tl.broadcast_to(pos[:, None, None], [BQ, GH, KP])
+        t3 = tl.maximum(pos3 + 1 - s, 0)
+        _store_slots(top_v, top_a, pos3, s, t3, blen_ptr, flen_ptr, base[:, :, None] * NUM_SPANS + slot, in_k,
+                     L_KV, W, qstart_ptr, qanchor_ptr, qend_ptr, values_ptr)
 
 
 @triton.jit
 def _search_merge_kernel(part_v_ptr, part_a_ptr, pos_ptr, start_ptr, blen_ptr, flen_ptr,
                          qstart_ptr, qanchor_ptr, qend_ptr, values_ptr,
                          H_Q, L_Q, L_KV, W, N_ROWS, N_PART,
-                         NUM_SPANS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Final top-K over the partial top-4 lists of all stripe runs: score descending, then anchor
+                         NUM_SPANS: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Final top-K over the partial top-K lists of all stripe runs: score descending, then anchor
     ascending (the tie rule; anchors of different stripes are distinct, so the order is total)."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     ok = rows < N_ROWS
@@ -167,30 +147,15 @@ def _search_merge_kernel(part_v_ptr, part_a_ptr, pos_ptr, start_ptr, blen_ptr, f
     b = rows // (H_Q * L_Q)
     pos = tl.load(pos_ptr + qi, mask=ok, other=0)
     s = tl.load(start_ptr + b, mask=ok, other=0)
-    t = tl.maximum(pos + 1 - s, 0)
-    big = 1 << 62
-    v0, v1, v2, v3, a0, a1, a2, a3 = _select(vals, anch, big)
-    _store_all(v0, v1, v2, v3, a0, a1, a2, a3, pos, s, t, blen_ptr, flen_ptr, rows, ok, L_KV, W,
-               qstart_ptr, qanchor_ptr, qend_ptr, values_ptr, NUM_SPANS)
-
-
-@triton.jit
-def _pick(vals, anch, big):
-    top = tl.max(vals, axis=1)
-    found = top > float("-inf")
-    anchor = tl.min(tl.where((vals == top[:, None]) & (anch >= 0), anch, big), axis=1)
-    anchor = tl.where(found, anchor, -1)
-    vals = tl.where(anch == anchor[:, None], float("-inf"), vals)
-    return top, anchor, vals
-
-
-@triton.jit
-def _select(vals, anch, big):
-    v0, a0, vals = _pick(vals, anch, big)
-    v1, a1, vals = _pick(vals, anch, big)
-    v2, a2, vals = _pick(vals, anch, big)
-    v3, a3, vals = _pick(vals, anch, big)
-    return v0, v1, v2, v3, a0, a1, a2, a3
+    slot = tl.arange(0, KP)[None, :]
+    top_v = tl.full([BLOCK_R, KP], float("-inf"), tl.float32)
+    top_a = tl.full([BLOCK_R, KP], -1, tl.int64)
+    top_v, top_a = _merge_top(top_v, top_a, vals, anch, slot, NUM_SPANS, 1)
+    pos2 = tl.broadcast_to(pos[:, None], [BLOCK_R, KP])
+    s2 = tl.broadcast_to(s[:, None], [BLOCK_R, KP])
+    _store_slots(top_v, top_a, pos2, s2, tl.maximum(pos2 + 1 - s2, 0), blen_ptr, flen_ptr,
+                 rows[:, None] * NUM_SPANS + slot, ok[:, None] & (slot < NUM_SPANS), L_KV, W,
+                 qstart_ptr, qanchor_ptr, qend_ptr, values_ptr)
 
 
 SEARCH_STRIPES = 16  # stripes per loop trip (the N of the batched tl.dot)
@@ -206,7 +171,7 @@ def search_layout(group: int, l_q: int, d: int, itemsize: int) -> tuple[int, int
 
 
 # Decode (L_Q = 1) has one program per KV head: it splits the stripe list into about DECODE_RUNS runs of
-# at least DECODE_SPLIT stripes, one program each, and merges their partial top-4 lists (SPEC §2.7,
+# at least DECODE_SPLIT stripes, one program each, and merges their partial top-K lists (SPEC §2.7,
 # steps 3-4). Few runs keep the merge small; a run of up to DECODE_STRIPES stripes is one gather.
 DECODE_SPLIT = 16
 DECODE_RUNS = 32
@@ -244,8 +209,8 @@ def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, r
     stripes_per_trip = min(DECODE_STRIPES, max(SEARCH_STRIPES, next_pow2(run))) if l_q == 1 else SEARCH_STRIPES
     n_rows = b * h_q * l_q
     if split:
-        part_v = torch.empty(n_rows * n_split * 4, dtype=torch.float32, device=dev)
-        part_a = torch.empty(n_rows * n_split * 4, dtype=torch.int64, device=dev)
+        part_v = torch.empty(n_rows * n_split * num_spans, dtype=torch.float32, device=dev)
+        part_a = torch.empty(n_rows * n_split * num_spans, dtype=torch.int64, device=dev)
     else:
         part_v, part_a = values, qanchor  # unused
     grid = (triton.cdiv(l_q, bq), b * h_kv * n_chunks, n_split)
@@ -257,14 +222,15 @@ def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, r
         qstart, qanchor, qend, values, part_v, part_a,
         k.stride(0), k.stride(1), k.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, n_chunks, sw_index, window, run, n_split, offsets.numel() - 2,
-        NUM_SPANS=num_spans, GH=gh, BQ=bq, SC=stripes_per_trip, BLOCK_D=block_d(d), IS_SPLIT=split,
+        NUM_SPANS=num_spans, KP=next_pow2(num_spans), GH=gh, BQ=bq, SC=stripes_per_trip, BLOCK_D=block_d(d), IS_SPLIT=split,
         FIXED_TOP=l_q == 1, PRECISION=dot_precision(q1.dtype), num_warps=4)
     if split:
         block_r = 4
         _search_merge_kernel[(triton.cdiv(n_rows, block_r),)](
             part_v, part_a, positions, row_start, backward, forward, qstart, qanchor, qend, values,
-            h_q, l_q, l_kv, window, n_rows, n_split * 4,
-            NUM_SPANS=num_spans, BLOCK_R=block_r, BLOCK_C=max(16, next_pow2(n_split * 4)), num_warps=4)
+            h_q, l_q, l_kv, window, n_rows, n_split * num_spans,
+            NUM_SPANS=num_spans, KP=next_pow2(num_spans), BLOCK_R=block_r,
+            BLOCK_C=max(16, next_pow2(n_split * num_spans)), num_warps=4)
     return qstart, qanchor, qend, values
 
 

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import block_d, dot_precision, head_rows
+from .rules import window_lo
 
 
 @triton.jit
@@ -41,7 +42,7 @@ def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, out_ptr, lse_ptr
     b, hkv, qi, ok, base = _rows(tl.program_id(0), tl.program_id(1), N_CHUNKS, H_Q, H_KV, L_Q, G, GH, BQ)
     pos = tl.load(pos_ptr + qi, mask=ok, other=0)
     s = tl.load(start_ptr + b)
-    lo_row = tl.maximum(tl.maximum(pos - W + 1, s), 0)
+    lo_row = window_lo(pos, s, W)
     lo = tl.min(tl.where(ok, lo_row, 1 << 62), axis=0)
     hi = tl.max(tl.where(ok, pos, -1), axis=0)
     lo = (lo // BLOCK_N) * BLOCK_N
@@ -118,7 +119,7 @@ def _window_bwd_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, do_ptr, lse_ptr,
     b, hkv, qi, ok, base = _rows(tl.program_id(0), tl.program_id(1), N_CHUNKS, H_Q, H_KV, L_Q, G, GH, BQ)
     pos = tl.load(pos_ptr + qi, mask=ok, other=0)
     s = tl.load(start_ptr + b)
-    lo_row = tl.maximum(tl.maximum(pos - W + 1, s), 0)
+    lo_row = window_lo(pos, s, W)
     lo = tl.min(tl.where(ok, lo_row, 1 << 62), axis=0)
     hi = tl.max(tl.where(ok, pos, -1), axis=0)
     lo = (lo // BLOCK_N) * BLOCK_N
