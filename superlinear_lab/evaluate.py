@@ -5,14 +5,14 @@ routing recall, as JSON plus a heatmap figure.
   query equals the answer token. That is exactly "greedy decoding reproduces the answer" (each greedy step sees
   the correct prefix iff all earlier steps were right), at the cost of one forward.
 * **Routing recall** — for every (query, evidence range) pair an example declares (`Example.needs`), per attention
-  layer and query head: is every evidence token inside one of the head's chosen spans or its window?
+  layer and query head: does one branch (a chosen span together with the window) hold every evidence token?
   ``recall_any`` counts a pair as reached when at least one (layer, head) reached it; ``per_head`` gives each
   head's own rate, ``best_head`` the best of those.
 
-CLI::
+CLI (also ``python -m superlinear_lab.evaluate``)::
 
-    python -m superlinear_lab.evaluate --lengths 1024 2048 --depths 0 0.25 0.5 0.75 1 --seeds 4 --out eval/
-    python -m superlinear_lab.evaluate --device cuda --lengths 4096 8192 16384 32768 --out eval/   # GPU
+    superlinear-lab evaluate --lengths 1024 2048 --depths 0 0.25 0.5 0.75 1 --seeds 4 --out eval/
+    superlinear-lab evaluate --device cuda --lengths 4096 8192 16384 32768 --out eval/   # GPU
 
 writes ``eval.json`` and ``niah_heatmap.html`` (plus ``.png`` when kaleido is installed; plotly is imported only
 for the figure, so the JSON is written where plotly is absent).
@@ -20,40 +20,28 @@ for the figure, so the JSON is written where plotly is absent).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import logging
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import data as D
+from .trace import capture_routing, evidence_reach, window_bounds
+
+__all__ = ["capture_routing", "evidence_pairs", "reached", "answer_correct", "run_examples", "summarize", "niah_grid",
+           "task_suite", "evaluate", "heatmap", "format_table", "compare_backends", "set_search_power", "main"]
+log = logging.getLogger(__name__)
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 # --------------------------------------------------------------------------- routing capture and recall
-@contextlib.contextmanager
-def capture_routing(model):
-    """Record every attention layer's routing of the next forward(s) through the model's recorder protocol.
-
-    Yields a dict {layer index: (positions [L], SearchResult [B, H_Q, L, K], q1, k)} (the latest call per layer);
-    recorders are always removed on exit. The model computes the same outputs with or without them.
-    """
-    records: dict[int, tuple] = {}
-    hooks = []
-    for index, layer in model.routing_layers():
-        def record(positions, routing, q1, k, index=index):
-            records[index] = (positions, routing, q1, k)
-        layer.routing_recorders.append(record)
-        hooks.append((layer, record))
-    try:
-        yield records
-    finally:
-        for layer, record in hooks:
-            layer.routing_recorders.remove(record)
+# Routing capture and the reach rule live in `superlinear_lab.trace` (one place); `capture_routing` is re-exported
+# here for the training loop.
 
 
 def evidence_pairs(examples: list[D.Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,24 +61,22 @@ def evidence_pairs(examples: list[D.Example]) -> tuple[torch.Tensor, torch.Tenso
     return as_t(rows), as_t(queries), as_t(starts), as_t(ends)
 
 
-def reached(routing, window_len: int, row, query, ev_start, ev_end) -> torch.Tensor:
-    """bool [P, H_Q]: is every key of evidence range p inside the window or one chosen span of each head?
+def reached(routing, window, row, query, ev_start, ev_end) -> torch.Tensor:
+    """bool [P, H_Q]: does one branch of each head (a chosen span together with the window) hold every key of
+    evidence range p? — `superlinear_lab.trace.evidence_reach`, the package's one reach rule.
 
     Args:
         routing: a `SearchResult` with qstart/qend [B, H_Q, L, K] for queries at positions 0 … L-1.
-        window_len: W of the layer's `SpanConfig`.
+        window: the layer's `SpanConfig`.
         row, query, ev_start, ev_end: int64 [P] from `evidence_pairs` (ranges end-exclusive).
     """
     dev = routing.qstart.device
     row, query, ev_start, ev_end = (t.to(dev) for t in (row, query, ev_start, ev_end))
-    qs = routing.qstart[row, :, query].long()  # [P, H, K]
-    qe = routing.qend[row, :, query].long()
-    inside_span = (qs >= 0) & (qs <= ev_start[:, None, None]) & (qe >= (ev_end - 1)[:, None, None])  # [P, H, K]
-    hit = inside_span.any(dim=-1)
-    if window_len > 0:
-        in_window = ev_start >= (query - window_len + 1)  # the range ends before the query (causal)
-        hit = hit | in_window[:, None]
-    return hit
+    qs = routing.qstart[row, :, query]  # [P, H, K]
+    qe = routing.qend[row, :, query]
+    bounds = window_bounds(window, query)[:, None, :]  # [P, 1, 2]
+    per_branch, _ = evidence_reach(qs, qe, bounds, ev_start[:, None], (ev_end - 1)[:, None])
+    return (per_branch == (ev_end - ev_start)[:, None, None]).any(dim=-1)
 
 
 def answer_correct(logits: torch.Tensor, examples: list[D.Example]) -> list[bool]:
@@ -109,7 +95,7 @@ def run_examples(model, examples: list[D.Example], batch_size: int = 1) -> list[
     correct, pairs, hit_any [pairs], hit [layers][heads] counts."""
     results = []
     device = model.device
-    window = {i: layer.span_config.window_len for i, layer in model.routing_layers()}
+    window = {i: layer.span_config for i, layer in model.routing_layers()}
     for b0 in range(0, len(examples), batch_size):
         chunk = examples[b0:b0 + batch_size]
         if len({ex.length for ex in chunk}) != 1:
@@ -160,8 +146,8 @@ def niah_grid(model, lengths, depths=DEFAULT_DEPTHS, seeds: int = 4, task: str =
     (split "eval"; the reported tables use offset 0, settings were chosen on offset 10000)."""
     layers = [i for i, _ in model.routing_layers()]
     cells, all_results = [], []
-    total = len(lengths) * len(depths)
-    for n, length in enumerate(lengths):
+    bar = tqdm(total=len(lengths) * len(depths), desc=task, unit="cell", disable=not progress)
+    for length in lengths:
         for depth in depths:
             t0 = time.time()
             exs = [D.make_example(task, length, seed_offset + s, "eval", depth=depth) for s in range(seeds)]
@@ -169,9 +155,11 @@ def niah_grid(model, lengths, depths=DEFAULT_DEPTHS, seeds: int = 4, task: str =
             all_results += res
             cell = {"length": length, "depth": depth, **summarize(res, layers), "seconds": round(time.time() - t0, 2)}
             cells.append(cell)
-            if progress:
-                print(f"[{len(cells)}/{total}] {task} L={length} depth={depth}: acc {cell['accuracy']:.2f} "
-                      f"recall {cell['recall_any']:.3f} ({cell['seconds']}s)", file=sys.stderr, flush=True)
+            bar.set_postfix(L=length, depth=depth, acc=f"{cell['accuracy']:.2f}", recall=f"{cell['recall_any']:.3f}")
+            bar.update()
+            log.info("%s L=%d depth=%s: acc %.2f recall %.3f (%ss)", task, length, depth, cell["accuracy"],
+                     cell["recall_any"], cell["seconds"])
+    bar.close()
     by_length = {}
     for length in lengths:
         res = [r for r in all_results if r["length"] == length]
@@ -181,15 +169,16 @@ def niah_grid(model, lengths, depths=DEFAULT_DEPTHS, seeds: int = 4, task: str =
             "by_length": by_length}
 
 
-def task_suite(model, task: str, lengths, seeds: int = 8, batch_size: int = 1, seed_offset: int = 0) -> dict:
+def task_suite(model, task: str, lengths, seeds: int = 8, batch_size: int = 1, seed_offset: int = 0,
+               progress: bool = True) -> dict:
     """One of multi_key / multi_value / multi_hop / passkey per length on held-out seeds."""
     layers = [i for i, _ in model.routing_layers()]
     out = {}
-    for length in lengths:
+    for length in tqdm(lengths, desc=task, unit="length", disable=not progress):
         exs = [D.make_example(task, length, seed_offset + s, "eval") for s in range(seeds)]
         out[str(length)] = summarize(run_examples(model, exs, batch_size), layers)
-        print(f"{task} L={length}: acc {out[str(length)]['accuracy']:.2f} "
-              f"recall {out[str(length)]['recall_any']:.3f}", file=sys.stderr, flush=True)
+        log.info("%s L=%d: acc %.2f recall %.3f", task, length, out[str(length)]["accuracy"],
+                 out[str(length)]["recall_any"])
     return {"task": task, "seeds": seeds, "seed_offset": seed_offset, "by_length": out}
 
 
@@ -267,21 +256,22 @@ def heatmap(grid: dict, path, title: str = "NIAH") -> list[Path]:
 
 def evaluate(model, lengths, depths=DEFAULT_DEPTHS, seeds: int = 4, suite_seeds: int = 8,
              suites=("multi_key", "multi_value", "multi_hop"), batch_size: int = 1, on_part=None,
-             seed_offset: int = 0) -> dict:
+             seed_offset: int = 0, progress: bool = True) -> dict:
     """The full evaluation: NIAH grid plus the other suites at the same lengths. `on_part(report)` is called
     after each part (to save partial results of a long run)."""
     t0 = time.time()
-    report = {"niah": niah_grid(model, lengths, depths, seeds, batch_size=batch_size, seed_offset=seed_offset)}
+    report = {"niah": niah_grid(model, lengths, depths, seeds, batch_size=batch_size, progress=progress,
+                                seed_offset=seed_offset)}
     for task in suites:
         if on_part:
             on_part(report)
-        report[task] = task_suite(model, task, lengths, suite_seeds, batch_size, seed_offset)
+        report[task] = task_suite(model, task, lengths, suite_seeds, batch_size, seed_offset, progress)
     report["seconds"] = round(time.time() - t0, 1)
     return report
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m superlinear_lab.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="superlinear-lab evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="model name (data/models/<name>) or a directory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -320,7 +310,7 @@ def main(argv=None) -> int:
     if args.compare:
         exs = [D.niah(args.compare_length, d, 900 + i, "eval") for i, d in enumerate((0.1, 0.9))]
         check = compare_backends(model, exs, args.compare)
-        print(json.dumps(check), file=sys.stderr, flush=True)
+        log.info("backend check: %s", json.dumps(check))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     setup = {"model": model.model_id, "source": model.source.get("name"), "device": args.device,
@@ -336,7 +326,7 @@ def main(argv=None) -> int:
         try:
             heatmap(report["niah"], out / "niah_heatmap", title=f"NIAH — {model.model_id}")
         except ImportError:
-            print("plotly not installed: figure skipped (eval.json written)", file=sys.stderr)
+            log.warning("plotly not installed: figure skipped (eval.json written)")
     print(format_table(report))
     return 0
 

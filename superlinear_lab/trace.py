@@ -58,6 +58,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from superlinear_kernels import SearchResult, SpanConfig, StripeScores, stripe_scores
+from superlinear_kernels.geometry import window_bounds as kernel_window_bounds
 
 FORMAT = "superlinear-lab.routing-trace"
 SCHEMA_VERSION = 1
@@ -76,15 +77,62 @@ def _gate(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return gate_weights(values, valid)
 
 
-def window_bounds(cfg: SpanConfig, queries: torch.Tensor, row_start: int = 0) -> torch.Tensor:
-    """int64 [L, 2]: inclusive sliding-window bounds [max(q - W + 1, s, 0), q] (SPEC §1.5); (-1, -1) if empty."""
-    q = queries.to(torch.int64)
-    w = cfg.window_len
-    lo = torch.clamp(q - w + 1, min=max(row_start, 0))
-    empty = (q < lo) | (w == 0)
-    lo = torch.where(empty, torch.full_like(q, -1), lo)
-    hi = torch.where(empty, torch.full_like(q, -1), q)
+def window_bounds(cfg: SpanConfig, queries, row_start: int = 0) -> torch.Tensor:
+    """int64 [L, 2]: inclusive sliding-window bounds (lo, hi) of query positions `queries` int [L] (SPEC §1.5),
+    (-1, -1) where the window is empty — `superlinear_kernels.geometry.window_bounds` stacked as trace rows."""
+    lo, hi = kernel_window_bounds(cfg, torch.as_tensor(queries, dtype=torch.int64), row_start)
     return torch.stack([lo, hi], dim=-1)
+
+
+# --------------------------------------------------------------------------- "was this key reached": the one rule
+def _clip(lo: torch.Tensor, hi: torch.Tensor, ev_lo: torch.Tensor, ev_hi: torch.Tensor):
+    """Intersect inclusive intervals [lo, hi] (-1 = none) with [ev_lo, ev_hi]; empty ones become (0, -1)."""
+    a = torch.maximum(lo, ev_lo)
+    b = torch.minimum(hi, ev_hi)
+    empty = (lo < 0) | (hi < 0) | (b < a)
+    return torch.where(empty, torch.zeros_like(a), a), torch.where(empty, torch.full_like(b, -1), b)
+
+
+def evidence_reach(qstart: torch.Tensor, qend: torch.Tensor, window: torch.Tensor, ev_start, ev_end
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many keys of the evidence range [ev_start, ev_end] (inclusive) each branch attends — THE reach rule.
+
+    A query's branch k attends the keys of its span [qstart_k, qend_k] together with its sliding window
+    (SPEC §3.3); a key is *reached* when some branch attends it. Every "was it reached" question in the package
+    (trace helpers, evaluation recall, the missed-span debugger, reports) is answered from this function.
+
+    Args:
+        qstart, qend: int [..., K] chosen span bounds, -1 in invalid slots.
+        window: int [..., 2] inclusive window bounds (lo, hi), (-1, -1) when empty; broadcast against [...].
+        ev_start, ev_end: int [...] (or scalars), inclusive evidence bounds.
+
+    Returns:
+        (per_branch int64 [..., K]: evidence keys inside span k ∪ window (0 for invalid slots whose window misses
+        the evidence too — an invalid slot is a window-only branch), reached int64 [...]: evidence keys inside
+        the union of the window and every chosen span).
+    """
+    qs, qe = qstart.to(torch.int64), qend.to(torch.int64)
+    lead = torch.broadcast_shapes(qs.shape[:-1], window.shape[:-1], torch.as_tensor(ev_start).shape,
+                                  torch.as_tensor(ev_end).shape)
+    qs, qe = qs.expand(*lead, qs.shape[-1]), qe.expand(*lead, qe.shape[-1])
+    win = torch.as_tensor(window, dtype=torch.int64).expand(*lead, 2)
+    es = torch.as_tensor(ev_start, dtype=torch.int64).expand(lead)[..., None]
+    ee = torch.as_tensor(ev_end, dtype=torch.int64).expand(lead)[..., None]
+    s_lo, s_hi = _clip(qs, qe, es, ee)  # [..., K]
+    w_lo, w_hi = _clip(win[..., :1], win[..., 1:], es, ee)  # [..., 1]
+    span_n = (s_hi - s_lo + 1).clamp_min(0)
+    win_n = (w_hi - w_lo + 1).clamp_min(0)
+    both = (torch.minimum(s_hi, w_hi) - torch.maximum(s_lo, w_lo) + 1).clamp_min(0)
+    per_branch = span_n + win_n - both
+    # Union of the K spans and the window: sort the clipped intervals by start and count each one's keys beyond
+    # the furthest end seen so far (a sweep with a running maximum).
+    lo = torch.cat([s_lo, w_lo], dim=-1)
+    hi = torch.cat([s_hi, w_hi], dim=-1)
+    order = torch.argsort(lo, dim=-1, stable=True)
+    lo, hi = lo.gather(-1, order), hi.gather(-1, order)
+    seen = torch.cat([torch.full_like(hi[..., :1], -1), torch.cummax(hi, dim=-1).values[..., :-1]], dim=-1)
+    fresh = (hi - torch.maximum(lo, seen + 1) + 1).clamp_min(0)
+    return per_branch, fresh.sum(dim=-1)
 
 
 @dataclass(frozen=True)
@@ -156,7 +204,8 @@ class RoutingTrace:
     """Routing of every recorded attention layer, head and query of one token row (see module docstring)."""
 
     def __init__(self, records: dict[int, LayerRouting], length: int, row_start: int = 0,
-                 token_ids: torch.Tensor | None = None, tokens: list[str] | None = None):
+                 token_ids: torch.Tensor | None = None, tokens: list[str] | None = None, *,
+                 overrides: list[dict] | None = None, model: str | None = None):
         indices = sorted(records)
         queries = records[indices[0]].queries if indices else torch.zeros(0, dtype=torch.int64)
         for i in indices:
@@ -174,6 +223,8 @@ class RoutingTrace:
         self.queries = queries
         self.token_ids = token_ids
         self.tokens = tokens
+        self.overrides = list(overrides or [])  # routing interventions active while recording (`intervene`)
+        self.model = model  # which model and weights produced it (`describe_model`), None if unknown
 
     # ------------------------------------------------------------------ access
     @property
@@ -210,21 +261,32 @@ class RoutingTrace:
         return i
 
     # ------------------------------------------------------------------ derived views
+    def reach(self, layer, query: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evidence keys [start, end] (inclusive) attended by `query`, per head — see `evidence_reach`.
+
+        Returns (per_branch int64 [H_Q, K]: keys inside span k ∪ window, reached int64 [H_Q]: keys inside the
+        union of the window and every chosen span)."""
+        rec = self.layer(layer)
+        i = self.query_index(query)
+        return evidence_reach(rec.qstart[:, i], rec.qend[:, i], rec.window[i], start, end)
+
     def reaching_spans(self, layer, head: int, query: int, key: int) -> list[int]:
         """Span slots k (0 = best search value) whose chosen span [qstart, qend] contains `key`."""
         rec = self.layer(layer)
         i = self.query_index(query)
-        lo, hi = rec.qstart[head, i].tolist(), rec.qend[head, i].tolist()
-        return [k for k, (a, b) in enumerate(zip(lo, hi)) if a >= 0 and a <= key <= b]
+        no_window = torch.full((2,), -1, dtype=torch.int64)
+        per_branch, _ = evidence_reach(rec.qstart[head, i], rec.qend[head, i], no_window, key, key)
+        return per_branch.nonzero().flatten().tolist()
 
     def in_window(self, layer, query: int, key: int) -> bool:
         """Whether `key` lies inside the sliding window of `query` (the same for every head)."""
-        lo, hi = self.layer(layer).window[self.query_index(query)].tolist()
-        return lo >= 0 and lo <= key <= hi
+        window = self.layer(layer).window[self.query_index(query)]
+        no_span = torch.full((1,), -1, dtype=torch.int64)
+        return bool(evidence_reach(no_span, no_span, window, key, key)[1] > 0)
 
     def reached(self, layer, head: int, query: int, key: int) -> bool:
         """Whether `query` (head `head`) attended `key`: inside its window or one of its chosen spans."""
-        return self.in_window(layer, query, key) or bool(self.reaching_spans(layer, head, query, key))
+        return bool(self.reach(layer, query, key, key)[1][head] > 0)
 
     def key_counts(self, layer, head: int | None = None, include_window: bool = True) -> torch.Tensor:
         """int64 [length] (one head) or [H_Q, length]: recorded (query, span) pairs — plus windows when
@@ -272,7 +334,7 @@ class RoutingTrace:
                 "profile_queries": int(rec.profile_queries.numel()),
             }
         return {"length": self.length, "row_start": self.row_start, "queries": int(self.queries.numel()),
-                "layers": layers}
+                "model": self.model, "overrides": self.overrides, "layers": layers}
 
     def __repr__(self) -> str:
         return (f"RoutingTrace(length={self.length}, queries={self.queries.numel()}, "
@@ -360,30 +422,14 @@ class RoutingTrace:
         recorder = _Recorder(queries=None if queries is None else _as_positions("queries", queries),
                              profile_queries=None if profile_queries is None
                              else _as_positions("profile_queries", profile_queries))
-        chosen = [(i, lay) for i, lay in model.routing_layers() if layers is None or i in set(layers)]
-        if layers is not None and len(chosen) != len(set(layers)):
-            known = [i for i, _ in model.routing_layers()]
-            raise ValueError(f"layers={list(layers)}: attention layers of this model are {known}")
-        installed = []
+        chosen = _routing_layers(model, layers)
         trace = cls({}, 0)
-        try:
-            for index, lay in chosen:
-                fn = recorder.layer_hook(index, lay.span_config)
-                lay.routing_recorders.append(fn)
-                installed.append((lay.routing_recorders, fn))
-            token_fn = recorder.add_tokens
-            model.token_recorders.append(token_fn)
-            installed.append((model.token_recorders, token_fn))
+        hooks = {index: recorder.layer_hook(index, lay) for index, lay in chosen}
+        with _recorders_installed(model, hooks, recorder.add_tokens):
             yield trace
-        finally:
-            for hooks, fn in installed:
-                # Remove by identity: other recorders (nested traces) may share the list.
-                for j in range(len(hooks) - 1, -1, -1):
-                    if hooks[j] is fn:
-                        del hooks[j]
-                        break
         tokenizer = getattr(model, "tokenizer", None)
         trace.__dict__.update(recorder.build(None, 0, None, None, tokenizer=tokenizer).__dict__)
+        trace.model = _describe(model)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> Path:
@@ -404,7 +450,8 @@ class RoutingTrace:
             meta_layers.append({"index": i, "name": name, "cfg": rec.cfg.to_dict()})
         save_file(tensors, str(path / "tensors.safetensors"))
         meta = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "length": self.length,
-                "row_start": self.row_start, "layers": meta_layers, "tokens": self.tokens}
+                "row_start": self.row_start, "layers": meta_layers, "tokens": self.tokens,
+                "overrides": self.overrides, "model": self.model}
         tmp = path / "trace.json.tmp"
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, path / "trace.json")
@@ -432,7 +479,68 @@ class RoutingTrace:
                                      f"with {queries.numel()} queries")
             records[index] = LayerRouting(index=index, cfg=SpanConfig.from_dict(entry["cfg"]), queries=queries,
                                           **fields)
-        return cls(records, meta["length"], meta["row_start"], tensors.get("token_ids"), meta.get("tokens"))
+        return cls(records, meta["length"], meta["row_start"], tensors.get("token_ids"), meta.get("tokens"),
+                   overrides=meta.get("overrides"), model=meta.get("model"))
+
+
+def _describe(model) -> str | None:
+    """One line naming a model and its weights (`describe_model`); None for objects that are not such a model."""
+    from .model import describe_model
+
+    return describe_model(model) if hasattr(model, "model_id") else None
+
+
+def _routing_layers(model, layers=None) -> list:
+    """(index, layer) of the attention layers of `model` to record; `layers`: None (all) or indices."""
+    every = list(model.routing_layers())
+    if layers is None:
+        return every
+    wanted = set(layers)
+    chosen = [(i, lay) for i, lay in every if i in wanted]
+    if len(chosen) != len(wanted):
+        raise ValueError(f"layers={list(layers)}: attention layers of this model are {[i for i, _ in every]}")
+    return chosen
+
+
+@contextlib.contextmanager
+def _recorders_installed(model, layer_hooks: dict, token_hook=None):
+    """Append `layer_hooks[index]` to each attention layer's `routing_recorders` (and `token_hook` to the model's
+    `token_recorders`) for the ``with`` block; always removed on exit, by identity (nested recorders share the
+    lists), even when the block raises."""
+    layers = dict(model.routing_layers())
+    installed = []
+    try:
+        for index, fn in layer_hooks.items():
+            layers[index].routing_recorders.append(fn)
+            installed.append((layers[index].routing_recorders, fn))
+        if token_hook is not None:
+            model.token_recorders.append(token_hook)
+            installed.append((model.token_recorders, token_hook))
+        yield
+    finally:
+        for hooks, fn in installed:
+            for j in range(len(hooks) - 1, -1, -1):
+                if hooks[j] is fn:
+                    del hooks[j]
+                    break
+
+
+@contextlib.contextmanager
+def capture_routing(model, layers=None):
+    """Raw routing of the next forward(s), without building a trace (batched evaluation and training use it).
+
+    Yields a dict {layer index: (positions int64 [L], SearchResult [B, H_Q, L, K] with gate, q1 [B, H_Q, L, D],
+    k [B, H_KV, L_KV, D])} holding the latest call per layer. Same recorder protocol and the same guarantees
+    as `RoutingTrace.capture` (removed on exit, outputs unchanged)."""
+    records: dict[int, tuple] = {}
+
+    def hook(index):
+        def record(positions, routing, q1, k):
+            records[index] = (positions, routing, q1, k)
+        return record
+
+    with _recorders_installed(model, {i: hook(i) for i, _ in _routing_layers(model, layers)}):
+        yield records
 
 
 @dataclass
@@ -454,6 +562,7 @@ class _Recorder:
         self.parts: dict[int, _LayerParts] = {}
         self.token_positions: list[torch.Tensor] = []
         self.token_values: list[torch.Tensor] = []
+        self.overrides: list[dict] = []
         self.max_position = -1
 
     @staticmethod
@@ -489,10 +598,18 @@ class _Recorder:
         if positions.numel():
             self.max_position = max(self.max_position, int(positions.max()))
 
-    def layer_hook(self, index: int, cfg: SpanConfig):
+    def layer_hook(self, index: int, layer):
+        """Recorder for attention layer `index`: its routing, its stripe profile for the chosen queries and a
+        description of any routing override active on it (`superlinear_lab.intervene`)."""
+        cfg = layer.span_config
+
         def record(positions, routing, q1, k):
             pos_cpu = positions.detach().cpu().to(torch.int64)
             self.add_routing(index, cfg, pos_cpu, routing)
+            for override in getattr(layer, "routing_overrides", ()):
+                desc = override.describe()
+                if desc not in self.overrides:
+                    self.overrides.append(desc)
             if self.profile_queries is not None:
                 rows = self._select(pos_cpu, self.profile_queries)
                 if rows.numel():
@@ -531,7 +648,7 @@ class _Recorder:
             token_ids[uniq[inside]] = vals[keep[inside]]
         if tokens is None and tokenizer is not None and token_ids is not None:
             tokens = tokenizer.token_strings(token_ids.tolist())
-        return RoutingTrace(records, max(length, 0), row_start, token_ids, tokens)
+        return RoutingTrace(records, max(length, 0), row_start, token_ids, tokens, overrides=self.overrides)
 
     @staticmethod
     def _build_profile(parts: _LayerParts, heads: int) -> dict:

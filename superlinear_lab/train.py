@@ -165,7 +165,7 @@ def step_loss(model: HybridLM, cfg: TrainConfig, examples: list[D.Example], devi
         route = routing_loss(records, model.cfg.span, pairs) if cfg.w_route > 0 and pairs[0].numel() else lm * 0
     loss = cfg.w_lm * lm + cfg.w_answer * ans + cfg.w_route * route
     with torch.no_grad():
-        hits = [reached(records[i][1], model.cfg.span.window_len, *pairs).any(-1) for i in sorted(records)] \
+        hits = [reached(records[i][1], model.cfg.span, *pairs).any(-1) for i in sorted(records)] \
             if pairs[0].numel() else []
         recall = float(torch.stack(hits).any(0).float().mean()) if hits else float("nan")
     return loss, {"loss": loss.item(), "lm": lm.item(), "answer": ans.item(), "route": route.item(),

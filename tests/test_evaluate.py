@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from superlinear_kernels import SearchResult
+from superlinear_kernels import SearchResult, SpanConfig
 from superlinear_lab import data as D
 from superlinear_lab import evaluate as E
 from superlinear_lab.model import HybridLM, ModelConfig, save_model
@@ -22,16 +22,38 @@ def _routing(spans):
     return SearchResult(qs, qe.clone(), qe, values)
 
 
-def test_reached_needs_the_whole_range_in_one_span_or_the_window():
-    r = _routing({(0, 40): [(10, 20), (0, 5)], (1, 40): [(15, 25), (0, 14)]})
-    row = torch.tensor([0, 0, 0])
-    query = torch.tensor([40, 40, 40])
-    start, end = torch.tensor([12, 18, 30]), torch.tensor([18, 22, 33])  # end exclusive
-    hit = E.reached(r, window_len=9, row=row, query=query, ev_start=start, ev_end=end)
+def _naive_whole_in_one_branch(spans, window_len, query, start, end):
+    """Reference: enumerate keys; branch k = span k ∪ window [max(q-W+1, 0), q]; end exclusive."""
+    window = set(range(max(query - window_len + 1, 0), query + 1)) if window_len else set()
+    need = set(range(start, end))
+    branches = [set(range(a, b + 1)) | window for a, b in spans] or [window]
+    return any(need <= b for b in branches)
+
+
+def test_reached_needs_the_whole_range_in_one_branch():
+    spans = {(0, 40): [(10, 20), (0, 5)], (1, 40): [(15, 25), (0, 14)]}
+    r = _routing(spans)
+    row = torch.tensor([0, 0, 0, 0])
+    query = torch.tensor([40, 40, 40, 40])
+    start, end = torch.tensor([12, 18, 30, 23]), torch.tensor([18, 22, 33, 29])  # end exclusive
+    cfg = SpanConfig.default()  # W = 15 for sw_index 3, 8 for 2, 0 for 0
+    hit = E.reached(r, cfg.replace(sw_index=2), row=row, query=query, ev_start=start, ev_end=end)
     assert hit.tolist() == [[True, False],  # [12, 17] inside head 0's (10, 20); head 1 splits it over two spans
                             [False, True],  # [18, 21] inside head 1's (15, 25) only
-                            [False, False]]  # [30, 32]: no span, window is [32, 40]
-    assert E.reached(r, 15, row, query, start, end)[2].tolist() == [True, True]  # window [26, 40]
+                            [False, False],  # [30, 32]: no span, window is [33, 40]
+                            [False, False]]
+    wide = E.reached(r, cfg, row, query, start, end)  # window [26, 40]
+    assert wide[2].tolist() == [True, True]
+    assert wide[3].tolist() == [False, True]  # [23, 28]: head 1's span (15, 25) together with the window
+    for sw in (0, 2, 3, 4):  # against the naive key enumeration, many ranges
+        w = cfg.replace(sw_index=sw).window_len
+        ranges = [(a, b) for a in range(0, 40, 3) for b in range(a + 1, 41, 4)]
+        n = len(ranges)
+        got = E.reached(r, cfg.replace(sw_index=sw), torch.zeros(n, dtype=torch.long), torch.full((n,), 40),
+                        torch.tensor([a for a, _ in ranges]), torch.tensor([b for _, b in ranges]))
+        for p, (a, b) in enumerate(ranges):
+            for h in range(2):
+                assert bool(got[p, h]) == _naive_whole_in_one_branch(spans[(h, 40)], w, 40, a, b), (w, a, b, h)
 
 
 def test_summary_counts_pairs_and_heads():
