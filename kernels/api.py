@@ -89,7 +89,12 @@ def _prepare(q1: torch.Tensor, k: torch.Tensor, cache_position, cfg, attention_m
         raise ValueError(f"query heads H_Q={h_q} must be a multiple of KV heads H_KV={h_kv}")
 
     if isinstance(cache_position, (list, tuple, range)):
-        cache_position = torch.tensor(list(cache_position), dtype=torch.int64)
+        items = list(cache_position)
+        bad = [x for x in items if isinstance(x, bool) or not isinstance(x, int)]
+        if bad:
+            raise TypeError(f"cache_position: expected integer positions, got {bad[0]!r} "
+                            f"({type(bad[0]).__name__}); nothing is truncated silently")
+        cache_position = torch.tensor(items, dtype=torch.int64)
     _check_tensor("cache_position", cache_position, 1)
     if cache_position.dtype.is_floating_point or cache_position.dtype == torch.bool or cache_position.is_complex():
         raise TypeError(f"cache_position: expected an integer tensor, got {cache_position.dtype}")
@@ -197,10 +202,17 @@ def superlinear_attention(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v
 
     Returns:
         out [B, H_Q, L_Q, D] in q2's dtype, or (out, routing) when `return_routing`.
+
+    Non-finite values: the inputs are not scanned (that would read the whole cache every decode step). A
+    query whose window or chosen spans hold a key whose V row is not finite gets NaN output on every
+    backend — never ±Inf, never a finite number: any non-finite output is returned as NaN. On the oracle
+    and torch backends other queries are unaffected; the Triton kernels work on key tiles, so there a
+    non-finite V row may also make other queries of its tile NaN. Keep caches finite.
     """
     prep = _prepare(q1, k, cache_position, cfg, attention_mask, backend, q2=q2, v=v)
     module = _backend_module(_resolve_backend(backend, q1))
     out, routing = module.superlinear_attention(q1, q2, k, v, cfg, prep)
+    out = torch.where(torch.isfinite(out), out, torch.full_like(out, float("nan")))  # ±Inf -> NaN, one rule
     return (out, routing) if return_routing else out
 
 

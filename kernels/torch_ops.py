@@ -199,6 +199,16 @@ def range_attention(q: torch.Tensor, query: torch.Tensor, batch: torch.Tensor, k
     return slot_out[slot_of], slot_lse[slot_of]
 
 
+def _poison(out: torch.Tensor, bad_before: torch.Tensor, batch: torch.Tensor, kv_head: torch.Tensor,
+            lo: torch.Tensor, hi: torch.Tensor, h_kv: int, l_kv: int) -> torch.Tensor:
+    """out [P, D] with NaN rows where the pair's key range [lo, hi] holds a non-finite V row.
+    bad_before: flat [B, H_KV, L_KV + 1] count of such rows before each key."""
+    live = (lo >= 0) & (hi >= lo)
+    base = (batch * h_kv + kv_head) * (l_kv + 1)
+    count = bad_before[base + (hi + 1).clamp(0, l_kv)] - bad_before[base + lo.clamp(0, l_kv)]
+    return torch.where((live & (count > 0))[:, None], torch.full_like(out, float("nan")), out)
+
+
 def superlinear_attention(q1, q2, k, v, cfg: SpanConfig, prep: Prepared):
     """Search, window and span branches over contiguous ranges, LSE merge, gate; see the module docstring."""
     b, h_q, l_q, d = q2.shape
@@ -206,6 +216,14 @@ def superlinear_attention(q1, q2, k, v, cfg: SpanConfig, prep: Prepared):
     group = h_q // h_kv
     routing = span_search(q1, k, cfg, prep)
     kf, vf = k.float(), v.float()
+    # Non-finite V rows (api docstring): zero them so that a key tile never multiplies 0 weight by Inf, and
+    # make every range that holds one NaN, as the definition gives.
+    bad_rows = ~torch.isfinite(vf).all(dim=-1)  # [B, H_KV, L_KV]
+    if bool(bad_rows.any()):
+        vf = torch.where(bad_rows[..., None], torch.zeros_like(vf), vf)
+        bad_before = torch.nn.functional.pad(bad_rows.long().cumsum(-1), (1, 0)).reshape(-1)  # [B*H_KV*(L_KV+1)]
+    else:
+        bad_before = None
     scale = 1.0 / math.sqrt(d)
     dev = q2.device
 
@@ -218,12 +236,19 @@ def superlinear_attention(q1, q2, k, v, cfg: SpanConfig, prep: Prepared):
     win_lo, win_hi = window_bounds(cfg, q, s)  # -1 where empty (W = 0): range_attention gives 0, lse -inf
     win_out, win_lse = range_attention(q2f, torch.arange(q2f.shape[0], device=dev), bb.reshape(-1), hh.reshape(-1),
                                        win_lo.reshape(-1), win_hi.reshape(-1), kf, vf, scale)
+    if bad_before is not None:
+        win_out = _poison(win_out, bad_before, bb.reshape(-1), hh.reshape(-1), win_lo.reshape(-1),
+                          win_hi.reshape(-1), h_kv, k.shape[2])
 
     num = cfg.num_spans
     span_out, span_lse = range_attention(
         q2f, torch.arange(q2f.shape[0], device=dev).repeat_interleave(num), bb.reshape(-1).repeat_interleave(num),
         hh.reshape(-1).repeat_interleave(num),
         routing.qstart.reshape(-1).long(), routing.qend.reshape(-1).long(), kf, vf, scale)
+    if bad_before is not None:
+        span_out = _poison(span_out, bad_before, bb.reshape(-1).repeat_interleave(num),
+                           hh.reshape(-1).repeat_interleave(num), routing.qstart.reshape(-1).long(),
+                           routing.qend.reshape(-1).long(), h_kv, k.shape[2])
 
     branches = merge_with_window(span_out.view(-1, num, d), span_lse.view(-1, num), win_out, win_lse)
     gate = gate_weights(routing.values, routing.valid)
