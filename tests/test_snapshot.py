@@ -382,3 +382,213 @@ def test_corrupted_snapshot_is_refused(case, base_store, model, tmp_path):
     store.list()
     again = store.load(store.save(session), model)
     assert again.cursor == session.cursor
+
+
+# --------------------------------------------------------------------------- issue 18 regressions
+BIG_TITLE = "t" * 1_100_000  # over the 1 MiB manifest limit
+
+
+def _only_snapshot_dir(store, sid):
+    return store.info(sid).path
+
+
+def test_update_refuses_an_oversized_manifest_and_keeps_the_snapshot(model, tmp_path):
+    """#1: update() used to write a 1.1 MB title that reading then refused: the snapshot vanished from the list."""
+    store = SnapshotStore(tmp_path)
+    sid = store.save(fresh_session(model, text=TEXT[:40], max_len=64), title="kept")
+    before = (_only_snapshot_dir(store, sid) / "manifest.json").read_bytes()
+    for kwargs in ({"title": BIG_TITLE}, {"description": BIG_TITLE}, {"tags": ["x" * 1000] * 1100}):
+        with pytest.raises(SnapshotError, match="larger than 1048576"):
+            store.update(sid, **kwargs)
+    with pytest.raises(SnapshotError, match=r"metadata\.title"):
+        store.update(sid, title=5)
+    assert (_only_snapshot_dir(store, sid) / "manifest.json").read_bytes() == before
+    assert [i.title for i in store.list()] == ["kept"] and store.problems == []
+    store.load(sid, model)
+    assert store.update(sid, title="renamed").title == "renamed"  # a repair still works
+
+
+def test_save_refuses_an_oversized_manifest_before_writing(model, tmp_path):
+    """#2: save() used to write the whole snapshot, then fail to list it (undeletable through the API)."""
+    store = SnapshotStore(tmp_path)
+    s = fresh_session(model, text=TEXT[:40], max_len=64)
+    for kwargs in ({"title": BIG_TITLE}, {"description": BIG_TITLE}, {"tags": ["x" * 1000] * 1100},
+                   {"title": "\ud800"}, {"title": None}, {"tags": "abc"}, {"tags": [1]}):
+        with pytest.raises(SnapshotError):
+            store.save(s, **kwargs)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert store.list() == [] and store.problems == []
+
+
+def test_stale_temporaries_are_removed_but_locked_ones_kept(model, tmp_path):
+    """#2: killed saves used to leave .tmp-* folders forever. Unlocked temporaries older than `stale_after` go
+    on open and on list; one held by a running operation (flock) or younger than `stale_after` stays."""
+    import fcntl
+
+    store = SnapshotStore(tmp_path)
+    sid = store.save(fresh_session(model, text=TEXT[:40], max_len=64))
+    fp_dir = _only_snapshot_dir(store, sid).parent
+    stale = [fp_dir / ".tmp-dead-1", fp_dir / ".trash-dead-2"]
+    for d in stale:
+        d.mkdir()
+        (d / "cache.safetensors").write_bytes(b"x" * 100)
+    (fp_dir / ".tmp-manifest-dead-3").write_bytes(b"{}")
+    stale.append(fp_dir / ".tmp-manifest-dead-3")
+    busy = fp_dir / ".tmp-busy"
+    busy.mkdir()
+    young = fp_dir / ".tmp-young"
+    young.mkdir()
+    for p in stale + [busy]:
+        os.utime(p, (0, 0))  # long ago
+    fd = os.open(busy, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        SnapshotStore(tmp_path)  # opening heals
+        assert not any(p.exists() for p in stale)
+        assert busy.exists() and young.exists()
+        assert [i.id for i in SnapshotStore(tmp_path, stale_after=0).list()] == [sid]
+        assert busy.exists()  # still locked
+    finally:
+        os.close(fd)
+    SnapshotStore(tmp_path, stale_after=0).list()
+    assert not busy.exists() and not young.exists()
+    store.load(sid, model)
+
+
+def _raw_manifest_value(field: str, raw: str):
+    """Replace the JSON value of `field` (a number or "") in manifest.json by the raw text `raw`."""
+    def forge(snap_dir):
+        path = snap_dir / "manifest.json"
+        text, n = re.subn(rf'"{field}": ("[^"]*"|[-0-9.e+]+)', f'"{field}": {raw}', path.read_text(), count=1)
+        assert n == 1
+        path.write_text(text)
+    return forge
+
+
+@pytest.mark.parametrize("label,forge", [
+    ("created_at-400-digits", _raw_manifest_value("created_at", "9" * 400)),
+    ("created_at-1e400", _raw_manifest_value("created_at", "1e400")),
+    ("created_at--1e400", _raw_manifest_value("created_at", "-1e400")),
+    ("nested-100k", lambda d: (d / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)),
+    ("nested-100k-in-title", _raw_manifest_value("title", "[" * 100_000 + "]" * 100_000)),
+    ("max_seq_len-400-digits", _raw_manifest_value("max_seq_len", "9" * 400)),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_listing_skips_and_reports_a_bad_manifest(model, tmp_path, label, forge):
+    """#3: one manifest with created_at = 10^400 / 1e400 or nested 100k deep used to break list() and info()."""
+    store = SnapshotStore(tmp_path)
+    good = store.save(fresh_session(model, text=TEXT[:30], max_len=64), title="good")
+    bad = store.save(fresh_session(model, text=TEXT[:40], max_len=64), title="")
+    bad_dir = _only_snapshot_dir(store, bad)
+    forge(bad_dir)
+    assert len((bad_dir / "manifest.json").read_bytes()) < (1 << 20)
+    infos = store.list()
+    assert [i.id for i in infos] == [good]
+    assert [p.path for p in store.problems] == [bad_dir] and "manifest.json" in store.problems[0].message
+    with pytest.raises(SnapshotError, match="manifest.json"):
+        store.info(bad)
+    with pytest.raises(SnapshotError, match="manifest.json"):
+        store.load(bad, model)
+    with pytest.raises(SnapshotError, match="manifest.json"):
+        store.update(bad, title="fix")
+    store.delete(bad)  # a bad entry can still be removed
+    assert [i.id for i in store.list()] == [good] and store.problems == []
+
+
+def test_deeply_nested_transcript_is_a_snapshot_error(model, tmp_path):
+    """#3: a forged transcript nested 100k deep (hash and size updated) used to raise RecursionError."""
+    store = SnapshotStore(tmp_path)
+    sid = store.save(fresh_session(model, text=TEXT[:40], max_len=64))
+    _forge(_only_snapshot_dir(store, sid), "transcript.json", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    with pytest.raises(SnapshotError, match="transcript.json: not valid JSON .nested too deeply"):
+        store.load(sid, model)
+
+
+def _forge_consistent_max_seq_len(d, value: int):
+    """Set max_seq_len in the manifest and in the cache header metadata, with hashes updated: self-consistent."""
+    m = _manifest(d)
+    m["session"]["max_seq_len"] = value
+    _write_manifest(d, m)
+    _forge_cache(edit_meta=lambda meta: {**meta, "max_seq_len": str(value)})(d)
+
+
+def test_load_respects_max_len_limit_and_forged_lengths(model, tmp_path):
+    """#4: loading bypassed the server's --max-seq-len-limit; a forged max_seq_len of 2^31 raised RuntimeError."""
+    store = SnapshotStore(tmp_path)
+    sid = store.save(fresh_session(model, text=TEXT[:40], max_len=256))
+    assert store.load(sid, model, max_len_limit=256).max_len == 256
+    with pytest.raises(SnapshotError, match="exceeds max_len_limit=128"):
+        store.load(sid, model, max_len_limit=128)
+    with pytest.raises(SnapshotError, match="exceeds max_len_limit=300"):
+        store.load(sid, model, max_len=512, max_len_limit=300)
+    with pytest.raises(ValueError, match="max_len_limit"):
+        store.load(sid, model, max_len_limit=0)
+    _forge_consistent_max_seq_len(_only_snapshot_dir(store, sid), 2 ** 31)
+    assert store.info(sid).max_seq_len == 2 ** 31  # listed as it says ...
+    with pytest.raises(SnapshotError, match="exceeds max_len_limit"):
+        store.load(sid, model)  # ... but never allocated (default limit)
+
+
+@pytest.mark.parametrize("tensor", ["key", "value", "conv_states", "ssm_states"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_tensors_are_refused(model, tmp_path, tensor, bad):
+    """#4: snapshot tensors were never checked to be finite."""
+    store = SnapshotStore(tmp_path)
+    sid = store.save(fresh_session(model, text=TEXT[:40], max_len=64))
+    name = f"{tensor}.{LAST}" if tensor in ("key", "value") else tensor
+
+    def poison(t):
+        t[name] = t[name].clone()
+        t[name].view(-1)[t[name].numel() // 3] = bad
+    _forge_cache(poison)(_only_snapshot_dir(store, sid))
+    with pytest.raises(SnapshotError, match="cache.safetensors: .*NaN or infinite"):
+        store.load(sid, model)
+
+
+def test_one_id_rule_everywhere(model, tmp_path):
+    """#8: ids with a trailing newline were accepted by one of two regexes. One validator, fullmatch."""
+    from superlinear_lab.ids import is_valid_id, validate_id
+
+    assert validate_id("dup", "session_id") == "dup"
+    for bad in ("dup\n", "dup\r\n", "\ndup", "du p", "", "x" * 129, "-x", None, 5, b"dup"):
+        assert not is_valid_id(bad)
+        with pytest.raises(ValueError, match=r"^session_id=.* is invalid: expected 1-128 characters"):
+            validate_id(bad, "session_id")
+    store = SnapshotStore(tmp_path)
+    sid = store.save(fresh_session(model, text=TEXT[:20], max_len=64))
+    for op in (store.info, store.delete, lambda i: store.load(i, model), lambda i: store.update(i, title="x")):
+        with pytest.raises(SnapshotError, match=r"snapshot_id='.*\\n' is invalid"):
+            op(sid + "\n")
+    assert [i.id for i in store.list()] == [sid]
+
+
+def test_symlinked_store_folders_are_not_followed(model, tmp_path):
+    """#12: symlinked model-key/fingerprint folders were followed outside the store (listed, loaded, written)."""
+    outside = tmp_path / "outside"
+    store_a = SnapshotStore(outside)
+    sid = store_a.save(fresh_session(model, text=TEXT[:40], max_len=64))
+    fp_dir = _only_snapshot_dir(store_a, sid).parent
+    root = tmp_path / "store"
+    store = SnapshotStore(root)
+    own = store.save(fresh_session(model, text=TEXT[:20], max_len=64))
+    mk_name, fp_name = fp_dir.parent.name, fp_dir.name
+    # 1. the fingerprint folder is a link to a folder outside the store
+    shutil.rmtree(root / mk_name / fp_name)
+    (root / mk_name / fp_name).symlink_to(fp_dir)
+    assert store.list() == [] and any("symbolic link" in p.message for p in store.problems)
+    with pytest.raises(SnapshotError, match="not found"):
+        store.load(sid, model)
+    outside_files = sorted(p for p in outside.rglob("*"))
+    with pytest.raises(SnapshotError, match="not a plain directory"):
+        store.save(fresh_session(model, text=TEXT[:20], max_len=64))
+    assert sorted(p for p in outside.rglob("*")) == outside_files  # nothing written outside
+    # 2. the model-key folder is a link
+    (root / mk_name / fp_name).unlink()
+    shutil.rmtree(root / mk_name)
+    (root / mk_name).symlink_to(fp_dir.parent)
+    assert store.list() == [] and any("symbolic link" in p.message for p in store.problems)
+    with pytest.raises(SnapshotError):
+        store.load(sid, model)
+    with pytest.raises(SnapshotError, match="not a plain directory"):
+        store.save(fresh_session(model, text=TEXT[:20], max_len=64))
+    assert sorted(p for p in outside.rglob("*")) == outside_files
+    del own
