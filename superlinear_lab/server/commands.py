@@ -81,9 +81,10 @@ def add_serve(subparsers) -> None:
                               description="Serve a model over an OpenAI-compatible HTTP API with stateful sessions "
                                           "and verified snapshots.",
                               epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=d.model, help=f"model directory or name (default {d.model})")
+    p.add_argument("--model", default=d.model,
+                   help=f"shipped model name, model directory or Superlinear-Exp checkpoint (default {d.model})")
     p.add_argument("--random-init", action="store_true",
-                   help="use the preset's random initialisation even if a trained model is shipped")
+                   help="the seeded random initialisation of preset --model instead of weights")
     p.add_argument("--host", default=d.host, help=f"bind address (default {d.host})")
     p.add_argument("--port", type=_nonneg_int, default=d.port, help=f"port (default {d.port}; 0 = any free port)")
     p.add_argument("--api-key", "--token", dest="server_api_key", default=None,
@@ -97,6 +98,9 @@ def add_serve(subparsers) -> None:
     p.add_argument("--threads", type=_nonneg_int, default=d.threads, help="torch CPU threads (default: torch's)")
     p.add_argument("--chunk-size", type=_positive_int, default=d.chunk_size,
                    help=f"prefill chunk (default {d.chunk_size})")
+    p.add_argument("--prefill-slice", type=_positive_int, default=d.prefill_slice,
+                   help=f"prompt tokens prefilled per scheduling step, so short requests interleave with a long "
+                        f"prompt (default {d.prefill_slice})")
     p.add_argument("--http-max-concurrency", type=_nonneg_int, default=d.max_concurrency,
                    help=f"requests in flight before 429 (default {d.max_concurrency}; 0 = no limit)")
     p.add_argument("--http-max-completion-tokens", type=_positive_int, default=d.max_completion_tokens,
@@ -111,6 +115,15 @@ def add_serve(subparsers) -> None:
                    help=f"largest allocation a request may ask for (default {d.max_seq_len_limit})")
     p.add_argument("--max-sessions", type=_positive_int, default=d.max_sessions,
                    help=f"sessions held at once (default {d.max_sessions})")
+    p.add_argument("--memory-budget-mb", type=_nonneg_int, default=d.memory_budget_mb,
+                   help=f"total MiB of all sessions' caches; beyond it new sessions get 507 and stateless requests "
+                        f"429 (default {d.memory_budget_mb}; 0 = no budget)")
+    p.add_argument("--persist-sessions", action=argparse.BooleanOptionalAction, default=d.persist_sessions,
+                   help="autosave sessions to the snapshot store (when idle and on shutdown) and restore them on "
+                        "start (default off)")
+    p.add_argument("--autosave-idle-s", type=_nonneg_int, default=int(d.autosave_idle_s),
+                   help=f"with --persist-sessions: autosave a changed session idle this many seconds "
+                        f"(default {int(d.autosave_idle_s)})")
     p.add_argument("--snapshot-dir", default=None,
                    help="snapshot root (default $SUPERLINEAR_LAB_SNAPSHOT_DIR, else the XDG cache)")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=d.warmup,
@@ -130,6 +143,8 @@ def run_serve(args) -> int:
         max_request_bytes=args.max_request_bytes, max_prompt_tokens=args.max_prompt_tokens,
         session_max_seq_len=args.session_max_seq_len, max_seq_len_limit=args.max_seq_len_limit,
         max_sessions=args.max_sessions, snapshot_dir=args.snapshot_dir, warmup=args.warmup,
+        prefill_slice=args.prefill_slice, memory_budget_mb=args.memory_budget_mb,
+        persist_sessions=args.persist_sessions, autosave_idle_s=float(args.autosave_idle_s),
         log_level=args.log_level)
     return main_serve(options)
 

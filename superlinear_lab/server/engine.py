@@ -1,39 +1,54 @@
-"""`ChatEngine`: the server's sessions, snapshots and chat turns, run one at a time (SPEC §6.3 single flight).
+"""`ChatEngine`: the server's sessions, snapshots and generations, scheduled on one worker thread.
 
-Every operation that touches a model or a session cache runs as a *job* on the engine's one worker thread, so
-jobs never interleave. A chat turn on a session is atomic: it checkpoints first, and any failure or cancellation
-(a client that disconnected) rolls the session back, so the transcript and the cache are exactly as before the
-request. The HTTP layer (`app.py`) only validates, queues jobs and streams their events.
+Every operation that touches the model or a session cache runs on the engine's worker thread, so nothing
+interleaves inside an operation. The worker loops over three kinds of work:
+
+* **jobs** (create, rollback, resize, save, load, …) run to completion, in arrival order;
+* **prefill** of a generation's prompt runs in slices of `prefill_slice` tokens. Prompts of at most one slice
+  are prefilled as soon as they arrive; longer ones are *background* work: while anything else waits, a long
+  prefill gets at most `background_share` of the worker's time, so a short request is never starved behind a
+  128K-token prompt (and a long prompt still advances while short requests keep coming);
+* **decode**: one step for every generation that is decoding, as one batched forward (`engine.batch`) for the
+  rows whose context is at most `batch_max_context` tokens, alone for the others.
+
+A generation on a session is atomic: it checkpoints first, and any failure or cancellation (a client that
+disconnected, a server that stops) rolls the session back, so its transcript and cache are exactly as before the
+request. Work on one session keeps its arrival order: a job or generation waits while an earlier one on the same
+session runs. Memory is budgeted: the bytes of all sessions (and of the transient sessions of stateless
+requests) stay under `memory_budget`.
 
 Readers (session list, info, history) do not wait for the worker: each `ServerSession` publishes a copy of its
-state (`view`) whenever a job on it commits, and readers see that last committed state.
+state (`view`) whenever work on it commits, and readers see that last committed state.
+
+With `persist`, sessions survive restarts: they are autosaved to the snapshot store (tags ``autosave`` and
+``session:<id>``) when idle for `autosave_idle_s` and on shutdown, and `restore_autosaved()` loads them on start.
 """
 from __future__ import annotations
 
 import asyncio
 import codecs
-import copy
-import re
+import logging
 import secrets
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from ..engine import Session, SnapshotStore
+from ..engine.batch import can_batch, decode_step
+from ..ids import validate_id
 from .chat import generation_prompt, render, render_message, stop_token_ids, transcript_problem
+from .errors import (BadRequest, Conflict, ContextLengthExceeded, MemoryBudgetBusy, MemoryBudgetExceeded, NotFound,
+                     SessionLimit)
 
-SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+log = logging.getLogger(__name__)
 
-
-class EngineError(Exception):
-    """A request the engine refuses; `status` is the HTTP status the server answers with."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+AUTOSAVE_TAG = "autosave"
+SESSION_TAG_PREFIX = "session:"
 
 
 class Cancelled(Exception):
@@ -41,46 +56,66 @@ class Cancelled(Exception):
 
 
 @dataclass
-class ChatRequest:
-    """One validated chat turn.
+class GenerationRequest:
+    """One validated generation: a chat turn (`messages`) or a plain completion (`prompt_ids`).
 
-    messages: (role, content) pairs — the whole conversation, or the delta for a session.
+    messages: (role, content) pairs — the whole conversation, or the delta for a session; None for a completion.
+    prompt_ids: token ids of a completion prompt; None for a chat turn.
     session: the `ServerSession` to append to, or None for a stateless request (prefill everything).
+    top_logprobs: with `logprobs`, how many alternatives to report per token (0-20).
     """
 
-    messages: list[tuple[str, str]]
+    messages: list[tuple[str, str]] | None
     max_tokens: int  # already capped by the server limit
     temperature: float  # 0 = greedy (Decision D7)
     top_p: float  # 1 disables top-p
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the reply)
     seed: int | None = None  # reseeds the session's sampler for this turn
     session: "ServerSession | None" = None
+    prompt_ids: list[int] | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 @dataclass
-class ChatResult:
-    """What a finished chat turn produced."""
+class TokenLogprob:
+    """Log-probability of one generated token under the model (log-softmax of the raw logits, before
+    temperature and top-p), with the `top` most likely alternatives as (token id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class GenerationResult:
+    """What a finished generation produced."""
 
     content: str
     finish_reason: str  # "stop" (end of turn or a stop string) or "length" (max_tokens or a full context)
     prompt_tokens: int  # tokens prefilled by this request (the delta for a session)
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token of `content`'s bytes when asked for
 
 
 class ServerSession:
-    """A named `Session` plus the state readers see (`view`, updated when a job on it commits)."""
+    """A named `Session` plus the state readers see (`view`, updated when work on it commits)."""
 
     def __init__(self, session_id: str, session: Session, origin: str = "created"):
         self.id = session_id
         self.session = session
         self.created_at = time.time()
-        self.origin = origin  # "created" or "snapshot:<id>"
+        self.origin = origin  # "created", "snapshot:<id>" or "autosave:<id>"
         self.verified = False  # transcript checked against the cache since the last load
+        self.busy = False  # a generation on it is in progress (worker-owned)
+        self.dirty = True  # changed since the last autosave
+        self.autosave_id: str | None = None  # the snapshot holding its last autosave
+        self.changed_at = time.monotonic()
         self.view: dict = {}
         self.publish()
 
     def publish(self) -> None:
-        """Copy the committed state for readers (called by the worker after every job on this session)."""
+        """Copy the committed state for readers (called by the worker after every change to this session)."""
         s = self.session
         self.view = {
             "id": self.id, "object": "session", "created_at": int(self.created_at), "origin": self.origin,
@@ -89,6 +124,8 @@ class ServerSession:
             "transcript": [{"role": m.get("role"), "content": m.get("content"), "tokens": m.get("tokens")}
                            for m in s.transcript],
         }
+        self.dirty = True
+        self.changed_at = time.monotonic()
 
     def info(self) -> dict:
         """The published state without the transcript."""
@@ -101,29 +138,76 @@ def new_session_id() -> str:
 
 
 def check_session_id(session_id) -> str:
-    """Return `session_id` if it matches ``^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$``, else raise EngineError (400)."""
-    if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
-        raise EngineError(400, f"session_id={session_id!r}: expected 1-128 characters of [A-Za-z0-9_-], starting "
-                               "with a letter or digit")
-    return session_id
+    """`session_id` if it follows the id rule (`superlinear_lab.ids`), else BadRequest."""
+    try:
+        return validate_id(session_id, "session_id")
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+
+
+# ---------------------------------------------------------------------- work items
+class _Job:
+    def __init__(self, fn: Callable, args: tuple, keys: frozenset, loop, future):
+        self.fn, self.args, self.keys, self.loop, self.future = fn, args, keys, loop, future
+
+
+class Generation:
+    """A generation in the engine: its request, its progress and how it reports back.
+
+    `future` (an asyncio future on the request's loop) gets the `GenerationResult` or the exception; `on_events`
+    (called on that loop) receives lists of events: ``("start", None)`` once the prompt is in the cache, then
+    ``("delta", (text, [TokenLogprob]))`` as the reply becomes final. `cancel()` may be called from any thread.
+    """
+
+    def __init__(self, req: GenerationRequest, loop, future, on_events: Callable[[list], None] | None):
+        self.req, self.loop, self.future, self.on_events = req, loop, future, on_events
+        self.keys = frozenset() if req.session is None else frozenset({req.session.id})
+        self.cancelled = threading.Event()
+        # worker-owned progress
+        self.phase = "queued"  # queued -> prefill -> decode
+        self.session: Session | None = None
+        self.ids: list[int] = []
+        self.pos = 0  # prompt tokens prefilled
+        self.before = None  # checkpoint of a server session
+        self.new_messages: list[tuple[str, str]] = []
+        self.out = bytearray()
+        self.entries: list[TokenLogprob] = []
+        self.emitted = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops: list[bytes] = [s.encode("utf-8") for s in req.stop if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1  # bytes that may still start a stop string
+        self.budget = 0
+        self.reply_start = None
+        self.reserved = 0  # bytes of a transient session counted in the memory budget
+
+    def cancel(self) -> None:
+        self.cancelled.set()
 
 
 class ChatEngine:
-    """Sessions, snapshots and chat turns over one model, serialised on one worker thread.
+    """Sessions, snapshots and generations over one model, scheduled on one worker thread (module docstring).
 
     Args:
         model: the served `HybridLM` (eval mode).
         store: where snapshots live.
         session_max_seq_len: allocation of a new session when the request names none.
-        max_seq_len_limit: the largest allocation a request may ask for.
+        max_seq_len_limit: the largest allocation a request (or a loaded snapshot) may have.
         max_sessions: sessions held at once.
         max_prompt_tokens: the longest prompt one request may prefill.
-        chunk_size: prefill chunk length (cancellation is checked between chunks).
+        chunk_size: chunk length of the sessions' own prefill (rollback re-prefill).
+        prefill_slice: tokens prefilled per scheduling step (cancellation is checked between slices).
+        memory_budget: total bytes of all sessions (None = no budget).
+        background_share: the share of the worker a long prefill gets while other work waits.
+        batch_max_context: sessions up to this cursor decode in the batched forward.
+        persist: autosave sessions (idle and on shutdown); `restore_autosaved()` brings them back.
+        autosave_idle_s: a changed session idle this long is autosaved (with `persist`).
     """
 
     def __init__(self, model, store: SnapshotStore, *, session_max_seq_len: int = 131072,
                  max_seq_len_limit: int = 1048576, max_sessions: int = 64, max_prompt_tokens: int = 1048576,
-                 chunk_size: int = 8192):
+                 chunk_size: int = 8192, prefill_slice: int = 256, memory_budget: int | None = None,
+                 background_share: float = 0.2, batch_max_context: int = 4096, persist: bool = False,
+                 autosave_idle_s: float = 60.0):
         self.model = model
         self.tokenizer = model.tokenizer
         self.store = store
@@ -132,189 +216,394 @@ class ChatEngine:
         self.max_sessions = max_sessions
         self.max_prompt_tokens = max_prompt_tokens
         self.chunk_size = chunk_size
+        self.prefill_slice = prefill_slice
+        self.memory_budget = memory_budget
+        self.background_share = background_share
+        self.batch_max_context = batch_max_context
+        self.persist = persist
+        self.autosave_idle_s = autosave_idle_s
         self.sessions: dict[str, ServerSession] = {}
         self.closing = threading.Event()
-        self.stats = {"completed": 0, "cancelled": 0, "failed": 0}  # chat turns by outcome (worker-written)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="superlinear-engine")
-        self._stops = stop_token_ids(self.tokenizer)
+        # chat turns by outcome; decode steps and the rows they carried (worker-written)
+        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "decode_steps": 0, "decoded_tokens": 0,
+                      "batched_steps": 0}
+        self._stops = set(stop_token_ids(self.tokenizer))
+        # bytes of a session of n positions = per_position * n + fixed (measured, not re-derived)
+        one, two = (Session(model, n, progress=False).memory()["total"] for n in (1, 2))
+        self._per_position, self._fixed = two - one, 2 * one - two
+        self._cond = threading.Condition()
+        self._inbox: deque = deque()
+        self._queue: list = []  # items not started yet, in arrival order
+        self._active: list[Generation] = []  # started generations (prefill or decode)
+        self._busy_time = [0.0, 0.0]  # [background prefill, everything else] while contended
+        self._thread = threading.Thread(target=self._loop, name="superlinear-engine", daemon=True)
+        self._thread.start()
 
-    # ------------------------------------------------------------------ running jobs
-    async def run(self, job: Callable, *args):
-        """Run `job(*args)` on the worker thread (after every job queued before it) and return its result."""
-        return await asyncio.get_running_loop().run_in_executor(self._worker, job, *args)
+    # ------------------------------------------------------------------ submitting work (event loop side)
+    async def run(self, fn: Callable, *args, keys=()):
+        """Run the job ``fn(*args)`` on the worker (after earlier work on the sessions named in `keys`) and return
+        its result (or raise its exception)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._submit(_Job(fn, args, frozenset(keys), loop, future))
+        return await future
+
+    def start(self, req: GenerationRequest, on_events: Callable[[list], None] | None = None) -> Generation:
+        """Queue a generation; its `future` resolves on the calling event loop."""
+        loop = asyncio.get_running_loop()
+        gen = Generation(req, loop, loop.create_future(), on_events)
+        self._submit(gen)
+        return gen
+
+    def _submit(self, item) -> None:
+        with self._cond:
+            if self.closing.is_set():
+                raise Cancelled("the server is stopping")
+            self._inbox.append(item)
+            self._cond.notify()
 
     def close(self) -> None:
-        """Cancel running jobs (they roll back) and stop the worker."""
-        self.closing.set()
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        """Cancel queued and running work (sessions roll back), autosave with `persist`, stop the worker."""
+        with self._cond:
+            self.closing.set()
+            self._cond.notify()
+        self._thread.join(timeout=120)
 
+    # ------------------------------------------------------------------ reading (any thread)
     def get(self, session_id: str) -> ServerSession:
-        """The session named `session_id`, or EngineError 404."""
+        """The session named `session_id`, or NotFound."""
         ss = self.sessions.get(session_id)
         if ss is None:
-            raise EngineError(404, f"session {session_id!r} not found", "not_found_error")
+            raise NotFound(f"session {session_id!r} not found")
         return ss
 
+    def memory_in_use(self) -> int:
+        """Bytes held by the sessions and by the transient sessions of running stateless requests."""
+        return sum(ss.session.memory()["total"] for ss in list(self.sessions.values())) + \
+            sum(g.reserved for g in list(self._active))
+
+    def bytes_for(self, max_seq_len: int) -> int:
+        """Bytes of a session allocated for `max_seq_len` positions."""
+        return self._per_position * max_seq_len + self._fixed
+
+    # ------------------------------------------------------------------ the worker
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        last_autosave_check = time.monotonic()
+        while True:
+            with self._cond:
+                while not (self._inbox or self._queue or self._active or self.closing.is_set()):
+                    self._cond.wait(timeout=1.0 if self.persist else None)
+                    if self.persist and time.monotonic() - last_autosave_check > 1.0:
+                        break
+                self._queue.extend(self._inbox)
+                self._inbox.clear()
+            if self.closing.is_set():
+                self._shutdown()
+                return
+            try:
+                contended = self._start_ready()
+                contended = self._decode_step() or contended
+                self._prefill_step(contended)
+                if self.persist and time.monotonic() - last_autosave_check > 1.0:
+                    last_autosave_check = time.monotonic()
+                    self._autosave_idle()
+            except Exception:  # a bug in the scheduler itself: fail what is running, keep serving
+                log.exception("engine worker error")
+                for gen in list(self._active):
+                    self._fail(gen, RuntimeError("internal engine error"))
+
+    def _start_ready(self) -> bool:
+        """Run ready jobs and start ready generations, keeping arrival order per session; True if any ran."""
+        blocked = {g.req.session.id for g in self._active if g.req.session is not None}
+        waiting, ran = [], False
+        for item in self._queue:
+            if item.keys & blocked:
+                blocked |= item.keys
+                waiting.append(item)
+                continue
+            ran = True
+            if isinstance(item, _Job):
+                self._run_job(item)
+            else:
+                self._begin(item)
+                if item in self._active:
+                    blocked |= item.keys
+        self._queue = waiting
+        return ran
+
+    def _run_job(self, job: _Job) -> None:
+        t0 = time.monotonic()
+        try:
+            result, error = job.fn(*job.args), None
+        except Exception as e:
+            result, error = None, e
+        self._busy_time[1] += time.monotonic() - t0
+        _resolve(job.loop, job.future, result, error)
+
+    # ------------------------------------------------------------------ generations (worker thread)
+    def _begin(self, gen: Generation) -> None:
+        """Validate a generation against the current state, allocate or checkpoint, and make it active."""
+        if gen.cancelled.is_set():
+            return self._finish_cancelled(gen)
+        req, tok = gen.req, self.tokenizer
+        try:
+            ss = req.session
+            if ss is None:
+                if req.prompt_ids is not None:
+                    ids = list(req.prompt_ids)
+                else:
+                    ids = render(tok, req.messages, first=True) + generation_prompt(tok)
+                self._check_prompt(len(ids))
+                max_len = len(ids) + req.max_tokens + 2
+                self._reserve(self.bytes_for(max_len), transient=True)
+                seed = secrets.randbits(62) if req.seed is None else req.seed  # stateless calls differ unless seeded
+                gen.session = Session(self.model, max_len, chunk_size=self.chunk_size, seed=seed, progress=False)
+                gen.reserved = gen.session.memory()["total"]
+            else:
+                if self.sessions.get(ss.id) is not ss:
+                    raise NotFound(f"session {ss.id!r} was deleted")
+                self._require_consistent(ss)
+                session = ss.session
+                gen.new_messages = self._session_delta(session, req.messages)
+                ids = render(tok, gen.new_messages, first=session.cursor == 0) + generation_prompt(tok)
+                self._check_prompt(len(ids))
+                if session.cursor + len(ids) + 1 > session.max_len - 1:
+                    raise ContextLengthExceeded(
+                        f"context full: {len(ids)} prompt tokens at position {session.cursor} need more than the "
+                        f"session's max_seq_len {session.max_len}; resize the session")
+                gen.session = session
+                gen.before = session.checkpoint()
+                ss.busy = True
+            gen.ids = ids
+            gen.phase = "prefill"
+            self._active.append(gen)
+        except Exception as e:
+            self._fail(gen, e)
+
+    def _prefill_step(self, contended: bool) -> None:
+        """Prefill short prompts completely; give one slice to the oldest long prompt unless other work ran in this
+        round (`contended`) and long prefills already had their `background_share` of the worker."""
+        prefilling = [g for g in self._active if g.phase == "prefill"]
+        short = [g for g in prefilling if len(g.ids) - g.pos <= self.prefill_slice]
+        t0 = time.monotonic()
+        for gen in short:
+            self._prefill(gen, len(gen.ids) - gen.pos)
+        self._busy_time[1] += time.monotonic() - t0
+        long = [g for g in prefilling if g not in short]
+        if not long:
+            return
+        if not (contended or short):
+            self._busy_time = [0.0, 0.0]  # alone: no share to keep
+        else:
+            background, foreground = self._busy_time
+            if background > self.background_share * (background + foreground):
+                return  # the others run first
+        t0 = time.monotonic()
+        self._prefill(long[0], self.prefill_slice)
+        self._busy_time[0] += time.monotonic() - t0
+
+    def _prefill(self, gen: Generation, n: int) -> None:
+        if self._check_cancel(gen):
+            return
+        try:
+            gen.session.append(gen.ids[gen.pos:gen.pos + n], role=None)
+            gen.pos += n
+            if gen.pos < len(gen.ids):
+                return
+            tok = self.tokenizer
+            first = gen.before is not None and gen.before.cursor == 0
+            for i, (role, content) in enumerate(gen.new_messages):
+                n_tokens = len(render_message(tok, role, content)) + (1 if i == 0 and first else 0)
+                gen.session.add_message(role, content, n_tokens)
+            gen.budget = min(gen.req.max_tokens, gen.session.max_len - 2 - gen.session.cursor)
+            gen.reply_start = gen.session.checkpoint() if gen.stops else None
+            if gen.req.seed is not None and gen.req.session is not None:
+                _reseed(gen.session, gen.req.seed)
+            gen.phase = "decode"
+            self._emit(gen, ("start", None))
+        except Exception as e:
+            self._fail(gen, e)
+
+    def _decode_step(self) -> bool:
+        """One token for every decoding generation: sample each, then one batched forward (or single ones).
+        True if any generation was decoding."""
+        decoding = [g for g in self._active if g.phase == "decode"]
+        if not decoding:
+            return False
+        t0 = time.monotonic()
+        rows: list[tuple[Generation, int]] = []
+        for gen in decoding:
+            if self._check_cancel(gen):
+                continue
+            try:
+                if len(gen.out) >= gen.budget:
+                    self._complete(gen, "length")
+                    continue
+                logits = gen.session.logits
+                token = _sample(gen.session, logits, gen.req.temperature, gen.req.top_p)
+                if token in self._stops or token == self.tokenizer.eos_id:
+                    self._complete(gen, "stop")
+                    continue
+                if gen.req.logprobs:
+                    gen.entries.append(_logprob(logits, token, gen.req.top_logprobs))
+                rows.append((gen, token))
+            except Exception as e:
+                self._fail(gen, e)
+        batchable = [(g, t) for g, t in rows if g.session.cursor <= self.batch_max_context]
+        if len(batchable) < 2 or not can_batch(self.model):
+            batchable = []
+        single = [(g, t) for g, t in rows if (g, t) not in batchable]
+        if batchable:
+            try:
+                logits = decode_step([g.session for g, _ in batchable], [t for _, t in batchable])
+                for (gen, token), row in zip(batchable, logits):
+                    _record_step(gen.session, token, row)
+                self.stats["batched_steps"] += 1
+            except Exception:  # fall back to single steps (nothing was committed)
+                log.exception("batched decode failed; decoding the rows one by one")
+                single += batchable
+                batchable = []
+        for gen, token in single:
+            try:
+                gen.session.append([token], role=None)
+            except Exception as e:
+                self._fail(gen, e)
+                continue
+        for gen, token in batchable + single:
+            if gen.phase == "decode":
+                self._accept(gen, token)
+        self.stats["decode_steps"] += 1
+        self.stats["decoded_tokens"] += len(rows)
+        self._busy_time[1] += time.monotonic() - t0
+        return True
+
+    def _accept(self, gen: Generation, token: int) -> None:
+        """A token is in the cache: extend the reply, honour stop strings, emit what became final."""
+        gen.out.append(token)  # every non-special token is one byte
+        hit = next((s for s in gen.stops if gen.out.endswith(s)), None)
+        if hit is not None:
+            del gen.out[len(gen.out) - len(hit):]
+            del gen.entries[len(gen.out):]
+            return self._complete(gen, "stop")
+        safe = len(gen.out) - gen.hold
+        if safe > gen.emitted:
+            self._emit_delta(gen, safe)
+
+    def _emit_delta(self, gen: Generation, upto: int, final: bool = False) -> None:
+        text = gen.decoder.decode(bytes(gen.out[gen.emitted:upto]), final=final)
+        entries = gen.entries[gen.emitted:upto] if gen.req.logprobs else []
+        gen.emitted = upto
+        if text or entries:
+            self._emit(gen, ("delta", (text, entries)))
+
+    def _complete(self, gen: Generation, finish: str) -> None:
+        """Finish a generation: trim the cache to the reply, close the turn on a session, resolve the future."""
+        try:
+            session, tok = gen.session, self.tokenizer
+            if finish == "stop" and gen.reply_start is not None and \
+                    session.cursor != gen.reply_start.cursor + len(gen.out):
+                session.rollback(gen.reply_start)  # a stop string was cut off: the cache keeps only the reply
+                if gen.out:
+                    session.append(list(gen.out), role=None)
+            self._emit_delta(gen, len(gen.out), final=True)
+            content = bytes(gen.out).decode("utf-8", errors="replace")
+            result = GenerationResult(content, finish, len(gen.ids), len(gen.out),
+                                      list(gen.entries) if gen.req.logprobs else None)
+            ss = gen.req.session
+            if ss is not None:
+                session.append([tok.special["<|end|>"]], role=None)
+                session.add_message("assistant", content, len(gen.out) + 2)
+                ss.publish()
+        except Exception as e:
+            return self._fail(gen, e)
+        self._release(gen)
+        self.stats["completed"] += 1
+        _resolve(gen.loop, gen.future, result, None)
+
+    def _check_cancel(self, gen: Generation) -> bool:
+        if gen.cancelled.is_set() or self.closing.is_set():
+            self._finish_cancelled(gen)
+            return True
+        return False
+
+    def _finish_cancelled(self, gen: Generation) -> None:
+        self._rollback(gen)
+        self._release(gen)
+        self.stats["cancelled"] += 1
+        _resolve(gen.loop, gen.future, None, Cancelled("request cancelled"))
+
+    def _fail(self, gen: Generation, error: BaseException) -> None:
+        self._rollback(gen)
+        self._release(gen)
+        self.stats["failed"] += 1
+        _resolve(gen.loop, gen.future, None, error)
+
+    def _rollback(self, gen: Generation) -> None:
+        if gen.before is not None:
+            try:
+                gen.session.rollback(gen.before)
+            except Exception:
+                log.exception("rollback of session %s failed", gen.req.session.id)
+
+    def _release(self, gen: Generation) -> None:
+        if gen in self._active:
+            self._active.remove(gen)
+        if gen.req.session is not None:
+            gen.req.session.busy = False
+        gen.phase = "done"
+        gen.reserved = 0
+
+    def _emit(self, gen: Generation, event) -> None:
+        if gen.on_events is not None:
+            try:
+                gen.loop.call_soon_threadsafe(gen.on_events, [event])
+            except RuntimeError:  # the loop is closed: nobody is listening
+                pass
+
+    # ------------------------------------------------------------------ checks
     def _check_len(self, max_seq_len) -> int:
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
-            raise EngineError(400, f"max_seq_len={max_seq_len!r}: expected an int >= 2")
+            raise BadRequest(f"max_seq_len={max_seq_len!r}: expected an int >= 2")
         if max_seq_len > self.max_seq_len_limit:
-            raise EngineError(400, f"max_seq_len={max_seq_len}: larger than this server's limit "
-                                   f"{self.max_seq_len_limit} (--max-seq-len-limit)")
+            raise BadRequest(f"max_seq_len={max_seq_len}: larger than this server's limit {self.max_seq_len_limit} "
+                             "(--max-seq-len-limit)")
         return max_seq_len
+
+    def _reserve(self, nbytes: int, transient: bool = False, freed: int = 0) -> None:
+        """MemoryBudgetExceeded (a session: 507) or MemoryBudgetBusy (a `transient` request: 429) unless `nbytes`
+        more (after `freed` are released) fit the budget."""
+        if self.memory_budget is None:
+            return
+        used = self.memory_in_use() - freed
+        if used + nbytes > self.memory_budget:
+            what = "this request" if transient else "this session"
+            error = MemoryBudgetBusy if transient else MemoryBudgetExceeded
+            raise error(f"{what} needs {nbytes} bytes but the sessions already hold {used} of the server's memory "
+                        f"budget {self.memory_budget} bytes (--memory-budget-mb); delete sessions, ask for a smaller "
+                        "max_seq_len or fewer tokens")
+
+    def _check_prompt(self, n: int) -> None:
+        if n > self.max_prompt_tokens:
+            raise ContextLengthExceeded(f"prompt of {n} tokens is longer than this server's limit "
+                                        f"{self.max_prompt_tokens} (--max-prompt-tokens)")
 
     def _claim_id(self, session_id: str | None, force: bool = False) -> str:
         sid = new_session_id() if session_id is None else check_session_id(session_id)
         if sid in self.sessions and not force:
-            raise EngineError(409, f"session {sid!r} already exists (pass force to replace it)", "conflict_error")
+            raise Conflict(f"session {sid!r} already exists (pass force to replace it)")
         if sid not in self.sessions and len(self.sessions) >= self.max_sessions:
-            raise EngineError(429, f"session limit reached ({self.max_sessions} sessions, --max-sessions); delete "
-                                   "one first", "session_limit_error")
+            raise SessionLimit(f"session limit reached ({self.max_sessions} sessions, --max-sessions); delete one "
+                               "first")
         return sid
-
-    # ------------------------------------------------------------------ session jobs (worker thread)
-    def create_session(self, session_id: str | None, max_seq_len: int | None) -> ServerSession:
-        """Job: allocate a new empty session."""
-        sid = self._claim_id(session_id)
-        n = self._check_len(self.session_max_seq_len if max_seq_len is None else max_seq_len)
-        ss = ServerSession(sid, Session(self.model, n, chunk_size=self.chunk_size, progress=False))
-        ss.verified = True
-        self.sessions[sid] = ss
-        return ss
-
-    def delete_session(self, session_id: str) -> None:
-        """Forget a session (a job already running on it finishes on the orphaned object)."""
-        self.get(session_id)
-        del self.sessions[session_id]
-
-    def rollback(self, ss: ServerSession, keep_messages: int) -> ServerSession:
-        """Job: keep the first `keep_messages` messages; the cache is recreated and re-prefilled (SPEC §6.2)."""
-        s = ss.session
-        if keep_messages != 0:  # keeping nothing also resets a session whose transcript does not match
-            self._require_consistent(ss)
-        if isinstance(keep_messages, bool) or not isinstance(keep_messages, int) \
-                or not 0 <= keep_messages <= len(s.transcript):
-            raise EngineError(400, f"keep_messages={keep_messages!r}: expected an int in [0, {len(s.transcript)}]")
-        kept = s.transcript[:keep_messages]
-        n = sum(m["tokens"] for m in kept)
-        fresh = Session(self.model, s.max_len, chunk_size=self.chunk_size, progress=False)
-        if n:
-            fresh.append(s.ids[:n], role=None)
-        fresh.transcript = copy.deepcopy(kept)
-        ss.session = fresh
-        ss.verified = True
-        ss.publish()
-        return ss
-
-    def resize(self, ss: ServerSession, max_seq_len: int) -> ServerSession:
-        """Job: grow the allocation (contents, cursor and transcript kept)."""
-        n = self._check_len(max_seq_len)
-        if n < ss.session.max_len:
-            raise EngineError(400, f"max_seq_len={n}: smaller than the session's {ss.session.max_len} (a session "
-                                   "only grows)")
-        ss.session.grow(n)
-        ss.publish()
-        return ss
-
-    def save_snapshot(self, ss: ServerSession, title: str, description: str, tags: list[str]) -> str:
-        """Job: write the session to the snapshot store; returns the snapshot id."""
-        return self.store.save(ss.session, title=title, tags=tags, description=description)
-
-    def load_snapshot(self, snapshot_id: str, session_id: str | None, force: bool,
-                      max_seq_len: int | None) -> ServerSession:
-        """Job: verify a snapshot and hold it as a session (replacing an existing one only with `force`)."""
-        sid = self._claim_id(session_id, force)
-        if max_seq_len is not None:
-            self._check_len(max_seq_len)
-        s = self.store.load(snapshot_id, self.model, max_len=max_seq_len, chunk_size=self.chunk_size,
-                            progress=False)
-        ss = ServerSession(sid, s, origin=f"snapshot:{snapshot_id}")
-        self.sessions[sid] = ss
-        return ss
 
     def _require_consistent(self, ss: ServerSession) -> None:
         if ss.verified:
             return
         problem = transcript_problem(self.tokenizer, ss.session.transcript, ss.session.ids.tolist())
         if problem:
-            raise EngineError(409, f"session {ss.id!r}: transcript does not match the cache: {problem}",
-                              "conflict_error")
+            raise Conflict(f"session {ss.id!r}: transcript does not match the cache: {problem}")
         ss.verified = True
-
-    # ------------------------------------------------------------------ chat (worker thread)
-    def chat(self, req: ChatRequest, emit: Callable[[str, str], None], cancel: threading.Event) -> ChatResult:
-        """Job: `_chat`, counted in `stats` by outcome."""
-        try:
-            result = self._chat(req, emit, cancel)
-        except Cancelled:
-            self.stats["cancelled"] += 1
-            raise
-        except BaseException:
-            self.stats["failed"] += 1
-            raise
-        self.stats["completed"] += 1
-        return result
-
-    def _chat(self, req: ChatRequest, emit: Callable[[str, str], None], cancel: threading.Event) -> ChatResult:
-        """One chat turn. `emit("start", "")` is called once the prompt is in the cache, then
-        `emit("delta", text)` with the reply text as it becomes final; `cancel` is polled between prefill chunks
-        and tokens.
-
-        On a session, the turn is atomic: on any exception (Cancelled included) the session is rolled back.
-        """
-        def check_cancel():
-            if cancel.is_set() or self.closing.is_set():
-                raise Cancelled("request cancelled")
-
-        check_cancel()
-        tok = self.tokenizer
-        ss = req.session
-        if ss is None:
-            ids = render(tok, req.messages, first=True) + generation_prompt(tok)
-            self._check_prompt(len(ids))
-            seed = secrets.randbits(62) if req.seed is None else req.seed  # stateless calls differ unless seeded
-            session = Session(self.model, len(ids) + req.max_tokens + 2, chunk_size=self.chunk_size,
-                              seed=seed, progress=False)
-            new_messages = []
-        else:
-            if self.sessions.get(ss.id) is not ss:
-                raise EngineError(404, f"session {ss.id!r} was deleted", "not_found_error")
-            self._require_consistent(ss)
-            session = ss.session
-            new_messages = self._session_delta(session, req.messages)
-            first = session.cursor == 0
-            ids = render(tok, new_messages, first=first) + generation_prompt(tok)
-            self._check_prompt(len(ids))
-            if session.cursor + len(ids) + 1 > session.max_len - 1:
-                raise EngineError(400, f"context full: {len(ids)} prompt tokens at position {session.cursor} need "
-                                       f"more than the session's max_seq_len {session.max_len}; resize the session",
-                                  "context_length_exceeded")
-        before = session.checkpoint()
-        try:
-            for c0 in range(0, len(ids), self.chunk_size):
-                check_cancel()
-                session.append(ids[c0:c0 + self.chunk_size], role=None)
-            for i, (role, content) in enumerate(new_messages):
-                n = len(render_message(tok, role, content)) + (1 if i == 0 and before.cursor == 0 else 0)
-                session.transcript.append({"role": role, "content": content, "tokens": n})
-            emit("start", "")
-            result = self._generate(session, req, emit, check_cancel)
-            result.prompt_tokens = len(ids)
-            if ss is not None:
-                session.append([tok.special["<|end|>"]], role=None)
-                session.transcript.append({"role": "assistant", "content": result.content,
-                                           "tokens": result.completion_tokens + 2})
-                ss.publish()
-            return result
-        except BaseException:
-            if ss is not None:
-                session.rollback(before)
-            raise
-
-    def _check_prompt(self, n: int) -> None:
-        if n > self.max_prompt_tokens:
-            raise EngineError(400, f"prompt of {n} tokens is longer than this server's limit {self.max_prompt_tokens}"
-                                   " (--max-prompt-tokens)", "context_length_exceeded")
 
     def _session_delta(self, session: Session, messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """The messages to append: a leading system message equal to the stored one is dropped; a different one
@@ -324,49 +613,209 @@ class ChatEngine:
             stored = transcript[0]
             if stored.get("role") == "system" and stored.get("content") == messages[0][1]:
                 return messages[1:]
-            raise EngineError(409, "a leading system message can only be set while the session is empty (it differs "
-                                   "from the stored one, or the session has none)", "conflict_error")
+            raise Conflict("a leading system message can only be set while the session is empty (it differs from "
+                           "the stored one, or the session has none)")
         return list(messages)
 
-    def _generate(self, session: Session, req: ChatRequest, emit, check_cancel) -> ChatResult:
-        """Decode up to max_tokens after the generation prompt, honouring stop strings: the reply is trimmed to
-        before the first stop string, and so is the cache (rollback to the reply start, re-append the rest)."""
-        stops = [s.encode("utf-8") for s in req.stop if s]
-        hold = max((len(s) for s in stops), default=1) - 1  # bytes that may still start a stop string
-        budget = min(req.max_tokens, session.max_len - 2 - session.cursor)
-        reply_start = session.checkpoint() if stops else None
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        out = bytearray()
-        emitted = 0
-        finish = "length"
-        tokens = session.stream(budget, req.temperature, req.top_p, stop=self._stops, seed=req.seed, role=None)
-        try:
-            for token in tokens:
-                out.append(token)  # every non-special token is one byte
-                check_cancel()
-                hit = next((s for s in stops if out.endswith(s)), None)
-                if hit is not None:
-                    del out[len(out) - len(hit):]
-                    finish = "stop"
-                    break
-                safe = len(out) - hold
-                if safe > emitted:
-                    emit("delta", decoder.decode(bytes(out[emitted:safe])))
-                    emitted = safe
-            else:
-                if len(out) < budget:
-                    finish = "stop"
-        finally:
-            tokens.close()
-        if finish == "stop" and reply_start is not None and session.cursor != reply_start.cursor + len(out):
-            session.rollback(reply_start)
-            if out:
-                session.append(list(out), role=None)
-        if len(out) > emitted:
-            emit("delta", decoder.decode(bytes(out[emitted:])))
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            emit("delta", tail)
-        content = bytes(out).decode("utf-8", errors="replace")
-        return ChatResult(content, finish, 0, len(out))
+    # ------------------------------------------------------------------ session jobs (worker thread)
+    def create_session(self, session_id: str | None, max_seq_len: int | None) -> ServerSession:
+        """Job: allocate a new empty session."""
+        sid = self._claim_id(session_id)
+        n = self._check_len(self.session_max_seq_len if max_seq_len is None else max_seq_len)
+        self._reserve(self.bytes_for(n))
+        ss = ServerSession(sid, Session(self.model, n, chunk_size=self.chunk_size, progress=False))
+        ss.verified = True
+        self.sessions[sid] = ss
+        return ss
 
+    def delete_session(self, session_id: str) -> None:
+        """Forget a session (a generation running on it finishes on the orphaned object); with `persist`, its
+        autosave is deleted too (by the worker, after any earlier work)."""
+        ss = self.get(session_id)
+        del self.sessions[session_id]
+        if ss.autosave_id is not None:
+            self._submit(_Job(self._delete_autosave, (ss,), frozenset(), None, None))
+
+    def rollback(self, ss: ServerSession, keep_messages: int) -> ServerSession:
+        """Job: keep the first `keep_messages` messages; the cache is recreated and re-prefilled (SPEC §6.2)."""
+        s = ss.session
+        if keep_messages != 0:  # keeping nothing also resets a session whose transcript does not match
+            self._require_consistent(ss)
+        if isinstance(keep_messages, bool) or not isinstance(keep_messages, int) \
+                or not 0 <= keep_messages <= len(s.transcript):
+            raise BadRequest(f"keep_messages={keep_messages!r}: expected an int in [0, {len(s.transcript)}]")
+        kept = s.transcript[:keep_messages]
+        n = sum(m["tokens"] for m in kept)
+        fresh = Session(self.model, s.max_len, chunk_size=self.chunk_size, progress=False)
+        if n:
+            fresh.append(s.ids[:n], role=None)
+        fresh.set_transcript(kept)
+        ss.session = fresh
+        ss.verified = True
+        ss.publish()
+        return ss
+
+    def resize(self, ss: ServerSession, max_seq_len: int) -> ServerSession:
+        """Job: grow the allocation (contents, cursor and transcript kept)."""
+        n = self._check_len(max_seq_len)
+        if n < ss.session.max_len:
+            raise BadRequest(f"max_seq_len={n}: smaller than the session's {ss.session.max_len} (a session only "
+                             "grows)")
+        self._reserve(self.bytes_for(n) - ss.session.memory()["total"])
+        ss.session.grow(n)
+        ss.publish()
+        return ss
+
+    def save_snapshot(self, ss: ServerSession, title: str, description: str, tags: list[str]) -> str:
+        """Job: write the session to the snapshot store; returns the snapshot id."""
+        return self.store.save(ss.session, title=title, tags=tags, description=description)
+
+    def load_snapshot(self, snapshot_id: str, session_id: str | None, force: bool,
+                      max_seq_len: int | None, origin: str = "snapshot") -> ServerSession:
+        """Job: verify a snapshot and hold it as a session (replacing an existing one only with `force`). The
+        allocation must fit --max-seq-len-limit (checked by the store) and the memory budget (the budget is
+        checked first with the allocation capped at the limit, so an oversized snapshot gets the limit error)."""
+        sid = self._claim_id(session_id, force)
+        if max_seq_len is not None:
+            self._check_len(max_seq_len)
+        n = min(max(self.store.info(snapshot_id).max_seq_len, max_seq_len or 0), self.max_seq_len_limit)
+        old = self.sessions.get(sid)
+        self._reserve(self.bytes_for(n), freed=0 if old is None else old.session.memory()["total"])
+        s = self.store.load(snapshot_id, self.model, max_len=max_seq_len, max_len_limit=self.max_seq_len_limit,
+                            chunk_size=self.chunk_size, progress=False)
+        ss = ServerSession(sid, s, origin=f"{origin}:{snapshot_id}")
+        self.sessions[sid] = ss
+        return ss
+
+    # ------------------------------------------------------------------ persistence (worker thread)
+    def restore_autosaved(self) -> list[str]:
+        """Load the newest autosave of every session (older ones are deleted); returns the restored ids. Call it
+        before serving. Autosaves that fail to load are logged and kept."""
+        newest: dict[str, object] = {}
+        for info in self.store.list(self.model):
+            sid = _autosaved_session(info.tags)
+            if sid is None:
+                continue
+            older = newest.get(sid)
+            if older is not None:
+                self.store.delete((older if older.created_at <= info.created_at else info).id)
+                if older.created_at > info.created_at:
+                    continue
+            newest[sid] = info
+        restored = []
+        for sid, info in newest.items():
+            try:
+                ss = self.load_snapshot(info.id, sid, False, None, origin="autosave")
+            except Exception as e:
+                log.warning("autosave %s of session %s not restored: %s", info.id, sid, e)
+                continue
+            ss.autosave_id, ss.dirty = info.id, False
+            restored.append(sid)
+        return restored
+
+    def _autosave(self, ss: ServerSession) -> None:
+        previous = ss.autosave_id
+        ss.autosave_id = self.store.save(ss.session, title=f"autosave of session {ss.id}",
+                                         tags=[AUTOSAVE_TAG, SESSION_TAG_PREFIX + ss.id])
+        ss.dirty = False
+        if previous is not None:
+            self.store.delete(previous)
+
+    def _delete_autosave(self, ss: ServerSession) -> None:
+        if ss.autosave_id is not None:
+            self.store.delete(ss.autosave_id)
+            ss.autosave_id = None
+
+    def _autosave_idle(self) -> None:
+        now = time.monotonic()
+        for ss in list(self.sessions.values()):
+            if ss.dirty and not ss.busy and now - ss.changed_at >= self.autosave_idle_s:
+                try:
+                    self._autosave(ss)
+                except Exception:
+                    log.exception("autosave of session %s failed", ss.id)
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            self._queue.extend(self._inbox)
+            self._inbox.clear()
+        for gen in list(self._active):
+            self._finish_cancelled(gen)
+        for item in self._queue:
+            if isinstance(item, _Job):
+                if item.future is not None:
+                    _resolve(item.loop, item.future, None, Cancelled("the server is stopping"))
+                elif item.fn == self._delete_autosave:
+                    item.fn(*item.args)
+            else:
+                self._finish_cancelled(item)
+        self._queue = []
+        if self.persist:
+            for ss in list(self.sessions.values()):
+                if ss.dirty or ss.autosave_id is None:
+                    try:
+                        self._autosave(ss)
+                    except Exception:
+                        log.exception("autosave of session %s failed", ss.id)
+
+
+def _autosaved_session(tags) -> str | None:
+    if AUTOSAVE_TAG not in tags:
+        return None
+    for tag in tags:
+        if tag.startswith(SESSION_TAG_PREFIX):
+            return tag[len(SESSION_TAG_PREFIX):]
+    return None
+
+
+def _resolve(loop, future, result, error) -> None:
+    """Set an asyncio future from the worker thread (ignored if it was cancelled or its loop is gone)."""
+    if future is None:
+        if error is not None:
+            log.warning("background job failed: %s", error)
+        return
+
+    def settle():
+        if not future.done():
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:
+        pass
+
+
+def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    alternatives = []
+    if top:
+        values, ids = torch.topk(lp, min(top, lp.numel()))
+        alternatives = [(int(i), float(v)) for i, v in zip(ids, values)]
+    return TokenLogprob(token, float(lp[token]), alternatives)
+
+
+# ---------------------------------------------------------------------- Session API shims
+# TEMPORARY: requested from the engine owner as public `Session.sample` and `Session.record_step`
+# (/work/coord/requests.md); these use the public API as soon as it exists.
+def _sample(session: Session, logits: torch.Tensor, temperature: float, top_p: float) -> int:
+    if hasattr(session, "sample"):
+        return session.sample(temperature, top_p)
+    from ..engine.session import _sample as sample
+
+    return sample(logits, temperature, top_p, session._gen)
+
+
+def _reseed(session: Session, seed: int) -> None:
+    session._gen.manual_seed(seed)
+
+
+def _record_step(session: Session, token: int, logits: torch.Tensor) -> None:
+    if hasattr(session, "record_step"):
+        return session.record_step(token, logits)
+    session._begin_write()
+    session._token_ids[session._cursor] = token
+    session._cursor += 1
+    session._high = max(session._high, session._cursor)
+    session._logits = logits.clone()

@@ -42,8 +42,8 @@ def check_bind(host: str, api_key: str | None) -> None:
 class ServeOptions:
     """Everything `superlinear-lab serve` takes (one field per flag)."""
 
-    model: str = "tiny"  # a model directory, or a name for load_model (shipped model first, else random init)
-    random_init: bool = False  # use the preset's random initialisation even if a trained model is shipped
+    model: str = "tiny"  # a shipped model name or a model/checkpoint directory (`loaders.open_model`)
+    random_init: bool = False  # the seeded random initialisation of preset `model` instead of weights
     host: str = "127.0.0.1"  # bind address (loopback by default, Decision D8)
     port: int = 8787  # 0 = any free port (printed in the ready line)
     api_key: str | None = None  # bearer token (also $SUPERLINEAR_LAB_API_KEY)
@@ -52,7 +52,8 @@ class ServeOptions:
     dtype: str = "auto"  # float32, float16, bfloat16 or auto (float16 on CUDA, float32 on CPU), printed at start
     attn_backend: str = "auto"  # attention kernels: auto, torch, triton, oracle
     threads: int = 0  # torch CPU threads (0 = torch's default)
-    chunk_size: int = 8192  # prefill chunk length
+    chunk_size: int = 8192  # prefill chunk length of a session's own prefill (rollback)
+    prefill_slice: int = 256  # prompt tokens prefilled per scheduling step (short requests interleave)
     max_concurrency: int = 16  # engine requests in flight before 429 (0 = no limit)
     max_completion_tokens: int = 1024  # cap on max_tokens
     max_request_bytes: int = 8 << 20  # cap on a request body
@@ -60,6 +61,9 @@ class ServeOptions:
     session_max_seq_len: int = 131072  # allocation of a new session by default
     max_seq_len_limit: int = 1048576  # the largest allocation a request may ask for
     max_sessions: int = 64  # sessions held at once
+    memory_budget_mb: int = 8192  # total MiB of all sessions' caches (0 = no budget)
+    persist_sessions: bool = False  # autosave sessions (idle and on shutdown) and restore them on start
+    autosave_idle_s: float = 60.0  # with persist_sessions: autosave a changed session idle this long
     snapshot_dir: str | None = None  # default $SUPERLINEAR_LAB_SNAPSHOT_DIR, else the XDG cache
     warmup: bool = True  # a short prefill + decode before serving
     log_level: str = "info"
@@ -68,26 +72,38 @@ class ServeOptions:
 def _load(options: ServeOptions):
     import torch
 
-    from ..model import load_model
-
     device = options.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = options.dtype
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
-    kwargs = dict(device=device, dtype=dtype, backend=options.attn_backend)
-    if os.path.isdir(options.model):
-        model = load_model(path=options.model, **kwargs)
-    elif options.random_init:
-        from ..model.io import PRESETS
+    if options.random_init:
+        from ..model import load_model
 
-        if options.model not in PRESETS:
-            raise ValueError(f"--model {options.model!r} with --random-init: expected a preset ({sorted(PRESETS)})")
-        model = load_model(options.model, config=PRESETS[options.model](), **kwargs)
+        model = load_model(options.model, random_init=True, device=device, dtype=dtype,
+                           backend=options.attn_backend)
     else:
-        model = load_model(options.model, **kwargs)
+        from ..loaders import open_model
+
+        model = open_model(options.model, device=device, dtype=dtype, backend=options.attn_backend)
     return model, device, dtype
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port). It is created with protocol IPPROTO_TCP: asyncio sets TCP_NODELAY
+    only on sockets whose `proto` says TCP, and without it every keep-alive response waits ~40 ms for the
+    client's delayed ACK (Nagle)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(512)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _warmup(model) -> None:
@@ -118,20 +134,27 @@ def serve(options: ServeOptions) -> None:
     store = SnapshotStore(options.snapshot_dir)
     engine = ChatEngine(model, store, session_max_seq_len=options.session_max_seq_len,
                         max_seq_len_limit=options.max_seq_len_limit, max_sessions=options.max_sessions,
-                        max_prompt_tokens=options.max_prompt_tokens, chunk_size=options.chunk_size)
+                        max_prompt_tokens=options.max_prompt_tokens, chunk_size=options.chunk_size,
+                        prefill_slice=options.prefill_slice,
+                        memory_budget=(options.memory_budget_mb << 20) or None,
+                        persist=options.persist_sessions, autosave_idle_s=options.autosave_idle_s)
+    if options.persist_sessions:
+        restored = engine.restore_autosaved()
+        if restored:
+            print(f"restored {len(restored)} autosaved session(s): {', '.join(restored)}", flush=True)
     served = options.served_model_name or model.model_id
     settings = ServerSettings(served_model=served, api_key=api_key, max_concurrency=options.max_concurrency,
                               max_completion_tokens=options.max_completion_tokens,
                               max_request_bytes=options.max_request_bytes)
     app = create_app(engine, settings)
 
-    family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((options.host.strip("[]"), options.port))
-    sock.listen(128)
+    try:
+        sock = bind_socket(options.host, options.port)
+    except BaseException:
+        engine.close()
+        raise
     port = sock.getsockname()[1]
-    host = f"[{options.host.strip('[]')}]" if family == socket.AF_INET6 else options.host
+    host = f"[{options.host.strip('[]')}]" if sock.family == socket.AF_INET6 else options.host
     print(f"model {served} on {device} ({dtype}); snapshots in {store.root}; "
           f"auth {'on' if api_key else 'off'}; max concurrency {options.max_concurrency or 'unlimited'}",
           flush=True)
