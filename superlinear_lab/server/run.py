@@ -6,6 +6,7 @@ so scripts and tests can wait for it; with ``--port 0`` the line carries the por
 """
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import socket
@@ -168,7 +169,13 @@ def serve(options: ServeOptions) -> None:
         await original_startup(sockets=sockets)
         print(f"{READY_LINE} http://{host}:{port}", flush=True)
 
-    server.startup = startup
+    original_shutdown = server.shutdown
+
+    async def shutdown(sockets=None):  # uvicorn re-raises SIGTERM/SIGINT after this: stop the engine here
+        await original_shutdown(sockets=sockets)
+        await asyncio.to_thread(engine.close)  # cancels running work; autosaves with --persist-sessions
+
+    server.startup, server.shutdown = startup, shutdown
     try:
         server.run(sockets=[sock])
     finally:
