@@ -2,10 +2,12 @@
 GQA, no RoPE (cache_position is the only positional input, SPEC §5.1). Calls `superlinear_attention`."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from superlinear_kernels import superlinear_attention
+from superlinear_kernels import SearchResult, span_search, superlinear_attention
 
 from .config import ModelConfig
 
@@ -16,6 +18,10 @@ class SuperlinearAttentionLayer(nn.Module):
     `routing_recorders` is the capture protocol of `superlinear_lab.trace`: while non-empty, each call asks the
     kernel for its routing and hands ``(positions, routing, q1, k_cache)`` to every recorder. The output does not
     depend on whether recorders are present.
+
+    `routing_overrides` is the intervention protocol of `superlinear_lab.intervene`: while non-empty, the layer
+    searches, passes the routing through each override ``fn(positions, routing, q1, k_cache) -> SearchResult``
+    in turn, and attends with the result (recorders see the overridden routing).
     """
 
     def __init__(self, cfg: ModelConfig, backend: str = "auto"):
@@ -30,6 +36,7 @@ class SuperlinearAttentionLayer(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, hkv * d, bias=False)
         self.o_proj = nn.Linear(hq * d, cfg.d_model, bias=False)
         self.routing_recorders: list = []
+        self.routing_overrides: list = []
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, key_cache: torch.Tensor | None = None,
                 value_cache: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,7 +57,14 @@ class SuperlinearAttentionLayer(nn.Module):
             value_cache[:, :, start:start + length] = v
             k, v = key_cache, value_cache
         recorders = list(self.routing_recorders)
-        if recorders:
+        if self.routing_overrides:
+            routing = span_search(q1, k, positions, self.span_config, backend=self.backend)
+            for override in list(self.routing_overrides):
+                routing = override(positions, routing, q1, k)
+            out, routing = attend_with_routing(q2, k, v, positions, self.span_config, routing)
+            for record in recorders:
+                record(positions, routing, q1, k)
+        elif recorders:
             out, routing = superlinear_attention(q1, q2, k, v, positions, self.span_config, backend=self.backend,
                                                  return_routing=True)
             for record in recorders:
@@ -58,3 +72,40 @@ class SuperlinearAttentionLayer(nn.Module):
         else:
             out = superlinear_attention(q1, q2, k, v, positions, self.span_config, backend=self.backend)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, length, hq * d))
+
+
+def attend_with_routing(q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cfg,
+                        routing: SearchResult) -> tuple[torch.Tensor, SearchResult]:
+    """Superlinear attention with a *given* routing (SPEC §3): window and span branches, LSE merge, gate.
+
+    q2 [B, H_Q, L, D]; k, v [B, H_KV, L_KV, D]; positions int64 [L]; routing fields [B, H_Q, L, K] (spans already
+    clipped as `span_bounds` clips them). Returns (out [B, H_Q, L, D] in q2's dtype, routing with its gate).
+    Rows start at key 0 (the model does not left-pad).
+
+    TEMPORARY: composed from the torch backend's building blocks because `superlinear_attention` has no
+    ``routing=`` argument yet (requested from the kernels owner); it will call that instead.
+    """
+    from superlinear_kernels.geometry import window_bounds
+    from superlinear_kernels.softmax import gate_weights, merge_with_window
+    from superlinear_kernels.torch_ops import range_attention
+
+    b, h_q, length, d = q2.shape
+    dev = q2.device
+    group = h_q // k.shape[1]
+    rows = b * h_q * length
+    bb = torch.arange(b, device=dev)[:, None, None].expand(b, h_q, length).reshape(-1)
+    hh = (torch.arange(h_q, device=dev) // group)[None, :, None].expand(b, h_q, length).reshape(-1)
+    q = positions.to(dev, torch.int64)[None, None, :].expand(b, h_q, length).reshape(-1)
+    q2f, kf, vf = q2.float().reshape(-1, d), k.float(), v.float()
+    scale = 1.0 / math.sqrt(d)
+    win_lo, win_hi = window_bounds(cfg, q)  # -1 (an empty range) when the window is empty
+    win_out, win_lse = range_attention(q2f, torch.arange(rows, device=dev), bb, hh, win_lo, win_hi, kf, vf, scale)
+    num = routing.qstart.shape[-1]
+    rep = lambda t: t.repeat_interleave(num)  # noqa: E731
+    span_out, span_lse = range_attention(q2f, rep(torch.arange(rows, device=dev)), rep(bb), rep(hh),
+                                         routing.qstart.reshape(-1).long(), routing.qend.reshape(-1).long(),
+                                         kf, vf, scale)
+    branches = merge_with_window(span_out.view(-1, num, d), span_lse.view(-1, num), win_out, win_lse)
+    gate = gate_weights(routing.values, routing.valid)
+    out = (gate.reshape(-1, num, 1) * branches).sum(dim=1).view(b, h_q, length, d)
+    return out.to(q2.dtype), SearchResult(routing.qstart, routing.qanchor, routing.qend, routing.values, gate)
