@@ -1,0 +1,365 @@
+"""Superlinear attention as a transformers attention implementation (``attn_implementation="superlinear"``).
+
+`register()` adds the name to transformers' `AttentionInterface` (and its mask interface, with the sdpa mask), and
+`convert(model, cfg, layers=None, search_query="q")` switches a decoder-only model to it in place: every converted
+attention module gets a `LayerState` (``module.superlinear``) holding its `SpanConfig`; modules without one stay
+dense (PyTorch sdpa). The layer's own projections and RoPE run unchanged, so the search runs on the rotated q/k the
+layer attends with; the attention itself is `superlinear_kernels.superlinear_attention` (backend "auto").
+
+Search query (Q1):
+* ``"q"`` (default, training-free): Q1 is the layer's own rotated query, Q2 = Q1 (the pretrained Q·K picks anchors).
+* ``"proj"``: a separate projection initialised from the layer's ``q_proj`` (a `SearchQueryProjection` wraps it and
+  appends H more heads; RoPE rotates them like the query). `retrofit` trains it.
+
+Queries are the last L_Q keys of the key tensor the layer receives (the model's own `DynamicCache`, or a session
+cache); padding must be on the left (the mask is checked, a mismatch is a ValueError).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from superlinear_kernels import SpanConfig, coverage, superlinear_attention
+
+NAME = "superlinear"
+SEARCH_QUERIES = ("q", "proj")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerState:
+    """Superlinear settings of one converted attention module (``module.superlinear``).
+
+    Also the trace protocol's layer object (`superlinear_lab.trace`): `span_config` and `routing_recorders`
+    (callables ``fn(positions, routing, q1, k)``).
+    """
+
+    index: int  # the decoder layer index (module.layer_idx)
+    span_config: SpanConfig
+    search_query: str  # "q" or "proj"
+    heads: int  # H_Q of the layer
+    backend: str = "auto"
+    active: bool = True  # False: dense attention (the teacher in `retrofit`, `dense(model)`)
+    routing_recorders: list = field(default_factory=list)
+    # fn(positions, routing, q2, k) with q2 [B, H_Q, L_Q, D] scaled for 1/sqrt(D) (`attention_pattern` uses it)
+    qkv_recorders: list = field(default_factory=list)
+
+
+class SearchQueryProjection(nn.Module):
+    """Wraps a layer's ``q_proj``: output [..., 2·H·D] = [q_proj(x), search(x)], so the model's own view/RoPE code
+    produces 2H query heads (H attention heads, then H search heads). `search` starts as a copy of `q_proj`."""
+
+    def __init__(self, q_proj: nn.Linear):
+        super().__init__()
+        self.base = q_proj
+        self.search = nn.Linear(q_proj.in_features, q_proj.out_features, bias=q_proj.bias is not None,
+                                device=q_proj.weight.device, dtype=q_proj.weight.dtype)
+        with torch.no_grad():
+            self.search.weight.copy_(q_proj.weight)
+            if q_proj.bias is not None:
+                self.search.bias.copy_(q_proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.base(x), self.search(x)], dim=-1)
+
+
+# --------------------------------------------------------------------------- registration
+def register() -> None:
+    """Add "superlinear" to transformers' attention implementations (idempotent).
+
+    Masks for it are built like sdpa's (4-D bool, or None for a plain causal prefill); dense layers of a partly
+    converted model run sdpa with them.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def _dense_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                  **kwargs)
+
+
+def _state_from_config(module) -> LayerState | None:
+    """A model loaded with ``attn_implementation="superlinear"`` but never passed to `convert`: read the
+    ``superlinear`` section of its config (written by `convert`/`save_pretrained`); layers not listed stay dense."""
+    spec = getattr(getattr(module, "config", None), "superlinear", None)
+    index = getattr(module, "layer_idx", None)
+    if not isinstance(spec, dict) or index is None or str(index) not in spec.get("layers", {}):
+        return None
+    if spec.get("search_query", "q") != "q":
+        raise ValueError(f"layer {index}: the config asks for search_query={spec.get('search_query')!r}, whose Q1 "
+                         "weights are stored beside the model; load it with superlinear_lab.hf.from_pretrained(path)")
+    heads = module.config.num_attention_heads
+    return LayerState(index, SpanConfig.from_dict(spec["layers"][str(index)]), "q", heads)
+
+
+def padding_from_mask(attention_mask, batch: int, l_q: int, l_kv: int) -> torch.Tensor | None:
+    """bool [B, L_KV] (True = valid key) from the layer's 4-D mask, or None for a plain causal call.
+
+    The mask must be causal with left padding over queries at positions L_KV - L_Q … L_KV - 1 (what a causal LM
+    with a dynamic cache builds); anything else (right padding, packed sequences, a static cache) is a ValueError.
+    """
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+        raise ValueError(f"attention_mask: expected None or a 4-D tensor, got {type(attention_mask).__name__} "
+                         f"{tuple(getattr(attention_mask, 'shape', ()))}")
+    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    allowed = allowed[:, 0].expand(batch, l_q, allowed.shape[-1])
+    if allowed.shape[-1] != l_kv:
+        raise ValueError(f"attention_mask: {allowed.shape[-1]} keys but the layer has L_KV={l_kv} (a static cache "
+                         "is not supported; use the model's dynamic cache or a superlinear_lab session)")
+    key_valid = allowed[:, -1, :]
+    positions = torch.arange(l_kv - l_q, l_kv, device=allowed.device)
+    keys = torch.arange(l_kv, device=allowed.device)
+    expected = (keys[None, :] <= positions[:, None])[None] & key_valid[:, None, :]
+    row_start = (~key_valid).to(torch.int64).cumprod(dim=1).sum(dim=1)
+    live = positions[None, :] >= row_start[:, None]  # rows of padding queries may be anything
+    if not bool(((allowed == expected) | ~live[..., None]).all()):
+        raise ValueError("attention_mask: superlinear layers need a causal mask with left padding (0…0 1…1 per row); "
+                         "this one is not (right padding or packed sequences?)")
+    return key_valid
+
+
+def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """The transformers attention function for "superlinear".
+
+    Args:
+        query: [B, H_Q, L_Q, D] rotated queries ([B, 2·H_Q, L_Q, D] with a search projection).
+        key, value: [B, H_KV, L_KV, D], the layer's whole key/value cache after this call's update.
+        attention_mask: the 4-D mask from the sdpa mask function, or None.
+        scaling: the layer's softmax scale (default 1/sqrt(D)).
+
+    Returns:
+        (out [B, L_Q, H_Q, D], None). Layers without a `LayerState` (dense layers) run sdpa.
+    """
+    state = getattr(module, "superlinear", None)
+    if state is None:
+        state = _state_from_config(module)
+        module.superlinear = state if state is not None else False
+    if not state or not state.active:
+        if state and state.search_query == "proj":
+            query = query[:, : state.heads]
+        return _dense_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    for unsupported in ("softcap", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise NotImplementedError(f"layer {state.index}: attention with {unsupported} is not supported by "
+                                      "superlinear attention")
+    batch, h_total, l_q, d = query.shape
+    if state.search_query == "proj":
+        if h_total != 2 * state.heads:
+            raise ValueError(f"layer {state.index}: expected {2 * state.heads} query heads (attention + search), "
+                             f"got {h_total}")
+        q2, q1 = query[:, : state.heads], query[:, state.heads:]
+    else:
+        q1 = q2 = query
+    scale = 1.0 / math.sqrt(d) if scaling is None else float(scaling)
+    if abs(scale * math.sqrt(d) - 1.0) > 1e-12:  # the kernel scales Q2 by 1/sqrt(D)
+        q2 = q2 * (scale * math.sqrt(d))
+    if not (q1.dtype == q2.dtype == key.dtype == value.dtype):  # e.g. under autocast: one dtype for the kernel
+        q1, q2, key, value = (x.to(query.dtype) for x in (q1, q2, key, value))
+    l_kv = key.shape[2]
+    positions = torch.arange(l_kv - l_q, l_kv, device=query.device)
+    key_valid = padding_from_mask(attention_mask, batch, l_q, l_kv)
+    recorders, qkv_recorders = list(state.routing_recorders), list(state.qkv_recorders)
+    if recorders or qkv_recorders:
+        out, routing = superlinear_attention(q1, q2, key, value, positions, state.span_config, key_valid,
+                                             backend=state.backend, return_routing=True)
+        for record in recorders:
+            record(positions, routing, q1, key)
+        for record in qkv_recorders:
+            record(positions, routing, q2, key)
+    else:
+        out = superlinear_attention(q1, q2, key, value, positions, state.span_config, key_valid,
+                                    backend=state.backend)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# --------------------------------------------------------------------------- conversion
+def attention_modules(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(layer index, attention module) of every self-attention module that dispatches through the interface."""
+    found = {}
+    for _, mod in model.named_modules():
+        idx = getattr(mod, "layer_idx", None)
+        if isinstance(idx, int) and type(mod).__name__.endswith("Attention") and hasattr(mod, "config"):
+            found.setdefault(idx, mod)
+    return sorted(found.items())
+
+
+def check_supported(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """Raise a ValueError/TypeError naming what is missing unless `model` is a decoder-only transformers model whose
+    attention goes through `AttentionInterface`. Returns `attention_modules(model)`."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError as exc:  # pragma: no cover - the hf extra is missing
+        raise ImportError("superlinear_lab.hf needs transformers: pip install 'superlinear-lab[hf]'") from exc
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
+    arch = type(model).__name__
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{arch}: encoder-decoder models are not supported (config.is_encoder_decoder is True); "
+                         "superlinear attention needs a decoder-only causal LM")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(f"{arch}: its attention does not dispatch through transformers' AttentionInterface "
+                         "(_supports_attention_backend is False), so 'superlinear' cannot be plugged in")
+    if not getattr(config, "is_causal", True):
+        raise ValueError(f"{arch}: config.is_causal is False (bidirectional attention); superlinear attention is "
+                         "causal")
+    mods = attention_modules(model)
+    if not mods:
+        raise ValueError(f"{arch}: found no attention module with a `layer_idx` (class name ending in 'Attention')")
+    return mods
+
+
+def _per_layer(cfg, indices: list[int]) -> dict[int, SpanConfig]:
+    if isinstance(cfg, SpanConfig):
+        return {i: cfg for i in indices}
+    if isinstance(cfg, dict):
+        bad = [k for k in cfg if isinstance(k, bool) or not isinstance(k, int)]
+        if bad:
+            raise TypeError(f"cfg: keys must be layer indices (int), got {bad[:3]}; pass a SpanConfig or "
+                            "{layer index: SpanConfig}")
+        unknown = sorted(set(cfg) - set(indices))
+        if unknown:
+            raise ValueError(f"cfg: layers {unknown} are not converted (converted: {indices})")
+        missing = [i for i in indices if i not in cfg]
+        if missing:
+            raise ValueError(f"cfg: no SpanConfig for layers {missing}; give one per converted layer or one for all")
+        for i, c in cfg.items():
+            if not isinstance(c, SpanConfig):
+                raise TypeError(f"cfg[{i}]: expected a SpanConfig, got {type(c).__name__}")
+        return dict(cfg)
+    raise TypeError(f"cfg: expected a SpanConfig or {{layer index: SpanConfig}}, got {type(cfg).__name__}")
+
+
+def convert(model: nn.Module, cfg, layers=None, search_query: str = "q", *, backend: str = "auto",
+            allow_gaps: bool = False, coverage_length: int | None = None) -> nn.Module:
+    """Switch `model`'s attention layers to superlinear attention, in place; returns the model.
+
+    Args:
+        model: a decoder-only transformers model that uses the attention interface (Llama, Qwen2, Mistral,
+            GPT-NeoX, ...).
+        cfg: one `SpanConfig` for every converted layer, or ``{layer index: SpanConfig}``.
+        layers: layer indices to convert (None: the keys of a `cfg` dict, else every attention layer); the
+            others stay dense.
+        search_query: "q" (Q1 = the layer's query, training-free) or "proj" (a separate Q1 projection initialised
+            from ``q_proj``).
+        backend: the kernel backend ("auto", "torch", "triton", "oracle").
+        allow_gaps: convert even if a `SpanConfig` leaves some key unreachable (coverage fails).
+        coverage_length: row length the coverage proof covers (default the model's max_position_embeddings,
+            at most 2^20).
+
+    Raises:
+        TypeError / ValueError naming the argument (unsupported architecture, unknown layer, a SpanConfig that
+        breaks coverage, search_query="proj" on a model without ``q_proj``).
+    """
+    mods = dict(check_supported(model))
+    if search_query not in SEARCH_QUERIES:
+        raise ValueError(f"search_query={search_query!r}: expected one of {SEARCH_QUERIES}")
+    if layers is None and isinstance(cfg, dict) and all(isinstance(k, int) for k in cfg):
+        layers = sorted(cfg)  # {layer: SpanConfig} names the layers to convert
+    indices = sorted(mods) if layers is None else sorted(set(int(i) for i in layers))
+    unknown = [i for i in indices if i not in mods]
+    if unknown:
+        raise ValueError(f"layers={list(layers)}: no attention layer {unknown}; this model has {sorted(mods)}")
+    per_layer = _per_layer(cfg, indices)
+    length = coverage_length or min(int(getattr(model.config, "max_position_embeddings", 4096) or 4096), 1 << 20)
+    for i in indices:
+        report = coverage(per_layer[i], length)
+        if not report.ok:
+            msg = (f"cfg for layer {i}: {per_layer[i]} breaks coverage — query {report.first_gap[0]} never reaches "
+                   f"key {report.first_gap[1]} (checked {length} tokens)")
+            if not allow_gaps:
+                raise ValueError(msg + "; pass allow_gaps=True to convert anyway")
+            log.warning("%s; converting anyway (allow_gaps=True)", msg)
+    if search_query == "proj":
+        for i in indices:
+            q_proj = getattr(mods[i], "q_proj", None)
+            if not isinstance(q_proj, (nn.Linear, SearchQueryProjection)):
+                raise ValueError(f"search_query='proj': layer {i} ({type(mods[i]).__name__}) has no separate "
+                                 "q_proj Linear to initialise the search projection from (use search_query='q')")
+    register()
+    heads = int(model.config.num_attention_heads)
+    for i, mod in mods.items():
+        wrapped = isinstance(getattr(mod, "q_proj", None), SearchQueryProjection)
+        if i in per_layer and search_query == "proj":
+            if not wrapped:
+                mod.q_proj = SearchQueryProjection(mod.q_proj)
+        elif wrapped:  # back to the layer's own query (its trained Q1 is dropped)
+            mod.q_proj = mod.q_proj.base
+        mod.superlinear = LayerState(i, per_layer[i], search_query, heads, backend) if i in per_layer else False
+    model.set_attn_implementation(NAME)
+    model.config.superlinear = {"search_query": search_query,
+                                "layers": {str(i): per_layer[i].to_dict() for i in indices}}
+    _install_trace_protocol(model)
+    return model
+
+
+def converted_layers(model: nn.Module) -> list[tuple[int, LayerState]]:
+    """(layer index, `LayerState`) of every converted layer — the trace protocol's ``routing_layers()``."""
+    return [(i, mod.superlinear) for i, mod in attention_modules(model) if getattr(mod, "superlinear", None)]
+
+
+@contextlib.contextmanager
+def dense(model: nn.Module):
+    """``with dense(model):`` every converted layer runs dense attention (its original function) inside the block."""
+    states = [s for _, s in converted_layers(model)]
+    before = [s.active for s in states]
+    try:
+        for s in states:
+            s.active = False
+        yield model
+    finally:
+        for s, a in zip(states, before):
+            s.active = a
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Kernel backend of every converted layer: "auto", "torch", "triton" or "oracle"."""
+    for _, s in converted_layers(model):
+        s.backend = backend
+    return model
+
+
+# --------------------------------------------------------------------------- trace protocol on the raw model
+def _cache_length(kwargs) -> int:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+
+
+def _install_trace_protocol(model: nn.Module) -> None:
+    """Give the model what `RoutingTrace.capture` reads: ``routing_layers()``, ``token_recorders`` (fed by a
+    forward pre-hook with the positions of the call's ids) and ``trace(...)``."""
+    if getattr(model, "_superlinear_trace_hook", None) is not None:
+        return
+    model.token_recorders = []
+
+    def pre_hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if module.token_recorders and isinstance(ids, torch.Tensor):
+            start = _cache_length(kwargs)
+            positions = torch.arange(start, start + ids.shape[-1], device=ids.device)
+            for record in list(module.token_recorders):
+                record(positions, ids)
+
+    model._superlinear_trace_hook = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    model.routing_layers = lambda: converted_layers(model)
+
+    def trace(queries=None, profile_queries=None, layers=None):
+        from ..trace import RoutingTrace
+
+        return RoutingTrace.capture(model, queries=queries, profile_queries=profile_queries, layers=layers)
+
+    model.trace = trace
