@@ -64,7 +64,7 @@ class HFTokenizer:
 
 def _tokenizer_for(model, tokenizer):
     if tokenizer is None:
-        if model.config.vocab_size >= ByteTokenizer.vocab_size:
+        if model.config.vocab_size == ByteTokenizer.vocab_size:  # a byte-level model (e.g. the retrofit bench)
             return ByteTokenizer()
         return IdTokenizer(model.config.vocab_size, getattr(model.config, "eos_token_id", None))
     if isinstance(tokenizer, (ByteTokenizer, IdTokenizer, HFTokenizer)):
@@ -191,7 +191,7 @@ class HFModel(nn.Module):
     Args:
         model: the transformers model (after `convert`; a dense one works too, with no routing to trace).
         tokenizer: a transformers tokenizer, a `ByteTokenizer`, or None (the byte tokenizer when the vocabulary
-            holds it, else ids only).
+            is exactly its 264 ids, else ids only: `IdTokenizer`).
         model_id: name used by snapshots and the server.
         source: where the weights came from (``{"name": dir name, "files": {file: sha256}}``, fingerprinted).
     """

@@ -252,9 +252,9 @@ def retrofit(model, cfg, ids: torch.Tensor, out=None, *, layers=None, settings: 
             loss.backward()
             opt.step()
             step += 1
-            history.append({"step": step, "loss": float(loss), "kl": float(kl), "mse": float(mse)})
+            history.append({"step": step, "loss": float(loss.detach()), "kl": float(kl.detach()), "mse": float(mse.detach())})
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4g}")
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4g}")
             if out is not None and (step % settings.save_every == 0 or step == settings.steps):
                 _save_state(out, step, params, opt, meta, history)
     finally:

@@ -1,0 +1,124 @@
+"""Sessions, snapshots and model directories over a converted transformers model (`HFModel`): chunked prefill equals a
+full forward, session generation equals transformers' generate, checkpoint/rollback/fork, SnapshotStore round trip,
+save_pretrained / from_pretrained (also plain transformers loading after `register()`). Nothing is downloaded."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import superlinear_lab.hf as hf  # noqa: E402
+from superlinear_kernels import SpanConfig  # noqa: E402
+from superlinear_lab.engine.session import Session  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+VOCAB = 300
+CFG = SpanConfig.default()
+
+
+def converted(seed=0, layers=None):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return hf.convert(transformers.LlamaForCausalLM(config).eval(), CFG, layers=layers)
+
+
+@pytest.fixture(scope="module")
+def wrapped():
+    return hf.HFModel(converted(), model_id="hf/test-llama")
+
+
+def test_chunked_prefill_equals_full_forward(wrapped):
+    ids = torch.randint(0, VOCAB, (70,))
+    s = Session(wrapped, max_len=128, chunk_size=16)
+    assert s.append(ids.tolist(), role=None) == 70
+    with torch.no_grad():
+        full = wrapped.hf(input_ids=ids[None]).logits[0]
+    torch.testing.assert_close(s.logits, full[-1], rtol=0, atol=1e-5)
+    assert s.memory()["ssm"] == 0 and s.cache.keys[0].shape == (1, 2, 128, 8)
+
+
+def test_session_generate_equals_transformers_generate(wrapped):
+    prompt = torch.randint(0, VOCAB, (30,))
+    s = Session(wrapped, max_len=96, chunk_size=8)
+    s.append(prompt.tolist())
+    got = s.generate(20)
+    with torch.no_grad():
+        ref = wrapped.hf.generate(prompt[None], max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert got == ref[0, 30:].tolist()
+
+
+def test_checkpoint_rollback_fork(wrapped):
+    s = Session(wrapped, max_len=96, seed=3)
+    s.append(torch.randint(0, VOCAB, (40,)).tolist())
+    cp = s.checkpoint()
+    first = s.generate(8, temperature=1.0)
+    s.rollback(cp)
+    assert s.cursor == 40
+    assert s.generate(8, temperature=1.0) == first  # sampler state restored too
+    s.rollback(cp)
+    child = s.fork()
+    a = child.generate(6)
+    b = s.generate(6)
+    assert a == b and child.cache.keys[0].data_ptr() != s.cache.keys[0].data_ptr()
+    s.grow(160)
+    assert s.max_len == 160 and s.generate(2)
+
+
+def test_snapshot_round_trip(wrapped, tmp_path):
+    from superlinear_lab.engine.snapshot import SnapshotStore
+
+    s = Session(wrapped, max_len=96)
+    s.append(torch.randint(0, VOCAB, (50,)).tolist())
+    store = SnapshotStore(tmp_path / "snaps")
+    sid = store.save(s, title="hf")
+    restored = store.load(sid, wrapped)
+    assert restored.cursor == 50 and torch.equal(restored.ids, s.ids)
+    s.append([7, 8, 9])
+    restored.append([7, 8, 9])
+    torch.testing.assert_close(restored.logits, s.logits, rtol=0, atol=1e-6)
+
+
+def test_session_trace(wrapped):
+    s = Session(wrapped, max_len=96)
+    s.append(torch.randint(0, VOCAB, (20,)).tolist())
+    with s.trace() as tr:
+        s.append(torch.randint(0, VOCAB, (30,)).tolist())
+    assert tr.layers == [0, 1] and tr.length == 50 and tr.queries.tolist() == list(range(20, 50))
+    assert tr.layer(0).heads == 4 and tr.tokens is not None and len(tr.tokens) == 50
+
+
+def test_partly_converted_session_keeps_dense_layer_cache():
+    model = hf.HFModel(converted(seed=1, layers=[1]))
+    assert [i for i, _ in model.routing_layers()] == [1] and model.kv_layers() == [0, 1]
+    ids = torch.randint(0, VOCAB, (45,))
+    s = Session(model, max_len=64, chunk_size=10)
+    s.append(ids.tolist())
+    with torch.no_grad():
+        full = model.hf(input_ids=ids[None]).logits[0, -1]
+    torch.testing.assert_close(s.logits, full, rtol=0, atol=1e-5)
+
+
+def test_save_and_load_model_directory(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from superlinear_lab.hf.open import detect, load
+
+    model = converted(seed=2)
+    hf.save_pretrained(model, tmp_path / "m")
+    ids = torch.randint(0, VOCAB, (1, 60))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        opened = load(tmp_path / "m")
+        assert isinstance(opened, hf.HFModel) and opened.source["kind"] == "transformers"
+        torch.testing.assert_close(opened(ids), want, rtol=0, atol=1e-6)
+        hf.register()  # plain transformers loading: the config's superlinear section converts lazily
+        plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), attn_implementation="superlinear",
+                                                     local_files_only=True).eval()
+        torch.testing.assert_close(plain(input_ids=ids).logits, want, rtol=0, atol=1e-6)
+    import json
+
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert detect(tmp_path / "m", config) and config["superlinear"]["layers"]["0"] == CFG.to_dict()
+    assert not detect(tmp_path / "m", {"model_type": "superlinear-lab-hybrid", "architectures": ["XForCausalLM"]})
