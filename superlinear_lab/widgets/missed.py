@@ -1,20 +1,31 @@
-"""`MissedSpanDebugger`: given evidence spans in a document and the queries that needed them, show for every
-layer and head whether the evidence was reached — and for a miss, why: the stripe whose span would have covered
-it, that stripe's search score and rank, the margin to the K-th chosen score, and the text chosen instead.
+"""`MissedSpanDebugger`: given evidence in a document and the queries that needed it, show for every layer and
+head whether the evidence was reached — and why.
 
-Evidence is given in tokens or in characters (mapped to tokens through the trace's token strings). Scores and
-ranks of stripes that were not chosen need the full stripe profile (`profile_queries` when the trace was
-recorded); without it the view still says reached/missed and which stripe would have covered the evidence.
+* **Routing** — for a miss, *every* candidate stripe whose span holds evidence keys, each with its search score,
+  its rank among all candidate stripes and its margin to the K-th chosen score, leading with the best-ranked one
+  that holds the whole evidence; for a reached cell, the chosen branch (or the window) that reached it.
+* **Read** (with `model=` and `answer=`) — inside each chosen branch of the selected head, the attention mass on
+  the evidence keys, the branch's gate weight, and the answer's probability and how it changes when that branch
+  is removed (an ablation through `superlinear_lab.intervene`).
+* **Try it** — re-run the answer with the best covering stripe forced into the head's choice and show whether the
+  evidence is then reached and the answer changes (`try_it()`, or the button in the widget).
+
+Evidence is given in tokens, in characters, or as a string to search for in the document. Scores and ranks of
+stripes that were not chosen need the full stripe profile (`profile_queries` when the trace was recorded); without
+it the view still says reached/missed and which stripes would have covered the evidence.
 """
 from __future__ import annotations
 
+import contextlib
 import html
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import plotly.graph_objects as go
+import torch
 
-from superlinear_lab.trace import RoutingTrace
+from superlinear_lab.trace import RoutingTrace, capture_routing, evidence_reach
 
 from ._aggregate import snippet
 from ._base import COLORS, View, ViewError, base_layout
@@ -54,18 +65,57 @@ def _text_pieces(trace: RoutingTrace, tokenizer) -> list[str] | None:
     return trace.tokens
 
 
+def find_text(trace: RoutingTrace, text: str, occurrence: int = 0, tokenizer=None) -> tuple[int, int]:
+    """Token range [a, b] (inclusive) of the `occurrence`-th match (0 = first, -1 = last) of `text` in the
+    traced document. With a tokenizer, the encoded `text` is searched among the recorded token ids (exact for any
+    bytes); otherwise `text` is searched in the tokens' text. Raises ValueError naming `text` when absent."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"evidence text: expected a non-empty string, got {text!r}")
+    starts: list[tuple[int, int]] = []
+    if tokenizer is not None and trace.token_ids is not None:
+        ids = trace.token_ids.tolist()
+        needle = tokenizer.encode(text)
+        n = len(needle)
+        first = needle[0]
+        starts = [(i, i + n - 1) for i in range(len(ids) - n + 1) if ids[i] == first and ids[i:i + n] == needle]
+    else:
+        pieces = _text_pieces(trace, tokenizer)
+        if pieces is None:
+            raise ValueError(f"evidence text {text!r}: the trace has no tokens to search (record tokens or pass "
+                             "tokenizer=)")
+        doc = "".join(pieces)
+        at = doc.find(text)
+        while at >= 0:
+            starts.append(char_to_token(pieces, at, at + len(text) - 1))
+            at = doc.find(text, at + 1)
+    if not starts:
+        raise ValueError(f"evidence text {text!r}: not found in the traced document ({trace.length:,} tokens)")
+    if not -len(starts) <= occurrence < len(starts):
+        raise ValueError(f"evidence text {text!r}: occurrence={occurrence} but it occurs {len(starts)} time(s)")
+    return starts[occurrence]
+
+
 def _parse_evidence(trace: RoutingTrace, evidence, queries, tokenizer=None) -> list[Evidence]:
     default_q = tuple(int(q) for q in queries) if queries is not None else (int(trace.queries[-1]),)
     out = []
+    if isinstance(evidence, (str, dict, Evidence)):
+        evidence = [evidence]
     for n, item in enumerate(evidence):
         if isinstance(item, Evidence):
             out.append(item)
             continue
+        if isinstance(item, str):
+            item = dict(text=item)
         if isinstance(item, dict):
-            start, end = item["start"], item["end"]
-            unit = item.get("unit", "token")
-            label = item.get("label", f"evidence {n + 1}")
             qs = tuple(int(q) for q in item.get("queries", default_q))
+            if "text" in item:
+                start, end = find_text(trace, item["text"], item.get("occurrence", 0), tokenizer)
+                label = item.get("label", snippet([item["text"]], 0, 0, 40))
+                unit = "token"
+            else:
+                start, end = item["start"], item["end"]
+                unit = item.get("unit", "token")
+                label = item.get("label", f"evidence {n + 1}")
         else:
             start, end = item
             unit, label, qs = "token", f"evidence {n + 1}", default_q
@@ -88,83 +138,122 @@ def _parse_evidence(trace: RoutingTrace, evidence, queries, tokenizer=None) -> l
     return out
 
 
+def _rank(values: np.ndarray, anchors: np.ndarray, candidate: np.ndarray, score: float, anchor: int) -> int:
+    """Rank (1 = best) of the stripe (score, anchor) among candidates, under the SPEC §2.3 tie rule: higher score
+    first, then the earlier anchor."""
+    better = candidate & ((values > score) | ((values == score) & (anchors < anchor)))
+    return int(better.sum()) + 1
+
+
 class MissedSpanDebugger(View):
-    """Reached or missed, per evidence × query × layer × head, and the explanation of a miss.
+    """Reached or missed, per evidence × query × layer × head; why (routing), what was read (read), and a
+    counterfactual run that forces the covering stripe (try it).
 
     Args:
         trace: a `RoutingTrace` (record `profile_queries` for the needing queries to get scores and ranks).
-        evidence: spans as (start, end) token pairs, dicts {start, end, unit: "token"|"char", label, queries}
-            or `Evidence` objects.
+        evidence: spans as (start, end) token pairs, strings to search for, dicts {start, end, unit:
+            "token"|"char", label, queries} or {text, occurrence, label, queries}, or `Evidence` objects.
         queries: the queries that needed the evidence (default: the last recorded query).
-        tokenizer: maps character evidence to tokens through `tokenizer.decode` of each recorded token id
-            (needed for model traces, whose token strings are display-escaped); default: `trace.tokens`.
+        tokenizer: maps character/string evidence to tokens through the recorded token ids (needed for model
+            traces, whose token strings are display-escaped); default: the model's tokenizer, else `trace.tokens`.
+        model: the model (or a `Session`'s model) that produced the trace; enables the read diagnosis and try-it.
+        answer: the expected answer text (or token ids) that follows each needing query.
 
-    Actions: `select(evidence=, query=, layer=, head=)` (any subset; also a click on the grid).
+    Actions: `select(evidence=, query=, layer=, head=)` (any subset; also a click on the grid), `try_it()`.
     """
 
     title = "Missed-span debugger"
 
-    def __init__(self, trace: RoutingTrace, evidence, queries=None, tokenizer=None) -> None:
+    def __init__(self, trace: RoutingTrace, evidence, queries=None, tokenizer=None, *, model=None,
+                 answer=None) -> None:
         super().__init__()
         if not isinstance(trace, RoutingTrace):
             raise TypeError(f"trace: expected a RoutingTrace, got {type(trace).__name__}")
         self.trace = trace
+        self.model = getattr(model, "model", model)  # a Session holds its model
+        if self.model is not None and not hasattr(self.model, "routing_layers"):
+            raise TypeError(f"model: expected a HybridLM or a Session, got {type(model).__name__}")
+        if tokenizer is None and self.model is not None:
+            tokenizer = self.model.tokenizer
+        self.tokenizer = tokenizer
         try:
             self.evidence = _parse_evidence(trace, evidence, queries, tokenizer)
         except KeyError as exc:
             raise ValueError(str(exc)) from None
+        self.answer_ids = self._answer_ids(answer)
+        if self.answer_ids is not None and (self.model is None or trace.token_ids is None):
+            raise ValueError("answer: the read diagnosis needs model= and a trace with token_ids")
         self.cases = [(e, q) for e in range(len(self.evidence)) for q in self.evidence[e].queries]
         self.case = 0
         self.layer = trace.layers[0]
         self.head = 0
         self._grid = self._reached_grid()
         self._explained: dict[tuple, dict] = {}
+        self._read: dict[tuple, dict] = {}
+        self._tried: dict[tuple, dict] = {}
+        self._prefix_cache: dict[int, object] = {}
         missed = np.argwhere(self._grid == 0)
         if len(missed):  # start on the first miss: that is what the user came for
             c, r, h = missed[0]
             self.case, self.layer, self.head = int(c), trace.layers[r], int(h)
 
-    # ------------------------------------------------------------------ analysis
+    def _answer_ids(self, answer) -> list[int] | None:
+        if answer is None:
+            return None
+        if isinstance(answer, str):
+            if self.tokenizer is None:
+                raise ValueError("answer: a text answer needs a tokenizer (pass model= or tokenizer=)")
+            ids = list(self.tokenizer.encode(answer))
+        else:
+            ids = [int(i) for i in answer]
+        if not ids:
+            raise ValueError(f"answer={answer!r}: expected a non-empty text or id list")
+        return ids
+
+    # ------------------------------------------------------------------ routing analysis
     def _reached_grid(self) -> np.ndarray:
         """float [cases, layers, H]: fraction of evidence keys each (case, layer, head) attended (0 = missed)."""
         heads = max(self.trace.layer(i).heads for i in self.trace.layers)
         grid = np.full((len(self.cases), len(self.trace.layers), heads), np.nan)
         for c, (e, q) in enumerate(self.cases):
             ev = self.evidence[e]
-            n = ev.end - ev.start + 1
-            i = self.trace.query_index(q)
             for r, layer in enumerate(self.trace.layers):
-                rec = self.trace.layer(layer)
-                lo, hi = rec.window[i].tolist()
-                win = max(0, min(hi, ev.end) - max(lo, ev.start) + 1) if lo >= 0 else 0
-                for h in range(rec.heads):
-                    covered = np.zeros(n, dtype=bool)
-                    if win:
-                        covered[max(lo, ev.start) - ev.start:min(hi, ev.end) - ev.start + 1] = True
-                    for a, b in zip(rec.qstart[h, i].tolist(), rec.qend[h, i].tolist()):
-                        if a >= 0 and b >= ev.start and a <= ev.end:
-                            covered[max(a, ev.start) - ev.start:min(b, ev.end) - ev.start + 1] = True
-                    grid[c, r, h] = covered.mean()
+                _, reached = self.trace.reach(layer, q, ev.start, ev.end)
+                grid[c, r, :reached.numel()] = reached.double().numpy() / (ev.end - ev.start + 1)
         return grid
 
     def reached(self, case: int, layer, head: int) -> float:
         """Fraction of the evidence keys attended by (case, layer, head); 0.0 is a miss."""
         return float(self._grid[case, self.trace.layers.index(self.trace.layer(layer).index), head])
 
-    def explain(self, case: int | None = None, layer=None, head: int | None = None) -> dict:
-        """Why the selected (or given) case was reached or missed, as a plain dict.
-
-        Keys: evidence, query, layer, head, reached (fraction), covering_stripe (index, anchor, span) or None,
-        score, rank (1 = best; ties → earlier anchor), kth_score, margin (K-th chosen score − this stripe's
-        score, > 0 means it lost by that much), chosen (the spans attended instead, with text), profile (bool).
-        """
+    def _key(self, case, layer, head) -> tuple[int, int, int]:
         case = self.case if case is None else case
         layer = self.layer if layer is None else self.trace.layer(layer).index
         head = self.head if head is None else head
-        key = (case, layer, head)
+        return case, layer, head
+
+    def explain(self, case: int | None = None, layer=None, head: int | None = None) -> dict:
+        """Why the selected (or given) case was reached or missed, as a plain dict.
+
+        Keys: evidence, query, layer, head, reached (fraction), in_window (evidence keys in the window),
+        chosen (every chosen branch: slot, rank, anchor, qstart, qend, score, gate, keys = evidence keys inside
+        that span ∪ window, text), reached_by (the chosen branches holding evidence keys, most keys first; for a
+        reached cell, the branch that reached it leads), covering (every candidate stripe whose span holds
+        evidence keys: index, anchor, qstart, qend, keys, whole, score, rank, margin — the ones holding the whole
+        evidence first, each group by rank), covering_stripe (the lead of `covering` for a miss, the chosen branch
+        that reached it otherwise, or None), score / rank / margin (of `covering_stripe`; rank 1 = best, ties →
+        earlier anchor; margin = K-th chosen score − its score, > 0: it lost by that much; None for a chosen
+        branch), kth_score, profile (whether scores of unchosen stripes were recorded).
+        """
+        key = self._key(case, layer, head)
         if key not in self._explained:
-            self._explained[key] = self._explain(case, layer, head)
+            self._explained[key] = self._explain(*key)
         return self._explained[key]
+
+    def _profile_row(self, rec, q: int) -> int | None:
+        pq = rec.profile_queries.numpy()
+        p = int(np.searchsorted(pq, q)) if len(pq) else 0
+        return p if p < len(pq) and pq[p] == q else None
 
     def _explain(self, case: int, layer: int, head: int) -> dict:
         e, q = self.cases[case]
@@ -172,39 +261,213 @@ class MissedSpanDebugger(View):
         rec = self.trace.layer(layer)
         i = self.trace.query_index(q)
         tokens = self.trace.tokens
+        per_branch, _ = self.trace.reach(layer, q, ev.start, ev.end)
+        no_span = torch.full((1,), -1, dtype=torch.int64)
+        in_window = int(evidence_reach(no_span, no_span, rec.window[i], ev.start, ev.end)[1])
         chosen = []
         for k in range(rec.num_spans):
             a = int(rec.qanchor[head, i, k])
             if a >= 0:
                 s, t = int(rec.qstart[head, i, k]), int(rec.qend[head, i, k])
-                chosen.append(dict(rank=k + 1, anchor=a, qstart=s, qend=t, score=float(rec.values[head, i, k]),
-                                   gate=float(rec.gate[head, i, k]), text=snippet(tokens, s, t, 90)))
+                chosen.append(dict(slot=k, rank=k + 1, anchor=a, qstart=s, qend=t, score=float(rec.values[head, i, k]),
+                                   gate=float(rec.gate[head, i, k]), keys=int(per_branch[head, k]),
+                                   span_keys=max(0, min(t, ev.end) - max(s, ev.start) + 1),
+                                   text=snippet(tokens, s, t, 90)))
+        kth = min(c["score"] for c in chosen) if chosen else None
+        p = self._profile_row(rec, q)
         g = stripe_geometry(rec.cfg, q)
         overlap = np.minimum(g.qend, ev.end) - np.maximum(g.qstart, ev.start) + 1
-        covering = None
-        if len(overlap) and overlap.max() > 0:
-            j = int(np.argmax(overlap))  # the stripe whose span holds most of the evidence (nearest on ties)
-            covering = dict(index=int(g.stripes[j]), anchor=int(g.anchors[j]), qstart=int(g.qstart[j]),
-                            qend=int(g.qend[j]), keys=int(overlap[j]))
-        out = dict(evidence=ev, query=q, layer=layer, head=head, reached=self.reached(case, layer, head),
-                   covering_stripe=covering, score=None, rank=None, kth_score=None, margin=None, chosen=chosen,
-                   profile=False, in_window=bool(g.window and g.window[0] <= ev.end))
-        if chosen:
-            out["kth_score"] = min(c["score"] for c in chosen)
-        pq = rec.profile_queries.numpy()
-        p = int(np.searchsorted(pq, q)) if len(pq) else 0
-        if covering is not None and p < len(pq) and pq[p] == q:
+        covering = []
+        for j in np.nonzero(overlap > 0)[0]:
+            covering.append(dict(index=int(g.stripes[j]), anchor=int(g.anchors[j]), qstart=int(g.qstart[j]),
+                                 qend=int(g.qend[j]), keys=int(overlap[j]),
+                                 whole=bool(g.qstart[j] <= ev.start and g.qend[j] >= ev.end),
+                                 chosen=any(c["anchor"] == int(g.anchors[j]) for c in chosen),
+                                 score=None, rank=None, margin=None))
+        if p is not None:
             anchors = rec.stripe_anchors[p].numpy()
             values = rec.stripe_values[head, p].numpy()
             cand = (anchors >= 0) & np.isfinite(values)
-            col = int(np.nonzero(anchors == covering["anchor"])[0][0])
-            score = float(values[col])
-            # Rank under the SPEC §2.3 tie rule: higher score first, then the earlier anchor.
-            better = cand & ((values > score) | ((values == score) & (anchors < covering["anchor"])))
-            out.update(profile=True, score=score, rank=int(better.sum()) + 1)
-            if out["kth_score"] is not None:
-                out["margin"] = out["kth_score"] - score
+            col = {int(a): n for n, a in enumerate(anchors)}
+            for cs in covering:
+                n = col.get(cs["anchor"])
+                if n is not None and cand[n]:
+                    cs["score"] = float(values[n])
+                    cs["rank"] = _rank(values, anchors, cand, cs["score"], cs["anchor"])
+                    cs["margin"] = None if kth is None else kth - cs["score"]
+        unknown = 1 << 62
+        covering.sort(key=lambda cs: (not cs["whole"], cs["rank"] if cs["rank"] is not None else unknown,
+                                      -cs["keys"], -cs["anchor"]))
+        reached_by = sorted((c for c in chosen if c["span_keys"] > 0), key=lambda c: (-c["span_keys"], c["slot"]))
+        out = dict(evidence=ev, query=q, layer=layer, head=head, reached=self.reached(case, layer, head),
+                   in_window=in_window, chosen=chosen, reached_by=reached_by, covering=covering,
+                   covering_stripe=None, score=None, rank=None, margin=None, kth_score=kth, profile=p is not None)
+        if out["reached"] > 0:
+            if reached_by:  # the chosen branch that reached it (not a stripe that was not chosen)
+                lead = reached_by[0]
+                out.update(covering_stripe=dict(lead, index=None, whole=lead["span_keys"] == ev.end - ev.start + 1),
+                           score=lead["score"], rank=lead["rank"])
+        elif covering:
+            lead = covering[0]
+            out.update(covering_stripe=lead, score=lead["score"], rank=lead["rank"], margin=lead["margin"])
         return out
+
+    # ------------------------------------------------------------------ read analysis (needs the model)
+    def _prefix(self, q: int):
+        """The model's cache after the document's tokens 0 … q-1 (computed once per query)."""
+        if q not in self._prefix_cache:
+            model = self.model
+            cache = model.new_cache(q + len(self.answer_ids) + 1)
+            if q > 0:
+                with torch.no_grad():
+                    model(self.trace.token_ids[:q][None].to(model.device), cache, 0)
+            self._prefix_cache[q] = cache
+        return self._prefix_cache[q]
+
+    def _run_answer(self, q: int, force=None, ablate=None, capture_layer=None) -> dict:
+        """Score the answer as the continuation of the document up to query q, optionally under an intervention
+        at the answer's query positions q … q+m-1. Returns probability, log-probability, the teacher-forced
+        argmax text and whether greedy decoding reproduces the answer; with `capture_layer`, also the routing,
+        keys and attention queries of that layer at position q."""
+        from superlinear_lab.intervene import intervene
+
+        model = self.model
+        ans = self.answer_ids
+        tail = torch.tensor([[int(self.trace.token_ids[q])] + ans[:-1]], device=model.device)
+        cache = self._prefix(q).clone()
+        captured: dict = {}
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            if force or ablate:
+                stack.enter_context(intervene(model, force=force, ablate=ablate, queries=range(q, q + len(ans))))
+            if capture_layer is not None:
+                records = stack.enter_context(capture_routing(model, layers=[capture_layer]))
+                layer = dict(model.routing_layers())[capture_layer]
+                handle = layer.q2_proj.register_forward_hook(lambda mod, inp, out: captured.__setitem__("q2", out))
+                stack.callback(handle.remove)
+            logits = model(tail, cache, q)
+        logp = torch.log_softmax(logits[0].double(), dim=-1)
+        target = torch.tensor(ans, device=logp.device)
+        total = float(logp.gather(-1, target[:, None]).sum())
+        argmax = logits[0].argmax(-1).tolist()
+        out = dict(logprob=total, prob=math.exp(total), correct=argmax == ans,
+                   argmax_text=self.tokenizer.decode(argmax) if self.tokenizer is not None else str(argmax))
+        if capture_layer is not None:
+            out.update(routing=records[capture_layer][1], k=records[capture_layer][3], q2=captured["q2"])
+        return out
+
+    def read(self, case: int | None = None, layer=None, head: int | None = None) -> dict:
+        """What the selected (or given) head *read*: per chosen branch (and the window alone), the attention mass on
+        the evidence keys, the gate weight, and the answer's probability without that branch.
+
+        Returns dict(base = answer score of the unmodified run (prob, logprob, correct, argmax_text), branches =
+        [dict(slot, anchor, qstart, qend, gate, evidence_mass, prob_without, delta_prob, correct_without)],
+        window_mass (evidence mass of a window-only softmax), read_mass (Σ gate · evidence mass: the share of the
+        head's output at the query that comes from evidence keys)). Needs `model=` and `answer=`.
+        """
+        if self.model is None or self.answer_ids is None:
+            raise ViewError("the read diagnosis needs model= and answer= (the expected answer text)")
+        key = self._key(case, layer, head)
+        if key not in self._read:
+            self._read[key] = self._compute_read(*key)
+        return self._read[key]
+
+    def _compute_read(self, case: int, layer: int, head: int) -> dict:
+        from superlinear_kernels.softmax import masked_attention
+
+        e, q = self.cases[case]
+        ev = self.evidence[e]
+        base = self._run_answer(q, capture_layer=layer)
+        routing, k, q2 = base.pop("routing"), base.pop("k"), base.pop("q2")
+        att = dict(self.model.routing_layers())[layer]
+        heads, d = att.cfg.n_heads, att.cfg.head_dim
+        group = heads // att.cfg.n_kv_heads
+        qvec = q2[0, 0].view(heads, d)[head].float()
+        keys = k[0, head // group, :q + 1].float()
+        logits = (keys @ qvec) / math.sqrt(d)  # [q+1]: the attention logits of query q over keys 0 … q
+        positions = torch.arange(q + 1, device=logits.device)
+        lo, hi = (int(x) for x in self.trace.layer(layer).window[self.trace.query_index(q)])
+        window = (positions >= lo) & (positions <= hi) if lo >= 0 else torch.zeros_like(positions, dtype=torch.bool)
+        on_evidence = (positions >= ev.start) & (positions <= ev.end)
+        dummy = logits.new_zeros(q + 1, 1)
+
+        def mass(allowed: torch.Tensor) -> float:
+            _, lse = masked_attention(logits[None], allowed[None], dummy)
+            if not torch.isfinite(lse).all():
+                return 0.0
+            return float(torch.exp(logits[allowed & on_evidence] - lse[0]).sum())
+
+        branches = []
+        gate = routing.gate[0, head, 0]
+        for slot in range(routing.qstart.shape[-1]):
+            a = int(routing.qanchor[0, head, 0, slot])
+            if a < 0:
+                continue
+            s, t = int(routing.qstart[0, head, 0, slot]), int(routing.qend[0, head, 0, slot])
+            span = (positions >= s) & (positions <= t)
+            without = self._run_answer(q, ablate={(f"layers.{layer}", head): [slot]})
+            branches.append(dict(slot=slot, anchor=a, qstart=s, qend=t, gate=float(gate[slot]),
+                                 evidence_mass=mass(span | window), prob_without=without["prob"],
+                                 delta_prob=without["prob"] - base["prob"], correct_without=without["correct"]))
+        read_mass = sum(b["gate"] * b["evidence_mass"] for b in branches)
+        return dict(base=base, branches=branches, window_mass=mass(window), read_mass=read_mass)
+
+    # ------------------------------------------------------------------ counterfactual: force the covering stripe
+    def try_it(self) -> bool:
+        """Re-run the answer with the lead covering stripe of the selected miss forced into the selected head's
+        choice (action). The result is in `tried()`; refused (error set) when there is nothing to force."""
+        def action():
+            key = (self.case, self.layer, self.head)
+            if key not in self._tried:
+                self._tried[key] = self._compute_try(*key)
+        return self._act(action)
+
+    def tried(self, case: int | None = None, layer=None, head: int | None = None) -> dict | None:
+        """Result of `try_it` for the selected (or given) cell, or None if not tried: forced (the stripe), base and
+        forced answer scores, reached_after (fraction of evidence keys the head attends with the stripe forced),
+        answer_changed (the teacher-forced argmax text differs)."""
+        return self._tried.get(self._key(case, layer, head))
+
+    def force_spec(self, case: int | None = None, layer=None, head: int | None = None) -> dict:
+        """The `intervene(force=...)` argument that forces the lead covering stripe of a missed cell."""
+        x = self.explain(case, layer, head)
+        if x["reached"] > 0:
+            raise ViewError("this head reached the evidence: there is no stripe to force")
+        if not x["covering"]:
+            raise ViewError("no candidate stripe of this query holds the evidence (a geometry gap): nothing to force")
+        return {(f"layers.{x['layer']}", x["head"]): [x["covering"][0]["anchor"]]}
+
+    def _compute_try(self, case: int, layer: int, head: int) -> dict:
+        if self.model is None or self.answer_ids is None:
+            raise ViewError("try it needs model= and answer= (the expected answer text)")
+        force = self.force_spec(case, layer, head)
+        e, q = self.cases[case]
+        ev = self.evidence[e]
+        base = self._run_answer(q)
+        forced = self._run_answer(q, force=force, capture_layer=layer)
+        routing = forced.pop("routing")
+        forced.pop("k"), forced.pop("q2")
+        lo, hi = (int(x) for x in self.trace.layer(layer).window[self.trace.query_index(q)])
+        _, reached = evidence_reach(routing.qstart[0, head, 0].cpu(), routing.qend[0, head, 0].cpu(),
+                                    torch.tensor([lo, hi]), ev.start, ev.end)
+        return dict(force=force, anchor=next(iter(force.values()))[0], base=base, forced=forced,
+                    reached_after=float(reached) / (ev.end - ev.start + 1),
+                    answer_changed=forced["argmax_text"] != base["argmax_text"])
+
+    def counterfactual_trace(self, force: dict | None = None, case: int | None = None) -> RoutingTrace:
+        """A trace of the whole document recorded with `force` (default: the selected cell's covering stripe) applied
+        at the case's query — comparable with the original in `RoutingExplorer(trace, compare=...)`."""
+        from superlinear_lab.intervene import intervene
+
+        if self.model is None or self.trace.token_ids is None:
+            raise ViewError("a counterfactual trace needs model= and a trace with token_ids")
+        force = self.force_spec(case) if force is None else force
+        q = self.cases[self.case if case is None else case][1]
+        ids = self.trace.token_ids[None].to(self.model.device)
+        with torch.no_grad(), intervene(self.model, force=force, queries=[q]), \
+                self.model.trace(queries=self.trace.queries, profile_queries=self.trace.layer(
+                    self.trace.layers[0]).profile_queries) as cf:
+            self.model(ids)
+        return cf
 
     # ------------------------------------------------------------------ actions
     def select(self, evidence: int | None = None, query: int | None = None, layer=None, head: int | None = None
@@ -238,39 +501,75 @@ class MissedSpanDebugger(View):
         return f"{self.evidence[e].label} · q {q:,}"
 
     def panels_html(self) -> list[str]:
+        """One panel: the explanation (wrapping, never clipped), every covering stripe, the chosen branches, and —
+        with a model — the read diagnosis and the try-it result."""
         x = self.explain()
         ev = x["evidence"]
         tokens = self.trace.tokens
         lines = [f"<b>{html.escape(ev.label)}</b> — tokens [{ev.start:,}, {ev.end:,}]"
                  + (f": <code>{html.escape(snippet(tokens, ev.start, ev.end, 90))}</code>" if tokens else ""),
                  f"query {x['query']:,} · layers.{x['layer']}.routing · head {x['head']}: "]
+        cs = x["covering_stripe"]
         if x["reached"] > 0:
             lines[-1] += (f"<span style='color:{COLORS['anchor']};font-weight:600'>REACHED</span> "
                           f"({x['reached']:.0%} of the evidence keys attended)")
+            if cs is not None:
+                lines.append(f"by chosen branch #{cs['rank']} (anchor {cs['anchor']:,}, span [{cs['qstart']:,}, "
+                             f"{cs['qend']:,}], score {cs['score']:.3f}, gate {cs['gate']:.2f}), which holds "
+                             f"{cs['span_keys']:,} of the {ev.end - ev.start + 1:,} evidence keys")
+            if x["in_window"]:
+                lines.append(f"the sliding window holds {x['in_window']:,} evidence keys (every branch reads them)")
         else:
             lines[-1] += f"<span style='color:{COLORS['miss']};font-weight:600'>MISSED</span>"
-            cs = x["covering_stripe"]
             if cs is None:
                 lines.append("no candidate span of this query contains the evidence (a geometry gap: see lesson 01)")
             else:
-                line = (f"stripe i={cs['index']} (anchor {cs['anchor']:,}, span [{cs['qstart']:,}, {cs['qend']:,}]) "
-                        f"would have covered {cs['keys']:,} evidence keys")
-                if x["profile"]:
-                    line += (f"; its score {x['score']:.3f} ranked <b>#{x['rank']}</b>, "
-                             f"{x['margin']:.3f} below the K-th chosen score {x['kth_score']:.3f}"
-                             if x["margin"] is not None else f"; score {x['score']:.3f}, rank #{x['rank']}")
+                n_cov = len(x["covering"])
+                line = (f"{n_cov} candidate stripe{'s' if n_cov > 1 else ''} would have covered it; the best-ranked, "
+                        f"stripe i={cs['index']} (anchor {cs['anchor']:,}, span [{cs['qstart']:,}, {cs['qend']:,}]), "
+                        f"holds {'all' if cs['whole'] else cs['keys']} of the {ev.end - ev.start + 1:,} evidence keys")
+                if cs["rank"] is not None:
+                    line += f"; its score {cs['score']:.3f} ranked <b>#{cs['rank']}</b>"
+                    if cs["margin"] is not None:
+                        line += f", {cs['margin']:.3f} below the K-th chosen score {x['kth_score']:.3f}"
                 else:
-                    line += " (no stripe profile recorded for this query: score and rank unknown)"
+                    line += " (no stripe profile recorded for this query: scores and ranks unknown)"
                 lines.append(line)
-        rows = "".join(f"<tr><td>#{c['rank']}</td><td>{c['anchor']:,}</td><td>[{c['qstart']:,}, {c['qend']:,}]</td>"
-                       f"<td>{c['score']:.3f}</td><td>{c['gate']:.2f}</td><td><code>{html.escape(c['text'])}</code>"
-                       f"</td></tr>" for c in x["chosen"])
-        table = ("<table style='border-collapse:collapse;font-size:12px'><tr><th>chosen</th><th>anchor</th>"
-                 f"<th>span</th><th>score</th><th>gate</th><th>text chosen instead</th></tr>{rows}</table>"
-                 if rows else "<i>no span chosen (window only)</i>")
-        table = table.replace("<td", "<td style='padding:2px 10px 2px 0;vertical-align:top;white-space:nowrap'").replace(
-            "<th>", "<th style='padding:2px 10px 2px 0;text-align:left'>")
-        return ["<div class='sl-explain'>" + "<br>".join(lines) + table + "</div>"]
+        parts = ["<br>".join(lines)]
+        if x["reached"] == 0 and x["covering"]:
+            rows = [(f"{c['index']}", f"{c['anchor']:,}", f"[{c['qstart']:,}, {c['qend']:,}]",
+                     "all" if c["whole"] else f"{c['keys']:,}", _fmt(c["score"]), _fmt(c["rank"], "#{}"),
+                     _fmt(c["margin"])) for c in x["covering"]]
+            parts.append(_table("every stripe covering the evidence (best-ranked first)",
+                                ["stripe", "anchor", "span", "evidence keys", "score", "rank", "margin"], rows))
+        rows = [(f"#{c['rank']}", f"{c['anchor']:,}", f"[{c['qstart']:,}, {c['qend']:,}]", f"{c['score']:.3f}",
+                 f"{c['gate']:.2f}", f"{c['keys']:,}", f"<code>{html.escape(c['text'])}</code>") for c in x["chosen"]]
+        parts.append(_table("chosen branches" + (" (text attended instead)" if x["reached"] == 0 else ""),
+                            ["chosen", "anchor", "span", "score", "gate", "evidence keys (span ∪ window)", "text"],
+                            rows) if rows else "<i>no span chosen (window only)</i>")
+        if self.model is not None and self.answer_ids is not None:
+            parts.append(self._read_html())
+        return ["<div class='sl-explain' style='white-space:normal;overflow-wrap:anywhere;max-width:100%'>"
+                + "".join(parts) + "</div>"]
+
+    def _read_html(self) -> str:
+        r = self.read()
+        base = r["base"]
+        answer = html.escape(self.tokenizer.decode(self.answer_ids)) if self.tokenizer is not None else "answer"
+        head = (f"<p><b>Read</b> — P(<code>{answer}</code>) = {base['prob']:.3g} "
+                f"({'greedy reproduces it' if base['correct'] else 'greedy says <code>' + html.escape(base['argmax_text']) + '</code>'}); "
+                f"evidence share of this head's read: {r['read_mass']:.1%} (window alone: {r['window_mass']:.1%})</p>")
+        rows = [(f"#{b['slot'] + 1}", f"[{b['qstart']:,}, {b['qend']:,}]", f"{b['gate']:.2f}", f"{b['evidence_mass']:.1%}",
+                 f"{b['prob_without']:.3g}", f"{b['delta_prob']:+.3g}") for b in r["branches"]]
+        out = head + _table("each chosen branch", ["branch", "span", "gate", "attention on evidence",
+                                                   "P(answer) without it", "change"], rows)
+        t = self.tried()
+        if t is not None:
+            out += (f"<p><b>Try it</b> — forcing the stripe at anchor {t['anchor']:,}: the head reaches "
+                    f"{t['reached_after']:.0%} of the evidence; P(answer) {t['base']['prob']:.3g} → "
+                    f"{t['forced']['prob']:.3g}; the answer {'CHANGES to' if t['answer_changed'] else 'stays'} "
+                    f"<code>{html.escape(t['forced']['argmax_text'])}</code></p>")
+        return out
 
     def figures(self) -> list[go.Figure]:
         n_cases, n_layers, heads = self._grid.shape
@@ -311,11 +610,12 @@ class MissedSpanDebugger(View):
                                     mode="markers+text", text=[f"#{c['rank']}" for c in x["chosen"]],
                                     textposition="top center", name="chosen top-K",
                                     marker=dict(size=12, color=COLORS["span"], line=dict(color="black", width=1))))
-        cs = x["covering_stripe"]
-        detail.add_trace(go.Scatter(x=[cs["anchor"]] if cs and x["score"] is not None else [],
-                                    y=[x["score"]] if cs and x["score"] is not None else [], mode="markers",
-                                    name="stripe covering the evidence",
-                                    marker=dict(size=14, color=COLORS["miss"], symbol="x")))
+        scored = [c for c in x["covering"] if c["score"] is not None] if x["reached"] == 0 else []
+        detail.add_trace(go.Scatter(x=[c["anchor"] for c in scored], y=[c["score"] for c in scored],
+                                    mode="markers+text", text=[f"#{c['rank']}" for c in scored],
+                                    textposition="bottom center", name="stripes covering the evidence",
+                                    marker=dict(size=[14] + [9] * (len(scored) - 1) if scored else 9,
+                                                color=COLORS["miss"], symbol="x")))
         detail.add_vrect(x0=ev.start - 0.5, x1=ev.end + 0.5, fillcolor=COLORS["miss"], opacity=0.18, line_width=0)
         if x["kth_score"] is not None:
             detail.add_hline(y=x["kth_score"], line=dict(color=COLORS["span"], dash="dot", width=1))
@@ -375,4 +675,23 @@ class MissedSpanDebugger(View):
         head.observe(lambda ch: None if syncing[0] else self.select(head=ch["new"]), names="value")
         self.subscribe(sync)
         self._controls = dict(case=case, layer=layer, head=head)
-        return w.HBox([case, layer, head])
+        if self.model is None or self.answer_ids is None:
+            return w.HBox([case, layer, head])
+        button = w.Button(description="try it: force the covering stripe", layout=w.Layout(width="260px"),
+                          tooltip="re-run the answer with the best covering stripe forced into this head's choice")
+        button.on_click(lambda _: self.try_it())
+        self._controls["try_it"] = button
+        return w.HBox([case, layer, head, button])
+
+
+def _fmt(value, pattern: str = "{:.3f}") -> str:
+    return "–" if value is None else pattern.format(value)
+
+
+def _table(caption: str, header: list[str], rows: list[tuple]) -> str:
+    """A small HTML table whose cells wrap (nothing is clipped)."""
+    cell = "style='padding:2px 10px 2px 0;vertical-align:top;text-align:left'"
+    head = "".join(f"<th {cell}>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td {cell}>{v}</td>" for v in row) + "</tr>" for row in rows)
+    return (f"<table style='border-collapse:collapse;font-size:12px;margin-top:6px'><caption style='text-align:left;"
+            f"font-weight:600'>{html.escape(caption)}</caption><tr>{head}</tr>{body}</table>")
