@@ -163,13 +163,13 @@ def test_routing_explorer_widget_controls_drive_controller():
     assert ex.head == 1
     c["query"].value = 10
     assert ex.query == int(tr.queries[10])
-    assert "Query 10" in ex._view.figure_widgets[1].layout.title.text
+    assert "Query 10" in ex._view.figure_widgets[1].figure.layout.title.text
     c["profiled"].value = 45
     assert ex.query == 45 and c["query"].value == 45
     c["weight"].value = "gate"
     assert ex.weight == "gate"
     detail = ex._view.figure_widgets[1]
-    assert "Query 45" in detail.layout.title.text
+    assert "Query 45" in detail.figure.layout.title.text
 
 
 def test_routing_explorer_long_trace_ships_no_lxl_matrix():
@@ -290,7 +290,7 @@ def test_missed_span_debugger_actions_and_errors():
     assert (dbg.case, dbg.layer, dbg.head) == state
     dbg.view
     dbg._controls["head"].value = 3
-    assert dbg.head == 3 and "head 3" in dbg._view.figure_widgets[1].layout.title.text
+    assert dbg.head == 3 and "head 3" in dbg._view.figure_widgets[1].figure.layout.title.text
 
 
 @pytest.mark.parametrize("evidence, message", [

@@ -118,9 +118,9 @@ def test_widget_follows_controller_and_controls_drive_it():
     assert controls["gap"].disabled is False
     controls["gap"].click()
     assert ex.query == 898 and controls["query_text"].value == 898
-    assert "898" in fw.layout.title.text
+    assert "898" in fw.figure.layout.title.text
     controls["query_text"].value = 500
-    assert ex.query == 500 and "500" in fw.layout.title.text
+    assert ex.query == 500 and "500" in fw.figure.layout.title.text
     assert not ex.set_params(span_power=2.0)
     assert "span_power" in ex._view.status.value  # the error is shown in the view, not only in the log
 

@@ -68,3 +68,35 @@ def snippet(tokens: list[str] | None, start: int, end: int, limit: int = 60) -> 
         if len(text) > limit:
             text = text[: limit // 2] + " … " + text[-(limit // 2):]
     return text.replace("\n", "⏎").replace("\t", "⇥")
+
+
+def colorize(values: np.ndarray, vmin: float, vmax: float, stops: list[tuple[float, str]]) -> np.ndarray:
+    """uint8 RGBA [*values.shape, 4]: `values` mapped linearly from [vmin, vmax] through the colour `stops`
+    ((fraction, "#rrggbb") pairs, fractions ascending from 0 to 1); NaN becomes fully transparent."""
+    v = np.asarray(values, dtype=np.float64)
+    t = np.clip((v - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+    at = [f for f, _ in stops]
+    rgb = [[int(c[i:i + 2], 16) for i in (1, 3, 5)] for _, c in stops]
+    out = np.empty(v.shape + (4,), dtype=np.uint8)
+    for ch in range(3):
+        out[..., ch] = np.interp(np.nan_to_num(t), at, [c[ch] for c in rgb]).round().astype(np.uint8)
+    out[..., 3] = np.where(np.isnan(v), 0, 255)
+    return out
+
+
+def png_data_uri(rgba: np.ndarray) -> str:
+    """A `data:image/png;base64,…` URI of an uint8 RGBA image [H, W, 4] (no imaging library needed)."""
+    import base64
+    import struct
+    import zlib
+
+    rgba = np.ascontiguousarray(rgba, dtype=np.uint8)
+    h, w, _ = rgba.shape
+    raw = np.concatenate([np.zeros((h, 1), dtype=np.uint8), rgba.reshape(h, w * 4)], axis=1).tobytes()
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 6, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")

@@ -40,11 +40,20 @@ FONT = dict(family="system-ui, -apple-system, 'Segoe UI', sans-serif", size=12)
 WIDGET_WIDTH = 980
 
 
+_AXIS = dict(gridcolor="#EBF0F8", linecolor="#EBF0F8", zerolinecolor="#EBF0F8", zerolinewidth=2, ticks="",
+             automargin=True)
+# A small white template (what plotly_white sets for 2-D plots): a named plotly template is deep-copied and
+# validated into every figure (tens of ms per redraw) and its 10 KB travel with every layout change.
+TEMPLATE = dict(layout=dict(paper_bgcolor="white", plot_bgcolor="white", font=dict(color="#2a3f5f"),
+                            xaxis=_AXIS, yaxis=_AXIS, hovermode="closest",
+                            colorway=["#636efa", "#EF553B", "#00cc96", "#ab63fa", "#FFA15A", "#19d3f3"]))
+
+
 def base_layout(title: str, height: int = 380, **extra) -> dict:
     """The layout every figure starts from: white background, small margins, a left-aligned title."""
     layout = dict(
         title=dict(text=title, x=0.01, xanchor="left", font=dict(size=14)),
-        template="plotly_white",
+        template=TEMPLATE,
         height=height,
         margin=dict(l=70, r=20, t=50, b=50),
         font=FONT,
@@ -171,40 +180,10 @@ class View:
         return time.perf_counter() - began
 
 
-def sync_figure(widget: go.FigureWidget, fig: go.Figure) -> bool:
-    """Make `widget` show `fig` in one batched message; True if the traces had to be replaced.
-
-    When the structure matches (same count and types) traces are updated in place, and a trace whose `uid`
-    is set and equal to the widget's is skipped: views give their heavy, rarely changing traces (aggregated
-    maps) a uid derived from the state they depend on, so picking a query does not resend a 240×240 map.
-    The layout is only sent when it changed.
-    """
-    same = len(widget.data) == len(fig.data) and all(
-        a.type == b.type for a, b in zip(widget.data, fig.data))
-    with widget.batch_update():
-        if same:
-            for old, new in zip(widget.data, fig.data):
-                if new.uid is not None and old.uid == new.uid:
-                    continue
-                # Merge, never overwrite: overwriting drops the uid plotly.js gave the trace, and the front end
-                # then mis-draws it (colour bars turn black, lines stay put). Views keep each trace's property
-                # set fixed, so a merge is a full update.
-                props = new.to_plotly_json()
-                props.pop("type", None)
-                props.pop("uid", None)
-                old.update(props)
-        else:
-            widget.data = ()
-            widget.add_traces(list(fig.data))
-        layout = fig.layout.to_plotly_json()
-        if fig.layout.width is None:
-            layout["width"] = WIDGET_WIDTH
-        # Compare with what was last sent, not with widget.layout: the front end writes computed values
-        # (ranges, autosize) back into it, so it never equals a fresh layout.
-        if getattr(widget, "_sl_sent_layout", None) != layout:
-            widget.layout = layout
-            widget._sl_sent_layout = layout
-    return not same
+def sync_figure(pane, fig: go.Figure) -> bool:
+    """Make `pane` (a `FigurePane`) show `fig`, sending only the traces and layout that changed; True if the
+    trace structure changed (every trace resent, click hooks must be wired again)."""
+    return pane.show(fig, default_width=WIDGET_WIDTH)
 
 
 class _WidgetView:
@@ -214,11 +193,12 @@ class _WidgetView:
         import ipywidgets as w
 
         self.controller = controller
+        from ._pane import FigurePane
+
         figs = controller.figures()
-        self.figure_widgets = [go.FigureWidget(fig) for fig in figs]
-        for widget, fig in zip(self.figure_widgets, figs):
-            if fig.layout.width is None:
-                widget.layout.width = WIDGET_WIDTH
+        self.figure_widgets = [FigurePane() for _ in figs]
+        for pane, fig in zip(self.figure_widgets, figs):
+            sync_figure(pane, fig)
         self.status = w.HTML(controller._status_html())
         self.panels = [w.HTML(text) for text in controller.panels_html()]
         self.controls = controller._build_controls()

@@ -153,16 +153,16 @@ class CoverageMap(View):
         grid.add_trace(go.Heatmap(z=depth, x=heads, y=names, zmin=0, zmax=1, colorscale="Cividis",
                                   colorbar=dict(thickness=10, len=0.9), texttemplate="%{z:.2f}",
                                   hovertemplate="%{y} head %{x}<br>look-back %{z:.2f}<extra></extra>"), row=1, col=2)
+        # The selected cell: a shape, so selecting another head only redraws shapes in the browser.
         r = self.trace.layers.index(self.layer)
-        for col in (1, 2):
-            grid.add_trace(go.Scatter(x=[self.head], y=[names[r]], mode="markers", showlegend=False,
-                                      marker=dict(symbol="square-open", size=26, color=COLORS["miss"],
-                                                  line=dict(width=3)), hoverinfo="skip"), row=1, col=col)
+        grid.update_layout(shapes=[dict(type="rect", xref=xref, yref=yref, x0=self.head - 0.5, x1=self.head + 0.5,
+                                        y0=r - 0.5, y1=r + 0.5, line=dict(color=COLORS["miss"], width=3))
+                                   for xref, yref in (("x", "y"), ("x2", "y2"))])
         grid.update_layout(**base_layout("Per layer × head: how much of the context is used "
                                          "(click a cell for its histogram)", height=120 + 45 * len(names),
                                          showlegend=False))
-        grid.update_xaxes(title_text="head", dtick=1)
-        grid.update_yaxes(autorange="reversed")
+        grid.update_xaxes(title_text="head", dtick=1, range=[-0.5, cov.shape[1] - 0.5])
+        grid.update_yaxes(range=[len(names) - 0.5, -0.5])  # fixed (reversed): no autorange when the shape moves
 
         hist = self.histogram()
         edges = hist["edges"]
@@ -170,18 +170,20 @@ class CoverageMap(View):
         tokens = self.trace.tokens
         text = [f"keys {a:,}–{b - 1:,}" + (f": {snippet(tokens, a, b - 1, 40)}" if tokens else "")
                 for a, b in zip(edges[:-1], edges[1:])]
-        bars = go.Figure()
+        bars = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.68, 0.32], vertical_spacing=0.06)
         bars.add_trace(go.Bar(x=centres, y=hist["mean"], width=np.diff(edges), name="mean attends per key",
-                              marker_color=COLORS["span"], hovertext=text, hoverinfo="text+y"))
+                              marker_color=COLORS["span"], hovertext=text, hoverinfo="text+y"), row=1, col=1)
         missing = 1 - hist["reached"]
-        bars.add_trace(go.Bar(x=centres, y=np.where(missing > 0, -missing, np.nan), width=np.diff(edges),
-                              name="fraction never reached (below 0)", marker_color=COLORS["miss"],
-                              hovertext=text, hoverinfo="text"))
+        bars.add_trace(go.Bar(x=centres, y=missing, width=np.diff(edges),
+                              name="share of the bin's keys never reached", marker_color=COLORS["miss"],
+                              hovertext=text, hoverinfo="text+y"), row=2, col=1)
         bars.update_layout(**base_layout(f"layers.{self.layer}.routing · head {self.head}: how often each key "
-                                         f"was attended ({hist['unreached_keys']:,} keys never)", height=300,
-                                         barmode="overlay", bargap=0))
-        bars.update_xaxes(title_text="key position", range=[-0.5, self.trace.length - 0.5])
-        bars.update_yaxes(title_text="attends per key")
+                                         f"was attended ({hist['unreached_keys']:,} keys never)", height=340,
+                                         bargap=0))
+        bars.update_xaxes(range=[-0.5, self.trace.length - 0.5])
+        bars.update_xaxes(title_text="key position", row=2, col=1)
+        bars.update_yaxes(title_text="attends per key", row=1, col=1)
+        bars.update_yaxes(title_text="never reached", range=[0, 1], tickformat=".0%", row=2, col=1)
         return [grid, bars]
 
     def _wire_figures(self, widgets) -> None:

@@ -121,3 +121,23 @@ def demo_trace(text: str, cfg: SpanConfig | None = None, needle: str | None = No
     tokens = [chr(b) if 32 <= b < 127 or b in (9, 10) else "·" for b in data]
     return RoutingTrace.from_search(routing, positions, cfg, stripe_scores=prof_scores, profile_queries=prof,
                                     length=length, tokens=tokens, token_ids=ids)
+
+
+def stack_layers(traces: list[RoutingTrace], indices: list[int] | None = None) -> RoutingTrace:
+    """One multi-layer `RoutingTrace` from single-layer traces of the same tokens and queries: layer i of the
+    result is the (only) layer of `traces[i]`, renumbered `indices[i]` (default 0, 1, …). Lets the lessons and
+    tests show layers that route differently without a model."""
+    import dataclasses
+
+    indices = list(range(len(traces))) if indices is None else list(indices)
+    if not traces or len(indices) != len(traces):
+        raise ValueError(f"indices: {len(indices)} entries for {len(traces)} traces (expected equal, >= 1)")
+    first = traces[0]
+    records = {}
+    for index, tr in zip(indices, traces):
+        if len(tr.layers) != 1:
+            raise ValueError(f"traces: each must hold one layer, got layers {tr.layers}")
+        if tr.length != first.length or not torch.equal(tr.queries, first.queries):
+            raise ValueError("traces: expected the same length and recorded queries in every trace")
+        records[int(index)] = dataclasses.replace(tr.layer(tr.layers[0]), index=int(index))
+    return RoutingTrace(records, first.length, first.row_start, token_ids=first.token_ids, tokens=first.tokens)

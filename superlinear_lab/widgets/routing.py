@@ -19,7 +19,7 @@ from plotly.subplots import make_subplots
 
 from superlinear_lab.trace import RoutingTrace
 
-from ._aggregate import bin_edges, interval_mass, snippet
+from ._aggregate import bin_edges, colorize, interval_mass, png_data_uri, snippet
 from ._base import COLORS, View, ViewError, base_layout
 
 WEIGHTS = ("count", "gate")
@@ -79,6 +79,22 @@ def routing_map(trace: RoutingTrace, layer, head: int, max_bins: int = 240, weig
         window = np.where(counts[:, None] > 0, window_mass / norm, np.nan)
     return RoutingMap(q_edges, k_edges, spans.astype(np.float32), window.astype(np.float32), counts,
                       span_mass.sum(axis=0) / width)
+
+
+_SPAN_STOPS = [(0.0, "#fde0c5"), (0.3, "#f8a45e"), (1.0, "#b3470c")]
+_DIFF_STOPS = [(0.0, "#2166ac"), (0.5, "#f7f7f7"), (1.0, "#b2182b")]  # blue: only B … red: only A
+
+
+def _image(values: np.ndarray, m: "RoutingMap", vmin: float, vmax: float, stops, axes: tuple[str, str],
+           hovertemplate: str) -> dict:
+    """An image trace drawing `values` [R, C] over the map's bins (near-equal bins: pixel centres at the bin
+    centres of an even grid), NaN transparent."""
+    rows, cols = values.shape
+    dx = m.key_edges[-1] / cols
+    dy = (m.query_edges[-1] - m.query_edges[0]) / rows
+    return dict(type="image", source=png_data_uri(colorize(values, vmin, vmax, stops)), x0=dx / 2 - 0.5, dx=dx,
+                y0=m.query_edges[0] + dy / 2 - 0.5, dy=dy, xaxis=axes[0], yaxis=axes[1],
+                hovertemplate=hovertemplate, name="map")
 
 
 def _centres(edges: np.ndarray) -> np.ndarray:
@@ -141,6 +157,7 @@ class RoutingExplorer(View):
         self._map_key: tuple | None = None
         self._agreement: dict[tuple, float] = {}
         self._map_fig: go.Figure | None = None
+        self._map_bands: list[dict] = []
 
     # ------------------------------------------------------------------ derived state
     @property
@@ -332,194 +349,230 @@ class RoutingExplorer(View):
         return [f"<div class='sl-spans'>{title}{table}</div>"]
 
     # ------------------------------------------------------------------ figures
-    def _map_panel(self, fig, m: RoutingMap, col: int, which: str, show_overlay: bool) -> None:
+    def _map_panel(self, m: RoutingMap, which: str, axes: tuple[str, str], first: bool) -> list[dict]:
+        """One map panel: the chosen-span heatmap and a sample of anchors (trace dicts on `axes`); the sliding
+        window is a band shape (`_window_band`), so the heavy traces are drawn once per (layer, head, weight)."""
         x, y = _centres(m.key_edges), _centres(m.query_edges)
         unit = "spans per key" if self.weight == "count" else "gate mass"
-        fig.add_trace(go.Heatmap(
-            x=x, y=y, z=np.where(m.window > 0, m.window, np.nan), zmin=0, zmax=1, showscale=False,
-            colorscale=[[0, "rgba(76,120,168,0.15)"], [1, "rgba(76,120,168,0.75)"]], name="window",
-            hovertemplate="keys ≈ %{x:.0f} · queries ≈ %{y:.0f}<br>in window: %{z:.2f}<extra>window</extra>"),
-            row=1, col=col)
         zmax = float(self.trace.layer(self.layer).num_spans) if self.weight == "count" else 1.0
-        fig.add_trace(go.Heatmap(
-            x=x, y=y, z=np.where(m.spans > 0, m.spans, np.nan), zmin=0, zmax=zmax,
-            colorscale=[[0, "#fde0c5"], [0.3, "#f8a45e"], [1, "#b3470c"]], name="chosen spans",
-            showscale=(col == 1), colorbar=dict(title=dict(text=unit, side="right"), thickness=10, len=0.6, y=0.6),
-            hovertemplate=f"keys ≈ %{{x:.0f}} · queries ≈ %{{y:.0f}}<br>{unit}: %{{z:.3f}}<extra>{which}</extra>"),
-            row=1, col=col)
-        if show_overlay:
-            trace = self.trace if which == "A" else self.compare
-            rec = trace.layer(self.layer)
-            queries = trace.queries.numpy()
-            pick = np.unique(np.linspace(0, len(queries) - 1, min(len(queries), 160)).astype(int))
-            anchors = rec.qanchor[self.head].numpy()[pick]
-            qq = np.repeat(queries[pick], anchors.shape[1])
-            aa = anchors.ravel()
-            ok = aa >= 0
-            text = [f"anchor {a:,} ← query {q:,}" + (f"<br>{html.escape(snippet(self.tokens, a - 16, a, 24))}"
-                                                    if self.tokens else "")
-                    for a, q in zip(aa[ok].tolist(), qq[ok].tolist())]
-            fig.add_trace(go.Scatter(x=aa[ok], y=qq[ok], mode="markers", name="anchors (sample)",
-                                     marker=dict(color=COLORS["anchor"], size=3), showlegend=(col == 1),
-                                     hovertext=text, hoverinfo="text"), row=1, col=col)
-            # The picked query's spans and anchors: placeholders filled by `_update_overlay` on every redraw.
-            fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="chosen spans of the picked query",
-                                     line=dict(color=COLORS["miss"] if which == "B" else COLORS["query"], width=5),
-                                     hoverinfo="text", showlegend=(col == 1), meta=f"overlay-spans-{which}"),
-                          row=1, col=col)
-            fig.add_trace(go.Scatter(x=[], y=[], mode="markers", name="its anchors", showlegend=False,
-                                     marker=dict(color=COLORS["anchor"], size=10, symbol="diamond",
-                                                 line=dict(color="black", width=1)),
-                                     hoverinfo="skip", meta=f"overlay-anchors-{which}"), row=1, col=col)
+        xa, ya = axes
+        # The map is one PNG image (drawn by the browser in a few ms, where a 240×240 heatmap takes hundreds),
+        # empty cells transparent so the window band shows through; hover gives the position, clicks pick.
+        heat = _image(np.where(m.spans > 0, m.spans, np.nan), m, 0.0, zmax, _SPAN_STOPS, axes,
+                      f"keys ≈ %{{x:.0f}} · queries ≈ %{{y:.0f}}<extra>{which}</extra>")
+        if first:  # the image has no colour bar: an invisible marker carries it
+            heat = [heat, dict(type="scatter", x=[None], y=[None], mode="markers", showlegend=False,
+                               hoverinfo="skip", xaxis=xa, yaxis=ya, name=unit,
+                               marker=dict(color=[0, zmax], cmin=0, cmax=zmax, showscale=True, size=0,
+                                           colorscale=[[f, c] for f, c in _SPAN_STOPS],
+                                           colorbar=dict(title=dict(text=unit, side="right"), thickness=10,
+                                                         len=0.6, y=0.6)))]
+        else:
+            heat = [heat]
+        trace = self.trace if which == "A" else self.compare
+        rec = trace.layer(self.layer)
+        queries = trace.queries.numpy()
+        pick = np.unique(np.linspace(0, len(queries) - 1, min(len(queries), 120)).astype(int))
+        anchors = rec.qanchor[self.head].numpy()[pick]
+        qq = np.repeat(queries[pick], anchors.shape[1])
+        aa = anchors.ravel()
+        ok = aa >= 0
+        text = [f"anchor {a:,} ← query {q:,}" + (f"<br>{html.escape(snippet(self.tokens, a - 16, a, 24))}"
+                                                if self.tokens else "")
+                for a, q in zip(aa[ok].tolist(), qq[ok].tolist())]
+        dots = dict(type="scatter", x=aa[ok].astype(np.int32), y=qq[ok].astype(np.int32), mode="markers",
+                    name="anchors (sample)", marker=dict(color=COLORS["anchor"], size=3), showlegend=first,
+                    hovertext=text, hoverinfo="text", xaxis=xa, yaxis=ya)
+        return heat + [dots]
 
-    def _update_overlay(self, fig: go.Figure) -> None:
-        """Draw the picked query's chosen spans and anchors into the (cached) map figure."""
-        for t in fig.data:
-            meta = t.meta if isinstance(t.meta, str) else ""
-            if not meta.startswith("overlay-"):
-                continue
-            which = meta.rsplit("-", 1)[1]
-            chosen = self.chosen(which)
-            if meta.startswith("overlay-spans"):
-                sx, sy, st = [], [], []
-                for r in chosen:
-                    sx += [r["qstart"], r["qend"], None]
-                    sy += [self.query, self.query, None]
-                    st += [f"#{r['rank']} span [{r['qstart']:,}, {r['qend']:,}] score {r['score']:.3f}"] * 3
-                t.update(x=sx, y=sy, hovertext=st, name=f"query {self.query:,}: chosen spans")
-            else:
-                t.update(x=[r["anchor"] for r in chosen], y=[self.query] * len(chosen))
+    def _window_band(self, which: str, axis: str) -> dict:
+        """The sliding window of every recorded query as one filled polygon in (key, query) coordinates."""
+        trace = self.trace if which == "A" else self.compare
+        win = trace.layer(self.layer).window.numpy()
+        queries = trace.queries.numpy()
+        keep = win[:, 0] >= 0
+        if not keep.any():
+            return {}
+        q, lo, hi = queries[keep], win[keep, 0], win[keep, 1]
+        pick = np.unique(np.concatenate([np.linspace(0, len(q) - 1, min(len(q), 400)).astype(int),
+                                         np.flatnonzero(np.diff(lo) != 1) + 1, [0, len(q) - 1]]))
+        pick = pick[(pick >= 0) & (pick < len(q))]
+        left = [f"{lo[i] - 0.5:g},{q[i]:g}" for i in pick]
+        right = [f"{hi[i] + 0.5:g},{q[i]:g}" for i in pick[::-1]]
+        return dict(type="path", path="M" + "L".join(left + right) + "Z", xref=axis.split("y")[0],
+                    yref="y" + axis.split("y")[1], layer="below", line=dict(width=0),
+                    fillcolor="rgba(76,120,168,0.30)")
 
-    def _key_strip(self, fig, m: RoutingMap, row: int, cols: int) -> None:
+    def _overlay_shapes(self) -> list[dict]:
+        """The picked query's chosen spans (thick lines) and anchors (pixel-sized circles), per panel: layout
+        shapes, so picking another query only redraws shapes (no trace is recalculated in the browser)."""
+        shapes = []
+        panels = [("A", "xy")] + ([("B", "x2y2")] if self.compare is not None else [])
+        for which, axis in panels:
+            xref, yref = axis.split("y")[0], "y" + axis.split("y")[1]
+            color = COLORS["miss"] if which == "B" else COLORS["query"]
+            for r in self.chosen(which):
+                shapes.append(dict(type="line", xref=xref, yref=yref, x0=r["qstart"] - 0.5, x1=r["qend"] + 0.5,
+                                   y0=self.query, y1=self.query, line=dict(color=color, width=5)))
+                shapes.append(dict(type="circle", xref=xref, yref=yref, xsizemode="pixel", ysizemode="pixel",
+                                   xanchor=r["anchor"], yanchor=self.query, x0=-5, x1=5, y0=-5, y1=5,
+                                   fillcolor=COLORS["anchor"], line=dict(color="black", width=1)))
+        return shapes
+
+    def _key_strip(self, m: RoutingMap, axes: tuple[str, str]) -> dict:
         """A one-row strip under the map: how much each key bin is used, hover = its text."""
-        x = _centres(m.key_edges)
         text = [f"keys {a:,}–{b - 1:,}: {html.escape(snippet(self.tokens, a, b - 1, 48))}" if self.tokens
                 else f"keys {a:,}–{b - 1:,}" for a, b in zip(m.key_edges[:-1], m.key_edges[1:])]
-        for col in range(1, cols + 1):
-            fig.add_trace(go.Heatmap(x=x, y=[0], z=[m.key_use], colorscale="Greys", showscale=False,
-                                     name="key use", hovertext=[text], hoverinfo="text"), row=row, col=col)
+        return dict(type="heatmap", x=_centres(m.key_edges), y=[0], z=[m.key_use], colorscale="Greys",
+                    showscale=False, name="key use", hovertext=[text], hoverinfo="text", xaxis=axes[0],
+                    yaxis=axes[1])
 
     def figures(self) -> list[go.Figure]:
         return [self._map_figure(), self._detail_figure()]
 
     def _map_figure(self) -> go.Figure:
-        """The map, rebuilt only when (layer, head, weight, bins) change; the picked query is an overlay."""
+        """The map, rebuilt only when (layer, head, weight, bins) change; the picked query is a shape overlay."""
         key = (self.layer, self.head, self.weight, self.max_bins)
         if self._map_key != key:
             fig = self._build_map_figure()
             # plotly.js builds CSS selectors from uids: letters, digits, '-' and '_' only.
             tag = re.sub(r"[^A-Za-z0-9_-]", "-", "map-" + "-".join(str(x) for x in key))
             for i, t in enumerate(fig.data):
-                if not (isinstance(t.meta, str) and t.meta.startswith("overlay-")):
-                    t.uid = f"{tag}-{i}"  # unchanged heavy traces are not resent (see `sync_figure`)
+                t.uid = f"{tag}-{i}"  # the pane skips traces whose uid it has sent (no re-serialisation)
+            bands = [self._window_band("A", "xy")]
+            if self.compare is not None:
+                bands.append(self._window_band("B", "x2y2"))
+            self._map_bands = [b for b in bands if b]
             self._map_fig, self._map_key = fig, key
-        self._update_overlay(self._map_fig)
+        self._map_fig.layout.shapes = self._map_bands + self._overlay_shapes()
         return self._map_fig
 
     def _build_map_figure(self) -> go.Figure:
+        """The map panels (A; or A, B and A − B) over a key-use strip, built as one dict."""
         m = self.routing_map("A")
         rec = self.trace.layer(self.layer)
+        top, strip = [0.0886, 1.0], [0.0, 0.0686]  # row heights 0.93 / 0.07 with a 0.02 gap
+        full_x = [-0.5, self.trace.length - 0.5]
+        full_y = [self.trace.length - 0.5, -0.5]  # reversed; fixed, so shape overlays never trigger autorange
+        layout = {}
         if self.compare is None:
-            fig = make_subplots(rows=2, cols=1, row_heights=[0.93, 0.07], vertical_spacing=0.02,
-                                shared_xaxes=True)
-            self._map_panel(fig, m, 1, "A", True)
-            self._key_strip(fig, m, 2, 1)
-            title = f"{rec.name} · head {self.head}: which keys each query attends (window + top-{rec.num_spans} spans)"
+            data = self._map_panel(m, "A", ("x", "y"), True) + [self._key_strip(m, ("x2", "y2"))]
+            layout.update(xaxis=dict(domain=[0, 1], anchor="y", matches="x2", showticklabels=False),
+                          yaxis=dict(domain=top, anchor="x", title=dict(text="query position")),
+                          xaxis2=dict(domain=[0, 1], anchor="y2"), yaxis2=dict(domain=strip, anchor="x2"))
+            strip_axes = ["2"]
+            title = (f"{rec.name} · head {self.head}: which keys each query attends (blue band: window, orange: "
+                     f"top-{rec.num_spans} spans; black: the picked query's spans, ● anchors)")
             height = 560
         else:
             mb = self.routing_map("B")
             a, b = self.labels
-            fig = make_subplots(rows=2, cols=3, row_heights=[0.93, 0.07], vertical_spacing=0.02,
-                                horizontal_spacing=0.04, shared_xaxes=True, shared_yaxes=True,
-                                column_titles=[a, b, f"{a} − {b}"])
-            self._map_panel(fig, m, 1, "A", True)
-            self._map_panel(fig, mb, 2, "B", True)
+            cols = [[0.0, 0.3067], [0.3467, 0.6533], [0.6933, 1.0]]
             diff = m.spans - mb.spans
-            lim = float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 1.0
-            fig.add_trace(go.Heatmap(x=_centres(m.key_edges), y=_centres(m.query_edges),
-                                     z=np.where(np.abs(diff) > 1e-9, diff, np.nan), zmid=0,
-                                     zmin=-max(lim, 1e-9), zmax=max(lim, 1e-9), colorscale="RdBu_r", showscale=False,
-                                     name=f"{a} − {b}",
-                                     hovertemplate="keys ≈ %{x:.0f} · queries ≈ %{y:.0f}<br>difference %{z:.3f}"
-                                                   "<extra></extra>"), row=1, col=3)
-            self._key_strip(fig, m, 2, 3)
+            lim = max(float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 1.0, 1e-9)
+            data = (self._map_panel(m, "A", ("x", "y"), True) + self._map_panel(mb, "B", ("x2", "y2"), False)
+                    + [_image(np.where(np.abs(diff) > 1e-9, diff, np.nan), m, -lim, lim, _DIFF_STOPS, ("x3", "y3"),
+                              "keys ≈ %{x:.0f} · queries ≈ %{y:.0f}<extra>" + f"{a} − {b}</extra>")]
+                    + [self._key_strip(m, (f"x{i}", f"y{i}")) for i in (4, 5, 6)])
+            for i, dom in enumerate(cols, start=1):
+                n, s_ = ("" if i == 1 else str(i)), str(i + 3)
+                layout[f"xaxis{n}"] = dict(domain=dom, anchor=f"y{n}", matches=f"x{s_}", showticklabels=False)
+                layout[f"yaxis{n}"] = dict(domain=top, anchor=f"x{n}", **({} if i == 1 else dict(
+                    matches="y", showticklabels=False)))
+                layout[f"xaxis{s_}"] = dict(domain=dom, anchor=f"y{s_}")
+                layout[f"yaxis{s_}"] = dict(domain=strip, anchor=f"x{s_}")
+            layout["yaxis"]["title"] = dict(text="query position")
+            layout["annotations"] = [dict(text=t, xref="paper", yref="paper", x=(d[0] + d[1]) / 2, y=1.0,
+                                          yanchor="bottom", showarrow=False, font=dict(size=13))
+                                     for t, d in zip((a, b, f"{a} − {b}"), cols)]
+            strip_axes = ["4", "5", "6"]
             title = f"{rec.name} · head {self.head}: {a} vs {b} (red: only {a}, blue: only {b})"
             height = 520
-        fig.update_layout(**base_layout(title, height=height))
-        fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.08, x=0, xanchor="left"),
-                          margin=dict(l=70, r=20, t=60, b=60), clickmode="event")
-        fig.update_yaxes(autorange="reversed", row=1)
-        fig.update_yaxes(title_text="query position", row=1, col=1)
-        fig.update_yaxes(showticklabels=False, showgrid=False, row=2)
-        fig.update_xaxes(range=[-0.5, self.trace.length - 0.5], showgrid=False)
-        fig.update_xaxes(title_text="key position · grey strip: how often each key is used (hover: its text)",
-                         row=2, col=2 if self.compare is not None else 1)
-        return fig
+        for name, axis in layout.items():
+            if name.startswith("xaxis"):
+                axis.update(range=full_x, autorange=False, showgrid=False)
+            elif name.startswith("yaxis") and name[5:] not in strip_axes:
+                axis.update(range=full_y, autorange=False)
+        for n in strip_axes:
+            layout[f"yaxis{n}"].update(showticklabels=False, showgrid=False)
+        middle = strip_axes[len(strip_axes) // 2]
+        layout[f"xaxis{middle}"]["title"] = dict(
+            text="key position · grey strip: how often each key is used (hover: its text)")
+        base = base_layout(title, height=height)
+        base.update(layout, legend=dict(orientation="h", yanchor="top", y=-0.08, x=0, xanchor="left"),
+                    margin=dict(l=70, r=20, t=60, b=60), clickmode="event")
+        return go.Figure(dict(data=data, layout=base))
 
     def _detail_figure(self) -> go.Figure:
+        """Score profile of the picked query (stripes, top-K, B's choice) and its gate weights. Built as one
+        dict and validated once (plotly's incremental figure API costs ~10x more per query step)."""
         rec = self.trace.layer(self.layer)
-        fig = make_subplots(rows=1, cols=2, column_widths=[0.72, 0.28], horizontal_spacing=0.08,
-                            subplot_titles=["search score of every candidate stripe", "gate weights"])
         chosen = self.chosen("A")
         prof = self.profile()
+        data, shapes, annotations = [], [], []
         if prof is not None:
             anchors, scores = prof
             order = np.argsort(anchors)
-            fig.add_trace(go.Scatter(x=anchors[order], y=scores[order], mode="lines+markers", name="stripe scores",
-                                     line=dict(color=COLORS["muted"], width=1), marker=dict(color="#888", size=4),
-                                     hovertemplate="anchor %{x}<br>score %{y:.3f}<extra></extra>"), row=1, col=1)
-            if chosen:
+            data.append(dict(type="scatter", x=anchors[order], y=scores[order], mode="lines+markers",
+                             name="stripe scores", line=dict(color=COLORS["muted"], width=1),
+                             marker=dict(color="#888", size=4),
+                             hovertemplate="anchor %{x}<br>score %{y:.3f}<extra></extra>"))
+            if chosen:  # the K-th chosen score: only drawn when the profile of this very query is shown
                 kth = min(r["score"] for r in chosen)
-                fig.add_hline(y=kth, line=dict(color=COLORS["span"], dash="dot", width=1), row=1, col=1)
-            note = ""
+                shapes.append(dict(type="line", xref="x domain", yref="y", x0=0, x1=1, y0=kth, y1=kth,
+                                   line=dict(color=COLORS["span"], dash="dot", width=1), name="kth-score"))
         else:
-            fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="stripe scores"), row=1, col=1)
+            data.append(dict(type="scatter", x=[], y=[], mode="lines+markers", name="stripe scores"))
             n_prof = rec.profile_queries.numel()
-            note = (f"full profile not recorded for this query (pick one of the {n_prof} profiled: "
-                    "see the 'profiled' menu)" if n_prof
-                    else "no full stripe profile in this trace: only the chosen top-K are shown")
-        fig.add_trace(go.Scatter(
-            x=[r["anchor"] for r in chosen], y=[r["score"] for r in chosen], mode="markers+text",
+            annotations.append(dict(
+                text=(f"full profile not recorded for this query (pick one of the {n_prof} profiled: "
+                      "see the 'profiled' menu)" if n_prof
+                      else "no full stripe profile in this trace: only the chosen top-K are shown"),
+                xref="x domain", yref="y domain", x=0.5, y=0.5, showarrow=False, font=dict(color="#666")))
+        data.append(dict(
+            type="scatter", x=[r["anchor"] for r in chosen], y=[r["score"] for r in chosen], mode="markers+text",
             name=f"top-{rec.num_spans} (chosen)", text=[f"#{r['rank']}" for r in chosen], textposition="top center",
             marker=dict(color=COLORS["span"], size=12, line=dict(color="black", width=1)),
             hovertext=[f"#{r['rank']} anchor {r['anchor']:,}: {html.escape(snippet(self.tokens, r['qstart'], r['qend']))}"
-                       for r in chosen], hoverinfo="text"), row=1, col=1)
+                       for r in chosen], hoverinfo="text"))
+        other = self.chosen("B") if self.compare is not None else []
         if self.compare is not None:
-            other = self.chosen("B")
-            fig.add_trace(go.Scatter(x=[r["anchor"] for r in other], y=[r["score"] for r in other], mode="markers",
-                                     name=f"{self.labels[1]}'s choice", marker=dict(color=COLORS["miss"], size=9,
-                                                                                    symbol="x"),
-                                     hovertemplate="anchor %{x}<br>score %{y:.3f}<extra></extra>"), row=1, col=1)
-        fig.add_trace(go.Bar(x=[f"#{r['rank']}" for r in chosen], y=[r["gate"] for r in chosen],
-                             name="gate", marker_color=COLORS["span"], showlegend=False,
-                             hovertext=[f"anchor {r['anchor']:,}, span [{r['qstart']:,}, {r['qend']:,}]"
-                                        for r in chosen], hoverinfo="text+y"), row=1, col=2)
-        title = f"Query {self.query:,} · {rec.name} · head {self.head}"
-        fig.update_layout(**base_layout(title, height=300))
-        fig.update_layout(margin=dict(l=70, r=20, t=70, b=45), legend=dict(y=1.12))
-        fig.update_xaxes(title_text="anchor position", range=[-0.03 * self.query - 1, 1.03 * self.query + 1],
-                         row=1, col=1)
-        fig.update_yaxes(title_text="score ⟨Q1, K(anchor)⟩", row=1, col=1)
-        scores = [r["score"] for r in chosen] + ([] if prof is None else prof[1].tolist())
+            data.append(dict(type="scatter", x=[r["anchor"] for r in other], y=[r["score"] for r in other],
+                             mode="markers", name=f"{self.labels[1]}'s choice",
+                             marker=dict(color=COLORS["miss"], size=9, symbol="x"),
+                             hovertemplate="anchor %{x}<br>score %{y:.3f}<extra></extra>"))
+        data.append(dict(type="bar", x=[f"#{r['rank']}" for r in chosen], y=[r["gate"] for r in chosen],
+                         name="gate", marker_color=COLORS["span"], showlegend=False, xaxis="x2", yaxis="y2",
+                         hovertext=[f"anchor {r['anchor']:,}, span [{r['qstart']:,}, {r['qend']:,}]"
+                                    for r in chosen], hoverinfo="text+y"))
+        # every marker drawn in the score panel counts: A's choice, the profile and, in compare mode, B's choice
+        scores = ([r["score"] for r in chosen] + ([] if prof is None else prof[1].tolist())
+                  + [r["score"] for r in other])
+        scores = [v for v in scores if np.isfinite(v)]
+        score_axis = dict(title=dict(text="score ⟨Q1, K(anchor)⟩"), anchor="x")
         if scores:  # room above the top marker for its "#1" label
             lo, hi = min(scores), max(scores)
             pad = 0.15 * max(hi - lo, 1e-6)
-            fig.update_yaxes(range=[lo - pad, hi + 2 * pad], row=1, col=1)
-        fig.update_yaxes(range=[0, 1], row=1, col=2)
-        if note:
-            fig.add_annotation(text=note, xref="x domain", yref="y domain", x=0.5, y=0.5, showarrow=False,
-                               font=dict(color="#666"))
-        return fig
+            score_axis["range"] = [lo - pad, hi + 2 * pad]
+        for text, x in (("search score of every candidate stripe", 0.36), ("gate weights", 0.86)):
+            annotations.append(dict(text=text, xref="paper", yref="paper", x=x, y=1.0, yanchor="bottom",
+                                    showarrow=False, font=dict(size=13)))
+        title = f"Query {self.query:,} · {rec.name} · head {self.head}"
+        layout = base_layout(title, height=300)
+        layout.update(margin=dict(l=70, r=20, t=70, b=45), legend=dict(y=1.12, orientation="h", yanchor="bottom",
+                                                                       xanchor="right", x=1.0),
+                      xaxis=dict(domain=[0, 0.72], anchor="y", title=dict(text="anchor position"),
+                                 range=[-0.03 * self.query - 1, 1.03 * self.query + 1]),
+                      yaxis=score_axis, xaxis2=dict(domain=[0.8, 1.0], anchor="y2", type="category"),
+                      yaxis2=dict(domain=[0, 1], anchor="x2", range=[0, 1]),
+                      shapes=shapes, annotations=annotations)
+        return go.Figure(dict(data=data, layout=layout))
 
     # ------------------------------------------------------------------ widget controls
     def _wire_figures(self, widgets) -> None:
-        def on_click(trace, points, state):
-            if points.point_inds:
-                self.pick(points.xs[0], points.ys[0])
-
-        for t in widgets[0].data:
-            if t.type == "heatmap":
-                t.on_click(on_click)
+        # a click anywhere on a map panel (also on cells no span reached) picks the nearest recorded query
+        panels = {"xy", "x2y2", "x3y3"}
+        widgets[0].on_area_click(lambda subplot, x, y: self.pick(x, y) if subplot in panels else None)
 
     def _build_controls(self):
         import ipywidgets as w

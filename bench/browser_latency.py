@@ -1,0 +1,253 @@
+"""Interaction latency of the views in the browser the user actually gets: JupyterLab 4 in headless Chromium
+(Playwright, /usr/bin/chromium), the kernel on this machine.
+
+For each view and action: arm a MutationObserver on the view's DOM, perform the action as a user would (a
+click on the routing map, a key press on a slider, a choice in a drop-down), and record the time from the
+user's input event (page clock) to the *last* DOM change of the view, once the view and the kernel websocket
+have been quiet for `--quiet` ms. Bytes are what the browser received on the kernel websocket meanwhile
+(comm messages: figure updates, panel HTML, status).
+
+    python bench/browser_latency.py [--tokens 8192 65536] [--repeat 12] [--json bench/browser_latency.json]
+
+Writes records {view, action, tokens, median_ms, p95_ms, bytes_sent, n, ...} to the JSON file. Not a test:
+timings depend on the machine (note whether it was shared).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from browser_lab import (CHROMIUM_ARGS, cell_errors, chromium, lab_server, notebook,  # noqa: E402
+                         open_and_run)
+
+SETUP = """\
+import os, torch
+torch.set_num_threads(1)
+from superlinear_kernels import SpanConfig
+from superlinear_lab.widgets import RoutingExplorer, StripeExplorer, CoverageMap
+from superlinear_lab.widgets.demo import demo_trace, reference_text, stack_layers
+N = {tokens}
+text = reference_text(N)
+prof = [N // 2, N - 1]
+a = demo_trace(text, SpanConfig.default(), profile_queries=prof)
+b = demo_trace(text, SpanConfig.default().replace(search_power=1 / 3, backward_factor=3.0), seed=1,
+               profile_queries=prof)
+trace = stack_layers([a, b])          # two layers that route differently
+other = stack_layers([b, a])          # a genuinely different trace for compare mode
+"""
+# (cell source, view name); every cell shows one view.
+VIEWS = [
+    ("RoutingExplorer(trace)", "RoutingExplorer"),
+    ("RoutingExplorer(trace, compare=other, labels=('A', 'B'))", "RoutingExplorer compare"),
+    ("StripeExplorer(SpanConfig.default(), query=N - 1, max_query=N)", "StripeExplorer"),
+    ("CoverageMap(trace)", "CoverageMap"),
+]
+
+# Page side: one MutationObserver on the armed view; t0 = the first user input event after arming.
+_INSTALL = """() => {
+  if (window.__slBench) return;
+  const s = window.__slBench = {t0: null, last: null, n: 0, obs: null};
+  const mark = () => { if (s.armed && s.t0 === null) s.t0 = performance.now(); };
+  for (const ev of ['pointerdown', 'mousedown', 'keydown', 'input', 'change'])
+    document.addEventListener(ev, mark, {capture: true});
+}"""
+_ARM = """el => {
+  const s = window.__slBench;
+  if (s.obs) s.obs.disconnect();
+  s.t0 = null; s.last = null; s.n = 0; s.armed = true;
+  s.obs = new MutationObserver(() => { s.last = performance.now(); s.n++; });
+  s.obs.observe(el, {subtree: true, childList: true, attributes: true, characterData: true});
+}"""
+_STATE = """() => { const s = window.__slBench;
+  const log = (globalThis.__slPaneLog || []).filter(e => s.t0 !== null && e.received >= s.t0);
+  return {t0: s.t0, last: s.last, n: s.n, now: performance.now(),
+          reply: log.length ? log[0].received - s.t0 : null,
+          draw: log.reduce((a, e) => a + (e.drawn - e.received), 0)}; }"""
+
+
+class Socket:
+    """Bytes the page received on the kernel websocket, and when the last frame came (monotonic seconds)."""
+
+    def __init__(self, page):
+        self.bytes = 0
+        self.last = 0.0
+        page.on("websocket", self._attach)
+
+    def _attach(self, ws):
+        if "/api/kernels/" in ws.url:
+            ws.on("framereceived", self._frame)
+
+    def _frame(self, payload):
+        self.bytes += len(payload)
+        self.last = time.monotonic()
+
+
+def measure(page, sock: Socket, view, act, quiet_ms: int, timeout_s: float = 30.0) -> tuple[float, int, dict]:
+    """(ms from the input event to the last DOM change of `view`, bytes received, {reply_ms, draw_ms}) for one
+    action `act()`: reply = input → first figure message in the page (kernel + transport), draw = time spent
+    applying figure messages (Plotly.react)."""
+    page.evaluate(_ARM, view.element_handle())
+    sent = sock.bytes
+    act()
+    began = time.monotonic()
+    while True:
+        time.sleep(0.05)
+        s = page.evaluate(_STATE)
+        if s["t0"] is not None and s["last"] is not None and s["last"] >= s["t0"]:
+            dom_quiet = s["now"] - s["last"]
+            ws_quiet = (time.monotonic() - max(sock.last, began)) * 1e3
+            if dom_quiet >= quiet_ms and ws_quiet >= quiet_ms:
+                return s["last"] - s["t0"], sock.bytes - sent, dict(reply_ms=s["reply"], draw_ms=s["draw"])
+        if time.monotonic() - began > timeout_s:
+            raise RuntimeError(f"no DOM change settled within {timeout_s} s (state {s})")
+
+
+def _slider_handle(page, view, label):
+    return view.locator(".widget-slider", has=page.locator(".widget-label", has_text=label)).first \
+        .locator(".noUi-handle").first
+
+
+def _select(view, label):
+    box = view.locator(".widget-dropdown", has=view.page.locator(".widget-label", has_text=label)).first
+    return box.locator("select")
+
+
+def actions(page, view, name: str):
+    """(action name, list of callables) pairs for one view: each callable performs one user input."""
+    out = []
+    if name.startswith("RoutingExplorer"):
+        plot = view.locator(".js-plotly-plot").first
+        drag = plot.locator(".nsewdrag").first
+        box = drag.bounding_box()
+        # click the left map panel at several heights (the nearest recorded query is picked)
+        points = [(box["x"] + box["width"] * (0.1 if "compare" in name else 0.3),
+                   box["y"] + box["height"] * f) for f in (0.2, 0.45, 0.7, 0.9, 0.35, 0.6)]
+
+        def click(p):
+            def go():
+                page.mouse.click(*p)
+            return go
+        out.append(("query pick (map click)", [click(p) for p in points]))
+        handle = _slider_handle(page, view, "query")
+
+        def key(k):
+            def go():
+                handle.focus()
+                page.keyboard.press(k)
+            return go
+        out.append(("query step (slider key)", [key(k) for k in ("ArrowLeft", "ArrowRight")]))
+        head = _select(view, "head")
+        out.append(("head change", [lambda v=v: head.select_option(str(v)) for v in ("1", "2", "3", "0")]))
+        layer = _select(view, "layer")
+        labels = layer.locator("option").all_inner_texts()
+        out.append(("layer change", [lambda v=v: layer.select_option(label=v) for v in labels[1:] + labels[:1]]))
+    elif name == "StripeExplorer":
+        handle = _slider_handle(page, view, "query q")
+
+        def key(k):
+            def go():
+                handle.focus()
+                page.keyboard.press(k)
+            return go
+        out.append(("query step (slider key)", [key(k) for k in ("ArrowLeft", "ArrowRight")]))
+        bf = _slider_handle(page, view, "b_f")
+        out.append(("b_f step (slider key)", [lambda k=k: (bf.focus(), page.keyboard.press(k))
+                                              for k in ("ArrowRight", "ArrowLeft")]))
+    elif name == "CoverageMap":
+        head = _select(view, "head")
+        out.append(("head change", [lambda v=v: head.select_option(str(v)) for v in ("1", "2", "3", "0")]))
+        layer = _select(view, "layer")
+        labels = layer.locator("option").all_inner_texts()
+        out.append(("layer change", [lambda v=v: layer.select_option(label=v) for v in labels[1:] + labels[:1]]))
+    return out
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 1) if values else None
+
+
+def run(tokens_list, repeat: int, quiet_ms: int, only: str | None) -> list[dict]:
+    from playwright.sync_api import sync_playwright
+
+    records = []
+    with tempfile.TemporaryDirectory(prefix="sl-browser-bench-") as tmp:
+        work = Path(tmp)
+        root = work / "nb"
+        root.mkdir()
+        for tokens in tokens_list:
+            cells = [SETUP.format(tokens=tokens)] + [src for src, name in VIEWS if not only or only in name]
+            (root / f"bench_{tokens}.ipynb").write_text(json.dumps(notebook(*cells)))
+        with lab_server(root, work) as (base, token), sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS, headless=True)
+            try:
+                for tokens in tokens_list:
+                    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                    sock = Socket(page)
+                    open_and_run(page, base, token, f"bench_{tokens}.ipynb")
+                    errors = cell_errors(page)
+                    if errors:
+                        raise RuntimeError(f"bench notebook ({tokens} tokens) failed: {errors}")
+                    page.evaluate(_INSTALL)
+                    names = [name for _, name in VIEWS if not only or only in name]
+                    page.wait_for_function(f"() => document.querySelectorAll('.sl-view').length >= {len(names)}")
+                    for i, name in enumerate(names):
+                        view = page.locator(".sl-view").nth(i)
+                        view.scroll_into_view_if_needed()
+                        view.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=60_000)
+                        page.mouse.move(2, 2)
+                        for action, steps in actions(page, view, name):
+                            ms, sizes, parts = [], [], []
+                            steps[0]()  # warm-up (first use of a code path), not counted
+                            time.sleep(quiet_ms / 1e3 + 0.5)
+                            for r in range(repeat):
+                                t, nbytes, part = measure(page, sock, view, steps[(r + 1) % len(steps)], quiet_ms)
+                                ms.append(t)
+                                parts.append(part)
+                                sizes.append(nbytes)
+                            ms.sort()
+                            rec = dict(view=name, action=action, tokens=tokens, n=len(ms),
+                                       median_ms=round(statistics.median(ms), 1),
+                                       p95_ms=round(ms[min(len(ms) - 1, int(round(0.95 * (len(ms) - 1))))], 1),
+                                       max_ms=round(ms[-1], 1), bytes_sent=int(statistics.median(sizes)),
+                                       reply_median_ms=_median([p["reply_ms"] for p in parts]),
+                                       draw_median_ms=_median([p["draw_ms"] for p in parts]))
+                            records.append(rec)
+                            print(f"{name:26s} {action:26s} {tokens:>7,} tokens: median {rec['median_ms']:7.1f} ms"
+                                  f"  p95 {rec['p95_ms']:7.1f} ms  {rec['bytes_sent']:>9,} B  (reply {rec['reply_median_ms']} ms,"
+                                  f" draw {rec['draw_median_ms']} ms)", flush=True)
+                    page.close()
+            finally:
+                browser.close()
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 65536])
+    parser.add_argument("--repeat", type=int, default=12)
+    parser.add_argument("--quiet", type=int, default=600, help="ms without DOM change or websocket frame")
+    parser.add_argument("--only", default=None, help="only views whose name contains this")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "browser_latency.json"))
+    args = parser.parse_args()
+    began = time.time()
+    records = run(args.tokens, args.repeat, args.quiet, args.only)
+    meta = dict(machine=platform.machine(), cpus=os.cpu_count(), python=platform.python_version(),
+                load_avg_before_after=os.getloadavg(), wall_s=round(time.time() - began, 1),
+                started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(began)))
+    Path(args.json).write_text(json.dumps(dict(meta=meta, records=records), indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""`FigurePane`: a small anywidget that shows one plotly figure and updates it by *patches*.
+
+Why not plotly's `FigureWidget`: it ships its 5 MB front-end bundle with every figure, answers each update
+with a round trip of trace deltas, serialises 2-D numpy arrays as nested lists (NaN → a "not JSON compliant"
+warning) and re-sends unchanged heavy traces. Here:
+
+* plotly.js travels once per kernel session, in one shared `_PlotlyLib` model that every pane references;
+* the figure travels as JSON with numpy arrays base64-encoded (plotly.js typed-array spec, NaN-safe);
+* on every `show(fig)` the pane compares each trace and the layout with what it sent last (Python side, by
+  their serialised text — or by `uid` alone when a view sets one, without serialising) and sends only what
+  changed; the front end applies it with `Plotly.react`, which keeps unchanged traces as they are;
+* nothing heavy lives in synced traits: a view that (re)renders asks for the full figure with a message, so
+  saved widget state stays small.
+
+Clicks come back as messages; `pane.data[i].on_click(fn)` calls `fn(trace, points, state)` with
+`points.xs`, `points.ys`, `points.point_inds` (plotly's `FigureWidget` signature, so views written for it work).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from types import SimpleNamespace
+from typing import Callable
+
+import anywidget
+import plotly.graph_objects as go
+import traitlets
+from _plotly_utils.utils import convert_to_base64
+from ipywidgets import widget_serialization
+from plotly.io.json import to_json_plotly
+
+log = logging.getLogger(__name__)
+
+_JS = r"""
+async function plotlyOf(model) {
+  if (globalThis.Plotly) return globalThis.Plotly;
+  if (!globalThis.__slPlotly) {
+    globalThis.__slPlotly = (async () => {
+      const ref = model.get("lib");
+      const lib = await model.widget_manager.get_model(ref.slice("IPY_MODEL_".length));
+      const url = URL.createObjectURL(new Blob([lib.get("source")], {type: "text/javascript"}));
+      try { await import(/* webpackIgnore: true */ url); } finally { URL.revokeObjectURL(url); }
+      return globalThis.Plotly;
+    })();
+  }
+  return globalThis.__slPlotly;
+}
+
+function render({ model, el }) {
+  const box = document.createElement("div");
+  box.className = "sl-pane";
+  el.appendChild(box);
+  let data = null, layout = null, layoutKeys = {}, queue = Promise.resolve(), alive = true;
+  const config = {displaylogo: false, responsive: true};
+  const draw = (Plotly) => Plotly.react(box, data.slice(), layout, config);
+  const onMsg = (msg) => {
+    const received = performance.now();
+    queue = queue.then(async () => {
+      if (!alive) return;
+      const Plotly = await plotlyOf(model);
+      if (msg.type === "full") {
+        data = msg.data.map((t) => JSON.parse(t));
+        layout = JSON.parse(msg.layout);
+        layoutKeys = {};
+        for (const [k, v] of Object.entries(layout)) layoutKeys[k] = JSON.stringify(v);
+        await draw(Plotly);
+        if (!box.__slWired) {
+          box.__slWired = true;
+          box.on("plotly_click", (ev) => {
+            const p = ev.points && ev.points[0];
+            if (!p || model.get("click_mode") !== "points") return;
+            model.send({type: "click", curve: p.curveNumber, x: p.x, y: p.y, point: p.pointNumber ?? null});
+          });
+          // "area" mode: any click inside a subplot, in data coordinates (also on empty cells of a heatmap)
+          box.addEventListener("click", (ev) => {
+            if (model.get("click_mode") !== "area") return;
+            const drag = ev.target.closest && ev.target.closest(".nsewdrag");
+            const info = drag && box._fullLayout._plots[drag.getAttribute("data-subplot")];
+            if (!info) return;
+            const r = drag.getBoundingClientRect();
+            model.send({type: "areaclick", subplot: drag.getAttribute("data-subplot"),
+                        x: info.xaxis.p2d(ev.clientX - r.left), y: info.yaxis.p2d(ev.clientY - r.top)});
+          });
+        }
+      } else if (msg.type === "patch" && data !== null) {
+        const changed = Object.entries(msg.traces);
+        for (const [i, t] of changed) data[+i] = JSON.parse(t);
+        if (msg.layout) {
+          const next = JSON.parse(msg.layout), keys = {};
+          for (const [k, v] of Object.entries(next)) keys[k] = JSON.stringify(v);
+          if (changed.length === 0) {
+            // layout-only change (overlays are shapes): relayout just those keys, no recalculation of traces
+            const update = {};
+            for (const k of new Set([...Object.keys(layoutKeys), ...Object.keys(keys)]))
+              if (layoutKeys[k] !== keys[k]) update[k] = k in next ? next[k] : null;
+            layout = next; layoutKeys = keys;
+            await Plotly.relayout(box, update);
+          } else {
+            layout = next; layoutKeys = keys;
+            await draw(Plotly);
+          }
+        } else {
+          await draw(Plotly);
+        }
+      }
+      box.dataset.rev = String(msg.rev);
+      // timing log read by bench/browser_latency.py (kept short)
+      const log = (globalThis.__slPaneLog = globalThis.__slPaneLog || []);
+      log.push({type: msg.type, received, drawn: performance.now()});
+      if (log.length > 200) log.splice(0, log.length - 200);
+    }).catch((err) => console.error("superlinear-lab pane:", err));
+  };
+  model.on("msg:custom", onMsg);
+  model.send({type: "sync"});
+  return () => { alive = false; model.off("msg:custom", onMsg); if (globalThis.Plotly) globalThis.Plotly.purge(box); };
+}
+export default { render };
+"""
+
+_CSS = ".sl-pane { width: 100%; } .sl-pane .modebar-container { opacity: 0.6; }"
+
+
+class _PlotlyLib(anywidget.AnyWidget):
+    """Holds plotly.js (inlined from the installed plotly package, no CDN) for every pane of the session."""
+
+    _esm = "export default {};"
+    source = traitlets.Unicode("").tag(sync=True)
+
+
+_LIB: _PlotlyLib | None = None
+
+
+def _lib() -> _PlotlyLib:
+    global _LIB
+    if _LIB is None or getattr(_LIB, "comm", None) is None:
+        from plotly.offline import get_plotlyjs
+
+        _LIB = _PlotlyLib(source=get_plotlyjs())
+    return _LIB
+
+
+def _trace_json(trace) -> str:
+    props = trace.to_plotly_json()
+    convert_to_base64(props)
+    return to_json_plotly(props)
+
+
+class _TraceHandle:
+    """`pane.data[i]`: the trace's type and an `on_click` hook (plotly FigureWidget-compatible)."""
+
+    def __init__(self, pane: "FigurePane", index: int, type_: str):
+        self._pane, self.index, self.type = pane, index, type_
+
+    def on_click(self, callback: Callable, append: bool = False) -> None:
+        callbacks = self._pane._clicks.setdefault(self.index, [])
+        if not append:
+            callbacks.clear()
+        callbacks.append(callback)
+
+
+class FigurePane(anywidget.AnyWidget):
+    """One plotly figure in the browser, updated by patches (see the module docstring).
+
+    `show(fig) -> bool` sends what changed since the last call (True when the trace structure changed and
+    every trace was resent); `bytes_sent` counts the JSON text sent so far (the benchmark reads it).
+    """
+
+    _esm = _JS
+    _css = _CSS
+    lib = traitlets.Instance(_PlotlyLib).tag(sync=True, **widget_serialization)
+    click_mode = traitlets.Unicode("points").tag(sync=True)  # "points": clicks on data points; "area": anywhere
+
+    def __init__(self, fig: go.Figure | None = None, **kwargs):
+        super().__init__(lib=_lib(), **kwargs)
+        self._traces: list[tuple[str, str | None, str]] = []  # (type, uid, json) of what the front end holds
+        self._layout_json = ""
+        self._rev = 0
+        self.figure: go.Figure | None = None
+        self._clicks: dict[int, list[Callable]] = {}
+        self.bytes_sent = 0
+        self._synced = False  # no front end asked for the figure yet: nothing to patch
+        self.data: list[_TraceHandle] = []
+        self.on_msg(self._on_msg)
+        if fig is not None:
+            self.show(fig)
+
+    # ------------------------------------------------------------------ Python → browser
+    def show(self, fig: go.Figure, default_width: int | None = None) -> bool:
+        self.figure = fig  # the figure the front end shows (after this call)
+        types = [t.type for t in fig.data]
+        replace = types != [t for t, _, _ in self._traces]
+        changed: dict[int, str] = {}
+        new_traces = []
+        for i, trace in enumerate(fig.data):
+            uid = trace.uid
+            if not replace and uid is not None and self._traces[i][1] == uid:
+                new_traces.append(self._traces[i])  # same uid: the view promises the same content
+                continue
+            text = _trace_json(trace)
+            if replace or self._traces[i][2] != text:
+                changed[i] = text
+            new_traces.append((trace.type, uid, text))
+        layout_props = fig.layout.to_plotly_json()
+        if default_width is not None and layout_props.get("width") is None:
+            layout_props["width"] = default_width
+        layout = to_json_plotly(layout_props)
+        layout_changed = layout != self._layout_json
+        self._traces, self._layout_json = new_traces, layout
+        if replace:
+            self.data = [_TraceHandle(self, i, t) for i, t in enumerate(types)]
+            self._clicks.clear()
+            if self._synced:
+                self._send_full()
+        elif self._synced and (changed or layout_changed):
+            self._rev += 1
+            msg = dict(type="patch", traces={str(i): t for i, t in changed.items()},
+                       layout=layout if layout_changed else None, rev=self._rev)
+            self.bytes_sent += sum(len(t) for t in changed.values()) + (len(layout) if layout_changed else 0)
+            self.send(msg)
+        return replace
+
+    def _send_full(self) -> None:
+        self._rev += 1
+        data = [t for _, _, t in self._traces]
+        self.bytes_sent += sum(len(t) for t in data) + len(self._layout_json)
+        self.send(dict(type="full", data=data, layout=self._layout_json, rev=self._rev))
+
+    # ------------------------------------------------------------------ browser → Python
+    def _on_msg(self, _widget, content, _buffers) -> None:
+        kind = content.get("type") if isinstance(content, dict) else None
+        if kind == "sync":
+            self._synced = True
+            self._send_full()
+        elif kind == "click":
+            self.click(int(content["curve"]), content.get("x"), content.get("y"), content.get("point"))
+        elif kind == "areaclick":
+            self.area_click(str(content.get("subplot")), float(content["x"]), float(content["y"]))
+
+    def on_area_click(self, callback: Callable[[str, float, float], None]) -> None:
+        """Call `callback(subplot, x, y)` (data coordinates, subplot like "xy" or "x2y2") on any click inside a
+        subplot; switches the pane to "area" clicks."""
+        self._area_clicks = [callback]
+        self.click_mode = "area"
+
+    def area_click(self, subplot: str, x: float, y: float) -> None:
+        for callback in list(getattr(self, "_area_clicks", [])):
+            callback(subplot, x, y)
+
+    def click(self, curve: int, x, y, point=None) -> None:
+        """Dispatch a click on trace `curve` at (x, y) to its `on_click` callbacks (also what tests call)."""
+        points = SimpleNamespace(xs=[x], ys=[y], point_inds=[point] if point is not None else [0],
+                                 trace_index=curve, trace_indexes=[curve])
+        handle = self.data[curve] if 0 <= curve < len(self.data) else None
+        for callback in list(self._clicks.get(curve, [])):
+            callback(handle, points, None)
