@@ -8,7 +8,8 @@ except PackageNotFoundError:  # a source tree on sys.path that was never install
     __version__ = "0+unknown"
 
 from .config import SpanConfig
-from .geometry import CoverageReport, coverage, query_geometry, stripe_offset, stripe_table
+from .geometry import (CoverageReport, QueryGeometry, coverage, query_geometry, stripe_offset, stripe_table,
+                       window_bounds)
 from .api import SearchResult, StripeScores, span_search, stripe_scores, superlinear_attention
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "CoverageReport",
     "coverage",
     "query_geometry",
+    "QueryGeometry",
+    "window_bounds",
     "stripe_offset",
     "stripe_table",
     "SearchResult",

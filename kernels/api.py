@@ -205,14 +205,16 @@ def superlinear_attention(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v
 
     Non-finite values: the inputs are not scanned (that would read the whole cache every decode step). A
     query whose window or chosen spans hold a key whose V row is not finite gets NaN output on every
-    backend — never ±Inf, never a finite number: any non-finite output is returned as NaN. On the oracle
+    backend — never ±Inf, never a finite number: an output row with any non-finite component is returned
+    as NaN in full. On the oracle
     and torch backends other queries are unaffected; the Triton kernels work on key tiles, so there a
     non-finite V row may also make other queries of its tile NaN. Keep caches finite.
     """
     prep = _prepare(q1, k, cache_position, cfg, attention_mask, backend, q2=q2, v=v)
     module = _backend_module(_resolve_backend(backend, q1))
     out, routing = module.superlinear_attention(q1, q2, k, v, cfg, prep)
-    out = torch.where(torch.isfinite(out), out, torch.full_like(out, float("nan")))  # ±Inf -> NaN, one rule
+    # One rule for every backend: a query row with any non-finite component is NaN in full.
+    out = torch.where(torch.isfinite(out).all(dim=-1, keepdim=True), out, torch.full_like(out, float("nan")))
     return (out, routing) if return_routing else out
 
 

@@ -130,7 +130,7 @@ def test_decode_batch_left_padding(cfg, dtype):
 
 @pytest.mark.parametrize("split", [2, 5])
 def test_decode_search_split_runs(monkeypatch, split):
-    """Decode splits the stripe list into runs and merges partial top-4 lists: same routing as the oracle."""
+    """Decode splits the stripe list into runs and merges partial top-K lists: same routing as the oracle."""
     from superlinear_kernels.triton import search
 
     monkeypatch.setattr(search, "DECODE_SPLIT", split)
@@ -193,6 +193,43 @@ def test_search_routing_and_values(num_spans):
     ref = span_search(q1, k, torch.arange(l), cfg, attention_mask=mask, backend="oracle")
     got = span_search(q1, k, torch.arange(l), cfg, attention_mask=mask, backend="triton")
     _routing_equal(ref, got)
+
+
+@pytest.mark.parametrize("num_spans", [5, 7])
+def test_search_has_no_built_in_k(monkeypatch, num_spans):
+    """The search kernels take any K (the top-K is a register tile, not four named slots): with the backend's
+    K limit raised, prefill search and the split decode search (partial top-K lists, then the merge kernel)
+    still route like the oracle, ties included."""
+    from superlinear_kernels.triton import ops, search
+
+    monkeypatch.setattr(ops, "MAX_SPANS", 8)
+    monkeypatch.setattr(search, "DECODE_SPLIT", 3)
+    cfg = DEFAULT.replace(num_spans=num_spans, sw_index=1)
+    b, h_q, h_kv, l, d = 1, 4, 2, 90, 16
+    q1, _, k, _ = random_inputs(b, h_q, h_kv, l, l, d, device=DEVICE)
+    k[:, :, ::7] = k[:, :, :1]  # repeated keys: equal scores, so the tie rule decides between slots
+    mask = left_padded_mask(b, l, [5], device=DEVICE)
+    for positions in (torch.arange(l), torch.tensor([l - 1])):
+        ref = span_search(q1[:, :, positions], k, positions, cfg, attention_mask=mask, backend="oracle")
+        got = span_search(q1[:, :, positions], k, positions, cfg, attention_mask=mask, backend="triton")
+        _routing_equal(ref, got)
+        assert int(got.valid.sum(-1).max()) == num_spans
+
+
+def test_non_finite_values_are_nan_never_inf():
+    """Inf in V: queries whose key set holds the bad key are NaN (as on the oracle), no output is ±Inf, and
+    the other KV head's queries stay finite and equal to the oracle (within one head, tile mates of a
+    poisoned query may be NaN too: the documented Triton caveat)."""
+    q1, q2, k, v = random_inputs(1, 4, 2, 60, 60, 16, seed=4, device=DEVICE)
+    v[0, 0, 40, 2] = float("inf")
+    ref = superlinear_attention(q1, q2, k, v, torch.arange(60), DEFAULT, backend="oracle")
+    out = superlinear_attention(q1, q2, k, v, torch.arange(60), DEFAULT, backend="triton")
+    assert not torch.isinf(out).any()
+    assert torch.isnan(out)[torch.isnan(ref)].all(), "a query that reads the bad key must be NaN"
+    safe = torch.zeros_like(ref, dtype=torch.bool)
+    safe[:, 2:] = True  # query heads 2, 3 read KV head 1, never KV head 0's values
+    assert torch.isfinite(out[safe]).all()
+    assert_close("finite queries", ref[safe], out[safe], 1e-4)
 
 
 def test_search_tie_rule_earlier_position_wins():
