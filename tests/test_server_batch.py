@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from superlinear_lab.engine import Session
-from superlinear_lab.engine.batch import can_batch, decode_step
+from superlinear_lab.engine.batch import can_batch, decode_step, forward_rows
 from superlinear_lab.model import ModelConfig, load_model
 
 # lengths below the window (15), around it, and far enough that routed spans are chosen by the search
@@ -48,6 +48,26 @@ def test_batched_step_equals_each_sessions_own_step(tiny):
             assert torch.equal(s.cache.keys[j][0, :, :c], ref.cache.keys[j][0, :, :c])
         torch.testing.assert_close(s.cache.conv_states, ref.cache.conv_states, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(s.cache.ssm_states, ref.cache.ssm_states, atol=1e-6, rtol=1e-6)
+
+
+def test_batched_chunks_equal_each_sessions_own_prefill(tiny):
+    """Equal-length chunks at different cursors (batched prefill), including rows starting from empty."""
+    batch = sessions_of(tiny, LENGTHS, seed=2) + [Session(tiny, 512, progress=False)]
+    alone = [s.fork() for s in batch]
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, 256, (len(batch), 37), generator=gen).tolist()
+    logits = forward_rows(batch, rows)
+    assert logits.shape == (len(batch), 37, tiny.cfg.vocab_size)
+    for s, ref, row, out in zip(batch, alone, rows, logits):
+        c = s.cursor
+        ref.append(row, role=None)
+        torch.testing.assert_close(out[-1], ref.logits, atol=2e-5, rtol=1e-5)
+        for j in range(len(s.cache.keys)):
+            torch.testing.assert_close(s.cache.keys[j][0, :, c:c + 37], ref.cache.keys[j][0, :, c:c + 37],
+                                       atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s.cache.ssm_states, ref.cache.ssm_states, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one length"):
+        forward_rows(batch[:2], [[1, 2], [3]])
 
 
 def test_rows_do_not_leak_into_each_other(tiny):

@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 
 from ..engine import Session, SnapshotStore
-from ..engine.batch import can_batch, decode_step
+from ..engine.batch import can_batch, decode_step, forward_rows
 from ..ids import validate_id
 from .chat import generation_prompt, render, render_message, stop_token_ids, transcript_problem
 from .errors import (BadRequest, Conflict, ContextLengthExceeded, MemoryBudgetBusy, MemoryBudgetExceeded, NotFound,
@@ -382,13 +382,12 @@ class ChatEngine:
             self._fail(gen, e)
 
     def _prefill_step(self, contended: bool) -> None:
-        """Prefill short prompts completely; give one slice to the oldest long prompt unless other work ran in this
-        round (`contended`) and long prefills already had their `background_share` of the worker."""
+        """Prefill short prompts completely (batched); give one slice to the oldest long prompt unless other work
+        ran in this round (`contended`) and long prefills already had their `background_share` of the worker."""
         prefilling = [g for g in self._active if g.phase == "prefill"]
         short = [g for g in prefilling if len(g.ids) - g.pos <= self.prefill_slice]
         t0 = time.monotonic()
-        for gen in short:
-            self._prefill(gen, len(gen.ids) - gen.pos)
+        self._prefill_short(short)
         self._busy_time[1] += time.monotonic() - t0
         long = [g for g in prefilling if g not in short]
         if not long:
@@ -403,14 +402,48 @@ class ChatEngine:
         self._prefill(long[0], self.prefill_slice)
         self._busy_time[0] += time.monotonic() - t0
 
+    def _prefill_short(self, gens: list[Generation]) -> None:
+        """Prefill the rest of each prompt: equal-length chunks of all batchable rows in one forward
+        (`forward_rows`), as many forwards as there are distinct remaining lengths; the others alone."""
+        gens = [g for g in gens if not self._check_cancel(g)]
+        batched = [g for g in gens if g.session.cursor <= self.batch_max_context] if can_batch(self.model) else []
+        if len(batched) < 2:
+            batched = []
+        for gen in gens:
+            if gen not in batched:
+                self._prefill(gen, len(gen.ids) - gen.pos)
+        while batched:
+            n = min(len(g.ids) - g.pos for g in batched)
+            chunks = [g.ids[g.pos:g.pos + n] for g in batched]
+            try:
+                logits = forward_rows([g.session for g in batched], chunks)
+            except Exception:  # nothing was committed: prefill the rows one by one
+                log.exception("batched prefill failed; prefilling the rows one by one")
+                for gen in batched:
+                    self._prefill(gen, len(gen.ids) - gen.pos)
+                return
+            for gen, chunk, rows in zip(batched, chunks, logits):
+                for token, row in zip(chunk, rows):
+                    _record_step(gen.session, token, row)
+                gen.pos += n
+                if gen.pos == len(gen.ids):
+                    self._prefilled(gen)
+            batched = [g for g in batched if g.phase == "prefill" and g.pos < len(g.ids)]
+
     def _prefill(self, gen: Generation, n: int) -> None:
         if self._check_cancel(gen):
             return
         try:
             gen.session.append(gen.ids[gen.pos:gen.pos + n], role=None)
-            gen.pos += n
-            if gen.pos < len(gen.ids):
-                return
+        except Exception as e:
+            return self._fail(gen, e)
+        gen.pos += n
+        if gen.pos == len(gen.ids):
+            self._prefilled(gen)
+
+    def _prefilled(self, gen: Generation) -> None:
+        """The prompt is in the cache: record the new messages, set up decoding, tell the client."""
+        try:
             tok = self.tokenizer
             first = gen.before is not None and gen.before.cursor == 0
             for i, (role, content) in enumerate(gen.new_messages):
