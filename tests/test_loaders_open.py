@@ -58,3 +58,24 @@ def test_specs_that_name_nothing_raise(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(ValueError, match="a file"):
         open_model(tmp_path / "file.txt")
+
+
+def test_report_command_opens_a_directory_or_a_checkpoint(tmp_path, capsys):
+    pytest.importorskip("transformers", minversion="5.24", reason="Superlinear-Exp checkpoints need the extra hf")
+    from superlinear_lab.cli import main
+    from superlinear_lab.loaders import SuperlinearExpConfig, save_checkpoint
+    from superlinear_lab.loaders.model import SuperlinearExpLM
+    from superlinear_lab.loaders.tokenizer import byte_level_tokenizer_json
+
+    save_checkpoint(SuperlinearExpLM(SuperlinearExpConfig.tiny()).init_random(1), tmp_path / "exp",
+                    tokenizer_json=byte_level_tokenizer_json())
+    save_model(HybridLM(ModelConfig(init_seed=2)), tmp_path / "mine")
+    (tmp_path / "doc.txt").write_text("The archive code is 7731. " * 12)
+    for spec, model_id in ((tmp_path / "exp", "superlinear-exp/exp"), (tmp_path / "mine", "superlinear-lab/mine")):
+        out = tmp_path / f"{spec.name}.html"
+        assert main(["report", str(tmp_path / "doc.txt"), "--model", str(spec), "--backend", "torch",
+                     "-o", str(out)]) == 0
+        assert f"(model: {model_id} (" in capsys.readouterr().out
+        assert out.stat().st_size > 1000
+    assert main(["report", str(tmp_path / "doc.txt"), "--model", str(tmp_path / "nothing")]) == 2
+    assert "no such directory" in capsys.readouterr().err
