@@ -122,3 +122,26 @@ def test_save_and_load_model_directory(tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert detect(tmp_path / "m", config) and config["superlinear"]["layers"]["0"] == CFG.to_dict()
     assert not detect(tmp_path / "m", {"model_type": "superlinear-lab-hybrid", "architectures": ["XForCausalLM"]})
+
+
+def test_report_and_missed_span_debugger_on_an_hf_model_directory(tmp_path):
+    """The routing report (coverage map, routing map, missed-span table) runs unchanged on a transformers model opened
+    from a local directory: a dense byte-level Llama, converted on opening with SpanConfig.default()."""
+    from superlinear_lab.hf.open import load
+    from superlinear_lab.report import routing_report
+    from superlinear_lab.widgets import MissedSpanDebugger
+
+    torch.manual_seed(5)
+    config = transformers.LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(tmp_path / "dense"))
+    model = load(tmp_path / "dense")
+    assert [i for i, _ in model.routing_layers()] == [0, 1] and model.tokenizer.vocab_size == 264
+    text = "The pass key is 48213. " + "Filler text about nothing in particular. " * 6 + "What is the pass key?"
+    out = routing_report(text, tmp_path / "report.html", model, evidence=["48213"])
+    page = out.read_text()
+    assert "layers.1.routing" in page and "48213" in page
+    with model.trace(profile_queries=[len(text) - 1]) as tr, torch.no_grad():
+        model(torch.tensor([model.tokenizer.encode(text)]))
+    dbg = MissedSpanDebugger(tr, ["48213"], tokenizer=model.tokenizer)
+    assert dbg.summary()
