@@ -12,7 +12,8 @@ Keys name a layer and a query head exactly as a `RoutingTrace` does: the layer a
   keys before the query's window). A target joins a query's chosen branches where it is a valid key for that query
   (anchor <= q, non-empty span) and is not chosen already: it takes an empty slot, else the slot of the lowest-scoring
   branch that was not forced. Its search value — the one the gate softmax sees — is the real score
-  ⟨Q1, K(anchor)⟩ (for a span, of its last key): forcing changes *which* spans are read, not how the gate weighs them.
+  ⟨Q1, K(anchor)⟩ (for a span, of its last key): forcing changes *which* spans are read, not how the gate weighs
+  them.
 * **ablate** — span slots (0 = the best search value, as in the trace) whose branch is dropped: the slot becomes
   invalid, so the gate renormalises over the remaining branches (SPEC §3.2). Ablation applies before forcing, so
   ablating slot k and forcing a target replaces branch k with that target.

@@ -48,3 +48,40 @@ def test_exported_trace_uids_are_css_safe(model):
         for fig in view.figures():
             for t in fig.data:
                 assert t.uid is None or re.fullmatch(r"[A-Za-z0-9_-]+", t.uid), f"{view.title}: uid {t.uid!r}"
+
+
+def test_report_marks_evidence_for_every_layer_and_head_and_names_the_model(model, tmp_path):
+    text = ("Alpha beta gamma delta. " * 20 + "The magic number for Apache is 4817.\n" + "Epsilon zeta eta. " * 20
+            + "What is the magic number for Apache? The magic number for Apache is ")
+    out = routing_report(text, tmp_path / "ev.html", model, evidence=["4817"], progress=False)
+    page = out.read_text(encoding="utf-8")
+    assert "superlinear-lab/tiny" in page and "weights sha256" in page  # the model and its weights
+    assert "<code>4817</code>" in page
+    heads = model.cfg.n_heads
+    section = _evidence_section(page)
+    for index in model.cfg.attention_layers:  # one table row per layer and head
+        assert len(re.findall(rf"<td[^>]*>layers\.{index}\.routing</td>", section)) == heads
+    assert "covering stripes" in page and "reached" in page
+    with pytest.raises(ValueError, match="not found"):
+        routing_report(text, tmp_path / "x.html", model, evidence=["no such text"], progress=False)
+
+
+def test_report_page_of_an_unnamed_trace_says_so(tmp_path):
+    import torch
+
+    from superlinear_kernels import SpanConfig
+    from superlinear_lab.report import write_report
+    from superlinear_lab.trace import RoutingTrace
+    from superlinear_lab.widgets.demo import demo_trace
+
+    doc = "one two three four five six seven eight nine ten " * 8
+    tr = demo_trace(doc, SpanConfig.default(), profile_queries=[len(doc) - 1])
+    page = write_report(tr, tmp_path / "d.html", evidence=["five six"]).read_text(encoding="utf-8")
+    rows = re.findall(r"<td[^>]*>layers\.\d+\.routing</td>", _evidence_section(page))
+    assert "unknown model" in page and len(rows) == sum(tr.layer(i).heads for i in tr.layers)
+    assert isinstance(tr, RoutingTrace) and torch.is_tensor(tr.queries)
+
+
+def _evidence_section(page: str) -> str:
+    start = page.index("<h2>Evidence")
+    return page[start:page.index("<h2>", start + 1)]

@@ -312,6 +312,42 @@ class MissedSpanDebugger(View):
             out.update(covering_stripe=lead, score=lead["score"], rank=lead["rank"], margin=lead["margin"])
         return out
 
+    def table(self) -> list[dict]:
+        """One row per (case, layer, head): evidence label, query, layer name, head, reached fraction and the
+        explanation's lead — the chosen branch that reached it, or the best-ranked covering stripe of a miss with
+        its rank and margin and how many stripes would have covered the evidence."""
+        rows = []
+        for c in range(len(self.cases)):
+            for layer in self.trace.layers:
+                for h in range(self.trace.layer(layer).heads):
+                    x = self.explain(c, layer, h)
+                    cs = x["covering_stripe"]
+                    rows.append(dict(evidence=x["evidence"].label, query=x["query"], layer=f"layers.{layer}.routing",
+                                     head=h, reached=x["reached"], how=(
+                                         "window" if x["reached"] > 0 and cs is None else
+                                         "chosen branch" if x["reached"] > 0 else
+                                         "geometry gap" if cs is None else "not chosen"),
+                                     anchor=None if cs is None else cs["anchor"],
+                                     span=None if cs is None else (cs["qstart"], cs["qend"]),
+                                     rank=x["rank"], margin=x["margin"],
+                                     covering=len(x["covering"]) if x["reached"] == 0 else None))
+        return rows
+
+    def table_html(self) -> str:
+        """`table()` as an HTML table (misses in red)."""
+        body = []
+        for r in self.table():
+            colour = COLORS["miss"] if r["reached"] == 0 else COLORS["anchor"]
+            body.append((html.escape(r["evidence"]), f"{r['query']:,}", r["layer"], str(r["head"]),
+                         f"<span style='color:{colour};font-weight:600'>{r['reached']:.0%}</span>", r["how"],
+                         _fmt(r["anchor"], "{:,}"),
+                         "–" if r["span"] is None else f"[{r['span'][0]:,}, {r['span'][1]:,}]",
+                         _fmt(r["rank"], "#{}"), _fmt(r["margin"]), _fmt(r["covering"], "{}")))
+        return _table("evidence reached per layer and head (rank/margin: the chosen branch that reached it, or the "
+                      "best-ranked stripe that would have covered a miss)",
+                      ["evidence", "query", "layer", "head", "reached", "how", "anchor", "span", "rank", "margin",
+                       "covering stripes"], body)
+
     # ------------------------------------------------------------------ read analysis (needs the model)
     def _prefix(self, q: int):
         """The model's cache after the document's tokens 0 … q-1 (computed once per query)."""
@@ -556,11 +592,13 @@ class MissedSpanDebugger(View):
         r = self.read()
         base = r["base"]
         answer = html.escape(self.tokenizer.decode(self.answer_ids)) if self.tokenizer is not None else "answer"
-        head = (f"<p><b>Read</b> — P(<code>{answer}</code>) = {base['prob']:.3g} "
-                f"({'greedy reproduces it' if base['correct'] else 'greedy says <code>' + html.escape(base['argmax_text']) + '</code>'}); "
+        greedy = ("greedy reproduces it" if base["correct"]
+                  else f"greedy says <code>{html.escape(base['argmax_text'])}</code>")
+        head = (f"<p><b>Read</b> — P(<code>{answer}</code>) = {base['prob']:.3g} ({greedy}); "
                 f"evidence share of this head's read: {r['read_mass']:.1%} (window alone: {r['window_mass']:.1%})</p>")
-        rows = [(f"#{b['slot'] + 1}", f"[{b['qstart']:,}, {b['qend']:,}]", f"{b['gate']:.2f}", f"{b['evidence_mass']:.1%}",
-                 f"{b['prob_without']:.3g}", f"{b['delta_prob']:+.3g}") for b in r["branches"]]
+        rows = [(f"#{b['slot'] + 1}", f"[{b['qstart']:,}, {b['qend']:,}]", f"{b['gate']:.2f}",
+                 f"{b['evidence_mass']:.1%}", f"{b['prob_without']:.3g}", f"{b['delta_prob']:+.3g}")
+                for b in r["branches"]]
         out = head + _table("each chosen branch", ["branch", "span", "gate", "attention on evidence",
                                                    "P(answer) without it", "change"], rows)
         t = self.tried()
