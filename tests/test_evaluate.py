@@ -90,3 +90,12 @@ def test_answer_correct_is_greedy_exact_match():
     assert E.answer_correct(logits, [ex]) == [True]
     logits[0, a1 - 2, ex.ids[a1 - 1]] = -2.0
     assert E.answer_correct(logits, [ex]) == [False]
+
+
+def test_help_names_the_superlinear_lab_command(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exc:
+        E.main(["--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: superlinear-lab evaluate")
