@@ -126,6 +126,8 @@ def _exact_ceil_lengths(factor, power: tuple[int, int], t_max: int) -> torch.Ten
     Python integers, and n + 1 otherwise (so n = 0 gives 1 unless c · t = 0). Elsewhere the
     float ceiling is already exact. Typical presets flag a few thousand t out of millions.
     """
+    if factor == 0:  # f_f = 0: no forward part (and every float value would sit on an integer)
+        return torch.zeros(t_max + 1, dtype=torch.int64)
     u, v = power
     x = torch.pow(torch.arange(t_max + 1, dtype=torch.float64), u / v).mul_(float(factor))
     out = torch.ceil(x).to(torch.int64)
