@@ -7,6 +7,7 @@ lists them, so a new subcommand is one function and one entry. ``func(args)`` re
     superlinear-lab report PATH -o FILE.html     routing report of a document (one offline HTML file)
     superlinear-lab train …                      train / resume / export the model (superlinear_lab.train)
     superlinear-lab evaluate …                   NIAH grid and suites (superlinear_lab.evaluate)
+    superlinear-lab retrofit …                   distil a transformers model's search query (superlinear_lab.hf.retrofit)
     superlinear-lab serve | chat | session … | snapshot …   the server and its HTTP clients (server/commands.py)
 """
 from __future__ import annotations
@@ -115,8 +116,9 @@ REPORT_EPILOG = """\
 PATH is a UTF-8 text file, `-` for standard input, or `pydoc` for Python's own reference docs
 (`pydoc_data.topics`, always present offline).
 
---model is a shipped model name (tiny), a directory with config.json + model.safetensors, or a
-Superlinear-Exp checkpoint directory (needs the extra hf). The report names the model and its weights.
+--model is a shipped model name (tiny), a directory with config.json + model.safetensors, a
+Superlinear-Exp checkpoint directory or a local transformers causal-LM directory (the last two need the
+extra hf). The report names the model and its weights.
 
 examples:
   superlinear-lab report notes.txt -o notes-routing.html
@@ -192,8 +194,14 @@ def add_evaluate(subparsers) -> None:
                      "NIAH grid, multi-needle and multi-hop suites (options: superlinear-lab evaluate --help)")
 
 
+def add_retrofit(subparsers) -> None:
+    _add_passthrough(subparsers, "retrofit", "superlinear_lab.hf.retrofit",
+                     "distil a transformers model into its superlinear version (options: superlinear-lab retrofit "
+                     "--help; extra hf)")
+
+
 # ---------------------------------------------------------------------- entry point
-COMMANDS = [add_plan, add_report, add_train, add_evaluate, *SERVER_COMMANDS]
+COMMANDS = [add_plan, add_report, add_train, add_evaluate, add_retrofit, *SERVER_COMMANDS]
 
 
 def build_parser() -> argparse.ArgumentParser:

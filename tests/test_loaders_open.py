@@ -79,3 +79,17 @@ def test_report_command_opens_a_directory_or_a_checkpoint(tmp_path, capsys):
         assert out.stat().st_size > 1000
     assert main(["report", str(tmp_path / "doc.txt"), "--model", str(tmp_path / "nothing")]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_a_transformers_directory_opens_as_an_hf_model(tmp_path):
+    transformers = pytest.importorskip("transformers", minversion="5.24", reason="needs the extra hf")
+    from superlinear_lab.model import describe_model
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    model = open_model(tmp_path / "llama", backend="torch")
+    assert model.model_id == "hf/llama" and model.source["kind"] == "transformers"
+    assert describe_model(model).startswith("hf/llama (transformers, weights sha256 ")
+    with torch.no_grad():
+        assert model(torch.arange(20)[None]).shape == (1, 20, 64)

@@ -6,7 +6,9 @@ A directory is tried against `FORMATS` in order; the first entry whose ``detect(
 * ``superlinear-lab`` — our model directory: ``config.json`` (model_type ``superlinear-lab-hybrid``) and
   ``model.safetensors`` (`superlinear_lab.model.load_model(path=...)`);
 * ``superlinear-exp`` — a Superlinear-Exp checkpoint: ``config.json`` (model_type ``superlinear-exp``) and
-  safetensors shards (`load_checkpoint`; needs the ``hf`` extra).
+  safetensors shards (`load_checkpoint`; needs the ``hf`` extra);
+* ``transformers`` — a local Hugging Face causal-LM directory (``architectures: [...ForCausalLM]``), converted to
+  superlinear attention and wrapped as an `HFModel` (`superlinear_lab.hf.open`; needs the ``hf`` extra).
 
 A spec that is not a directory is a shipped model name (``"tiny"``). Nothing here initialises random weights:
 that stays the explicit ``load_model(name, random_init=True)``.
@@ -48,9 +50,22 @@ def _load_exp(path: Path, *, device, dtype, backend):
     return load_checkpoint(path, device=device, dtype=dtype, backend=backend)
 
 
-FORMATS: list[ModelFormat] = [
+def _hf_detect(path: Path, config: dict) -> bool:
+    from ..hf.open import detect
+
+    return detect(path, config)
+
+
+def _load_hf(path: Path, *, device, dtype, backend):
+    from ..hf.open import load
+
+    return load(path, device=device, dtype=dtype, backend=backend)
+
+
+FORMATS: list[ModelFormat] = [  # first match wins: our own formats before the general transformers one
     ModelFormat("superlinear-lab", _model_type_is(OUR_MODEL_TYPE), _load_ours),
     ModelFormat("superlinear-exp", _model_type_is(EXP_MODEL_TYPE), _load_exp),
+    ModelFormat("transformers", _hf_detect, _load_hf),
 ]
 
 
