@@ -4,8 +4,9 @@ Every operation that touches the model or a session cache runs on the engine's w
 interleaves inside an operation. The worker loops over three kinds of work:
 
 * **jobs** (create, rollback, resize, save, load, …) run to completion, in arrival order;
-* **prefill** of a generation's prompt runs in slices of `prefill_slice` tokens. Prompts of at most one slice
-  are prefilled as soon as they arrive; longer ones are *background* work: while anything else waits, a long
+* **prefill** of a generation's prompt: prompts of at most `prefill_slice` tokens are prefilled as soon as they
+  arrive (equal-length chunks of many prompts in one forward); longer ones are *background* work, prefilled in
+  slices of about `slice_target_s` seconds: while anything else waits, a long
   prefill gets at most `background_share` of the worker's time, so a short request is never starved behind a
   128K-token prompt (and a long prompt still advances while short requests keep coming);
 * **decode**: one step for every generation that is decoding, as one batched forward (`engine.batch`) for the
@@ -195,19 +196,22 @@ class ChatEngine:
         max_sessions: sessions held at once.
         max_prompt_tokens: the longest prompt one request may prefill.
         chunk_size: chunk length of the sessions' own prefill (rollback re-prefill).
-        prefill_slice: tokens prefilled per scheduling step (cancellation is checked between slices).
+        prefill_slice: most tokens of a long prompt prefilled per scheduling step (cancellation is checked between
+            slices); a slice is shortened to take about `slice_target_s` seconds at the measured cost per token
+            (at least 16 tokens), so a request that arrives mid-slice waits at most about that long.
         memory_budget: total bytes of all sessions (None = no budget).
         background_share: the share of the worker a long prefill gets while other work waits.
         batch_max_context: sessions up to this cursor decode in the batched forward.
         persist: autosave sessions (idle and on shutdown); `restore_autosaved()` brings them back.
         autosave_idle_s: a changed session idle this long is autosaved (with `persist`).
+        slice_target_s: the duration a long-prefill slice aims for.
     """
 
     def __init__(self, model, store: SnapshotStore, *, session_max_seq_len: int = 131072,
                  max_seq_len_limit: int = 1048576, max_sessions: int = 64, max_prompt_tokens: int = 1048576,
                  chunk_size: int = 8192, prefill_slice: int = 256, memory_budget: int | None = None,
                  background_share: float = 0.2, batch_max_context: int = 4096, persist: bool = False,
-                 autosave_idle_s: float = 60.0):
+                 autosave_idle_s: float = 60.0, slice_target_s: float = 0.1):
         self.model = model
         self.tokenizer = model.tokenizer
         self.store = store
@@ -236,6 +240,8 @@ class ChatEngine:
         self._queue: list = []  # items not started yet, in arrival order
         self._active: list[Generation] = []  # started generations (prefill or decode)
         self._busy_time = [0.0, 0.0]  # [background prefill, everything else] while contended
+        self.slice_target_s = slice_target_s
+        self._slice_s_per_token = 1e-3  # measured cost of long-prefill slices (updated after each)
         self._thread = threading.Thread(target=self._loop, name="superlinear-engine", daemon=True)
         self._thread.start()
 
@@ -398,9 +404,14 @@ class ChatEngine:
             background, foreground = self._busy_time
             if background > self.background_share * (background + foreground):
                 return  # the others run first
+        gen = long[0]
+        n = max(16, min(self.prefill_slice, int(self.slice_target_s / self._slice_s_per_token)))
+        n = min(n, len(gen.ids) - gen.pos)
         t0 = time.monotonic()
-        self._prefill(long[0], self.prefill_slice)
-        self._busy_time[0] += time.monotonic() - t0
+        self._prefill(gen, n)
+        spent = time.monotonic() - t0
+        self._busy_time[0] += spent
+        self._slice_s_per_token = 0.5 * self._slice_s_per_token + 0.5 * spent / n  # cost grows with the position
 
     def _prefill_short(self, gens: list[Generation]) -> None:
         """Prefill the rest of each prompt: equal-length chunks of all batchable rows in one forward
