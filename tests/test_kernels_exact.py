@@ -163,3 +163,19 @@ def test_search_tie_rule_on_the_independent_oracle():
         # q = 29 (p = 3/4): F(12) = 27, F(13) = 30 (13^4 = 28561 >= 30^3 = 27000), so the two earliest
         # anchors are 30 - 30 = 0 and 30 - 27 = 3; all scores tie, the earlier anchors win.
         assert r.qanchor[0, 0, 29].tolist() == [0, 3], backend
+
+
+def test_the_oracle_shares_no_code_with_the_backends():
+    """The oracle may import only the config and the result containers: no geometry, softmax or backend."""
+    import ast
+    import importlib
+
+    oracle = importlib.import_module("superlinear_kernels.oracle")
+    tree = ast.parse(open(oracle.__file__, encoding="utf-8").read())
+    local = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            local.add(node.module)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("superlinear_kernels"):
+            local.add(node.module.split(".", 1)[-1])
+    assert local <= {"api", "config"}, f"oracle imports {sorted(local)}"
