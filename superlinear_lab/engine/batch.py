@@ -20,12 +20,14 @@ import torch
 
 from superlinear_kernels import superlinear_attention
 
+from ..model.hybrid import HybridLM
 from .session import Session
 
 
 def can_batch(model) -> bool:
-    """True when no tracing or intervention hook is attached to `model` (batched steps do not call them)."""
-    if model.token_recorders:
+    """True for a `HybridLM` with no tracing or intervention hook attached (batched steps do not call them; other
+    model classes, e.g. converted transformers models, run one session at a time)."""
+    if not isinstance(model, HybridLM) or model.token_recorders:
         return False
     return not any(layer.routing_recorders or getattr(layer, "routing_overrides", None)
                    for _, layer in model.routing_layers())
