@@ -53,21 +53,40 @@ def interval_mass(rows: np.ndarray, starts: np.ndarray, ends: np.ndarray, weight
     return np.diff(below, axis=1)
 
 
+# The one token-display rule (hover text, tables, the document pane): a newline is "⏎", a tab "⇥", a carriage
+# return "␍" — whether the trace holds the raw character (demo traces) or the tokenizer's escaped display string
+# ("\\n", from `ByteTokenizer.token_strings`).
+_SHOWN = {"\n": "⏎", "\\n": "⏎", "\t": "⇥", "\\t": "⇥", "\r": "␍", "\\r": "␍"}
+_RAW = {"\\n": "\n", "\\t": "\t", "\\r": "\r"}
+
+
+def display_token(token: str) -> str:
+    """How one token is shown: escaped or raw whitespace made visible (see `_SHOWN`), other text unchanged."""
+    shown = _SHOWN.get(token)
+    if shown is not None:
+        return shown
+    return token.replace("\n", "⏎").replace("\t", "⇥").replace("\r", "␍")
+
+
+def raw_token(token: str) -> str:
+    """The text a token stands for (an escaped display string such as "\\n" back to a newline), for search."""
+    return _RAW.get(token, token)
+
+
 def snippet(tokens: list[str] | None, start: int, end: int, limit: int = 60) -> str:
-    """Text of tokens [start, end] (inclusive), shortened in the middle to about `limit` characters, with
-    newlines and tabs made visible; '' without tokens."""
+    """Text of tokens [start, end] (inclusive), shortened in the middle to about `limit` characters, each token
+    shown by `display_token`; '' without tokens."""
     if not tokens or end < start:
         return ""
     start, end = max(start, 0), min(end, len(tokens) - 1)
     if end - start + 1 > 4 * limit:  # avoid joining megabytes to show 60 characters
-        head = "".join(tokens[start:start + limit])
-        tail = "".join(tokens[end - limit + 1:end + 1])
-        text = head[: limit // 2] + " … " + tail[-(limit // 2):]
-    else:
-        text = "".join(tokens[start:end + 1])
-        if len(text) > limit:
-            text = text[: limit // 2] + " … " + text[-(limit // 2):]
-    return text.replace("\n", "⏎").replace("\t", "⇥")
+        head = "".join(display_token(t) for t in tokens[start:start + limit])
+        tail = "".join(display_token(t) for t in tokens[end - limit + 1:end + 1])
+        return head[: limit // 2] + " … " + tail[-(limit // 2):]
+    text = "".join(display_token(t) for t in tokens[start:end + 1])
+    if len(text) > limit:
+        text = text[: limit // 2] + " … " + text[-(limit // 2):]
+    return text
 
 
 def colorize(values: np.ndarray, vmin: float, vmax: float, stops: list[tuple[float, str]]) -> np.ndarray:

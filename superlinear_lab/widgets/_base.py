@@ -16,6 +16,7 @@ plotly.js inlined (no CDN), so it opens offline.
 from __future__ import annotations
 
 import html
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -63,6 +64,14 @@ def base_layout(title: str, height: int = 380, **extra) -> dict:
     )
     layout.update(extra)
     return layout
+
+
+# Static copy (see `View._ipython_display_`): each static output is preceded by a marker; the live view's CSS
+# (`_pane._CSS`) hides markers and the output after each one; this style hides the "model not found" line a
+# saved notebook shows where the live view was.
+_MARKER = "<div class='sl-static-next'></div>"
+_STATIC_STYLE = ("<style>.jp-OutputArea:has(.sl-static-next) .jp-OutputArea-child:has(> .jp-OutputArea-output"
+                 "[data-mime-type='application/vnd.jupyter.widget-view+json']:not(:has(*))){display:none}</style>")
 
 
 class ViewError(ValueError):
@@ -126,6 +135,11 @@ class View:
         """HTML panels shown under the figures (tables, text); a fixed number per view. Default: none."""
         return []
 
+    def _build_extras(self) -> list:
+        """Widgets shown between the figures and the panels (e.g. the document pane); they keep themselves in
+        sync (subscribe to the controller). Default: none."""
+        return []
+
     def _wire_figures(self, widgets: list) -> None:
         """Attach click/hover callbacks to the FigureWidgets (called again whenever their traces are replaced)."""
 
@@ -142,7 +156,8 @@ class View:
         return self.figures()[0]
 
     def to_html(self, path: str | Path) -> Path:
-        """Write the current state as one self-contained HTML file (plotly.js inlined, no network)."""
+        """Write the current state as one self-contained HTML file (plotly.js inlined, no network): the summary,
+        every figure and every text panel (tables, explanations, transcript) of the view."""
         path = Path(path)
         parts = [
             "<!DOCTYPE html><html><head><meta charset='utf-8'>",
@@ -155,6 +170,7 @@ class View:
         for i, fig in enumerate(self.figures()):
             parts.append(pio.to_html(fig, include_plotlyjs=(i == 0), full_html=False,
                                      config={"displaylogo": False}))
+        parts += [f"<div class='sl-panel'>{panel}</div>" for panel in self.panels_html()]
         parts.append("</body></html>")
         path.write_text("".join(parts), encoding="utf-8")
         return path
@@ -167,10 +183,61 @@ class View:
             self._view = _WidgetView(self)
         return self._view.root
 
+    def static_html(self) -> str:
+        """The text part of the static copy: title, summary (or error) and the text panels, as HTML."""
+        return (f"<div class='sl-static'><b>{html.escape(self.title)}</b> "
+                f"<span style='color:#888'>(static copy: the live view needs a running kernel)</span>"
+                f"{self._status_html()}{''.join(self.panels_html())}</div>")
+
     def _repr_mimebundle_(self, **kwargs):
         bundle = self.view._repr_mimebundle_(**kwargs)
         bundle["text/plain"] = f"{self.title}: {self.summary()}"
+        bundle["text/html"] = self.static_html()  # front ends without widget support (GitHub, nbconvert)
         return bundle
+
+    def static_outputs(self) -> list[dict]:
+        """Display bundles of the static copy shown next to the live view (see `_ipython_display_`): the text
+        panels, then each figure as plotly JSON (rendered without a kernel by JupyterLab, VS Code, nbviewer),
+        each preceded by a marker the live view uses to hide it."""
+        out = [{"text/html": _STATIC_STYLE + _MARKER + self.static_html(),
+                "text/plain": f"{self.title}: {self.summary()}"}]
+        for fig in self.figures():
+            out.append({"text/html": _MARKER, "text/plain": ""})
+            out.append({"application/vnd.plotly.v1+json": json.loads(pio.to_json(fig, validate=False)),
+                        "text/plain": f"<figure: {fig.layout.title.text or self.title}>"})
+        return out
+
+    def _ipython_display_(self) -> None:
+        """In a notebook: the live view, then a static copy of its figures and panels that the live view hides
+        (CSS in the pane) and that stays visible in a saved notebook without a kernel or widget state. The
+        copy follows the view: it is refreshed once the user has stopped interacting for a moment."""
+        from IPython.display import display
+
+        display(self._repr_mimebundle_(), raw=True)  # the live widget
+        self._static_handles = [display(bundle, raw=True, display_id=True) for bundle in self.static_outputs()]
+
+    def _update_static(self) -> None:
+        handles = getattr(self, "_static_handles", None)
+        if not handles:
+            return
+        for handle, bundle in zip(handles, self.static_outputs()):
+            handle.update(bundle, raw=True)
+
+    def _schedule_static(self, delay_s: float = 2.0) -> None:
+        """Refresh the static copy `delay_s` after the last change (on the kernel's own event loop, so it never
+        runs concurrently with an action); a no-op outside a running event loop (scripts, tests)."""
+        if not getattr(self, "_static_handles", None):
+            return
+        import asyncio
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        pending = getattr(self, "_static_timer", None)
+        if pending is not None:
+            pending.cancel()
+        self._static_timer = loop.call_later(delay_s, self._update_static)
 
     def redraw_seconds(self) -> float:
         """Time one full redraw of the widget from the current state (figures + widget update)."""
@@ -202,9 +269,10 @@ class _WidgetView:
         self.status = w.HTML(controller._status_html())
         self.panels = [w.HTML(text) for text in controller.panels_html()]
         self.controls = controller._build_controls()
+        self.extras = controller._build_extras()
         controller._wire_figures(self.figure_widgets)
-        children = (([self.controls] if self.controls is not None else []) + self.figure_widgets + self.panels
-                    + [self.status])
+        children = (([self.controls] if self.controls is not None else []) + self.figure_widgets + self.extras
+                    + self.panels + [self.status])
         self.root = w.VBox(children, layout=w.Layout(width="100%"))
         self.root.add_class("sl-view")
         self.root.add_class("sl-" + type(controller).__name__.lower())
@@ -222,3 +290,4 @@ class _WidgetView:
             panel.value = text
         self.status.value = self.controller._status_html()
         self.controller.last_redraw_s = time.perf_counter() - began
+        self.controller._schedule_static()

@@ -117,7 +117,11 @@ function render({ model, el }) {
 export default { render };
 """
 
-_CSS = ".sl-pane { width: 100%; } .sl-pane .modebar-container { opacity: 0.6; }"
+_CSS = """.sl-pane { width: 100%; } .sl-pane .modebar-container { opacity: 0.6; }
+/* the static copy printed after a live view (View._ipython_display_) is hidden while the view lives */
+.jp-OutputArea:has(.sl-view) .jp-OutputArea-child:has(.sl-static-next),
+.jp-OutputArea:has(.sl-view) .jp-OutputArea-child:has(.sl-static-next) + .jp-OutputArea-child { display: none; }
+"""
 
 
 class _PlotlyLib(anywidget.AnyWidget):

@@ -21,6 +21,7 @@ from superlinear_lab.trace import RoutingTrace
 
 from ._aggregate import bin_edges, colorize, interval_mass, png_data_uri, snippet
 from ._base import COLORS, View, ViewError, base_layout
+from .document import Document, DocumentPane
 
 WEIGHTS = ("count", "gate")
 _TRANSPARENT = "rgba(0,0,0,0)"
@@ -146,6 +147,8 @@ class RoutingExplorer(View):
         if tokens is not None and len(tokens) != trace.length:
             raise ValueError(f"tokens: {len(tokens)} entries, expected trace.length = {trace.length}")
         self.tokens = tokens
+        self.document = Document(tokens) if tokens else None
+        self.evidence: list[tuple[int, int]] = []  # token ranges marked as evidence (document search)
         self.max_bins = int(max_bins)
         self.layer = trace.layers[0] if compare is None else sorted(set(trace.layers) & set(compare.layers))[0]
         self.head = 0
@@ -281,15 +284,69 @@ class RoutingExplorer(View):
     def pick(self, key_pos: float, query_pos: float) -> bool:
         """A click on the map at (key, query): select the recorded query nearest to `query_pos`."""
         def action():
-            queries = self.trace.queries.numpy()
-            j = int(np.clip(np.searchsorted(queries, query_pos), 0, len(queries) - 1))
-            if j > 0 and abs(queries[j - 1] - query_pos) <= abs(queries[j] - query_pos):
-                j -= 1
-            query = int(queries[j])
+            query = self._nearest_query(query_pos)
             if self.compare is not None:
                 self.compare.query_index(query)
             self.query = query
         return self._act(action)
+
+    def _nearest_query(self, position: float) -> int:
+        queries = self.trace.queries.numpy()
+        j = int(np.clip(np.searchsorted(queries, position), 0, len(queries) - 1))
+        if j > 0 and abs(queries[j - 1] - position) <= abs(queries[j] - position):
+            j -= 1
+        return int(queries[j])
+
+    def pick_token(self, position: int) -> bool:
+        """A click on a token of the document pane: select the recorded query nearest to `position`."""
+        def action():
+            if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or \
+                    not 0 <= position < self.trace.length:
+                raise ViewError(f"token position {position!r}: expected an int in 0 … {self.trace.length - 1}")
+            query = self._nearest_query(int(position))
+            if self.compare is not None:
+                self.compare.query_index(query)
+            self.query = query
+        return self._act(action)
+
+    def _find(self, text: str) -> list[tuple[int, int]]:
+        if self.document is None:
+            raise ViewError("search needs the trace's tokens (this trace has none)")
+        found = self.document.find(text)
+        if not found:
+            raise ViewError(f"search text {text!r}: not found in the document")
+        return found
+
+    def mark_evidence(self, text: str) -> bool:
+        """Mark every occurrence of `text` in the document as evidence (highlighted in the text and the map)."""
+        def action():
+            self.evidence = self._find(text)
+        return self._act(action)
+
+    def clear_evidence(self) -> bool:
+        """Remove the evidence marks."""
+        def action():
+            self.evidence = []
+        return self._act(action)
+
+    def jump_to(self, text: str) -> bool:
+        """Select the recorded query nearest to the end of the first occurrence of `text` (the text then shows
+        around it)."""
+        def action():
+            _, end = self._find(text)[0]
+            query = self._nearest_query(end)
+            if self.compare is not None:
+                self.compare.query_index(query)
+            self.query = query
+        return self._act(action)
+
+    def document_highlights(self) -> dict:
+        """What the document pane highlights for the current state: query, its window, its chosen spans (A) and
+        the evidence (token ranges, inclusive)."""
+        rec = self.trace.layer(self.layer)
+        lo, hi = (int(v) for v in rec.window[self.trace.query_index(self.query)])
+        return dict(query=self.query, window=(lo, hi) if lo >= 0 else None,
+                    spans=[(r["qstart"], r["qend"]) for r in self.chosen("A")], evidence=list(self.evidence))
 
     def set_weight(self, weight: str) -> bool:
         """Weight the map by span count ("count") or by gate weight ("gate")."""
@@ -408,6 +465,11 @@ class RoutingExplorer(View):
         shapes, so picking another query only redraws shapes (no trace is recalculated in the browser)."""
         shapes = []
         panels = [("A", "xy")] + ([("B", "x2y2")] if self.compare is not None else [])
+        for _, axis in panels:  # evidence: key columns in green
+            for a, b in self.evidence:
+                shapes.append(dict(type="rect", xref=axis.split("y")[0], yref="y" + axis.split("y")[1] + " domain",
+                                   x0=a - 0.5, x1=b + 0.5, y0=0, y1=1, layer="below", line=dict(width=0),
+                                   fillcolor="rgba(84,162,75,0.35)"))
         for which, axis in panels:
             xref, yref = axis.split("y")[0], "y" + axis.split("y")[1]
             color = COLORS["miss"] if which == "B" else COLORS["query"]
@@ -573,6 +635,29 @@ class RoutingExplorer(View):
         # a click anywhere on a map panel (also on cells no span reached) picks the nearest recorded query
         panels = {"xy", "x2y2", "x3y3"}
         widgets[0].on_area_click(lambda subplot, x, y: self.pick(x, y) if subplot in panels else None)
+
+    def _build_extras(self) -> list:
+        """The document pane (click a token: pick it as the query) with a search box (mark as evidence, jump)."""
+        if self.document is None:
+            return []
+        import ipywidgets as w
+
+        pane = DocumentPane(self.document)
+        pane.on_pick(self.pick_token)
+        search = w.Text(placeholder="search the text", layout=w.Layout(width="320px"))
+        mark = w.Button(description="mark as evidence", icon="highlighter", layout=w.Layout(width="150px"))
+        jump = w.Button(description="jump to it", icon="search", layout=w.Layout(width="110px"))
+        clear = w.Button(description="clear evidence", layout=w.Layout(width="130px"))
+        mark.on_click(lambda _: self.mark_evidence(search.value))
+        jump.on_click(lambda _: self.jump_to(search.value))
+        clear.on_click(lambda _: self.clear_evidence())
+        self.subscribe(lambda: pane.show(**self.document_highlights()))
+        pane.show(**self.document_highlights())
+        self._document_pane = pane
+        self._controls_search = dict(search=search, mark=mark, jump=jump, clear=clear)
+        box = w.VBox([w.HBox([search, mark, jump, clear]), pane])
+        box.add_class("sl-document-box")
+        return [box]
 
     def _build_controls(self):
         import ipywidgets as w

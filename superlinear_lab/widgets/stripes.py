@@ -8,6 +8,7 @@ at position 10^6 with thousands of stripes still redraws quickly. Coverage over 
 """
 from __future__ import annotations
 
+import html as _html
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -226,6 +227,8 @@ class StripeExplorer(View):
         return keys if self.x_axis == "position" else self.query - keys + 1
 
     def figures(self) -> list[go.Figure]:
+        """One figure: union / window / query on top, one row per candidate stripe below. Built as one dict
+        (validated once): plotly's incremental API cost ~10x more per slider step."""
         g, cfg = self.geometry, self.cfg
         rows = g.stripes
         n_rows = len(rows)
@@ -233,68 +236,69 @@ class StripeExplorer(View):
         hover = [f"stripe i={i}<br>F(i)={f:,}<br>anchor {a:,}<br>span [{s:,}, {e:,}] ({e - s + 1:,} keys)"
                  for i, f, a, s, e in zip(rows.tolist(), g.offsets.tolist(), g.anchors.tolist(),
                                           g.qstart.tolist(), g.qend.tolist())]
-        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.03,
-                            row_heights=[0.16, 0.84])
+        top, bottom = dict(xaxis="x", yaxis="y"), dict(xaxis="x2", yaxis="y2")
+        data = []
         # Top panel: what the query can reach (union), the window, the unreachable keys in red.
         u_start = np.array([a for a, _ in g.union], dtype=np.int64)
         u_end = np.array([b for _, b in g.union], dtype=np.int64)
         ux, uy = _segments(self._x(u_start), self._x(u_end), np.zeros(len(u_start)))
-        fig.add_trace(go.Scatter(x=ux, y=uy, mode="lines", name="union = reachable keys",
-                                 line=dict(color=COLORS["union"], width=10), hoverinfo="text",
-                                 hovertext=[f"reachable [{a:,}, {b:,}]" for a, b in g.union for _ in range(3)]),
-                      row=1, col=1)
+        data.append(dict(type="scatter", x=ux, y=uy, mode="lines", name="union = reachable keys",
+                         line=dict(color=COLORS["union"], width=10), hoverinfo="text",
+                         hovertext=[f"reachable [{a:,}, {b:,}]" for a, b in g.union for _ in range(3)], **top))
         gaps = _complement(g.union, g.query)
         gx, gy = _segments(self._x([a for a, _ in gaps]), self._x([b for _, b in gaps]), np.zeros(len(gaps)))
-        fig.add_trace(go.Scatter(x=gx, y=gy, mode="lines+markers", name="unreachable keys",
-                                 line=dict(color=COLORS["miss"], width=10), marker=dict(color=COLORS["miss"], size=10),
-                                 hoverinfo="text",
-                                 hovertext=[f"NOT reachable [{a:,}, {b:,}]" for a, b in gaps for _ in range(3)]),
-                      row=1, col=1)
+        data.append(dict(type="scatter", x=gx, y=gy, mode="lines+markers", name="unreachable keys",
+                         line=dict(color=COLORS["miss"], width=10), marker=dict(color=COLORS["miss"], size=10),
+                         hoverinfo="text", hovertext=[f"NOT reachable [{a:,}, {b:,}]" for a, b in gaps for _ in range(3)],
+                         **top))
         wx, wy = [], []
         if g.window is not None:
             wx, wy = _segments(self._x([g.window[0]]), self._x([g.window[1]]), np.array([1]))
-        fig.add_trace(go.Scatter(x=wx, y=wy, mode="lines", name=f"window (W={cfg.window_len:,})",
-                                 line=dict(color=COLORS["window"], width=10), hoverinfo="text",
-                                 hovertext=(f"window [{g.window[0]:,}, {g.window[1]:,}]" if g.window else "")),
-                      row=1, col=1)
-        fig.add_trace(go.Scatter(x=self._x([g.query]), y=[0], mode="markers", name=f"query q={g.query:,}",
-                                 marker=dict(color=COLORS["query"], size=11, symbol="triangle-left"),
-                                 hoverinfo="text", hovertext=[f"query q = {g.query:,}"]), row=1, col=1)
+        data.append(dict(type="scatter", x=wx, y=wy, mode="lines", name=f"window (W={cfg.window_len:,})",
+                         line=dict(color=COLORS["window"], width=10), hoverinfo="text",
+                         hovertext=(f"window [{g.window[0]:,}, {g.window[1]:,}]" if g.window else ""), **top))
+        data.append(dict(type="scatter", x=self._x([g.query]), y=[0], mode="markers", name=f"query q={g.query:,}",
+                         marker=dict(color=COLORS["query"], size=11, symbol="triangle-left"),
+                         hoverinfo="text", hovertext=[f"query q = {g.query:,}"], **top))
         # Bottom panel: one row per candidate stripe — its span (a segment) and its anchor (a diamond).
         sx, sy = _segments(self._x(g.qstart), self._x(g.qend), rows)
-        fig.add_trace(go.Scatter(x=sx, y=sy, mode="lines", name="candidate span",
-                                 line=dict(color=COLORS["span"], width=2 if dense else 5),
-                                 hovertext=np.repeat(np.array(hover, dtype=object), 3), hoverinfo="text"),
-                      row=2, col=1)
-        fig.add_trace(go.Scatter(x=self._x(g.anchors), y=rows, mode="markers", name="anchor a_i = q+1−F(i)",
-                                 marker=dict(color=COLORS["anchor"], size=3 if dense else 7, symbol="diamond"),
-                                 hovertext=hover, hoverinfo="text"), row=2, col=1)
-
-        if g.first_uncovered is not None:
+        data.append(dict(type="scatter", x=sx, y=sy, mode="lines", name="candidate span",
+                         line=dict(color=COLORS["span"], width=2 if dense else 5),
+                         hovertext=np.repeat(np.array(hover, dtype=object), 3), hoverinfo="text", **bottom))
+        data.append(dict(type="scatter", x=self._x(g.anchors), y=rows, mode="markers", name="anchor a_i = q+1−F(i)",
+                         marker=dict(color=COLORS["anchor"], size=3 if dense else 7, symbol="diamond"),
+                         hovertext=hover, hoverinfo="text", **bottom))
+        shapes = []
+        if g.first_uncovered is not None:  # the gap line exists only while this query has a gap
             xk = float(self._x([g.first_uncovered])[0])
-            fig.add_vline(x=xk, line=dict(color=COLORS["miss"], width=2, dash="dash"))
+            shapes.append(dict(type="line", xref="x2", yref="paper", x0=xk, x1=xk, y0=0, y1=1, name="first-gap",
+                               line=dict(color=COLORS["miss"], width=2, dash="dash")))
             status = f"key {g.first_uncovered:,} is NOT reachable from it"
         else:
             status = "it reaches every earlier key"
         title = f"Query q = {g.query:,}: window + {n_rows:,} candidate spans — {status}"
         height = int(min(640, max(360, 160 + 10 * n_rows)))
-        fig.update_layout(**base_layout(title, height=height, hovermode="closest"))
-        fig.update_layout(margin=dict(l=80, r=20, t=90, b=50),
-                          title=dict(y=0.98, yanchor="top", yref="container"),
-                          legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, xanchor="left"))
+        layout = base_layout(title, height=height, hovermode="closest")
+        layout.update(margin=dict(l=80, r=20, t=90, b=50), shapes=shapes,
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, xanchor="left"))
+        layout["title"].update(y=0.98, yanchor="top", yref="container")
         if g.first_uncovered is not None:
-            fig.update_layout(title_font_color=COLORS["miss"])
-        fig.update_yaxes(row=1, col=1, tickvals=[0, 1], ticktext=["union", "window"], range=[1.7, -0.7],
-                         showgrid=False, zeroline=False)
-        fig.update_yaxes(row=2, col=1, title_text="stripe i", autorange="reversed", zeroline=False,
-                         showgrid=False, tickprefix="i=")
+            layout["title"]["font"] = dict(size=14, color=COLORS["miss"])
         if self.x_axis == "position":
-            fig.update_xaxes(range=[-0.02 * (g.query + 1), 1.02 * (g.query + 1)], zeroline=False)
-            fig.update_xaxes(row=2, col=1, title_text="key position")
+            xrange, xtype, xtitle = [-0.02 * (g.query + 1), 1.02 * (g.query + 1)], "linear", "key position"
         else:
-            fig.update_xaxes(type="log", range=[-0.05, math.log10(g.query + 1) + 0.05])
-            fig.update_xaxes(row=2, col=1, title_text="keys back from q (q − key + 1, log scale)")
-        return [fig]
+            xrange, xtype = [-0.05, math.log10(g.query + 1) + 0.05], "log"
+            xtitle = "keys back from q (q − key + 1, log scale)"
+        layout.update(
+            xaxis=dict(domain=[0, 1], anchor="y", matches="x2", showticklabels=False, range=xrange, type=xtype,
+                       zeroline=False),
+            yaxis=dict(domain=[0.8432, 1.0], anchor="x", tickvals=[0, 1], ticktext=["union", "window"],
+                       range=[1.7, -0.7], showgrid=False, zeroline=False),
+            xaxis2=dict(domain=[0, 1], anchor="y2", range=xrange, type=xtype, zeroline=False,
+                        title=dict(text=xtitle)),
+            yaxis2=dict(domain=[0, 0.8132], anchor="x2", title=dict(text="stripe i"), autorange="reversed",
+                        zeroline=False, showgrid=False, tickprefix="i="))
+        return [go.Figure(dict(data=data, layout=layout))]
 
     # ------------------------------------------------------------------ export
     def to_html(self, path, queries=None):
@@ -332,10 +336,16 @@ class StripeExplorer(View):
         fig = go.Figure(data=frames[first].data, frames=frames, layout=self._figure_for(queries[first]).layout)
         fig.update_layout(sliders=[dict(active=first, steps=steps, currentvalue=dict(prefix="query q = "),
                                         pad=dict(t=60), len=1.0, x=0)], margin=dict(b=140))
-        html_text = pio.to_html(fig, include_plotlyjs=True, full_html=True, config={"displaylogo": False})
+        # auto_play=False: the page opens on the current query (plotly's default plays every frame on load)
+        body = pio.to_html(fig, include_plotlyjs=True, full_html=False, auto_play=False,
+                           config={"displaylogo": False})
+        html_text = ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
+                     f"<title>{_html.escape(self.title)}: {_html.escape(self.summary())}</title></head>"
+                     "<body style='font-family:system-ui,sans-serif;margin:24px'>"
+                     f"<h2>{_html.escape(self.title)}</h2><div class='sl-summary'>{_html.escape(self.summary())}"
+                     f"</div>{body}</body></html>")
         path = Path(path)
-        path.write_text(html_text.replace("<head>", f"<head><title>{self.title}: {self.summary()}</title>", 1),
-                        encoding="utf-8")
+        path.write_text(html_text, encoding="utf-8")
         return path
 
     def _figure_for(self, q: int) -> go.Figure:
