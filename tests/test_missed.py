@@ -208,6 +208,8 @@ def test_read_diagnosis_and_try_it_agree_with_direct_interventions(model, word_f
     assert dbg.try_it() and dbg.error is None
     t = dbg.tried()
     assert t["reached_after"] == 1.0 and t["anchor"] == dbg.explain()["covering"][0]["anchor"]
+    assert 0 < t["forced_gate"] < 1 and t["forced_evidence_mass"] > 0  # now read, a little
+    assert sum(b["gate"] for b in t["branches"]) == pytest.approx(1.0, abs=1e-5)
     want = _logprob(model, ids, q, answer, force=t["force"])
     assert math.log(t["forced"]["prob"]) == pytest.approx(want, abs=1e-4)
     assert abs(math.log(t["forced"]["prob"]) - math.log(t["base"]["prob"])) > 1e-2

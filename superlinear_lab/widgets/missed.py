@@ -407,13 +407,13 @@ class MissedSpanDebugger(View):
             self._read[key] = self._compute_read(*key)
         return self._read[key]
 
-    def _compute_read(self, case: int, layer: int, head: int) -> dict:
+    def _branch_masses(self, run: dict, layer: int, head: int, q: int, ev: Evidence) -> tuple[list[dict], float]:
+        """Per valid slot of `head` at query q in a captured run (`_run_answer(capture_layer=layer)`): slot, anchor,
+        span, gate and the attention mass on the evidence keys inside that branch (span ∪ window); and the mass
+        of a window-only softmax."""
         from superlinear_kernels.softmax import masked_attention
 
-        e, q = self.cases[case]
-        ev = self.evidence[e]
-        base = self._run_answer(q, capture_layer=layer)
-        routing, k, q2 = base.pop("routing"), base.pop("k"), base.pop("q2")
+        routing, k, q2 = run["routing"], run["k"], run["q2"]
         att = dict(self.model.routing_layers())[layer]
         heads, d = att.cfg.n_heads, att.cfg.head_dim
         group = heads // att.cfg.n_kv_heads
@@ -432,20 +432,28 @@ class MissedSpanDebugger(View):
                 return 0.0
             return float(torch.exp(logits[allowed & on_evidence] - lse[0]).sum())
 
-        branches = []
-        gate = routing.gate[0, head, 0]
+        out = []
         for slot in range(routing.qstart.shape[-1]):
             a = int(routing.qanchor[0, head, 0, slot])
             if a < 0:
                 continue
             s, t = int(routing.qstart[0, head, 0, slot]), int(routing.qend[0, head, 0, slot])
-            span = (positions >= s) & (positions <= t)
-            without = self._run_answer(q, ablate={(f"layers.{layer}", head): [slot]})
-            branches.append(dict(slot=slot, anchor=a, qstart=s, qend=t, gate=float(gate[slot]),
-                                 evidence_mass=mass(span | window), prob_without=without["prob"],
-                                 delta_prob=without["prob"] - base["prob"], correct_without=without["correct"]))
+            out.append(dict(slot=slot, anchor=a, qstart=s, qend=t, gate=float(routing.gate[0, head, 0, slot]),
+                            evidence_mass=mass(((positions >= s) & (positions <= t)) | window)))
+        return out, mass(window)
+
+    def _compute_read(self, case: int, layer: int, head: int) -> dict:
+        e, q = self.cases[case]
+        ev = self.evidence[e]
+        run = self._run_answer(q, capture_layer=layer)
+        branches, window_mass = self._branch_masses(run, layer, head, q, ev)
+        base = {k: run[k] for k in ("logprob", "prob", "correct", "argmax_text")}
+        for b in branches:
+            without = self._run_answer(q, ablate={(f"layers.{layer}", head): [b["slot"]]})
+            b.update(prob_without=without["prob"], delta_prob=without["prob"] - base["prob"],
+                     correct_without=without["correct"])
         read_mass = sum(b["gate"] * b["evidence_mass"] for b in branches)
-        return dict(base=base, branches=branches, window_mass=mass(window), read_mass=read_mass)
+        return dict(base=base, branches=branches, window_mass=window_mass, read_mass=read_mass)
 
     # ------------------------------------------------------------------ counterfactual: force the covering stripe
     def try_it(self) -> bool:
@@ -458,9 +466,10 @@ class MissedSpanDebugger(View):
         return self._act(action)
 
     def tried(self, case: int | None = None, layer=None, head: int | None = None) -> dict | None:
-        """Result of `try_it` for the selected (or given) cell, or None if not tried: forced (the stripe), base and
-        forced answer scores, reached_after (fraction of evidence keys the head attends with the stripe forced),
-        answer_changed (the teacher-forced argmax text differs)."""
+        """Result of `try_it` for the selected (or given) cell, or None if not tried: force (the `intervene`
+        argument), anchor, base and forced answer scores, branches (the head's branches in the forced run, as in
+        `read`), forced_gate and forced_evidence_mass (of the forced branch), reached_after (fraction of evidence
+        keys the head attends with the stripe forced), answer_changed (the teacher-forced argmax text differs)."""
         return self._tried.get(self._key(case, layer, head))
 
     def force_spec(self, case: int | None = None, layer=None, head: int | None = None) -> dict:
@@ -476,16 +485,21 @@ class MissedSpanDebugger(View):
         if self.model is None or self.answer_ids is None:
             raise ViewError("try it needs model= and answer= (the expected answer text)")
         force = self.force_spec(case, layer, head)
+        anchor = next(iter(force.values()))[0]
         e, q = self.cases[case]
         ev = self.evidence[e]
         base = self._run_answer(q)
-        forced = self._run_answer(q, force=force, capture_layer=layer)
-        routing = forced.pop("routing")
-        forced.pop("k"), forced.pop("q2")
+        run = self._run_answer(q, force=force, capture_layer=layer)
+        routing = run["routing"]
         lo, hi = (int(x) for x in self.trace.layer(layer).window[self.trace.query_index(q)])
         _, reached = evidence_reach(routing.qstart[0, head, 0].cpu(), routing.qend[0, head, 0].cpu(),
                                     torch.tensor([lo, hi]), ev.start, ev.end)
-        return dict(force=force, anchor=next(iter(force.values()))[0], base=base, forced=forced,
+        branches, _ = self._branch_masses(run, layer, head, q, ev)
+        forced_branch = next((b for b in branches if b["anchor"] == anchor), None)
+        forced = {k: run[k] for k in ("logprob", "prob", "correct", "argmax_text")}
+        return dict(force=force, anchor=anchor, base=base, forced=forced, branches=branches,
+                    forced_gate=None if forced_branch is None else forced_branch["gate"],
+                    forced_evidence_mass=None if forced_branch is None else forced_branch["evidence_mass"],
                     reached_after=float(reached) / (ev.end - ev.start + 1),
                     answer_changed=forced["argmax_text"] != base["argmax_text"])
 
@@ -603,8 +617,10 @@ class MissedSpanDebugger(View):
                                                    "P(answer) without it", "change"], rows)
         t = self.tried()
         if t is not None:
+            share = ("" if t["forced_gate"] is None else f" (the forced branch gets gate {t['forced_gate']:.2f} and "
+                     f"puts {t['forced_evidence_mass']:.1%} of its attention on the evidence)")
             out += (f"<p><b>Try it</b> — forcing the stripe at anchor {t['anchor']:,}: the head reaches "
-                    f"{t['reached_after']:.0%} of the evidence; P(answer) {t['base']['prob']:.3g} → "
+                    f"{t['reached_after']:.0%} of the evidence{share}; P(answer) {t['base']['prob']:.3g} → "
                     f"{t['forced']['prob']:.3g}; the answer {'CHANGES to' if t['answer_changed'] else 'stays'} "
                     f"<code>{html.escape(t['forced']['argmax_text'])}</code></p>")
         return out
