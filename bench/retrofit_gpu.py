@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from superlinear_kernels import SpanConfig
 from superlinear_lab.data import corpus
 from superlinear_lab.hf import convert, dense
-from superlinear_lab.hf.retrofit import RetrofitSettings, heldout_loss, retrofit, token_windows
+from superlinear_lab.hf.distill import RetrofitSettings, heldout_loss, retrofit, token_windows
 from superlinear_lab.model.tokenizer import ByteTokenizer
 
 

@@ -14,7 +14,7 @@ import superlinear_lab.hf as hf  # noqa: E402
 from superlinear_kernels import SpanConfig  # noqa: E402
 import importlib  # noqa: E402
 
-rf = importlib.import_module("superlinear_lab.hf.retrofit")  # the module (hf.retrofit is the function)
+rf = importlib.import_module("superlinear_lab.hf.distill")  # the module (hf.retrofit is the function)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 264

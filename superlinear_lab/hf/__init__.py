@@ -14,7 +14,7 @@ from .attention import (LayerState, SearchQueryProjection, attention_forward, ch
                         converted_layers, dense, register, set_backend)
 from .model import HFKVCache, HFModel
 from .pattern import attention_pattern, bertviz_attention, pattern_from_qkv
-from .retrofit import RetrofitSettings, from_pretrained, heldout_loss, retrofit, save_pretrained
+from .distill import RetrofitSettings, from_pretrained, heldout_loss, retrofit, save_pretrained
 
 __all__ = ["register", "convert", "dense", "set_backend", "converted_layers", "check_supported", "LayerState",
            "SearchQueryProjection", "attention_forward", "HFModel", "HFKVCache", "attention_pattern",

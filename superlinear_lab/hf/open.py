@@ -31,7 +31,7 @@ def load(path, *, device="cpu", dtype=None, backend: str = "auto", span: SpanCon
     from ..model.io import sha256_file
     from .attention import convert, set_backend
     from .model import HFModel
-    from .retrofit import from_pretrained
+    from .distill import from_pretrained
 
     path = Path(path)
     if dtype is not None and dtype not in _DTYPES:
