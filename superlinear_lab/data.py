@@ -22,12 +22,14 @@ Tokens are `ByteTokenizer` ids: one UTF-8 byte each, a <|bos|> first.
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import importlib
 import inspect
 import random
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .model.tokenizer import ByteTokenizer
 
@@ -75,12 +77,32 @@ def _docstrings() -> list[str]:
     return texts
 
 
+_CORPUS_DIR: list[Path | None] = [None]  # a built corpus (superlinear_lab.corpus) replaces the Python-docs default
+
+
+def use_corpus(path) -> None:
+    """Read filler text from a corpus folder built by `superlinear_lab.corpus` (``train.txt.gz``/``eval.txt.gz``;
+    Python's docs, Debian's English documentation, licences, manuals and fortunes) instead of Python's docs
+    alone; `None` goes back to the default. Every task built afterwards uses it."""
+    if path is not None:
+        path = Path(path)
+        missing = [f"{s}.txt.gz" for s in SPLITS if not (path / f"{s}.txt.gz").is_file()]
+        if missing:
+            raise FileNotFoundError(f"corpus={str(path)!r} lacks {missing}: build it with "
+                                    f"'python -m superlinear_lab.corpus {path}'")
+    _CORPUS_DIR[0] = path
+    corpus.cache_clear()
+
+
 @functools.lru_cache(maxsize=None)
 def corpus(split: str = "train") -> bytes:
-    """UTF-8 bytes of the natural-text corpus of `split` ("train": most pydoc topics + stdlib docstrings;
-    "eval": the held-out pydoc topics). Documents are joined by blank lines."""
+    """UTF-8 bytes of the natural-text corpus of `split`. Default ("train": most pydoc topics + stdlib
+    docstrings; "eval": the held-out pydoc topics), or the folder chosen with `use_corpus`. Documents are
+    joined by blank lines."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: expected one of {SPLITS}")
+    if _CORPUS_DIR[0] is not None:
+        return gzip.decompress((_CORPUS_DIR[0] / f"{split}.txt.gz").read_bytes())
     from pydoc_data.topics import topics
 
     docs = [topics[name] for name in sorted(topics) if _held_out(name) == (split == "eval")]
@@ -98,8 +120,10 @@ def reference_docs() -> str:
 
 
 def corpus_fingerprint() -> dict:
-    """Sizes and sha256 of both corpus splits (recorded in logs and the model card)."""
-    return {s: {"bytes": len(corpus(s)), "sha256": hashlib.sha256(corpus(s)).hexdigest()[:16]} for s in SPLITS}
+    """Source, sizes and sha256 of both corpus splits (recorded in logs and the model card)."""
+    out: dict = {s: {"bytes": len(corpus(s)), "sha256": hashlib.sha256(corpus(s)).hexdigest()[:16]} for s in SPLITS}
+    out["source"] = "python-docs" if _CORPUS_DIR[0] is None else str(_CORPUS_DIR[0])
+    return out
 
 
 def text_window(rng: random.Random, n: int, split: str) -> list[int]:
@@ -328,8 +352,13 @@ def text_example(length: int, seed: int, split: str = "train") -> Example:
 
 
 def make_example(task: str, length: int, seed: int, split: str = "train", depth: float | None = None) -> Example:
-    """Any task by name; `depth` (for passkey/niah) is drawn from the seed when None. Needle counts (keys,
-    values, distractor chains) are drawn from the seed too, capped by what fits `length`."""
+    """Any task by name (the digit tasks here, the prose-fact tasks of `superlinear_lab.facts` by their
+    ``fact_…`` names); `depth` (for passkey/niah) is drawn from the seed when None. Needle counts (keys, values,
+    distractor chains) are drawn from the seed too, capped by what fits `length`."""
+    if task.startswith("fact_"):
+        from .facts import make_fact  # facts builds on this module
+
+        return make_fact(task, length, seed, split)
     if task in ("passkey", "niah"):
         if depth is None:
             depth = _rng("depth", length, seed, split).random()
@@ -344,4 +373,4 @@ def make_example(task: str, length: int, seed: int, split: str = "train", depth:
         return multi_hop(length, seed, split, n_distractors=n.randint(1, max(1, min(3, room // 2))))
     if task == "text":
         return text_example(length, seed, split)
-    raise ValueError(f"task={task!r}: expected one of {TASKS + ('text',)}")
+    raise ValueError(f"task={task!r}: expected one of {TASKS + ('text',)} or a fact task ('fact_word', …)")

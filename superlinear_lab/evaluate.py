@@ -8,6 +8,10 @@ routing recall, as JSON plus a heatmap figure.
   layer and query head: does one branch (a chosen span together with the window) hold every evidence token?
   ``recall_any`` counts a pair as reached when at least one (layer, head) reached it; ``per_head`` gives each
   head's own rate, ``best_head`` the best of those.
+* **Chance recall** — what a router that picks its K stripes uniformly at random among the query's candidates
+  would reach: ``chance_head`` (one head, averaged over pairs) beside ``per_head``/``best_head`` and
+  ``chance_any`` (every layer and head choosing independently) beside ``recall_any``. A recall figure is only
+  meaningful next to the chance figure it must beat.
 
 CLI (also ``python -m superlinear_lab.evaluate``)::
 
@@ -29,10 +33,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from superlinear_kernels import query_geometry
+
 from . import data as D
 from .trace import capture_routing, evidence_reach, window_bounds
 
-__all__ = ["capture_routing", "evidence_pairs", "reached", "answer_correct", "run_examples", "summarize", "niah_grid",
+__all__ = ["capture_routing", "evidence_pairs", "reached", "chance_recall", "answer_correct", "run_examples", "summarize", "niah_grid",
            "task_suite", "evaluate", "heatmap", "format_table", "compare_backends", "set_search_power", "main"]
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,30 @@ def reached(routing, window, row, query, ev_start, ev_end) -> torch.Tensor:
     return (per_branch == (ev_end - ev_start)[:, None, None]).any(dim=-1)
 
 
+def chance_recall(cfg, query: int, ev_start: int, ev_end: int) -> float:
+    """Probability that one head reaches evidence [ev_start, ev_end) (end-exclusive) from `query` when it picks
+    its K stripes uniformly at random, without replacement, among the query's candidate stripes — the baseline a
+    routing recall must beat. Same reach rule as `reached` (one branch, span ∪ window, holds every key).
+
+    With M candidates of which c have a branch holding the evidence: 1 if the window alone holds it, else
+    1 − C(M − c, K) / C(M, K) (all M are chosen when M ≤ K).
+    """
+    g = query_geometry(cfg, query)
+    qs, qe = g.qstart[g.candidate], g.qend[g.candidate]  # [M]
+    win = window_bounds(cfg, query)  # [2]
+    width = ev_end - ev_start
+    window_only, _ = evidence_reach(torch.full((1,), -1), torch.full((1,), -1), win, ev_start, ev_end - 1)
+    if int(window_only[0]) == width:
+        return 1.0
+    per_branch, _ = evidence_reach(qs, qe, win, ev_start, ev_end - 1)
+    m, c, k = int(qs.numel()), int((per_branch == width).sum()), cfg.num_spans
+    if c == 0:
+        return 0.0
+    if m <= k:
+        return 1.0
+    return 1.0 - math.comb(m - c, k) / math.comb(m, k)
+
+
 def answer_correct(logits: torch.Tensor, examples: list[D.Example]) -> list[bool]:
     """Per example: argmax at every answer query equals the answer token (greedy decoding reproduces it)."""
     out = []
@@ -107,12 +137,17 @@ def run_examples(model, examples: list[D.Example], batch_size: int = 1) -> list[
         row, query, es, ee = evidence_pairs(chunk)
         per_layer = {i: reached(records[i][1], window[i], row, query, es, ee).cpu() for i in sorted(records)}
         hits = torch.stack([per_layer[i] for i in sorted(per_layer)], dim=1)  # [P, layers, H]
+        heads = hits.shape[-1]
+        chance = torch.tensor([[chance_recall(window[i], int(q), int(a), int(e)) for i in sorted(records)]
+                               for q, a, e in zip(query.tolist(), es.tolist(), ee.tolist())],
+                              dtype=torch.float64).reshape(len(query), len(records))  # [P, layers]
         for b, ex in enumerate(chunk):
             sel = row == b
             h = hits[sel]
             results.append({"task": ex.task, "length": ex.length, "meta": ex.meta, "correct": correct[b],
                             "pairs": int(sel.sum()), "hit_any": h.flatten(1).any(1).tolist(),
-                            "hit": h.sum(0).tolist()})
+                            "hit": h.sum(0).tolist(), "chance_head": chance[sel].mean(1).tolist(),
+                            "chance_any": (1 - ((1 - chance[sel]) ** heads).prod(1)).tolist()})
     return results
 
 
@@ -133,6 +168,8 @@ def summarize(results: list[dict], layers: list[int]) -> dict:
         "accuracy": sum(r["correct"] for r in results) / max(n, 1),
         "pairs": pairs,
         "recall_any": any_hits / max(pairs, 1),
+        "chance_any": sum(sum(r["chance_any"]) for r in results) / max(pairs, 1),
+        "chance_head": sum(sum(r["chance_head"]) for r in results) / max(pairs, 1),
         "routed_examples": sum(all(r["hit_any"]) for r in results) / max(n, 1),
         "per_head": {f"layers.{layers[li]}": row for li, row in enumerate(per_head)},
         "best_head": {"recall": best[0], "layer": best[1], "head": best[2]},

@@ -1,0 +1,269 @@
+"""Fact-retrieval tasks in prose: values that are words, names, phrases, dates and numbers, keyed by natural phrases.
+
+The digit needles of `superlinear_lab.data` let a router learn "find the digits" instead of "find the evidence for
+this question". These tasks take that shortcut away:
+
+* values are real English words and names (Debian's wamerican/wbritish lists, `superlinear_lab/resources/`),
+  generated names, multi-word phrases, dates and numbers of varied length;
+* keys are natural phrases — an owner ("the harbour master", "the baker from Ardley") and a thing ("boat",
+  "password", "motto") — and every document holds several facts, with distractor facts of the *same kind*
+  (same thing, other owner; same owner, other thing; or, for ``fact_multi_key``, owners that differ in one word);
+* statements and questions are drawn from a template bank whose templates are split: the ``"eval"`` split uses
+  phrasings and values that the ``"train"`` split never shows, so an accuracy on it is on unseen phrasings;
+* ``fact_hop`` chains two facts (the thing's name, then where that name is kept).
+
+Every task returns a `superlinear_lab.data.Example` with the evidence ranges (the value's tokens inside its
+statement; for ``fact_hop`` the pointer name and the place) and the answer queries that need them, as the digit
+tasks do, so training's routing loss and evaluation's routing recall apply unchanged.
+
+The prompt ends with ``"\\nQuestion: <question>\\nAnswer: "`` and the answer is the value.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import random
+from importlib import resources
+
+from . import data as D
+
+KINDS = ("word", "name", "phrase", "date", "number")
+TASKS = tuple(f"fact_{k}" for k in KINDS) + ("fact_multi_key", "fact_hop")
+EVAL_FRACTION = 0.2  # share of words and names (by hash) that only the "eval" split uses as values
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December")
+
+OWNERS = (  # roles a fact can belong to; with an optional "from <Place>" they make natural, varied keys
+    "harbour master", "baker", "night nurse", "ferry captain", "village doctor", "schoolteacher", "librarian",
+    "lighthouse keeper", "postman", "blacksmith", "innkeeper", "shepherd", "station master", "bookbinder",
+    "clockmaker", "fisherman", "gardener", "mayor", "carpenter", "beekeeper", "miller", "potter", "tailor",
+    "weaver", "butcher", "cook", "painter", "pilot", "sailor", "chemist", "judge", "banker", "farmer", "priest",
+    "student", "engineer", "architect", "composer", "violinist", "dancer", "grocer", "locksmith", "mechanic",
+    "nurse", "ranger", "surgeon", "tutor", "widow", "twins", "old captain", "new neighbour", "eldest daughter",
+    "youngest son", "landlady", "gamekeeper", "ship's cook", "court clerk", "forester", "glassblower", "jeweller",
+)
+THINGS = {  # kind -> things whose value is of that kind
+    "name": ("boat", "dog", "cat", "horse", "goat", "parrot", "bicycle", "shop", "cottage", "tortoise", "donkey",
+             "mare", "barge", "caravan", "violin"),
+    "word": ("password", "secret word", "code word", "favourite word", "signal word", "safe word"),
+    "phrase": ("motto", "favourite saying", "toast", "slogan", "family motto", "marching song"),
+    "date": ("birthday", "wedding day", "first day at work", "moving day", "day of arrival"),
+    "number": ("locker number", "house number", "number of sheep", "phone extension", "lucky number",
+               "ticket number"),
+}
+# Statements: {owner} {thing} {value}; "{Owner}" = owner with a capital first letter. Split by phrasing.
+STATEMENTS = {
+    "train": {
+        "name": ("{Owner}'s {thing} is called {value}.", "Remember: {owner}'s {thing} is called {value}.",
+                 "The {thing} that belongs to {owner} goes by the name {value}.",
+                 "Everyone in town knows that {owner} named the {thing} {value}."),
+        "word": ("{Owner}'s {thing} is \"{value}\".", "Remember: the {thing} of {owner} is \"{value}\".",
+                 "For the record, {owner} chose \"{value}\" as the {thing}."),
+        "phrase": ("{Owner}'s {thing} is \"{value}\".", "The {thing} of {owner} goes: \"{value}\".",
+                   "Whenever asked, {owner} answers with the {thing} \"{value}\"."),
+        "date": ("{Owner}'s {thing} is {value}.", "Note that the {thing} of {owner} is {value}.",
+                 "According to the letter, {owner}'s {thing} fell on {value}."),
+        "number": ("{Owner}'s {thing} is {value}.", "Remember: the {thing} of {owner} is {value}.",
+                   "It is written that {owner}'s {thing} is {value}."),
+    },
+    "eval": {
+        "name": ("{Owner} calls the {thing} {value}.", "By the way, the name of {owner}'s {thing} is {value}."),
+        "word": ("Keep this in mind: {owner} uses \"{value}\" as the {thing}.",),
+        "phrase": ("As {owner} likes to say, the {thing} is \"{value}\".",),
+        "date": ("The {thing} of {owner} was {value}, as the records show.",),
+        "number": ("As it happens, {owner} has {value} as the {thing}.",),
+    },
+}
+QUESTIONS = {  # question templates (the prompt continues "\nAnswer: ")
+    "train": {
+        "name": ("What is {owner}'s {thing} called?", "What name does {owner}'s {thing} have?"),
+        "word": ("What is {owner}'s {thing}?", "Which {thing} did {owner} choose?"),
+        "phrase": ("What is {owner}'s {thing}?", "How does {owner}'s {thing} go?"),
+        "date": ("When is {owner}'s {thing}?", "On which date is the {thing} of {owner}?"),
+        "number": ("What is {owner}'s {thing}?", "Which {thing} does {owner} have?"),
+    },
+    "eval": {
+        "name": ("Do you recall what {owner}'s {thing} is called?", "Which name was given to {owner}'s {thing}?"),
+        "word": ("Tell me the {thing} that {owner} uses.",),
+        "phrase": ("Quote the {thing} of {owner}.",),
+        "date": ("Give the date of {owner}'s {thing}.",),
+        "number": ("Tell me the {thing} of {owner}.",),
+    },
+}
+HOP = {  # (where the named thing is: {name} the pointer, {value} the place; the question): the answer is the place
+    "train": (("{name} is kept in {value}.", "Where is {owner}'s {thing} kept?"),
+              ("{name} spends the winter in {value}.", "Where does {owner}'s {thing} spend the winter?")),
+    "eval": (("These days {name} stays in {value}.", "In which place does {owner}'s {thing} stay?"),),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _entries(resource: str) -> tuple[str, ...]:
+    text = resources.files("superlinear_lab").joinpath("resources", resource).read_text(encoding="utf-8")
+    return tuple(line for line in text.split("\n") if line and not line.startswith("#"))
+
+
+def _in_eval(value: str) -> bool:
+    return hashlib.sha256(value.encode()).digest()[0] < 256 * EVAL_FRACTION
+
+
+@functools.lru_cache(maxsize=None)
+def vocabulary(resource: str, split: str) -> tuple[str, ...]:
+    """The entries of `resource` ("words.txt" or "names.txt") whose values belong to `split` (by hash)."""
+    if split not in D.SPLITS:
+        raise ValueError(f"split={split!r}: expected one of {D.SPLITS}")
+    return tuple(w for w in _entries(resource) if _in_eval(w) == (split == "eval"))
+
+
+def _generated_name(rng: random.Random) -> str:
+    """A pronounceable capitalised name of 5+ letters that is not an English word ("Elowen", "Brairic")."""
+    while True:
+        name = _syllables(rng)
+        if len(name) >= 5 and name.lower() not in _lower_words():
+            return name
+
+
+@functools.lru_cache(maxsize=None)
+def _lower_words() -> frozenset[str]:
+    return frozenset(_entries("words.txt"))
+
+
+def _syllables(rng: random.Random) -> str:
+    onsets = ("b", "br", "d", "el", "f", "g", "h", "j", "k", "l", "m", "n", "or", "p", "r", "s", "t", "th", "v", "w")
+    nuclei = ("a", "e", "i", "o", "u", "ai", "ea", "ou", "y")
+    codas = ("", "n", "l", "r", "s", "th", "wen", "ric", "na", "ra", "mo")
+    return "".join(rng.choice(onsets) + rng.choice(nuclei) for _ in range(rng.randint(1, 2))).capitalize() + \
+        rng.choice(codas)
+
+
+def _value(kind: str, rng: random.Random, split: str, taken: set[str]) -> str:
+    for _ in range(1000):
+        if kind == "word":
+            v = rng.choice(vocabulary("words.txt", split))
+        elif kind == "name":
+            v = rng.choice(vocabulary("names.txt", split)) if rng.random() < 0.6 else _generated_name(rng)
+        elif kind == "phrase":
+            v = " ".join(rng.choice(vocabulary("words.txt", split)) for _ in range(rng.randint(2, 4)))
+        elif kind == "date":
+            v = f"{rng.randint(1, 28)} {rng.choice(MONTHS)} {rng.randint(1850, 2030)}"
+        elif kind == "number":
+            digits = rng.randint(2, 6)
+            v = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+        else:
+            raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+        if v not in taken and not any(v in t or t in v for t in taken):  # no value inside another one
+            taken.add(v)
+            return v
+    raise RuntimeError(f"no fresh {kind} value left")
+
+
+def _owner(rng: random.Random, split: str, place: bool | None = None) -> str:
+    role = rng.choice(OWNERS)
+    if place is None:
+        place = rng.random() < 0.4
+    return f"the {role} from {rng.choice(vocabulary('names.txt', split))}" if place else f"the {role}"
+
+
+def _fill(template: str, owner: str, thing: str, value: str = "", name: str = "") -> str:
+    cap = owner[:1].upper() + owner[1:]
+    return template.format(Owner=cap, owner=owner, thing=thing, value=value, name=name)
+
+
+def _statement(rng: random.Random, template: str, owner: str, thing: str, kind: str, split: str,
+               taken: set[str], name: str = "") -> tuple[str, str]:
+    """A fresh value of `kind` and `template` filled with it, the value being its statement's last occurrence
+    of that string (the builder marks evidence by `rindex`): a value that also occurs later in the sentence
+    (the word "word" before "as the secret word") is drawn again."""
+    for _ in range(100):
+        value = _value(kind, rng, split, taken)
+        text = _fill(template, owner, thing, value, name)
+        if text.rindex(value) == _fill(template, owner, thing, "\0", name).index("\0"):
+            return text, value
+        taken.discard(value)
+    raise RuntimeError(f"no value of kind {kind!r} fits {template!r}")
+
+
+def _question(rng: random.Random, split: str, kind: str, owner: str, thing: str) -> str:
+    return "\nQuestion: " + _fill(rng.choice(QUESTIONS[split][kind]), owner, thing) + "\nAnswer: "
+
+
+def fact(length: int, seed: int, split: str = "train", kind: str = "word", n_distractors: int = 3,
+         near_keys: bool = False, task: str | None = None) -> D.Example:
+    """One asked fact of `kind` plus `n_distractors` facts of the same kind at random depths.
+
+    Distractors share the asked thing with another owner, or the asked owner with another thing of the same
+    kind; with `near_keys` every distractor's owner differs from the asked owner in one word only (same role,
+    another place), the prose form of near-duplicate keys. Evidence: the value's tokens in the asked statement.
+    """
+    task = task or f"fact_{kind}"
+    rng = D._rng(task, length, seed, split, f"{kind}:{n_distractors}:{near_keys}")
+    thing = rng.choice(THINGS[kind])
+    role = rng.choice(OWNERS)
+    owner = f"the {role} from {rng.choice(vocabulary('names.txt', split))}" if near_keys else _owner(rng, split)
+    taken: set[str] = set()
+    keys = {(owner, thing)}
+    text, value = _statement(rng, rng.choice(STATEMENTS[split][kind]), owner, thing, kind, split, taken)
+    b = D._Builder(rng, length, split)
+    depth = rng.random()
+    b.needle(depth, text, [value])
+    for _ in range(n_distractors):
+        for _ in range(100):
+            if near_keys:
+                key = (f"the {role} from {rng.choice(vocabulary('names.txt', split))}", thing)
+            elif rng.random() < 0.5:
+                key = (_owner(rng, split), thing)
+            else:
+                key = (owner, rng.choice(THINGS[kind]))
+            if key not in keys:
+                break
+        keys.add(key)
+        text, _ = _statement(rng, rng.choice(STATEMENTS[split][kind]), key[0], key[1], kind, split, taken)
+        b.needle(rng.random(), text, [])
+    return b.build(_question(rng, split, kind, owner, thing), value, lambda j: [0], task,
+                   {"depth": depth, "kind": kind, "owner": owner, "thing": thing, "value": value,
+                    "n_distractors": n_distractors, "near_keys": near_keys, "seed": seed})
+
+
+def fact_hop(length: int, seed: int, split: str = "train", n_distractors: int = 2) -> D.Example:
+    """Two hops: "<owner>'s <thing> is called <Name>." and "<Name> is kept in <Place>." (either order, random
+    depths), plus `n_distractors` chains of other owners' things of the same kind. The question asks where the
+    owner's thing is; every answer query needs both the pointer name and the place."""
+    task = "fact_hop"
+    rng = D._rng(task, length, seed, split, n_distractors)
+    thing = rng.choice(THINGS["name"])
+    owner = _owner(rng, split)
+    taken: set[str] = set()
+    named, name = _statement(rng, rng.choice(STATEMENTS[split]["name"]), owner, thing, "name", split, taken)
+    where, question = rng.choice(HOP[split])
+    kept, place = _statement(rng, where, owner, thing, "name", split, taken, name=name)
+    b = D._Builder(rng, length, split)
+    b.needle(rng.random(), named, [name])
+    b.needle(rng.random(), kept, [place])
+    owners = {owner}
+    for _ in range(n_distractors):
+        other = _owner(rng, split)
+        while other in owners:
+            other = _owner(rng, split)
+        owners.add(other)
+        named2, n2 = _statement(rng, rng.choice(STATEMENTS[split]["name"]), other, thing, "name", split, taken)
+        b.needle(rng.random(), named2, [])
+        b.needle(rng.random(), _statement(rng, where, other, thing, "name", split, taken, name=n2)[0], [])
+    q = "\nQuestion: " + _fill(question, owner, thing) + "\nAnswer: "
+    return b.build(q, place, lambda j: [0, 1], task,
+                   {"owner": owner, "thing": thing, "middle": name, "value": place,
+                    "n_distractors": n_distractors, "seed": seed})
+
+
+def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Example:
+    """Any fact task by name; the number of distractors is drawn from the seed, capped by what fits `length`."""
+    room = max(1, length // 160)  # a statement is ~50-90 tokens: short rows hold fewer of them
+    n = D._rng("fact_n", length, seed, split, task)
+    if task == "fact_hop":
+        return fact_hop(length, seed, split, n_distractors=n.randint(0, max(0, min(3, room // 2 - 1))))
+    if task == "fact_multi_key":
+        return fact(length, seed, split, kind=n.choice(("name", "word", "number")),
+                    n_distractors=n.randint(1, max(1, min(5, room - 1))), near_keys=True, task=task)
+    if task in TASKS:
+        return fact(length, seed, split, kind=task.removeprefix("fact_"),
+                    n_distractors=n.randint(0, max(0, min(5, room - 1))))
+    raise ValueError(f"task={task!r}: expected one of {TASKS}")

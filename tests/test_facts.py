@@ -1,0 +1,194 @@
+"""Prose-fact tasks (superlinear_lab.facts), the Debian corpus builder and the chance-recall baseline."""
+import gzip
+import itertools
+import json
+import math
+from fractions import Fraction
+
+import pytest
+
+from superlinear_kernels import SpanConfig
+from superlinear_lab import data as D
+from superlinear_lab import facts as F
+from superlinear_lab.corpus import build_corpus, is_english_prose, strip_roff
+from superlinear_lab.evaluate import chance_recall
+
+LENGTH = 1536
+
+
+def _text(ex, r):
+    return bytes(ex.ids[r[0]:r[1]]).decode()
+
+
+@pytest.mark.parametrize("split", D.SPLITS)
+@pytest.mark.parametrize("task", F.TASKS)
+def test_fact_examples_are_consistent(task, split):
+    for seed in range(6):
+        ex = D.make_example(task, LENGTH, seed, split)
+        assert ex.length == LENGTH and ex.task == task
+        assert ex.answer_text() == ex.meta["value"]
+        # the answer queries are exactly those that predict an answer token, and each needs real evidence
+        assert ex.queries == list(range(ex.answer[0] - 1, ex.answer[1] - 1))
+        wanted = [ex.meta["middle"], ex.meta["value"]] if task == "fact_hop" else [ex.meta["value"]]
+        assert [_text(ex, r) for r in ex.evidence] == wanted
+        assert all(ex.needs[q] == list(range(len(wanted))) for q in ex.queries)
+        # the prompt ends with the question cue; the evidence lies before the question
+        prompt = bytes(ex.ids[1:ex.answer[0]]).decode()
+        assert prompt.endswith("\nAnswer: ") and "\nQuestion: " in prompt
+        assert all(r[1] <= ex.answer[0] - len(prompt.rsplit("\nQuestion: ", 1)[1]) for r in ex.evidence)
+
+
+def _statement_texts(split: str, kind: str) -> set[str]:
+    return {t.split("{")[0] + "|" + t.split("}")[-1] for t in F.STATEMENTS[split][kind]}
+
+
+def test_eval_split_uses_held_out_phrasings_and_values():
+    """Every question of the eval split comes from the held-out bank, none from the train bank, and eval values
+    of words and names are never train values (no shortcut by memorised phrasings or values)."""
+    for kind in F.KINDS:
+        train_q = {F._fill(t, "OWNER", "THING") for t in F.QUESTIONS["train"][kind]}
+        eval_q = {F._fill(t, "OWNER", "THING") for t in F.QUESTIONS["eval"][kind]}
+        assert not train_q & eval_q
+        assert not set(F.STATEMENTS["train"][kind]) & set(F.STATEMENTS["eval"][kind])
+    for resource in ("words.txt", "names.txt"):
+        train, held = set(F.vocabulary(resource, "train")), set(F.vocabulary(resource, "eval"))
+        assert train and held and not train & held
+    train_questions = {t.split("{")[0] for k in F.KINDS for t in F.QUESTIONS["train"][k]}
+    for seed in range(20):
+        ex = D.make_example("fact_word", LENGTH, seed, "eval")
+        question = ex.text().rsplit("\nQuestion: ", 1)[1].split("\n")[0]
+        assert not any(question.startswith(p) for p in train_questions if p), question
+        assert ex.meta["value"] in F.vocabulary("words.txt", "eval")
+
+
+def test_distractors_are_facts_of_the_same_kind():
+    """With distractors, the document holds other statements about the same thing (or the same owner) whose
+    values are of the asked kind and differ from the answer; near-key distractors differ in the place only."""
+    ex = F.fact(4096, 3, "train", kind="name", n_distractors=4)
+    text = ex.text()
+    statements = [line for line in text.split("\n")
+                  if (ex.meta["thing"] in line or ex.meta["owner"].lower() in line.lower())
+                  and not line.startswith("Question")]
+    assert len(statements) == 1 + 4  # the fact and four distractors about the same thing or owner
+    assert sum(ex.meta["value"] in line for line in statements) == 1  # distractor values differ from the answer
+    near = F.fact(4096, 5, "train", kind="word", n_distractors=3, near_keys=True, task="fact_multi_key")
+    role = near.meta["owner"].split(" from ")[0]
+    owners = {line.split(" from ")[1].split("'")[0].split(" ")[0]
+              for line in near.text().split("\n") if f"{role} from " in line.lower() and "Question" not in line}
+    assert len(owners) == 4  # four owners of one role, told apart by their place only
+
+
+def test_values_are_marked_where_they_stand(monkeypatch):
+    """A value that also occurs later in its sentence ("word" before "as the secret word") would be marked at
+    the later place (the builder marks by rindex): such a value is drawn again."""
+    for seed in range(50):  # in generated examples the evidence sits inside the asked statement
+        ex = D.make_example("fact_word", 512, seed, "eval")
+        (a, b), = ex.evidence
+        line = ex.text()[ex.text().rfind("\n", 0, a) + 1:ex.text().find("\n", b)]
+        assert ex.meta["owner"] in line and ex.meta["thing"] in line
+    drawn = iter(["word", "apple"])
+    monkeypatch.setattr(F, "_value", lambda kind, rng, split, taken: next(drawn))
+    text, value = F._statement(None, 'Keep this in mind: {owner} uses "{value}" as the {thing}.', "the cook",
+                               "secret word", "word", "eval", set())
+    assert value == "apple" and text == 'Keep this in mind: the cook uses "apple" as the secret word.'
+
+
+# --------------------------------------------------------------------------- chance recall
+def _naive_offsets(p: Fraction, up_to: int) -> list[int]:
+    u, v = p.numerator, p.denominator
+    out = [0]
+    for i in range(1, up_to + 1):
+        n = 0
+        while (n + 1) ** u <= i ** v:
+            n += 1
+        out.append(n)
+    return out
+
+
+def _ceil_exact(factor: Fraction, t: int, rho: Fraction) -> int:
+    # smallest n with n ≥ factor · t^rho, by exact integer powers
+    n = 0
+    while Fraction(n) ** rho.denominator < factor ** rho.denominator * Fraction(t) ** rho.numerator:
+        n += 1
+    return n
+
+
+def _naive_chance(sw: int, k: int, bf: Fraction, rho: Fraction, p: Fraction, q: int, ev: range) -> float:
+    offsets = _naive_offsets(p, 200)
+    w = offsets[sw + 1] - 1
+    window = set(range(max(0, q - w + 1), q + 1)) if w > 0 else set()
+    t = q + 1
+    back = _ceil_exact(bf, t, rho)
+    spans = []
+    for i in range(sw + 1, len(offsets)):
+        a = q + 1 - offsets[i]
+        if a < 0:
+            break
+        end = min(a, q, (max(0, q - w + 1) - 1) if w > 0 else q)
+        spans.append(set(range(max(a - back, 0), end + 1)))
+    subsets = list(itertools.combinations(range(len(spans)), min(k, len(spans))))
+    hits = sum(any(set(ev) <= spans[j] | window for j in sub) or set(ev) <= window for sub in subsets)
+    return hits / len(subsets)
+
+
+@pytest.mark.parametrize("q,ev", [(120, (3, 7)), (120, (100, 104)), (250, (40, 41)), (250, (230, 248)),
+                                  (90, (86, 90)), (300, (0, 2)), (64, (10, 60))])
+@pytest.mark.parametrize("sw,k,bf,rho,p", [(3, 2, Fraction(3), Fraction(1, 2), Fraction(3, 5)),
+                                           (2, 3, Fraction(2), Fraction(1, 2), Fraction(1, 2))])
+def test_chance_recall_equals_enumeration(q, ev, sw, k, bf, rho, p):
+    cfg = SpanConfig(sw_index=sw, num_spans=k, backward_factor=float(bf), forward_factor=0.0,
+                     span_power=float(rho), search_power=float(p))
+    got = chance_recall(cfg, q, ev[0], ev[1])
+    want = _naive_chance(sw, k, bf, rho, p, q, range(*ev))
+    assert math.isclose(got, want, rel_tol=1e-12, abs_tol=1e-12), (got, want)
+
+
+def test_chance_recall_lands_in_summaries(model):
+    from superlinear_lab.evaluate import run_examples, summarize
+
+    exs = [D.make_example("fact_name", 512, s, "eval") for s in range(2)]
+    results = run_examples(model, exs)
+    summary = summarize(results, [i for i, _ in model.routing_layers()])
+    assert 0.0 <= summary["chance_head"] <= summary["chance_any"] <= 1.0
+    assert summary["chance_any"] > 0.0  # at 512 tokens some candidate always holds a short value
+
+
+# --------------------------------------------------------------------------- corpus
+def test_corpus_builder_filters_reserved_duplicate_and_non_prose(tmp_path):
+    prose = ("The program reads the configuration file and writes a report for each of the users that are "
+             "listed in it. This is done once a day, and the report is kept for a week. ") * 4
+    doc = tmp_path / "doc" / "pkg"
+    doc.mkdir(parents=True)
+    (doc / "README").write_text(prose)
+    (doc / "README.Debian.gz").write_bytes(gzip.compress(prose.replace("report", "summary").encode()))
+    (tmp_path / "doc" / "other").mkdir()
+    (tmp_path / "doc" / "other" / "copyright").write_text(prose)  # a duplicate licence text
+    (doc / "NEWS").write_text("0x1f 0x2e 0x3a = == != {} [] ;; " * 40)  # not prose
+    (doc / "FAQ").write_text(prose + " This text came from Project Gutenberg.")  # reserved for evaluation
+    fortunes = tmp_path / "fortune"
+    fortunes.mkdir()
+    (fortunes / "fortunes").write_text("A short fortune.\n%\nAnother one.\n%\n")
+    (fortunes / "literature").write_text("To be, or not to be.\n%\n")
+    out = tmp_path / "out"
+    manifest = build_corpus(out, roots={"doc": tmp_path / "doc", "fortune": fortunes}, include_python=False)
+    assert manifest["dropped"] == {"reserved": 1, "duplicate": 1, "not_prose": 1}
+    text = b"".join(gzip.decompress((out / f"{s}.txt.gz").read_bytes()) for s in D.SPLITS).decode()
+    assert "summary" in text and "A short fortune." in text
+    assert "Gutenberg" not in text and "To be, or not" not in text and "0x1f" not in text
+    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["sha256"]
+    D.use_corpus(out)
+    try:
+        assert D.corpus("train") + D.corpus("eval") != b"" and D.corpus_fingerprint()["source"] == str(out)
+    finally:
+        D.use_corpus(None)
+    assert D.corpus_fingerprint()["source"] == "python-docs"
+    with pytest.raises(FileNotFoundError, match="python -m superlinear_lab.corpus"):
+        D.use_corpus(tmp_path / "nowhere")
+
+
+def test_roff_and_prose_filters():
+    page = ".TH LS 1\n.SH NAME\nls \\- list directory contents\n.B \\-\\-all\n.\\\" a comment\n.PP\n" \
+           "do not ignore entries starting with \\fB.\\fR"
+    assert strip_roff(page) == "NAME\nls - list directory contents\n--all\ndo not ignore entries starting with ."
+    assert not is_english_prose("x = [1, 2, 3]; y = {a: b} " * 30)
+    assert is_english_prose("This is the text of the manual, and it is written for the users of the tool. " * 5)
