@@ -252,6 +252,18 @@ def test_trace_has_the_models_layers_and_heads(arch):
         assert tr.layer(i).stripe_values.shape[:2] == (heads, 1)
 
 
+def test_trace_protocol_follows_a_deep_copy():
+    import copy
+
+    model = hf.convert(build("llama", seed=11), NARROW)
+    twin = copy.deepcopy(model)
+    states = [s for _, s in twin.routing_layers()]
+    assert states and all(a is not b for a, b in zip(states, [s for _, s in model.routing_layers()]))
+    with twin.trace() as tr, torch.no_grad():
+        twin(input_ids=torch.randint(0, VOCAB, (1, 20)))
+    assert tr.layers == [0, 1] and tr.length == 20
+
+
 def test_views_accept_hf_traces():
     from superlinear_lab.widgets import CoverageMap, RoutingExplorer
 

@@ -355,11 +355,23 @@ def _install_trace_protocol(model: nn.Module) -> None:
                 record(positions, ids)
 
     model._superlinear_trace_hook = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    model.routing_layers = lambda: converted_layers(model)
+    model.routing_layers = _BoundToModel(model, converted_layers)
+    model.trace = _BoundToModel(model, _trace)
 
-    def trace(queries=None, profile_queries=None, layers=None):
-        from ..trace import RoutingTrace
 
-        return RoutingTrace.capture(model, queries=queries, profile_queries=profile_queries, layers=layers)
+def _trace(model, queries=None, profile_queries=None, layers=None):
+    """``with model.trace(...) as tr:`` — `RoutingTrace.capture` on a converted model."""
+    from ..trace import RoutingTrace
 
-    model.trace = trace
+    return RoutingTrace.capture(model, queries=queries, profile_queries=profile_queries, layers=layers)
+
+
+class _BoundToModel:
+    """`fn(model, ...)` as an attribute of `model` that follows the model through `copy.deepcopy` (a closure would
+    keep pointing at the original)."""
+
+    def __init__(self, model, fn):
+        self.model, self.fn = model, fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.model, *args, **kwargs)
