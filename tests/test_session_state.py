@@ -182,3 +182,46 @@ def test_rollback_validates_checkpoints_before_touching_anything(model):
         assert_same_state(before, state(s))  # e.g. a bad rng state used to leave the SSM state restored
     s.rollback(cp)  # the real one still works
     assert s.cursor == cp.cursor
+
+
+# --------------------------------------------------------------------------- sample / record_step (batched decode API)
+def test_sample_then_record_step_equals_generate(model):
+    a, b = started(model, seed=3), started(model, seed=3)
+    want = a.generate(6, temperature=0.9, top_p=0.95)
+    for _ in range(6):
+        token = b.sample(0.9, 0.95)
+        cp = b.checkpoint()
+        with torch.no_grad():  # the caller runs the forward (as a batched decode would) ...
+            logits = model(torch.tensor([[token]]), b.cache, b.cursor)[0, -1]
+        b.record_step(token, logits)  # ... and the session books it
+        assert b.cursor == cp.cursor + 1
+    assert b.ids[-6:].tolist() == want and torch.equal(a.logits, b.logits)
+    before = state(b)
+    vocab = model.cfg.vocab_size
+    for token, logits, pattern in ((vocab, b.logits, "token"), (-1, b.logits, "token"), (True, b.logits, "token"),
+                                   (5, b.logits.double(), "logits"), (5, b.logits[:-1], "logits"),
+                                   (5, [0.0], "logits")):
+        with pytest.raises(ValueError, match=pattern):
+            b.record_step(token, logits)
+        assert_same_state(before, state(b))
+    full = Session(model, max_len=8, progress=False)
+    full.append("1234567")
+    with pytest.raises(Exception, match="max_len"):
+        full.record_step(5, full.logits)
+    assert full.cursor == 7
+
+
+def test_sample_is_safe_at_tiny_temperatures(model):
+    """Issue 18 #7: temperature 1e-40 made logits / T overflow (inf - inf = NaN) and the sampler raise."""
+    s = started(model)
+    greedy = s.sample(0.0)
+    for t in (1e-40, 1e-300, 5e-324):
+        assert s.sample(t) == greedy  # all the mass on the argmax
+    before = state(s)
+    for bad in ({"temperature": -1.0}, {"temperature": float("nan")}, {"temperature": True}, {"top_p": 0.0},
+                {"top_p": 1.5}, {"top_p": float("nan")}):
+        with pytest.raises(ValueError):
+            s.sample(**bad)
+        assert_same_state(before, state(s))
+    with pytest.raises(SessionError, match="append"):
+        Session(model, max_len=8, progress=False).sample(0.5)

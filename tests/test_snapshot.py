@@ -516,7 +516,7 @@ def test_load_respects_max_len_limit_and_forged_lengths(model, tmp_path):
     store = SnapshotStore(tmp_path)
     sid = store.save(fresh_session(model, text=TEXT[:40], max_len=256))
     assert store.load(sid, model, max_len_limit=256).max_len == 256
-    with pytest.raises(SnapshotError, match="exceeds max_len_limit=128"):
+    with pytest.raises(snapshot_module.SnapshotLimitError, match="exceeds max_len_limit=128"):
         store.load(sid, model, max_len_limit=128)
     with pytest.raises(SnapshotError, match="exceeds max_len_limit=300"):
         store.load(sid, model, max_len=512, max_len_limit=300)

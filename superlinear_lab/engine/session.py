@@ -146,12 +146,26 @@ class Checkpoint:
     rng_state: torch.Tensor  # sampler generator state
 
 
+def _check_sampling(temperature, top_p) -> None:
+    """ValueError unless temperature is a number >= 0 (0 = greedy) and top_p a number in (0, 1]."""
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and temperature >= 0):
+        raise ValueError(f"temperature={temperature!r}: expected a number >= 0 (0 = greedy)")
+    if isinstance(top_p, bool) or not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r}: expected a number in (0, 1]")
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
     """SPEC §6.1 sampler: argmax at temperature 0; else softmax(logits / T) in fp32, top-p (smallest most-probable
     set with cumulative probability >= top_p, at least one token, renormalised), one multinomial draw."""
     if temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("logits contain NaN or infinite values: cannot sample (temperature > 0)")
+    # Shift by the max before dividing, in float64: (logits - max) / T <= 0, so a tiny T (even one that is 0 in
+    # float32) gives -inf (probability 0) for every token but the best ones instead of inf - inf = NaN.
+    shifted = logits.double() - logits.double().max()
+    probs = torch.softmax((shifted / temperature).float(), dim=-1)
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True, stable=True)
         before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass strictly above each token
@@ -429,16 +443,43 @@ class Session:
         self._check_fits(1)
         saved = self._internal_state()
         try:
-            self._begin_write()
-            self._token_ids[self._cursor] = token
             with torch.no_grad(), _threads_for(1, self.model.device):
                 logits = self.model(torch.tensor([[token]], device=self.model.device), self.cache, self._cursor)
-            self._cursor += 1
-            self._high = max(self._high, self._cursor)
-            self._logits = logits[0, -1].clone()
+            self.record_step(token, logits[0, -1])
         except BaseException:
             self._restore_internal(saved)
             raise
+
+    def sample(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> int:
+        """Draw the next token from `logits` with the session's sampler (`seed` reseeds it first); writes nothing.
+        Raises SessionError if there are no logits (fresh or restored session), ValueError for bad arguments."""
+        _check_sampling(temperature, top_p)
+        if self._logits is None:
+            raise SessionError("no logits to sample from: append tokens first (a fresh or restored session has none)")
+        if seed is not None:
+            self._gen.manual_seed(seed)
+        return _sample(self._logits, float(temperature), float(top_p), self._gen)
+
+    def record_step(self, token: int, logits: torch.Tensor) -> None:
+        """Book-keeping of a one-token forward that the caller ran on `self.cache` at `self.cursor` (e.g. a batched
+        decode over several sessions): the token goes to position `cursor`, the cursor advances, `logits`
+        (fp32 [vocab], the forward's output for that token) become the session's logits.
+
+        Checks (ValueError / ContextOverflowError) come first; on an error nothing is recorded — the caller, who
+        already wrote K/V and states into the cache, should `rollback` to a checkpoint taken before its forward.
+        """
+        vocab = self.model.cfg.vocab_size
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+            raise ValueError(f"token={token!r}: expected an int token id in [0, {vocab})")
+        if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or tuple(logits.shape) != (vocab,):
+            shown = f"{logits.dtype} {list(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"logits: got {shown}, expected float32 [{vocab}]")
+        self._check_fits(1)
+        self._begin_write()
+        self._token_ids[self._cursor] = token
+        self._cursor += 1
+        self._high = max(self._high, self._cursor)
+        self._logits = logits.detach().clone()
 
     def stream(self, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                stop: Iterable[int] | int | None = None, seed: int | None = None,
@@ -454,10 +495,7 @@ class Session:
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 0")
-        if not (isinstance(temperature, (int, float)) and temperature >= 0):
-            raise ValueError(f"temperature={temperature!r}: expected a number >= 0 (0 = greedy)")
-        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"top_p={top_p!r}: expected a number in (0, 1]")
+        _check_sampling(temperature, top_p)
         stop_ids = {self.tokenizer.eos_id} | set(self._as_ids([stop] if isinstance(stop, int) else (stop or [])))
         room = self.room
         if max_new_tokens > room:
@@ -474,7 +512,7 @@ class Session:
         produced: list[int] = []
         try:
             for _ in range(n):
-                token = _sample(self._logits, temperature, top_p, self._gen)
+                token = self.sample(temperature, top_p)
                 if token in stop_ids:
                     break
                 self._step(token)

@@ -74,6 +74,10 @@ class SnapshotNotFoundError(SnapshotError):
     """No snapshot with that id (HTTP 404 in the server)."""
 
 
+class SnapshotLimitError(SnapshotError):
+    """Loading the snapshot would allocate more positions than the caller's `max_len_limit` (HTTP 413/422)."""
+
+
 class SnapshotCompatibilityError(SnapshotError):
     """The snapshot was made by a different model (fingerprint mismatch; HTTP 409 in the server)."""
 
@@ -508,7 +512,7 @@ class SnapshotStore:
                 raise SnapshotError(f"max_len={max_len!r}: must be an int >= the snapshot's max_seq_len {saved_len}")
             wanted = max_len or saved_len
             if wanted > limit:
-                raise SnapshotError(f"snapshot {snapshot_id}: an allocation of {wanted} positions exceeds "
+                raise SnapshotLimitError(f"snapshot {snapshot_id}: an allocation of {wanted} positions exceeds "
                                     f"max_len_limit={limit} (the saved max_seq_len is {saved_len})")
             blobs = self._verified_files(path, manifest, model)
         except OSError as e:  # unreadable entries, permissions, ...
