@@ -129,6 +129,51 @@ def _prepare(q1: torch.Tensor, k: torch.Tensor, cache_position, cfg, attention_m
     return Prepared(positions, row_start, hi, l_kv)
 
 
+def _check_routing(routing, cfg: SpanConfig, prep: Prepared, rows: tuple[int, int, int], device) -> SearchResult:
+    """Validate a caller-given routing (see `superlinear_attention`); returns it with int32 bounds, fp32 values."""
+    if not isinstance(routing, SearchResult):
+        raise TypeError(f"routing: expected a SearchResult, got {type(routing).__name__}")
+    shape = (*rows, cfg.num_spans)
+    fields = {}
+    for name in ("qstart", "qanchor", "qend", "values"):
+        x = getattr(routing, name)
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"routing.{name}: expected a tensor of shape [B, H_Q, L_Q, K] = {shape}, got {got}")
+        if x.device != device:
+            raise ValueError(f"routing.{name}: on {x.device} but q1 is on {device}")
+        is_float = x.dtype.is_floating_point
+        if (name == "values") != is_float or x.dtype == torch.bool:
+            raise TypeError(f"routing.{name}: dtype {x.dtype}; expected "
+                            f"{'a float' if name == 'values' else 'an integer'} tensor")
+        fields[name] = x.float() if is_float else x.to(torch.int32)
+    valid = fields["qanchor"] >= 0
+    qs, qe = fields["qstart"].long(), fields["qend"].long()
+    q = prep.cache_position[None, None, :, None]
+    s = prep.row_start[:, None, None, None]
+    if bool(((qs != -1) | (qe != -1))[~valid].any()):
+        raise ValueError("routing: invalid slots (qanchor < 0) must have qstart = qend = -1")
+    # Inclusive [qstart, qend] inside the row's keys before q, and (W > 0) before the window: the span
+    # and window branches are merged as disjoint key sets (SPEC §1.7, §3.3).
+    end_cap = torch.minimum(q, prep.l_kv - 1 + torch.zeros_like(q))
+    if cfg.window_len > 0:
+        end_cap = torch.minimum(end_cap, _window_start(cfg, q) - 1)
+    bad = valid & ((qs < s) | (qs < 0) | (qe > end_cap) | (fields["qanchor"].long() > q))
+    if bool(bad.any()):
+        b, h, i, slot = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"routing: slot {slot} of (batch {b}, head {h}, query position "
+                         f"{int(prep.cache_position[i])}) spans [{int(qs[b, h, i, slot])}, {int(qe[b, h, i, slot])}]"
+                         f" with anchor {int(fields['qanchor'][b, h, i, slot])}; expected row start <= qstart, "
+                         f"qend <= min(q, sw_start(q) - 1) and anchor <= q")
+    return SearchResult(fields["qstart"], fields["qanchor"], fields["qend"], fields["values"])
+
+
+def _window_start(cfg: SpanConfig, q: torch.Tensor) -> torch.Tensor:
+    from .geometry import window_bounds
+
+    return window_bounds(cfg, q)[0]
+
+
 def _resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend == "auto":
         return "triton" if x.is_cuda and _triton_available() else "torch"
@@ -187,7 +232,7 @@ def span_search(q1: torch.Tensor, k: torch.Tensor, cache_position, cfg: SpanConf
 
 def superlinear_attention(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_position,
                           cfg: SpanConfig, attention_mask: torch.Tensor | None = None, backend: str = "auto",
-                          return_routing: bool = False):
+                          return_routing: bool = False, routing: SearchResult | None = None):
     """Superlinear attention (SPEC §2–3): search, K span ∪ window branches, LSE merge and gate.
 
     Args:
@@ -199,6 +244,11 @@ def superlinear_attention(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v
         attention_mask: None or bool/int [B, L_KV], left-padded.
         backend: "auto", "oracle", "torch" or "triton".
         return_routing: also return the `SearchResult` (with `gate` [B, H_Q, L_Q, K]).
+        routing: attend with this routing instead of searching (interventions, debugging): a `SearchResult`
+            whose qstart/qanchor/qend/values are [B, H_Q, L_Q, K] with K = cfg.num_spans. A slot is valid iff
+            qanchor >= 0; valid spans must lie in [s, q] and end before the window (qend < sw_start(q) when
+            W > 0), invalid slots have qstart = qend = -1; the gate is softmax(values) as usual. Oracle and
+            torch backends only.
 
     Returns:
         out [B, H_Q, L_Q, D] in q2's dtype, or (out, routing) when `return_routing`.
@@ -211,8 +261,15 @@ def superlinear_attention(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v
     non-finite V row may also make other queries of its tile NaN. Keep caches finite.
     """
     prep = _prepare(q1, k, cache_position, cfg, attention_mask, backend, q2=q2, v=v)
-    module = _backend_module(_resolve_backend(backend, q1))
-    out, routing = module.superlinear_attention(q1, q2, k, v, cfg, prep)
+    name = _resolve_backend(backend, q1)
+    module = _backend_module(name)
+    if routing is None:
+        out, routing = module.superlinear_attention(q1, q2, k, v, cfg, prep)
+    else:
+        if name == "triton":
+            raise ValueError("routing=: a given routing is supported on backend='torch' or 'oracle', not 'triton'")
+        routing = _check_routing(routing, cfg, prep, tuple(q1.shape[:3]), q1.device)
+        out, routing = module.superlinear_attention(q1, q2, k, v, cfg, prep, routing=routing)
     # One rule for every backend: a query row with any non-finite component is NaN in full.
     out = torch.where(torch.isfinite(out).all(dim=-1, keepdim=True), out, torch.full_like(out, float("nan")))
     return (out, routing) if return_routing else out

@@ -185,12 +185,13 @@ def _gate(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return e / e.sum(dim=-1, keepdim=True)
 
 
-def superlinear_attention(q1, q2, k, v, cfg: SpanConfig, prep: Prepared):
-    """Dense attention: for each branch k, softmax over the explicit key set S_k ∪ Wnd, then the gate."""
+def superlinear_attention(q1, q2, k, v, cfg: SpanConfig, prep: Prepared, routing: SearchResult | None = None):
+    """Dense attention: for each branch k, softmax over the explicit key set S_k ∪ Wnd, then the gate.
+    `routing` (already validated by the API) replaces the search."""
     b, h_q, l_q, d = q2.shape
     l_kv = k.shape[2]
     geo = _Geometry(cfg, prep.q_max + 1)
-    routing = _search(q1, k, cfg, prep, geo)
+    routing = _search(q1, k, cfg, prep, geo) if routing is None else routing
     logits = (q2.float() @ _expand_kv(k, h_q).float().transpose(-1, -2)) / math.sqrt(d)
     values_v = _expand_kv(v, h_q).float()
     bad_key = ~torch.isfinite(values_v).all(dim=-1)  # [B, H_Q, L_KV]

@@ -209,12 +209,13 @@ def _poison(out: torch.Tensor, bad_before: torch.Tensor, batch: torch.Tensor, kv
     return torch.where((live & (count > 0))[:, None], torch.full_like(out, float("nan")), out)
 
 
-def superlinear_attention(q1, q2, k, v, cfg: SpanConfig, prep: Prepared):
-    """Search, window and span branches over contiguous ranges, LSE merge, gate; see the module docstring."""
+def superlinear_attention(q1, q2, k, v, cfg: SpanConfig, prep: Prepared, routing: SearchResult | None = None):
+    """Search (unless `routing` is given), window and span branches over contiguous ranges, LSE merge, gate;
+    see the module docstring."""
     b, h_q, l_q, d = q2.shape
     h_kv = k.shape[1]
     group = h_q // h_kv
-    routing = span_search(q1, k, cfg, prep)
+    routing = span_search(q1, k, cfg, prep) if routing is None else routing
     kf, vf = k.float(), v.float()
     # Non-finite V rows (api docstring): zero them so that a key tile never multiplies 0 weight by Inf, and
     # make every range that holds one NaN, as the definition gives.

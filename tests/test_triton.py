@@ -285,6 +285,9 @@ def test_kernel_limits_raise_before_launch():
         superlinear_attention(*big, torch.arange(8), DEFAULT, backend="triton")
     with pytest.raises(ValueError, match="num_spans"):
         span_search(q1, k, torch.arange(8), DEFAULT.replace(num_spans=7), backend="triton")
+    given = span_search(q1, k, torch.arange(8), DEFAULT, backend="oracle")
+    with pytest.raises(ValueError, match="routing=.*not 'triton'"):
+        superlinear_attention(q1, q2, k, v, torch.arange(8), DEFAULT, backend="triton", routing=given)
 
 
 @pytest.mark.gpu
