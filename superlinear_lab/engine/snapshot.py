@@ -167,6 +167,8 @@ def _read_regular(path: Path, max_bytes: int, what: str) -> bytes:
         st = os.lstat(path)
     except FileNotFoundError:
         raise SnapshotError(f"{what}: missing") from None
+    except OSError as e:
+        raise SnapshotError(f"{what}: cannot read it ({e.strerror})") from None
     if not stat.S_ISREG(st.st_mode):
         raise SnapshotError(f"{what}: not a regular file")
     if st.st_size > max_bytes:
@@ -175,10 +177,13 @@ def _read_regular(path: Path, max_bytes: int, what: str) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
         raise SnapshotError(f"{what}: cannot open it ({e.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise SnapshotError(f"{what}: not a regular file")
-        data = f.read(max_bytes + 1)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise SnapshotError(f"{what}: not a regular file")
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise SnapshotError(f"{what}: cannot read it ({e.strerror})") from None
     if len(data) > max_bytes:
         raise SnapshotError(f"{what}: larger than {max_bytes} bytes")
     return data
