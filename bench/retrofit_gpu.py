@@ -188,9 +188,11 @@ def main(argv=None) -> int:
         "heldout_loss": {"dense": loss_dense, "dense_via_context": loss_dense_check,
                          "superlinear_training_free": loss_before, "superlinear_retrofit": loss_after},
         "recovered_fraction": (gap_before - gap_after) / gap_before if gap_before > 0 else None,
-        "retrofit": {"steps_done": res.steps_done, "steps_planned": settings.steps, "seconds": retro_seconds,
+        "retrofit": {"steps_done": res.steps_done, "steps_planned": settings.steps, "resumed_from": res.resumed_from,
+                     "seconds_this_call": retro_seconds,
                      "settings": vars(settings), "first": res.history[:3], "last": res.history[-3:],
-                     "tokens": res.steps_done * settings.batch_size * seq},
+                     "tokens": res.steps_done * settings.batch_size * seq,
+                     "history_every_50": [h for h in res.history if h["step"] % 50 == 0]},
     })
     print(json.dumps(result["heldout_loss"], indent=1), "recovered", result["recovered_fraction"], flush=True)
     (out / "retro").mkdir(exist_ok=True)
@@ -199,6 +201,8 @@ def main(argv=None) -> int:
         if src.exists():
             shutil.copy(src, out / "retro" / name)
     shutil.rmtree(out / "retro_run", ignore_errors=True)
+    if args.resume_from:
+        result["resumed_from_dir"] = str(args.resume_from)
     (out / "retrofit_gpu.json").write_text(json.dumps(result, indent=2))
     return 0
 

@@ -79,9 +79,15 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, stream, monkeypat
     want, got = rf.trainable_parameters(full), rf.trainable_parameters(resumed)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
+    longer = rf.retrofit(resumed, CFG, stream, tmp_path / "b", settings=rf.RetrofitSettings(**{**SETTINGS,
+                                                                                             "steps": 5}),
+                         progress=False)  # a finished run continued to a larger total
+    assert longer.steps_done == 5 and [h["step"] for h in longer.history] == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="planned 5 steps"):
+        rf.retrofit(dense_model(), CFG, stream, tmp_path / "b", settings=settings, progress=False)
     with pytest.raises(ValueError, match="different settings"):
         rf.retrofit(dense_model(), CFG, stream, tmp_path / "b",
-                    settings=rf.RetrofitSettings(**{**SETTINGS, "lr": 0.5}), progress=False)
+                    settings=rf.RetrofitSettings(**{**SETTINGS, "steps": 5, "lr": 0.5}), progress=False)
 
 
 def test_mse_loss_and_heldout_loss(stream):

@@ -7,7 +7,8 @@ next-token distributions), ``mse`` (per converted layer, attention output of stu
 
 Resumable: every ``save_every`` steps ``<out>/state.json`` (step, settings, history) and ``<out>/trainable.safetensors``
 / ``<out>/optimizer.safetensors`` are written atomically; a rerun with the same ``out`` continues from there (the
-batch of step i depends only on (seed, i)). The result, ``<out>/model``, loads with `from_pretrained`:
+batch of step i depends only on (seed, i)); a rerun may raise ``steps`` to train further (the learning-rate
+schedule is then the one of the new total). The result, ``<out>/model``, loads with `from_pretrained`:
 ``superlinear_lab.hf.from_pretrained(path)`` (dense weights by transformers' own loader, plus
 ``superlinear_search.safetensors``).
 
@@ -73,6 +74,7 @@ class RetrofitResult:
     steps_done: int
     history: list = field(default_factory=list)  # [{"step", "loss", "kl", "mse"}]
     out: Path | None = None
+    resumed_from: int = 0  # the step a resumed run started from (0: a fresh run)
 
 
 # --------------------------------------------------------------------------- data
@@ -146,9 +148,17 @@ def _load_state(out: Path, params: dict, opt: torch.optim.Optimizer, meta: dict)
     state = json.loads((out / "state.json").read_text())
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"{out}/state.json: version {state.get('version')!r}, expected {STATE_VERSION}")
+    extendable = ("steps", "save_every")  # a run may be continued to a larger total (the schedule follows it)
+    saved = dict(state.get("settings") or {})
+    if int(saved.get("steps", 0)) > meta["settings"]["steps"]:
+        raise ValueError(f"{out}: the saved run planned {saved['steps']} steps; resume with steps >= that")
     for key in ("settings", "layers", "span_configs"):
-        if state.get(key) != meta[key]:
-            raise ValueError(f"{out}: resuming with different {key} ({state.get(key)!r} != {meta[key]!r}); "
+        have, want = state.get(key), meta[key]
+        if key == "settings":
+            have = {k: v for k, v in saved.items() if k not in extendable}
+            want = {k: v for k, v in want.items() if k not in extendable}
+        if have != want:
+            raise ValueError(f"{out}: resuming with different {key} ({have!r} != {want!r}); "
                              "use a new --out or the same settings")
     weights = load_file(str(out / "trainable.safetensors"))
     if set(weights) != set(params):
@@ -212,6 +222,7 @@ def retrofit(model, cfg, ids: torch.Tensor, out=None, *, layers=None, settings: 
     if out is not None and resume and (out / "state.json").exists():
         step, history = _load_state(out, params, opt, meta)
         log.info("retrofit: resuming %s at step %d", out, step)
+    resumed_from = step
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # no dropout: the teacher and the student must be deterministic
@@ -264,7 +275,7 @@ def retrofit(model, cfg, ids: torch.Tensor, out=None, *, layers=None, settings: 
         model.train(was_training)
     if out is not None and step >= settings.steps:
         save_pretrained(model, out / "model")
-    return RetrofitResult(step, history, out)
+    return RetrofitResult(step, history, out, resumed_from)
 
 
 # --------------------------------------------------------------------------- export / import
