@@ -124,6 +124,7 @@ examples:
   superlinear-lab report notes.txt -o notes-routing.html
   superlinear-lab report pydoc --max-tokens 16K -o pydoc.html
   superlinear-lab report notes.txt --model ~/models/my-tiny -o mine.html
+  superlinear-lab report pydoc --max-tokens 8K --evidence "debugging assertions" -o where.html
 """
 
 
@@ -144,6 +145,10 @@ def add_report(subparsers) -> None:
                    help="attention backend (default auto: triton on CUDA, torch otherwise)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--title", default=None, help="report title (default: the file name)")
+    p.add_argument("--evidence", action="append", default=None, metavar="TEXT",
+                   help="text to find in the document and mark: the report then shows, for every layer and head, "
+                        "whether the last token reached it, and for a miss every stripe that would have covered it "
+                        "with its rank and margin (repeatable)")
     p.set_defaults(func=run_report)
 
 
@@ -164,7 +169,7 @@ def run_report(args) -> int:
                 text = f.read()
         model = open_model(args.model, device=args.device, backend=args.backend)
         out = routing_report(text, args.output, model, max_tokens=args.max_tokens,
-                             title=args.title or f"Routing report: {args.path}")
+                             title=args.title or f"Routing report: {args.path}", evidence=args.evidence)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         print(f"superlinear-lab report: error: {e}", file=sys.stderr)
         return 2
