@@ -6,9 +6,10 @@ Two scenarios, each run against a server this script starts (``--port 0``, loopb
   `--duration` seconds (default 60), half of them streaming (`--stream-fraction`), `max_tokens` 16. Reports
   completed requests/s (requests that finished inside the window), p50/p99 latency, errors by kind, and the
   server's peak RSS.
-* **long prompt** (``--long-prompt N``) — one streaming request with an N-token prompt starts prefilling; while it
-  runs, one client sends short requests (max_tokens 16) back to back for `--duration` seconds. Reports their
-  p50/p99 and how far the long prefill got (it is cancelled at the end by closing its stream).
+* **long prompt** (``--long-prompt N``) — one streaming request with an N-token prompt starts prefilling; once it
+  has `--probe-after` tokens in the cache (so the probes meet slices at deep positions), one client sends short
+  requests (max_tokens 16) back to back for `--duration` seconds. Reports their p50/p99 and how far the long
+  prefill got (it is cancelled at the end by closing its stream).
 
 Results are merged into `--out` (default bench/load_test.json) under `--label`, with the machine's load average.
 Every request has a timeout and every loop is bounded by the duration.
@@ -189,7 +190,15 @@ async def long_prompt(url: str, model: str, args, pid: int | None) -> dict:
             if (await info.get("/v1/server", timeout=30)).json()["in_flight"] >= 1:
                 break
             await asyncio.sleep(0.05)
-        await asyncio.sleep(1.0)
+        reached, waited = 0, time.monotonic()
+        deadline = time.monotonic() + args.wait_limit
+        while time.monotonic() < deadline and "s" not in finished:  # let the long prefill get deep first
+            gens = (await info.get("/v1/server", timeout=30)).json().get("generations", [])
+            reached = max((g["prefilled"] for g in gens), default=0)
+            if reached >= args.probe_after:
+                break
+            await asyncio.sleep(1.0)
+        waited = time.monotonic() - waited
         end = time.monotonic() + args.duration
         n = 0
         while time.monotonic() < end and "s" not in finished:
@@ -202,6 +211,8 @@ async def long_prompt(url: str, model: str, args, pid: int | None) -> dict:
                 errors[kind] = errors.get(kind, 0) + 1
             n += 1
         still_prefilling = "s" not in finished
+        gens = (await info.get("/v1/server", timeout=30)).json().get("generations", [])
+        reached_end = max((g["prefilled"] for g in gens), default=None)
         task.cancel()
         try:
             await task
@@ -210,7 +221,9 @@ async def long_prompt(url: str, model: str, args, pid: int | None) -> dict:
     _, hwm = rss_mb(pid)
     return {"long_prompt_tokens": args.long_prompt, "duration_s": args.duration, "short_requests": len(latencies),
             **quantiles(latencies), "errors": sum(errors.values()), "error_kinds": errors,
-            "long_prefill_still_running_at_end": still_prefilling, "rss_peak_mb": hwm and round(hwm, 1)}
+            "long_prefill_still_running_at_end": still_prefilling, "prefilled_when_probing_began": reached,
+            "prefilled_at_end": reached_end, "waited_before_probing_s": round(waited, 1),
+            "rss_peak_mb": hwm and round(hwm, 1)}
 
 
 def main(argv=None) -> int:
@@ -221,6 +234,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--stream-fraction", type=float, default=0.5)
     p.add_argument("--long-prompt", type=int, default=131072, help="prompt tokens of the long request")
+    p.add_argument("--probe-after", type=int, default=0,
+                   help="long scenario: start probing once the long prompt has this many tokens prefilled")
+    p.add_argument("--wait-limit", type=float, default=600.0, help="long scenario: most seconds to wait for that")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout (s)")
     p.add_argument("--url", default=None, help="an already running server (default: start one)")
     p.add_argument("--model", default="superlinear-lab/tiny-random-init")

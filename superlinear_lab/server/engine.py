@@ -288,6 +288,11 @@ class ChatEngine:
         return sum(ss.session.memory()["total"] for ss in list(self.sessions.values())) + \
             sum(g.reserved for g in list(self._active))
 
+    def progress(self) -> list[dict]:
+        """Where each running generation is: phase, prompt tokens, tokens prefilled so far, tokens generated."""
+        return [{"phase": g.phase, "prompt_tokens": len(g.ids), "prefilled": g.pos, "generated": len(g.out),
+                 "session_id": None if g.req.session is None else g.req.session.id} for g in list(self._active)]
+
     def bytes_for(self, max_seq_len: int) -> int:
         """Bytes of a session allocated for `max_seq_len` positions."""
         return self._per_position * max_seq_len + self._fixed
