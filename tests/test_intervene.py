@@ -48,7 +48,7 @@ def test_ablation_drops_the_slot_and_renormalises_the_gate(model):
     layer, head = model.cfg.attention_layers[1], 2
     with torch.no_grad(), model.trace() as base:
         model(ids)
-    with torch.no_grad(), intervene(model, ablate={(f"layers.{layer}.routing", head): [0]}), model.trace() as tr:
+    with torch.no_grad(), model.intervene(ablate={(f"layers.{layer}.routing", head): [0]}), model.trace() as tr:
         model(ids)
     a, b = base.layer(layer), tr.layer(layer)
     valid = a.qanchor[head, :, 0] >= 0

@@ -2,12 +2,10 @@
 GQA, no RoPE (cache_position is the only positional input, SPEC §5.1). Calls `superlinear_attention`."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from superlinear_kernels import SearchResult, span_search, superlinear_attention
+from superlinear_kernels import span_search, superlinear_attention
 
 from .config import ModelConfig
 
@@ -61,7 +59,10 @@ class SuperlinearAttentionLayer(nn.Module):
             routing = span_search(q1, k, positions, self.span_config, backend=self.backend)
             for override in list(self.routing_overrides):
                 routing = override(positions, routing, q1, k)
-            out, routing = attend_with_routing(q2, k, v, positions, self.span_config, routing)
+            # A given routing is attended by the torch or oracle backend (the Triton kernels search themselves).
+            backend = self.backend if self.backend in ("torch", "oracle") else "torch"
+            out, routing = superlinear_attention(q1, q2, k, v, positions, self.span_config, backend=backend,
+                                                 return_routing=True, routing=routing)
             for record in recorders:
                 record(positions, routing, q1, k)
         elif recorders:
@@ -73,39 +74,3 @@ class SuperlinearAttentionLayer(nn.Module):
             out = superlinear_attention(q1, q2, k, v, positions, self.span_config, backend=self.backend)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, length, hq * d))
 
-
-def attend_with_routing(q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cfg,
-                        routing: SearchResult) -> tuple[torch.Tensor, SearchResult]:
-    """Superlinear attention with a *given* routing (SPEC §3): window and span branches, LSE merge, gate.
-
-    q2 [B, H_Q, L, D]; k, v [B, H_KV, L_KV, D]; positions int64 [L]; routing fields [B, H_Q, L, K] (spans already
-    clipped as `span_bounds` clips them). Returns (out [B, H_Q, L, D] in q2's dtype, routing with its gate).
-    Rows start at key 0 (the model does not left-pad).
-
-    TEMPORARY: composed from the torch backend's building blocks because `superlinear_attention` has no
-    ``routing=`` argument yet (requested from the kernels owner); it will call that instead.
-    """
-    from superlinear_kernels.geometry import window_bounds
-    from superlinear_kernels.softmax import gate_weights, merge_with_window
-    from superlinear_kernels.torch_ops import range_attention
-
-    b, h_q, length, d = q2.shape
-    dev = q2.device
-    group = h_q // k.shape[1]
-    rows = b * h_q * length
-    bb = torch.arange(b, device=dev)[:, None, None].expand(b, h_q, length).reshape(-1)
-    hh = (torch.arange(h_q, device=dev) // group)[None, :, None].expand(b, h_q, length).reshape(-1)
-    q = positions.to(dev, torch.int64)[None, None, :].expand(b, h_q, length).reshape(-1)
-    q2f, kf, vf = q2.float().reshape(-1, d), k.float(), v.float()
-    scale = 1.0 / math.sqrt(d)
-    win_lo, win_hi = window_bounds(cfg, q)  # -1 (an empty range) when the window is empty
-    win_out, win_lse = range_attention(q2f, torch.arange(rows, device=dev), bb, hh, win_lo, win_hi, kf, vf, scale)
-    num = routing.qstart.shape[-1]
-    rep = lambda t: t.repeat_interleave(num)  # noqa: E731
-    span_out, span_lse = range_attention(q2f, rep(torch.arange(rows, device=dev)), rep(bb), rep(hh),
-                                         routing.qstart.reshape(-1).long(), routing.qend.reshape(-1).long(),
-                                         kf, vf, scale)
-    branches = merge_with_window(span_out.view(-1, num, d), span_lse.view(-1, num), win_out, win_lse)
-    gate = gate_weights(routing.values, routing.valid)
-    out = (gate.reshape(-1, num, 1) * branches).sum(dim=1).view(b, h_q, length, d)
-    return out.to(q2.dtype), SearchResult(routing.qstart, routing.qanchor, routing.qend, routing.values, gate)

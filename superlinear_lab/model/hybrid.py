@@ -158,6 +158,12 @@ class HybridLM(nn.Module):
 
         return RoutingTrace.capture(self, queries=queries, profile_queries=profile_queries, layers=layers)
 
+    def intervene(self, force=None, ablate=None, queries=None) -> contextlib.AbstractContextManager:
+        """``with model.intervene(force=..., ablate=...):`` — `superlinear_lab.intervene` on this model."""
+        from ..intervene import intervene
+
+        return intervene(self, force=force, ablate=ablate, queries=queries)
+
     # ------------------------------------------------------------------ forward
     def check_ids(self, ids: torch.Tensor) -> None:
         """Raise ValueError unless `ids` is an integer tensor [B, L] of valid token ids."""
