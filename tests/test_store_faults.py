@@ -238,7 +238,8 @@ def value_pool(rng: random.Random) -> list[tuple[str, str]]:
     """(label, raw JSON text) of hostile values: types, sizes, numbers, nesting, unicode."""
     deep = rng.choice([1000, 20_000, 100_000])
     pool = [
-        ("null", "null"), ("true", "true"), ("false", "false"), ("zero", "0"), ("minus1", "-1"), ("int31", str(2 ** 31)),
+        ("null", "null"), ("true", "true"), ("false", "false"), ("zero", "0"), ("minus1", "-1"),
+        ("int31", str(2 ** 31)),
         ("int63", str(2 ** 63)), ("int64", str(2 ** 64)), ("neg63", str(-2 ** 63)), ("half", "0.5"),
         ("negzero", "-0.0"), ("1e308", "1e308"), ("1e400", "1e400"), ("-1e400", "-1e400"), ("NaN", "NaN"),
         ("Infinity", "Infinity"), ("-Infinity", "-Infinity"), ("400digits", "9" * 400),
@@ -375,9 +376,7 @@ def tensor_cases(bench: Bench, rng: random.Random, vocab: int):
             "renamed": lambda ts, name=name: ts.__setitem__(name + "_x", ts.pop(name)),
         }
         for dim in range(t.dim()):
-            edits[f"dim{dim}+1"] = put(lambda x, dim=dim: torch.cat([x, x.narrow(dim, 0, 1)], dim)
-                                       if x.shape[dim] else torch.zeros(*[1 if i == dim else s
-                                                                          for i, s in enumerate(x.shape)], dtype=x.dtype))
+            edits[f"dim{dim}+1"] = put(lambda x, dim=dim: _grow(x, dim))
             if t.shape[dim] > 1:
                 edits[f"dim{dim}-1"] = put(lambda x, dim=dim: x.narrow(dim, 0, x.shape[dim] - 1))
         if t.dim() >= 2 and t.shape[-1] != t.shape[-2]:
@@ -435,6 +434,13 @@ def tensor_cases(bench: Bench, rng: random.Random, vocab: int):
             p.write_bytes(_flip(p.read_bytes(), pos, xor))
         cases.append((f"data-flip-{pos}-{xor}", flip_only, {"must_refuse": True}))
     return cases
+
+
+def _grow(x, dim):
+    """`x` one longer along `dim` (a copy of its first slice, or zeros when it is empty)."""
+    if x.shape[dim]:
+        return torch.cat([x, x.narrow(dim, 0, 1)], dim)
+    return torch.zeros(*[1 if i == dim else n for i, n in enumerate(x.shape)], dtype=x.dtype)
 
 
 def _poke(x, idx, value):

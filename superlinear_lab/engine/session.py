@@ -2,7 +2,10 @@
 
 * `append(text | ids)` prefills in chunks (tqdm progress) at positions cursor … cursor+n-1.
 * `stream(n, …)` / `generate(n, …)` sample from the stored logits (temperature 0 = greedy, then top-p,
-  Decision D7); each accepted token is written before it is yielded, a stop token is never written.
+  Decision D7); each accepted token is written before it is yielded, a stop token is never written; asking for
+  more tokens than fit (`room`) is refused before anything is written.
+* `sample(…)` draws one token without writing; `record_step(token, logits)` books a one-token forward that the
+  caller ran on the cache (a batched decode over several sessions).
 * `checkpoint()` / `rollback(cp)` clone and restore the SSM/conv states, logits, cursor, transcript and sampler
   state; K/V is not copied (entries past a rewound cursor are simply overwritten later). A checkpoint whose
   positions were overwritten since (rollback to an earlier point, then new tokens) is refused.
@@ -472,7 +475,8 @@ class Session:
         if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
             raise ValueError(f"token={token!r}: expected an int token id in [0, {vocab})")
         if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or tuple(logits.shape) != (vocab,):
-            shown = f"{logits.dtype} {list(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+            shown = (f"{logits.dtype} {list(logits.shape)}" if isinstance(logits, torch.Tensor)
+                     else type(logits).__name__)
             raise ValueError(f"logits: got {shown}, expected float32 [{vocab}]")
         self._check_fits(1)
         self._begin_write()
