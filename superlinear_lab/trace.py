@@ -24,7 +24,12 @@ Contract (stable; views and tests rely on it):
     - ``profile_queries``: int64 [Lprof] (sorted), ``stripes``: int64 [S] (σ+1 …, nearest anchor first),
       ``stripe_anchors``: int64 [Lprof, S] (q + 1 - F(i), may be < 0), ``stripe_values``: fp32
       [H_Q, Lprof, S] (-inf where not a candidate). Lprof = 0 when no profile was recorded.
-* Helpers: ``reached(layer, head, query, key)``, ``reaching_spans(...)``, ``key_counts(layer, head=None)``
+* ``trace.model`` — one line naming the model and its weights (`describe_model`), None if unknown;
+  ``trace.overrides`` — list of dicts describing routing interventions active while recording (`intervene`).
+* Reach (THE rule, `evidence_reach`; evaluation, the debugger and reports use it): ``reach(layer, query, start,
+  end)`` → (keys of [start, end] inside each head's branch k = span k ∪ window [H_Q, K], keys inside the union of
+  window and chosen spans [H_Q]); ``reached(layer, head, query, key)``, ``reaching_spans(...)``, ``in_window(...)``.
+* Helpers: ``key_counts(layer, head=None)``
   (int64 [length] or [H_Q, length]: how many recorded (query, span-or-window) pairs contain each key),
   ``coverage(layer)`` (fp64 [H_Q]: fraction of keys in [row_start, length) reached at least once),
   ``summary()`` (plain dict), ``save(path)`` / ``RoutingTrace.load(path)`` (a directory holding
@@ -33,6 +38,8 @@ Contract (stable; views and tests rely on it):
 Building a trace:
 
 * ``RoutingTrace.from_search(routing, cache_position, cfg, ...)`` — from kernel outputs, no model needed.
+* ``capture_routing(model, layers=None)`` — the raw per-layer `SearchResult` of the latest forward (batched
+  evaluation and training), through the same recorder protocol.
 * ``RoutingTrace.capture(model, queries=None, profile_queries=None)`` — a context manager around a model
   run (also ``model.trace(...)`` / ``session.trace(...)``). It registers recorders on the model's
   attention layers and *always* removes them on exit, even on error; the model computes exactly what it
