@@ -240,6 +240,7 @@ class ChatEngine:
         self._queue: list = []  # items not started yet, in arrival order
         self._active: list[Generation] = []  # started generations (prefill or decode)
         self._busy_time = [0.0, 0.0]  # [background prefill, everything else] while contended
+        self._outbox: list = []  # (generation, event) to deliver at the end of the round
         self.slice_target_s = slice_target_s
         self._slice_s_per_token = 1e-3  # measured cost of long-prefill slices (updated after each)
         self._thread = threading.Thread(target=self._loop, name="superlinear-engine", daemon=True)
@@ -316,6 +317,7 @@ class ChatEngine:
                 contended = self._start_ready()
                 contended = self._decode_step() or contended
                 self._prefill_step(contended)
+                self._flush()
                 if self.persist and time.monotonic() - last_autosave_check > 1.0:
                     last_autosave_check = time.monotonic()
                     self._autosave_idle()
@@ -568,6 +570,7 @@ class ChatEngine:
             return self._fail(gen, e)
         self._release(gen)
         self.stats["completed"] += 1
+        self._flush()  # its last events go out before its result
         _resolve(gen.loop, gen.future, result, None)
 
     def _check_cancel(self, gen: Generation) -> bool:
@@ -580,12 +583,14 @@ class ChatEngine:
         self._rollback(gen)
         self._release(gen)
         self.stats["cancelled"] += 1
+        self._flush()
         _resolve(gen.loop, gen.future, None, Cancelled("request cancelled"))
 
     def _fail(self, gen: Generation, error: BaseException) -> None:
         self._rollback(gen)
         self._release(gen)
         self.stats["failed"] += 1
+        self._flush()
         _resolve(gen.loop, gen.future, None, error)
 
     def _rollback(self, gen: Generation) -> None:
@@ -604,9 +609,21 @@ class ChatEngine:
         gen.reserved = 0
 
     def _emit(self, gen: Generation, event) -> None:
+        """Queue an event for `gen`'s client; `_flush` hands the queued events over once per round."""
         if gen.on_events is not None:
+            self._outbox.append((gen, event))
+
+    def _flush(self) -> None:
+        """Deliver the round's events: one wake-up per event loop, not one per token."""
+        if not self._outbox:
+            return
+        by_loop: dict = {}
+        for gen, event in self._outbox:
+            by_loop.setdefault(gen.loop, []).append((gen, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
             try:
-                gen.loop.call_soon_threadsafe(gen.on_events, [event])
+                loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the loop is closed: nobody is listening
                 pass
 
@@ -806,6 +823,15 @@ class ChatEngine:
                         self._autosave(ss)
                     except Exception:
                         log.exception("autosave of session %s failed", ss.id)
+
+
+def _deliver(items: list) -> None:
+    """On the event loop: hand each generation its events, in order."""
+    grouped: dict = {}
+    for gen, event in items:
+        grouped.setdefault(gen, []).append(event)
+    for gen, events in grouped.items():
+        gen.on_events(events)
 
 
 def _autosaved_session(tags) -> str | None:
