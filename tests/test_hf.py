@@ -352,3 +352,23 @@ def test_nothing_is_downloaded(tmp_path):
         hf.from_pretrained(tmp_path / "no-such-model")
     with pytest.raises((OSError, ValueError)):
         hf.from_pretrained("some-org/some-model")  # a hub name: local files only, so it fails at once
+
+
+def test_intervene_on_an_hf_model():
+    """`superlinear_lab.intervene` works on a converted transformers model: ablating every span slot of a head leaves it
+    window-only (its trace shows no valid slot), forcing an anchor puts it among the chosen ones; both undone on exit."""
+    from superlinear_lab import intervene
+
+    model = hf.HFModel(hf.convert(build("llama", seed=12), NARROW))  # (intervene reads `.model` of a Session)
+    ids = torch.randint(0, VOCAB, (1, 60))
+    with torch.no_grad():
+        before = model(ids)
+        with intervene(model, ablate={("layers.1", 2): [0, 1]}, force={("layers.0", 1): [3]}, queries=[59]):
+            with model.trace() as tr:
+                changed = model(ids)
+        after = model(ids)
+    assert (tr.layer(1).qanchor[2, 59] == -1).all() and (tr.layer(1).qanchor[3, 59] >= 0).any()
+    assert 3 in tr.layer(0).qanchor[1, 59].tolist() and 3 not in tr.layer(0).qanchor[1, 58].tolist()
+    assert (changed[0, 59] - before[0, 59]).abs().max() > 1e-6
+    torch.testing.assert_close(changed[0, :59], before[0, :59], rtol=0, atol=1e-6)  # other queries untouched
+    torch.testing.assert_close(after, before, rtol=0, atol=0)

@@ -145,3 +145,14 @@ def test_report_and_missed_span_debugger_on_an_hf_model_directory(tmp_path):
         model(torch.tensor([model.tokenizer.encode(text)]))
     dbg = MissedSpanDebugger(tr, ["48213"], tokenizer=model.tokenizer)
     assert dbg.summary()
+
+
+def test_open_refuses_a_broken_config(tmp_path):
+    from superlinear_lab.hf.open import load
+
+    (tmp_path / "config.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        load(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load(tmp_path)

@@ -20,11 +20,12 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from superlinear_kernels import SpanConfig, coverage, superlinear_attention
+from superlinear_kernels import SpanConfig, coverage, span_search, superlinear_attention
 
 NAME = "superlinear"
 SEARCH_QUERIES = ("q", "proj")
@@ -48,6 +49,13 @@ class LayerState:
     routing_recorders: list = field(default_factory=list)
     # fn(positions, routing, q2, k) with q2 [B, H_Q, L_Q, D] scaled for 1/sqrt(D) (`attention_pattern` uses it)
     qkv_recorders: list = field(default_factory=list)
+    # the intervention protocol (`superlinear_lab.intervene`): fn(positions, routing, q1, k) -> SearchResult
+    routing_overrides: list = field(default_factory=list)
+
+    @property
+    def cfg(self) -> SimpleNamespace:
+        """What `superlinear_lab.intervene` reads of a layer besides `span_config`: ``cfg.n_heads``."""
+        return SimpleNamespace(n_heads=self.heads)
 
 
 class SearchQueryProjection(nn.Module):
@@ -173,16 +181,22 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     positions = torch.arange(l_kv - l_q, l_kv, device=query.device)
     key_valid = padding_from_mask(attention_mask, batch, l_q, l_kv)
     recorders, qkv_recorders = list(state.routing_recorders), list(state.qkv_recorders)
-    if recorders or qkv_recorders:
-        out, routing = superlinear_attention(q1, q2, key, value, positions, state.span_config, key_valid,
-                                             backend=state.backend, return_routing=True)
-        for record in recorders:
-            record(positions, routing, q1, key)
-        for record in qkv_recorders:
-            record(positions, routing, q2, key)
-    else:
+    if not (state.routing_overrides or recorders or qkv_recorders):
         out = superlinear_attention(q1, q2, key, value, positions, state.span_config, key_valid,
                                     backend=state.backend)
+        return out.transpose(1, 2).contiguous(), None
+    given, backend = None, state.backend
+    if state.routing_overrides:  # search, let each override edit the routing, attend with the result
+        given = span_search(q1, key, positions, state.span_config, key_valid, backend=state.backend)
+        for override in list(state.routing_overrides):
+            given = override(positions, given, q1, key)
+        backend = backend if backend in ("torch", "oracle") else "torch"  # the Triton kernels search themselves
+    out, routing = superlinear_attention(q1, q2, key, value, positions, state.span_config, key_valid,
+                                         backend=backend, return_routing=True, routing=given)
+    for record in recorders:
+        record(positions, routing, q1, key)
+    for record in qkv_recorders:
+        record(positions, routing, q2, key)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -39,7 +39,14 @@ def load(path, *, device="cpu", dtype=None, backend: str = "auto", span: SpanCon
     kwargs = {} if dtype is None else {"dtype": _DTYPES[dtype]}
     import json
 
-    config = json.loads((path / "config.json").read_text())
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except RecursionError:
+        raise ValueError(f"{path / 'config.json'}: not valid JSON (nested too deeply)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / 'config.json'}: expected a JSON object")
     if isinstance(config.get("superlinear"), dict):
         model = from_pretrained(path, **kwargs)
     else:
