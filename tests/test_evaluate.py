@@ -58,10 +58,11 @@ def test_reached_needs_the_whole_range_in_one_branch():
 
 def test_summary_counts_pairs_and_heads():
     results = [{"task": "niah", "length": 10, "meta": {}, "correct": True, "pairs": 2, "hit_any": [True, True],
-                "hit": [[2, 1], [0, 0]]},
+                "hit": [[2, 1], [0, 0]], "chance_head": [0.5, 0.25], "chance_any": [0.9, 0.5]},
                {"task": "niah", "length": 10, "meta": {}, "correct": False, "pairs": 2, "hit_any": [True, False],
-                "hit": [[1, 0], [0, 1]]}]
+                "hit": [[1, 0], [0, 1]], "chance_head": [0.25, 0.0], "chance_any": [0.6, 0.0]}]
     s = E.summarize(results, [1, 3])
+    assert s["chance_head"] == 0.25 and s["chance_any"] == 0.5  # averaged over the 4 pairs
     assert s["accuracy"] == 0.5 and s["recall_any"] == 0.75 and s["routed_examples"] == 0.5
     assert s["per_head"] == {"layers.1": [0.75, 0.25], "layers.3": [0.0, 0.25]}
     assert s["best_head"] == {"recall": 0.75, "layer": 1, "head": 0}
