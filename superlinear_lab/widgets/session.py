@@ -78,7 +78,7 @@ class SessionPanel(View):
                 s.rollback(before)
                 raise
             if role is not None:
-                s.transcript.append({"role": role, "content": text, "tokens": len(ids)})
+                s.add_message(role, text, len(ids))
         return self._act(action)
 
     def _report_progress(self, done: int, total: int) -> None:
