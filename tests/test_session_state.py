@@ -42,7 +42,7 @@ def test_fork_token_ids_are_independent(model):
 def test_export_from_state_round_trip_is_bit_exact(model):
     s = started(model)
     st = s.export_state()
-    assert st.cursor == s.cursor and st.max_len == s.max_len and list(st.transcript) == s.transcript
+    assert st.cursor == s.cursor and st.max_len == s.max_len and st.transcript == s.transcript
     assert all(t.device.type == "cpu" for t in (st.token_ids, st.conv_states, st.ssm_states, *st.keys, *st.values))
     back = Session.from_state(model, st)
     assert back.logits is None and back.cursor == s.cursor and torch.equal(back.ids, s.ids)
@@ -129,20 +129,24 @@ def test_add_message_and_set_transcript_validate(model):
     s.append(ids[:5], role=None)
     s.append(ids[5:], role=None)
     s.add_message("user", "hello there", len(ids))
-    assert s.transcript == [{"role": "user", "content": "hello there", "tokens": len(ids)}]
-    before = list(s.transcript)
+    assert s.transcript == ({"role": "user", "content": "hello there", "tokens": len(ids)},)
+    before = s.transcript
     for args, pattern in ((("user", "x", 1), "more than"), ((1, "x", 0), "strings"), (("u", None, 0), "strings"),
                           (("u", "x", -1), "tokens"), (("u", "x", 1.0), "tokens"), (("u", "x", True), "tokens")):
         with pytest.raises(ValueError, match=pattern):
             s.add_message(*args)
         assert s.transcript == before
+    with pytest.raises(AttributeError):
+        s.transcript.append({"role": "user", "content": "x", "tokens": 1})  # read-only: no way around the checks
+    s.transcript[0]["tokens"] = 10 ** 6  # a copy: the session's own message is unchanged
+    assert s.transcript == before
     kept = [{"role": "user", "content": "hello", "tokens": 5}]
     s.set_transcript(kept)
     kept[0]["content"] = "changed"  # deep-copied
-    assert s.transcript == [{"role": "user", "content": "hello", "tokens": 5}]
+    assert s.transcript == ({"role": "user", "content": "hello", "tokens": 5},)
     with pytest.raises(ValueError, match="expected exactly the keys"):
         s.set_transcript([{"role": "user", "content": "x"}])
-    assert s.transcript == [{"role": "user", "content": "hello", "tokens": 5}]
+    assert s.transcript == ({"role": "user", "content": "hello", "tokens": 5},)
 
 
 # --------------------------------------------------------------------------- issue 18 #10: checkpoints are validated

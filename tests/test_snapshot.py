@@ -58,7 +58,7 @@ def test_empty_session_round_trip(model, tmp_path):
     store = SnapshotStore(tmp_path)
     sid = store.save(Session(model, max_len=64, progress=False))
     back = store.load(sid, model)
-    assert back.cursor == 0 and back.transcript == []
+    assert back.cursor == 0 and back.transcript == ()
     back.append("hi")
 
 

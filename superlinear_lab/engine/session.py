@@ -206,7 +206,7 @@ class Session:
         self.chunk_size = chunk_size
         self.progress = progress
         self.id = uuid.uuid4().hex
-        self.transcript: list[dict] = []  # read it; change it only through add_message / set_transcript
+        self._transcript: list[dict] = []  # read through `transcript`; changed by append/generate/add_message/...
         self._cursor = 0
         self._logits: torch.Tensor | None = None
         self._token_ids = torch.full((self.cache.max_len,), -1, dtype=torch.int64)
@@ -225,6 +225,12 @@ class Session:
     @property
     def max_len(self) -> int:
         return self.cache.max_len
+
+    @property
+    def transcript(self) -> tuple[dict, ...]:
+        """The messages, oldest first: {"role", "content", "tokens"} each (copies: change the transcript with
+        `add_message` / `set_transcript`, or through `append(..., role=...)` and generation)."""
+        return tuple(dict(m) for m in self._transcript)
 
     @property
     def room(self) -> int:
@@ -255,19 +261,19 @@ class Session:
         return mem
 
     def __repr__(self) -> str:
-        return f"Session(id={self.id[:8]}, cursor={self._cursor}, max_len={self.max_len}, messages={len(self.transcript)})"
+        return f"Session(id={self.id[:8]}, cursor={self._cursor}, max_len={self.max_len}, messages={len(self._transcript)})"
 
     # ------------------------------------------------------------------ public state API
     def add_message(self, role: str, content: str, tokens: int) -> None:
         """Record a transcript message for `tokens` tokens already in the context (e.g. appended with
         ``role=None`` in several pieces). Raises ValueError (nothing recorded) if the message is malformed or the
         transcript would count more tokens than the context holds."""
-        self.transcript[:] = check_transcript(
-            self.transcript + [{"role": role, "content": content, "tokens": tokens}], self._cursor)
+        self._transcript[:] = check_transcript(
+            self._transcript + [{"role": role, "content": content, "tokens": tokens}], self._cursor)
 
     def set_transcript(self, messages) -> None:
         """Replace the transcript (validated as in `check_transcript`; deep-copied). Tokens are not touched."""
-        self.transcript[:] = check_transcript(messages, self._cursor)
+        self._transcript[:] = check_transcript(messages, self._cursor)
 
     def export_state(self) -> SessionState:
         """The session's contents as CPU clones (K/V truncated to the cursor); see `SessionState`."""
@@ -277,7 +283,7 @@ class Session:
             keys=tuple(k[:, :, :cur].contiguous().cpu().clone() for k in self.cache.keys),
             values=tuple(v[:, :, :cur].contiguous().cpu().clone() for v in self.cache.values),
             conv_states=self.cache.conv_states.cpu().clone(), ssm_states=self.cache.ssm_states.cpu().clone(),
-            transcript=tuple(copy.deepcopy(self.transcript)))
+            transcript=tuple(copy.deepcopy(self._transcript)))
 
     @staticmethod
     def state_layout(model: HybridLM, cursor: int) -> dict:
@@ -352,7 +358,7 @@ class Session:
         self._cursor = cur
         self._high = max(self._high, cur)
         self._logits = None
-        self.transcript[:] = check_transcript(state.transcript, cur)
+        self._transcript[:] = check_transcript(state.transcript, cur)
 
     # ------------------------------------------------------------------ input
     def _as_ids(self, data) -> list[int]:
@@ -384,13 +390,13 @@ class Session:
             self._overwrites.append((self._clock, position))
 
     def _internal_state(self):
-        return (self._cursor, self._logits, len(self.transcript), self.cache.conv_states.clone(),
+        return (self._cursor, self._logits, len(self._transcript), self.cache.conv_states.clone(),
                 self.cache.ssm_states.clone(), self._clock, self._high, len(self._overwrites))
 
     def _restore_internal(self, saved) -> None:
         cursor, logits, n_msgs, conv, ssm, clock, high, n_over = saved
         self._cursor, self._logits = cursor, logits
-        del self.transcript[n_msgs:]
+        del self._transcript[n_msgs:]
         self.cache.conv_states.copy_(conv)
         self.cache.ssm_states.copy_(ssm)
         self._clock, self._high = clock, high
@@ -434,7 +440,7 @@ class Session:
             self._high = max(self._high, self._cursor)
             self._logits = logits[0, -1].clone()
             if role is not None:
-                self.transcript.append({"role": role, "content": self.tokenizer.decode(ids), "tokens": len(ids)})
+                self._transcript.append({"role": role, "content": self.tokenizer.decode(ids), "tokens": len(ids)})
         except BaseException:
             self._restore_internal(saved)
             raise
@@ -524,7 +530,7 @@ class Session:
                 yield token
         finally:
             if produced and role is not None:
-                self.transcript.append({"role": role, "content": self.tokenizer.decode(produced),
+                self._transcript.append({"role": role, "content": self.tokenizer.decode(produced),
                                         "tokens": len(produced)})
 
     def generate(self, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
@@ -542,7 +548,7 @@ class Session:
         """Capture the state to return to (cheap: K/V is not copied)."""
         return Checkpoint(self.id, self._clock, self._cursor, self.cache.conv_states.clone(),
                           self.cache.ssm_states.clone(), None if self._logits is None else self._logits.clone(),
-                          tuple(copy.deepcopy(self.transcript)), self._gen.get_state())
+                          tuple(copy.deepcopy(self._transcript)), self._gen.get_state())
 
     def rollback(self, cp: Checkpoint) -> None:
         """Return bit-exactly to `cp` (cursor, logits, states, transcript, sampler).
@@ -586,7 +592,7 @@ class Session:
         cache.ssm_states.copy_(cp.ssm_states)
         self._logits = None if cp.logits is None else cp.logits.clone()
         self._cursor = cp.cursor
-        self.transcript[:] = transcript
+        self._transcript[:] = transcript
         self._gen.set_state(cp.rng_state)
 
     def fork(self, seed: int | None = None) -> "Session":
@@ -596,7 +602,7 @@ class Session:
         other._cursor = self._cursor
         other._logits = None if self._logits is None else self._logits.clone()
         other._token_ids = self._token_ids.clone()
-        other.transcript = copy.deepcopy(self.transcript)
+        other._transcript = copy.deepcopy(self._transcript)
         other._gen.set_state(self._gen.get_state())
         if seed is not None:
             other._gen.manual_seed(seed)
