@@ -156,3 +156,19 @@ def test_open_refuses_a_broken_config(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load(tmp_path)
+
+
+def test_report_cli_opens_an_hf_directory(tmp_path):
+    """`superlinear-lab report --model PATH` on a transformers directory (open_model's "transformers" format)."""
+    from superlinear_lab.cli import main
+
+    torch.manual_seed(6)
+    config = transformers.LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = hf.convert(transformers.LlamaForCausalLM(config).eval(), {1: CFG})  # layer 0 stays dense
+    hf.save_pretrained(model, tmp_path / "m")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Return the sum of a and b. " * 8)
+    assert main(["report", str(doc), "-o", str(tmp_path / "r.html"), "--model", str(tmp_path / "m")]) == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "layers.1.routing" in page and "layers.0.routing" not in page
