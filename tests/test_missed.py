@@ -161,6 +161,8 @@ def test_evidence_by_string_and_a_panel_that_wraps(two_layer_trace):
     assert (dbg.evidence[1].start, dbg.evidence[1].end, dbg.evidence[1].label) == (59, 61, "third hij")
     html = dbg.panels_html()[0]
     assert "nowrap" not in html and "white-space:normal" in html
+    ev = dbg.evidence[dbg.cases[dbg.case][0]]  # the text pane marks the evidence and the query
+    assert html.count("<i class=e>") == ev.end - ev.start + 1 and html.count("<i class=q>") == 1
     x = dbg.explain()
     if x["reached"] == 0:
         assert html.count("<tr>") >= len(x["covering"]) + len(x["chosen"])

@@ -37,6 +37,14 @@ def test_report_cli(tmp_path, capsys):
     assert "1,024 tokens" in out.read_text(encoding="utf-8")
     assert main(["report", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "x.html")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Alpha beta. " * 40 + "The code word is heron.\n" + "Gamma delta. " * 40 + "The code word is ")
+    marked = tmp_path / "marked.html"
+    assert main(["report", str(doc), "--evidence", "heron", "--backend", "torch", "-o", str(marked)]) == 0
+    page = marked.read_text(encoding="utf-8")
+    assert "<h2>Evidence" in page and "<code>heron</code>" in page and "superlinear-lab/tiny" in page
+    assert main(["report", str(doc), "--evidence", "osprey", "-o", str(tmp_path / "y.html")]) == 2
+    assert "osprey" in capsys.readouterr().err
 
 
 def test_exported_trace_uids_are_css_safe(model):

@@ -192,6 +192,7 @@ class MissedSpanDebugger(View):
         self._read: dict[tuple, dict] = {}
         self._tried: dict[tuple, dict] = {}
         self._prefix_cache: dict[int, object] = {}
+        self._document = None  # the document pane's text model, built on first use
         missed = np.argwhere(self._grid == 0)
         if len(missed):  # start on the first miss: that is what the user came for
             c, r, h = missed[0]
@@ -599,8 +600,26 @@ class MissedSpanDebugger(View):
                             rows) if rows else "<i>no span chosen (window only)</i>")
         if self.model is not None and self.answer_ids is not None:
             parts.append(self._read_html())
+        parts.append(self._document_html(x))
         return ["<div class='sl-explain' style='white-space:normal;overflow-wrap:anywhere;max-width:100%'>"
                 + "".join(parts) + "</div>"]
+
+    def _document_html(self, x: dict) -> str:
+        """The text around the query, the evidence and the selected head's chosen spans, highlighted (the document
+        pane's rendering, as static HTML with its style, so it also shows in exports and reports)."""
+        if not self.trace.tokens:
+            return ""
+        from .document import _CSS, Document
+
+        if self._document is None:
+            self._document = Document(self.trace.tokens)
+        rec = self.trace.layer(x["layer"])
+        lo, hi = (int(v) for v in rec.window[self.trace.query_index(x["query"])])
+        ev = x["evidence"]
+        body = self._document.render(query=x["query"], window=(lo, hi) if lo >= 0 else None,
+                                     spans=[(c["qstart"], c["qend"]) for c in x["chosen"]],
+                                     evidence=[(ev.start, ev.end)], context=60, max_tokens=600)
+        return f"<style>{_CSS}</style><p><b>The text</b></p><div class='sl-document'>{body}</div>"
 
     def _read_html(self) -> str:
         r = self.read()
