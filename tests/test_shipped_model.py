@@ -33,7 +33,9 @@ def test_default_load_is_the_shipped_model(model):
     assert model.source["weights_sha256"] == io.sha256_file(MODEL_DIR / "model.safetensors")
     assert model.model_id == "superlinear-lab/tiny"
     assert describe_model(model) == f"superlinear-lab/tiny (shipped, weights sha256 {model.source['weights_sha256'][:12]})"
-    assert (MODEL_DIR / "MODEL_CARD.md").is_file()
+    card = (MODEL_DIR / "MODEL_CARD.md").read_text()
+    for name, digest in model.source["files"].items():  # the card names exactly the weights that ship
+        assert f"`{name}` {digest}" in card, f"MODEL_CARD.md does not list {name}'s sha256 {digest}"
     shipped = json.loads((MODEL_DIR / "config.json").read_text())
     assert model.cfg.to_dict() == shipped
     assert model.dtype == torch.float32 and model.device.type == "cpu"
