@@ -70,15 +70,6 @@ def _run_capturing(model, input_ids: torch.Tensor, layers: list[int]) -> dict:
     return {i: (states[i].span_config, *got[i]) for i in layers}
 
 
-def _layer_index(layer) -> int:
-    if isinstance(layer, str):
-        parts = layer.split(".")
-        if len(parts) >= 2 and parts[0] == "layers" and parts[1].isdigit():
-            return int(parts[1])
-        raise ValueError(f"layer {layer!r}: expected an index or a name like 'layers.3.routing'")
-    return int(layer)
-
-
 def attention_pattern(model, input_ids: torch.Tensor, layer, queries=None) -> torch.Tensor:
     """fp32 [H_Q, L_Q, L]: the attention weights of converted `layer` (index or ``"layers.<i>.routing"``) for the
     `queries` positions (None: all, giving the square [H, L, L] that CircuitsVis' `attention_patterns` takes).
@@ -88,7 +79,9 @@ def attention_pattern(model, input_ids: torch.Tensor, layer, queries=None) -> to
     hf_model = getattr(model, "hf", model)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids: expected an int tensor [1, L], got {tuple(getattr(input_ids, 'shape', ()))}")
-    index = _layer_index(layer)
+    from ..intervene import _layer_index  # the one parser of "layers.<i>[.routing]" names for model layers
+
+    index = _layer_index(hf_model, layer)
     cfg, positions, routing, q2, k = _run_capturing(hf_model, input_ids, [index])[index]
     rows = torch.arange(positions.numel(), device=positions.device)
     if queries is not None:
