@@ -4,8 +4,9 @@
 
 * admission — at most ``max_concurrency`` engine requests in flight (queued or running), else 429; a slot is freed
   when its work ends, not when its client leaves, so disconnects cannot pile up work;
-* disconnects — a client that goes away cancels its generation (checked between tokens and prefill slices) and the
-  session rolls back (status 499 in the log: nobody is left to read it).
+* disconnects — a client that goes away cancels its generation (the engine checks between tokens and prefill
+  slices) and the session rolls back (status 499 in the log: nobody is left to read it). The disconnect is awaited,
+  not polled.
 """
 from __future__ import annotations
 
@@ -216,29 +217,38 @@ def _result(gen: Generation) -> GenerationResult:
         raise err from None
 
 
+async def _client_gone(request: Request) -> None:
+    """Return when the client disconnects (the body was already read, so the next ASGI message is the
+    disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def generate(request: Request, engine: ChatEngine, admission: Admission, req: GenerationRequest,
-                   fmt: Format, stream: bool, stream_options: dict, poll_s: float):
+                   fmt: Format, stream: bool, stream_options: dict):
     """Answer one generation request: JSON, or SSE when `stream`; 499 (empty) if the client leaves first."""
     admission.enter()
     events: asyncio.Queue = asyncio.Queue()
     gen = engine.start(req, (lambda batch: [events.put_nowait(e) for e in batch]) if stream else None)
     gen.future.add_done_callback(lambda _: (admission.leave(), events.put_nowait(("end", None))))
-    # wait for the first event (or the end), watching the client
-    while True:
-        try:
-            first = await asyncio.wait_for(events.get(), timeout=poll_s) if stream else \
-                await asyncio.wait_for(asyncio.shield(gen.future), timeout=poll_s)
-            break
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                gen.cancel()
-                await asyncio.wait({gen.future})
-                return Response(status_code=STATUS_CLIENT_CLOSED)
+    gone = asyncio.ensure_future(_client_gone(request))
+    first = asyncio.ensure_future(events.get()) if stream else gen.future
+    try:
+        await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()  # SSEResponse listens for the disconnect itself from here on
+    if not first.done():  # the client left while the request waited or prefilled
+        gen.cancel()
+        await asyncio.wait({gen.future})
+        if stream:
+            first.cancel()
+        return Response(status_code=STATUS_CLIENT_CLOSED)
     if not stream:
         return fmt.full(_result(gen))
-    if first[0] == "end":
+    event = first.result()
+    if event[0] == "end":
         _result(gen)  # raises the request's error as a normal HTTP error
-    return SSEResponse(_sse(events, gen, fmt, stream_options, first))
+    return SSEResponse(_sse(events, gen, fmt, stream_options, event))
 
 
 async def _sse(events: asyncio.Queue, gen: Generation, fmt: Format, opts: dict, first):

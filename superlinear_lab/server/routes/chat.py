@@ -34,4 +34,4 @@ async def chat_completions(body: ChatCompletionBody, request: Request):
     req = GenerationRequest(messages, min(wanted, settings.max_completion_tokens), body.temperature, body.top_p,
                             stop, body.seed, session, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
     fmt = ChatFormat(settings.served_model, req, engine.tokenizer)
-    return await generate(request, engine, st.admission, req, fmt, body.stream, opts, settings.disconnect_poll_s)
+    return await generate(request, engine, st.admission, req, fmt, body.stream, opts)

@@ -20,7 +20,6 @@ class ServerSettings:
     max_completion_tokens: int = 1024  # cap on max_tokens / max_completion_tokens
     max_request_bytes: int = 8 << 20  # cap on a request body
     max_stop: int = 16  # stop strings per request
-    disconnect_poll_s: float = 0.1  # how often a waiting request checks its client
 
 
 @dataclass

@@ -48,4 +48,4 @@ async def completions(body: CompletionBody, request: Request):
                             body.top_p, stop, body.seed, None, prompt_ids=ids, logprobs=body.logprobs is not None,
                             top_logprobs=body.logprobs or 0)
     fmt = CompletionFormat(settings.served_model, req, tok)
-    return await generate(request, engine, st.admission, req, fmt, body.stream, opts, settings.disconnect_poll_s)
+    return await generate(request, engine, st.admission, req, fmt, body.stream, opts)
