@@ -74,6 +74,8 @@ class TrainConfig:
     seed: int = 0  # data seed (batches are a function of (seed, step))
     probe_every: int = 100  # steps between probe evaluations (routing recall / accuracy on eval seeds)
     probe_rows: int = 8  # held-out NIAH rows per probe
+    corpus: str | None = None  # filler text: a folder built by `python -m superlinear_lab.corpus` (None: Python docs)
+    init_from: str | None = None  # start from these weights (a shipped model name or a model folder), not at random
 
     @property
     def total_steps(self) -> int:
@@ -258,10 +260,13 @@ def train(cfg: TrainConfig, ckpt: str | Path, device: str = "cpu", backend: str 
 
     ckpt = Path(ckpt)
     t_start = time.time()
+    D.use_corpus(cfg.corpus)
     model = HybridLM(ModelConfig.from_dict(cfg.model), backend=backend).to(device)
     model.train()
     opt = make_optimizer(model, cfg)
     state = {"step": 0, "tokens": 0, "answer_tokens": 0, "elapsed_s": 0.0, "slices": []}
+    if cfg.init_from and not (ckpt / "state.json").is_file():
+        _init_weights(model, cfg.init_from)
     if (ckpt / "state.json").is_file():
         state = load_checkpoint(ckpt, model, opt)
         saved = state.pop("config")
@@ -316,6 +321,18 @@ def train(cfg: TrainConfig, ckpt: str | Path, device: str = "cpu", backend: str 
         log_f.close()
     _save(ckpt, model, opt, cfg, state, t_slice, slice_info)
     return state
+
+
+def _init_weights(model: HybridLM, spec: str) -> None:
+    """Copy the weights of model `spec` (shipped name or model folder, via `loaders.open_model`) into `model`; the
+    architecture must match (the span geometry may differ: it has no weights)."""
+    from .loaders import open_model
+
+    source = open_model(spec)
+    if source.cfg.to_dict() | {"span": None} != model.cfg.to_dict() | {"span": None}:
+        raise ValueError(f"init_from={spec!r}: its architecture differs from the TrainConfig's model")
+    model.load_state_dict({k: v.to(torch.float32) for k, v in source.state_dict().items()})
+    log.info("initialised from %s", spec)
 
 
 def _save(ckpt, model, opt, cfg, state, t_slice, slice_info) -> None:
