@@ -192,3 +192,22 @@ def test_roff_and_prose_filters():
     assert strip_roff(page) == "NAME\nls - list directory contents\n--all\ndo not ignore entries starting with ."
     assert not is_english_prose("x = [1, 2, 3]; y = {a: b} " * 30)
     assert is_english_prose("This is the text of the manual, and it is written for the users of the tool. " * 5)
+
+
+# --------------------------------------------------------------------------- training on facts
+def test_train_starts_from_given_weights_and_refuses_another_architecture(tmp_path, model):
+    import dataclasses
+    import torch
+
+    from superlinear_lab import train as T
+
+    cfg = T.TrainConfig(model=model.cfg.to_dict(), stages=[[256, 1, 1]], task_mix={"fact_word": 1.0},
+                        probe_every=0, init_from="tiny", lr=0.0, weight_decay=0.0)
+    T.train(cfg, tmp_path / "ck", backend="torch", progress=False)
+    trained = T.load_file(str(tmp_path / "ck" / "model.safetensors"))
+    reference = model.state_dict()
+    assert set(trained) == set(reference)
+    assert all(torch.equal(trained[k], reference[k].float()) for k in reference)  # lr 0: still the given weights
+    wider = dataclasses.replace(cfg, model={**cfg.model, "d_ff": cfg.model["d_ff"] + 8})
+    with pytest.raises(ValueError, match="init_from='tiny'"):
+        T.train(wider, tmp_path / "ck2", backend="torch", progress=False)
