@@ -207,6 +207,20 @@ def test_save_with_a_huge_title_is_refused_and_writes_nothing(http, server):
     assert ok(http.post(f"/v1/sessions/{sid}/save", json={"title": "fine"}), 201)["title"] == "fine"
 
 
+def test_snapshot_listing_reports_bad_entries_and_still_works(http, server):
+    """A broken manifest does not break GET /v1/snapshots: the entry is skipped and named in `problems`."""
+    sid = ok(http.post("/v1/sessions", json={}), 201)["session_id"]
+    ok(http.post("/v1/chat/completions", json={"model": MODEL, "session_id": sid, "messages": user("hi"),
+                                               "max_tokens": 2}))
+    snap = ok(http.post(f"/v1/sessions/{sid}/save", json={"title": "to break"}), 201)["id"]
+    (manifest,) = server.snapshot_dir.rglob(f"{snap}/manifest.json")
+    manifest.write_text('{"created_at": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    listing = ok(http.get("/v1/snapshots"))
+    assert snap not in [s["id"] for s in listing["data"]]
+    assert any(snap in p["path"] for p in listing["problems"]), listing["problems"]
+    assert http.get(f"/v1/snapshots/{snap}").status_code == 422
+
+
 def test_loading_respects_the_max_seq_len_limit(http, server, reference):
     """Issue 18 #4: a snapshot larger than --max-seq-len-limit loaded anyway."""
     from superlinear_lab.engine import Session, SnapshotStore

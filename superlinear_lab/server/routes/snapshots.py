@@ -39,8 +39,20 @@ async def _store(fn, *args):
 
 @router.get("")
 async def list_snapshots(request: Request):
+    """The model's snapshots, oldest first; `problems` names the store entries that were skipped and why (paths
+    relative to the store root)."""
     engine = state(request).engine
-    return {"object": "list", "data": [snapshot_json(i) for i in await _store(engine.store.list, engine.model)]}
+    infos, problems = await _store(engine.store.scan, engine.model)
+    root = engine.store.root
+    return {"object": "list", "data": [snapshot_json(i) for i in infos],
+            "problems": [{"path": _relative(p.path, root), "message": p.message} for p in problems]}
+
+
+def _relative(path, root) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 @router.get("/{snapshot_id}")
