@@ -150,7 +150,8 @@ class LayerOverride:
 
 
 def _model_of(target):
-    model = getattr(target, "model", target)  # a Session holds its model
+    # A Session holds its model; a model (ours, or a converted transformers model) is used as it is.
+    model = target if hasattr(target, "routing_layers") else getattr(target, "model", target)
     if not hasattr(model, "routing_layers"):
         raise TypeError(f"model: expected a HybridLM or a Session, got {type(target).__name__}")
     return model
