@@ -115,3 +115,35 @@ def test_module_cli(tmp_path, stream, capsys):
     assert "--span" in capsys.readouterr().err
     with pytest.raises(ValueError, match="seq_len"):
         rf.RetrofitSettings(seq_len=0)
+
+
+def test_train_attention_too_against_a_frozen_teacher(tmp_path, stream, monkeypatch):
+    """train="attention": the converted layer's own projections train too, MLPs and dense layers do not, and the
+    teacher is the original dense model (the first step's KL equals a Q1-only run's on the same batch)."""
+    settings = dict(SETTINGS, steps=2, save_every=1)
+    q1_only = rf.retrofit(dense_model(seed=5), {1: CFG}, stream, None, settings=rf.RetrofitSettings(**settings),
+                          progress=False)
+    model = dense_model(seed=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    teachers = []
+    real_dense = rf.dense
+    monkeypatch.setattr(rf, "dense", lambda m: teachers.append(m) or real_dense(m))
+    result = rf.retrofit(model, {1: CFG}, stream, tmp_path / "run",
+                         settings=rf.RetrofitSettings(**settings, train="attention"), progress=False)
+    assert len(teachers) == 2 and all(t is not model for t in teachers)  # never the moving student
+    for name, p in teachers[0].named_parameters():  # the copy still holds the pretrained weights
+        if ".search." not in name:
+            torch.testing.assert_close(p, before[name.replace("q_proj.base.", "q_proj.")], rtol=0, atol=0)
+    assert result.history[0]["kl"] == pytest.approx(q1_only.history[0]["kl"], rel=1e-6)
+    after = model.state_dict()
+    renamed = {k: k.replace("q_proj.", "q_proj.base.") if k.replace("q_proj.", "q_proj.base.") in after else k
+               for k in before}  # only layer 1 has the search projection wrapper
+    moved = {k for k, v in before.items() if not torch.equal(after[renamed[k]], v)}
+    assert moved and all(k.startswith("model.layers.1.self_attn.") for k in moved)
+    assert "model.layers.1.self_attn.k_proj.weight" in moved
+    loaded = hf.from_pretrained(tmp_path / "run" / "model")  # trained projections live in model.safetensors
+    ids = stream[:50][None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="train="):
+        rf.RetrofitSettings(train="everything")

@@ -1,9 +1,11 @@
 """Retrofit: turn a dense transformers causal LM into its superlinear version by a short distillation.
 
 The student is the model converted with ``search_query="proj"``: each converted layer gets a Q1 projection
-initialised from its ``q_proj`` (so step 0 is the training-free conversion). Only Q1 is trained; the teacher is the
-same model with every layer dense (`dense(model)`), so no second copy is held. Losses: ``kl`` (teacher ‖ student
-next-token distributions), ``mse`` (per converted layer, attention output of student vs teacher) or ``kl+mse``.
+initialised from its ``q_proj`` (so step 0 is the training-free conversion). ``train="q1"`` (default) trains only
+Q1 and the teacher is the same model with every layer dense (`dense(model)`), so no second copy is held;
+``train="attention"`` also trains every parameter of the converted attention layers (their q/k/v/o projections),
+against a frozen dense copy made at the start. Losses: ``kl`` (teacher ‖ student next-token distributions), ``mse``
+(per converted layer, attention output of student vs teacher) or ``kl+mse``.
 
 Resumable: every ``save_every`` steps ``<out>/state.json`` (step, settings, history) and ``<out>/trainable.safetensors``
 / ``<out>/optimizer.safetensors`` are written atomically; a rerun with the same ``out`` continues from there (the
@@ -38,6 +40,7 @@ from .attention import SearchQueryProjection, convert, converted_layers, dense, 
 
 log = logging.getLogger(__name__)
 LOSSES = ("kl", "mse", "kl+mse")
+TRAIN = ("q1", "attention")
 STATE_VERSION = 1
 SEARCH_FILE = "superlinear_search.safetensors"
 
@@ -55,12 +58,15 @@ class RetrofitSettings:
     seed: int = 0
     save_every: int = 50
     warmup: int = 10
+    train: str = "q1"  # "q1" or "attention" (Q1 and the converted layers' own projections)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "save_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r}: expected an int >= 1")
+        if self.train not in TRAIN:
+            raise ValueError(f"train={self.train!r}: expected one of {TRAIN}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r}: expected one of {LOSSES}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
@@ -107,13 +113,20 @@ def heldout_loss(model, ids: torch.Tensor, seq_len: int, batch_size: int = 8, ma
 
 
 # --------------------------------------------------------------------------- checkpoints
-def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
-    """The Q1 projections of the converted layers, by their module path."""
+def trainable_parameters(model, train: str = "q1") -> dict[str, torch.nn.Parameter]:
+    """The parameters `retrofit` trains, by name: the Q1 projections of the converted layers ("q1"), plus every other
+    parameter of those attention modules ("attention")."""
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, SearchQueryProjection):
             for pname, p in mod.search.named_parameters():
                 out[f"{name}.search.{pname}"] = p
+    if train == "attention":
+        names = {id(mod): name for name, mod in model.named_modules()}
+        for _, mod in attention_modules(model):
+            if getattr(mod, "superlinear", None):
+                for pname, p in mod.named_parameters():
+                    out.setdefault(f"{names[id(mod)]}.{pname}", p)
     return out
 
 
@@ -209,7 +222,12 @@ def retrofit(model, cfg, ids: torch.Tensor, out=None, *, layers=None, settings: 
     if not converted_layers(model) or any(s.search_query != "proj" for _, s in converted_layers(model)):
         convert(model, cfg, layers=layers, search_query="proj", allow_gaps=allow_gaps)
     states = converted_layers(model)
-    params = trainable_parameters(model)
+    params = trainable_parameters(model, settings.train)
+    teacher = model
+    if settings.train != "q1":  # the student's own weights move: the teacher is a frozen dense copy
+        import copy
+
+        teacher = copy.deepcopy(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params.values():
@@ -226,6 +244,9 @@ def retrofit(model, cfg, ids: torch.Tensor, out=None, *, layers=None, settings: 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # no dropout: the teacher and the student must be deterministic
+    teacher.eval()
+    for p in teacher.parameters() if teacher is not model else ():
+        p.requires_grad_(False)
     sched = lambda s: min(1.0, (s + 1) / settings.warmup) * 0.5 * (1 + math.cos(math.pi * s / settings.steps))
     bar = tqdm(total=settings.steps, initial=step, desc="retrofit", unit="step", disable=not progress)
     began = time.perf_counter()
@@ -239,10 +260,10 @@ def retrofit(model, cfg, ids: torch.Tensor, out=None, *, layers=None, settings: 
             gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
             batch = token_windows(ids, settings.batch_size, settings.seq_len, gen).to(device)
             teacher_out, student_out = [], []
-            with torch.no_grad(), dense(model):
-                hooks = _layer_outputs(model, teacher_out) if "mse" in settings.loss else []
+            with torch.no_grad(), dense(teacher):
+                hooks = _layer_outputs(teacher, teacher_out) if "mse" in settings.loss else []
                 try:
-                    t_logits = model(input_ids=batch).logits.float()
+                    t_logits = teacher(input_ids=batch).logits.float()
                 finally:
                     for h in hooks:
                         h.remove()
@@ -292,7 +313,7 @@ def save_pretrained(model, path) -> Path:
     finally:
         for mod, wrap in wrapped:
             mod.q_proj = wrap
-    search = {k: v for k, v in trainable_parameters(model).items()}
+    search = trainable_parameters(model)  # the Q1 projections (other trained weights are in model.safetensors)
     if search:
         _atomic_save(search, path / SEARCH_FILE, metadata={"format": "superlinear-lab.search-query"})
     return path
@@ -358,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--loss", choices=LOSSES, default="kl")
+    p.add_argument("--train", choices=TRAIN, default="q1",
+                   help="what trains: the search query Q1 only (default) or also the converted layers' projections")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT holds a run")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     return p
@@ -388,7 +411,7 @@ def main(argv=None) -> int:
     try:
         cfg = span_config_arg(args.span)
         settings = RetrofitSettings(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                                    loss=args.loss, seed=args.seed, save_every=args.save_every)
+                                    loss=args.loss, seed=args.seed, save_every=args.save_every, train=args.train)
         layers = None if args.layers is None else [int(x) for x in args.layers.split(",") if x.strip()]
     except ValueError as exc:
         print(f"superlinear-lab retrofit: error: {exc}", file=sys.stderr)
