@@ -306,6 +306,29 @@ def test_concurrent_requests_share_batched_decode_steps(server, http):
     assert after["batched_steps"] > before["batched_steps"] and steps < tokens
 
 
+def test_concurrent_turns_on_one_session_run_one_after_another(server, http):
+    """Work on one session keeps its order while other sessions' work interleaves: four concurrent turns on one
+    session all succeed and the transcript holds them one after another, consistent with the cache."""
+    sid = ok(http.post("/v1/sessions", json={"max_seq_len": 1024}), 201)["session_id"]
+
+    def turn(i):
+        with httpx.Client(base_url=server.url, timeout=120) as h:
+            return ok(h.post("/v1/chat/completions", json={"model": MODEL, "session_id": sid, "max_tokens": 6,
+                                                           "stream": False, "messages": user(f"turn {i}")}))
+
+    with ThreadPoolExecutor(4) as pool:
+        replies = {f"turn {i}": r["choices"][0]["message"]["content"] for i, r in enumerate(pool.map(turn, range(4)))}
+    hist = ok(http.get(f"/v1/sessions/{sid}/history"))
+    messages = [(m["role"], m["content"]) for m in hist["messages"]]
+    assert [r for r, _ in messages] == ["user", "assistant"] * 4
+    assert sorted(c for r, c in messages if r == "user") == sorted(replies)
+    for (_, question), (_, answer) in zip(messages[::2], messages[1::2]):
+        assert answer == replies[question]
+    assert hist["current_pos"] == sum(m["tokens"] for m in hist["messages"])
+    ok(http.post("/v1/chat/completions", json={"model": MODEL, "session_id": sid, "messages": user("after"),
+                                               "max_tokens": 2}))
+
+
 # ---------------------------------------------------------------------- socket
 def test_listening_socket_gets_tcp_nodelay_on_accepted_connections():
     """Issue 18 #6: `serve()` created its socket with protocol 0, so asyncio never set TCP_NODELAY and every
