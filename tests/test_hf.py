@@ -372,3 +372,8 @@ def test_intervene_on_an_hf_model():
     assert (changed[0, 59] - before[0, 59]).abs().max() > 1e-6
     torch.testing.assert_close(changed[0, :59], before[0, :59], rtol=0, atol=1e-6)  # other queries untouched
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+    raw = model.hf  # the converted transformers model itself is a routing model too
+    with torch.no_grad(), intervene(raw, ablate={("layers.1", 2): [0, 1]}, queries=[59]):
+        with raw.trace() as tr_raw:
+            raw(input_ids=ids)
+    assert (tr_raw.layer(1).qanchor[2, 59] == -1).all()
