@@ -34,6 +34,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from superlinear_lab.engine import Session, SnapshotError, SnapshotStore
+from superlinear_lab.engine import snapshot as snapshot_module
 from superlinear_lab.ids import is_valid_id
 
 SEED = 20261130
@@ -743,7 +744,7 @@ def check_after_kill(bench: Bench, model, op: str, new_ids) -> list[str]:
     return bad
 
 
-def test_kill_9_at_every_step_of_save_update_delete(pristine, model, tmp_path):
+def test_kill_9_at_every_step_of_save_update_delete_heal(pristine, model, tmp_path):
     bench = Bench(pristine, tmp_path)
     session = small_session(model, "B")  # saved again by `save`: same tokens as B
     new_ids = session.ids
@@ -751,17 +752,29 @@ def test_kill_9_at_every_step_of_save_update_delete(pristine, model, tmp_path):
         "save": lambda store: store.save(session, title="new"),
         "update": lambda store: store.update(bench.sids["B"], title="renamed", tags=["t"]),
         "delete": lambda store: store.delete(bench.sids["C"]),
+        "heal": lambda store: store.heal(),  # removing what killed operations left
     }
+
+    def prepare(name):
+        bench.reset()
+        if name != "heal":
+            return SnapshotStore(bench.root)
+        for d in (".tmp-dead-save", ".trash-dead-delete"):
+            (bench.fp_dir / d).mkdir()
+            for f in ("manifest.json", "cache.safetensors", "transcript.json"):
+                (bench.fp_dir / d / f).write_bytes(b"x" * 1000)
+        (bench.fp_dir / ".tmp-manifest-dead-update").write_bytes(b"{}")
+        store = SnapshotStore(bench.root, stale_after=1e9)  # opening heals nothing ...
+        store.stale_after = 0  # ... the operation under test does
+        return store
     failures, kills = [], 0
     for name, op in ops.items():
-        bench.reset()
-        store = SnapshotStore(bench.root)
+        store = prepare(name)
         total = _count_calls(lambda: op(store))
         assert total > 5, (name, total)
         points = range(1, total + 1)  # every step
         for k in points:
-            bench.reset()
-            store = SnapshotStore(bench.root)
+            store = prepare(name)
             status = _wait(_in_child(lambda: op(store), kill_at=k))
             FIGURES["kill-9"][f"{name}:killed" if os.WIFSIGNALED(status) else f"{name}:completed"] += 1
             kills += os.WIFSIGNALED(status)
@@ -791,3 +804,78 @@ def test_kill_9_at_every_step_of_save_update_delete(pristine, model, tmp_path):
     write_figures()
     assert kills >= 100, kills
     assert not failures, f"{len(failures)} kills broke an invariant:\n" + "\n".join(failures[:20])
+
+
+def test_cleanup_never_removes_work_in_progress(pristine, model, tmp_path):
+    """A child saves, updates and deletes without pause while this process heals with stale_after=0 (any unlocked
+    temporary is removed at once) and lists: no operation of the child may fail, and the store stays consistent."""
+    bench = Bench(pristine, tmp_path)
+    bench.reset()
+    session = small_session(model, "B")
+    done = tmp_path / "ops"
+
+    def cycle():
+        store = SnapshotStore(bench.root, stale_after=0)
+        n = 0
+        while not done.exists() or n == 0:
+            sid = store.save(session, title="concurrent")
+            store.update(sid, title="concurrent renamed")
+            store.delete(sid)
+            n += 1
+        (tmp_path / "ops-count").write_text(str(n))
+    pid = os.fork()
+    if pid == 0:
+        try:
+            cycle()
+        except BaseException:
+            os._exit(3)
+        os._exit(0)
+    heals = 0
+    end = time.time() + 1.5
+    try:
+        while time.time() < end:
+            store = SnapshotStore(bench.root, stale_after=0)
+            store.list()
+            heals += 1
+    finally:
+        done.write_text("stop")
+    status = _wait(pid)
+    FIGURES["concurrent"].update({"heals": heals, "child_cycles": int((tmp_path / "ops-count").read_text())
+                                  if (tmp_path / "ops-count").exists() else 0})
+    write_figures()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"a save/update/delete failed while healing: {status}"
+    assert heals > 10 and FIGURES["concurrent"]["child_cycles"] > 3
+    assert check_after_kill(bench, model, "cycle", session.ids) == []
+
+
+def test_cleanup_waits_for_a_writer_stalled_before_its_lock(pristine, model, tmp_path):
+    """The gap between creating a temporary and locking it: a writer that stalls there (here 0.5 s) must not lose
+    its temporary to a cleanup with stale_after=0 (the store-wide creation lock closes the gap)."""
+    bench = Bench(pristine, tmp_path)
+    bench.reset()
+    session = small_session(model, "B")
+    stalled = tmp_path / "stalled"
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            real = snapshot_module._lock
+
+            def slow_lock(path, blocking=True):
+                if blocking and path.name.startswith(".tmp-"):
+                    stalled.write_text("1")
+                    time.sleep(0.5)
+                return real(path, blocking)
+            snapshot_module._lock = slow_lock
+            SnapshotStore(bench.root).save(session, title="stalled")
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.time() + 10
+    while not stalled.exists() and time.time() < deadline:
+        time.sleep(0.005)
+    assert stalled.exists()
+    SnapshotStore(bench.root, stale_after=0).heal()  # during the stall
+    status = _wait(pid)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "the stalled save lost its temporary"
+    assert "stalled" in [i.title for i in SnapshotStore(bench.root).list()]

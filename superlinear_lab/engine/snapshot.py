@@ -12,10 +12,11 @@ Layout: ``<root>/<model_key>/<fingerprint>/<snapshot_id>/`` holding
 One manifest reader and one writer (`decode_manifest` / `encode_manifest`) apply the same checks and the same
 size limit both ways, so `save` and `update` refuse (before writing anything) what a later read would refuse.
 
-Writes go to ``.tmp-<id>-<uuid>/`` (held under an exclusive `flock` while written), are fsynced, then renamed
-into place; snapshots are never overwritten and a metadata update rewrites only the manifest, atomically. A delete
-renames the snapshot to ``.trash-…`` (also locked) before removing it. Temporaries left by a killed process (no
-lock held, older than `stale_after` seconds) are removed when the store is opened and on every listing.
+Writes go to ``.tmp-<id>-<uuid>/`` (held under an exclusive `flock` while written; created under a shared
+store-wide lock, ``<root>/.lock``, so the cleanup never sees it unlocked), are fsynced, then renamed into place;
+snapshots are never overwritten and a metadata update rewrites only the manifest, atomically. A delete renames
+the snapshot to ``.trash-…`` (also locked) before removing it. Temporaries left by a killed process (no lock
+held, older than `stale_after` seconds) are removed when the store is opened and on every listing.
 
 Loads run, in order: id and manifest validation, the caller's `max_len_limit`, exact file set, bounded sizes and
 sha256, fingerprint, safetensors header (names, dtypes, shapes against the manifest and the model), then
@@ -25,6 +26,7 @@ Symbolic links inside the store (folders or files) are never followed. Nothing i
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -62,6 +64,7 @@ DEFAULT_MAX_LEN_LIMIT = 1 << 22  # largest allocation `load` makes unless the ca
 MAX_UNIX_TIME = 1 << 40  # created_at must be a finite number in [0, this]
 MAX_FILE_BYTES = 1 << 50
 TEMP_PREFIXES = (".tmp-", ".trash-")
+STORE_LOCK = ".lock"  # <root>/.lock: see SnapshotStore._creation_guard
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
 
@@ -299,7 +302,8 @@ class SnapshotStore:
     Args:
         root: the store folder (default `default_root()`); created on the first save.
         stale_after: seconds after which an unlocked temporary (left by a killed save, update or delete) is
-            removed. Temporaries of operations in progress are locked and never removed.
+            removed. Temporaries of operations in progress are locked and never removed (the age only protects
+            writers that take no locks, e.g. an older version of this code).
 
     Attributes:
         problems: `SnapshotProblem`s found by the last listing (entries it skipped), also logged as warnings.
@@ -380,6 +384,18 @@ class SnapshotStore:
             raise SnapshotError(f"{path}: not a plain directory (symbolic links are never followed in the store)")
 
     # ------------------------------------------------------------------ self-healing
+    @contextlib.contextmanager
+    def _creation_guard(self, exclusive: bool):
+        """Store-wide flock on ``<root>/.lock``. A writer holds it shared from creating its temporary until it
+        holds the temporary's own lock; `heal` holds it exclusively while it tries a temporary's lock. So heal
+        never meets a temporary whose live creator has not locked it yet (the lock rule alone is exact)."""
+        fd = os.open(self.root / STORE_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
     def heal(self) -> list[Path]:
         """Remove temporaries left by killed saves, updates and deletes: entries named ``.tmp-*`` / ``.trash-*``
         in the fingerprint folders that no process holds locked and that are older than `stale_after` seconds.
@@ -405,7 +421,8 @@ class SnapshotStore:
                 os.unlink(path)  # a link is removed, never followed
                 log.info("snapshot store: removed stale link %s", path)
                 return True
-            fd = _lock(path, blocking=False)
+            with self._creation_guard(exclusive=True):
+                fd = _lock(path, blocking=False)
             if fd is None:
                 return False  # an operation in progress holds it
             try:
@@ -447,17 +464,20 @@ class SnapshotStore:
         }
         blobs["manifest.json"] = encode_manifest(manifest, sid)  # refuses before anything is written
         parent = self.root / model_key(model.model_id) / fingerprint
+        tmp = parent / f".tmp-{sid}-{uuid.uuid4().hex}"
+        fd = None
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self._plain_parent(parent.parent)
             self._plain_parent(parent)
-            tmp = parent / f".tmp-{sid}-{uuid.uuid4().hex}"
-            tmp.mkdir()
+            with self._creation_guard(exclusive=False):
+                tmp.mkdir()
+                fd = _lock(tmp)
         except OSError as e:
-            raise SnapshotError(f"snapshot store {self.root}: cannot create {parent} ({e})") from None
-        fd = None
+            if fd is None and os.path.isdir(tmp) and not os.path.islink(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise SnapshotError(f"snapshot store {self.root}: cannot create {tmp} ({e})") from None
         try:
-            fd = _lock(tmp)
             for name, data in blobs.items():  # the manifest last
                 _fsync_write(tmp / name, data)
             _fsync_dir(tmp)
@@ -675,7 +695,8 @@ class SnapshotStore:
         except OSError as e:
             raise SnapshotError(f"snapshot {snapshot_id}: cannot read it ({type(e).__name__}: {e})") from None
 
-    def update(self, snapshot_id: str, title: str | None = None, tags=None, description: str | None = None) -> SnapshotInfo:
+    def update(self, snapshot_id: str, title: str | None = None, tags=None,
+               description: str | None = None) -> SnapshotInfo:
         """Edit the metadata; only the manifest is rewritten (temp file + atomic replace). The new manifest is
         checked with the same rules and size limit as reading it, before anything is written."""
         path = self._locate(snapshot_id)
@@ -695,8 +716,9 @@ class SnapshotStore:
         tmp = path.parent / f".tmp-manifest-{path.name}-{uuid.uuid4().hex}"
         fd = None
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            with self._creation_guard(exclusive=False):
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_EX)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
