@@ -645,63 +645,70 @@ class MissedSpanDebugger(View):
         return out
 
     def figures(self) -> list[go.Figure]:
+        """The reached/missed grid (every evidence × query × layer row, one column per head; the selected cell
+        boxed) and the selected head's search scores at the query: every stripe, the chosen K, the stripes that
+        would have covered a missed evidence, the evidence shaded and the K-th chosen score dotted. Built as plain
+        dicts (no per-property validation): a click redraws in a few ms."""
         n_cases, n_layers, heads = self._grid.shape
         z = self._grid.reshape(n_cases * n_layers, heads)
         ylabels = [f"{self._case_label(c)} · L{layer}" for c in range(n_cases) for layer in self.trace.layers]
-        grid = go.Figure()
-        grid.add_trace(go.Heatmap(z=z, x=list(range(heads)), y=ylabels, zmin=0, zmax=1,
-                                  colorscale=[[0, COLORS["miss"]], [1e-9, "#c7e9c0"], [1, COLORS["anchor"]]],
-                                  xgap=2, ygap=2, texttemplate="%{z:.0%}", showscale=False,
-                                  hovertemplate="%{y} · head %{x}<br>evidence attended: %{z:.0%}<extra></extra>"))
         row = self.case * n_layers + self.trace.layers.index(self.layer)
-        grid.add_trace(go.Scatter(x=[self.head], y=[ylabels[row]], mode="markers", hoverinfo="skip",
-                                  marker=dict(symbol="square-open", size=28, color="black", line=dict(width=3))))
-        grid.update_layout(**base_layout("Was the evidence attended? (red = missed; click a cell to explain it)",
-                                         height=110 + 32 * len(ylabels), showlegend=False))
-        grid.update_layout(margin=dict(l=230, r=20, t=50, b=40))
-        grid.update_xaxes(title_text="head", dtick=1)
-        grid.update_yaxes(autorange="reversed")
+        grid_layout = base_layout("Was the evidence attended? (red = missed; click a cell to explain it)",
+                                  height=110 + 32 * len(ylabels), showlegend=False)
+        grid_layout.update(margin=dict(l=230, r=20, t=50, b=40), xaxis=dict(title=dict(text="head"), dtick=1),
+                           yaxis=dict(autorange="reversed"))
+        grid = go.Figure(dict(data=[
+            dict(type="heatmap", z=z.tolist(), x=list(range(heads)), y=ylabels, zmin=0, zmax=1, xgap=2, ygap=2,
+                 colorscale=[[0, COLORS["miss"]], [1e-9, "#c7e9c0"], [1, COLORS["anchor"]]], showscale=False,
+                 texttemplate="%{z:.0%}", uid=f"missedgrid{n_cases}x{n_layers}x{heads}",
+                 hovertemplate="%{y} · head %{x}<br>evidence attended: %{z:.0%}<extra></extra>"),
+            dict(type="scatter", x=[self.head], y=[ylabels[row]], mode="markers", hoverinfo="skip",
+                 marker=dict(symbol="square-open", size=28, color="black", line=dict(width=3)))],
+            layout=grid_layout))
 
         x = self.explain()
         rec = self.trace.layer(self.layer)
         q = x["query"]
         ev = x["evidence"]
-        detail = go.Figure()
-        pq = rec.profile_queries.numpy()
-        p = int(np.searchsorted(pq, q)) if len(pq) else 0
-        if p < len(pq) and pq[p] == q:
+        p = self._profile_row(rec, q)
+        if p is not None:
             anchors = rec.stripe_anchors[p].numpy()
             values = rec.stripe_values[self.head, p].numpy()
             ok = (anchors >= 0) & np.isfinite(values)
             order = np.argsort(anchors[ok])
-            detail.add_trace(go.Scatter(x=anchors[ok][order], y=values[ok][order], mode="lines+markers",
-                                        name="score of every stripe", line=dict(color=COLORS["muted"], width=1),
-                                        marker=dict(size=4, color="#888")))
+            every = dict(type="scatter", x=anchors[ok][order].tolist(), y=values[ok][order].tolist(),
+                         mode="lines+markers", name="score of every stripe",
+                         line=dict(color=COLORS["muted"], width=1), marker=dict(size=4, color="#888"))
         else:
-            detail.add_trace(go.Scatter(x=[], y=[], name="score of every stripe (not recorded)"))
-        detail.add_trace(go.Scatter(x=[c["anchor"] for c in x["chosen"]], y=[c["score"] for c in x["chosen"]],
-                                    mode="markers+text", text=[f"#{c['rank']}" for c in x["chosen"]],
-                                    textposition="top center", name="chosen top-K",
-                                    marker=dict(size=12, color=COLORS["span"], line=dict(color="black", width=1))))
+            every = dict(type="scatter", x=[], y=[], mode="lines+markers", name="score of every stripe (not recorded)",
+                         line=dict(color=COLORS["muted"], width=1), marker=dict(size=4, color="#888"))
         scored = [c for c in x["covering"] if c["score"] is not None] if x["reached"] == 0 else []
-        detail.add_trace(go.Scatter(x=[c["anchor"] for c in scored], y=[c["score"] for c in scored],
-                                    mode="markers+text", text=[f"#{c['rank']}" for c in scored],
-                                    textposition="bottom center", name="stripes covering the evidence",
-                                    marker=dict(size=[14] + [9] * (len(scored) - 1) if scored else 9,
-                                                color=COLORS["miss"], symbol="x")))
-        detail.add_vrect(x0=ev.start - 0.5, x1=ev.end + 0.5, fillcolor=COLORS["miss"], opacity=0.18, line_width=0)
+        data = [every,
+                dict(type="scatter", x=[c["anchor"] for c in x["chosen"]], y=[c["score"] for c in x["chosen"]],
+                     mode="markers+text", text=[f"#{c['rank']}" for c in x["chosen"]], textposition="top center",
+                     name="chosen top-K",
+                     marker=dict(size=12, color=COLORS["span"], line=dict(color="black", width=1))),
+                dict(type="scatter", x=[c["anchor"] for c in scored], y=[c["score"] for c in scored],
+                     mode="markers+text", text=[f"#{c['rank']}" for c in scored], textposition="bottom center",
+                     name="stripes covering the evidence",
+                     marker=dict(size=[14] + [9] * (len(scored) - 1) if scored else 9, color=COLORS["miss"],
+                                 symbol="x"))]
+        shapes = [dict(type="rect", xref="x", yref="paper", x0=ev.start - 0.5, x1=ev.end + 0.5, y0=0, y1=1,
+                       fillcolor=COLORS["miss"], opacity=0.18, line=dict(width=0), layer="below")]
         if x["kth_score"] is not None:
-            detail.add_hline(y=x["kth_score"], line=dict(color=COLORS["span"], dash="dot", width=1))
-        detail.update_layout(**base_layout(f"Query {q:,} · layers.{self.layer}.routing · head {self.head}: "
-                                           "search scores (evidence shaded red)", height=300))
-        detail.update_xaxes(title_text="anchor position", range=[-0.03 * q - 1, 1.03 * q + 1])
-        ys = [float(v) for t in detail.data if t.y is not None for v in t.y if v is not None]
+            shapes.append(dict(type="line", xref="paper", yref="y", x0=0, x1=1, y0=x["kth_score"], y1=x["kth_score"],
+                               line=dict(color=COLORS["span"], dash="dot", width=1)))
+        layout = base_layout(f"Query {q:,} · layers.{self.layer}.routing · head {self.head}: search scores "
+                             "(evidence shaded red)", height=300)
+        yaxis = dict(title=dict(text="score"))
+        ys = [float(v) for t in data for v in t["y"]]
         if ys:  # room above the top marker for its "#1" label
             lo, hi = min(ys), max(ys)
             pad = 0.15 * max(hi - lo, 1e-6)
-            detail.update_yaxes(range=[lo - pad, hi + 2 * pad])
-        detail.update_yaxes(title_text="score")
-        return [grid, detail]
+            yaxis["range"] = [lo - pad, hi + 2 * pad]
+        layout.update(shapes=shapes, yaxis=yaxis,
+                      xaxis=dict(title=dict(text="anchor position"), range=[-0.03 * q - 1, 1.03 * q + 1]))
+        return [grid, go.Figure(dict(data=data, layout=layout))]
 
     def _wire_figures(self, widgets) -> None:
         n_layers = len(self.trace.layers)
