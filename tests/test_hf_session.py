@@ -172,3 +172,43 @@ def test_report_cli_opens_an_hf_directory(tmp_path):
     assert main(["report", str(doc), "-o", str(tmp_path / "r.html"), "--model", str(tmp_path / "m")]) == 0
     page = (tmp_path / "r.html").read_text()
     assert "layers.1.routing" in page and "layers.0.routing" not in page
+
+
+def test_server_engine_serves_an_hf_model(tmp_path):
+    """What `serve --model PATH` runs, in process: a byte-level transformers directory opened by open_model's loader
+    answers /v1/completions with the tokens a Session generates (greedy)."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from superlinear_lab.engine.snapshot import SnapshotStore
+    from superlinear_lab.hf.open import load
+    from superlinear_lab.server.app import ServerSettings, create_app
+    from superlinear_lab.server.engine import ChatEngine
+
+    torch.manual_seed(7)
+    config = transformers.LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(tmp_path / "m"))
+    model = load(tmp_path / "m")
+    app = create_app(ChatEngine(model, SnapshotStore(tmp_path / "snaps"), session_max_seq_len=256),
+                     ServerSettings(served_model=model.model_id))
+    with TestClient(app) as client:
+        reply = client.post("/v1/completions", json={"model": model.model_id, "prompt": "def add(a, b):",
+                                                      "max_tokens": 6, "temperature": 0, "logprobs": 1})
+        chat = client.post("/v1/chat/completions", json={"model": model.model_id, "max_tokens": 4,
+                                                         "messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 200 and chat.status_code == 200
+    ids = [model.tokenizer.bos_id] + model.tokenizer.encode("def add(a, b):")
+    expected, logprobs = [], []  # greedy by full forwards (no cache); a special token ends the reply, as served
+    with torch.no_grad():
+        for _ in range(6):
+            logp = torch.log_softmax(model.hf(input_ids=torch.tensor([ids + expected])).logits[0, -1].float(), -1)
+            token = int(logp.argmax())
+            if token >= 256:
+                break
+            expected.append(token)
+            logprobs.append(float(logp[token]))
+    got = reply.json()["choices"][0]
+    assert got["logprobs"]["token_logprobs"] == pytest.approx(logprobs, abs=1e-4)
+    assert reply.json()["usage"]["completion_tokens"] == len(expected)
+    assert got["text"] == model.tokenizer.decode(expected)
