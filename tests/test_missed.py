@@ -219,6 +219,13 @@ def test_read_diagnosis_and_try_it_agree_with_direct_interventions(model, word_f
     cf = dbg.counterfactual_trace()
     assert cf.length == tr.length and cf.overrides and int(cf.reach(layer, q, *_span(dbg))[1][head]) > 0
     assert int(tr.reach(layer, q, *_span(dbg))[1][head]) == 0
+    from superlinear_lab.widgets import RoutingExplorer
+
+    explorer = RoutingExplorer(tr, tr.tokens, compare=cf)  # the counterfactual in compare mode
+    assert explorer.set_layer(layer) and explorer.set_head(head) and explorer.set_query(q)
+    assert t["anchor"] in [c["anchor"] for c in explorer.chosen("B")]
+    assert t["anchor"] not in [c["anchor"] for c in explorer.chosen("A")]
+    assert explorer.figures()
 
 
 def _span(dbg):
