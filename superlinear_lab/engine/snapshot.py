@@ -538,7 +538,8 @@ class SnapshotStore:
             wanted = max_len or saved_len
             if wanted > limit:
                 raise SnapshotLimitError(f"snapshot {snapshot_id}: an allocation of {wanted} positions exceeds "
-                                    f"max_len_limit={limit} (the saved max_seq_len is {saved_len})")
+                                         f"max_len_limit={limit} (the saved max_seq_len is {saved_len}; pass a "
+                                         "larger max_len_limit to allow it)")
             blobs = self._verified_files(path, manifest, model)
         except OSError as e:  # unreadable entries, permissions, ...
             raise SnapshotError(f"snapshot {snapshot_id}: cannot read it ({type(e).__name__}: {e})") from None
