@@ -377,3 +377,27 @@ def test_intervene_on_an_hf_model():
         with raw.trace() as tr_raw:
             raw(input_ids=ids)
     assert (tr_raw.layer(1).qanchor[2, 59] == -1).all()
+
+
+def test_trace_attention_pattern_from_a_capture():
+    """`trace.attention_pattern(layer, queries)` (recorded with pattern_queries) equals `hf.attention_pattern`."""
+    model = hf.convert(build("llama", seed=13), NARROW)
+    ids = torch.randint(0, VOCAB, (1, 50))
+    with model.trace(pattern_queries=[10, 49]) as tr, torch.no_grad():
+        model(input_ids=ids[:, :30])  # two calls with the model's cache: patterns of both chunks
+        cache = transformers.DynamicCache(config=model.config)
+        model(input_ids=ids[:, :30], use_cache=True, cache=cache)
+        model(input_ids=ids[:, 30:], use_cache=True, cache=cache)
+    direct = hf.attention_pattern(model, ids, 1, queries=[10, 49])
+    got = tr.attention_pattern("layers.1.routing", [10, 49])
+    assert got.shape == (4, 2, 50)
+    torch.testing.assert_close(got, direct, rtol=0, atol=1e-6)
+    torch.testing.assert_close(tr.attention_pattern(0), hf.attention_pattern(model, ids, 0, queries=[10, 49]),
+                               rtol=0, atol=1e-6)
+    with pytest.raises(KeyError, match="no attention weights"):
+        tr.attention_pattern(1, [11])
+    with model.trace() as plain, torch.no_grad():
+        model(input_ids=ids)
+    with pytest.raises(KeyError, match="pattern_queries"):
+        plain.attention_pattern(1)
+    assert not any(s.qkv_recorders for _, s in hf.converted_layers(model))  # recorders removed

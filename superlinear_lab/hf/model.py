@@ -232,11 +232,13 @@ class HFModel(nn.Module):
     def new_cache(self, max_len: int, batch: int = 1) -> HFKVCache:
         return HFKVCache(self.cfg, len(self._kv_layers), max_len, batch, self.dtype, self.device)
 
-    def trace(self, queries=None, profile_queries=None, layers=None) -> contextlib.AbstractContextManager:
-        """``with model.trace(...) as tr:`` — `RoutingTrace.capture` on this model."""
-        from ..trace import RoutingTrace
+    def trace(self, queries=None, profile_queries=None, layers=None,
+              pattern_queries=None) -> contextlib.AbstractContextManager:
+        """``with model.trace(...) as tr:`` — `RoutingTrace.capture` on this model; `pattern_queries` also records
+        the dense attention weights of those positions (`tr.attention_pattern(layer, queries)`)."""
+        from .attention import capture
 
-        return RoutingTrace.capture(self, queries=queries, profile_queries=profile_queries, layers=layers)
+        return capture(self, self.hf, queries, profile_queries, layers, pattern_queries)
 
     def forward(self, ids: torch.Tensor, cache: HFKVCache | None = None, start: int = 0) -> torch.Tensor:
         """Logits fp32 [B, L, vocab] of `ids` [B, L] at positions start … start+L-1 (with `cache`: K/V written

@@ -108,3 +108,38 @@ def bertviz_attention(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...
         out.append(pattern_from_qkv(q2[0], k[0], routing.qstart[0], routing.qend[0], routing.gate[0], positions,
                                     cfg).cpu()[None])
     return tuple(out)
+
+
+class PatternRecorder:
+    """Collects dense attention weights of chosen query positions during a capture (a `LayerState.qkv_recorders`
+    entry per layer); `result(length)` gives ``{layer: (positions int64 [Lq], weights fp32 [H, Lq, length])}`` —
+    what `RoutingTrace.attention_pattern` reads. A position recorded twice keeps its latest recording."""
+
+    def __init__(self, queries):
+        self.queries = torch.as_tensor(list(queries) if not isinstance(queries, torch.Tensor) else queries,
+                                       dtype=torch.int64).cpu()
+        self.rows: dict[int, dict[int, torch.Tensor]] = {}
+
+    def hook(self, index: int, cfg: SpanConfig):
+        def record(positions, routing, q2, k):
+            pos = positions.detach().cpu()
+            sel = torch.isin(pos, self.queries).nonzero().squeeze(1)
+            if not sel.numel():
+                return
+            dev = sel.to(q2.device)
+            weights = pattern_from_qkv(q2[0].detach()[:, dev], k[0].detach(), routing.qstart[0][:, dev],
+                                       routing.qend[0][:, dev], routing.gate[0].detach()[:, dev], positions[dev],
+                                       cfg).cpu()
+            store = self.rows.setdefault(index, {})
+            for j, p in enumerate(pos[sel].tolist()):
+                store[p] = weights[:, j]
+        return record
+
+    def result(self, length: int) -> dict:
+        out = {}
+        for index, store in self.rows.items():
+            positions = sorted(store)
+            weights = torch.stack([torch.nn.functional.pad(store[p], (0, length - store[p].shape[-1]))
+                                   for p in positions], dim=1)
+            out[index] = (torch.tensor(positions, dtype=torch.int64), weights)
+        return out
