@@ -150,7 +150,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         scaling: the layer's softmax scale (default 1/sqrt(D)).
 
     Returns:
-        (out [B, L_Q, H_Q, D], None). Layers without a `LayerState` (dense layers) run sdpa.
+        (out [B, L_Q, H_Q, D], None). Layers without a `LayerState` (dense layers) run sdpa. Attention dropout is
+        not applied on converted layers (retrofit runs in eval mode).
     """
     state = getattr(module, "superlinear", None)
     if state is None:
