@@ -180,6 +180,7 @@ class Generation:
         self.budget = 0
         self.reply_start = None
         self.reserved = 0  # bytes of a transient session counted in the memory budget
+        self.reseed: int | None = None  # seed for the next draw
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -442,7 +443,7 @@ class ChatEngine:
                 return
             for gen, chunk, rows in zip(batched, chunks, logits):
                 for token, row in zip(chunk, rows):
-                    _record_step(gen.session, token, row)
+                    gen.session.record_step(token, row)
                 gen.pos += n
                 if gen.pos == len(gen.ids):
                     self._prefilled(gen)
@@ -469,8 +470,7 @@ class ChatEngine:
                 gen.session.add_message(role, content, n_tokens)
             gen.budget = min(gen.req.max_tokens, gen.session.max_len - 2 - gen.session.cursor)
             gen.reply_start = gen.session.checkpoint() if gen.stops else None
-            if gen.req.seed is not None and gen.req.session is not None:
-                _reseed(gen.session, gen.req.seed)
+            gen.reseed = gen.req.seed  # the turn's first draw reseeds the session's sampler
             gen.phase = "decode"
             self._emit(gen, ("start", None))
         except Exception as e:
@@ -492,7 +492,8 @@ class ChatEngine:
                     self._complete(gen, "length")
                     continue
                 logits = gen.session.logits
-                token = _sample(gen.session, logits, gen.req.temperature, gen.req.top_p)
+                token = gen.session.sample(gen.req.temperature, gen.req.top_p, seed=gen.reseed)
+                gen.reseed = None
                 if token in self._stops or token == self.tokenizer.eos_id:
                     self._complete(gen, "stop")
                     continue
@@ -509,7 +510,7 @@ class ChatEngine:
             try:
                 logits = decode_step([g.session for g, _ in batchable], [t for _, t in batchable])
                 for (gen, token), row in zip(batchable, logits):
-                    _record_step(gen.session, token, row)
+                    gen.session.record_step(token, row)
                 self.stats["batched_steps"] += 1
             except Exception:  # fall back to single steps (nothing was committed)
                 log.exception("batched decode failed; decoding the rows one by one")
@@ -869,28 +870,3 @@ def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
         values, ids = torch.topk(lp, min(top, lp.numel()))
         alternatives = [(int(i), float(v)) for i, v in zip(ids, values)]
     return TokenLogprob(token, float(lp[token]), alternatives)
-
-
-# ---------------------------------------------------------------------- Session API shims
-# TEMPORARY: requested from the engine owner as public `Session.sample` and `Session.record_step`
-# (/work/coord/requests.md); these use the public API as soon as it exists.
-def _sample(session: Session, logits: torch.Tensor, temperature: float, top_p: float) -> int:
-    if hasattr(session, "sample"):
-        return session.sample(temperature, top_p)
-    from ..engine.session import _sample as sample
-
-    return sample(logits, temperature, top_p, session._gen)
-
-
-def _reseed(session: Session, seed: int) -> None:
-    session._gen.manual_seed(seed)
-
-
-def _record_step(session: Session, token: int, logits: torch.Tensor) -> None:
-    if hasattr(session, "record_step"):
-        return session.record_step(token, logits)
-    session._begin_write()
-    session._token_ids[session._cursor] = token
-    session._cursor += 1
-    session._high = max(session._high, session._cursor)
-    session._logits = logits.clone()
