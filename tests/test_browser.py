@@ -11,15 +11,8 @@ with apt when /usr/bin/chromium is missing; the test skips, saying why, only whe
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,8 +22,6 @@ pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 
 # notebook -> the one interaction: (index of the view among the notebook's `.sl-view`s, slider label, key).
 # The slider is found by its description; the key moves it one step (the opposite key is tried if the slider
@@ -47,92 +38,27 @@ _OPPOSITE = {"ArrowLeft": "ArrowRight", "ArrowRight": "ArrowLeft"}
 PANELS_NOTEBOOK = "_panels_check.ipynb"
 
 
-def _ensure_chromium() -> str:
-    if os.path.exists(CHROMIUM):
-        return CHROMIUM
-    if shutil.which("apt-get") is None:
-        pytest.skip(f"{CHROMIUM} is missing and apt-get is not available to install Debian's chromium")
-    if os.geteuid() != 0:
-        pytest.skip(f"{CHROMIUM} is missing and installing it needs root (run: apt-get install -y chromium)")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            pytest.skip(f"could not install chromium ({' '.join(cmd)} exited {done.returncode}): "
-                        f"{done.stderr.strip()[-300:]}")
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"apt-get installed chromium but {CHROMIUM} does not exist")
-    return CHROMIUM
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _write_settings(settings_dir: Path) -> None:
-    """Lab settings for a deterministic test: render every cell (no windowing), no news or update pop-ups."""
-    files = {
-        "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
-        "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
-            "fetchNews": "false", "checkForUpdates": False},
-    }
-    for name, content in files.items():
-        path = settings_dir / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(content))
+sys.path.insert(0, str(ROOT / "tools"))
+from browser_lab import (ALL_RUN as _ALL_RUN, CHROMIUM_ARGS, KERNEL_IDLE as _KERNEL_IDLE,  # noqa: E402
+                         NOTEBOOK_JSON as _NOTEBOOK_JSON, RUN_ALL as _RUN_ALL, SAVE as _SAVE, ChromiumMissing,
+                         cell_errors, chromium, lab_server, notebook)
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """A JupyterLab server over a copy of notebooks/: yields (base url, token); always stopped afterwards."""
+    """A JupyterLab server over a copy of notebooks/ (plus the test-only notebooks): yields (base url, token)."""
     pytest.importorskip("playwright.sync_api")
-    _ensure_chromium()
+    try:
+        chromium()
+    except ChromiumMissing as exc:
+        pytest.skip(str(exc))
     work = tmp_path_factory.mktemp("lab")
     root = work / "notebooks"
     shutil.copytree(ROOT / "notebooks", root, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     (root / PANELS_NOTEBOOK).write_text(json.dumps(_PANELS_NOTEBOOK))
-    settings = work / "settings"
-    _write_settings(settings)
-    port, token = _free_port(), secrets.token_hex(16)
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(work / "config"), JUPYTER_RUNTIME_DIR=str(work / "runtime"),
-               JUPYTERLAB_SETTINGS_DIR=str(settings), JUPYTERLAB_WORKSPACES_DIR=str(work / "workspaces"))
-    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0",
-           "--LabApp.expose_app_in_browser=True", "--allow-root"]
-    log = open(work / "lab.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                log.flush()
-                raise RuntimeError(f"JupyterLab did not start: {(work / 'lab.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-        yield base, token
-    finally:
-        _stop(proc)
-        log.close()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server we started (its own process group) — politely, then for sure."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    (root / VIEWS_NOTEBOOK).write_text(json.dumps(notebook(*_VIEWS_CELLS)))
+    with lab_server(root, work) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -145,19 +71,6 @@ def browser(lab):
             yield chromium
         finally:
             chromium.close()
-
-
-_NOTEBOOK_JSON = "() => window.jupyterapp.shell.currentWidget.context.model.toJSON()"
-_RUN_ALL = "() => window.jupyterapp.commands.execute('notebook:run-all-cells')"
-_ALL_RUN = """() => {
-  const prompts = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')];
-  return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
-}"""
-_KERNEL_IDLE = """() => {
-  const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
-  const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
-  return !!k && k.status === 'idle';
-}"""
 
 
 # What the *kernel* drew: plot titles, HTML panels and the status line — not the controls, whose readouts change
@@ -210,10 +123,10 @@ def _run_notebook(page, base: str, token: str, notebook: str, stem: str):
 
 
 def _assert_no_errors(page, notebook: str) -> None:
-    nb = page.evaluate(_NOTEBOOK_JSON)
-    errors = [(i, o.get("ename"), o.get("evalue")) for i, cell in enumerate(nb["cells"])
-              for o in cell.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors, f"{notebook}: cells raised {errors}"
+    """No cell raised, and no cell wrote to stderr (e.g. jupyter_client's red "Out of range float values are
+    not JSON compliant" warning when a view sends NaN)."""
+    errors = cell_errors(page)
+    assert not errors, f"{notebook}: cells raised or wrote to stderr: {errors}"
 
 
 def _wait_changed(page, view, before: str, timeout: int = 30_000) -> None:
@@ -306,5 +219,188 @@ def test_session_and_snapshot_panels(lab, browser):
         snapshot_view.screenshot(path=str(ARTIFACTS / "panels.view1.after.png"))
         _assert_no_errors(page, PANELS_NOTEBOOK)
         assert not blocked, f"panels: the page tried to reach the network: {blocked[:5]}"
+    finally:
+        page.close()
+
+
+# --------------------------------------------------------------------------- visual defects and the static copy
+VIEWS_NOTEBOOK = "_views_check.ipynb"
+_VIEWS_CELLS = (
+    # 0: two layers that route differently, and a genuinely different trace for compare mode
+    "import numpy as np\n"
+    "from superlinear_kernels import SpanConfig\n"
+    "from superlinear_lab.widgets import CoverageMap, RoutingExplorer, StripeExplorer\n"
+    "from superlinear_lab.widgets.demo import demo_trace, reference_text, stack_layers\n"
+    "N = 1500\n"
+    "text = reference_text(N)\n"
+    "a = demo_trace(text, profile_queries=[N // 2, N - 1])\n"
+    "b = demo_trace(text, SpanConfig.default().replace(search_power=1 / 3, backward_factor=3.0), seed=1,\n"
+    "               profile_queries=[N // 2, N - 1])\n"
+    "trace, other = stack_layers([a, b]), stack_layers([b, a])",
+    # 1: compare mode at a query where B's best score lies above everything A shows (so a y-range computed
+    # from A alone would cut B's marker off)
+    "cmp = RoutingExplorer(trace, compare=other, labels=('A', 'B'))\n"
+    "def a_scores(q):\n"
+    "    cmp.set_query(q)\n"
+    "    prof = cmp.profile()\n"
+    "    return [r['score'] for r in cmp.chosen('A')] + ([] if prof is None else list(prof[1]))\n"
+    "Q_CMP = next(q for q in (N - 1, N // 2, *range(N - 2, 100, -7))\n"
+    "             if max(r['score'] for r in cmp.chosen('B') or [{'score': -1e9}]) > max(a_scores(q)) + 0.5)\n"
+    "cmp.set_query(Q_CMP)\n"
+    "cmp",
+    # 2: single trace at a profiled query (the K-th score line is drawn)
+    "single = RoutingExplorer(trace)\n"
+    "assert single.profile() is not None\n"
+    "single",
+    # 3: the stripe explorer (gap line)
+    "stripes = StripeExplorer(SpanConfig.default(), query=1000, max_query=4096)\n"
+    "stripes",
+    # 4: coverage map
+    "CoverageMap(trace)",
+)
+
+_PANE_STATE = """el => {
+  const gd = el.matches('.js-plotly-plot') ? el : el.querySelector('.js-plotly-plot');
+  const fl = gd._fullLayout;
+  const ys = gd._fullData.filter(t => t.visible !== false && (t.yaxis || 'y') === 'y' && t.type === 'scatter')
+                         .flatMap(t => Array.from(t.y || []).filter(v => v !== null && isFinite(v)));
+  return {range: fl.yaxis.range, ys, shapes: (gd.layout.shapes || []).length,
+          shapePaths: gd.querySelectorAll('.shapelayer path').length, title: fl.title.text};
+}"""
+
+
+def _pane(view, i):
+    return view.locator(".sl-pane").nth(i)
+
+
+def _wait_title_change(page, pane, before: str) -> None:
+    page.wait_for_function("([el, t]) => { const g = el.matches('.js-plotly-plot') ? el : el.querySelector('.js-plotly-plot');"
+                           " return g && g._fullLayout && g._fullLayout.title.text !== t; }",
+                           arg=[pane.element_handle(), before], timeout=30_000)
+
+
+def _hover_texts(page, pane) -> list[str]:
+    """Hover a grid of points over the pane's first subplot; the hover labels plotly drew."""
+    box = pane.locator(".nsewdrag").first.bounding_box()
+    texts = []
+    for fx in (0.05, 0.3, 0.6, 0.95):
+        for fy in (0.05, 0.4, 0.8):
+            page.mouse.move(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+            page.wait_for_timeout(60)
+            texts.append(pane.locator(".hoverlayer").text_content() or "")
+    page.mouse.move(2, 2)
+    return texts
+
+
+def test_views_visual_defects(lab, browser):
+    """Each visual defect of issue 15 checked in the browser, on views of two-layer traces."""
+    base, token = lab
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    blocked = _offline(page, base)
+    try:
+        views = _run_notebook(page, base, token, VIEWS_NOTEBOOK, "views")  # no error, nothing on stderr
+        cmp, single, stripes, coverage = (views.nth(i) for i in range(4))
+
+        # compare mode: every marker of the score panel (A's, the profile, B's) lies inside its y range
+        state = _pane(cmp, 1).evaluate(_PANE_STATE)
+        lo, hi = sorted(state["range"])
+        assert state["ys"] and all(lo <= y <= hi for y in state["ys"]), state
+
+        # no "NaN" in hover labels over the maps (empty cells are not hoverable) nor anywhere in the views
+        for view in (cmp, single):
+            view.scroll_into_view_if_needed()
+            texts = _hover_texts(page, _pane(view, 0))
+            assert any(texts), "no hover label appeared over the map"  # the NaN check below sees real labels
+            assert not [t for t in texts if "NaN" in t], texts
+        assert "NaN" not in page.locator(".jp-Notebook").inner_text()
+
+        # the K-th chosen score line is drawn at a profiled query and gone after stepping to one without profile
+        single.scroll_into_view_if_needed()
+        detail = _pane(single, 1)
+        state = detail.evaluate(_PANE_STATE)
+        assert state["shapes"] == 1 and state["shapePaths"] == 1, state
+        handle = single.locator(".widget-slider", has=page.locator(".widget-label", has_text="query")).first \
+            .locator(".noUi-handle").first
+        handle.focus()
+        page.keyboard.press("ArrowLeft")
+        _wait_title_change(page, detail, state["title"])
+        state = detail.evaluate(_PANE_STATE)
+        assert state["shapes"] == 0 and state["shapePaths"] == 0, f"stale K-th score line: {state}"
+
+        # the document pane: newlines shown as ⏎ (never a literal \n), a click on a token picks it
+        doc = single.locator(".sl-document")
+        text = doc.inner_text()
+        assert "⏎" in text and "\\n" not in text
+        title = detail.evaluate(_PANE_STATE)["title"]
+        doc.locator(".sl-ex i").nth(5).click()
+        _wait_title_change(page, detail, title)
+        single.locator("input[placeholder='search the text']").fill("the")
+        single.locator("button", has_text="mark as evidence").click()
+        page.wait_for_function("el => el.querySelectorAll('i.e').length > 0", arg=doc.element_handle(),
+                               timeout=30_000)
+        single.screenshot(path=str(ARTIFACTS / "views.single.after.png"))
+
+        # StripeExplorer: the gap line appears with a gap and is gone once coverage holds again
+        stripes.scroll_into_view_if_needed()
+        fig = _pane(stripes, 0)
+        bf = stripes.locator(".widget-slider", has=page.locator(".widget-label", has_text="b_f")).first \
+            .locator(".noUi-handle").first
+        title = fig.evaluate(_PANE_STATE)["title"]
+        bf.focus()
+        page.keyboard.press("ArrowLeft")  # b_f 2.0 -> 1.9: coverage breaks
+        page.wait_for_function("el => /go to first gap/.test(el.innerText)", arg=stripes.element_handle(),
+                               timeout=30_000)
+        stripes.locator("button", has_text="go to first gap").click()
+        _wait_title_change(page, fig, title)
+        page.wait_for_function("el => el.querySelectorAll('.js-plotly-plot .shapelayer path').length > 0",
+                               arg=fig.element_handle(), timeout=30_000)
+        title = fig.evaluate(_PANE_STATE)["title"]
+        bf.focus()
+        page.keyboard.press("ArrowRight")  # back to 2.0: coverage holds at this query again
+        _wait_title_change(page, fig, title)
+        state = fig.evaluate(_PANE_STATE)
+        assert state["shapes"] == 0 and state["shapePaths"] == 0, f"stale gap line: {state}"
+        stripes.screenshot(path=str(ARTIFACTS / "views.stripes.after.png"))
+
+        # CoverageMap: no "(below 0)" legend; unreached keys have their own axis
+        assert "below 0" not in coverage.inner_text()
+        cmp.screenshot(path=str(ARTIFACTS / "views.compare.png"))
+        coverage.screenshot(path=str(ARTIFACTS / "views.coverage.png"))
+        _assert_no_errors(page, VIEWS_NOTEBOOK)
+        assert not blocked, f"views: the page tried to reach the network: {blocked[:5]}"
+    finally:
+        page.close()
+
+
+def test_saved_notebook_shows_views_without_kernel(lab, browser):
+    """Run, save, shut the kernel down, reopen: every view's figures and panels are still shown (the static
+    copy), and no "Error displaying widget: model not found" line is visible."""
+    base, token = lab
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        views = _run_notebook(page, base, token, VIEWS_NOTEBOOK, "saved")
+        n_views, n_figures = views.count(), page.locator(".sl-view .sl-pane").count()
+        page.wait_for_timeout(2500)  # the static copy follows the view 2 s after its last change
+        page.evaluate(_SAVE)
+        page.wait_for_function("() => !window.jupyterapp.shell.currentWidget.context.model.dirty", timeout=30_000)
+        page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
+        page.wait_for_timeout(500)
+        page.goto(f"{base}/lab/tree/{VIEWS_NOTEBOOK}?token={token}&reset", wait_until="domcontentloaded")
+        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+        page.wait_for_function(_KERNEL_IDLE, timeout=60_000)
+        page.wait_for_function(f"() => document.querySelectorAll('.jp-OutputArea .main-svg').length >= {n_figures}",
+                               timeout=60_000)
+        # the widget manager has given up on the old models (its error nodes exist) …
+        page.wait_for_function(f"() => document.querySelectorAll('.jp-OutputArea-output.jupyter-widgets').length"
+                               f" >= {n_views}", timeout=60_000)
+        notebook_text = page.locator(".jp-Notebook").inner_text()
+        assert "model not found" not in notebook_text  # … and none of them is visible
+        assert "Loading widget" not in notebook_text
+        assert page.locator(".sl-view").count() == 0  # no live view: what shows is the static copy
+        assert page.locator(".sl-static").count() == n_views
+        assert "Chosen spans of query" in notebook_text  # the panels (span table) survived too
+        page.screenshot(path=str(ARTIFACTS / "saved.reopened.png"), full_page=False)
     finally:
         page.close()

@@ -70,8 +70,8 @@ def base_layout(title: str, height: int = 380, **extra) -> dict:
 # (`_pane._CSS`) hides markers and the output after each one; this style hides the "model not found" line a
 # saved notebook shows where the live view was.
 _MARKER = "<div class='sl-static-next'></div>"
-_STATIC_STYLE = ("<style>.jp-OutputArea:has(.sl-static-next) .jp-OutputArea-child:has(> .jp-OutputArea-output"
-                 "[data-mime-type='application/vnd.jupyter.widget-view+json']:not(:has(*))){display:none}</style>")
+_STATIC_STYLE = ("<style>.jp-OutputArea:not(:has(.sl-view)):has(.sl-static-next) > .jp-OutputArea-child:has("
+                 "> .jp-OutputArea-output.jupyter-widgets){display:none}</style>")
 
 
 class ViewError(ValueError):

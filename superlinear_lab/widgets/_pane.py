@@ -53,8 +53,15 @@ function render({ model, el }) {
   let data = null, layout = null, layoutKeys = {}, queue = Promise.resolve(), alive = true;
   const config = {displaylogo: false, responsive: true};
   const draw = (Plotly) => Plotly.react(box, data.slice(), layout, config);
+  const trace = (what) => {  // a short event log for debugging in the browser console
+    const ev = (globalThis.__slPaneEvents = globalThis.__slPaneEvents || []);
+    ev.push([model.model_id || "?", what, Math.round(performance.now())]);
+    if (ev.length > 400) ev.splice(0, ev.length - 400);
+  };
+  trace("render");
   const onMsg = (msg) => {
     const received = performance.now();
+    trace("msg " + msg.type);
     queue = queue.then(async () => {
       if (!alive) return;
       const Plotly = await plotlyOf(model);
@@ -111,8 +118,16 @@ function render({ model, el }) {
     }).catch((err) => console.error("superlinear-lab pane:", err));
   };
   model.on("msg:custom", onMsg);
-  model.send({type: "sync"});
-  return () => { alive = false; model.off("msg:custom", onMsg); if (globalThis.Plotly) globalThis.Plotly.purge(box); };
+  // ask for the figure; ask again while none came (a request sent while the kernel is busy can be dropped)
+  let tries = 0;
+  const ask = () => {
+    if (!alive || data !== null || tries++ > 20) return;
+    model.send({type: "sync"});
+    trace("sync sent");
+    setTimeout(ask, 2000);
+  };
+  ask();
+  return () => { trace("disposed"); alive = false; model.off("msg:custom", onMsg); if (globalThis.Plotly) globalThis.Plotly.purge(box); };
 }
 export default { render };
 """
