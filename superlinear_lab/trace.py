@@ -142,6 +142,39 @@ def evidence_reach(qstart: torch.Tensor, qend: torch.Tensor, window: torch.Tenso
     return per_branch, fresh.sum(dim=-1)
 
 
+def branch_weights(q2: torch.Tensor, k: torch.Tensor, qstart: torch.Tensor, qend: torch.Tensor,
+                   window: torch.Tensor) -> torch.Tensor:
+    """fp32 [H_Q, L, K, L_KV]: the attention weights of each branch — softmax of q2·K/√D over span k ∪ window
+    (SPEC §3.3), 0 outside it and for a branch with no key. The gated sum over K is the layer's attention pattern
+    (`RoutingTrace.attention_pattern`); one branch's weights on some keys is what it read of them.
+
+    Args:
+        q2: [H_Q, L, D] attention queries (unscaled: 1/√D is applied here, as in the kernels).
+        k: [H_KV, L_KV, D] keys (H_Q a multiple of H_KV).
+        qstart, qend: int [H_Q, L, K] chosen spans, -1 in invalid slots.
+        window: int [L, 2] inclusive window bounds, (-1, -1) when empty.
+    """
+    from superlinear_kernels.softmax import masked_attention
+
+    h_q, length, d = q2.shape
+    l_kv = k.shape[1]
+    keys = k.float().repeat_interleave(h_q // k.shape[0], dim=0)  # [H_Q, L_KV, D]
+    logits = (q2.float() @ keys.transpose(-1, -2)) / d ** 0.5  # [H_Q, L, L_KV]
+    j = torch.arange(l_kv, device=q2.device)
+    win = window.to(q2.device)
+    in_window = (j >= win[:, :1]) & (j <= win[:, 1:]) & (win[:, :1] >= 0)  # [L, L_KV]
+    out = []
+    dummy = logits.new_zeros(h_q, l_kv, 1)
+    for slot in range(qstart.shape[-1]):
+        lo, hi = qstart[..., slot, None].long().to(q2.device), qend[..., slot, None].long().to(q2.device)
+        allowed = ((j >= lo) & (j <= hi) & (lo >= 0)) | in_window[None]  # [H_Q, L, L_KV]
+        _, lse = masked_attention(logits, allowed, dummy)  # the kernels' softmax: lse -inf for an empty set
+        weights = torch.where(allowed & torch.isfinite(lse)[..., None], torch.exp(logits - lse[..., None]),
+                              torch.zeros_like(logits))
+        out.append(weights)
+    return torch.stack(out, dim=2)
+
+
 @dataclass(frozen=True)
 class LayerRouting:
     """Routing of one attention layer for the recorded queries (shapes in the module docstring)."""
@@ -159,6 +192,8 @@ class LayerRouting:
     stripes: torch.Tensor  # int64 [S]
     stripe_anchors: torch.Tensor  # int64 [Lprof, S]
     stripe_values: torch.Tensor  # fp32 [H_Q, Lprof, S]
+    pattern_queries: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # [Lpat]
+    pattern: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, 0))  # fp32 [H_Q, Lpat, length]
 
     @property
     def name(self) -> str:
@@ -319,6 +354,21 @@ class RoutingTrace:
         """Whether `query` (head `head`) attended `key`: inside its window or one of its chosen spans."""
         return bool(self.reach(layer, query, key, key)[1][head] > 0)
 
+    def attention_pattern(self, layer, queries=None) -> torch.Tensor:
+        """fp32 [H_Q, Lq, length]: the dense attention weights Σ_k g_k · softmax over span k ∪ window of each
+        recorded pattern query (`capture(..., pattern_queries=...)`), rows in the order of `queries` (default: all
+        recorded, ascending). KeyError for a query whose pattern was not recorded."""
+        rec = self.layer(layer)
+        have = rec.pattern_queries.tolist()
+        wanted = have if queries is None else [int(q) for q in queries]
+        rows = []
+        for q in wanted:
+            if q not in have:
+                raise KeyError(f"query {q}: no attention pattern recorded for {rec.name} (recorded: {have[:10]}"
+                               f"{' …' if len(have) > 10 else ''}); pass pattern_queries= to capture")
+            rows.append(have.index(q))
+        return rec.pattern[:, rows]
+
     def key_counts(self, layer, head: int | None = None, include_window: bool = True) -> torch.Tensor:
         """int64 [length] (one head) or [H_Q, length]: recorded (query, span) pairs — plus windows when
         `include_window` — whose key range contains each key. O(Lsel · K + length)."""
@@ -437,7 +487,7 @@ class RoutingTrace:
     # ------------------------------------------------------------------ capture from a model run
     @classmethod
     @contextlib.contextmanager
-    def capture(cls, model, queries=None, profile_queries=None, layers=None):
+    def capture(cls, model, queries=None, profile_queries=None, layers=None, pattern_queries=None):
         """Record the routing of every attention-layer call of `model` inside the ``with`` block.
 
         Args:
@@ -446,6 +496,8 @@ class RoutingTrace:
             profile_queries: positions whose full stripe-score profile is also recorded (keep it small:
                 O(H_Q · S) floats per query and layer).
             layers: None (all attention layers) or the layer indices to record.
+            pattern_queries: positions whose dense attention pattern is recorded too (`attention_pattern`;
+                O(H_Q · length) floats per query and layer; needs layers with ``qkv_recorders``).
 
         Yields an empty `RoutingTrace` that is filled in place when the block exits normally. Recorders are
         removed in a ``finally`` clause, so an exception inside the block leaves the model as it was.
@@ -456,7 +508,15 @@ class RoutingTrace:
         chosen = _routing_layers(model, layers)
         trace = cls({}, 0)
         hooks = {index: recorder.layer_hook(index, lay) for index, lay in chosen}
-        with _recorders_installed(model, hooks, recorder.add_tokens):
+        qkv_hooks = {}
+        if pattern_queries is not None:
+            wanted = _as_positions("pattern_queries", pattern_queries)
+            for index, lay in chosen:
+                if not hasattr(lay, "qkv_recorders"):
+                    raise ValueError(f"pattern_queries: attention layer {index} has no qkv_recorders (its queries "
+                                     "and keys cannot be recorded)")
+                qkv_hooks[index] = recorder.pattern_hook(index, lay, wanted)
+        with _recorders_installed(model, hooks, recorder.add_tokens, qkv_hooks):
             yield trace
         tokenizer = getattr(model, "tokenizer", None)
         trace.__dict__.update(recorder.build(None, 0, None, None, tokenizer=tokenizer).__dict__)
@@ -476,7 +536,8 @@ class RoutingTrace:
         meta_layers = []
         for i, rec in self._records.items():
             name = layer_name(i)
-            for f in _ROUTING_FIELDS + ("window", "profile_queries", "stripes", "stripe_anchors", "stripe_values"):
+            for f in _ROUTING_FIELDS + ("window", "profile_queries", "stripes", "stripe_anchors", "stripe_values",
+                                        "pattern_queries", "pattern"):
                 tensors[f"{name}.{f}"] = getattr(rec, f).contiguous()
             meta_layers.append({"index": i, "name": name, "cfg": rec.cfg.to_dict()})
         save_file(tensors, str(path / "tensors.safetensors"))
@@ -503,6 +564,9 @@ class RoutingTrace:
             name, index = entry["name"], int(entry["index"])
             fields = {f: tensors[f"{name}.{f}"] for f in _ROUTING_FIELDS + (
                 "window", "profile_queries", "stripes", "stripe_anchors", "stripe_values")}
+            for f in ("pattern_queries", "pattern"):  # optional: traces saved before patterns existed lack them
+                if f"{name}.{f}" in tensors:
+                    fields[f] = tensors[f"{name}.{f}"]
             shape = fields["qstart"].shape
             for f in _ROUTING_FIELDS:
                 if fields[f].shape != shape or shape[1] != queries.numel():
@@ -534,16 +598,19 @@ def _routing_layers(model, layers=None) -> list:
 
 
 @contextlib.contextmanager
-def _recorders_installed(model, layer_hooks: dict, token_hook=None):
-    """Append `layer_hooks[index]` to each attention layer's `routing_recorders` (and `token_hook` to the model's
-    `token_recorders`) for the ``with`` block; always removed on exit, by identity (nested recorders share the
-    lists), even when the block raises."""
+def _recorders_installed(model, layer_hooks: dict, token_hook=None, qkv_hooks: dict | None = None):
+    """Append `layer_hooks[index]` to each attention layer's `routing_recorders`, `qkv_hooks[index]` to its
+    `qkv_recorders` (and `token_hook` to the model's `token_recorders`) for the ``with`` block; always removed on
+    exit, by identity (nested recorders share the lists), even when the block raises."""
     layers = dict(model.routing_layers())
     installed = []
     try:
         for index, fn in layer_hooks.items():
             layers[index].routing_recorders.append(fn)
             installed.append((layers[index].routing_recorders, fn))
+        for index, fn in (qkv_hooks or {}).items():
+            layers[index].qkv_recorders.append(fn)
+            installed.append((layers[index].qkv_recorders, fn))
         if token_hook is not None:
             model.token_recorders.append(token_hook)
             installed.append((model.token_recorders, token_hook))
@@ -582,6 +649,8 @@ class _LayerParts:
     prof_positions: list = field(default_factory=list)
     prof_stripes: list = field(default_factory=list)
     prof_values: list = field(default_factory=list)
+    pat_positions: list = field(default_factory=list)
+    pat_values: list = field(default_factory=list)
 
 
 class _Recorder:
@@ -649,6 +718,25 @@ class _Recorder:
                     self.add_profile(index, pos_cpu[rows], prof)
         return record
 
+    def pattern_hook(self, index: int, layer, wanted: torch.Tensor):
+        """qkv recorder of attention layer `index`: the dense attention pattern of the `wanted` positions."""
+        cfg = layer.span_config
+
+        def record(positions, routing, q2, k):
+            pos_cpu = positions.detach().cpu().to(torch.int64)
+            rows = self._select(pos_cpu, wanted)
+            if rows.numel() == 0:
+                return
+            r = rows.to(q2.device)
+            window = window_bounds(cfg, pos_cpu[rows])
+            weights = branch_weights(q2[0][:, r].detach(), k[0].detach(), routing.qstart[0][:, r],
+                                     routing.qend[0][:, r], window)
+            pattern = (routing.gate[0][:, r, :, None].float() * weights).sum(dim=2)  # [H_Q, rows, L_KV]
+            parts = self.parts.setdefault(index, _LayerParts(cfg))
+            parts.pat_positions.append(pos_cpu[rows])
+            parts.pat_values.append(pattern.cpu())
+        return record
+
     def build(self, length, row_start, token_ids, tokens, tokenizer=None) -> RoutingTrace:
         if length is None:
             length = self.max_position + 1
@@ -668,6 +756,12 @@ class _Recorder:
             profile = _empty_profile(heads)
             if parts.prof_positions:
                 profile = self._build_profile(parts, heads)
+            if parts.pat_positions:
+                pat_q, keep = _latest_unique(torch.cat(parts.pat_positions))
+                width = max(length, max(v.shape[-1] for v in parts.pat_values))
+                values = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[-1])) for v in parts.pat_values],
+                                   dim=1)
+                profile.update(pattern_queries=pat_q, pattern=values[:, keep, :length].contiguous())
             records[index] = LayerRouting(index=index, cfg=parts.cfg, queries=queries,
                                           window=window_bounds(parts.cfg, queries, row_start), **fields, **profile)
         if token_ids is None and self.token_positions:

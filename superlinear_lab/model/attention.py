@@ -17,6 +17,9 @@ class SuperlinearAttentionLayer(nn.Module):
     kernel for its routing and hands ``(positions, routing, q1, k_cache)`` to every recorder. The output does not
     depend on whether recorders are present.
 
+    `qkv_recorders` (same idea) receive ``(positions, routing, q2, k_cache)``: the attention queries, for the dense
+    attention patterns of `RoutingTrace.capture(pattern_queries=...)`.
+
     `routing_overrides` is the intervention protocol of `superlinear_lab.intervene`: while non-empty, the layer
     searches, passes the routing through each override ``fn(positions, routing, q1, k_cache) -> SearchResult``
     in turn, and attends with the result (recorders see the overridden routing).
@@ -35,6 +38,7 @@ class SuperlinearAttentionLayer(nn.Module):
         self.o_proj = nn.Linear(hq * d, cfg.d_model, bias=False)
         self.routing_recorders: list = []
         self.routing_overrides: list = []
+        self.qkv_recorders: list = []  # fn(positions, routing, q2, k_cache): attention patterns (`trace`)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, key_cache: torch.Tensor | None = None,
                 value_cache: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,6 +59,7 @@ class SuperlinearAttentionLayer(nn.Module):
             value_cache[:, :, start:start + length] = v
             k, v = key_cache, value_cache
         recorders = list(self.routing_recorders)
+        qkv_recorders = list(self.qkv_recorders)
         if self.routing_overrides:
             routing = span_search(q1, k, positions, self.span_config, backend=self.backend)
             for override in list(self.routing_overrides):
@@ -63,14 +68,15 @@ class SuperlinearAttentionLayer(nn.Module):
             backend = self.backend if self.backend in ("torch", "oracle") else "torch"
             out, routing = superlinear_attention(q1, q2, k, v, positions, self.span_config, backend=backend,
                                                  return_routing=True, routing=routing)
-            for record in recorders:
-                record(positions, routing, q1, k)
-        elif recorders:
+        elif recorders or qkv_recorders:
             out, routing = superlinear_attention(q1, q2, k, v, positions, self.span_config, backend=self.backend,
                                                  return_routing=True)
-            for record in recorders:
-                record(positions, routing, q1, k)
         else:
             out = superlinear_attention(q1, q2, k, v, positions, self.span_config, backend=self.backend)
+        if self.routing_overrides or recorders or qkv_recorders:
+            for record in recorders:
+                record(positions, routing, q1, k)
+            for record in qkv_recorders:
+                record(positions, routing, q2, k)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, length, hq * d))
 

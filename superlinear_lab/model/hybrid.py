@@ -152,11 +152,13 @@ class HybridLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def trace(self, queries=None, profile_queries=None, layers=None) -> contextlib.AbstractContextManager:
+    def trace(self, queries=None, profile_queries=None, layers=None, pattern_queries=None
+              ) -> contextlib.AbstractContextManager:
         """``with model.trace(...) as tr:`` — `RoutingTrace.capture` on this model."""
         from ..trace import RoutingTrace
 
-        return RoutingTrace.capture(self, queries=queries, profile_queries=profile_queries, layers=layers)
+        return RoutingTrace.capture(self, queries=queries, profile_queries=profile_queries, layers=layers,
+                                    pattern_queries=pattern_queries)
 
     def intervene(self, force=None, ablate=None, queries=None) -> contextlib.AbstractContextManager:
         """``with model.intervene(force=..., ablate=...):`` — `superlinear_lab.intervene` on this model."""

@@ -25,7 +25,7 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from superlinear_lab.trace import RoutingTrace, capture_routing, evidence_reach
+from superlinear_lab.trace import RoutingTrace, branch_weights, capture_routing, evidence_reach
 
 from ._aggregate import snippet
 from ._base import COLORS, View, ViewError, base_layout
@@ -410,38 +410,27 @@ class MissedSpanDebugger(View):
 
     def _branch_masses(self, run: dict, layer: int, head: int, q: int, ev: Evidence) -> tuple[list[dict], float]:
         """Per valid slot of `head` at query q in a captured run (`_run_answer(capture_layer=layer)`): slot, anchor,
-        span, gate and the attention mass on the evidence keys inside that branch (span ∪ window); and the mass
-        of a window-only softmax."""
-        from superlinear_kernels.softmax import masked_attention
-
+        span, gate and the attention mass on the evidence keys inside that branch (span ∪ window, `branch_weights`);
+        and the mass of a window-only softmax."""
         routing, k, q2 = run["routing"], run["k"], run["q2"]
         att = dict(self.model.routing_layers())[layer]
         heads, d = att.cfg.n_heads, att.cfg.head_dim
         group = heads // att.cfg.n_kv_heads
-        qvec = q2[0, 0].view(heads, d)[head].float()
-        keys = k[0, head // group, :q + 1].float()
-        logits = (keys @ qvec) / math.sqrt(d)  # [q+1]: the attention logits of query q over keys 0 … q
-        positions = torch.arange(q + 1, device=logits.device)
-        lo, hi = (int(x) for x in self.trace.layer(layer).window[self.trace.query_index(q)])
-        window = (positions >= lo) & (positions <= hi) if lo >= 0 else torch.zeros_like(positions, dtype=torch.bool)
-        on_evidence = (positions >= ev.start) & (positions <= ev.end)
-        dummy = logits.new_zeros(q + 1, 1)
-
-        def mass(allowed: torch.Tensor) -> float:
-            _, lse = masked_attention(logits[None], allowed[None], dummy)
-            if not torch.isfinite(lse).all():
-                return 0.0
-            return float(torch.exp(logits[allowed & on_evidence] - lse[0]).sum())
-
+        qvec = q2[0, 0].view(heads, d)[head][None, None]  # [1, 1, D]: head `head` at query q (tail row 0)
+        keys = k[0, head // group, :q + 1][None]  # [1, q+1, D]
+        window = self.trace.layer(layer).window[self.trace.query_index(q)][None]  # [1, 2]
+        qs, qe = routing.qstart[0, head, :1][None].cpu(), routing.qend[0, head, :1][None].cpu()  # [1, 1, K]
+        no_span = torch.full((1, 1, 1), -1)
+        weights = branch_weights(qvec, keys, torch.cat([qs, no_span], -1), torch.cat([qe, no_span], -1), window)
+        on_evidence = weights[0, 0, :, ev.start:ev.end + 1].sum(-1).tolist()  # [K + 1]: branches, then window
         out = []
         for slot in range(routing.qstart.shape[-1]):
             a = int(routing.qanchor[0, head, 0, slot])
             if a < 0:
                 continue
-            s, t = int(routing.qstart[0, head, 0, slot]), int(routing.qend[0, head, 0, slot])
-            out.append(dict(slot=slot, anchor=a, qstart=s, qend=t, gate=float(routing.gate[0, head, 0, slot]),
-                            evidence_mass=mass(((positions >= s) & (positions <= t)) | window)))
-        return out, mass(window)
+            out.append(dict(slot=slot, anchor=a, qstart=int(qs[0, 0, slot]), qend=int(qe[0, 0, slot]),
+                            gate=float(routing.gate[0, head, 0, slot]), evidence_mass=float(on_evidence[slot])))
+        return out, float(on_evidence[-1])
 
     def _compute_read(self, case: int, layer: int, head: int) -> dict:
         e, q = self.cases[case]
