@@ -24,6 +24,9 @@ Contract (stable; views and tests rely on it):
     - ``profile_queries``: int64 [Lprof] (sorted), ``stripes``: int64 [S] (σ+1 …, nearest anchor first),
       ``stripe_anchors``: int64 [Lprof, S] (q + 1 - F(i), may be < 0), ``stripe_values``: fp32
       [H_Q, Lprof, S] (-inf where not a candidate). Lprof = 0 when no profile was recorded.
+    - ``pattern_queries``: int64 [Lpat], ``pattern``: fp32 [H_Q, Lpat, length] — dense attention weights of the
+      queries recorded with ``capture(pattern_queries=...)`` (Lpat = 0 otherwise); read them with
+      ``trace.attention_pattern(layer, queries)``. `branch_weights` computes one branch's softmax.
 * ``trace.model`` — one line naming the model and its weights (`describe_model`), None if unknown;
   ``trace.overrides`` — list of dicts describing routing interventions active while recording (`intervene`).
 * Reach (THE rule, `evidence_reach`; evaluation, the debugger and reports use it): ``reach(layer, query, start,
