@@ -315,30 +315,6 @@ class RoutingTrace:
         i = self.query_index(query)
         return evidence_reach(rec.qstart[:, i], rec.qend[:, i], rec.window[i], start, end)
 
-    def attention_pattern(self, layer, queries=None) -> torch.Tensor:
-        """fp32 [H_Q, Lq, length]: the dense attention weights of `layer` (span ∪ window, gated: row q is
-        Σ_k g_k · softmax over S_k ∪ Wnd of q·K/√D, 0 elsewhere) for recorded `queries` (None: every recorded one).
-
-        The shape CircuitsVis' ``attention_patterns`` takes ([H, L, L] when every position was recorded; add a
-        batch axis for bertviz' ``head_view``). Only captures that ask for them record weights — a converted
-        transformers model's ``model.trace(pattern_queries=...)`` (`superlinear_lab.hf`); KeyError otherwise.
-        Not saved by `save`.
-        """
-        index = self._key(layer)
-        stored = getattr(self, "patterns", {}).get(index)
-        if stored is None:
-            raise KeyError(f"layer {layer!r}: no attention weights recorded (capture with pattern_queries=...)")
-        positions, weights = stored
-        if queries is None:
-            return weights.clone()
-        wanted = _as_positions("queries", queries)
-        rows = torch.searchsorted(positions, wanted)
-        found = (rows < positions.numel()) & (positions[rows.clamp(max=max(positions.numel() - 1, 0))] == wanted)
-        if not bool(found.all()):
-            missing = wanted[~found].tolist()[:5]
-            raise KeyError(f"queries {missing}: no attention weights recorded (recorded {positions.tolist()[:8]}…)")
-        return weights[:, rows].clone()
-
     def reaching_spans(self, layer, head: int, query: int, key: int) -> list[int]:
         """Span slots k (0 = best search value) whose chosen span [qstart, qend] contains `key`."""
         rec = self.layer(layer)
