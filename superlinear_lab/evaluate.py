@@ -309,7 +309,8 @@ def evaluate(model, lengths, depths=DEFAULT_DEPTHS, seeds: int = 4, suite_seeds:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="superlinear-lab evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", help="model name (data/models/<name>) or a directory")
+    p.add_argument("--model", default="tiny", metavar="NAME|PATH",
+                   help="shipped model name, model directory or Superlinear-Exp checkpoint (default tiny)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "oracle"])
@@ -336,11 +337,10 @@ def main(argv=None) -> int:
         print(format_table(report))
         return 0
 
-    from .model import load_model
+    from .loaders import open_model
+    from .model import describe_model
 
-    path = Path(args.model)
-    kwargs = {"path": path} if path.is_dir() else {"name": args.model}
-    model = load_model(**kwargs, device=args.device, dtype=args.dtype, backend=args.backend)
+    model = open_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     if args.search_power is not None:
         set_search_power(model, args.search_power)
     check = None
@@ -350,7 +350,8 @@ def main(argv=None) -> int:
         log.info("backend check: %s", json.dumps(check))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    setup = {"model": model.model_id, "source": model.source.get("name"), "device": args.device,
+    setup = {"model": model.model_id, "source": model.source.get("name"), "weights": describe_model(model),
+             "device": args.device,
              "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
              "dtype": args.dtype, "backend": args.backend, "torch": torch.__version__,
              "span": model.cfg.span.to_dict(), "backend_check": check}

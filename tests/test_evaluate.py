@@ -78,6 +78,7 @@ def test_cli_on_a_tiny_random_model(tmp_path):
     assert [c["depth"] for c in report["niah"]["cells"]] == [0.0, 1.0]
     assert report["niah"]["by_length"]["300"]["n"] == 4 and report["niah"]["by_length"]["300"]["pairs"] == 20
     assert "300" in report["multi_hop"]["by_length"] and report["setup"]["backend"] == "torch"
+    assert report["setup"]["weights"].startswith("superlinear-lab/")  # names the model and its weights
     assert (tmp_path / "out" / "niah_heatmap.html").stat().st_size > 10_000
     assert "| 300 |" in E.format_table(report)
 
