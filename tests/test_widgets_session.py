@@ -134,3 +134,28 @@ def test_snapshot_panel_widget_delete_needs_confirmation(model, store):
     assert c["confirm"].layout.display is None and len(store.list()) == 1
     c["confirm"].click()
     assert store.list() == [] and c["confirm"].layout.display == "none"
+
+
+def test_grow_control_and_loaded_session_are_shown(model, store):
+    """The overflow message names a control that exists: the grow control grows the session; a loaded snapshot
+    is shown (its context and transcript) and adopted by the linked session panel."""
+    panel = SessionPanel(Session(model, max_len=256), chunk_size=64)
+    panel.view
+    c = panel._controls
+    assert not panel.append("y" * 300) and "grow" in panel.error
+    c["grow_to"].value = 1024
+    c["grow"].click()
+    assert panel.session.max_len == 1024 and panel.error is None
+    assert not panel.grow(512) and "grow" in panel.error  # shrinking is refused, nothing changes
+    assert panel.session.max_len == 1024
+    assert panel.append("the loaded context. " * 3)
+    snaps = SnapshotPanel(store, model=model, session=lambda: panel.session, panel=panel)
+    snaps.view
+    assert "no snapshot loaded" in snaps.panels_html()[1]
+    assert snaps.save("ctx")
+    snaps._controls["load"].click()
+    assert snaps.error is None and snaps.loaded is not None
+    loaded_html = snaps._view.panels[1].value  # what the widget shows
+    assert "Loaded session" in loaded_html and "the loaded context." in loaded_html
+    assert f"{snaps.loaded.cursor:,} / " in loaded_html
+    assert panel.session is snaps.loaded and len(panel.sessions) == 2  # shown in the session panel

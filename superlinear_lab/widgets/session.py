@@ -67,7 +67,8 @@ class SessionPanel(View):
             ids = s.tokenizer.encode(text)
             if s.cursor + len(ids) >= s.max_len:
                 raise ContextOverflowError(f"{len(ids):,} tokens at cursor {s.cursor:,} do not fit max_len "
-                                           f"{s.max_len:,}: grow the session first")
+                                           f"{s.max_len:,}: grow the session first (the 'grow to' control, or "
+                                           f"panel.grow({s.cursor + len(ids) + 1:,}))")
             before = s.checkpoint()
             self._report_progress(0, len(ids))
             try:
@@ -138,8 +139,22 @@ class SessionPanel(View):
         return self._act(action)
 
     def grow(self, max_len: int) -> bool:
-        """Reallocate the shown session's cache to `max_len` positions."""
-        return self._act(lambda: self.session.grow(max_len))
+        """Reallocate the shown session's cache to `max_len` positions (what the "grow to" control does)."""
+        def action():
+            if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= self.session.max_len:
+                raise ViewError(f"grow: max_len={max_len!r}, expected an int > the current {self.session.max_len:,}")
+            self.session.grow(max_len)
+        return self._act(action)
+
+    def adopt(self, session: Session) -> bool:
+        """Add `session` (e.g. one loaded from a snapshot) to the panel's sessions and show it."""
+        def action():
+            if not isinstance(session, Session):
+                raise ViewError(f"adopt: expected a Session, got {type(session).__name__}")
+            if session not in self.sessions:
+                self.sessions.append(session)
+            self.index = self.sessions.index(session)
+        return self._act(action)
 
     # ------------------------------------------------------------------ text and figures
     def summary(self) -> str:
@@ -201,6 +216,9 @@ class SessionPanel(View):
         fork = w.Button(description="fork", icon="code-fork")
         sessions = w.Dropdown(options=[], description="session", style={"description_width": "60px"},
                               layout=w.Layout(width="220px"))
+        grow_to = w.IntText(value=2 * self.session.max_len, description="grow to", style={"description_width": "60px"},
+                            layout=w.Layout(width="200px"))
+        grow = w.Button(description="grow", icon="expand", tooltip="reallocate the context to this many tokens")
         syncing = [False]
 
         def sync():
@@ -217,6 +235,7 @@ class SessionPanel(View):
                 sessions.options = [(f"{i}: {x.id[:8]}" + (" (fork)" if i else ""), i)
                                     for i, x in enumerate(self.sessions)]
                 sessions.value = self.index
+                grow_to.value = max(grow_to.value, 2 * s.max_len) if grow_to.value <= s.max_len else grow_to.value
             finally:
                 syncing[0] = False
 
@@ -239,14 +258,17 @@ class SessionPanel(View):
         cp.on_click(lambda _: self.checkpoint())
         rollback.on_click(lambda _: self.rollback(cps.value or ""))
         fork.on_click(lambda _: self.fork())
+        grow.on_click(lambda _: self.grow(int(grow_to.value)))
         sessions.observe(lambda ch: None if syncing[0] or ch["new"] is None else self.select(ch["new"]),
                          names="value")
         self.subscribe(sync)
         sync()
         self._controls = dict(text=text, append=append, generate=generate, new_tokens=n_new,
                               temperature=temperature, checkpoint=cp, checkpoints=cps, rollback=rollback,
-                              fork=fork, sessions=sessions, used=used, prefill=prefill, stream=stream)
-        return w.VBox([w.HBox([used, used_label]), w.HBox([prefill, prefill_label]), w.HBox([text, append]),
+                              fork=fork, sessions=sessions, used=used, prefill=prefill, stream=stream,
+                              grow_to=grow_to, grow=grow)
+        return w.VBox([w.HBox([used, used_label, grow_to, grow]), w.HBox([prefill, prefill_label]),
+                       w.HBox([text, append]),
                        w.HBox([n_new, temperature, generate]), stream,
                        w.HBox([cp, cps, rollback, fork, sessions])])
 
@@ -272,8 +294,10 @@ class SnapshotPanel(View):
     title = "Snapshots"
     _errors = (SnapshotError, SessionError)
 
-    def __init__(self, store: SnapshotStore, model=None, session: Session | Callable[[], Session] | None = None):
+    def __init__(self, store: SnapshotStore, model=None, session: Session | Callable[[], Session] | None = None,
+                 panel: "SessionPanel | None" = None):
         super().__init__()
+        self.panel = panel  # a SessionPanel that shows (adopts) every loaded session
         if not isinstance(store, SnapshotStore):
             raise TypeError(f"store: expected a SnapshotStore, got {type(store).__name__}")
         self.store = store
@@ -283,6 +307,7 @@ class SnapshotPanel(View):
         self.selected: str | None = None
         self.pending_delete: str | None = None
         self.loaded: Session | None = None
+        self.loaded_id: str | None = None
         self.message = ""
         self._refresh()
 
@@ -330,7 +355,10 @@ class SnapshotPanel(View):
                 raise ViewError("no model to load onto: create the panel with model=...")
             sid = self._check_id(snapshot_id or self.selected or "")
             self.loaded = self.store.load(sid, self.model)
+            self.loaded_id = sid
             self.message = f"loaded {sid[:8]}: {self.loaded.cursor:,} tokens"
+            if self.panel is not None:
+                self.panel.adopt(self.loaded)
         return self._act(action)
 
     def rename(self, snapshot_id: str, title: str) -> bool:
@@ -398,8 +426,25 @@ class SnapshotPanel(View):
                         f"<td style='padding:1px 8px'>{time.strftime('%Y-%m-%d %H:%M', time.localtime(info.created_at))}"
                         "</td></tr>")
         body = "".join(rows) or "<tr><td colspan='5'><i>no snapshots yet</i></td></tr>"
-        return ["<table style='font-size:12px;border-collapse:collapse'><tr><th>id</th><th>title</th><th>tags</th>"
-                f"<th>tokens</th><th>created</th></tr>{body}</table>"]
+        table = ("<table style='font-size:12px;border-collapse:collapse'><tr><th>id</th><th>title</th><th>tags</th>"
+                 f"<th>tokens</th><th>created</th></tr>{body}</table>")
+        return [table, self._loaded_html()]
+
+    def _loaded_html(self) -> str:
+        """What the last `load` gave: the session's id, context and its transcript (last 6 messages)."""
+        s = self.loaded
+        if s is None:
+            return "<div class='sl-loaded'><i>no snapshot loaded yet (select one and press load)</i></div>"
+        rows = "".join(
+            f"<tr><td style='padding:1px 8px;color:#666'>{html.escape(str(m.get('role')))}</td>"
+            f"<td style='padding:1px 8px'>{m.get('tokens', '')}</td>"
+            f"<td style='padding:1px 8px'><code>{html.escape(_short(str(m.get('content', '')), 110))}</code></td></tr>"
+            for m in s.transcript[-6:])
+        tail = html.escape(_short(s.tokenizer.decode(s.ids[-80:].tolist()), 160)) if s.cursor else ""
+        return (f"<div class='sl-loaded'><b>Loaded session</b> from snapshot <code>{html.escape(self.loaded_id[:8])}"
+                f"</code>: session <code>{html.escape(s.id[:8])}</code>, {s.cursor:,} / {s.max_len:,} tokens, "
+                f"{len(s.transcript)} messages{' (now shown in the session panel)' if self.panel is not None else ''}"
+                f"<table style='font-size:12px'>{rows}</table><b>Context ends with:</b> <code>…{tail}</code></div>")
 
     def figures(self) -> list[go.Figure]:
         infos = self.snapshots
