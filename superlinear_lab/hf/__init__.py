@@ -13,10 +13,10 @@ Nothing here downloads: models are built from configs or loaded from local direc
 from .attention import (LayerState, SearchQueryProjection, attention_forward, check_supported, convert,
                         converted_layers, dense, register, set_backend)
 from .model import HFKVCache, HFModel
-from .pattern import attention_pattern, bertviz_attention, pattern_from_qkv
+from .pattern import attention_pattern, bertviz_attention
 from .distill import RetrofitSettings, from_pretrained, heldout_loss, retrofit, save_pretrained
 
 __all__ = ["register", "convert", "dense", "set_backend", "converted_layers", "check_supported", "LayerState",
            "SearchQueryProjection", "attention_forward", "HFModel", "HFKVCache", "attention_pattern",
-           "bertviz_attention", "pattern_from_qkv", "retrofit", "RetrofitSettings", "save_pretrained",
+           "bertviz_attention", "retrofit", "RetrofitSettings", "save_pretrained",
            "from_pretrained", "heldout_loss"]

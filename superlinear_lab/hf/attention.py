@@ -375,36 +375,12 @@ def _install_trace_protocol(model: nn.Module) -> None:
 
 
 def _trace(model, queries=None, profile_queries=None, layers=None, pattern_queries=None):
-    """``with model.trace(...) as tr:`` — `RoutingTrace.capture` on a converted model (see `capture`)."""
-    return capture(model, model, queries, profile_queries, layers, pattern_queries)
-
-
-@contextlib.contextmanager
-def capture(target, model, queries=None, profile_queries=None, layers=None, pattern_queries=None):
-    """`RoutingTrace.capture(target, ...)`; with `pattern_queries`, also the dense attention weights of those query
-    positions in every recorded layer of the converted `model` (``trace.patterns``, read by
-    `RoutingTrace.attention_pattern`). Recorders are removed on exit, even on error."""
+    """``with model.trace(...) as tr:`` — `RoutingTrace.capture` on a converted model (`pattern_queries`: also the
+    dense attention weights of those positions, `tr.attention_pattern(layer, queries)`)."""
     from ..trace import RoutingTrace
-    from .pattern import PatternRecorder
 
-    if pattern_queries is None:
-        with RoutingTrace.capture(target, queries=queries, profile_queries=profile_queries, layers=layers) as tr:
-            yield tr
-        return
-    recorder = PatternRecorder(pattern_queries)
-    installed = []
-    try:
-        for index, state in converted_layers(model):
-            if layers is None or index in set(layers):
-                fn = recorder.hook(index, state.span_config)
-                state.qkv_recorders.append(fn)
-                installed.append((state.qkv_recorders, fn))
-        with RoutingTrace.capture(target, queries=queries, profile_queries=profile_queries, layers=layers) as tr:
-            yield tr
-    finally:
-        for hooks, fn in installed:
-            hooks.remove(fn)
-    tr.patterns = recorder.result(tr.length)
+    return RoutingTrace.capture(model, queries=queries, profile_queries=profile_queries, layers=layers,
+                                pattern_queries=pattern_queries)
 
 
 class _BoundToModel:

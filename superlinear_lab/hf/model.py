@@ -236,9 +236,10 @@ class HFModel(nn.Module):
               pattern_queries=None) -> contextlib.AbstractContextManager:
         """``with model.trace(...) as tr:`` — `RoutingTrace.capture` on this model; `pattern_queries` also records
         the dense attention weights of those positions (`tr.attention_pattern(layer, queries)`)."""
-        from .attention import capture
+        from ..trace import RoutingTrace
 
-        return capture(self, self.hf, queries, profile_queries, layers, pattern_queries)
+        return RoutingTrace.capture(self, queries=queries, profile_queries=profile_queries, layers=layers,
+                                    pattern_queries=pattern_queries)
 
     def forward(self, ids: torch.Tensor, cache: HFKVCache | None = None, start: int = 0) -> torch.Tensor:
         """Logits fp32 [B, L, vocab] of `ids` [B, L] at positions start … start+L-1 (with `cache`: K/V written
