@@ -170,7 +170,8 @@ class MissedSpanDebugger(View):
         if not isinstance(trace, RoutingTrace):
             raise TypeError(f"trace: expected a RoutingTrace, got {type(trace).__name__}")
         self.trace = trace
-        self.model = getattr(model, "model", model)  # a Session holds its model
+        # a Session holds its model; a model (ours or a converted transformers one) is used as it is
+        self.model = model if model is None or hasattr(model, "routing_layers") else getattr(model, "model", model)
         if self.model is not None and not hasattr(self.model, "routing_layers"):
             raise TypeError(f"model: expected a HybridLM or a Session, got {type(model).__name__}")
         if tokenizer is None and self.model is not None:
