@@ -1,10 +1,9 @@
 """Redraw latency of the views for a 64K-token trace (not a test; DESIGN.md target: ≤ 150 ms per interaction).
 
-One interaction = the controller action + rebuilding the figures + updating the ipywidgets/FigureWidget view
-(`View.last_redraw_s` covers the last two), measured in the kernel process with no browser attached. Because no
-front end is connected, the JSON the widget would send is produced separately (`plotly.io.to_json` of every
-figure) and its time and size are reported too: "total" = interaction + serialisation, an upper bound of the
-Python-side cost. Browser rendering time is not included.
+One interaction = the controller action + rebuilding the figures + the figure panes working out and serialising
+what changed (`View.last_redraw_s` covers the last two), measured in the kernel process with no browser attached
+(the panes behave as if a front end had asked for their figures; messages are counted, not sent). Browser-side
+time is measured by bench/browser_latency.py.
 
     python bench/widget_redraw.py [--length 65536] [--repeat 5] [--json bench/widget_redraw.json]
 """
@@ -16,7 +15,6 @@ import platform
 import statistics
 import time
 
-import plotly.io as pio
 import torch
 
 from superlinear_kernels import SpanConfig
@@ -27,21 +25,23 @@ from superlinear_lab.widgets.demo import demo_trace, plant, reference_text
 def measure(view, name: str, actions, repeat: int) -> dict:
     """Run each action `repeat` times (cycling its arguments); return per-interaction timings in ms."""
     view.view  # build the widget once; interactions update it in place
+    panes = view._view.figure_widgets
+    for pane in panes:  # as if a browser had asked for the figure: updates are diffed and serialised
+        pane._synced = True
+        pane.send = lambda *a, **k: None
     totals, interact, serial, sizes = [], [], [], []
     for _ in range(repeat):
         for action in actions:
+            sent = sum(p.bytes_sent for p in panes)
             began = time.perf_counter()
             ok = action()
             acted = time.perf_counter() - began
             if not ok:
                 raise RuntimeError(f"{name}: action failed: {view.error}")
-            began = time.perf_counter()
-            payload = [pio.to_json(fig, validate=False) for fig in view._view.figure_widgets]
-            ser = time.perf_counter() - began
             interact.append(acted * 1e3)
-            serial.append(ser * 1e3)
-            totals.append((acted + ser) * 1e3)
-            sizes.append(sum(len(p) for p in payload))
+            serial.append(0.0)  # serialisation is part of the action now (the pane diffs serialised traces)
+            totals.append(acted * 1e3)
+            sizes.append(sum(p.bytes_sent for p in panes) - sent)
     return dict(view=name, interactions=len(totals), median_ms=statistics.median(totals), max_ms=max(totals),
                 interaction_median_ms=statistics.median(interact), serialise_median_ms=statistics.median(serial),
                 payload_kb=statistics.median(sizes) / 1024)

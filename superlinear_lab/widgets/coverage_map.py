@@ -141,28 +141,33 @@ class CoverageMap(View):
                 f"{np.nanmean(cov):.1%} · heads that never look back past {self.far:.0%} of the context: {shallow_txt}")
 
     def figures(self) -> list[go.Figure]:
+        """The layer × head grids and the selected head's histogram, each built as one dict (validated once)."""
         cov, depth = self.grid()
         names = [f"L{i}" for i in self.trace.layers]
         heads = list(range(cov.shape[1]))
-        grid = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
-                             subplot_titles=["fraction of keys ever reached",
-                                             "look-back depth (95th pct of (q − anchor)/q)"])
-        grid.add_trace(go.Heatmap(z=cov, x=heads, y=names, zmin=0, zmax=1, colorscale="Viridis",
-                                  colorbar=dict(x=0.44, thickness=10, len=0.9), texttemplate="%{z:.0%}",
-                                  hovertemplate="%{y} head %{x}<br>reached %{z:.1%}<extra></extra>"), row=1, col=1)
-        grid.add_trace(go.Heatmap(z=depth, x=heads, y=names, zmin=0, zmax=1, colorscale="Cividis",
-                                  colorbar=dict(thickness=10, len=0.9), texttemplate="%{z:.2f}",
-                                  hovertemplate="%{y} head %{x}<br>look-back %{z:.2f}<extra></extra>"), row=1, col=2)
+        grid_data = [
+            dict(type="heatmap", z=cov, x=heads, y=names, zmin=0, zmax=1, colorscale="Viridis", xaxis="x", yaxis="y",
+                 colorbar=dict(x=0.44, thickness=10, len=0.9), texttemplate="%{z:.0%}", hoverongaps=False,
+                 hovertemplate="%{y} head %{x}<br>reached %{z:.1%}<extra></extra>"),
+            dict(type="heatmap", z=depth, x=heads, y=names, zmin=0, zmax=1, colorscale="Cividis", xaxis="x2",
+                 yaxis="y2", colorbar=dict(thickness=10, len=0.9), texttemplate="%{z:.2f}", hoverongaps=False,
+                 hovertemplate="%{y} head %{x}<br>look-back %{z:.2f}<extra></extra>")]
         # The selected cell: a shape, so selecting another head only redraws shapes in the browser.
         r = self.trace.layers.index(self.layer)
-        grid.update_layout(shapes=[dict(type="rect", xref=xref, yref=yref, x0=self.head - 0.5, x1=self.head + 0.5,
-                                        y0=r - 0.5, y1=r + 0.5, line=dict(color=COLORS["miss"], width=3))
-                                   for xref, yref in (("x", "y"), ("x2", "y2"))])
-        grid.update_layout(**base_layout("Per layer × head: how much of the context is used "
-                                         "(click a cell for its histogram)", height=120 + 45 * len(names),
-                                         showlegend=False))
-        grid.update_xaxes(title_text="head", dtick=1, range=[-0.5, cov.shape[1] - 0.5])
-        grid.update_yaxes(range=[len(names) - 0.5, -0.5])  # fixed (reversed): no autorange when the shape moves
+        shapes = [dict(type="rect", xref=xref, yref=yref, x0=self.head - 0.5, x1=self.head + 0.5, y0=r - 0.5,
+                       y1=r + 0.5, line=dict(color=COLORS["miss"], width=3)) for xref, yref in (("x", "y"), ("x2", "y2"))]
+        xaxis = dict(title=dict(text="head"), dtick=1, range=[-0.5, cov.shape[1] - 0.5])
+        yaxis = dict(range=[len(names) - 0.5, -0.5], type="category")  # fixed (reversed): no autorange
+        grid_layout = base_layout("Per layer × head: how much of the context is used (click a cell for its "
+                                  "histogram)", height=120 + 45 * len(names), showlegend=False)
+        grid_layout.update(
+            shapes=shapes, xaxis=dict(xaxis, domain=[0, 0.44], anchor="y"), yaxis=dict(yaxis, anchor="x"),
+            xaxis2=dict(xaxis, domain=[0.56, 1.0], anchor="y2"), yaxis2=dict(yaxis, anchor="x2"),
+            annotations=[dict(text=t, xref="paper", yref="paper", x=x, y=1.0, yanchor="bottom", showarrow=False,
+                              font=dict(size=13))
+                         for t, x in (("fraction of keys ever reached", 0.22),
+                                      ("look-back depth (95th pct of (q − anchor)/q)", 0.78))])
+        grid = go.Figure(dict(data=grid_data, layout=grid_layout))
 
         hist = self.histogram()
         edges = hist["edges"]
@@ -170,21 +175,23 @@ class CoverageMap(View):
         tokens = self.trace.tokens
         text = [f"keys {a:,}–{b - 1:,}" + (f": {snippet(tokens, a, b - 1, 40)}" if tokens else "")
                 for a, b in zip(edges[:-1], edges[1:])]
-        bars = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.68, 0.32], vertical_spacing=0.06)
-        bars.add_trace(go.Bar(x=centres, y=hist["mean"], width=np.diff(edges), name="mean attends per key",
-                              marker_color=COLORS["span"], hovertext=text, hoverinfo="text+y"), row=1, col=1)
-        missing = 1 - hist["reached"]
-        bars.add_trace(go.Bar(x=centres, y=missing, width=np.diff(edges),
-                              name="share of the bin's keys never reached", marker_color=COLORS["miss"],
-                              hovertext=text, hoverinfo="text+y"), row=2, col=1)
-        bars.update_layout(**base_layout(f"layers.{self.layer}.routing · head {self.head}: how often each key "
-                                         f"was attended ({hist['unreached_keys']:,} keys never)", height=340,
-                                         bargap=0))
-        bars.update_xaxes(range=[-0.5, self.trace.length - 0.5])
-        bars.update_xaxes(title_text="key position", row=2, col=1)
-        bars.update_yaxes(title_text="attends per key", row=1, col=1)
-        bars.update_yaxes(title_text="never reached", range=[0, 1], tickformat=".0%", row=2, col=1)
-        return [grid, bars]
+        width = np.diff(edges)
+        bars_data = [
+            dict(type="bar", x=centres, y=hist["mean"], width=width, name="mean attends per key",
+                 marker_color=COLORS["span"], hovertext=text, hoverinfo="text+y", xaxis="x", yaxis="y"),
+            dict(type="bar", x=centres, y=1 - hist["reached"], width=width,
+                 name="share of the bin's keys never reached", marker_color=COLORS["miss"], hovertext=text,
+                 hoverinfo="text+y", xaxis="x2", yaxis="y2")]
+        bars_layout = base_layout(f"layers.{self.layer}.routing · head {self.head}: how often each key was attended "
+                                  f"({hist['unreached_keys']:,} keys never)", height=340, bargap=0)
+        full = [-0.5, self.trace.length - 0.5]
+        bars_layout.update(
+            xaxis=dict(domain=[0, 1], anchor="y", matches="x2", showticklabels=False, range=full),
+            yaxis=dict(domain=[0.3408, 1.0], anchor="x", title=dict(text="attends per key")),
+            xaxis2=dict(domain=[0, 1], anchor="y2", range=full, title=dict(text="key position")),
+            yaxis2=dict(domain=[0.0, 0.2808], anchor="x2", range=[0, 1], tickformat=".0%",
+                        title=dict(text="never reached")))
+        return [grid, go.Figure(dict(data=bars_data, layout=bars_layout))]
 
     def _wire_figures(self, widgets) -> None:
         def on_click(trace, points, state):
