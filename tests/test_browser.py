@@ -105,8 +105,8 @@ def _run_notebook(page, base: str, token: str, notebook: str, stem: str):
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
     page.wait_for_function(_KERNEL_IDLE, timeout=60_000)
     page.evaluate(_RUN_ALL)
-    page.wait_for_function(_ALL_RUN, timeout=120_000, polling=500)
-    page.wait_for_function(_KERNEL_IDLE, timeout=120_000)
+    page.wait_for_function(_ALL_RUN, timeout=300_000, polling=500)  # lesson 04 runs the model: minutes on 2 cores
+    page.wait_for_function(_KERNEL_IDLE, timeout=300_000)
     _assert_no_errors(page, notebook)
     views = page.locator(".sl-view")
     page.wait_for_function("() => document.querySelectorAll('.sl-view .js-plotly-plot .main-svg').length > 0",

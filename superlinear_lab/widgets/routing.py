@@ -155,7 +155,9 @@ class RoutingExplorer(View):
         self.weight = "count"
         rec = trace.layer(self.layer)
         profiled = rec.profile_queries
-        self.query = int(profiled[-1]) if profiled.numel() else int(trace.queries[-1])
+        recorded = set(trace.queries.tolist())
+        shown = [int(q) for q in profiled.tolist() if int(q) in recorded]  # a profile of a recorded query
+        self.query = shown[-1] if shown else int(trace.queries[-1])
         self._maps: dict[tuple, RoutingMap] = {}
         self._map_key: tuple | None = None
         self._agreement: dict[tuple, float] = {}
@@ -523,8 +525,8 @@ class RoutingExplorer(View):
                           yaxis=dict(domain=top, anchor="x", title=dict(text="query position")),
                           xaxis2=dict(domain=[0, 1], anchor="y2"), yaxis2=dict(domain=strip, anchor="x2"))
             strip_axes = ["2"]
-            title = (f"{rec.name} · head {self.head}: which keys each query attends (blue band: window, orange: "
-                     f"top-{rec.num_spans} spans; black: the picked query's spans, ● anchors)")
+            title = (f"{rec.name} · head {self.head}: keys each query attends — blue: window, orange: "
+                     f"top-{rec.num_spans} spans, black/●: the picked query")
             height = 560
         else:
             mb = self.routing_map("B")
@@ -554,7 +556,8 @@ class RoutingExplorer(View):
             if name.startswith("xaxis"):
                 axis.update(range=full_x, autorange=False, showgrid=False)
             elif name.startswith("yaxis") and name[5:] not in strip_axes:
-                axis.update(range=full_y, autorange=False)
+                # scaleanchor False: an image trace would otherwise force square pixels and widen the x range
+                axis.update(range=full_y, autorange=False, scaleanchor=False)
         for n in strip_axes:
             layout[f"yaxis{n}"].update(showticklabels=False, showgrid=False)
         middle = strip_axes[len(strip_axes) // 2]
