@@ -83,6 +83,8 @@ def test_snippet():
     toks = list("hello\nworld")
     assert snippet(toks, 0, 4) == "hello"
     assert snippet(toks, 3, 7) == "lo⏎wo"
+    # one rule for raw and escaped newlines (model traces hold ByteTokenizer's display strings "\\n", "\\t")
+    assert snippet(["a", "\\n", "b", "\\t", "c"], 0, 4) == snippet(list("a\nb\tc"), 0, 4) == "a⏎b⇥c"
     assert snippet(None, 0, 3) == "" and snippet(toks, 5, 2) == ""
     long = snippet(["x"] * 10_000, 0, 9_999, limit=20)
     assert len(long) < 40 and "…" in long
