@@ -34,10 +34,11 @@ SETUP = """\
 import os, torch
 torch.set_num_threads(1)
 from superlinear_kernels import SpanConfig
-from superlinear_lab.widgets import RoutingExplorer, StripeExplorer, CoverageMap
-from superlinear_lab.widgets.demo import demo_trace, reference_text, stack_layers
+from superlinear_lab.widgets import RoutingExplorer, StripeExplorer, CoverageMap, MissedSpanDebugger
+from superlinear_lab.widgets.demo import demo_trace, plant, reference_text, stack_layers
 N = {tokens}
-text = reference_text(N)
+needle = "The secret launch code is ZX-7481-QJ.\n"
+text, ranges = plant(reference_text(N - 3 * len(needle)), needle, [0.2, 0.5, 0.8])
 prof = [N // 2, N - 1]
 a = demo_trace(text, SpanConfig.default(), profile_queries=prof)
 b = demo_trace(text, SpanConfig.default().replace(search_power=1 / 3, backward_factor=3.0), seed=1,
@@ -51,6 +52,8 @@ VIEWS = [
     ("RoutingExplorer(trace, compare=other, labels=('A', 'B'))", "RoutingExplorer compare"),
     ("StripeExplorer(SpanConfig.default(), query=N - 1, max_query=N)", "StripeExplorer"),
     ("CoverageMap(trace)", "CoverageMap"),
+    ("MissedSpanDebugger(trace, [dict(start=a, end=b, unit='char') for a, b in ranges], queries=[N - 1])",
+     "MissedSpanDebugger"),
 ]
 
 # Page side: one MutationObserver on the armed view; t0 = the first user input event after arming.
@@ -163,6 +166,15 @@ def actions(page, view, name: str):
         bf = _slider_handle(page, view, "b_f")
         out.append(("b_f step (slider key)", [lambda k=k: (bf.focus(), page.keyboard.press(k))
                                               for k in ("ArrowRight", "ArrowLeft")]))
+    elif name == "MissedSpanDebugger":
+        grid = view.locator(".sl-pane").first.locator(".nsewdrag").first
+        box = grid.bounding_box()
+        cells = [(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
+                 for fx, fy in ((0.1, 0.1), (0.4, 0.1), (0.65, 0.5), (0.9, 0.9), (0.4, 0.6), (0.1, 0.9))]
+        out.append(("grid cell click", [lambda p=p: page.mouse.click(*p) for p in cells]))
+        layer = _select(view, "layer")
+        labels = layer.locator("option").all_inner_texts()
+        out.append(("layer change", [lambda v=v: layer.select_option(label=v) for v in labels[1:] + labels[:1]]))
     elif name == "CoverageMap":
         head = _select(view, "head")
         out.append(("head change", [lambda v=v: head.select_option(str(v)) for v in ("1", "2", "3", "0")]))
@@ -245,7 +257,9 @@ def main() -> None:
     meta = dict(machine=platform.machine(), cpus=os.cpu_count(), python=platform.python_version(),
                 load_avg_before_after=os.getloadavg(), wall_s=round(time.time() - began, 1),
                 started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(began)))
-    Path(args.json).write_text(json.dumps(dict(meta=meta, records=records), indent=2) + "\n")
+    for rec in records:  # one flat record per (view, action, tokens), each saying where it was measured
+        rec.update(meta)
+    Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
     print(f"wrote {args.json}")
 
 

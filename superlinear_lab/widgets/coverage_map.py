@@ -217,7 +217,9 @@ class CoverageMap(View):
             syncing[0] = True
             try:
                 layer.value = self.layer
-                head.options = list(range(self.trace.layer(self.layer).heads))
+                heads = list(range(self.trace.layer(self.layer).heads))
+                if list(head.options) != heads:  # each assignment is a message and a re-render
+                    head.options = heads
                 head.value = self.head
                 window.value = self.include_window
             finally:

@@ -82,6 +82,12 @@ def routing_map(trace: RoutingTrace, layer, head: int, max_bins: int = 240, weig
                       span_mass.sum(axis=0) / width)
 
 
+def _set_options(dropdown, options: list) -> None:
+    """Assign a drop-down's options only when they changed (each assignment is a message and a re-render)."""
+    if list(dropdown.options) != [o if not isinstance(o, list) else tuple(o) for o in options]:
+        dropdown.options = options
+
+
 _SPAN_STOPS = [(0.0, "#fde0c5"), (0.3, "#f8a45e"), (1.0, "#b3470c")]
 _DIFF_STOPS = [(0.0, "#2166ac"), (0.5, "#f7f7f7"), (1.0, "#b2182b")]  # blue: only B … red: only A
 
@@ -688,13 +694,13 @@ class RoutingExplorer(View):
             syncing[0] = True
             try:
                 layer.value = self.layer
-                head.options = list(range(self.heads))
+                _set_options(head, list(range(self.heads)))
                 head.value = self.head
                 query.value = int(np.searchsorted(self.trace.queries.numpy(), self.query))
                 query_label.value = f"position {self.query:,}"
                 weight.value = self.weight
                 plist = self.trace.layer(self.layer).profile_queries.tolist()
-                prof.options = [("—", -1)] + [(f"{q:,}", q) for q in plist]
+                _set_options(prof, [("—", -1)] + [(f"{q:,}", q) for q in plist])
                 prof.value = self.query if self.query in plist else -1
             finally:
                 syncing[0] = False
