@@ -183,6 +183,29 @@ class RoutingExplorer(View):
             self._maps[key] = routing_map(trace, self.layer, self.head, self.max_bins, self.weight)
         return self._maps[key]
 
+    def _schedule_prefetch(self) -> None:
+        """In a kernel, aggregate the other heads' maps of this layer while the user looks (one per idle slot of
+        the kernel's event loop, never concurrently with an action), so a head change only builds its figure."""
+        import asyncio
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop (scripts, tests): maps are computed on demand
+        sides = ("A", "B") if self.compare is not None else ("A",)
+        todo = [(w, self.layer, h, self.weight, self.max_bins) for h in range(self.heads) for w in sides]
+
+        def step():
+            while todo:
+                key = todo.pop(0)
+                if key not in self._maps:
+                    trace = self.trace if key[0] == "A" else self.compare
+                    self._maps[key] = routing_map(trace, *key[1:3], key[4], key[3])
+                    break
+            if todo:
+                loop.call_later(0.2, step)
+        loop.call_later(0.5, step)
+
     def chosen(self, which: str = "A") -> list[dict]:
         """The K slots of the current (layer, head, query) in trace A or B, best score first (invalid skipped)."""
         trace = self.trace if which == "A" else self.compare
@@ -518,6 +541,7 @@ class RoutingExplorer(View):
                 bands.append(self._window_band("B", "x2y2"))
             self._map_bands = [b for b in bands if b]
             self._map_fig, self._map_key = fig, key
+            self._schedule_prefetch()
         self._map_fig.layout.shapes = self._map_bands + self._overlay_shapes()
         return self._map_fig
 
