@@ -37,7 +37,7 @@ from superlinear_kernels import SpanConfig
 from superlinear_lab.widgets import RoutingExplorer, StripeExplorer, CoverageMap, MissedSpanDebugger
 from superlinear_lab.widgets.demo import demo_trace, plant, reference_text, stack_layers
 N = {tokens}
-needle = "The secret launch code is ZX-7481-QJ.\n"
+needle = "The secret launch code is ZX-7481-QJ.\\n"
 text, ranges = plant(reference_text(N - 3 * len(needle)), needle, [0.2, 0.5, 0.8])
 prof = [N // 2, N - 1]
 a = demo_trace(text, SpanConfig.default(), profile_queries=prof)

@@ -79,15 +79,26 @@ function render({ model, el }) {
             model.send({type: "click", curve: p.curveNumber, x: p.x, y: p.y, point: p.pointNumber ?? null});
           });
           // "area" mode: any click inside a subplot, in data coordinates (also on empty cells of a heatmap)
-          box.addEventListener("click", (ev) => {
-            if (model.get("click_mode") !== "area") return;
+          // a click = pointerdown on a subplot + pointerup within 4 px (on the window: plotly covers the page
+          // while the button is down); sent before plotly's own click handling (hover labels) delays it
+          let down = null;
+          box.addEventListener("pointerdown", (ev) => {
             const drag = ev.target.closest && ev.target.closest(".nsewdrag");
-            const info = drag && box._fullLayout._plots[drag.getAttribute("data-subplot")];
+            down = drag ? [ev.clientX, ev.clientY, drag] : null;
+          }, true);
+          const up = (ev) => {
+            if (!down || model.get("click_mode") !== "area") { down = null; return; }
+            const [x0, y0, drag] = down;
+            down = null;
+            if (Math.hypot(ev.clientX - x0, ev.clientY - y0) > 4) return;  // a drag (zoom box), not a click
+            const info = box._fullLayout && box._fullLayout._plots[drag.getAttribute("data-subplot")];
             if (!info) return;
             const r = drag.getBoundingClientRect();
             model.send({type: "areaclick", subplot: drag.getAttribute("data-subplot"),
-                        x: info.xaxis.p2d(ev.clientX - r.left), y: info.yaxis.p2d(ev.clientY - r.top)});
-          });
+                        x: info.xaxis.p2d(x0 - r.left), y: info.yaxis.p2d(y0 - r.top)});
+          };
+          window.addEventListener("pointerup", up, true);
+          box.__slUp = up;
         }
       } else if (msg.type === "patch" && data !== null) {
         const changed = Object.entries(msg.traces);
@@ -127,7 +138,7 @@ function render({ model, el }) {
     setTimeout(ask, 2000);
   };
   ask();
-  return () => { trace("disposed"); alive = false; model.off("msg:custom", onMsg); if (globalThis.Plotly) globalThis.Plotly.purge(box); };
+  return () => { trace("disposed"); if (box.__slUp) window.removeEventListener("pointerup", box.__slUp, true); alive = false; model.off("msg:custom", onMsg); if (globalThis.Plotly) globalThis.Plotly.purge(box); };
 }
 export default { render };
 """
