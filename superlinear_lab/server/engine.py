@@ -413,13 +413,16 @@ class ChatEngine:
             if background > self.background_share * (background + foreground):
                 return  # the others run first
         gen = long[0]
-        n = max(16, min(self.prefill_slice, int(self.slice_target_s / self._slice_s_per_token)))
+        n = self.prefill_slice  # alone: full slices (a slice has a fixed cost that grows with the position)
+        if contended or short:
+            n = max(16, min(n, int(self.slice_target_s / self._slice_s_per_token)))
         n = min(n, len(gen.ids) - gen.pos)
         t0 = time.monotonic()
         self._prefill(gen, n)
         spent = time.monotonic() - t0
         self._busy_time[0] += spent
-        self._slice_s_per_token = 0.5 * self._slice_s_per_token + 0.5 * spent / n  # cost grows with the position
+        if n == self.prefill_slice:  # measured on full slices only: short ones would inflate it (fixed cost)
+            self._slice_s_per_token = 0.5 * self._slice_s_per_token + 0.5 * spent / n
 
     def _prefill_short(self, gens: list[Generation]) -> None:
         """Prefill the rest of each prompt: equal-length chunks of all batchable rows in one forward
