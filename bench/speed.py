@@ -37,7 +37,7 @@ CHUNK = 32768
 
 
 def keys_per_query(cfg: SpanConfig, t: int) -> int:
-    """Keys one query at t reads at most: K (B + Fw + 1) + W (SPEC §1.9), capped at t."""
+    """Keys one query at t reads at most: K (B + Fw + 1) + W (docs/algorithm.md §1.9), capped at t."""
     backward, forward = span_lengths(cfg, t)
     routed = cfg.num_spans * (int(backward[t]) + int(forward[t]) + 1) if max_stripe(cfg, t) > cfg.sw_index else 0
     return min(t, routed + cfg.window_len)

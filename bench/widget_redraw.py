@@ -1,4 +1,4 @@
-"""Redraw latency of the views for a 64K-token trace (not a test; DESIGN.md target: ≤ 150 ms per interaction).
+"""Redraw latency of the views for a 64K-token trace (not a test; docs/design.md target: ≤ 150 ms per interaction).
 
 One interaction = the controller action + rebuilding the figures + the figure panes working out and serialising
 what changed (`View.last_redraw_s` covers the last two), measured in the kernel process with no browser attached

@@ -1,4 +1,4 @@
-"""Public entry points: `span_search` and `superlinear_attention` (DESIGN.md, public API contract).
+"""Public entry points: `span_search` and `superlinear_attention` (docs/design.md, Public API).
 
 Both validate every argument before any computation, derive the row starts from the left-padded
 mask, then dispatch to a backend: "oracle" (dense, small L, tests), "torch" (efficient, any
@@ -19,7 +19,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass(frozen=True)
 class SearchResult:
-    """Routing of every (batch, query head, query): the top-K stripes and their spans (SPEC §2.4).
+    """Routing of every (batch, query head, query): the top-K stripes and their spans (docs/algorithm.md §2.4).
 
     All fields have shape [B, H_Q, L_Q, K], sorted by search value (descending; ties → earlier anchor).
     """
@@ -154,7 +154,7 @@ def _check_routing(routing, cfg: SpanConfig, prep: Prepared, rows: tuple[int, in
     if bool(((qs != -1) | (qe != -1))[~valid].any()):
         raise ValueError("routing: invalid slots (qanchor < 0) must have qstart = qend = -1")
     # Inclusive [qstart, qend] inside the row's keys before q, and (W > 0) before the window: the span
-    # and window branches are merged as disjoint key sets (SPEC §1.7, §3.3).
+    # and window branches are merged as disjoint key sets (docs/algorithm.md §1.7, §3.3).
     end_cap = torch.minimum(q, prep.l_kv - 1 + torch.zeros_like(q))
     if cfg.window_len > 0:
         end_cap = torch.minimum(end_cap, _window_start(cfg, q) - 1)
@@ -207,7 +207,7 @@ def _backend_module(name: str):
 
 def span_search(q1: torch.Tensor, k: torch.Tensor, cache_position, cfg: SpanConfig,
                 attention_mask: torch.Tensor | None = None, backend: str = "auto") -> SearchResult:
-    """Top-K stripe search (SPEC §2): score anchors with raw <Q1, K>, keep the K best, derive spans.
+    """Top-K stripe search (docs/algorithm.md §2): score anchors with raw <Q1, K>, keep the K best, derive spans.
 
     Args:
         q1: search queries [B, H_Q, L_Q, D] (fp16, bf16 or fp32).
@@ -233,7 +233,7 @@ def span_search(q1: torch.Tensor, k: torch.Tensor, cache_position, cfg: SpanConf
 def superlinear_attention(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_position,
                           cfg: SpanConfig, attention_mask: torch.Tensor | None = None, backend: str = "auto",
                           return_routing: bool = False, routing: SearchResult | None = None):
-    """Superlinear attention (SPEC §2–3): search, K span ∪ window branches, LSE merge and gate.
+    """Superlinear attention (docs/algorithm.md §2–3): search, K span ∪ window branches, LSE merge and gate.
 
     Args:
         q1: search/gate queries [B, H_Q, L_Q, D] (unscaled dot with K at the anchors).

@@ -11,16 +11,16 @@ from fractions import Fraction
 from functools import cached_property
 
 # A float power (search p, span ρ) is snapped to the nearest fraction with a denominator up to this bound
-# (SPEC §1.3); anything further than `_FRACTION_TOLERANCE` from it is rejected. The span factors b_f, f_f
+# (docs/algorithm.md §1.3); anything further than `_FRACTION_TOLERANCE` from it is rejected. The span factors b_f, f_f
 # are snapped the same way when they lie that close to such a fraction (1.9 means 19/10), and otherwise
-# taken at their exact binary value: either way B(t), Fw(t) are ceilings of exact values (SPEC §1.7).
+# taken at their exact binary value: either way B(t), Fw(t) are ceilings of exact values (docs/algorithm.md §1.7).
 _MAX_DENOMINATOR = 1000
 _FRACTION_TOLERANCE = 1e-9
 
 # Bounds on every parameter, so a bad config fails here with a clear message instead of overflowing (or
 # running for minutes) on first use.
 MAX_NUM_SPANS = 64  # K: beyond this the per-query work only pads (no preset or kernel needs more)
-MAX_POSITION = 2**31 - 2  # positions and span bounds are int32 (SPEC §2.4): W must fit below this
+MAX_POSITION = 2**31 - 2  # positions and span bounds are int32 (docs/algorithm.md §2.4): W must fit below this
 MIN_FACTOR, MAX_FACTOR = 2.0**-20, 2.0**20  # b_f in [MIN, MAX]; f_f = 0 or in [MIN, MAX]
 
 
@@ -33,7 +33,7 @@ def exact_fraction(value: float) -> Fraction:
 
 @dataclass(frozen=True)
 class SpanConfig:
-    """Geometry of Superlinear attention (SPEC §1). Frozen: derive a new one with `replace(...)`.
+    """Geometry of Superlinear attention (docs/algorithm.md §1). Frozen: derive a new one with `replace(...)`.
 
     Example::
 
@@ -77,7 +77,7 @@ class SpanConfig:
                 fail(field, value, f"a fraction u/v with v <= {_MAX_DENOMINATOR} (nearest is {frac}, off by "
                                    f"{abs(float(frac) - value):.3g})")
         # W = F(σ + 1) - 1 must be a valid position: W > MAX_POSITION iff F(σ+1) >= MAX_POSITION + 2 iff
-        # (MAX_POSITION + 2)^u <= (σ+1)^v (SPEC §1.3), decided without computing F.
+        # (MAX_POSITION + 2)^u <= (σ+1)^v (docs/algorithm.md §1.3), decided without computing F.
         u, v = self.power_fraction
         if self.sw_index >= MAX_POSITION or (MAX_POSITION + 2) ** u <= (self.sw_index + 1) ** v:
             fail("sw_index", self.sw_index, f"a window W = F(σ+1) - 1 <= {MAX_POSITION} (positions are int32); "
@@ -114,7 +114,7 @@ class SpanConfig:
 
     @cached_property
     def span_fraction(self) -> tuple[int, int]:
-        """(u, v) in lowest terms with ρ = u/v (SPEC §1.7: B(t) = ceil(b_f t^(u/v)) on exact values)."""
+        """(u, v) in lowest terms with ρ = u/v (docs/algorithm.md §1.7: B(t) = ceil(b_f t^(u/v)) on exact values)."""
         frac = Fraction(self.span_power).limit_denominator(_MAX_DENOMINATOR)
         return frac.numerator, frac.denominator
 
@@ -160,7 +160,7 @@ class SpanConfig:
                          forward_factor: float = 0.0, span_power: float = 0.5,
                          search_power: float | None = None,
                          inv_search_power_int: int | None = None) -> "SpanConfig":
-        """Build from the kernel-level argument list of SPEC §3.5 (exactly one of the two powers)."""
+        """Build from the kernel-level argument list of docs/algorithm.md §3.5 (exactly one of the two powers)."""
         if (search_power is None) == (inv_search_power_int is None):
             if search_power is None and inv_search_power_int is None:
                 inv_search_power_int = 2

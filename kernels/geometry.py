@@ -1,9 +1,9 @@
-"""Exact geometry of Superlinear attention (SPEC §1): the one stripe-offset table F(i), the window,
+"""Exact geometry of Superlinear attention (docs/algorithm.md §1): the one stripe-offset table F(i), the window,
 the maximum stripe index M(x), span lengths B(t)/Fw(t), the candidate spans of a query, and the
 coverage checker that proves (or refutes) structural non-exclusion.
 
 Every other path — oracle, torch backend, Triton kernels, widgets — reads offsets and span lengths
-from the tables built here (Decision D1), so no two paths can disagree on where an anchor lies.
+from the tables built here (Decision D1 in docs/design.md), so no two paths can disagree on where an anchor lies.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _grow_table(cfg: SpanConfig, max_offset: int) -> list[int]:
 
 
 def stripe_offset(cfg: SpanConfig, i: int) -> int:
-    """F(i) = floor(i^(1/p)), exactly (SPEC §1.3). F(0) = 0, F(1) = 1."""
+    """F(i) = floor(i^(1/p)), exactly (docs/algorithm.md §1.3). F(0) = 0, F(1) = 1."""
     if i < 0:
         raise ValueError(f"stripe index i={i}: expected i >= 0")
     u, v = cfg.power_fraction
@@ -80,7 +80,7 @@ def stripe_table(cfg: SpanConfig, max_offset: int, device: torch.device | str = 
 
 
 def max_stripe(cfg: SpanConfig, x: int) -> int:
-    """M(x) = max{i : F(i) <= x}; 0 for x < 1 (SPEC §1.6)."""
+    """M(x) = max{i : F(i) <= x}; 0 for x < 1 (docs/algorithm.md §1.6)."""
     if x < 1:
         return 0
     table = _grow_table(cfg, x)
@@ -95,17 +95,17 @@ def max_stripe(cfg: SpanConfig, x: int) -> int:
 
 
 def window_len(cfg: SpanConfig) -> int:
-    """W(σ) = F(σ + 1) - 1 (SPEC §1.5)."""
+    """W(σ) = F(σ + 1) - 1 (docs/algorithm.md §1.5)."""
     return cfg.window_len
 
 
 def window_bounds(cfg: SpanConfig, q, start=0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inclusive sliding-window bounds (lo, hi) of query positions `q` in rows starting at `start` (SPEC §1.5).
+    """Inclusive sliding-window bounds (lo, hi) of query positions `q` in rows starting at `start` (docs/algorithm.md §1.5).
 
     The one place the window rule lives. q, start: ints or int64 tensors (broadcast together).
     Returns two int64 tensors of the broadcast shape (0-d for int inputs): lo = max(q - W + 1, s, 0),
     hi = q; both -1 where the window is empty (W = 0, or s > q). With start = 0, lo is sw_start(q), the
-    key after which no span may end (SPEC §1.7).
+    key after which no span may end (docs/algorithm.md §1.7).
     """
     q = torch.as_tensor(q, dtype=torch.int64)
     start = torch.as_tensor(start, dtype=torch.int64, device=q.device)
@@ -144,7 +144,7 @@ def _exact_ceil_lengths(factor, power: tuple[int, int], t_max: int) -> torch.Ten
 def span_lengths(cfg: SpanConfig, t_max: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(B, Fw): int64 tensors of length >= t_max + 1 with B[t] = ceil(b_f t^ρ), Fw[t] = ceil(f_f t^ρ).
 
-    The single routine every path uses (SPEC §1.7, Decision D1). The ceiling acts on exact values: ρ and
+    The single routine every path uses (docs/algorithm.md §1.7, Decision D1 in docs/design.md). The ceiling acts on exact values: ρ and
     the factors are the rationals of `SpanConfig.span_fraction` / `factor_fractions` (0.55 = 11/20), so
     b_f = 2, ρ = ½, t = 16 gives 8 and the release preset at t = 2^20 gives B = 6144, Fw = 2048 (a float64
     ceiling gives 6145, 2049). Cached per (b_f, f_f, ρ, extent, device); the extent is rounded up to a
@@ -164,7 +164,7 @@ def span_lengths(cfg: SpanConfig, t_max: int, device: torch.device | str = "cpu"
 
 def span_bounds(cfg: SpanConfig, anchor: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
                 l_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Span [qstart, qend] around each anchor (SPEC §1.7); -1 where the anchor is -1.
+    """Span [qstart, qend] around each anchor (docs/algorithm.md §1.7); -1 where the anchor is -1.
 
     anchor, q, s: broadcastable int64 tensors (anchor position, query position, row start).
     qstart = max(a - B(t), s, 0); qend = min(a + Fw(t), q, L_KV - 1, sw_start(q) - 1 [if W > 0]),
@@ -196,7 +196,7 @@ class Stripe:
 
 @dataclass(frozen=True, eq=False)
 class QueryGeometry:
-    """Everything the geometry says about one query: window, stripes, spans (SPEC §1.4–1.7).
+    """Everything the geometry says about one query: window, stripes, spans (docs/algorithm.md §1.4–1.7).
 
     The stripes are held as int64 tensors [S] over i = σ+1 .. M(q + 1), nearest anchor first (one
     vectorised computation, cheap at any q); `stripes` / `candidates` give them as `Stripe` records.
@@ -305,7 +305,7 @@ def coverage(cfg: SpanConfig, length: int, start: int = 0) -> CoverageReport:
 
     The union window ∪ (all candidate spans) must equal [s, q] for each query q = s .. s + length - 1.
     Geometry depends only on t = q + 1 - s, so the check runs on t = 1 .. length in O(length) tensor
-    work (SPEC §1.8): spans of consecutive candidate stripes i, i+1 meet iff
+    work (docs/algorithm.md §1.8): spans of consecutive candidate stripes i, i+1 meet iff
     F(i+1) - F(i) <= B(t) + Fw(t) + 1 (needed only while the upper span's start a_i - B(t) > s), and
     the deepest span reaches s iff t - F(M(t)) <= B(t). A failing query is then enumerated exactly to
     name the smallest uncovered key.

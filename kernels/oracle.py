@@ -1,4 +1,4 @@
-"""The dense oracle: a naive, self-contained implementation of SPEC §1–3, used as the truth in tests.
+"""The dense oracle: a naive, self-contained implementation of docs/algorithm.md §1–3, used as the truth in tests.
 
 It shares no geometry or softmax code with the backends it checks (only the `SpanConfig` fields and the
 result containers): stripe offsets come from an integer search of their definition, span lengths from
@@ -6,7 +6,7 @@ the ceiling formula on exact rationals, and masking, softmax and gate are writte
 materialises the full score matrix [B, H_Q, L_Q, L_KV] and, per branch k, the explicit key set S_k ∪ Wnd:
 O(L_Q · L_KV) memory, small L only. Call it through `superlinear_kernels.span_search(..., backend="oracle")`.
 
-Non-finite values (SPEC §3.8 note in `superlinear_attention`): a query whose key set holds a key with a
+Non-finite values (docs/algorithm.md §3.8 note in `superlinear_attention`): a query whose key set holds a key with a
 non-finite value row gets NaN; keys outside its key set never affect it.
 """
 from __future__ import annotations
@@ -19,12 +19,12 @@ import torch
 from .api import Prepared, SearchResult
 from .config import SpanConfig
 
-_INVALID_GATE_LOGIT = -1e9  # SPEC §3.2: the logit of an invalid gate slot
+_INVALID_GATE_LOGIT = -1e9  # docs/algorithm.md §3.2: the logit of an invalid gate slot
 
 
 # --------------------------------------------------------------------------- exact numbers, naively
 def _rational(x: float, snap_only: bool) -> Fraction:
-    """The rational a float parameter stands for (SPEC §1.3, §1.7): the nearest fraction with denominator
+    """The rational a float parameter stands for (docs/algorithm.md §1.3, §1.7): the nearest fraction with denominator
     <= 1000 when within 1e-9 of it, else (factors only) the float's exact binary value."""
     near = Fraction(x).limit_denominator(1000)
     if abs(near - Fraction(x)) <= Fraction(1, 10**9):
@@ -75,7 +75,7 @@ def _ceil_length(factor: Fraction, rho: Fraction, t: int) -> int:
 
 
 class _Geometry:
-    """The oracle's own reading of SPEC §1 for one config and one call."""
+    """The oracle's own reading of docs/algorithm.md §1 for one config and one call."""
 
     def __init__(self, cfg: SpanConfig, q_limit: int):
         p = _rational(cfg.search_power, snap_only=True)
@@ -106,7 +106,7 @@ def _key_valid(prep: Prepared, l_kv: int) -> torch.Tensor:
 
 
 def _spans(geo: _Geometry, anchor: torch.Tensor, prep: Prepared, l_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """qstart, qend [B, H_Q, L_Q, K] of SPEC §1.7; -1 where the anchor is -1. Lengths and the end cap are
+    """qstart, qend [B, H_Q, L_Q, K] of docs/algorithm.md §1.7; -1 where the anchor is -1. Lengths and the end cap are
     worked out per (row, query) in Python integers, then applied to every slot."""
     back, fwd, lower, upper = [], [], [], []
     for s in prep.row_start.tolist():
@@ -179,7 +179,7 @@ def _softmax_attend(logits: torch.Tensor, allowed: torch.Tensor, values: torch.T
 
 
 def _gate(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """g = softmax over the K slots of ṽ (v on valid slots, -1e9 on invalid ones), SPEC §3.2."""
+    """g = softmax over the K slots of ṽ (v on valid slots, -1e9 on invalid ones), docs/algorithm.md §3.2."""
     logits = torch.where(valid, values, torch.full_like(values, _INVALID_GATE_LOGIT))
     e = torch.exp(logits - logits.amax(dim=-1, keepdim=True).detach())
     return e / e.sum(dim=-1, keepdim=True)

@@ -1,12 +1,12 @@
 """NaN-free building blocks shared by the oracle and the torch backend: a masked softmax that also
-returns its log-sum-exp, the LSE merge of a span branch with the window branch (SPEC §3.3) and the
-gate (SPEC §3.2). Empty key sets give output 0 and lse -inf, with finite gradients everywhere.
+returns its log-sum-exp, the LSE merge of a span branch with the window branch (docs/algorithm.md §3.3) and the
+gate (docs/algorithm.md §3.2). Empty key sets give output 0 and lse -inf, with finite gradients everywhere.
 """
 from __future__ import annotations
 
 import torch
 
-# Invalid gate slots get this logit instead of -inf, so an all-invalid row is uniform (SPEC §3.2).
+# Invalid gate slots get this logit instead of -inf, so an all-invalid row is uniform (docs/algorithm.md §3.2).
 INVALID_GATE_LOGIT = -1e9
 
 
@@ -31,7 +31,7 @@ def masked_attention(logits: torch.Tensor, allowed: torch.Tensor, values: torch.
 
 def merge_with_window(span_out: torch.Tensor, span_lse: torch.Tensor,
                       win_out: torch.Tensor, win_lse: torch.Tensor) -> torch.Tensor:
-    """O_k = (e^ℓk O_span + e^ℓw O_win) / (e^ℓk + e^ℓw), stably; both -inf gives O_win (SPEC §3.3).
+    """O_k = (e^ℓk O_span + e^ℓw O_win) / (e^ℓk + e^ℓw), stably; both -inf gives O_win (docs/algorithm.md §3.3).
 
     span_out [..., K, D], span_lse [..., K], win_out [..., D], win_lse [...].
     """
@@ -47,6 +47,6 @@ def merge_with_window(span_out: torch.Tensor, span_lse: torch.Tensor,
 
 
 def gate_weights(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """g = softmax_k(ṽ_k), ṽ_k = v_k on valid slots and -1e9 on invalid ones (SPEC §3.2). [..., K] fp32."""
+    """g = softmax_k(ṽ_k), ṽ_k = v_k on valid slots and -1e9 on invalid ones (docs/algorithm.md §3.2). [..., K] fp32."""
     logits = torch.where(valid, values, torch.full_like(values, INVALID_GATE_LOGIT))
     return torch.softmax(logits, dim=-1)

@@ -4,12 +4,12 @@ This is what CPUs run (CI, laptops, notebooks). Same routing and outputs as the 
 
 * **Search** scans only the stripes σ+1 … M(q_max+1), chunked over queries: one gather of the anchor
   keys per KV head (shared by its query heads), raw fp32 dot products, then K rounds of argmax over
-  stripes ordered earliest position first (argmax returns the first maximum: the tie rule, SPEC §2.3).
+  stripes ordered earliest position first (argmax returns the first maximum: the tie rule, docs/algorithm.md §2.3).
 * **Attention** treats the window and every span as a *contiguous key range* [lo, hi] — both are
   already clipped to the row start s, so no key mask is needed. Pairs (query head, query, range) are
   sorted by (batch, KV head, first key block of 64) and packed into dense tiles of pairs that start in
   the same block; each tile gathers one window of keys for a batched [pairs × D]·[D × keys] matmul with
-  a range mask (the CPU analogue of the bucketed prefill, SPEC §3.6). Branch and window are merged by
+  a range mask (the CPU analogue of the bucketed prefill, docs/algorithm.md §3.6). Branch and window are merged by
   log-sum-exp, then gated (§3.2–3.3).
 
 Memory bound (beyond inputs, outputs and one fp32 copy of K/V): the search holds at most

@@ -51,7 +51,7 @@ def _positive_int(text: str) -> int:
 PLAN_EPILOG = """\
 PATH is a checkpoint directory (weights are summed from the safetensors shard headers; no tensor is read),
 its config.json (weights from the parameter count), or the word `released` for the built-in
-Superlinear-Exp-v0.1 layout (SPEC §5).
+Superlinear-Exp-v0.1 layout (docs/algorithm.md §5).
 
 sizes: GB/MB are SI (80GB = 80e9 bytes), GiB/MiB binary; token counts take K and M (1M = 1,048,576).
 

@@ -8,14 +8,14 @@ Keys name a layer and a query head exactly as a `RoutingTrace` does: the layer a
 ``"layers.<i>.routing"`` or the block index ``i`` of an attention layer, and the head index.
 
 * **force** — a list of targets the head must attend, each an *anchor* position (int: the span around it follows the
-  geometry of SPEC §1.7, as for a searched stripe) or an explicit *span* ``(start, end)`` (inclusive; clipped to
+  geometry of docs/algorithm.md §1.7, as for a searched stripe) or an explicit *span* ``(start, end)`` (inclusive; clipped to
   keys before the query's window). A target joins a query's chosen branches where it is a valid key for that query
   (anchor <= q, non-empty span) and is not chosen already: it takes an empty slot, else the slot of the lowest-scoring
   branch that was not forced. Its search value — the one the gate softmax sees — is the real score
   ⟨Q1, K(anchor)⟩ (for a span, of its last key): forcing changes *which* spans are read, not how the gate weighs
   them.
 * **ablate** — span slots (0 = the best search value, as in the trace) whose branch is dropped: the slot becomes
-  invalid, so the gate renormalises over the remaining branches (SPEC §3.2). Ablation applies before forcing, so
+  invalid, so the gate renormalises over the remaining branches (docs/algorithm.md §3.2). Ablation applies before forcing, so
   ablating slot k and forcing a target replaces branch k with that target.
 * **queries** — None (every position) or the query positions the overrides apply to (others are routed normally).
 
@@ -117,7 +117,7 @@ class LayerOverride:
                 if isinstance(target, tuple):  # explicit span, clipped to keys before the window
                     lo = torch.full_like(pos, target[0])
                     hi = torch.minimum(torch.full_like(pos, target[1]), pos)
-                    if self.cfg.window_len > 0:  # spans end before the window (SPEC §1.7)
+                    if self.cfg.window_len > 0:  # spans end before the window (docs/algorithm.md §1.7)
                         hi = torch.minimum(hi, window_bounds(self.cfg, pos)[0] - 1)
                     anchor = hi
                     ok = (hi >= lo) & (anchor < l_kv)

@@ -1,7 +1,7 @@
 """`RoutingTrace`: what Superlinear attention did in a run — the data contract every view reads.
 
 A trace covers one token row (batch 1) of `length` tokens. For each recorded attention layer and query
-head, and for each recorded query position, it holds the routing of SPEC §2–3: anchors, span bounds,
+head, and for each recorded query position, it holds the routing of docs/algorithm.md §2–3: anchors, span bounds,
 search values, gate weights and the sliding-window bounds; optionally the full per-stripe search profile
 (every stripe's score, not only the top K) for a chosen subset of queries.
 
@@ -17,9 +17,9 @@ Contract (stable; views and tests rely on it):
 * ``trace.tokens`` — list[str] of length `length` (one display string per token) or None;
   ``trace.token_ids`` — int64 [length] (-1 where unknown) or None.
 * ``trace.layer(layer)`` → `LayerRouting` with, for H_Q query heads, Lsel queries, K span slots:
-    - ``qstart``, ``qanchor``, ``qend``: int32 [H_Q, Lsel, K], -1 in invalid slots (SPEC §2.4);
+    - ``qstart``, ``qanchor``, ``qend``: int32 [H_Q, Lsel, K], -1 in invalid slots (docs/algorithm.md §2.4);
     - ``values``: fp32 [H_Q, Lsel, K] raw search scores, -inf in invalid slots;
-    - ``gate``: fp32 [H_Q, Lsel, K], the gate weights (SPEC §3.2);
+    - ``gate``: fp32 [H_Q, Lsel, K], the gate weights (docs/algorithm.md §3.2);
     - ``window``: int64 [Lsel, 2], inclusive window bounds (lo, hi); (-1, -1) when the window is empty;
     - ``profile_queries``: int64 [Lprof] (sorted), ``stripes``: int64 [S] (σ+1 …, nearest anchor first),
       ``stripe_anchors``: int64 [Lprof, S] (q + 1 - F(i), may be < 0), ``stripe_values``: fp32
@@ -88,7 +88,7 @@ def _gate(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def window_bounds(cfg: SpanConfig, queries, row_start: int = 0) -> torch.Tensor:
-    """int64 [L, 2]: inclusive sliding-window bounds (lo, hi) of query positions `queries` int [L] (SPEC §1.5),
+    """int64 [L, 2]: inclusive sliding-window bounds (lo, hi) of query positions `queries` int [L] (docs/algorithm.md §1.5),
     (-1, -1) where the window is empty — `superlinear_kernels.geometry.window_bounds` stacked as trace rows."""
     lo, hi = kernel_window_bounds(cfg, torch.as_tensor(queries, dtype=torch.int64), row_start)
     return torch.stack([lo, hi], dim=-1)
@@ -108,7 +108,7 @@ def evidence_reach(qstart: torch.Tensor, qend: torch.Tensor, window: torch.Tenso
     """How many keys of the evidence range [ev_start, ev_end] (inclusive) each branch attends — THE reach rule.
 
     A query's branch k attends the keys of its span [qstart_k, qend_k] together with its sliding window
-    (SPEC §3.3); a key is *reached* when some branch attends it. Every "was it reached" question in the package
+    (docs/algorithm.md §3.3); a key is *reached* when some branch attends it. Every "was it reached" question in the package
     (trace helpers, evaluation recall, the missed-span debugger, reports) is answered from this function.
 
     Args:
@@ -148,7 +148,7 @@ def evidence_reach(qstart: torch.Tensor, qend: torch.Tensor, window: torch.Tenso
 def branch_weights(q2: torch.Tensor, k: torch.Tensor, qstart: torch.Tensor, qend: torch.Tensor,
                    window: torch.Tensor) -> torch.Tensor:
     """fp32 [H_Q, L, K, L_KV]: the attention weights of each branch — softmax of q2·K/√D over span k ∪ window
-    (SPEC §3.3), 0 outside it and for a branch with no key. The gated sum over K is the layer's attention pattern
+    (docs/algorithm.md §3.3), 0 outside it and for a branch with no key. The gated sum over K is the layer's attention pattern
     (`RoutingTrace.attention_pattern`); one branch's weights on some keys is what it read of them.
 
     Args:
@@ -409,7 +409,7 @@ class RoutingTrace:
 
         Args:
             routing: a `SearchResult` (fields [B, H_Q, L_Q, K]), a sequence of them (one per layer) or a dict
-                {layer index: SearchResult}. A missing `gate` is computed from `values` (SPEC §3.2).
+                {layer index: SearchResult}. A missing `gate` is computed from `values` (docs/algorithm.md §3.2).
             cache_position: int [L_Q], the query positions of `routing` (shared by all layers).
             cfg: a `SpanConfig`, or one per layer (sequence / dict like `routing`).
             layers: layer indices when `routing` is a sequence (default 0, 1, …).

@@ -2,7 +2,7 @@
 
 Loss per step = w_lm · mean CE over all tokens + w_answer · mean CE over answer tokens + w_route · routing loss.
 
-**Routing loss.** The router (Q1 and K at the anchors) learns through the gate only (SPEC §2.6, §3.2): gradient
+**Routing loss.** The router (Q1 and K at the anchors) learns through the gate only (docs/algorithm.md §2.6, §3.2): gradient
 reaches the K chosen anchors and nothing else, so a router that never picks the evidence's stripe gets no signal
 to start picking it. Because every task example knows its evidence ranges and the queries that need them, we
 add a supervised term on the full stripe profile at those queries: for each attention layer, query head and

@@ -1,4 +1,4 @@
-"""Geometry: the exact stripe table, window, M(x), span lengths, coverage vectors (SPEC §1) and
+"""Geometry: the exact stripe table, window, M(x), span lengths, coverage vectors (docs/algorithm.md §1) and
 property tests of the invariants against brute-force enumeration."""
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ def test_largest_allowed_values_are_usable():
 
 
 def test_backward_factor_below_one_is_allowed_and_coverage_names_the_gap():
-    # SPEC §1.2 allows any b_f > 0 and §1.8 makes coverage a checked property, never assumed: b_f = 0.5 with
+    # docs/algorithm.md §1.2 allows any b_f > 0 and §1.8 makes coverage a checked property, never assumed: b_f = 0.5 with
     # N = 2, σ = 3 is accepted, and coverage() names the first uncovered key. Here t = 20 (q = 19): anchors
     # 20 - 16 = 4 (stripe 4) is the only candidate, B(20) = ceil(0.5 sqrt(20)) = 3, so the span is [1, 4]
     # and key 0 is missed.

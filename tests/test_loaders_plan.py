@@ -1,4 +1,4 @@
-"""`plan_memory` reproduces the released model's published memory facts (SPEC §5.4), reads weights from shard
+"""`plan_memory` reproduces the released model's published memory facts (docs/algorithm.md §5.4), reads weights from shard
 headers only, and the `superlinear-lab plan` command prints it."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Safe defaults of the server (Decision D8): bearer-token enforcement, refusal of a non-loopback bind without a
+"""Safe defaults of the server (Decision D8 in docs/design.md): bearer-token enforcement, refusal of a non-loopback bind without a
 token, and 429 from the concurrency limit. Only loopback addresses are contacted."""
 from __future__ import annotations
 

@@ -124,7 +124,7 @@ def test_non_contiguous_cache_positions():
 @pytest.mark.parametrize("cfg", [DEFAULT, RELEASE_SMALL, K3_FORWARD, NO_WINDOW],
                          ids=["default", "release-small", "k3", "no-window"])
 def test_decode_batch_left_padding(cfg, dtype):
-    """L_Q = 1 at one position, batch 3 with different row starts (Decision D4), vs the oracle."""
+    """L_Q = 1 at one position, batch 3 with different row starts (Decision D4 in docs/design.md), vs the oracle."""
     _compare(cfg, 3, 8, 2, 1, 90, 16, dtype, starts=[0, 23, 70], positions=[85])
 
 
@@ -149,7 +149,7 @@ def test_decode_key_chunks(monkeypatch):
     _compare(RELEASE_SMALL.replace(sw_index=6), 2, 4, 1, 1, 300, 16, torch.float32, starts=[0, 31],
              positions=[290], grads=False)
     _compare(DEFAULT.replace(num_spans=3), 1, 4, 2, 1, 200, 16, torch.float32, positions=[170], grads=False)
-    # Row 1 starts after the query: no keys at all, output 0 and never NaN (SPEC §3.3).
+    # Row 1 starts after the query: no keys at all, output 0 and never NaN (docs/algorithm.md §3.3).
     _compare(RELEASE_SMALL, 2, 4, 2, 1, 120, 16, torch.float32, starts=[0, 119], positions=[100], grads=False)
 
 
@@ -180,7 +180,7 @@ def test_decode_equals_prefill_row():
 
 
 def test_padding_queries_are_zero_not_nan():
-    """Queries before the row start have no keys at all: output 0, gradients finite (SPEC §3.1, §3.3)."""
+    """Queries before the row start have no keys at all: output 0, gradients finite (docs/algorithm.md §3.1, §3.3)."""
     _compare(DEFAULT, 1, 2, 1, 20, 20, 16, torch.float32, starts=[12])
 
 
@@ -233,7 +233,7 @@ def test_non_finite_values_are_nan_never_inf():
 
 
 def test_search_tie_rule_earlier_position_wins():
-    """Identical keys give identical scores: the earliest anchors must win (SPEC §2.3)."""
+    """Identical keys give identical scores: the earliest anchors must win (docs/algorithm.md §2.3)."""
     cfg = DEFAULT.replace(num_spans=3)
     b, h_q, h_kv, l, d = 1, 4, 2, 64, 16
     q1, _, k, _ = random_inputs(b, h_q, h_kv, l, l, d, device=DEVICE)

@@ -50,7 +50,7 @@ def test_bad_query_is_reported_and_state_kept(bad):
 
 
 def test_breaking_coverage_shows_the_first_gap_in_red():
-    """SPEC §1.8 test vector: N=2, b_f=1.9 misses key 0 at q=898."""
+    """docs/algorithm.md §1.8 test vector: N=2, b_f=1.9 misses key 0 at q=898."""
     ex = StripeExplorer(SpanConfig.default(), query=1000)
     assert ex.coverage_report.ok
     assert not ex.go_to_gap() and "no gap" in ex.error
@@ -66,7 +66,7 @@ def test_breaking_coverage_shows_the_first_gap_in_red():
 
 
 def test_sw_and_forward_vector():
-    """SPEC §1.8: N=2, b_f=1, f_f=1, σ=3 misses key 0 at q=21."""
+    """docs/algorithm.md §1.8: N=2, b_f=1, f_f=1, σ=3 misses key 0 at q=21."""
     ex = StripeExplorer(SpanConfig.default().replace(backward_factor=1.0, forward_factor=1.0), query=30)
     assert ex.coverage_report.first_gap == (21, 0)
 
@@ -94,7 +94,7 @@ def test_presets_axis_and_errors():
 
 
 def test_release_worked_numbers():
-    """SPEC §1.9 table: at t = 2^20 the release preset reads at most 26,611 keys with 1,983 stripes (B = 6144, Fw = 2048: the exact ceiling)."""
+    """docs/algorithm.md §1.9 table: at t = 2^20 the release preset reads at most 26,611 keys with 1,983 stripes (B = 6144, Fw = 2048: the exact ceiling)."""
     ex = StripeExplorer(SpanConfig.release(), query=(1 << 20) - 1)
     assert len(ex.geometry.stripes) == 1983 and ex.keys_per_query() == 26_611
 

@@ -19,8 +19,8 @@ from ..geometry import span_lengths, stripe_table
 # kernel runs compiled (CUDA) or in its CPU interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-MAX_SPANS = 4  # SPEC §1.2: fast kernels support K <= 4 (the kernels take any K; this is the tested, tuned range)
-MAX_HEAD_DIM = 256  # SPEC §1.2: fast kernels support D <= 256
+MAX_SPANS = 4  # docs/algorithm.md §1.2: fast kernels support K <= 4 (the kernels take any K; this is the tested, tuned range)
+MAX_HEAD_DIM = 256  # docs/algorithm.md §1.2: fast kernels support D <= 256
 TARGET_ROWS = 64  # rows per program in the window kernels
 MAX_HEAD_CHUNK = 64  # a KV group with more query heads is split into chunks of this many heads
 
@@ -45,7 +45,7 @@ def head_rows(group: int, l_q: int) -> tuple[int, int, int]:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs must not be rounded to TF32 (SPEC §3.8: nothing cast silently)."""
+    """fp32 inputs must not be rounded to TF32 (docs/algorithm.md §3.8: nothing cast silently)."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -61,5 +61,5 @@ def geometry_tables(cfg: SpanConfig, l_kv: int, device) -> tuple[torch.Tensor, t
 
 
 def max_stripes(offsets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """int64 [L_Q]: M(q + 1) per query position, by binary search in the exact table (SPEC §1.6)."""
+    """int64 [L_Q]: M(q + 1) per query position, by binary search in the exact table (docs/algorithm.md §1.6)."""
     return torch.searchsorted(offsets, positions + 1, right=True) - 1

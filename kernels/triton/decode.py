@@ -1,24 +1,24 @@
-"""Decode (L_Q = 1, SPEC §3.7): every branch of a KV group in one pass over the keys, then merge + gate.
+"""Decode (L_Q = 1, docs/algorithm.md §3.7): every branch of a KV group in one pass over the keys, then merge + gate.
 
 One decode step reads K·(B + Fw + 1) span keys per query head plus the window. The query heads of
 one KV group choose their spans independently, but the candidate spans overlap about 9-fold
-(SPEC §1.8), so the spans chosen by a group's heads overlap too: with random routing at 1M the
+(docs/algorithm.md §1.8), so the spans chosen by a group's heads overlap too: with random routing at 1M the
 union of 16 heads x 3 spans is ~0.79 of their sum, and the window is shared by every branch. This
 path therefore reads each needed K/V key once per group:
 
 * `_decode_group_kernel`, grid (batch x KV head x row block, key chunk): a program owns CHUNK
   consecutive keys and the rows r = (head g, slot k) of its group (pair index order, so the
   group's qstart/qend are contiguous). One tl.dot gives the logits of every row, each row
-  masks them to S_k ∪ Wnd and runs its own online softmax (SPEC §3.1: branches are normalised on
+  masks them to S_k ∪ Wnd and runs its own online softmax (docs/algorithm.md §3.1: branches are normalised on
   their own). A program reads only the run of blocks between the first and the last key some row
   needs; chunks that no row touches load nothing. Partials (m, ℓ, acc) per (pair, chunk).
 * `_decode_merge_kernel`, one program per query row: for each slot, log-sum-exp merges the partials
   of the chunks its span and the window cover (only those can be non-empty) into O_k, ℓ_k
-  (both empty gives O_k = 0, ℓ_k = -inf, SPEC §3.3), then applies the gate g = softmax(ṽ) (§3.2)
+  (both empty gives O_k = 0, ℓ_k = -inf, docs/algorithm.md §3.3), then applies the gate g = softmax(ṽ) (§3.2)
   and writes O = Σ g_k O_k in the model dtype.
 
 Grids depend only on shapes and L_KV (CUDA-graph friendly); a program past the current position
-loads nothing, so the work follows the position, not L_KV (Decision D3).
+loads nothing, so the work follows the position, not L_KV (Decision D3 in docs/design.md).
 """
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def _decode_merge_kernel(pm_ptr, pl_ptr, pacc_ptr, qstart_ptr, qend_ptr, values_
     slots = tl.arange(0, KP)
     smask = slots < NUM_SPANS
     pair = row * NUM_SPANS + slots
-    # Gate (SPEC §3.2): softmax over the slots' values, -1e9 for invalid slots.
+    # Gate (docs/algorithm.md §3.2): softmax over the slots' values, -1e9 for invalid slots.
     val = tl.load(values_ptr + pair, mask=smask, other=0.0)
     anc = tl.load(anchor_ptr + pair, mask=smask, other=-1)
     logit = tl.where(smask, tl.where(anc >= 0, val, INVALID), float("-inf"))
@@ -146,7 +146,7 @@ def _decode_merge_kernel(pm_ptr, pl_ptr, pacc_ptr, qstart_ptr, qend_ptr, values_
     tl.store(gate_ptr + pair, gate, mask=smask)
 
     # Chunks each slot's partials can be non-empty in: its span's, then the window's. A span ends
-    # before the window starts (SPEC §1.7), so only the span's last chunk can also hold window keys.
+    # before the window starts (docs/algorithm.md §1.7), so only the span's last chunk can also hold window keys.
     qs = tl.load(qstart_ptr + pair, mask=smask, other=-1)
     qe = tl.load(qend_ptr + pair, mask=smask, other=-1)
     has_span = smask & (qs >= 0) & (qs <= qe)

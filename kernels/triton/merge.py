@@ -1,4 +1,4 @@
-"""Gate and mix (SPEC §3.2): g = softmax_k(ṽ_k) with ṽ_k = v_k on valid slots and -1e9 on invalid
+"""Gate and mix (docs/algorithm.md §3.2): g = softmax_k(ṽ_k) with ṽ_k = v_k on valid slots and -1e9 on invalid
 ones, then O = Σ_k g_k O_k in Q2's dtype. The branch outputs O_k already hold the window merge
 (span.py), so this is one pass over [rows x K x D], tiles of BLOCK_R rows.
 """

@@ -1,7 +1,7 @@
 """The Triton backend's entry points (called by `superlinear_kernels.api` after validation) and the
 autograd Functions that make them trainable.
 
-Forward pipeline of `superlinear_attention` (SPEC §3.5, "precomputed window" fused with bucketing):
+Forward pipeline of `superlinear_attention` (docs/algorithm.md §3.5, "precomputed window" fused with bucketing):
   1. search.py   — top-K anchors, spans and raw values;
   2. window.py   — window branch out/lse (W > 0);
   3. span.py     — each (q, k) pair continues the window's softmax over its span: O_k, ℓ_k of S_k ∪ Wnd
@@ -11,7 +11,7 @@ For decode (L_Q = 1), decode.py does steps 2-4: one pass per KV group over the k
 Nothing here reads a tensor value on the host: grids come from shapes, loop bounds from device
 tensors, so the path has no host synchronisation.
 
-Backward (SPEC §2.6, §3.6), with dg_k = dO·O_k:
+Backward (docs/algorithm.md §2.6, §3.6), with dg_k = dO·O_k:
   * gate:   dv_k = g_k (dg_k − Σ_j g_j dg_j) on valid slots -> search backward (dQ1, dK at anchors);
   * spans:  branch k is plain attention over S_k ∪ Wnd with dO_k = g_k dO, Δ_k = g_k dg_k, lse ℓ_k;
             its span keys go through the tile backward of span.py;
@@ -38,11 +38,11 @@ def check_supported(q1: torch.Tensor, k: torch.Tensor, cfg: SpanConfig) -> None:
     """Kernel-specific limits, raised before any launch (the generic checks ran in api._prepare)."""
     if cfg.num_spans > MAX_SPANS:
         raise ValueError(f"cfg.num_spans={cfg.num_spans}: the Triton backend supports K in 1..{MAX_SPANS} "
-                         "(SPEC §1.2); use backend='torch' or 'oracle' for larger K")
+                         "(docs/algorithm.md §1.2); use backend='torch' or 'oracle' for larger K")
     d = q1.shape[-1]
     if d > MAX_HEAD_DIM:
         raise ValueError(f"q1: head dim D={d} is larger than the Triton backend's limit {MAX_HEAD_DIM} "
-                         "(SPEC §1.2); use backend='torch'")
+                         "(docs/algorithm.md §1.2); use backend='torch'")
     if not INTERPRET and not q1.is_cuda:
         raise ValueError(f"q1: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
                          f"interpreter); got device {q1.device}")
@@ -69,7 +69,7 @@ def _search(q1, k, cfg: SpanConfig, prep: Prepared):
 
 
 class _SearchFunction(torch.autograd.Function):
-    """Span search; differentiable through `values` only (SPEC §2.6)."""
+    """Span search; differentiable through `values` only (docs/algorithm.md §2.6)."""
 
     @staticmethod
     def forward(ctx, q1, k, cfg, prep):
@@ -88,7 +88,7 @@ class _SearchFunction(torch.autograd.Function):
 
 
 def span_search(q1: torch.Tensor, k: torch.Tensor, cfg: SpanConfig, prep: Prepared) -> SearchResult:
-    """Top-K search on the GPU (SPEC §2). q1 [B, H_Q, L_Q, D], k [B, H_KV, L_KV, D] -> `SearchResult`."""
+    """Top-K search on the GPU (docs/algorithm.md §2). q1 [B, H_Q, L_Q, D], k [B, H_KV, L_KV, D] -> `SearchResult`."""
     check_supported(q1, k, cfg)
     qstart, qanchor, qend, values = _SearchFunction.apply(q1.contiguous(), _kv(k), cfg, prep)
     return SearchResult(qstart, qanchor, qend, values)
@@ -154,7 +154,7 @@ class _AttentionFunction(torch.autograd.Function):
 
 
 def superlinear_attention(q1, q2, k, v, cfg: SpanConfig, prep: Prepared):
-    """Superlinear attention on the GPU (SPEC §2–3).
+    """Superlinear attention on the GPU (docs/algorithm.md §2–3).
 
     q1, q2 [B, H_Q, L_Q, D]; k, v [B, H_KV, L_KV, D]; returns (out [B, H_Q, L_Q, D] in q2's dtype,
     `SearchResult` with gate). `values` and `gate` are differentiable (to q1 and k through the search), as on

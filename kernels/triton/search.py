@@ -1,14 +1,14 @@
-"""Span search kernels (SPEC §2): raw <Q1, K(anchor)> over the stripes σ+1 … M(q+1), top-K with the
-tie rule, span bounds from the shared tables — and the backward through `values` (SPEC §2.6).
+"""Span search kernels (docs/algorithm.md §2): raw <Q1, K(anchor)> over the stripes σ+1 … M(q+1), top-K with the
+tie rule, span bounds from the shared tables — and the backward through `values` (docs/algorithm.md §2.6).
 
 Forward: one program per (batch, KV head, head chunk, block of BQ queries). It holds Q1 of its
 queries x the group's heads as one [BQ, GH, D] tile. Each loop trip takes SC stripes at once: one
 gather of the BQ x SC anchor rows of K (each loaded once and shared by every head of the group), then
 a batched tl.dot [BQ: GH x D]·[BQ: D x SC] with fp32 accumulation. The loop bound is the block's own
-max M(q + 1), loaded from a device tensor: cost follows the current position (Decision D3), no
+max M(q + 1), loaded from a device tensor: cost follows the current position (Decision D3 in docs/design.md), no
 recompile per length. The top-K is a [BQ, GH, KP] register tile (KP = K padded to a power of two, any
-K): each trip merges its scores into it by K rounds of "highest score, then earliest anchor" (SPEC §2.3).
-The Triton backend limits K to `common.MAX_SPANS` (SPEC §1.2); the code itself has no fixed K.
+K): each trip merges its scores into it by K rounds of "highest score, then earliest anchor" (docs/algorithm.md §2.3).
+The Triton backend limits K to `common.MAX_SPANS` (docs/algorithm.md §1.2); the code itself has no fixed K.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _merge_top(top_v, top_a, score, anchor, slot, NUM_SPANS: tl.constexpr, AXIS:
     top_v/top_a [..., KP] hold the slots along the last axis AXIS (KP = NUM_SPANS padded to a power of two;
     slot = arange(KP) broadcast to that shape; unused slots are -inf / -1); score/anchor [..., C] are the
     new candidates (-inf where not a candidate). Anchors are distinct positions, so "earliest anchor among
-    equal scores" is the tie rule (SPEC §2.3) whatever order the candidates came in. Returns (top_v, top_a).
+    equal scores" is the tie rule (docs/algorithm.md §2.3) whatever order the candidates came in. Returns (top_v, top_a).
     """
     new_v = tl.full(top_v.shape, float("-inf"), tl.float32)
     new_a = tl.full(top_a.shape, -1, tl.int64)
@@ -48,7 +48,7 @@ def _merge_top(top_v, top_a, score, anchor, slot, NUM_SPANS: tl.constexpr, AXIS:
 def _store_slots(top_v, top_a, pos, s, t, blen_ptr, flen_ptr, off, ok, L_KV, W,
                  qstart_ptr, qanchor_ptr, qend_ptr, values_ptr):
     """Write the slots (all arguments broadcast to the slots' shape; `off` = row * NUM_SPANS + slot, `ok`
-    false on padding slots): span bounds of SPEC §1.7 from the B(t)/Fw(t) tables."""
+    false on padding slots): span bounds of docs/algorithm.md §1.7 from the B(t)/Fw(t) tables."""
     valid = top_a >= 0
     back = tl.load(blen_ptr + t, mask=ok & valid, other=0)
     fwd = tl.load(flen_ptr + t, mask=ok & valid, other=0)
@@ -171,7 +171,7 @@ def search_layout(group: int, l_q: int, d: int, itemsize: int) -> tuple[int, int
 
 
 # Decode (L_Q = 1) has one program per KV head: it splits the stripe list into about DECODE_RUNS runs of
-# at least DECODE_SPLIT stripes, one program each, and merges their partial top-K lists (SPEC §2.7,
+# at least DECODE_SPLIT stripes, one program each, and merges their partial top-K lists (docs/algorithm.md §2.7,
 # steps 3-4). Few runs keep the merge small; a run of up to DECODE_STRIPES stripes is one gather.
 DECODE_SPLIT = 16
 DECODE_RUNS = 32
@@ -265,7 +265,7 @@ def _search_bwd_kernel(q1_ptr, k_ptr, anchor_ptr, dval_ptr, dq1_ptr, dk_ptr,
 
 def search_backward(q1: torch.Tensor, k: torch.Tensor, qanchor: torch.Tensor, dvalues: torch.Tensor,
                     dk: torch.Tensor) -> torch.Tensor:
-    """Gradient through `values` (SPEC §2.6).
+    """Gradient through `values` (docs/algorithm.md §2.6).
 
     Args:
         q1: [B, H_Q, L_Q, D] contiguous; k: [B, H_KV, L_KV, D]; qanchor: int32 [B, H_Q, L_Q, K];

@@ -1,17 +1,17 @@
-"""Span branches (SPEC §3.1, §3.3, §3.6): each pair (b, h, q, k) attends over its span S_k, starting
+"""Span branches (docs/algorithm.md §3.1, §3.3, §3.6): each pair (b, h, q, k) attends over its span S_k, starting
 from the window branch's softmax state, so the result is directly O_k over S_k ∪ Wnd with its lse.
 
 * **Pair tiles (prefill).** Pairs are sorted by (batch·KV head, first key block, last key block) —
-  the bucket key of SPEC §3.6 — with one `argsort` on the device. Each KV group owns a fixed,
+  the bucket key of docs/algorithm.md §3.6 — with one `argsort` on the device. Each KV group owns a fixed,
   contiguous slice of the sorted order (its G·L_Q·K pairs), so the grid is static (no host sync).
   A tile of BLOCK_P sorted pairs (any query heads of the group, any queries) loops over the union of
   its spans, one [BLOCK_P x D]·[D x BLOCK_N] tl.dot per key block, with a per-row range mask. The
   loop bound is the tile's own max(qend), never a precomputed cap: no pair is ever dropped, whatever
-  its length (Decision D5). Sorting makes tiles share their key blocks, so the union stays close to
+  its length (Decision D5 in docs/design.md). Sorting makes tiles share their key blocks, so the union stays close to
   one span length.
 * **Decode** (L_Q = 1) does not use these tiles: its pairs point anywhere in the cache, so decode.py
   splits each pair's own keys instead.
-* **Window fold-in (SPEC §3.3).** Each pair starts its online softmax at (m, l, acc) =
+* **Window fold-in (docs/algorithm.md §3.3).** Each pair starts its online softmax at (m, l, acc) =
   (ℓ_w, 1, O_win) — or (-inf, 0, 0) for an empty window — which is exactly the stable LSE merge:
   both empty gives O_k = 0 = O_win, never NaN.
 * **Backward.** The same tiles; dQ2 (per pair row), dK and dV go to fp32 buffers through atomics.
@@ -159,7 +159,7 @@ def _span_bwd_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do_pt
     m2 = live[:, None] & dmask[None, :]
     q = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)
     gate = tl.load(gate_ptr + pair, mask=live, other=0.0)
-    # dO_k = g_k · dO (SPEC §3.2), in the model dtype for the tensor-core products.
+    # dO_k = g_k · dO (docs/algorithm.md §3.2), in the model dtype for the tensor-core products.
     do = (gate[:, None] * tl.load(do_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)).to(q.dtype)
     lse = tl.load(blse_ptr + pair, mask=live, other=float("inf"))
     delta = tl.load(delta_ptr + pair, mask=live, other=0.0)

@@ -1,4 +1,4 @@
-"""Sliding-window branch (SPEC §3.4): attention of each query over Wnd(q) = [max(q-W+1, s), q].
+"""Sliding-window branch (docs/algorithm.md §3.4): attention of each query over Wnd(q) = [max(q-W+1, s), q].
 
 Forward: flash-style. One program per (batch, KV head, head chunk, block of BQ queries); its rows are
 the group's query heads times the queries, so each K/V tile of the union of the block's windows is

@@ -7,7 +7,7 @@ runs once over a **left-padded** copy of the rows' caches: row b's keys 0 … c_
 P - c_b … P - 1 (P = the largest cursor), its new keys at P … P + L - 1, and the attention mask starts the row at
 s_b = P - c_b.
 The routing of a left-padded row depends only on positions relative to its row start (anchors q + 1 - F(i),
-candidates a >= s, spans and window clamped to s, span lengths from t = q + 1 - s: SPEC §1.4–1.7), so each row
+candidates a >= s, spans and window clamped to s, span lengths from t = q + 1 - s: docs/algorithm.md §1.4–1.7), so each row
 attends exactly as its own unpadded session would (up to float summation order).
 
 The copy costs O(B · P) per attention layer and step, so callers batch only sessions whose cursor is at most a

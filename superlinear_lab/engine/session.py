@@ -1,8 +1,8 @@
-"""`Session`: a static cache + cursor + last logits + transcript on top of a `HybridLM` (SPEC §6.1–6.2).
+"""`Session`: a static cache + cursor + last logits + transcript on top of a `HybridLM` (docs/algorithm.md §6.1–6.2).
 
 * `append(text | ids)` prefills in chunks (tqdm progress) at positions cursor … cursor+n-1.
 * `stream(n, …)` / `generate(n, …)` sample from the stored logits (temperature 0 = greedy, then top-p,
-  Decision D7); each accepted token is written before it is yielded, a stop token is never written; asking for
+  Decision D7 in docs/design.md); each accepted token is written before it is yielded, a stop token is never written; asking for
   more tokens than fit (`room`) is refused before anything is written.
 * `sample(…)` draws one token without writing; `record_step(token, logits)` books a one-token forward that the
   caller ran on the cache (a batched decode over several sessions).
@@ -158,7 +158,7 @@ def _check_sampling(temperature, top_p) -> None:
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """SPEC §6.1 sampler: argmax at temperature 0; else softmax(logits / T) in fp32, top-p (smallest most-probable
+    """docs/algorithm.md §6.1 sampler: argmax at temperature 0; else softmax(logits / T) in fp32, top-p (smallest most-probable
     set with cumulative probability >= top_p, at least one token, renormalised), one multinomial draw."""
     if temperature == 0:
         return int(torch.argmax(logits))

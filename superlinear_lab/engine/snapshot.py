@@ -1,4 +1,4 @@
-"""`SnapshotStore`: sessions saved to disk and verified on the way back (SPEC §6.4, Decision D2).
+"""`SnapshotStore`: sessions saved to disk and verified on the way back (docs/algorithm.md §6.4, Decision D2 in docs/design.md).
 
 Layout: ``<root>/<model_key>/<fingerprint>/<snapshot_id>/`` holding
 
@@ -523,7 +523,7 @@ class SnapshotStore:
 
         `max_len` may enlarge the allocation (never shrink it below the saved max_seq_len). `max_len_limit`
         (default DEFAULT_MAX_LEN_LIMIT) bounds the allocation: a server passes its --max-seq-len-limit. The
-        session's logits are None: append before generating (SPEC §6.4). Raises SnapshotError
+        session's logits are None: append before generating (docs/algorithm.md §6.4). Raises SnapshotError
         (SnapshotCompatibilityError for a fingerprint mismatch) before anything is allocated.
         """
         limit = DEFAULT_MAX_LEN_LIMIT if max_len_limit is None else max_len_limit

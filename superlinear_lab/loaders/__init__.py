@@ -5,7 +5,7 @@ safetensors shards) with no remote code and no pickle, and plan GPU memory befor
 * `load_checkpoint(path, device=..., dtype=...)` -> `SuperlinearExpLM` (works with `Session`, `SnapshotStore`,
   `RoutingTrace` and the views); `save_checkpoint` writes the same layout.
 * `plan_memory(config_or_path, gpu_bytes, sessions=1, dtype=...)` -> `MemoryPlan`.
-* `SuperlinearExpConfig` (``.released()`` = Superlinear-Exp-v0.1, SPEC §5), `KEY_MAP` (assumed tensor names),
+* `SuperlinearExpConfig` (``.released()`` = Superlinear-Exp-v0.1, docs/algorithm.md §5), `KEY_MAP` (assumed tensor names),
   `CheckpointError` (every refusal; names the file and the key).
 
 The model needs the optional extra ``hf`` (transformers' NemotronH modules); the planner does not.

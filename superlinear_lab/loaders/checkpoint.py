@@ -3,7 +3,7 @@ and no pickle, strictly; `save_checkpoint` writes one in the same layout (used t
 
 Assumed tensor names — the ONE table (`KEY_MAP`). The released checkpoint's names are *inferred*: the base model's
 (Nemotron-H) names for everything it shares, and ``q1_proj`` for the search-query projection, whose name and form
-(a separate linear of the same shape as ``q_proj``, SPEC §5.1) are not published. Override any row with
+(a separate linear of the same shape as ``q_proj``, docs/algorithm.md §5.1) are not published. Override any row with
 ``load_checkpoint(path, key_map={model name: checkpoint name})``. ``{i}`` is the block index, ``{j}`` the expert.
 
 | model tensor (this toolkit)                     | checkpoint tensor                                        | block |
@@ -146,7 +146,7 @@ def load_checkpoint(path, *, device: str | torch.device = "cpu", dtype=None, spa
             ``model.safetensors``) and optionally ``tokenizer.json``.
         device: where the weights go (tensors are read shard by shard straight into the allocated model).
         dtype: "float16", "bfloat16", "float32" or a torch dtype; None keeps the checkpoint's declared dtype.
-            Converting is explicit (SPEC D6): the router stays fp32 (`SuperlinearExpLM.keep_router_fp32`).
+            Converting is explicit (Decision D6 in docs/design.md): the router stays fp32 (`SuperlinearExpLM.keep_router_fp32`).
         span: span geometry when config.json has no ``span_attention_*`` keys (``SpanConfig.release()`` for
             Superlinear-Exp-v0.1); overrides them when it has.
         key_map: rows that replace or extend `KEY_MAP` ({model tensor template: checkpoint tensor template}).

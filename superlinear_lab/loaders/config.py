@@ -1,6 +1,6 @@
 """`SuperlinearExpConfig`: the architecture of a Superlinear-Exp-style checkpoint, read from its ``config.json``.
 
-The released model (Superlinear-Exp-v0.1, SPEC §5) is NVIDIA Nemotron-3-Nano with its six attention layers
+The released model (Superlinear-Exp-v0.1, docs/algorithm.md §5) is NVIDIA Nemotron-3-Nano with its six attention layers
 replaced by Superlinear attention. Its ``config.json`` is Hugging Face style; this module reads it leniently
 (NaN/Infinity literals are accepted, the model page flags that file as invalid JSON) but strictly in substance:
 
@@ -14,8 +14,8 @@ replaced by Superlinear attention. Its ``config.json`` is Hugging Face style; th
 * the layer pattern (``hybrid_override_pattern``) uses ``M`` Mamba-2, ``E`` mixture-of-experts, ``*`` attention,
   ``-`` MLP; the ``span_attention_*`` fields become a `SpanConfig`.
 
-The dataclass defaults are the released layout (SPEC §5.2, *inferred* from the base model) and the release span
-preset (SPEC §5.3), so ``SuperlinearExpConfig.released()`` describes Superlinear-Exp-v0.1 without any file.
+The dataclass defaults are the released layout (docs/algorithm.md §5.2, *inferred* from the base model) and the release span
+preset (docs/algorithm.md §5.3), so ``SuperlinearExpConfig.released()`` describes Superlinear-Exp-v0.1 without any file.
 The config also answers the attribute names of `superlinear_lab.model.ModelConfig` that `HybridCache`,
 `Session` and `SnapshotStore` read (``attention_layers``, ``n_kv_heads``, ``conv_dim``, …).
 """
@@ -31,9 +31,9 @@ from superlinear_kernels import SpanConfig
 
 MODEL_TYPE = "superlinear-exp"
 LAYER_KINDS = {"M": "mamba2", "E": "moe", "*": "superlinear_attention", "-": "mlp"}
-RELEASED_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"  # SPEC §5.2 (inferred)
+RELEASED_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"  # docs/algorithm.md §5.2 (inferred)
 
-# config.json key -> SpanConfig field (SPEC §5.3). `inv_search_power_int` is the integer-mode alternative.
+# config.json key -> SpanConfig field (docs/algorithm.md §5.3). `inv_search_power_int` is the integer-mode alternative.
 SPAN_KEYS = {
     "span_attention_sw_index": "sw_index",
     "span_attention_num_spans": "num_spans",
@@ -96,7 +96,7 @@ def read_json_lenient(path) -> dict:
 
 @dataclass(frozen=True)
 class SuperlinearExpConfig:
-    """Architecture of a Superlinear-Exp-style hybrid model; defaults = Superlinear-Exp-v0.1 (SPEC §5.2–5.3).
+    """Architecture of a Superlinear-Exp-style hybrid model; defaults = Superlinear-Exp-v0.1 (docs/algorithm.md §5.2–5.3).
 
     Example::
 
@@ -176,7 +176,7 @@ class SuperlinearExpConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def released(cls, **changes) -> "SuperlinearExpConfig":
-        """Superlinear-Exp-v0.1 as SPEC §5.2–5.3 describe it (layout inferred from the base model)."""
+        """Superlinear-Exp-v0.1 as docs/algorithm.md §5.2–5.3 describe it (layout inferred from the base model)."""
         return cls(**changes)
 
     @classmethod
@@ -263,7 +263,7 @@ class SuperlinearExpConfig:
         its parameters plus the MoE router's score-correction bias (a buffer there, a tensor in the checkpoint).
 
         Keys: embedding, lm_head, norms, mamba, moe_routed, moe_shared, moe_router, attention, mlp, total.
-        The attention count includes the search-query projection Q1 (same shape as Q2, SPEC §5.1).
+        The attention count includes the search-query projection Q1 (same shape as Q2, docs/algorithm.md §5.1).
         """
         h = self.hidden_size
         pattern = self.pattern
@@ -326,7 +326,7 @@ class SuperlinearExpConfig:
             d: the parsed ``config.json``.
             source: the file name used in error messages.
             span: span geometry to use when config.json has no ``span_attention_*`` keys (the released model
-                passes them at load time, SPEC §5.3: use ``SpanConfig.release()``); when both exist, `span` wins.
+                passes them at load time, docs/algorithm.md §5.3: use ``SpanConfig.release()``); when both exist, `span` wins.
             ignore_auto_map: accept a config that names remote code in ``auto_map``; that code is never run.
         """
         def refuse(key, message):
@@ -367,7 +367,7 @@ class SuperlinearExpConfig:
         if span is None:
             if not span_fields:
                 refuse("span_attention_search_power", "no span_attention_* keys; pass span=SpanConfig.release() "
-                                                      "for Superlinear-Exp-v0.1 (SPEC §5.3) or the preset you trained")
+                                                      "for Superlinear-Exp-v0.1 (docs/algorithm.md §5.3) or the preset you trained")
             try:
                 span = SpanConfig.from_kernel_args(**span_fields)
             except (TypeError, ValueError) as e:

@@ -12,8 +12,8 @@ GPU bytes = weights + reserve + prefill workspace + sessions x (recurrent state 
   logits for every token of a chunk); **reserve** — CUDA context, allocator slack and the other activations of a
   chunk: a flat estimate (default 1 GiB), measure and pass your own.
 
-For the released configuration (SPEC §5.2–5.4): 6,144 B/token at 16-bit (exactly 6 GiB per 2^20 tokens) and
-31.6 B parameters, 63.3 GB (58.9 GiB) at 16-bit. *Inferred* parts: the layout itself (SPEC §5.2 is derived from
+For the released configuration (docs/algorithm.md §5.2–5.4): 6,144 B/token at 16-bit (exactly 6 GiB per 2^20 tokens) and
+31.6 B parameters, 63.3 GB (58.9 GiB) at 16-bit. *Inferred* parts: the layout itself (docs/algorithm.md §5.2 is derived from
 the base model's configuration), Q1 being a separate projection of Q2's shape, and untied embeddings; the
 KV arithmetic depends only on the six attention layers x 2 KV heads x 128, which the model card's memory
 figures confirm.

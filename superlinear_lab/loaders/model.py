@@ -1,4 +1,4 @@
-"""`SuperlinearExpLM`: the Superlinear-Exp hybrid (Nemotron-H layout, SPEC §5) built from the transformers
+"""`SuperlinearExpLM`: the Superlinear-Exp hybrid (Nemotron-H layout, docs/algorithm.md §5) built from the transformers
 NemotronH modules for ``M`` (Mamba-2), ``E`` (mixture of experts) and ``-`` (MLP) blocks and this project's
 `SuperlinearAttentionLayer` for ``*`` blocks (search query Q1, attention query Q2, shared K/V, GQA, no RoPE).
 

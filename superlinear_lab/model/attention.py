@@ -1,5 +1,5 @@
 """`SuperlinearAttentionLayer`: the `*` mixer — two query projections (Q1 search/gate, Q2 attention), shared K/V,
-GQA, no RoPE (cache_position is the only positional input, SPEC §5.1). Calls `superlinear_attention`."""
+GQA, no RoPE (cache_position is the only positional input, docs/algorithm.md §5.1). Calls `superlinear_attention`."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,5 @@
 """superlinear_lab.server: an OpenAI-compatible HTTP server with stateful sessions and verified snapshots
-(SPEC §6.5), safe by default (loopback bind, optional bearer token, size/token/concurrency/memory limits).
+(docs/algorithm.md §6.5), safe by default (loopback bind, optional bearer token, size/token/concurrency/memory limits).
 
 * `chat` — the chat format (messages → tokens) and the transcript/cache consistency check;
 * `engine` — `ChatEngine`: sessions, snapshots and generations scheduled on one worker thread (sliced prefill,

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP app (SPEC §6.5, Decision D8): completions, chat completions, sessions, snapshots.
+"""The OpenAI-compatible HTTP app (docs/algorithm.md §6.5, Decision D8 in docs/design.md): completions, chat completions, sessions, snapshots.
 
 `create_app` assembles one router per resource (`routes`), the typed-error handlers (`errors`: the exception
 class fixes the status) and the middleware (`middleware`: bearer auth, body limit, catch-all 500). Admission

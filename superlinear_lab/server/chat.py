@@ -9,7 +9,7 @@ A conversation is rendered with the byte tokenizer's special tokens::
 the trailing <|assistant|> is the generation prompt.
 
 Every message renders on its own, so rendering the whole history and appending "the tokens from current_pos on"
-(SPEC §6.5) is the same as appending the rendering of the new messages only. Generation stops at any special
+(docs/algorithm.md §6.5) is the same as appending the rendering of the new messages only. Generation stops at any special
 token (the model ending its turn), so a reply is pure bytes; the server closes it with <|end|>.
 
 Each transcript message the server stores is ``{"role", "content", "tokens"}``, `tokens` being the length of its

@@ -68,7 +68,7 @@ class GenerationRequest:
 
     messages: list[tuple[str, str]] | None
     max_tokens: int  # already capped by the server limit
-    temperature: float  # 0 = greedy (Decision D7)
+    temperature: float  # 0 = greedy (Decision D7 in docs/design.md)
     top_p: float  # 1 disables top-p
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the reply)
     seed: int | None = None  # reseeds the session's sampler for this turn
@@ -677,7 +677,7 @@ class ChatEngine:
 
     def _session_delta(self, session: Session, messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """The messages to append: a leading system message equal to the stored one is dropped; a different one
-        is refused unless the session is empty (SPEC §6.5)."""
+        is refused unless the session is empty (docs/algorithm.md §6.5)."""
         transcript = session.transcript
         if messages and messages[0][0] == "system" and transcript:
             stored = transcript[0]
@@ -707,7 +707,7 @@ class ChatEngine:
             self._submit(_Job(self._delete_autosave, (ss,), frozenset(), None, None))
 
     def rollback(self, ss: ServerSession, keep_messages: int) -> ServerSession:
-        """Job: keep the first `keep_messages` messages; the cache is recreated and re-prefilled (SPEC §6.2)."""
+        """Job: keep the first `keep_messages` messages; the cache is recreated and re-prefilled (docs/algorithm.md §6.2)."""
         s = ss.session
         if keep_messages != 0:  # keeping nothing also resets a session whose transcript does not match
             self._require_consistent(ss)

@@ -1,4 +1,4 @@
-"""Start the server: refuse unsafe binds, load the model, bind, serve (SPEC §6.5, Decision D8).
+"""Start the server: refuse unsafe binds, load the model, bind, serve (docs/algorithm.md §6.5, Decision D8 in docs/design.md).
 
 `serve(options)` checks the host *before* anything is loaded or bound: a non-loopback host needs a token. Once
 the app is ready it prints one line, ``superlinear-lab server ready on http://HOST:PORT``, to stdout (flushed),
@@ -36,7 +36,7 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(host: str, api_key: str | None) -> None:
-    """Raise UnsafeBindError for a non-loopback `host` without `api_key` (Decision D8)."""
+    """Raise UnsafeBindError for a non-loopback `host` without `api_key` (Decision D8 in docs/design.md)."""
     if not is_loopback(host) and not api_key:
         raise UnsafeBindError(
             f"refusing to bind {host!r} without a token: a non-loopback address exposes the model to the network. "
@@ -49,7 +49,7 @@ class ServeOptions:
 
     model: str = "tiny"  # a shipped model name or a model/checkpoint directory (`loaders.open_model`)
     random_init: bool = False  # the seeded random initialisation of preset `model` instead of weights
-    host: str = "127.0.0.1"  # bind address (loopback by default, Decision D8)
+    host: str = "127.0.0.1"  # bind address (loopback by default, Decision D8 in docs/design.md)
     port: int = 8787  # 0 = any free port (printed in the ready line)
     api_key: str | None = None  # bearer token (also $SUPERLINEAR_LAB_API_KEY)
     served_model_name: str | None = None  # the id clients send as `model` (default: the model's id)

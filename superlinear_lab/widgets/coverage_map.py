@@ -1,7 +1,7 @@
 """`CoverageMap`: per layer × head, the fraction of key positions a trace ever reached and how far back each head
 looks; for a chosen head, a per-position histogram of how often each key was attended (unreached keys in red).
 
-Geometry guarantees that every key is *reachable* (SPEC §1.8); this view shows which keys were actually *used*
+Geometry guarantees that every key is *reachable* (docs/algorithm.md §1.8); this view shows which keys were actually *used*
 by the recorded queries, and which heads never look far back.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Teaching traces from real text without a trained model, for the lessons, tests and the redraw benchmark.
 
 The text is Python's own reference documentation (`pydoc_data.topics`, always offline), one token per byte.
-Keys imitate the hybrid model's "accumulation → representative" idea (SPEC §1.7): the key at position a is an
+Keys imitate the hybrid model's "accumulation → representative" idea (docs/algorithm.md §1.7): the key at position a is an
 exponentially decaying summary of the byte embeddings up to a, so an anchor shortly after a phrase still
 "remembers" it. Each query head gets a simple, readable search intent:
 
@@ -11,7 +11,7 @@ exponentially decaying summary of the byte embeddings up to a, so an anchor shor
 * ``random``   — a random search query per position (no intent: the control).
 
 The routing itself is computed by the real kernels (`span_search`, `stripe_scores`) and packed with
-`RoutingTrace.from_search`, so everything the views show follows SPEC §1–3 exactly.
+`RoutingTrace.from_search`, so everything the views show follows docs/algorithm.md §1–3 exactly.
 """
 from __future__ import annotations
 

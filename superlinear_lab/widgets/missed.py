@@ -139,7 +139,7 @@ def _parse_evidence(trace: RoutingTrace, evidence, queries, tokenizer=None) -> l
 
 
 def _rank(values: np.ndarray, anchors: np.ndarray, candidate: np.ndarray, score: float, anchor: int) -> int:
-    """Rank (1 = best) of the stripe (score, anchor) among candidates, under the SPEC §2.3 tie rule: higher score
+    """Rank (1 = best) of the stripe (score, anchor) among candidates, under the docs/algorithm.md §2.3 tie rule: higher score
     first, then the earlier anchor."""
     better = candidate & ((values > score) | ((values == score) & (anchors < anchor)))
     return int(better.sum()) + 1

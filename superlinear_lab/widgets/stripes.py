@@ -1,8 +1,8 @@
-"""`StripeExplorer`: the teaching view of SPEC §1 — one query's window, stripe anchors and candidate spans, and
+"""`StripeExplorer`: the teaching view of docs/algorithm.md §1 — one query's window, stripe anchors and candidate spans, and
 whether their union covers every earlier key (structural non-exclusion, §1.8).
 
 It needs no model and no trace, only a `SpanConfig`. Offsets and span lengths come from the kernels' exact
-tables (`stripe_table`, `span_bounds`, Decision D1), evaluated for all stripes of the query at once so a query
+tables (`stripe_table`, `span_bounds`, Decision D1 in docs/design.md), evaluated for all stripes of the query at once so a query
 at position 10^6 with thousands of stripes still redraws quickly. Coverage over all queries up to
 `max_query` is re-proved with `superlinear_kernels.coverage` whenever a parameter changes.
 """
@@ -152,7 +152,7 @@ class StripeExplorer(View):
         return report
 
     def keys_per_query(self) -> int:
-        """At most K·(B + Fw + 1) + W keys attended by the current query (SPEC §1.9)."""
+        """At most K·(B + Fw + 1) + W keys attended by the current query (docs/algorithm.md §1.9)."""
         g = self.geometry
         return self.cfg.num_spans * (g.backward_len + g.forward_len + 1) + self.cfg.window_len
 
