@@ -237,3 +237,26 @@ def test_key_map_row_that_matches_nothing(ckpt):
 def test_not_a_directory(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         load_checkpoint(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------- issue 18 (#3, #11, #12), loader side
+@pytest.mark.parametrize("key,value", [("layer_norm_epsilon", float("nan")), ("layer_norm_epsilon", float("inf")),
+                                       ("routed_scaling_factor", float("nan")),
+                                       ("time_step_limit", [float("nan"), float("inf")]),
+                                       ("time_step_limit", [0.0, float("nan")])])
+def test_non_finite_numbers_the_model_computes_with_are_refused(ckpt, key, value):
+    edit_json(ckpt / "config.json", lambda d: d.update({key: value}))
+    refused(ckpt, "config.json", key)
+
+
+def test_deeply_nested_config_is_a_checkpoint_error(ckpt):
+    (ckpt / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    refused(ckpt, "config.json", "nested too deeply")
+
+
+def test_a_shard_symlinked_out_of_the_folder_is_refused(ckpt, tmp_path):
+    shard = weight_map(ckpt)[Q1]
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.move(ckpt / shard, outside)
+    (ckpt / shard).symlink_to(outside)
+    refused(ckpt, shard, "outside the checkpoint directory")

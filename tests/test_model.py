@@ -124,3 +124,10 @@ def test_random_init_is_deterministic(model):
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
     assert model_fingerprint(again) == model_fingerprint(model)
+
+
+def test_deeply_nested_model_config_is_a_clear_error():
+    from superlinear_lab.model import ModelConfig
+
+    with pytest.raises(ValueError, match="nested too deeply"):
+        ModelConfig.from_json("[" * 100_000 + "]" * 100_000)

@@ -89,6 +89,8 @@ def read_json_lenient(path) -> dict:
         data = json.loads(text, parse_constant=constants.__getitem__)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON even with NaN/Infinity allowed ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a usable JSON object (nested too deeply)") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -169,6 +171,19 @@ class SuperlinearExpConfig:
             fail("conv_kernel", self.conv_kernel, "an int >= 2")
         if self.attention_bias:
             fail("attention_bias", self.attention_bias, "False (the attention layer has no biases)")
+        # config.json may spell NaN/Infinity (read_json_lenient accepts the literals, the released dt limit is
+        # [0, Infinity]); a NaN or infinite epsilon or scale would load and give NaN logits.
+        for name in ("routed_scaling_factor", "layer_norm_epsilon"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(name, value, "a finite number")
+        if self.layer_norm_epsilon <= 0:
+            fail("layer_norm_epsilon", self.layer_norm_epsilon, "a number > 0")
+        limit = self.time_step_limit
+        if not isinstance(limit, (tuple, list)) or len(limit) != 2 or any(
+                isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x) for x in limit) \
+                or not (0 <= limit[0] < limit[1]) or math.isinf(limit[0]):
+            fail("time_step_limit", limit, "[low, high] with 0 <= low < high, low finite (high may be Infinity)")
         if not isinstance(self.span, SpanConfig):
             fail("span", self.span, "a SpanConfig")
         object.__setattr__(self, "time_step_limit", tuple(float(x) for x in self.time_step_limit))

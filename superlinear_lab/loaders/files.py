@@ -104,12 +104,22 @@ def shard_headers(root, weight_map: dict[str, str]) -> dict[str, dict[str, Tenso
     return {shard: read_safetensors_header(Path(root) / shard, key) for shard, key in sorted(first.items())}
 
 
+def _refuse_link_out(root: Path, name: str, key: str | None) -> None:
+    """A weight file inside the folder by name may still be a symlink to anywhere: refuse one that resolves out."""
+    target = (root / name).resolve()
+    if not target.is_relative_to(root.resolve()):
+        where = f"key {key!r}: " if key else ""
+        raise CheckpointError(f"{root / name}: {where}weight file resolves outside the checkpoint directory "
+                              f"({target})")
+
+
 def checkpoint_shards(path) -> tuple[str, dict[str, str]]:
     """(index file name, {tensor name: shard file name}) of checkpoint directory `path`.
 
     Reads ``model.safetensors.index.json`` (its ``weight_map``), else a single ``model.safetensors`` (whose
     header lists the tensors). Refuses: pickle-based weight files (named in the index, or the only weights
-    present), shards outside the directory, and shards that do not exist — naming the file and a key.
+    present), shards outside the directory (by name or through a symlink), and shards that do not exist —
+    naming the file and a key.
     """
     root = Path(path)
     index = root / INDEX_FILE
@@ -132,10 +142,12 @@ def checkpoint_shards(path) -> tuple[str, dict[str, str]]:
                 raise CheckpointError(f"{root / shard}: key {key!r}: not a .safetensors file")
             if not (root / shard).is_file():
                 raise CheckpointError(f"{root / shard}: key {key!r}: shard listed in {INDEX_FILE} is missing")
+            _refuse_link_out(root, shard, key)
             checked.add(shard)
         return INDEX_FILE, dict(weight_map)
     single = root / SINGLE_FILE
     if single.is_file():
+        _refuse_link_out(root, SINGLE_FILE, None)
         return SINGLE_FILE, {name: SINGLE_FILE for name in read_safetensors_header(single)}
     pickles = sorted(p.name for p in root.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES)) \
         if root.is_dir() else []

@@ -110,7 +110,11 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise ValueError("model config: not a usable JSON object (nested too deeply)") from None
+        return cls.from_dict(data)
 
     @classmethod
     def tiny(cls) -> "ModelConfig":
