@@ -260,3 +260,15 @@ def test_a_shard_symlinked_out_of_the_folder_is_refused(ckpt, tmp_path):
     shutil.move(ckpt / shard, outside)
     (ckpt / shard).symlink_to(outside)
     refused(ckpt, shard, "outside the checkpoint directory")
+
+
+def test_deeply_nested_safetensors_header_is_a_checkpoint_error(tmp_path):
+    import struct
+
+    from superlinear_lab.loaders import read_safetensors_header
+
+    header = ("[" * 100_000 + "]" * 100_000).encode()
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CheckpointError, match="deep.safetensors: malformed safetensors header"):
+        read_safetensors_header(path)

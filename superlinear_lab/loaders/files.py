@@ -67,7 +67,7 @@ def read_safetensors_header(path, key: str | None = None) -> dict[str, TensorInf
                               f"{size}-byte file)")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{where}: malformed safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: malformed safetensors header (not an object)")
