@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from superlinear_kernels import SpanConfig
-from superlinear_kernels.geometry import span_bounds, stripe_table
+from superlinear_kernels.geometry import span_bounds, stripe_table, window_bounds
 
 from . import data as D
 from .evaluate import capture_routing, evidence_pairs, reached
@@ -123,8 +123,8 @@ def routing_loss(records: dict, span: SpanConfig, pairs) -> torch.Tensor:
     first = next(iter(records.values()))
     dev = first[2].device
     row, query, es, ee = (t.to(dev) for t in (row, query, es, ee))
-    w = span.window_len
-    keep = es < query - w + 1  # evidence reachable only through a span
+    window_lo = window_bounds(span, query)[0]  # -1 where there is no window
+    keep = (window_lo < 0) | (es < window_lo)  # evidence reachable only through a span
     row, query, es, ee = row[keep], query[keep], es[keep], ee[keep]
     if row.numel() == 0:
         return first[2].sum() * 0

@@ -15,12 +15,9 @@ from fractions import Fraction
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
-import torch
 
-from superlinear_kernels import CoverageReport, SpanConfig, coverage
-from superlinear_kernels.geometry import (first_uncovered_key, max_stripe, merge_intervals, span_bounds, span_lengths,
-                                          stripe_table)
+from superlinear_kernels import CoverageReport, SpanConfig, coverage, query_geometry
+from superlinear_kernels.geometry import first_uncovered_key
 
 from ._base import COLORS, View, ViewError, base_layout
 
@@ -53,32 +50,18 @@ class StripeGeometry:
 
 
 def stripe_geometry(cfg: SpanConfig, q: int) -> StripeGeometry:
-    """Window, candidate stripes and spans of query `q` (row start 0), vectorised over stripes.
-
-    Equal to `superlinear_kernels.query_geometry(cfg, q).candidates`, but in O(1) tensor operations
-    instead of one per stripe.
-    """
+    """Window, candidate stripes and spans of query `q` (row start 0), as numpy arrays for the figures:
+    `superlinear_kernels.query_geometry` (the one geometry of a query) restricted to its candidates."""
     if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or q < 0:
         raise ViewError(f"query position q={q!r}: expected an int >= 0")
-    q = int(q)
-    t = q + 1
-    w = cfg.window_len
-    window = (max(0, q - w + 1), q) if w > 0 else None
-    m = max_stripe(cfg, t)
-    table = stripe_table(cfg, t)
-    stripes = torch.arange(cfg.sw_index + 1, max(m, cfg.sw_index) + 1, dtype=torch.int64)
-    offsets = table[stripes]
-    anchors = t - offsets
-    qs, qe = span_bounds(cfg, anchors, torch.tensor(q), torch.tensor(0), t)
-    backward, forward = span_lengths(cfg, max(t, 1))
-    intervals = [(int(a), int(b)) for a, b in zip(qs.tolist(), qe.tolist()) if b >= a]
-    if window is not None:
-        intervals.append(window)
-    union = tuple(merge_intervals(intervals))
+    g = query_geometry(cfg, int(q))
+    keep = g.candidate
+    union = tuple(g.covered())
     return StripeGeometry(
-        query=q, t=t, window=window, backward_len=int(backward[t]), forward_len=int(forward[t]),
-        stripes=stripes.numpy(), offsets=offsets.numpy(), anchors=anchors.numpy(),
-        qstart=qs.numpy(), qend=qe.numpy(), union=union, first_uncovered=first_uncovered_key(union, 0, q),
+        query=g.query, t=g.t, window=g.window, backward_len=g.backward_len, forward_len=g.forward_len,
+        stripes=g.stripe_index[keep].numpy(), offsets=g.offsets[keep].numpy(), anchors=g.anchors[keep].numpy(),
+        qstart=g.qstart[keep].numpy(), qend=g.qend[keep].numpy(), union=union,
+        first_uncovered=first_uncovered_key(union, 0, g.query),
     )
 
 
