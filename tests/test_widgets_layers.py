@@ -137,3 +137,21 @@ def test_compare_mode_against_a_different_trace(traces):
     np.testing.assert_allclose(np.nan_to_num(ex.routing_map("A").spans), _naive_map(rec_a, LENGTH, 0))
     assert ex.set_layer(5)  # layer 5 of B is layer 2 of A (swapped): compare again from the other side
     np.testing.assert_allclose(np.nan_to_num(ex.routing_map("B").spans), _naive_map(other.layer(5), LENGTH, 0))
+
+
+def test_views_name_the_model_and_weights_of_their_trace(model):
+    """A trace captured from a model carries describe_model's line and every trace view shows it (a report of a
+    randomly initialised model must not look like a trained one)."""
+    import torch
+
+    from superlinear_lab.widgets import CoverageMap, MissedSpanDebugger, RoutingExplorer
+
+    ids = torch.tensor([list(b"\x01The pass key is 48213. Remember it. " * 8)])
+    q = ids.shape[1] - 1
+    with torch.no_grad(), model.trace(queries=[q], profile_queries=[q]) as trace:
+        model(ids)
+    assert trace.model and "superlinear-lab/tiny" in trace.model and "sha256" in trace.model
+    views = [RoutingExplorer(trace, trace.tokens), CoverageMap(trace),
+             MissedSpanDebugger(trace, "48213", queries=[q], tokenizer=model.tokenizer)]
+    for view in views:
+        assert trace.model in view.summary(), type(view).__name__

@@ -50,6 +50,12 @@ TEMPLATE = dict(layout=dict(paper_bgcolor="white", plot_bgcolor="white", font=di
                             colorway=["#636efa", "#EF553B", "#00cc96", "#ab63fa", "#FFA15A", "#19d3f3"]))
 
 
+def with_model(summary: str, trace) -> str:
+    """A view's summary line followed by the model and weights that produced its trace (`trace.model`, from
+    `describe_model`), so a figure never hides whether it shows a trained or a randomly initialised model."""
+    return f"{summary} · {trace.model}" if getattr(trace, "model", None) else summary
+
+
 def base_layout(title: str, height: int = 380, **extra) -> dict:
     """The layout every figure starts from: white background, small margins, a left-aligned title."""
     layout = dict(

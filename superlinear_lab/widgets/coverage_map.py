@@ -13,7 +13,7 @@ from plotly.subplots import make_subplots
 from superlinear_lab.trace import RoutingTrace
 
 from ._aggregate import bin_edges, snippet
-from ._base import COLORS, View, ViewError, base_layout
+from ._base import COLORS, View, ViewError, base_layout, with_model
 
 
 def look_back(trace: RoutingTrace, layer, quantile: float = 0.95) -> np.ndarray:
@@ -135,10 +135,11 @@ class CoverageMap(View):
         shallow = self.shallow_heads()
         shallow_txt = (", ".join(f"L{l}/h{h}" for l, h in shallow[:8]) + (" …" if len(shallow) > 8 else "")
                        if shallow else "none")
-        return (f"layers.{self.layer}.routing head {self.head}: {hist['unreached_keys']:,} of "
-                f"{self.trace.length - self.trace.row_start:,} keys never reached"
-                f"{'' if self.include_window else ' by a chosen span'} · mean coverage over all heads "
-                f"{np.nanmean(cov):.1%} · heads that never look back past {self.far:.0%} of the context: {shallow_txt}")
+        return with_model(f"layers.{self.layer}.routing head {self.head}: {hist['unreached_keys']:,} of "
+                          f"{self.trace.length - self.trace.row_start:,} keys never reached"
+                          f"{'' if self.include_window else ' by a chosen span'} · mean coverage over all heads "
+                          f"{np.nanmean(cov):.1%} · heads that never look back past {self.far:.0%} of the context: "
+                          f"{shallow_txt}", self.trace)
 
     def figures(self) -> list[go.Figure]:
         """The layer × head grids and the selected head's histogram, each built as one dict (validated once)."""

@@ -28,7 +28,7 @@ import torch
 from superlinear_lab.trace import RoutingTrace, branch_weights, capture_routing, evidence_reach
 
 from ._aggregate import snippet
-from ._base import COLORS, View, ViewError, base_layout
+from ._base import COLORS, View, ViewError, base_layout, with_model
 from .stripes import stripe_geometry
 
 
@@ -534,8 +534,8 @@ class MissedSpanDebugger(View):
     def summary(self) -> str:
         total = np.isfinite(self._grid).sum()
         missed = int((self._grid == 0).sum())
-        return (f"{len(self.evidence)} evidence span(s) × {len(self.cases)} (evidence, query) case(s) × "
-                f"{len(self.trace.layers)} layer(s) × heads: {missed} of {int(total)} missed")
+        return with_model(f"{len(self.evidence)} evidence span(s) × {len(self.cases)} (evidence, query) case(s) × "
+                          f"{len(self.trace.layers)} layer(s) × heads: {missed} of {int(total)} missed", self.trace)
 
     def _case_label(self, c: int) -> str:
         e, q = self.cases[c]

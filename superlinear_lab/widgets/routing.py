@@ -20,7 +20,7 @@ from plotly.subplots import make_subplots
 from superlinear_lab.trace import RoutingTrace
 
 from ._aggregate import bin_edges, colorize, interval_mass, png_data_uri, snippet
-from ._base import COLORS, View, ViewError, base_layout
+from ._base import COLORS, View, ViewError, base_layout, with_model
 from .document import Document, DocumentPane
 
 WEIGHTS = ("count", "gate")
@@ -406,7 +406,7 @@ class RoutingExplorer(View):
         if self.compare is not None:
             parts.append(f"{self.labels[0]} and {self.labels[1]} choose the same anchors for "
                          f"{self.agreement():.1%} of queries")
-        return " · ".join(parts)
+        return with_model(" · ".join(parts), self.trace)
 
     def panels_html(self) -> list[str]:
         rows = self.span_report()
