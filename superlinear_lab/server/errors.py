@@ -3,6 +3,8 @@ and the OpenAI-style error ``type``. `api_error(exc)` maps library exceptions on
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from ..engine import ContextOverflowError, SnapshotCompatibilityError, SnapshotError
 from ..engine.snapshot import SnapshotNotFoundError
 from .chat import ChatFormatError
@@ -97,3 +99,16 @@ def api_error(e: BaseException) -> ApiError | None:
     if isinstance(e, (ValueError, ChatFormatError)):
         return BadRequest(str(e))
     return None
+
+
+@contextmanager
+def api_errors():
+    """Inside this block a library exception leaves as its `ApiError` (status by type, `api_error`); an unexpected
+    one propagates unchanged (a server bug: 500)."""
+    try:
+        yield
+    except Exception as e:
+        err = api_error(e)
+        if err is None:
+            raise
+        raise err from None

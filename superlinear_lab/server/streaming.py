@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from starlette.responses import StreamingResponse
 
 from .engine import Cancelled, ChatEngine, Generation, GenerationRequest, GenerationResult, TokenLogprob
-from .errors import ApiError, BadRequest, Busy, ServerStopping, api_error, error_body
+from .errors import ApiError, BadRequest, Busy, ServerStopping, api_errors, error_body
 
 STATUS_CLIENT_CLOSED = 499
 
@@ -52,14 +52,10 @@ async def admitted(admission: Admission, coro):
     task = asyncio.ensure_future(coro)
     task.add_done_callback(lambda _: admission.leave())
     try:
-        return await asyncio.shield(task)
+        with api_errors():
+            return await asyncio.shield(task)
     except Cancelled:
         raise ServerStopping("request cancelled: the server is stopping") from None
-    except Exception as e:
-        err = api_error(e)
-        if err is None:
-            raise
-        raise err from None
 
 
 def check_stream_options(opts: dict | None) -> dict:
@@ -207,14 +203,10 @@ class SSEResponse(StreamingResponse):
 
 def _result(gen: Generation) -> GenerationResult:
     try:
-        return gen.future.result()
+        with api_errors():
+            return gen.future.result()
     except Cancelled:
         raise ServerStopping("request cancelled: the server is stopping") from None
-    except Exception as e:
-        err = api_error(e)
-        if err is None:
-            raise
-        raise err from None
 
 
 async def _client_gone(request: Request) -> None:

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from ...ids import validate_id
-from ..errors import BadRequest, api_error
+from ..errors import BadRequest, api_errors
 from ..schemas import SnapshotLoadBody, SnapshotPatchBody
 from ..streaming import admitted
 from .common import state
@@ -28,13 +28,8 @@ def _snapshot_id(snapshot_id: str) -> str:
 
 
 async def _store(fn, *args):
-    try:
+    with api_errors():
         return await run_in_threadpool(fn, *args)
-    except Exception as e:
-        err = api_error(e)
-        if err is None:
-            raise
-        raise err from None
 
 
 @router.get("")
