@@ -157,8 +157,10 @@ def _value(kind: str, rng: random.Random, split: str, taken: set[str]) -> str:
     raise RuntimeError(f"no fresh {kind} value left")
 
 
-def _owner(rng: random.Random, split: str, place: bool | None = None) -> str:
-    role = rng.choice(OWNERS)
+def _owner(rng: random.Random, split: str, place: bool | None = None, role: str | None = None) -> str:
+    """"the <role>" or "the <role> from <Place>" (a random role unless given; a place with chance 0.4 unless
+    `place` says)."""
+    role = role or rng.choice(OWNERS)
     if place is None:
         place = rng.random() < 0.4
     return f"the {role} from {rng.choice(vocabulary('names.txt', split))}" if place else f"the {role}"
@@ -199,7 +201,7 @@ def fact(length: int, seed: int, split: str = "train", kind: str = "word", n_dis
     rng = D._rng(task, length, seed, split, f"{kind}:{n_distractors}:{near_keys}")
     thing = rng.choice(THINGS[kind])
     role = rng.choice(OWNERS)
-    owner = f"the {role} from {rng.choice(vocabulary('names.txt', split))}" if near_keys else _owner(rng, split)
+    owner = _owner(rng, split, place=True, role=role) if near_keys else _owner(rng, split)
     taken: set[str] = set()
     keys = {(owner, thing)}
     text, value = _statement(rng, rng.choice(STATEMENTS[split][kind]), owner, thing, kind, split, taken)
@@ -209,7 +211,7 @@ def fact(length: int, seed: int, split: str = "train", kind: str = "word", n_dis
     for _ in range(n_distractors):
         for _ in range(100):
             if near_keys:
-                key = (f"the {role} from {rng.choice(vocabulary('names.txt', split))}", thing)
+                key = (_owner(rng, split, place=True, role=role), thing)
             elif rng.random() < 0.5:
                 key = (_owner(rng, split), thing)
             else:
