@@ -10,7 +10,7 @@ except PackageNotFoundError:  # a source tree on sys.path that was never install
 from .config import SpanConfig
 from .geometry import (CoverageReport, QueryGeometry, coverage, query_geometry, stripe_offset, stripe_table,
                        window_bounds)
-from .api import SearchResult, StripeScores, span_search, stripe_scores, superlinear_attention
+from .api import DecodeAttention, SearchResult, StripeScores, span_search, stripe_scores, superlinear_attention
 
 __all__ = [
     "__version__",
@@ -27,4 +27,5 @@ __all__ = [
     "StripeScores",
     "stripe_scores",
     "superlinear_attention",
+    "DecodeAttention",
 ]

@@ -270,9 +270,95 @@ def superlinear_attention(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v
             raise ValueError("routing=: a given routing is supported on backend='torch' or 'oracle', not 'triton'")
         routing = _check_routing(routing, cfg, prep, tuple(q1.shape[:3]), q1.device)
         out, routing = module.superlinear_attention(q1, q2, k, v, cfg, prep, routing=routing)
-    # One rule for every backend: a query row with any non-finite component is NaN in full.
-    out = torch.where(torch.isfinite(out).all(dim=-1, keepdim=True), out, torch.full_like(out, float("nan")))
+    out = _nan_rows(out)
     return (out, routing) if return_routing else out
+
+
+def _nan_rows(out: torch.Tensor) -> torch.Tensor:
+    """One rule for every backend: a query row [..., D] with any non-finite component is NaN in full."""
+    return torch.where(torch.isfinite(out).all(dim=-1, keepdim=True), out, torch.full_like(out, float("nan")))
+
+
+class DecodeAttention:
+    """A pre-validated one-token `superlinear_attention` over one static K/V cache: what a decoding loop calls
+    once per token (and what a CUDA graph captures).
+
+    Everything `superlinear_attention` checks is checked once, here: the config, the backend, the cache tensors
+    (shapes, dtype, device, GQA), the Triton backend's limits. A call then only compares the query tensors' shape,
+    dtype and device on the host: it never reads a device value, so the per-token path has no host
+    synchronisation. The result equals ``superlinear_attention(q1, q2, key_cache, value_cache, [position], cfg,
+    backend=backend)`` bit for bit (same kernels, same arguments). Forward only (no autograd), no
+    attention mask (every row starts at key 0), no routing.
+
+    Args:
+        key_cache, value_cache: [B, H_KV, L_KV, D] — the static cache. Calls read it as it is then, so K/V written
+            between calls are seen; a reallocated cache needs a new entry.
+        cfg: the `SpanConfig`.
+        num_heads: H_Q, query heads of the calls (a multiple of H_KV).
+        backend: "auto", "oracle", "torch" or "triton".
+
+    Call ``entry(q1, q2, position)``:
+        q1, q2: [B, H_Q, 1, D], the cache's dtype and device.
+        position: the query's position — an int in [0, L_KV) (checked), or an int64 tensor [1] on the cache's
+            device holding it. A tensor is not read on the Triton backend (the caller guarantees the range); this
+            is what lets one captured graph serve every position. Other backends read it (they size their
+            search on the host).
+        Returns out [B, H_Q, 1, D] in the cache's dtype.
+
+    Example::
+
+        attend = DecodeAttention(k_cache, v_cache, SpanConfig.release(), num_heads=32)
+        out = attend(q1, q2, 4096)                       # or attend(q1, q2, position_tensor)
+    """
+
+    def __init__(self, key_cache: torch.Tensor, value_cache: torch.Tensor, cfg: SpanConfig, num_heads: int,
+                 backend: str = "auto"):
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads={num_heads!r}: expected an int >= 1")
+        _check_tensor("key_cache", key_cache, 4)
+        b, _, l_kv, d = key_cache.shape
+        probe = torch.zeros(b, num_heads, 1, d, dtype=key_cache.dtype, device=key_cache.device)
+        self._prep = _prepare(probe, key_cache, [0], cfg, None, backend, q2=probe, v=value_cache)
+        self.backend = _resolve_backend(backend, probe)
+        self._module = _backend_module(self.backend)
+        self.cfg = cfg
+        self.key_cache, self.value_cache = key_cache, value_cache
+        self.query_shape = tuple(probe.shape)
+        self.l_kv = l_kv
+        self._plan = None
+        if self.backend == "triton":
+            from .triton import ops
+
+            self._plan = ops.decode_plan(probe, key_cache, value_cache, cfg)
+            self._decode = ops.decode_attention
+        self._position = torch.zeros(1, dtype=torch.int64, device=key_cache.device)  # an int position goes here
+
+    def __call__(self, q1: torch.Tensor, q2: torch.Tensor, position) -> torch.Tensor:
+        for name, q in (("q1", q1), ("q2", q2)):
+            if not isinstance(q, torch.Tensor) or tuple(q.shape) != self.query_shape \
+                    or q.dtype != self.key_cache.dtype or q.device != self.key_cache.device:
+                got = f"{q.dtype} {tuple(q.shape)} on {q.device}" if isinstance(q, torch.Tensor) else type(q).__name__
+                raise ValueError(f"{name}: got {got}, expected {self.key_cache.dtype} {self.query_shape} "
+                                 f"on {self.key_cache.device} (B, H_Q, 1, D of this decode entry)")
+        if isinstance(position, torch.Tensor):
+            if position.dtype != torch.int64 or tuple(position.shape) != (1,) or position.device != q1.device:
+                raise ValueError(f"position: got {position.dtype} {tuple(position.shape)} on {position.device}, "
+                                 f"expected an int64 tensor [1] on {q1.device}")
+            positions = position
+        elif isinstance(position, int) and not isinstance(position, bool) and 0 <= position < self.l_kv:
+            positions = self._position.fill_(position)
+        else:
+            raise ValueError(f"position={position!r}: expected an int in [0, L_KV={self.l_kv}) or an int64 tensor [1]")
+        k, v = self.key_cache, self.value_cache
+        if self._plan is not None:
+            out = self._decode(q1, q2, k, v, self.cfg, positions, self._prep.row_start, self._plan)
+        else:
+            q_max = int(positions[0])
+            if not 0 <= q_max < self.l_kv:
+                raise ValueError(f"position: holds {q_max}, expected a value in [0, L_KV={self.l_kv})")
+            prep = Prepared(positions, self._prep.row_start, q_max, self.l_kv)
+            out, _ = self._module.superlinear_attention(q1, q2, k, v, self.cfg, prep)
+        return _nan_rows(out)
 
 
 @dataclass(frozen=True)

@@ -63,9 +63,51 @@ def _max_span_len(cfg: SpanConfig, l_kv: int) -> int:
 
 
 def _search(q1, k, cfg: SpanConfig, prep: Prepared):
-    tables = geometry_tables(cfg, k.shape[2], q1.device)
-    return search_forward(q1, k, prep.cache_position, prep.row_start, tables, cfg.sw_index, cfg.window_len,
-                          cfg.num_spans)
+    return _search_at(q1, k, cfg, prep.cache_position, prep.row_start, geometry_tables(cfg, k.shape[2], q1.device))
+
+
+def _search_at(q1, k, cfg: SpanConfig, positions: torch.Tensor, row_start: torch.Tensor, tables):
+    return search_forward(q1, k, positions, row_start, tables, cfg.sw_index, cfg.window_len, cfg.num_spans)
+
+
+def _decode(q1, q2, k, v, cfg: SpanConfig, positions, row_start, tables, max_span_len: int):
+    """One decode step (L_Q = 1): search, then one pass per KV group over the union of its branches' keys.
+    Returns (qstart, qanchor, qend, values) and (out, gate, branch_out, branch_lse) (see `decode_forward`)."""
+    routing = _search_at(q1, k, cfg, positions, row_start, tables)
+    qstart, qanchor, qend, values = routing
+    return routing, decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start, cfg.window_len,
+                                   max_span_len)
+
+
+class DecodePlan:
+    """What a pre-validated decode entry (`superlinear_kernels.api.DecodeAttention`) fixes once per cache: the
+    geometry tables (device tensors sized by L_KV) and the merge's span bound, so a step does no table lookup."""
+
+    def __init__(self, cfg: SpanConfig, k: torch.Tensor):
+        self.tables = geometry_tables(cfg, k.shape[2], k.device)
+        self.max_span_len = _max_span_len(cfg, k.shape[2])
+
+
+def decode_plan(q1: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: SpanConfig) -> DecodePlan:
+    """Check the kernel limits for decode queries like `q1` [B, H_Q, 1, D] over k, v [B, H_KV, L_KV, D]; the plan."""
+    check_supported(q1, k, cfg)
+    for name, x in (("key_cache", k), ("value_cache", v)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name}: strides {x.stride()}; the decode entry needs unit stride over D")
+    return DecodePlan(cfg, k)
+
+
+def decode_attention(q1, q2, k, v, cfg: SpanConfig, positions: torch.Tensor, row_start: torch.Tensor,
+                     plan: DecodePlan) -> torch.Tensor:
+    """Forward-only decode step for a caller that validated everything once (`api.DecodeAttention`).
+
+    q1, q2 [B, H_Q, 1, D]; k, v [B, H_KV, L_KV, D] with unit stride over D; positions int64 [1] and row_start
+    int64 [B] on the device (never read on the host). Returns out [B, H_Q, 1, D] in q2's dtype — the same
+    launches with the same arguments as `superlinear_attention` for L_Q = 1, so the same bits.
+    """
+    _, (out, _, _, _) = _decode(q1.contiguous(), q2.contiguous(), k, v, cfg, positions, row_start, plan.tables,
+                                plan.max_span_len)
+    return out
 
 
 class _SearchFunction(torch.autograd.Function):
@@ -99,14 +141,14 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q1, q2, k, v, cfg, prep):
-        qstart, qanchor, qend, values = _search(q1, k, cfg, prep)
         window = cfg.window_len
         if q2.shape[2] == 1:  # decode: one pass per KV group over the union of its branches' keys
-            out, gate, branch_out, branch_lse = decode_forward(
-                q2, k, v, qstart, qend, qanchor, values, prep.cache_position, prep.row_start, window,
+            (qstart, qanchor, qend, values), (out, gate, branch_out, branch_lse) = _decode(
+                q1, q2, k, v, cfg, prep.cache_position, prep.row_start, geometry_tables(cfg, k.shape[2], q1.device),
                 _max_span_len(cfg, k.shape[2]))
             order = None
         else:
+            qstart, qanchor, qend, values = _search(q1, k, cfg, prep)
             win_out, win_lse = window_forward(q2, k, v, prep.cache_position, prep.row_start, window)
             branch_out, branch_lse, order = span_forward(q2, k, v, qstart, qend, win_out, win_lse)
             del win_out, win_lse

@@ -21,16 +21,14 @@ import torch
 from superlinear_kernels import superlinear_attention
 
 from ..model.hybrid import HybridLM
+from .decode import hooks_attached
 from .session import Session
 
 
 def can_batch(model) -> bool:
     """True for a `HybridLM` with no tracing or intervention hook attached (batched steps do not call them; other
     model classes, e.g. converted transformers models, run one session at a time)."""
-    if not isinstance(model, HybridLM) or model.token_recorders:
-        return False
-    return not any(layer.routing_recorders or getattr(layer, "routing_overrides", None)
-                   for _, layer in model.routing_layers())
+    return isinstance(model, HybridLM) and not hooks_attached(model)
 
 
 @torch.no_grad()

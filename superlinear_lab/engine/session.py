@@ -29,6 +29,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ..model.hybrid import HybridCache, HybridLM
+from .decode import DECODE_MODES, Decoder, can_step, hooks_attached
 
 
 # Decode steps and short chunks are made of sub-millisecond ops; on a few CPU cores the intra-op thread pool's
@@ -188,6 +189,11 @@ class Session:
         chunk_size: prefill chunk length.
         seed: sampler seed.
         progress: show a tqdm bar for appends of more than one chunk (None), always (True) or never (False).
+        decode: how `stream`/`generate` run each one-token forward — "auto": the model's one-token step over the
+            static cache, replayed as a captured CUDA graph on CUDA (`engine.decode.Decoder`; eager when the
+            model is on CPU or the capture fails, which is logged); "eager": the same step without a graph;
+            "forward": the model's plain `forward` at the cursor. All three compute the same logits bit for bit.
+            While a trace or intervention hook is attached, steps use `forward` (only it calls the hooks).
 
     Example::
 
@@ -197,9 +203,14 @@ class Session:
     """
 
     def __init__(self, model: HybridLM, max_len: int = 4096, *, chunk_size: int = 4096, seed: int = 0,
-                 progress: bool | None = None, _cache: HybridCache | None = None):
+                 progress: bool | None = None, decode: str = "auto", _cache: HybridCache | None = None):
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size!r}: expected an int >= 1")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode={decode!r}: expected one of {DECODE_MODES}")
+        self.decode = decode
+        self._decoder: Decoder | None = None  # built on the first step over the current cache
+        self.decode_path: str | None = None  # how the last generated token ran: "graph", "eager" or "forward"
         self.model = model
         self.tokenizer = model.tokenizer
         self.cache = _cache if _cache is not None else model.new_cache(max_len)
@@ -453,11 +464,28 @@ class Session:
         saved = self._internal_state()
         try:
             with torch.no_grad(), _threads_for(1, self.model.device):
-                logits = self.model(torch.tensor([[token]], device=self.model.device), self.cache, self._cursor)
-            self.record_step(token, logits[0, -1])
+                logits, path = self._one_token(token)
+            self.record_step(token, logits)
+            self.decode_path = path
         except BaseException:
             self._restore_internal(saved)
             raise
+
+    def _one_token(self, token: int) -> tuple[torch.Tensor, str]:
+        """fp32 logits [vocab] of `token` at the cursor (K/V and states written into the cache) and the path taken."""
+        model = self.model
+        if self.decode == "forward" or not can_step(model) or hooks_attached(model):
+            return model(torch.tensor([[token]], device=model.device), self.cache, self._cursor)[0, -1], "forward"
+        decoder = self._decoder
+        if decoder is None or decoder.cache is not self.cache:
+            decoder = self._decoder = Decoder(model, self.cache, graph=self.decode == "auto")
+        return decoder(token, self._cursor), decoder.path
+
+    @property
+    def decode_fallback(self) -> str | None:
+        """Why steps run eagerly although decode="auto" asked for a CUDA graph (None when a graph runs, or no
+        step ran yet)."""
+        return None if self._decoder is None else self._decoder.fallback_reason
 
     def sample(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> int:
         """Draw the next token from `logits` with the session's sampler (`seed` reseeds it first); writes nothing.
@@ -598,7 +626,8 @@ class Session:
     def fork(self, seed: int | None = None) -> "Session":
         """An independent copy (cache, cursor, logits, transcript, sampler state; `seed` reseeds the copy).
         Checkpoints taken on this session before the fork also work on the fork."""
-        other = Session(self.model, chunk_size=self.chunk_size, progress=self.progress, _cache=self.cache.clone())
+        other = Session(self.model, chunk_size=self.chunk_size, progress=self.progress, decode=self.decode,
+                        _cache=self.cache.clone())
         other._cursor = self._cursor
         other._logits = None if self._logits is None else self._logits.clone()
         other._token_ids = self._token_ids.clone()
@@ -622,6 +651,7 @@ class Session:
         ids = torch.full((max_len,), -1, dtype=torch.int64)
         ids[: self._token_ids.numel()] = self._token_ids
         self.cache, self._token_ids = cache, ids
+        self._decoder = None  # its graph and entries belong to the old allocation: the next step captures anew
 
     # ------------------------------------------------------------------ tracing
     @contextlib.contextmanager

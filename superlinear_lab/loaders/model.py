@@ -134,6 +134,7 @@ class SuperlinearExpLM(nn.Module):
     _begin_forward = HybridLM._begin_forward
     set_backend = HybridLM.set_backend
     num_parameters = HybridLM.num_parameters
+    decode_entries = HybridLM.decode_entries
     dtype = HybridLM.dtype
     device = HybridLM.device
 
@@ -223,8 +224,17 @@ class SuperlinearExpLM(nn.Module):
         position `start` (the session does).
         """
         positions = self._begin_forward(ids, cache, start)
-        bsz, length = ids.shape
-        states = None if cache is None else _MambaStates(cache, self._mamba_slots, has_previous=start > 0)
+        return self._run(ids, cache, positions, None, start > 0)
+
+    def step(self, ids: torch.Tensor, cache: HybridCache, position: torch.Tensor, entries: list) -> torch.Tensor:
+        """One-token forward for decoding loops and CUDA graphs (as `HybridLM.step`): ids int64 [B, 1], `position`
+        an int64 tensor [1] with 0 < position < cache.max_len (neither is read on the host), `entries` =
+        `decode_entries(cache)`. fp32 logits [B, 1, vocab]; the same function as ``forward(ids, cache, position)``."""
+        return self._run(ids, cache, position, entries, True)
+
+    def _run(self, ids, cache, positions, entries, has_previous: bool) -> torch.Tensor:
+        """The blocks over `ids` at `positions` (conv/SSM states taken as empty unless `has_previous`)."""
+        states = None if cache is None else _MambaStates(cache, self._mamba_slots, has_previous=has_previous)
         x = self.embed(ids)
         att_j = 0
         for block in self.blocks:
@@ -232,7 +242,9 @@ class SuperlinearExpLM(nn.Module):
             if block.kind == "M":
                 h = block.mixer(h, cache=states)
             elif block.kind == "*":
-                if cache is None:
+                if entries is not None:
+                    h = block.mixer.step(h, positions, entries[att_j])
+                elif cache is None:
                     h = block.mixer(h, positions)
                 else:
                     h = block.mixer(h, positions, cache.keys[att_j], cache.values[att_j])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from superlinear_kernels import span_search, superlinear_attention
+from superlinear_kernels import DecodeAttention, span_search, superlinear_attention
 
 from .config import ModelConfig
 
@@ -47,12 +47,8 @@ class SuperlinearAttentionLayer(nn.Module):
         With caches [B, H_KV, max_len, D] the new K/V are written at `positions` and attention reads the whole
         static cache (keys after each query are never read). Without caches, L_KV = L (positions must be 0..L-1).
         """
-        bsz, length, _ = x.shape
-        hq, hkv, d = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
-        q1 = self.q1_proj(x).view(bsz, length, hq, d).transpose(1, 2)
-        q2 = self.q2_proj(x).view(bsz, length, hq, d).transpose(1, 2)
-        k = self.k_proj(x).view(bsz, length, hkv, d).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, length, hkv, d).transpose(1, 2)
+        q1, q2, k, v = self._project(x)
+        length = x.shape[1]
         if key_cache is not None:
             start = int(positions[0])
             key_cache[:, :, start:start + length] = k
@@ -78,5 +74,36 @@ class SuperlinearAttentionLayer(nn.Module):
                 record(positions, routing, q1, k)
             for record in qkv_recorders:
                 record(positions, routing, q2, k)
+        return self._output(out)
+
+    def _project(self, x: torch.Tensor):
+        """x [B, L, d_model] -> q1, q2 [B, H_Q, L, D] and k, v [B, H_KV, L, D]."""
+        bsz, length, _ = x.shape
+        hq, hkv, d = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
+        q1 = self.q1_proj(x).view(bsz, length, hq, d).transpose(1, 2)
+        q2 = self.q2_proj(x).view(bsz, length, hq, d).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, length, hkv, d).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, length, hkv, d).transpose(1, 2)
+        return q1, q2, k, v
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, H_Q, L, D] -> [B, L, d_model]."""
+        bsz, hq, length, d = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(bsz, length, hq * d))
+
+    def decode_entry(self, key_cache: torch.Tensor, value_cache: torch.Tensor) -> DecodeAttention:
+        """The pre-validated one-token attention of this layer over a static cache [B, H_KV, max_len, D]."""
+        return DecodeAttention(key_cache, value_cache, self.span_config, num_heads=self.cfg.n_heads,
+                               backend=self.backend)
+
+    def step(self, x: torch.Tensor, position: torch.Tensor, attend: DecodeAttention) -> torch.Tensor:
+        """One token x [B, 1, d_model] at `position` (int64 tensor [1] on x's device, inside the cache; not read
+        on the host): its K/V are written into `attend`'s cache there (`index_copy_`, no host read) and it attends
+        through `attend` (`decode_entry` on that cache). The same function as ``forward(x, position, caches)``,
+        without any host synchronisation, so a CUDA graph can capture it. Hooks (recorders, overrides) are not
+        called: callers use `forward` while any is attached."""
+        q1, q2, k, v = self._project(x)
+        attend.key_cache.index_copy_(2, position, k)
+        attend.value_cache.index_copy_(2, position, v)
+        return self._output(attend(q1, q2, position))
 

@@ -200,6 +200,30 @@ class HybridLM(nn.Module):
         pass the states that belong to position `start` (the session does).
         """
         positions = self._begin_forward(ids, cache, start)
+        return self._run(ids, cache, positions, None)
+
+    def decode_entries(self, cache: HybridCache) -> list:
+        """One pre-validated `DecodeAttention` per attention layer (in `routing_layers()` order) over `cache`'s
+        K/V, for `step`. Valid until the cache is reallocated (`HybridCache.clone(max_len)`)."""
+        return [layer.decode_entry(cache.keys[j], cache.values[j]) for j, (_, layer) in enumerate(self.routing_layers())]
+
+    def step(self, ids: torch.Tensor, cache: HybridCache, position: torch.Tensor, entries: list) -> torch.Tensor:
+        """One-token forward for decoding loops and CUDA graphs: fp32 logits [B, 1, vocab].
+
+        Args:
+            ids: int64 [B, 1] on the model's device, valid token ids (not checked: that would read the device).
+            cache: the cache; its conv/SSM states must belong to `position` (as in `forward`).
+            position: int64 tensor [1] on the model's device with 0 < position < cache.max_len (not read).
+            entries: `decode_entries(cache)`.
+
+        The same function as ``forward(ids, cache, position)`` — bit for bit on the same device — with no host
+        synchronisation. Token recorders, routing recorders and overrides are not called (use `forward` while
+        any is attached).
+        """
+        return self._run(ids, cache, position, entries)
+
+    def _run(self, ids: torch.Tensor, cache: HybridCache | None, positions: torch.Tensor, entries) -> torch.Tensor:
+        """The blocks over `ids` at `positions`; attention through `entries` (one-token step) when given."""
         bsz, length = ids.shape
         cfg = self.cfg
         x = self.embed(ids)
@@ -218,7 +242,9 @@ class HybridLM(nn.Module):
                     cache.ssm_states[mamba_j] = new_ssm
                 mamba_j += 1
             else:
-                if cache is None:
+                if entries is not None:
+                    h = block.mixer.step(h, positions, entries[att_j])
+                elif cache is None:
                     h = block.mixer(h, positions)
                 else:
                     h = block.mixer(h, positions, cache.keys[att_j], cache.values[att_j])

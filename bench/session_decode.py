@@ -1,0 +1,209 @@
+"""Decode speed as a user gets it (issue 16): tokens/s of a real `Session` and the one-token attention call.
+
+Part 1, the attention layer (release preset: B = 1, H_Q = 32, H_KV = 2, D = 128, bf16, random K/V in a static
+cache of capacity L, the query at L - 1). Per call, back to back (a decoding loop; CUDA events around
+`--reps` calls, median of 5 loops):
+  * ``public``: `superlinear_attention(..., backend="triton")` as before (validation with host syncs each call);
+  * ``entry``: the pre-validated `DecodeAttention` called eagerly (int position);
+  * ``graph``: a CUDA graph of the `DecodeAttention` call, replayed (position in a device tensor);
+  * ``dense``: a CUDA graph of non-causal SDPA over the whole cache.
+  The entry's and the graph's outputs are compared with the public call's, bit for bit.
+
+Part 2, the shipped tiny model in a `Session` on the GPU (default dtype fp32, Triton attention). One session is
+prefilled with real text (the repo's own docs and sources, repeated) to each context length in turn (`grow` in
+between), and at each length `generate(n)` (greedy) is timed in the three decode modes: "auto" (the whole-model
+CUDA graph), "eager" (the same one-token step without a graph) and "forward" (the previous path: the model's
+`forward` at the cursor). Each mode starts from the same checkpoint; tokens and final logits are compared
+between the modes. tokens/s = generated tokens / wall seconds of `generate` (sampling and bookkeeping included).
+
+    python bench/session_decode.py --out bench/session_decode_h200.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def loop_ms(fn, reps: int, loops: int = 5) -> float:
+    """Median over `loops` of (device time of `reps` back-to-back calls) / reps, in ms."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(loops):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def host_ms(fn, reps: int) -> float:
+    """Median wall time of one call followed by a synchronisation (latency of a lone call), in ms."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def capture(fn):
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def attention_row(length: int, reps: int) -> dict:
+    from superlinear_kernels import DecodeAttention, SpanConfig, superlinear_attention
+
+    cfg = SpanConfig.release()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h_q, h_kv, d = 32, 2, 128
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen, dtype=torch.bfloat16)
+
+    k, v = rand(1, h_kv, length, d), rand(1, h_kv, length, d)
+    q1, q2 = rand(1, h_q, 1, d), rand(1, h_q, 1, d)
+    pos = length - 1
+    pos_dev = torch.tensor([pos], device="cuda")
+    entry = DecodeAttention(k, v, cfg, num_heads=h_q, backend="triton")
+    with torch.no_grad():
+        ref = superlinear_attention(q1, q2, k, v, pos_dev, cfg, backend="triton")
+        eager = entry(q1, q2, pos)
+        graph, out = capture(lambda: entry(q1, q2, pos_dev))
+        graph.replay()
+        torch.cuda.synchronize()
+        dense_graph, _ = capture(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q2, k, v, enable_gqa=True))
+        row = {
+            "L": length,
+            "entry_equals_public": bool(torch.equal(ref, eager)),
+            "graph_equals_public": bool(torch.equal(ref, out)),
+            "public_ms": loop_ms(lambda: superlinear_attention(q1, q2, k, v, pos_dev, cfg, backend="triton"), reps),
+            "entry_ms": loop_ms(lambda: entry(q1, q2, pos), reps),
+            "entry_tensor_position_ms": loop_ms(lambda: entry(q1, q2, pos_dev), reps),
+            "graph_ms": loop_ms(graph.replay, reps),
+            "dense_graph_ms": loop_ms(dense_graph.replay, reps),
+            "public_lone_call_ms": host_ms(lambda: superlinear_attention(q1, q2, k, v, pos_dev, cfg,
+                                                                         backend="triton"), 50),
+            "entry_lone_call_ms": host_ms(lambda: entry(q1, q2, pos), 50),
+            "graph_lone_call_ms": host_ms(graph.replay, 50),
+        }
+    row["entry_over_graph"] = row["entry_ms"] / row["graph_ms"]
+    row["dense_over_graph"] = row["dense_graph_ms"] / row["graph_ms"]
+    del k, v, graph, dense_graph
+    torch.cuda.empty_cache()
+    return row
+
+
+def corpus_ids(tokenizer, n: int) -> torch.Tensor:
+    """n byte-token ids of the repo's own prose and code (docs, README, package sources), repeated."""
+    files = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"] + sorted((ROOT / "superlinear_lab").rglob("*.py"))
+    text = "\n\n".join(p.read_text(encoding="utf-8") for p in files if p.is_file())
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
+    return ids.repeat(-(-n // ids.numel()))[:n]
+
+
+def timed_generate(session, mode: str, n: int) -> tuple[list[int], float]:
+    session.decode = mode
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = session.generate(n, temperature=0)
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def session_rows(lengths: list[int], n_graph: int, n_forward: int, dtype: str, prefill_budget_s: float) -> list[dict]:
+    from superlinear_lab.engine import Session
+    from superlinear_lab.model import load_model
+
+    model = load_model("tiny", device="cuda", dtype=dtype)
+    ids = corpus_ids(model.tokenizer, max(lengths))
+    spare = 2 * max(n_graph, n_forward) + 64
+    s = Session(model, max_len=lengths[0] + spare, chunk_size=32768, progress=False)
+    rows = []
+    for length in lengths:
+        s.grow(max(s.max_len, length + spare))
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        s.append(ids[s.cursor:length], role=None)
+        torch.cuda.synchronize()
+        prefill_s = time.perf_counter() - t
+        cp = s.checkpoint()
+        row = {"L": length, "max_len": s.max_len, "dtype": dtype, "prefill_s": prefill_s, "modes": {}}
+        results = {}
+        for mode, n in (("auto", n_graph), ("eager", n_graph), ("forward", n_forward)):
+            s.rollback(cp)
+            s.decode = mode
+            s.generate(4, temperature=0)  # capture / compile outside the timing
+            s.rollback(cp)
+            out, secs = timed_generate(s, mode, n)
+            results[mode] = (out, s.logits.clone())
+            row["modes"][mode] = {"path": s.decode_path, "fallback": s.decode_fallback, "tokens": len(out),
+                                  "seconds": secs, "tokens_per_s": len(out) / secs if secs else None,
+                                  "ms_per_token": 1e3 * secs / max(len(out), 1)}
+        s.rollback(cp)
+        n_cmp = min(len(results["forward"][0]), len(results["auto"][0]))
+        row["graph_tokens_equal_forward"] = results["auto"][0][:n_cmp] == results["forward"][0][:n_cmp]
+        row["graph_tokens_equal_eager"] = results["auto"][0] == results["eager"][0]
+        row["graph_logits_equal_eager"] = bool(torch.equal(results["auto"][1], results["eager"][1]))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if prefill_s > prefill_budget_s:
+            break
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "bench" / "session_decode.json"))
+    parser.add_argument("--attention-lengths", default="131072,1048576")
+    parser.add_argument("--session-lengths", default="131072,1048576,4194304")
+    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--tokens", type=int, default=512, help="generated tokens per timing (graph, eager)")
+    parser.add_argument("--forward-tokens", type=int, default=64, help="generated tokens per timing (forward)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--prefill-budget-s", type=float, default=120.0,
+                        help="stop before the next length when a prefill took longer than this")
+    parser.add_argument("--skip-attention", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("session_decode.py needs a CUDA device")
+    import triton
+
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "cuda": torch.version.cuda, "python": platform.python_version(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "attention": [], "session": []}
+    out = pathlib.Path(args.out)
+    if not args.skip_attention:
+        for length in map(int, args.attention_lengths.split(",")):
+            row = attention_row(length, args.reps)
+            print(json.dumps(row), flush=True)
+            result["attention"].append(row)
+            out.write_text(json.dumps(result, indent=2))
+    result["session"] = session_rows(list(map(int, args.session_lengths.split(","))), args.tokens,
+                                     args.forward_tokens, args.dtype, args.prefill_budget_s)
+    out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
