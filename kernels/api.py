@@ -296,6 +296,10 @@ class DecodeAttention:
         cfg: the `SpanConfig`.
         num_heads: H_Q, query heads of the calls (a multiple of H_KV).
         backend: "auto", "oracle", "torch" or "triton".
+        graph: on the Triton backend with CUDA tensors, capture the step as a CUDA graph at the first call and
+            replay it afterwards (the queries and the position are copied into the graph's inputs; the output is
+            a fresh tensor). A call made while the stream is being captured (a caller's own graph) always
+            launches the kernels directly.
 
     Call ``entry(q1, q2, position)``:
         q1, q2: [B, H_Q, 1, D], the cache's dtype and device.
@@ -312,7 +316,7 @@ class DecodeAttention:
     """
 
     def __init__(self, key_cache: torch.Tensor, value_cache: torch.Tensor, cfg: SpanConfig, num_heads: int,
-                 backend: str = "auto"):
+                 backend: str = "auto", graph: bool = False):
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"num_heads={num_heads!r}: expected an int >= 1")
         _check_tensor("key_cache", key_cache, 4)
@@ -332,6 +336,8 @@ class DecodeAttention:
             self._plan = ops.decode_plan(probe, key_cache, value_cache, cfg)
             self._decode = ops.decode_attention
         self._position = torch.zeros(1, dtype=torch.int64, device=key_cache.device)  # an int position goes here
+        self._graph_wanted = bool(graph) and self._plan is not None and key_cache.is_cuda
+        self._graph = None  # (graph, q1, q2, out) once captured
 
     def __call__(self, q1: torch.Tensor, q2: torch.Tensor, position) -> torch.Tensor:
         for name, q in (("q1", q1), ("q2", q2)):
@@ -349,6 +355,29 @@ class DecodeAttention:
             positions = self._position.fill_(position)
         else:
             raise ValueError(f"position={position!r}: expected an int in [0, L_KV={self.l_kv}) or an int64 tensor [1]")
+        if self._graph_wanted and not torch.cuda.is_current_stream_capturing():
+            return self._replay(q1, q2, positions)
+        return self._attend(q1, q2, positions)
+
+    def _replay(self, q1: torch.Tensor, q2: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self._graph is None:
+            static_q1, static_q2 = q1.clone(), q2.clone()
+            if positions is not self._position:
+                self._position.copy_(positions)
+            self._attend(static_q1, static_q2, self._position)  # compiles outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._attend(static_q1, static_q2, self._position)
+            self._graph = (graph, static_q1, static_q2, out)
+        graph, static_q1, static_q2, out = self._graph
+        static_q1.copy_(q1)
+        static_q2.copy_(q2)
+        if positions is not self._position:
+            self._position.copy_(positions)
+        graph.replay()
+        return out.clone()
+
+    def _attend(self, q1: torch.Tensor, q2: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         k, v = self.key_cache, self.value_cache
         if self._plan is not None:
             out = self._decode(q1, q2, k, v, self.cfg, positions, self._prep.row_start, self._plan)

@@ -183,13 +183,17 @@ def test_failed_step_leaves_the_session_unchanged(model, monkeypatch):
 def test_decode_mode_is_checked(model):
     with pytest.raises(ValueError, match="decode='graph'"):
         Session(model, max_len=64, decode="graph")
+    s = Session(model, max_len=64, decode="eager")
+    with pytest.raises(ValueError, match="decode=None"):
+        s.decode = None
+    assert s.decode == "eager"
 
 
 # ---------------------------------------------------------------------------------------------- Superlinear-Exp
 @pytest.fixture(scope="module")
 def exp_model(tmp_path_factory):
     pytest.importorskip("transformers", minversion="5.24", reason="the loaders need the optional extra hf")
-    from superlinear_lab.loaders import SuperlinearExpConfig, load_checkpoint, save_checkpoint
+    from superlinear_lab.loaders import SuperlinearExpConfig, save_checkpoint
     from superlinear_lab.loaders.model import SuperlinearExpLM
     from superlinear_lab.loaders.tokenizer import byte_level_tokenizer_json
 
@@ -221,6 +225,7 @@ def test_cuda_decode_entry_and_its_graph_equal_the_public_call(dtype):
     v = torch.randn(1, 2, length, 64, device="cuda", dtype=dtype, generator=gen)
     q1, q2 = (torch.randn(1, 8, 1, 64, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
     entry = DecodeAttention(k, v, cfg, num_heads=8, backend="triton")
+    self_graphed = DecodeAttention(k, v, cfg, num_heads=8, backend="triton", graph=True)
     position = torch.zeros(1, dtype=torch.int64, device="cuda")
     entry(q1, q2, position)
     torch.cuda.synchronize()
@@ -231,6 +236,7 @@ def test_cuda_decode_entry_and_its_graph_equal_the_public_call(dtype):
         ref = superlinear_attention(q1, q2, k, v, torch.tensor([pos], device="cuda"), cfg, backend="triton")
         torch_ref = superlinear_attention(q1, q2, k, v, [pos], cfg, backend="torch")
         assert torch.equal(entry(q1, q2, pos), ref)
+        assert torch.equal(self_graphed(q1, q2, pos), ref) and self_graphed._graph is not None
         position.fill_(pos)
         graph.replay()
         assert torch.equal(out, ref), pos

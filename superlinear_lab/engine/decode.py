@@ -43,14 +43,13 @@ class Decoder:
     Args:
         model: a model with `step` / `decode_entries` (`can_step`), in eval mode.
         cache: its static cache (the session's); conv/SSM states must belong to the position of each call.
-        graph: capture a CUDA graph of the step (CUDA only; on failure the reason is in `fallback_reason` and the
-            log, and steps run eagerly).
 
-    The returned logits are a view of a buffer the next call overwrites: clone them to keep them. `path` says how
-    the last step ran: "graph" or "eager".
+    The first call asking for a graph captures it (CUDA only; on failure the reason is in `fallback_reason` and
+    the log, and steps run eagerly). The returned logits are a view of a buffer the next call overwrites: clone
+    them to keep them. `path` says how the last step ran: "graph" or "eager".
     """
 
-    def __init__(self, model, cache, graph: bool = True):
+    def __init__(self, model, cache):
         self.model, self.cache = model, cache
         device = model.device
         self.entries = model.decode_entries(cache)
@@ -58,13 +57,9 @@ class Decoder:
         self.position = torch.zeros(1, dtype=torch.int64, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.fallback_reason: str | None = None
+        self._tried = False  # capture is attempted once
         self._out: torch.Tensor | None = None
         self.path = "eager"
-        if graph:
-            if device.type != "cuda":
-                self.fallback_reason = f"the model is on {device}, CUDA graphs need a CUDA device"
-            else:
-                self._capture()
 
     def _run(self) -> torch.Tensor:
         return self.model.step(self.ids, self.cache, self.position, self.entries)
@@ -94,12 +89,20 @@ class Decoder:
             cache.conv_states.copy_(saved[0])
             cache.ssm_states.copy_(saved[1])
 
-    def __call__(self, token: int, position: int) -> torch.Tensor:
+    def __call__(self, token: int, position: int, graph: bool = True) -> torch.Tensor:
         """Run `token` at `position` (0 < position < max_len - 1, both checked by the caller on the host): writes its
-        K/V and advances the conv/SSM states in the cache; returns fp32 logits [vocab] (a reused buffer)."""
+        K/V and advances the conv/SSM states in the cache; returns fp32 logits [vocab] (a reused buffer). With
+        `graph` the step replays the captured graph (captured now if not tried yet), else it runs eagerly."""
+        if graph and not self._tried:
+            self._tried = True
+            device = self.position.device
+            if device.type != "cuda":
+                self.fallback_reason = f"the model is on {device}, CUDA graphs need a CUDA device"
+            else:
+                self._capture()
         self.ids.fill_(token)
         self.position.fill_(position)
-        if self.graph is not None:
+        if graph and self.graph is not None:
             self.graph.replay()
             self.path = "graph"
             return self._out[0, -1]

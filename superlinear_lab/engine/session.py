@@ -206,8 +206,6 @@ class Session:
                  progress: bool | None = None, decode: str = "auto", _cache: HybridCache | None = None):
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size!r}: expected an int >= 1")
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode={decode!r}: expected one of {DECODE_MODES}")
         self.decode = decode
         self._decoder: Decoder | None = None  # built on the first step over the current cache
         self.decode_path: str | None = None  # how the last generated token ran: "graph", "eager" or "forward"
@@ -478,13 +476,24 @@ class Session:
             return model(torch.tensor([[token]], device=model.device), self.cache, self._cursor)[0, -1], "forward"
         decoder = self._decoder
         if decoder is None or decoder.cache is not self.cache:
-            decoder = self._decoder = Decoder(model, self.cache, graph=self.decode == "auto")
-        return decoder(token, self._cursor), decoder.path
+            decoder = self._decoder = Decoder(model, self.cache)
+        return decoder(token, self._cursor, graph=self.decode == "auto"), decoder.path
+
+    @property
+    def decode(self) -> str:
+        """How one-token steps run: "auto", "eager" or "forward" (see the class docstring); settable."""
+        return self._decode
+
+    @decode.setter
+    def decode(self, mode: str) -> None:
+        if mode not in DECODE_MODES:
+            raise ValueError(f"decode={mode!r}: expected one of {DECODE_MODES}")
+        self._decode = mode
 
     @property
     def decode_fallback(self) -> str | None:
-        """Why steps run eagerly although decode="auto" asked for a CUDA graph (None when a graph runs, or no
-        step ran yet)."""
+        """Why steps run eagerly although decode="auto" asks for a CUDA graph (None when a graph runs, or no
+        step ran in that mode yet)."""
         return None if self._decoder is None else self._decoder.fallback_reason
 
     def sample(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> int:
