@@ -4,29 +4,38 @@ from __future__ import annotations
 import pytest
 
 from superlinear_lab.model import ByteTokenizer
-from superlinear_lab.server.chat import (ChatFormatError, generation_prompt, message_text, render, render_message,
-                                         stop_token_ids, transcript_problem)
+from superlinear_lab.server.chat import ByteChat, ChatFormatError, chat_rules, message_text
 
 TOK = ByteTokenizer()
+RULES = ByteChat(TOK)
 
 
 def transcript_of(messages):
     """What the server stores for `messages` rendered into an empty session."""
     out = []
     for i, (role, content) in enumerate(messages):
-        out.append({"role": role, "content": content, "tokens": len(render_message(TOK, role, content)) + (i == 0)})
+        out.append({"role": role, "content": content,
+                    "tokens": len(RULES.render_message(role, content)) + (i == 0)})
     return out
+
+
+def render(messages, first):
+    """The messages' tokens without the generation prompt."""
+    return RULES.turn([] if first else [("user", "earlier")], messages).ids[:-1]
 
 
 def test_render_is_per_message_so_deltas_equal_the_full_rendering():
     history = [("system", "be brief"), ("user", "héllo"), ("assistant", "hi")]
     delta = [("user", "again")]
-    assert render(TOK, history + delta, first=True) == render(TOK, history, first=True) + render(TOK, delta,
-                                                                                                 first=False)
-    ids = render(TOK, [("user", "é")], first=True)
-    assert ids == [TOK.bos_id, TOK.special["<|user|>"], 0xC3, 0xA9, TOK.special["<|end|>"]]
-    assert generation_prompt(TOK) == [TOK.special["<|assistant|>"]]
-    assert set(stop_token_ids(TOK)) == set(range(256, TOK.vocab_size))
+    assert render(history + delta, first=True) == render(history, first=True) + render(delta, first=False)
+    turn = RULES.turn([], [("user", "é")])
+    assert turn.ids == [TOK.bos_id, TOK.special["<|user|>"], 0xC3, 0xA9, TOK.special["<|end|>"],
+                        TOK.special["<|assistant|>"]]
+    assert turn.counts == [5] and turn.prompt == 1 and turn.close == [TOK.special["<|end|>"]]
+    assert set(RULES.stop_ids) == set(range(256, TOK.vocab_size))
+    assert isinstance(chat_rules(TOK), ByteChat)
+    with pytest.raises(ValueError, match="chat_template"):
+        chat_rules(TOK, "{{ messages }}")
 
 
 def test_message_text_accepts_openai_shapes():
@@ -43,16 +52,16 @@ def test_message_text_accepts_openai_shapes():
 
 def test_transcript_problem_accepts_exactly_the_rendered_cache():
     messages = [("system", "s"), ("user", "question"), ("assistant", "answer")]
-    ids = render(TOK, messages, first=True)
+    ids = render(messages, first=True)
     transcript = transcript_of(messages)
-    assert transcript_problem(TOK, transcript, ids) is None
-    assert transcript_problem(TOK, [], []) is None
-    assert "transcript is empty" in transcript_problem(TOK, [], ids)
-    assert "covers" in transcript_problem(TOK, transcript[:2], ids)
-    assert "beyond" in transcript_problem(TOK, transcript + transcript_of([("user", "more")]), ids)
+    assert RULES.transcript_problem(transcript, ids) is None
+    assert RULES.transcript_problem([], []) is None
+    assert "transcript is empty" in RULES.transcript_problem([], ids)
+    assert "covers" in RULES.transcript_problem(transcript[:2], ids)
+    assert "beyond" in RULES.transcript_problem(transcript + transcript_of([("user", "more")]), ids)
     wrong_role = [dict(m) for m in transcript]
     wrong_role[1]["role"] = "assistant"
-    assert "does not match" in transcript_problem(TOK, wrong_role, ids)
+    assert "does not match" in RULES.transcript_problem(wrong_role, ids)
     library = [{"role": "user", "content": "question"}]  # written by Session.append, no token count
-    assert "not written by this server" in transcript_problem(TOK, library, ids)
-    assert "<|bos|>" in transcript_problem(TOK, transcript, ids[1:])
+    assert "not written by this server" in RULES.transcript_problem(library, ids)
+    assert "<|bos|>" in RULES.transcript_problem(transcript, ids[1:])

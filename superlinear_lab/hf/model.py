@@ -42,13 +42,25 @@ class IdTokenizer:
         return [f"<{int(i)}>" for i in ids]
 
 
-class HFTokenizer:
-    """A transformers tokenizer seen through `ByteTokenizer`'s interface."""
+def _ids(value) -> list[int]:
+    """An int, a list of ints or None (how configs spell eos_token_id) as a list."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
-    def __init__(self, tokenizer):
+
+class HFTokenizer:
+    """A transformers tokenizer seen through `ByteTokenizer`'s interface.
+
+    `eos_ids`: every id that ends a generation — the tokenizer's eos and `extra_eos` (the model's generation
+    config may list more, e.g. an end-of-turn token); `eos_id` is the tokenizer's own (-1 if none).
+    """
+
+    def __init__(self, tokenizer, extra_eos=()):
         self.tok = tokenizer
         self.vocab_size = len(tokenizer)
         self.eos_id = -1 if tokenizer.eos_token_id is None else int(tokenizer.eos_token_id)
+        self.eos_ids = sorted(set(_ids(tokenizer.eos_token_id)) | set(_ids(list(extra_eos))))
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         if not isinstance(text, str):
@@ -66,10 +78,12 @@ def _tokenizer_for(model, tokenizer):
     if tokenizer is None:
         if model.config.vocab_size == ByteTokenizer.vocab_size:  # a byte-level model (e.g. the retrofit bench)
             return ByteTokenizer()
-        return IdTokenizer(model.config.vocab_size, getattr(model.config, "eos_token_id", None))
+        eos = _ids(getattr(model.config, "eos_token_id", None))
+        return IdTokenizer(model.config.vocab_size, eos[0] if eos else None)
     if isinstance(tokenizer, (ByteTokenizer, IdTokenizer, HFTokenizer)):
         return tokenizer
-    return HFTokenizer(tokenizer)
+    generation = getattr(model, "generation_config", None)
+    return HFTokenizer(tokenizer, _ids(getattr(generation, "eos_token_id", None)))
 
 
 # --------------------------------------------------------------------------- the session cache

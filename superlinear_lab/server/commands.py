@@ -95,6 +95,9 @@ def add_serve(subparsers) -> None:
                    help="model dtype (default auto: float16 on CUDA, float32 on CPU)")
     p.add_argument("--attn-backend", default=d.attn_backend, choices=("auto", "torch", "triton", "oracle"),
                    help="attention kernels (default auto: triton on CUDA, torch on CPU)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template for a transformers model's tokenizer (replaces its own; needed for "
+                        "chat when its tokenizer has none)")
     p.add_argument("--threads", type=_nonneg_int, default=d.threads, help="torch CPU threads (default: torch's)")
     p.add_argument("--chunk-size", type=_positive_int, default=d.chunk_size,
                    help=f"prefill chunk (default {d.chunk_size})")
@@ -145,7 +148,7 @@ def run_serve(args) -> int:
         max_sessions=args.max_sessions, snapshot_dir=args.snapshot_dir, warmup=args.warmup,
         prefill_slice=args.prefill_slice, memory_budget_mb=args.memory_budget_mb,
         persist_sessions=args.persist_sessions, autosave_idle_s=float(args.autosave_idle_s),
-        log_level=args.log_level)
+        chat_template=args.chat_template, log_level=args.log_level)
     return main_serve(options)
 
 

@@ -27,7 +27,7 @@ With `persist`, sessions survive restarts: they are autosaved to the snapshot st
 from __future__ import annotations
 
 import asyncio
-import codecs
+import bisect
 import logging
 import secrets
 import threading
@@ -42,7 +42,7 @@ import torch
 from ..engine import Session, SnapshotStore
 from ..engine.batch import can_batch, decode_step, forward_rows
 from ..ids import validate_id
-from .chat import generation_prompt, render, render_message, stop_token_ids, transcript_problem
+from .chat import chat_rules
 from .errors import (BadRequest, Conflict, ContextLengthExceeded, MemoryBudgetBusy, MemoryBudgetExceeded, NotFound,
                      SessionLimit)
 
@@ -86,6 +86,7 @@ class TokenLogprob:
     token: int
     logprob: float
     top: list[tuple[int, float]]
+    offset: int = 0  # characters of the reply's text before this token's text
 
 
 @dataclass
@@ -96,7 +97,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (end of turn or a stop string) or "length" (max_tokens or a full context)
     prompt_tokens: int  # tokens prefilled by this request (the delta for a session)
     completion_tokens: int
-    logprobs: list[TokenLogprob] | None = None  # one per token of `content`'s bytes when asked for
+    logprobs: list[TokenLogprob] | None = None  # one per generated token of `content` when asked for
 
 
 class ServerSession:
@@ -171,12 +172,16 @@ class Generation:
         self.pos = 0  # prompt tokens prefilled
         self.before = None  # checkpoint of a server session
         self.new_messages: list[tuple[str, str]] = []
-        self.out = bytearray()
+        self.turn = None  # the chat turn (`chat.Turn`) of a chat request
+        self.out: list[int] = []  # reply tokens
+        self.text = ""  # their text
+        self.ends: list[int] = []  # ends[k]: characters of settled text after token k
+        self.cut: int | None = None  # where a stop string starts in `text`
         self.entries: list[TokenLogprob] = []
-        self.emitted = 0
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stops: list[bytes] = [s.encode("utf-8") for s in req.stop if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1  # bytes that may still start a stop string
+        self.emitted = 0  # characters sent
+        self.emitted_entries = 0
+        self.stops: list[str] = [s for s in req.stop if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1  # characters that may still start a stop
         self.budget = 0
         self.reply_start = None
         self.reserved = 0  # bytes of a transient session counted in the memory budget
@@ -190,7 +195,7 @@ class ChatEngine:
     """Sessions, snapshots and generations over one model, scheduled on one worker thread (module docstring).
 
     Args:
-        model: the served `HybridLM` (eval mode).
+        model: the served model (eval mode): a `HybridLM`, or an `hf.HFModel`.
         store: where snapshots live.
         session_max_seq_len: allocation of a new session when the request names none.
         max_seq_len_limit: the largest allocation a request (or a loaded snapshot) may have.
@@ -206,15 +211,17 @@ class ChatEngine:
         persist: autosave sessions (idle and on shutdown); `restore_autosaved()` brings them back.
         autosave_idle_s: a changed session idle this long is autosaved (with `persist`).
         slice_target_s: the duration a long-prefill slice aims for.
+        chat_template: a Jinja chat template for a transformers tokenizer (replaces its own; `chat.chat_rules`).
     """
 
     def __init__(self, model, store: SnapshotStore, *, session_max_seq_len: int = 131072,
                  max_seq_len_limit: int = 1048576, max_sessions: int = 64, max_prompt_tokens: int = 1048576,
                  chunk_size: int = 8192, prefill_slice: int = 256, memory_budget: int | None = None,
                  background_share: float = 0.2, batch_max_context: int = 4096, persist: bool = False,
-                 autosave_idle_s: float = 60.0, slice_target_s: float = 0.1):
+                 autosave_idle_s: float = 60.0, slice_target_s: float = 0.1, chat_template: str | None = None):
         self.model = model
         self.tokenizer = model.tokenizer
+        self.chat = chat_rules(self.tokenizer, chat_template)  # every chat-format and reply-text decision
         self.store = store
         self.session_max_seq_len = session_max_seq_len
         self.max_seq_len_limit = max_seq_len_limit
@@ -232,7 +239,7 @@ class ChatEngine:
         # chat turns by outcome; decode steps and the rows they carried (worker-written)
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "decode_steps": 0, "decoded_tokens": 0,
                       "batched_steps": 0}
-        self._stops = set(stop_token_ids(self.tokenizer))
+        self._stops = set(self.chat.stop_ids)
         # bytes of a session of n positions = per_position * n + fixed (measured, not re-derived)
         one, two = (Session(model, n, progress=False).memory()["total"] for n in (1, 2))
         self._per_position, self._fixed = two - one, 2 * one - two
@@ -360,16 +367,18 @@ class ChatEngine:
         """Validate a generation against the current state, allocate or checkpoint, and make it active."""
         if gen.cancelled.is_set():
             return self._finish_cancelled(gen)
-        req, tok = gen.req, self.tokenizer
+        req = gen.req
         try:
             ss = req.session
             if ss is None:
                 if req.prompt_ids is not None:
                     ids = list(req.prompt_ids)
                 else:
-                    ids = render(tok, req.messages, first=True) + generation_prompt(tok)
+                    gen.new_messages = list(req.messages)
+                    gen.turn = self.chat.turn([], gen.new_messages)
+                    ids = gen.turn.ids
                 self._check_prompt(len(ids))
-                max_len = len(ids) + req.max_tokens + 2
+                max_len = len(ids) + req.max_tokens + 1 + (len(gen.turn.close) if gen.turn is not None else 1)
                 self._reserve(self.bytes_for(max_len), transient=True)
                 seed = secrets.randbits(62) if req.seed is None else req.seed  # stateless calls differ unless seeded
                 gen.session = Session(self.model, max_len, chunk_size=self.chunk_size, seed=seed, progress=False)
@@ -380,9 +389,11 @@ class ChatEngine:
                 self._require_consistent(ss)
                 session = ss.session
                 gen.new_messages = self._session_delta(session, req.messages)
-                ids = render(tok, gen.new_messages, first=session.cursor == 0) + generation_prompt(tok)
+                history = [(m["role"], m["content"]) for m in session.transcript]
+                gen.turn = self.chat.turn(history, gen.new_messages)
+                ids = gen.turn.ids
                 self._check_prompt(len(ids))
-                if session.cursor + len(ids) + 1 > session.max_len - 1:
+                if session.cursor + len(ids) + max(1, len(gen.turn.close)) > session.max_len - 1:
                     raise ContextLengthExceeded(
                         f"context full: {len(ids)} prompt tokens at position {session.cursor} need more than the "
                         f"session's max_seq_len {session.max_len}; resize the session")
@@ -466,12 +477,10 @@ class ChatEngine:
     def _prefilled(self, gen: Generation) -> None:
         """The prompt is in the cache: record the new messages, set up decoding, tell the client."""
         try:
-            tok = self.tokenizer
-            first = gen.before is not None and gen.before.cursor == 0
-            for i, (role, content) in enumerate(gen.new_messages):
-                n_tokens = len(render_message(tok, role, content)) + (1 if i == 0 and first else 0)
+            for (role, content), n_tokens in zip(gen.new_messages, gen.turn.counts if gen.turn else []):
                 gen.session.add_message(role, content, n_tokens)
-            gen.budget = min(gen.req.max_tokens, gen.session.max_len - 2 - gen.session.cursor)
+            closing = len(gen.turn.close) if gen.turn is not None else 1
+            gen.budget = min(gen.req.max_tokens, gen.session.max_len - 1 - closing - gen.session.cursor)
             gen.reply_start = gen.session.checkpoint() if gen.stops else None
             gen.reseed = gen.req.seed  # the turn's first draw reseeds the session's sampler
             gen.phase = "decode"
@@ -497,11 +506,11 @@ class ChatEngine:
                 logits = gen.session.logits
                 token = gen.session.sample(gen.req.temperature, gen.req.top_p, seed=gen.reseed)
                 gen.reseed = None
-                if token in self._stops or token == self.tokenizer.eos_id:
+                if token in self._stops:
                     self._complete(gen, "stop")
                     continue
                 if gen.req.logprobs:
-                    gen.entries.append(_logprob(logits, token, gen.req.top_logprobs))
+                    gen.entries.append(_logprob(logits, token, gen.req.top_logprobs, gen.ends[-1] if gen.ends else 0))
                 rows.append((gen, token))
             except Exception as e:
                 self._fail(gen, e)
@@ -534,41 +543,70 @@ class ChatEngine:
         return True
 
     def _accept(self, gen: Generation, token: int) -> None:
-        """A token is in the cache: extend the reply, honour stop strings, emit what became final."""
-        gen.out.append(token)  # every non-special token is one byte
-        hit = next((s for s in gen.stops if gen.out.endswith(s)), None)
-        if hit is not None:
-            del gen.out[len(gen.out) - len(hit):]
-            del gen.entries[len(gen.out):]
-            return self._complete(gen, "stop")
-        safe = len(gen.out) - gen.hold
+        """A token is in the cache: extend the reply, honour stop strings, emit what became final.
+
+        The reply's text is the decoding of all its tokens (`chat.ChatRules.decode`); trailing U+FFFD (a character
+        whose bytes have not all arrived) and the last ``len(longest stop) - 1`` characters are held back."""
+        gen.out.append(token)
+        searched = len(gen.text)
+        gen.text = self.chat.decode(gen.out)
+        settled = len(gen.text.rstrip("\ufffd"))
+        gen.ends.append(settled)
+        if gen.stops:
+            lo = max(0, min(searched, settled) - gen.hold - 1)
+            hits = [i for i in (gen.text.find(s, lo) for s in gen.stops) if i >= 0]
+            if hits:
+                gen.cut = min(hits)
+                return self._complete(gen, "stop")
+        safe = settled - gen.hold
         if safe > gen.emitted:
             self._emit_delta(gen, safe)
 
     def _emit_delta(self, gen: Generation, upto: int, final: bool = False) -> None:
-        text = gen.decoder.decode(bytes(gen.out[gen.emitted:upto]), final=final)
-        entries = gen.entries[gen.emitted:upto] if gen.req.logprobs else []
-        gen.emitted = upto
+        """Send the text up to character `upto` and the logprobs of the tokens whose text it completes."""
+        text = gen.text[gen.emitted:upto]
+        if not gen.text.startswith(gen.text[:gen.emitted]):  # pragma: no cover - decoding is prefix-stable
+            text = ""
+        n = len(gen.entries) if final else bisect.bisect_right(gen.ends, upto)
+        entries = gen.entries[gen.emitted_entries:n] if gen.req.logprobs else []
+        gen.emitted = max(gen.emitted, upto)
+        gen.emitted_entries = max(gen.emitted_entries, n)
         if text or entries:
             self._emit(gen, ("delta", (text, entries)))
+
+    def _trim_at_stop(self, gen: Generation) -> None:
+        """A stop string starts at character `gen.cut`: the reply becomes the text before it. Its tokens are the
+        longest prefix of the generated tokens whose text lies inside it, then the tokens of any rest of it (a stop
+        string that starts inside a token); the cache is rewound to hold exactly them."""
+        content = gen.text[:gen.cut]
+        n = len(gen.out)
+        while n and not content.startswith(self.chat.decode(gen.out[:n])):
+            n -= 1
+        rest = content[len(self.chat.decode(gen.out[:n])):]
+        kept = gen.out[:n] + (self.chat.encode(rest) if rest else [])
+        del gen.entries[n:]
+        if kept != gen.out and gen.reply_start is not None:
+            session = gen.session
+            session.rollback(gen.reply_start)  # the cache keeps only the reply
+            if kept:
+                session.append(list(kept), role=None)
+        gen.out, gen.text = kept, content
+        gen.ends = [min(e, len(content)) for e in gen.ends[:len(kept)]]
 
     def _complete(self, gen: Generation, finish: str) -> None:
         """Finish a generation: trim the cache to the reply, close the turn on a session, resolve the future."""
         try:
-            session, tok = gen.session, self.tokenizer
-            if finish == "stop" and gen.reply_start is not None and \
-                    session.cursor != gen.reply_start.cursor + len(gen.out):
-                session.rollback(gen.reply_start)  # a stop string was cut off: the cache keeps only the reply
-                if gen.out:
-                    session.append(list(gen.out), role=None)
-            self._emit_delta(gen, len(gen.out), final=True)
-            content = bytes(gen.out).decode("utf-8", errors="replace")
+            session = gen.session
+            if gen.cut is not None:
+                self._trim_at_stop(gen)
+            self._emit_delta(gen, len(gen.text), final=True)
+            content = gen.text
             result = GenerationResult(content, finish, len(gen.ids), len(gen.out),
                                       list(gen.entries) if gen.req.logprobs else None)
             ss = gen.req.session
             if ss is not None:
-                session.append([tok.special["<|end|>"]], role=None)
-                session.add_message("assistant", content, len(gen.out) + 2)
+                session.append(list(gen.turn.close), role=None)
+                session.add_message("assistant", content, gen.turn.prompt + len(gen.out) + len(gen.turn.close))
                 ss.publish()
         except Exception as e:
             return self._fail(gen, e)
@@ -670,7 +708,7 @@ class ChatEngine:
     def _require_consistent(self, ss: ServerSession) -> None:
         if ss.verified:
             return
-        problem = transcript_problem(self.tokenizer, ss.session.transcript, ss.session.ids.tolist())
+        problem = self.chat.transcript_problem(list(ss.session.transcript), ss.session.ids.tolist())
         if problem:
             raise Conflict(f"session {ss.id!r}: transcript does not match the cache: {problem}")
         ss.verified = True
@@ -866,10 +904,10 @@ def _resolve(loop, future, result, error) -> None:
         pass
 
 
-def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+def _logprob(logits: torch.Tensor, token: int, top: int, offset: int) -> TokenLogprob:
     lp = torch.log_softmax(logits.float(), dim=-1)
     alternatives = []
     if top:
         values, ids = torch.topk(lp, min(top, lp.numel()))
         alternatives = [(int(i), float(v)) for i, v in zip(ids, values)]
-    return TokenLogprob(token, float(lp[token]), alternatives)
+    return TokenLogprob(token, float(lp[token]), alternatives, offset)

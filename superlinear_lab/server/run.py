@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 API_KEY_ENV = "SUPERLINEAR_LAB_API_KEY"
 READY_LINE = "superlinear-lab server ready on"
@@ -19,6 +20,10 @@ READY_LINE = "superlinear-lab server ready on"
 # interval it then waits behind the busy event loop thread for up to 5 ms per op (a convoy). 0.5 ms cut the
 # server's CPU time per request under 64 clients by ~30% (bench/load_test.py).
 SWITCH_INTERVAL_S = 0.0005
+
+
+class ServeOptionError(ValueError):
+    """An option `serve` cannot use (e.g. an unreadable or unusable --chat-template); a clean exit status 2."""
 
 
 class UnsafeBindError(ValueError):
@@ -56,6 +61,7 @@ class ServeOptions:
     device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda when available)
     dtype: str = "auto"  # float32, float16, bfloat16 or auto (float16 on CUDA, float32 on CPU), printed at start
     attn_backend: str = "auto"  # attention kernels: auto, torch, triton, oracle
+    chat_template: str | None = None  # a Jinja chat template file for a transformers tokenizer (replaces its own)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     chunk_size: int = 8192  # prefill chunk length of a session's own prefill (rollback)
     prefill_slice: int = 256  # prompt tokens prefilled per scheduling step (short requests interleave)
@@ -115,7 +121,7 @@ def _warmup(model) -> None:
     from ..engine import Session
 
     s = Session(model, 512, progress=False)
-    s.append(list(range(256)), role=None)
+    s.append([i % model.cfg.vocab_size for i in range(256)], role=None)
     s.generate(4, role=None)
 
 
@@ -134,16 +140,29 @@ def serve(options: ServeOptions) -> None:
     if options.threads:
         torch.set_num_threads(options.threads)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    template = None
+    if options.chat_template is not None:
+        try:
+            template = Path(options.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ServeOptionError(f"--chat-template {options.chat_template}: cannot read it ({e})") from None
     model, device, dtype = _load(options)
     if options.warmup:
         _warmup(model)
     store = SnapshotStore(options.snapshot_dir)
+    from .chat import chat_rules
+
+    try:
+        chat_rules(model.tokenizer, template)  # refuse a template that cannot be used before starting anything
+    except ValueError as e:
+        raise ServeOptionError(f"--chat-template {options.chat_template}: {e}") from None
     engine = ChatEngine(model, store, session_max_seq_len=options.session_max_seq_len,
                         max_seq_len_limit=options.max_seq_len_limit, max_sessions=options.max_sessions,
                         max_prompt_tokens=options.max_prompt_tokens, chunk_size=options.chunk_size,
                         prefill_slice=options.prefill_slice,
                         memory_budget=(options.memory_budget_mb << 20) or None,
-                        persist=options.persist_sessions, autosave_idle_s=options.autosave_idle_s)
+                        persist=options.persist_sessions, autosave_idle_s=options.autosave_idle_s,
+                        chat_template=template)
     if options.persist_sessions:
         restored = engine.restore_autosaved()
         if restored:
@@ -192,7 +211,7 @@ def main_serve(options: ServeOptions) -> int:
     """`serve` with the bind refusal as a clean exit status 2."""
     try:
         serve(options)
-    except UnsafeBindError as e:
+    except (UnsafeBindError, ServeOptionError) as e:
         print(f"superlinear-lab serve: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -79,8 +79,8 @@ class Format:
 
     object_full = object_chunk = id_prefix = ""
 
-    def __init__(self, model: str, req: GenerationRequest, tokenizer):
-        self.model, self.req, self.tok = model, req, tokenizer
+    def __init__(self, model: str, req: GenerationRequest, rules):
+        self.model, self.req, self.rules = model, req, rules  # rules: the engine's `chat.ChatRules`
         self.id, self.created = f"{self.id_prefix}{uuid.uuid4().hex}", int(time.time())
 
     def _wrap(self, obj: str, choices: list, **extra) -> dict:
@@ -91,15 +91,11 @@ class Format:
         return out
 
     def token_text(self, token: int) -> str:
-        """A token as text: the character of an ASCII byte, ``bytes:\\xNN`` for other bytes, a special's name."""
-        if token < 128:
-            return chr(token)
-        if token < 256:
-            return f"bytes:\\x{token:02x}"
-        return self.tok.decode([token])
+        """A token as text (`chat.ChatRules.token_text`)."""
+        return self.rules.token_text(token)
 
     def token_bytes(self, token: int) -> list[int]:
-        return [token] if token < 256 else list(self.tok.decode([token]).encode("utf-8"))
+        return self.rules.token_bytes(token)
 
     def full(self, result: GenerationResult) -> dict:
         raise NotImplementedError
@@ -151,33 +147,24 @@ class CompletionFormat(Format):
     object_full = object_chunk = "text_completion"
     id_prefix = "cmpl-"
 
-    def _logprobs(self, entries: list[TokenLogprob] | None, offset: int) -> dict | None:
-        """OpenAI's legacy shape: tokens, token_logprobs, top_logprobs (token -> logprob), text_offset."""
+    def _logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
+        """OpenAI's legacy shape: tokens, token_logprobs, top_logprobs (token -> logprob), text_offset (the
+        character where the token's text starts in the reply; the prompt is not echoed)."""
         if entries is None or not self.req.logprobs:
             return None
-        offsets, pos = [], offset
-        for e in entries:
-            offsets.append(pos)
-            pos += len(self.token_text(e.token)) if e.token < 128 else 1
         return {"tokens": [self.token_text(e.token) for e in entries],
                 "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": [{self.token_text(t): lp for t, lp in e.top} for e in entries],
-                "text_offset": offsets}
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.sent = 0  # characters streamed so far (text_offset of the next chunk)
+                "text_offset": [e.offset for e in entries]}
 
     def full(self, result):
         return self._wrap(self.object_full, [{"index": 0, "text": result.content, "logprobs":
-                                              self._logprobs(result.logprobs, 0),
+                                              self._logprobs(result.logprobs),
                                               "finish_reason": result.finish_reason}], usage=usage(result))
 
     def delta(self, text, entries):
-        out = self._wrap(self.object_chunk, [{"index": 0, "text": text, "logprobs": self._logprobs(entries, self.sent),
-                                              "finish_reason": None}])
-        self.sent += len(text)
-        return out
+        return self._wrap(self.object_chunk, [{"index": 0, "text": text, "logprobs": self._logprobs(entries),
+                                               "finish_reason": None}])
 
     def final(self, finish):
         return self._wrap(self.object_chunk, [{"index": 0, "text": "", "logprobs": None, "finish_reason": finish}])

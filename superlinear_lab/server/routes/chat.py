@@ -22,6 +22,8 @@ async def chat_completions(body: ChatCompletionBody, request: Request):
         raise BadRequest("tools are not supported by this server")
     if body.top_logprobs and not body.logprobs:
         raise BadRequest("top_logprobs needs logprobs: true")
+    if engine.chat.chat_error:
+        raise BadRequest(engine.chat.chat_error)
     try:
         messages = [message_text(m, i) for i, m in enumerate(body.messages)]
     except ChatFormatError as e:
@@ -33,5 +35,5 @@ async def chat_completions(body: ChatCompletionBody, request: Request):
     session = None if body.session_id is None else engine.get(check_session_id(body.session_id))
     req = GenerationRequest(messages, min(wanted, settings.max_completion_tokens), body.temperature, body.top_p,
                             stop, body.seed, session, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
-    fmt = ChatFormat(settings.served_model, req, engine.tokenizer)
+    fmt = ChatFormat(settings.served_model, req, engine.chat)
     return await generate(request, engine, st.admission, req, fmt, body.stream, opts)

@@ -1,7 +1,9 @@
 """`POST /v1/completions`: a prompt in, its continuation out (stateless; no chat format).
 
-The prompt is the UTF-8 bytes of the text after <|bos|> (a document start), or the given token ids as they are.
-Generation ends at `max_tokens` (default 16), a stop string, or any special token.
+The prompt is the text's tokens after the tokenizer's document start (<|bos|> for the byte tokenizer; what a
+transformers tokenizer adds with ``add_special_tokens=True``), or the given token ids as they are. Generation ends at
+`max_tokens` (default 16), a stop string, or a stop token (`chat.ChatRules.stop_ids`: any special token of the byte
+tokenizer, end-of-sequence for a transformers model).
 """
 from __future__ import annotations
 
@@ -27,14 +29,16 @@ async def completions(body: CompletionBody, request: Request):
         raise BadRequest("suffix is not supported by this server")
     if body.best_of not in (None, 1):
         raise BadRequest(f"best_of={body.best_of}: only 1 is supported")
-    tok = engine.tokenizer
     prompt = body.prompt
     if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt) and prompt:
         if len(prompt) != 1:
             raise BadRequest(f"prompt: a list of {len(prompt)} strings; only one prompt per request is supported")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = tok.encode(prompt, bos=True)
+        try:
+            ids = engine.chat.prompt_ids(prompt)
+        except ValueError as e:  # a model without a tokenizer
+            raise BadRequest(f"prompt: {e}") from None
     else:
         ids = list(prompt)
         vocab = engine.model.cfg.vocab_size
@@ -47,5 +51,5 @@ async def completions(body: CompletionBody, request: Request):
     req = GenerationRequest(None, min(body.max_tokens or 16, settings.max_completion_tokens), body.temperature,
                             body.top_p, stop, body.seed, None, prompt_ids=ids, logprobs=body.logprobs is not None,
                             top_logprobs=body.logprobs or 0)
-    fmt = CompletionFormat(settings.served_model, req, tok)
+    fmt = CompletionFormat(settings.served_model, req, engine.chat)
     return await generate(request, engine, st.admission, req, fmt, body.stream, opts)
