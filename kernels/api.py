@@ -7,6 +7,7 @@ backends return the same routing and outputs equal within dtype tolerance.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import torch
@@ -296,10 +297,12 @@ class DecodeAttention:
         cfg: the `SpanConfig`.
         num_heads: H_Q, query heads of the calls (a multiple of H_KV).
         backend: "auto", "oracle", "torch" or "triton".
-        graph: on the Triton backend with CUDA tensors, capture the step as a CUDA graph at the first call and
-            replay it afterwards (the queries and the position are copied into the graph's inputs; the output is
-            a fresh tensor). A call made while the stream is being captured (a caller's own graph) always
-            launches the kernels directly.
+        graph: on the Triton backend with CUDA tensors (the default there), capture the step as a CUDA graph at
+            the first call and replay it afterwards: the queries and the position are copied into the graph's
+            inputs and the output is a fresh tensor, so a lone eager call costs about one graph replay instead of
+            a dozen kernel launches from Python. A call made while the stream is being captured (a caller's own
+            graph) launches the kernels directly; if the capture fails, the reason is logged and calls launch
+            directly. False: always launch directly.
 
     Call ``entry(q1, q2, position)``:
         q1, q2: [B, H_Q, 1, D], the cache's dtype and device.
@@ -316,7 +319,7 @@ class DecodeAttention:
     """
 
     def __init__(self, key_cache: torch.Tensor, value_cache: torch.Tensor, cfg: SpanConfig, num_heads: int,
-                 backend: str = "auto", graph: bool = False):
+                 backend: str = "auto", graph: bool = True):
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"num_heads={num_heads!r}: expected an int >= 1")
         _check_tensor("key_cache", key_cache, 4)
@@ -365,9 +368,15 @@ class DecodeAttention:
             if positions is not self._position:
                 self._position.copy_(positions)
             self._attend(static_q1, static_q2, self._position)  # compiles outside the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self._attend(static_q1, static_q2, self._position)
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    out = self._attend(static_q1, static_q2, self._position)
+            except Exception as e:  # noqa: BLE001 - any capture failure: launch directly from now on
+                logging.getLogger(__name__).warning("DecodeAttention: CUDA-graph capture failed (%s: %s); "
+                                                    "launching the kernels directly", type(e).__name__, e)
+                self._graph_wanted = False
+                return self._attend(q1, q2, positions)
             self._graph = (graph, static_q1, static_q2, out)
         graph, static_q1, static_q2, out = self._graph
         static_q1.copy_(q1)

@@ -8,7 +8,7 @@ import torch
 
 from superlinear_kernels import SpanConfig
 from superlinear_lab.model import ByteTokenizer, HybridLM, ModelConfig, load_model, model_fingerprint, save_model
-from superlinear_lab.model.ssm import chunked_scan
+from superlinear_lab.model.ssm import chunked_scan, recurrent_step
 
 from helpers import assert_close
 
@@ -68,6 +68,11 @@ def test_chunked_scan_matches_recurrence():
         y, final = chunked_scan(x, dt, a, bm, cm, s0, chunk)
         assert_close(f"y chunk={chunk}", ref, y, 1e-12)
         assert_close(f"state chunk={chunk}", state, final, 1e-12)
+    state = s0  # the one-token form, token by token
+    for t in range(length):
+        y, state = recurrent_step(x[:, t:t + 1], dt[:, t:t + 1], a, bm[:, t:t + 1], cm[:, t:t + 1], state)
+        assert_close(f"recurrent y at {t}", ref[:, t:t + 1], y, 1e-12)
+    assert_close("recurrent final state", final, state, 1e-12)
 
 
 @pytest.mark.parametrize("splits", [(300,), (1, 299), (17, 100, 183), (64, 64, 64, 64, 44)], ids=str)

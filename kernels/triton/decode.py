@@ -37,12 +37,24 @@ DECODE_TARGET_CHUNKS = 1024  # key chunks per (batch, KV head) the chunk size ai
 DECODE_MIN_CHUNK = 256
 DECODE_MAX_CHUNK = 4096
 DECODE_STAGES = 3  # software-pipelining depth of the key loop
+DECODE_SCRATCH_BYTES = 64 << 20  # partials (m, ℓ, acc per (pair, chunk)) of one step may take up to this
+DECODE_MAX_CHUNKS = 8192  # key chunks per (batch, KV head) at most (most programs of a step find nothing to do)
 
 
 def decode_chunk(l_kv: int) -> int:
     """Keys per program: a power of two in [DECODE_MIN_CHUNK, DECODE_MAX_CHUNK] giving about
     DECODE_TARGET_CHUNKS chunks over the cache. A function of L_KV only (one grid per cache)."""
     return min(max(next_pow2(-(-l_kv // DECODE_TARGET_CHUNKS)), DECODE_MIN_CHUNK), DECODE_MAX_CHUNK)
+
+
+def decode_chunk_for(l_kv: int, n_pairs: int, d: int) -> int:
+    """`decode_chunk(l_kv)`, made smaller (down to DECODE_MIN_CHUNK) while the partials of the extra chunks fit
+    DECODE_SCRATCH_BYTES and there are at most DECODE_MAX_CHUNKS of them. A narrow model (few heads, small D: a
+    step reads few keys, in a few long spans) then splits each span over more programs, so the longest program's
+    loop — the step's latency — is shorter; for the release layer (B = 1, 32 heads, D = 128, K = 3) the bound
+    leaves `decode_chunk` unchanged at every L_KV. n_pairs = B·H_Q·K rows of partials, d = head dim."""
+    fit = max(1, min(DECODE_SCRATCH_BYTES // (n_pairs * (d + 2) * 4), DECODE_MAX_CHUNKS))
+    return min(decode_chunk(l_kv), max(next_pow2(-(-l_kv // fit)), DECODE_MIN_CHUNK))
 
 
 @triton.jit
@@ -206,12 +218,12 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
     num_spans = qstart.shape[-1]
     dev = q2.device
     bd = block_d(d)
-    chunk = decode_chunk(l_kv)
+    n_pairs = qstart.numel()
+    chunk = decode_chunk_for(l_kv, n_pairs, d)
     n_chunks = triton.cdiv(l_kv, chunk)
     n_rows = group * num_spans
     rb = min(max(16, next_pow2(n_rows)), max(16, DECODE_MAX_ROWS))
     n_rb = triton.cdiv(n_rows, rb)
-    n_pairs = qstart.numel()
     pm = torch.empty(n_pairs * n_chunks, dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.empty(n_pairs * n_chunks, d, dtype=torch.float32, device=dev)

@@ -9,7 +9,8 @@ with A_h = -exp(A_log_h) < 0 (input-dependent through dt), and
 x, B, C come from a short causal depthwise convolution of the input projection. The scan is the chunked
 (SSD) form: inside a chunk of `ssm_chunk` tokens a masked [T × T] decay matrix, between chunks a sequential
 pass over the chunk states — O(L) work, and the decoding state is constant-size: the recurrent state
-S [B, H, P, N] plus the last `conv_kernel - 1` convolution inputs [B, conv_dim, conv_kernel - 1].
+S [B, H, P, N] plus the last `conv_kernel - 1` convolution inputs [B, conv_dim, conv_kernel - 1]. A one-token call
+(decode) uses the recurrent form directly (`recurrent_step`): the same function, other rounding.
 """
 from __future__ import annotations
 
@@ -68,6 +69,21 @@ def chunked_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Te
     return y.reshape(bsz, n_chunks * t, heads, p)[:, :length], state
 
 
+def recurrent_step(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                   state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of the same scan, in its recurrent form (fp32): S = exp(dt a) S + dt x ⊗ B, y = S C.
+
+    A one-token step needs none of the chunked form's [T × T] machinery (a few kernels instead of ~20, which is what
+    a decode step costs on a GPU). Args as `chunked_scan` with L = 1: x [B, 1, H, P]; dt [B, 1, H]; a [H];
+    b, c [B, 1, N]; state [B, H, P, N]. Returns y [B, 1, H, P] and the new state [B, H, P, N].
+    """
+    bsz, _, heads, p = x.shape
+    decay = torch.exp(dt[:, 0] * a)[:, :, None, None]  # [B, H, 1, 1]
+    state = decay * state + (dt[:, 0, :, None] * x[:, 0])[..., None] * b[:, 0, None, None, :]
+    y = torch.bmm(state.reshape(bsz, heads * p, -1), c[:, 0, :, None])  # [B, H·P, 1]
+    return y.reshape(bsz, 1, heads, p), state
+
+
 class Mamba2Mixer(nn.Module):
     """Selective SSM mixer; x [B, L, d_model] -> [B, L, d_model] (see the module docstring)."""
 
@@ -109,7 +125,8 @@ class Mamba2Mixer(nn.Module):
         dt = nn.functional.softplus(dt.float() + self.dt_bias.float())
         a = -torch.exp(self.A_log.float())
         xs = xs.float().reshape(bsz, length, heads, cfg.ssm_head_dim)
-        y, new_state = chunked_scan(xs, dt, a, b.float(), c.float(), ssm_state.float(), cfg.ssm_chunk)
+        scan = recurrent_step if length == 1 else lambda *args: chunked_scan(*args, cfg.ssm_chunk)
+        y, new_state = scan(xs, dt, a, b.float(), c.float(), ssm_state.float())
         y = y + self.D.float()[:, None] * xs
         y = self.norm(y.reshape(bsz, length, d_in).to(x.dtype), gate=z)
         return self.out_proj(y), new_conv_state.contiguous(), new_state
