@@ -120,6 +120,28 @@ def test_non_contiguous_cache_positions():
     _compare(DEFAULT, 1, 4, 2, 5, 60, 16, torch.float32, positions=[3, 40, 41, 17, 59])
 
 
+def test_backward_small_tiles(monkeypatch):
+    """The key-major dK/dV kernels with many small key blocks and pair tiles: a block meets many tiles, tiles end
+    and start inside blocks, and queries come in no particular order (the window's position sort)."""
+    from superlinear_kernels.triton import span, window
+
+    monkeypatch.setattr(window, "KV_BLOCK", 16)
+    monkeypatch.setattr(span, "_blocks", lambda d: (max(16, d), 16, 16))
+    _compare(RELEASE_SMALL, 1, 4, 2, 120, 120, 16, torch.float32, starts=[9])
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(3)) + 60
+    _compare(K3_FORWARD, 2, 4, 2, 40, 100, 16, torch.float32, starts=[0, 21], positions=order.tolist())
+
+
+def test_training_forward_in_chunks(monkeypatch):
+    """A forward that needs gradients runs window, spans and gate in query chunks (the last one partial);
+    outputs and gradients still match the oracle."""
+    from superlinear_kernels.triton import ops
+
+    monkeypatch.setattr(ops, "TRAIN_CHUNK", 16)
+    _compare(RELEASE_SMALL, 2, 4, 2, 61, 61, 16, torch.float32, starts=[0, 13])
+    _compare(DEFAULT, 1, 4, 2, 37, 70, 16, torch.float16, positions=list(range(69, 32, -1)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("cfg", [DEFAULT, RELEASE_SMALL, K3_FORWARD, NO_WINDOW],
                          ids=["default", "release-small", "k3", "no-window"])

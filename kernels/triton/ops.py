@@ -11,13 +11,7 @@ For decode (L_Q = 1), decode.py does steps 2-4: one pass per KV group over the k
 Nothing here reads a tensor value on the host: grids come from shapes, loop bounds from device
 tensors, so the path has no host synchronisation.
 
-Backward (docs/algorithm.md §2.6, §3.6), with dg_k = dO·O_k:
-  * gate:   dv_k = g_k (dg_k − Σ_j g_j dg_j) on valid slots -> search backward (dQ1, dK at anchors);
-  * spans:  branch k is plain attention over S_k ∪ Wnd with dO_k = g_k dO, Δ_k = g_k dg_k, lse ℓ_k;
-            its span keys go through the tile backward of span.py;
-  * window: the K branches share the window keys; summed over k their gradient is one attention
-            backward with lse_eff = −log Σ_k g_k e^{−ℓ_k} and Δ_eff = Σ_k w_k dg_k,
-            w_k = g_k e^{−ℓ_k} / Σ_j g_j e^{−ℓ_j}, run once by window.py.
+Backward: grad.py (recomputation from stored lse; dK/dV key-major without atomics).
 """
 from __future__ import annotations
 
@@ -28,10 +22,11 @@ from ..config import SpanConfig
 from ..geometry import span_lengths
 from .common import INTERPRET, MAX_HEAD_DIM, MAX_SPANS, geometry_tables
 from .decode import decode_forward
+from .grad import attention_backward
 from .merge import gate_forward
 from .search import search_backward, search_forward
-from .span import span_backward, span_forward
-from .window import window_backward, window_forward
+from .span import span_forward
+from .window import window_forward
 
 
 def check_supported(q1: torch.Tensor, k: torch.Tensor, cfg: SpanConfig) -> None:
@@ -136,24 +131,64 @@ def span_search(q1: torch.Tensor, k: torch.Tensor, cfg: SpanConfig, prep: Prepar
     return SearchResult(qstart, qanchor, qend, values)
 
 
+# A training forward (inputs that need grad) over more queries than this runs window, spans and gate in chunks
+# of this many queries: the fp32 branch outputs O_k exist for one chunk at a time, only R_k = O_k - O (q2's
+# dtype) is kept for the backward.
+TRAIN_CHUNK = 32768
+
+
+def _branches(q2, k, v, qstart, qanchor, qend, values, positions, row_start, window: int, residuals: bool):
+    """Window, spans and gate of one block of queries: (out, gate, residuals or None, branch_lse, order)."""
+    win_out, win_lse = window_forward(q2, k, v, positions, row_start, window)
+    branch_out, branch_lse, order = span_forward(q2, k, v, qstart, qend, win_out, win_lse)
+    del win_out, win_lse
+    out, gate, res = gate_forward(values, qanchor, branch_out, q2.dtype, residuals=residuals)
+    return out, gate, res, branch_lse, order
+
+
+def _branches_in_chunks(q2, k, v, qstart, qanchor, qend, values, prep: Prepared, window: int):
+    """`_branches` over chunks of TRAIN_CHUNK queries, written into whole-call tensors."""
+    b, h_q, l_q, d = q2.shape
+    num_spans = qstart.shape[-1]
+    out = torch.empty_like(q2)
+    gate = torch.empty(qstart.shape, dtype=torch.float32, device=q2.device)
+    branch_lse = torch.empty_like(gate)
+    residuals = torch.empty(b, h_q, l_q, num_spans, d, dtype=q2.dtype, device=q2.device)
+    for c0 in range(0, l_q, TRAIN_CHUNK):
+        rows = slice(c0, c0 + TRAIN_CHUNK)
+        part = _branches(q2[:, :, rows].contiguous(), k, v, qstart[:, :, rows].contiguous(),
+                         qanchor[:, :, rows].contiguous(), qend[:, :, rows].contiguous(),
+                         values[:, :, rows].contiguous(), prep.cache_position[rows], prep.row_start, window, True)
+        for whole, chunk in zip((out, gate, residuals, branch_lse), part[:4]):
+            whole[:, :, rows] = chunk
+        del part
+    return out, gate, residuals, branch_lse
+
+
 class _AttentionFunction(torch.autograd.Function):
     """Search + window + spans + gate; gradients for q1 (through the gate), q2, k and v."""
 
     @staticmethod
     def forward(ctx, q1, q2, k, v, cfg, prep):
         window = cfg.window_len
+        need_grad = any(ctx.needs_input_grad[:4])
         if q2.shape[2] == 1:  # decode: one pass per KV group over the union of its branches' keys
             (qstart, qanchor, qend, values), (out, gate, branch_out, branch_lse) = _decode(
                 q1, q2, k, v, cfg, prep.cache_position, prep.row_start, geometry_tables(cfg, k.shape[2], q1.device),
                 _max_span_len(cfg, k.shape[2]))
+            residuals = (branch_out - out.float().unsqueeze(-2)).to(q2.dtype) if need_grad else None
             order = None
+        elif need_grad and q2.shape[2] > TRAIN_CHUNK:
+            qstart, qanchor, qend, values = _search(q1, k, cfg, prep)
+            out, gate, residuals, branch_lse = _branches_in_chunks(q2, k, v, qstart, qanchor, qend, values, prep,
+                                                                   window)
+            order = None  # the backward sorts the whole call's pairs again
         else:
             qstart, qanchor, qend, values = _search(q1, k, cfg, prep)
-            win_out, win_lse = window_forward(q2, k, v, prep.cache_position, prep.row_start, window)
-            branch_out, branch_lse, order = span_forward(q2, k, v, qstart, qend, win_out, win_lse)
-            del win_out, win_lse
-            out, gate = gate_forward(values, qanchor, branch_out, q2.dtype)
-        ctx.save_for_backward(q1, q2, k, v, qstart, qanchor, qend, gate, branch_out, branch_lse)
+            out, gate, residuals, branch_lse, order = _branches(q2, k, v, qstart, qanchor, qend, values,
+                                                                prep.cache_position, prep.row_start, window,
+                                                                need_grad)
+        ctx.save_for_backward(q1, q2, k, v, qstart, qanchor, qend, gate, out, residuals, branch_lse)
         ctx.order = order
         ctx.window = window
         ctx.prep = prep
@@ -162,37 +197,13 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dqstart, _dqanchor, _dqend, dvalues_out, dgate_out):
-        q1, q2, k, v, qstart, qanchor, qend, gate, branch_out, branch_lse = ctx.saved_tensors
-        prep = ctx.prep
-        do = dout.float().contiguous()
-        dg = torch.einsum("bhld,bhlkd->bhlk", do, branch_out)
-        delta = gate * dg  # the out path only: span/window backward weight their branches by it
-        valid = qanchor >= 0
         # The returned values and gate are differentiable too (same as the other backends): a loss on them
-        # adds to the gate's gradient and to the values' gradient before the search backward.
-        dg_all = dg + dgate_out.float()
-        dvalues = gate * (dg_all - (gate * dg_all).sum(-1, keepdim=True)) + dvalues_out.float()
-        dvalues = torch.where(valid, dvalues, torch.zeros_like(dg))
-
-        # Window keys: the K branches folded into one attention backward (module docstring).
-        usable = torch.isfinite(branch_lse) & (gate > 0)
-        log_w = torch.where(usable, torch.log(gate) - branch_lse, torch.full_like(gate, float("-inf")))
-        log_c = torch.logsumexp(log_w, dim=-1, keepdim=True)
-        any_usable = torch.isfinite(log_c)
-        w = torch.where(any_usable, torch.exp(log_w - torch.where(any_usable, log_c, torch.zeros_like(log_c))),
-                        torch.zeros_like(log_w))
-        lse_eff = (-log_c).squeeze(-1).contiguous()  # +inf where no branch has keys: contributes nothing
-        delta_eff = (w * dg).sum(-1).contiguous()
-
-        dq2 = torch.zeros(q2.shape, dtype=torch.float32, device=q2.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        window_backward(q2, k, v, prep.cache_position, prep.row_start, ctx.window, do, lse_eff, delta_eff,
-                        dq2, dk, dv)
-        span_backward(q2, k, v, qstart, qend, ctx.order, do, gate.contiguous(), branch_lse, delta.contiguous(),
-                      dq2, dk, dv)
-        dq1 = search_backward(q1, k, qanchor, dvalues.contiguous(), dk)
-        return dq1.to(q1.dtype), dq2.to(q2.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        # adds to the gate's gradient and to the values' gradient before the search backward (grad.py).
+        q1, q2, k, v, qstart, qanchor, qend, gate, out, residuals, branch_lse = ctx.saved_tensors
+        dq1, dq2, dk, dv = attention_backward(q1, q2, k, v, qstart, qanchor, qend, gate, out, residuals, branch_lse,
+                                              ctx.order, ctx.prep.cache_position, ctx.prep.row_start, ctx.window,
+                                              dout, dvalues_out, dgate_out)
+        return dq1, dq2, dk, dv, None, None
 
 
 def superlinear_attention(q1, q2, k, v, cfg: SpanConfig, prep: Prepared):

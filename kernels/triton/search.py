@@ -260,7 +260,7 @@ def _search_bwd_kernel(q1_ptr, k_ptr, anchor_ptr, dval_ptr, dq1_ptr, dk_ptr,
         kk = tl.load(k_ptr + k_row[:, None] + anchor[:, None] * sk_l + d[None, :], mask=ml, other=0.0)
         dq += u[:, None] * kk.to(tl.float32)
         tl.atomic_add(dk_ptr + (dk_row + anchor)[:, None] * D + d[None, :], u[:, None] * q, mask=ml)
-    tl.store(dq1_ptr + rows64[:, None] * D + d[None, :], dq, mask=m2)
+    tl.store(dq1_ptr + rows64[:, None] * D + d[None, :], dq.to(dq1_ptr.dtype.element_ty), mask=m2)
 
 
 def search_backward(q1: torch.Tensor, k: torch.Tensor, qanchor: torch.Tensor, dvalues: torch.Tensor,
@@ -271,12 +271,12 @@ def search_backward(q1: torch.Tensor, k: torch.Tensor, qanchor: torch.Tensor, dv
         q1: [B, H_Q, L_Q, D] contiguous; k: [B, H_KV, L_KV, D]; qanchor: int32 [B, H_Q, L_Q, K];
         dvalues: fp32 [B, H_Q, L_Q, K] (0 on invalid slots); dk: fp32 [B, H_KV, L_KV, D], accumulated into.
     Returns:
-        dq1 fp32 [B, H_Q, L_Q, D].
+        dq1 [B, H_Q, L_Q, D] in q1's dtype (fp32 sums, one rounding).
     """
     b, h_q, l_q, d = q1.shape
     h_kv, l_kv = k.shape[1], k.shape[2]
     num_spans = qanchor.shape[-1]
-    dq1 = torch.empty(b, h_q, l_q, d, dtype=torch.float32, device=q1.device)
+    dq1 = torch.empty(b, h_q, l_q, d, dtype=q1.dtype, device=q1.device)
     n_rows = b * h_q * l_q
     block_r = 32
     _search_bwd_kernel[(triton.cdiv(n_rows, block_r),)](

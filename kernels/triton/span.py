@@ -14,7 +14,9 @@ from the window branch's softmax state, so the result is directly O_k over S_k �
 * **Window fold-in (docs/algorithm.md §3.3).** Each pair starts its online softmax at (m, l, acc) =
   (ℓ_w, 1, O_win) — or (-inf, 0, 0) for an empty window — which is exactly the stable LSE merge:
   both empty gives O_k = 0 = O_win, never NaN.
-* **Backward.** The same tiles; dQ2 (per pair row), dK and dV go to fp32 buffers through atomics.
+* **Backward.** dQ2 from the same pair tiles (one atomic add per pair row); dK/dV key-major: one program per
+  (key block, KV group) visits the pair tiles whose key range meets its block and owns the block's dK/dV,
+  so they take no atomics. P is recomputed from the stored lse (no stored probabilities).
 """
 from __future__ import annotations
 
@@ -138,12 +140,14 @@ def span_forward(q2, k, v, qstart, qend, win_out, win_lse):
 
 
 @triton.jit
-def _span_bwd_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr,
-                     dq_ptr, dk_ptr, dv_ptr,
-                     sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                     H_Q, H_KV, L_Q, L_KV, D, G, PG, scale,
-                     NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _span_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr,
+                        delta_ptr, dq_ptr,
+                        sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                        H_Q, H_KV, L_Q, D, G, PG, scale,
+                        NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ2 of a tile of sorted pairs over the union of its spans; one atomic add per pair row at the end
+    (a row's K pairs and its window all add into it)."""
     tile = tl.program_id(0)
     grp = tl.program_id(1)
     b = grp // H_KV
@@ -160,52 +164,135 @@ def _span_bwd_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do_pt
     q = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)
     gate = tl.load(gate_ptr + pair, mask=live, other=0.0)
     # dO_k = g_k · dO (docs/algorithm.md §3.2), in the model dtype for the tensor-core products.
-    do = (gate[:, None] * tl.load(do_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)).to(q.dtype)
+    do = (gate[:, None] * tl.load(do_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32))
+    do = do.to(q.dtype)
     lse = tl.load(blse_ptr + pair, mask=live, other=float("inf"))
     delta = tl.load(delta_ptr + pair, mask=live, other=0.0)
     k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
-    kv_row = grp.to(tl.int64) * L_KV  # dk/dv: contiguous fp32 [B, H_KV, L_KV, D]
 
     dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     for n0 in range(lo, hi + 1, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols <= hi
-        kv_mask = cmask[:, None] & dmask[None, :]
+        kv_mask = (cols <= hi)[:, None] & dmask[None, :]
         kk = tl.load(k_base + cols[:, None].to(tl.int64) * sk_l + d[None, :], mask=kv_mask, other=0.0)
         vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :], mask=kv_mask, other=0.0)
         logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * scale
         allowed = live[:, None] & (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])
         p = tl.where(allowed, tl.exp(logits - lse[:, None]), 0.0)
-        dv = tl.dot(tl.trans(p.to(q.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(q.dtype), kk, input_precision=PRECISION)
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
-        off = (kv_row + cols[:, None]) * D + d[None, :]
-        tl.atomic_add(dk_ptr + off, dk, mask=kv_mask)
-        tl.atomic_add(dv_ptr + off, dv, mask=kv_mask)
     tl.atomic_add(dq_ptr + row[:, None] * D + d[None, :], dq * scale, mask=m2)
 
 
-def span_backward(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dq, dk, dv) -> None:
-    """Span part of the backward, accumulating into fp32 dq [B,H_Q,L_Q,D], dk, dv [B,H_KV,L_KV,D].
+@triton.jit
+def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr,
+                        delta_ptr, tile_lo_ptr, tile_hi_ptr, trange_ptr, dk_ptr, dv_ptr,
+                        sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                        H_Q, H_KV, L_Q, L_KV, D, G, PG, N_TILES, N_KB, scale,
+                        NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """dK, dV of one key block of one KV group, key-major: the program visits the pair tiles whose key range
+    [tile_lo, tile_hi] can meet the block (a contiguous run of tiles, `trange`), skips those that do not,
+    keeps dK and dV in registers and adds them once to the window's (no atomics: it owns the block)."""
+    kb = tl.program_id(0)
+    grp = tl.program_id(1)
+    b = grp // H_KV
+    hkv = grp % H_KV
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    k0 = kb * BLOCK_N
+    cols = k0 + tl.arange(0, BLOCK_N)
+    kv_mask = (cols < L_KV)[:, None] & dmask[None, :]
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
+    kk = tl.load(k_base + cols[:, None].to(tl.int64) * sk_l + d[None, :], mask=kv_mask, other=0.0)
+    vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :], mask=kv_mask, other=0.0)
+    rng = (grp.to(tl.int64) * N_KB + kb) * 2
+    t_lo = tl.load(trange_ptr + rng)
+    t_hi = tl.load(trange_ptr + rng + 1)
 
-    do fp32 [B, H_Q, L_Q, D]; gate, branch_lse, delta fp32 [B, H_Q, L_Q, K] (delta_k = rowsum(dO_k ∘ O_k)).
-    `order` is the pair sort of the forward (or None: sorted here).
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for tile in range(t_lo, t_hi):
+        lo = tl.load(tile_lo_ptr + grp.to(tl.int64) * N_TILES + tile)
+        hi = tl.load(tile_hi_ptr + grp.to(tl.int64) * N_TILES + tile)
+        if (lo < k0 + BLOCK_N) & (hi >= k0):
+            pair, row, ok, live, qs, qe = _pair_rows(order_ptr, qstart_ptr, qend_ptr, grp, tile, PG, H_Q, H_KV,
+                                                     L_Q, G, NUM_SPANS, BLOCK_P)
+            m2 = live[:, None] & dmask[None, :]
+            q = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)
+            gate = tl.load(gate_ptr + pair, mask=live, other=0.0)
+            do = gate[:, None] * tl.load(do_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
+            do = do.to(q.dtype)
+            lse = tl.load(blse_ptr + pair, mask=live, other=float("inf"))
+            delta = tl.load(delta_ptr + pair, mask=live, other=0.0)
+            logits_t = tl.dot(kk, tl.trans(q), input_precision=PRECISION) * scale  # [BLOCK_N, BLOCK_P]
+            allowed = live[None, :] & (cols[:, None] >= qs[None, :]) & (cols[:, None] <= qe[None, :])
+            p_t = tl.where(allowed, tl.exp(logits_t - lse[None, :]), 0.0)
+            dv += tl.dot(p_t.to(q.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(vv, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    off = (grp.to(tl.int64) * L_KV + cols[:, None]) * D + d[None, :]  # dk/dv: contiguous fp32 [B, H_KV, L_KV, D]
+    tl.store(dk_ptr + off, tl.load(dk_ptr + off, mask=kv_mask, other=0.0) + dk * scale, mask=kv_mask)
+    tl.store(dv_ptr + off, tl.load(dv_ptr + off, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
+
+
+def tile_key_ranges(qstart, qend, order, n_groups: int, block_p: int, l_kv: int, block_n: int):
+    """Per pair tile (BLOCK_P consecutive sorted pairs of a group): the key range [lo, hi] of its live pairs
+    (lo = 2^62, hi = -1 for a tile without one), int64 [n_groups, n_tiles] each; and per key block the run
+    [first, last) of tiles that can meet it, int64 [n_groups, n_blocks, 2]. A tile before `first` ends before
+    the block (prefix maximum of hi), a tile from `last` on starts after it (suffix minimum of lo), whatever
+    the sort order; sorting only keeps the run short. Device tensors only, no host sync."""
+    pg = order.numel() // n_groups
+    n_tiles = -(-pg // block_p)
+    qs = qstart.reshape(-1)[order].view(n_groups, pg).long()
+    qe = qend.reshape(-1)[order].view(n_groups, pg).long()
+    live = (qs >= 0) & (qe >= qs)
+    pad = n_tiles * block_p - pg
+    lo = torch.nn.functional.pad(torch.where(live, qs, torch.full_like(qs, 1 << 62)), (0, pad), value=1 << 62)
+    hi = torch.nn.functional.pad(torch.where(live, qe, torch.full_like(qe, -1)), (0, pad), value=-1)
+    lo = lo.view(n_groups, n_tiles, block_p).amin(-1).contiguous()
+    hi = hi.view(n_groups, n_tiles, block_p).amax(-1).contiguous()
+    reach = torch.cummax(hi, dim=1).values.contiguous()
+    floor = torch.cummin(lo.flip(1), dim=1).values.flip(1).contiguous()
+    first_key = torch.arange(0, l_kv, block_n, device=qs.device).expand(n_groups, -1).contiguous()
+    first = torch.searchsorted(reach, first_key, right=False)
+    last = torch.searchsorted(floor, first_key + block_n - 1, right=True)
+    return lo, hi, torch.stack([first, last], dim=-1).contiguous()
+
+
+def span_backward(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dq, dk, dv) -> None:
+    """Span part of the backward, adding into fp32 dq [B,H_Q,L_Q,D], dk, dv [B,H_KV,L_KV,D] (contiguous; the
+    window backward has stored them).
+
+    do [B, H_Q, L_Q, D] in q2's dtype; gate, branch_lse, delta fp32 [B, H_Q, L_Q, K] (delta_k = rowsum(dO_k ∘ O_k)).
+    `order` is the pair sort of the forward (or None: sorted here). dQ2 from the pair tiles (`_span_bwd_dq_kernel`),
+    dK/dV key-major (`_span_bwd_kv_kernel`); P is recomputed from the stored lse in both.
     """
+    from .window import KV_BLOCK
+
     b, h_q, l_q, d = q2.shape
     h_kv, l_kv = k.shape[1], k.shape[2]
     num_spans = qstart.shape[-1]
     group = h_q // h_kv
     bd, block_n, block_p = _blocks(d)
-    block_n = 32 if bd > 64 else block_n  # the backward holds more tiles at once
     if order is None:
         order = sort_pairs(qstart, qend, h_kv, block_n, l_kv)
     pg = group * l_q * num_spans
-    _span_bwd_kernel[(triton.cdiv(pg, block_p), b * h_kv)](
-        q2, k, v, order, qstart, qend, do, gate, branch_lse, delta, dq, dk, dv,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h_q, h_kv, l_q, l_kv, d, group, pg, d ** -0.5,
-        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=bd,
-        PRECISION=dot_precision(q2.dtype), num_warps=4, num_stages=1)
+    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+    precision = dot_precision(q2.dtype)
+    _span_bwd_dq_kernel[(triton.cdiv(pg, block_p), b * h_kv)](
+        q2, k, v, order, qstart, qend, do, gate, branch_lse, delta, dq, *strides,
+        h_q, h_kv, l_q, d, group, pg, d ** -0.5,
+        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=bd, PRECISION=precision,
+        num_warps=4, num_stages=2)
+    tile_lo, tile_hi, ranges = tile_key_ranges(qstart, qend, order, b * h_kv, block_p, l_kv, KV_BLOCK)
+    n_kb = triton.cdiv(l_kv, KV_BLOCK)
+    _span_bwd_kv_kernel[(n_kb, b * h_kv)](
+        q2, k, v, order, qstart, qend, do, gate, branch_lse, delta, tile_lo, tile_hi, ranges, dk, dv, *strides,
+        h_q, h_kv, l_q, l_kv, d, group, pg, tile_lo.shape[1], n_kb, d ** -0.5,
+        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=KV_BLOCK, BLOCK_D=bd, PRECISION=precision,
+        num_warps=8 if bd >= 128 else 4, num_stages=1)

@@ -6,8 +6,10 @@ loaded once and used by every head (GQA sharing) in one [rows x D]·[D x BLOCK_N
 come from the block's positions (dynamic: compile once). Returns out (fp32) and lse (fp32, -inf for
 an empty window).
 
-Backward: the same tiling with a given lse and Δ per row (the caller folds the K branches into one
-effective lse/Δ, see ops.py); dQ, dK, dV are accumulated into fp32 buffers with atomics.
+Backward, with a given lse and Δ per row (the caller folds the K branches into one effective lse/Δ, see
+grad.py): dQ query-major in the forward's tiling; dK/dV key-major — one program per (key block, KV group)
+loops over the position-sorted queries whose window reaches the block, times the group's heads. Each
+program owns what it writes: no atomics.
 """
 from __future__ import annotations
 
@@ -110,12 +112,12 @@ def window_forward(q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
 
 
 @triton.jit
-def _window_bwd_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, do_ptr, lse_ptr, delta_ptr,
-                       dq_ptr, dk_ptr, dv_ptr,
-                       sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                       H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, W, scale,
-                       GH: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       PRECISION: tl.constexpr):
+def _window_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                          sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                          H_Q, H_KV, L_Q, D, G, N_CHUNKS, W, scale,
+                          GH: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """dQ of the window rows, query-major: the program owns its rows, so dQ is stored, not added."""
     b, hkv, qi, ok, base = _rows(tl.program_id(0), tl.program_id(1), N_CHUNKS, H_Q, H_KV, L_Q, G, GH, BQ)
     pos = tl.load(pos_ptr + qi, mask=ok, other=0)
     s = tl.load(start_ptr + b)
@@ -133,46 +135,122 @@ def _window_bwd_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, do_ptr, lse_ptr,
     delta = tl.load(delta_ptr + base, mask=ok, other=0.0)
     k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
-    kv_row = (b * H_KV + hkv).to(tl.int64) * L_KV  # dk/dv: contiguous fp32 [B, H_KV, L_KV, D]
 
     dq = tl.zeros([GH * BQ, BLOCK_D], tl.float32)
     for n0 in range(lo, hi + 1, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols <= hi
-        kv_mask = cmask[:, None] & dmask[None, :]
+        kv_mask = (cols <= hi)[:, None] & dmask[None, :]
         kk = tl.load(k_base + cols[:, None].to(tl.int64) * sk_l + d[None, :], mask=kv_mask, other=0.0)
         vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :], mask=kv_mask, other=0.0)
         logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * scale
         allowed = ok[:, None] & (cols[None, :] >= lo_row[:, None]) & (cols[None, :] <= pos[:, None])
         p = tl.where(allowed, tl.exp(logits - lse[:, None]), 0.0)
-        dv = tl.dot(tl.trans(p.to(q.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(q.dtype), kk, input_precision=PRECISION)
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
-        off = (kv_row + cols[:, None]) * D + d[None, :]
-        tl.atomic_add(dk_ptr + off, dk, mask=kv_mask)
-        tl.atomic_add(dv_ptr + off, dv, mask=kv_mask)
-    tl.atomic_add(dq_ptr + base[:, None] * D + d[None, :], dq * scale, mask=m2)
+    tl.store(dq_ptr + base[:, None] * D + d[None, :], dq * scale, mask=m2)
+
+
+@triton.jit
+def _window_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, spos_ptr, qrange_ptr, start_ptr, do_ptr, lse_ptr,
+                          delta_ptr, dk_ptr, dv_ptr,
+                          sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                          H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, W, scale,
+                          GH: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """dK, dV of one key block of one KV group, key-major: the program loops over the queries whose window
+    can hold the block (a contiguous run of the position-sorted queries) times the group's heads, keeps dK
+    and dV in registers and stores them once (no atomics)."""
+    kb = tl.program_id(0)
+    grp = tl.program_id(1)
+    b = grp // H_KV
+    hkv = grp % H_KV
+    s = tl.load(start_ptr + b)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    kv_mask = (cols < L_KV)[:, None] & dmask[None, :]
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
+    kk = tl.load(k_base + cols[:, None].to(tl.int64) * sk_l + d[None, :], mask=kv_mask, other=0.0)
+    vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :], mask=kv_mask, other=0.0)
+    q_lo = tl.load(qrange_ptr + 2 * kb)
+    q_hi = tl.load(qrange_ptr + 2 * kb + 1)
+
+    rows = tl.arange(0, GH * BQ)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for q0 in range(q_lo, q_hi, BQ):
+        si = q0 + rows % BQ  # index into the position-sorted queries
+        for chunk in range(0, N_CHUNKS):
+            g = chunk * GH + rows // BQ
+            ok = (si < q_hi) & (g < G)
+            qi = tl.load(order_ptr + si, mask=ok, other=0)
+            pos = tl.load(spos_ptr + si, mask=ok, other=0)
+            base = (b * H_Q + hkv * G + g).to(tl.int64) * L_Q + qi
+            m2 = ok[:, None] & dmask[None, :]
+            q = tl.load(q_ptr + base[:, None] * D + d[None, :], mask=m2, other=0.0)
+            do = tl.load(do_ptr + base[:, None] * D + d[None, :], mask=m2, other=0.0).to(q.dtype)
+            lse = tl.load(lse_ptr + base, mask=ok, other=float("inf"))
+            delta = tl.load(delta_ptr + base, mask=ok, other=0.0)
+            lo_row = window_lo(pos, s, W)
+            logits_t = tl.dot(kk, tl.trans(q), input_precision=PRECISION) * scale  # [BLOCK_N, rows]
+            allowed = ok[None, :] & (cols[:, None] >= lo_row[None, :]) & (cols[:, None] <= pos[None, :])
+            p_t = tl.where(allowed, tl.exp(logits_t - lse[None, :]), 0.0)
+            dv += tl.dot(p_t.to(q.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(vv, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    off = (grp.to(tl.int64) * L_KV + cols[:, None]) * D + d[None, :]  # dk/dv: contiguous fp32 [B, H_KV, L_KV, D]
+    tl.store(dk_ptr + off, dk * scale, mask=kv_mask)
+    tl.store(dv_ptr + off, dv, mask=kv_mask)
+
+
+KV_BLOCK = 64  # keys per program of the key-major backward kernels (window and span)
+
+
+def window_query_ranges(positions: torch.Tensor, l_kv: int, window: int, block_n: int):
+    """(order, sorted positions, ranges): queries sorted by position, and for each key block j of `block_n` keys
+    the run [lo, hi) of sorted queries whose window can reach it (positions in [j·block_n, j·block_n + block_n
+    + W − 2]); int64, ranges [n_blocks, 2]. Device tensors only, no host sync."""
+    sorted_pos, order = torch.sort(positions)
+    first = torch.arange(0, l_kv, block_n, device=positions.device)
+    lo = torch.searchsorted(sorted_pos, first, right=False)
+    hi = torch.searchsorted(sorted_pos, first + block_n + window - 2, right=True)
+    return order.contiguous(), sorted_pos.contiguous(), torch.stack([lo, hi], dim=1).contiguous()
 
 
 def window_backward(q2, k, v, positions, row_start, window, do, lse, delta, dq, dk, dv) -> None:
-    """Window branch backward, accumulating into fp32 dq [B,H_Q,L_Q,D], dk, dv [B,H_KV,L_KV,D].
+    """Window branch backward: *stores* (does not add) fp32 dq [B,H_Q,L_Q,D] and dk, dv [B,H_KV,L_KV,D]
+    (contiguous), so it runs first; the span backward then adds to them.
 
-    do fp32 [B, H_Q, L_Q, D]; lse, delta fp32 [B, H_Q, L_Q]: the softmax statistics to use
+    do [B, H_Q, L_Q, D] in q2's dtype; lse, delta fp32 [B, H_Q, L_Q]: the softmax statistics to use
     (P = exp(logit - lse), dS = P (dO·V - Δ)); lse = +inf makes a row contribute nothing.
+    dQ is query-major (each program owns its rows), dK/dV key-major (`_window_bwd_kv_kernel`): no atomics.
+    With W = 0 the buffers are zeroed.
     """
     if window == 0:
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
         return
     b, h_q, l_q, d = q2.shape
     h_kv, l_kv = k.shape[1], k.shape[2]
     group = h_q // h_kv
     gh, bq, n_chunks = head_rows(group, l_q)
     bd = block_d(d)
-    grid = (triton.cdiv(l_q, bq), b * h_kv * n_chunks)
-    _window_bwd_kernel[grid](
-        q2, k, v, positions, row_start, do, lse, delta, dq, dk, dv,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h_q, h_kv, l_q, l_kv, d, group, n_chunks, window, d ** -0.5,
-        GH=gh, BQ=bq, BLOCK_N=64 if bd <= 64 else 32, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
-        num_warps=4, num_stages=1)
+    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+    precision = dot_precision(q2.dtype)
+    _window_bwd_dq_kernel[(triton.cdiv(l_q, bq), b * h_kv * n_chunks)](
+        q2, k, v, positions, row_start, do, lse, delta, dq, *strides,
+        h_q, h_kv, l_q, d, group, n_chunks, window, d ** -0.5,
+        GH=gh, BQ=bq, BLOCK_N=64 if bd <= 128 else 32, BLOCK_D=bd, PRECISION=precision,
+        num_warps=4, num_stages=2)
+    order, sorted_pos, ranges = window_query_ranges(positions, l_kv, window, KV_BLOCK)
+    # Head chunks of the key-major kernel: rows = heads x queries of one loop trip, as in the forward.
+    gh_kv, bq_kv, chunks_kv = head_rows(group, max(l_q, 64))
+    _window_bwd_kv_kernel[(triton.cdiv(l_kv, KV_BLOCK), b * h_kv)](
+        q2, k, v, order, sorted_pos, ranges, row_start, do, lse, delta, dk, dv, *strides,
+        h_q, h_kv, l_q, l_kv, d, group, chunks_kv, window, d ** -0.5,
+        GH=gh_kv, BQ=bq_kv, BLOCK_N=KV_BLOCK, BLOCK_D=bd, PRECISION=precision,
+        num_warps=8 if bd >= 128 else 4, num_stages=1)

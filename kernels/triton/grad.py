@@ -1,0 +1,45 @@
+"""Backward of the Triton attention op (docs/algorithm.md §2.6, §3.6), called by `ops._AttentionFunction`.
+
+With dg_k = dO·O_k (from the stored residuals R_k = O_k − O, see merge.py):
+  * gate:   dv_k = g_k (dg_k − Σ_j g_j dg_j) on valid slots -> search backward (dQ1, dK at anchors);
+  * spans:  branch k is plain attention over S_k ∪ Wnd with dO_k = g_k dO, Δ_k = g_k dg_k, lse ℓ_k;
+            its span keys go through the span backward (span.py);
+  * window: the K branches share the window keys; summed over k their gradient is one attention
+            backward with lse_eff = −log Σ_k g_k e^{−ℓ_k} and Δ_eff = Σ_k w_k dg_k,
+            w_k = g_k e^{−ℓ_k} / Σ_j g_j e^{−ℓ_j}, run once by window.py.
+
+Order of the launches: the fused gate backward; the window backward *stores* dQ2, dK, dV (fp32); the span
+backward adds its dQ2 (one atomic per pair row) and its dK/dV (key-major, no atomics); the search backward
+writes dQ1 and adds dK at the anchors. P is recomputed everywhere from the stored lse.
+"""
+from __future__ import annotations
+
+import torch
+
+from .merge import gate_backward
+from .search import search_backward
+from .span import span_backward
+from .window import window_backward
+
+
+def attention_backward(q1, q2, k, v, qstart, qanchor, qend, gate, out, residuals, branch_lse, order, positions,
+                       row_start, window: int, dout, dvalues_out, dgate_out):
+    """Gradients (dq1, dq2, dk, dv) in the inputs' dtypes.
+
+    q1, q2 [B, H_Q, L_Q, D] contiguous; k, v [B, H_KV, L_KV, D] (unit stride in D); routing int32 and gate fp32
+    [B, H_Q, L_Q, K]; out [B, H_Q, L_Q, D] and residuals [B, H_Q, L_Q, K, D] as the forward stored them;
+    branch_lse fp32 [B, H_Q, L_Q, K]; order: the forward's pair sort (or None); positions int64 [L_Q];
+    row_start int64 [B]; dout like out; dvalues_out, dgate_out [B, H_Q, L_Q, K] (zeros when unused).
+    """
+    do = dout.to(q2.dtype).contiguous()
+    dvalues, delta, lse_eff, delta_eff = gate_backward(do, out, residuals, gate, qanchor, branch_lse, dgate_out,
+                                                       dvalues_out)
+    dq2 = torch.empty(q2.shape, dtype=torch.float32, device=q2.device)
+    dk = torch.empty((k.shape[0], k.shape[1], k.shape[2], k.shape[3]), dtype=torch.float32, device=k.device)
+    dv = torch.empty_like(dk)
+    window_backward(q2, k, v, positions, row_start, window, do, lse_eff, delta_eff, dq2, dk, dv)
+    del lse_eff, delta_eff
+    span_backward(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dq2, dk, dv)
+    del delta
+    dq1 = search_backward(q1, k, qanchor, dvalues, dk)
+    return dq1, dq2.to(q2.dtype), dk.to(k.dtype), dv.to(v.dtype)
