@@ -7,6 +7,12 @@ dense causal `scaled_dot_product_attention(..., is_causal=True, enable_gqa=True)
 prefill, and the same without causality for one-token decode.
 
     python bench/speed.py --mode both --lengths 65536 131072 262144 524288 1048576 [--coherent]
+    python bench/speed.py --mode train --lengths 16384 32768 65536 131072 262144 [--profile]
+
+Train mode: one training step of the layer over the whole sequence (q_len = L, positions 0..L-1, inputs that
+require grad): forward, then backward from a fixed random dO; dense is causal SDPA forward + backward on the same
+inputs. Forward and forward+backward are timed separately (backward = their difference); peak = extra GPU memory
+beyond the inputs during forward+backward. `--profile` adds per-kernel device times of one of our steps.
 
 Prints a table (L, dense s, ours s, ratio, tokens/s, peak GB, keys attended per query) and writes JSON to
 $OUT/speed.json (or bench/speed.json). Decode is one step replayed from a CUDA graph, timed on the device
@@ -141,6 +147,62 @@ def prefill_row(length: int, cfg, dtype, coherent: bool, reps: int, dense_max: i
             "keys_per_query_at_L": keys_per_query(cfg, length)}
 
 
+def train_row(length: int, cfg, dtype, coherent: bool, reps: int, dense_max: int, profile: bool) -> dict:
+    q1, q2, k, v = (x.requires_grad_() for x in make_inputs(length, dtype, coherent))
+    dout = torch.randn(q2.shape, device="cuda", dtype=dtype, generator=torch.Generator(device="cuda").manual_seed(7))
+    pos = torch.arange(length, device="cuda")
+
+    def ours_fwd():
+        return superlinear_attention(q1, q2, k, v, pos, cfg, backend="triton")
+
+    def dense_fwd():
+        return dense(q2, k, v, True)
+
+    def step(fwd):
+        def run():
+            for x in (q1, q2, k, v):
+                x.grad = None
+            fwd().backward(dout)
+        return run
+
+    def measure(fwd, n):
+        fwd_s = timed(lambda: fwd(), n)  # with autograd recording, as in training (the graph is dropped)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        total_s = timed(step(fwd), n)
+        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+        for x in (q1, q2, k, v):
+            x.grad = None
+        torch.cuda.empty_cache()
+        return fwd_s, total_s, peak
+
+    fwd_s, total_s, peak = measure(ours_fwd, reps)
+    row = {"mode": "train", "length": length, "coherent": coherent, "ours_fwd_s": fwd_s, "ours_s": total_s,
+           "ours_bwd_s": total_s - fwd_s, "ours_bwd_over_fwd": (total_s - fwd_s) / fwd_s, "peak_extra_gb": peak,
+           "inputs_gb": sum(x.numel() * x.element_size() for x in (q1, q2, k, v)) / 1e9,
+           "keys_per_query_at_L": keys_per_query(cfg, length), "dense_s": None, "ratio": None,
+           "tokens_per_s": length / total_s}
+    if length <= dense_max:
+        d_fwd, d_total, d_peak = measure(dense_fwd, max(1, reps // 2) if length > 131072 else reps)
+        row.update(dense_fwd_s=d_fwd, dense_s=d_total, dense_bwd_s=d_total - d_fwd,
+                   dense_bwd_over_fwd=(d_total - d_fwd) / d_fwd, dense_peak_extra_gb=d_peak,
+                   ratio=d_total / total_s)
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step(ours_fwd)()
+            torch.cuda.synchronize()
+        kernels: dict[str, float] = {}
+        for ev in prof.key_averages():
+            if ev.device_type.name == "CUDA" or getattr(ev, "self_device_time_total", 0) > 0:
+                kernels[ev.key[:60]] = kernels.get(ev.key[:60], 0.0) + getattr(ev, "self_device_time_total", 0) / 1e3
+        row["profile_ms"] = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:14])
+        print("    profile (ms): " + "; ".join(f"{n} {t:.1f}" for n, t in row["profile_ms"].items()), flush=True)
+    return row
+
+
 def decode_row(length: int, cfg, dtype, coherent: bool, reps: int) -> dict:
     """One decode step at L - 1. Ours: the Triton op replayed from a CUDA graph (as a serving loop runs
     it); dense: non-causal SDPA. Both timed on the device with CUDA events, cold (L2 flushed before
@@ -169,7 +231,8 @@ def decode_row(length: int, cfg, dtype, coherent: bool, reps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("prefill", "decode", "both"), default="both")
+    parser.add_argument("--mode", choices=("prefill", "decode", "both", "train"), default="both")
+    parser.add_argument("--profile", action="store_true", help="train mode: per-kernel device times of one step")
     parser.add_argument("--lengths", type=int, nargs="+", default=[65536, 131072, 262144, 524288, 1048576])
     parser.add_argument("--decode-lengths", type=int, nargs="*", default=None,
                         help="decode lengths (default: --lengths); decode needs only the cache, so 2M-4M fit")
@@ -193,12 +256,17 @@ def main() -> None:
     print(f"{'mode':>7} {'L':>9} {'dense s':>9} {'ours s':>9} {'ratio':>7} {'tokens/s':>11} {'peak GB':>8} {'keys/q':>7}")
     modes = ("prefill", "decode") if args.mode == "both" else (args.mode,)
     decode_lengths = args.lengths if args.decode_lengths is None else args.decode_lengths
-    plan = [(n, "prefill") for n in args.lengths if "prefill" in modes]
+    plan = [(n, "train") for n in args.lengths if "train" in modes]
+    plan += [(n, "prefill") for n in args.lengths if "prefill" in modes]
     plan += [(n, "decode") for n in decode_lengths if "decode" in modes]
     for length, mode in plan:
         try:
-            row = (prefill_row(length, cfg, dtype, args.coherent, args.reps, args.dense_max) if mode == "prefill"
-                   else decode_row(length, cfg, dtype, args.coherent, args.reps * 10))
+            if mode == "train":
+                row = train_row(length, cfg, dtype, args.coherent, args.reps, args.dense_max, args.profile)
+            elif mode == "prefill":
+                row = prefill_row(length, cfg, dtype, args.coherent, args.reps, args.dense_max)
+            else:
+                row = decode_row(length, cfg, dtype, args.coherent, args.reps * 10)
         except torch.cuda.OutOfMemoryError as e:
             print(f"{mode:>7} {length:>9}  out of GPU memory: {str(e).splitlines()[0][:100]}", flush=True)
             rows.append({"mode": mode, "length": length, "coherent": args.coherent, "error": "out of memory"})
@@ -211,6 +279,12 @@ def main() -> None:
         peak = "—" if row["peak_extra_gb"] is None else f"{row['peak_extra_gb']:.{3 if mode == 'decode' else 2}f}"
         print(f"{mode:>7} {length:>9} {dense_s:>9} {row['ours_s']:>9{fmt}} {ratio:>7} {row['tokens_per_s']:>11.0f} "
               f"{peak:>8} {row['keys_per_query_at_L']:>7}", flush=True)
+        if mode == "train":
+            dense_part = ("" if row["dense_s"] is None else
+                          f"; dense fwd {row['dense_fwd_s']:.4f} s, bwd/fwd {row['dense_bwd_over_fwd']:.2f}, "
+                          f"peak {row['dense_peak_extra_gb']:.2f} GB")
+            print(f"          ours fwd {row['ours_fwd_s']:.4f} s, bwd {row['ours_bwd_s']:.4f} s, "
+                  f"bwd/fwd {row['ours_bwd_over_fwd']:.2f}{dense_part}", flush=True)
         torch.cuda.empty_cache()
     prefill = [r for r in rows if r["mode"] == "prefill" and r["length"] >= 131072 and "error" not in r]
     if len(prefill) >= 2:
@@ -222,7 +296,8 @@ def main() -> None:
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
         meta["prefill_time_exponent_128k_up"] = slope
         print(f"fitted prefill time exponent (L >= 128K): {slope:.3f}")
-    name = args.json or ("speed_coherent.json" if args.coherent else "speed.json")
+    name = args.json or (f"speed_{args.mode}.json" if args.mode == "train"
+                         else "speed_coherent.json" if args.coherent else "speed.json")
     out = Path(os.environ.get("OUT", ROOT / "bench")) / name
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
