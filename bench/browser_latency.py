@@ -4,10 +4,15 @@
 For each view and action: arm a MutationObserver on the view's DOM, perform the action as a user would (a
 click on the routing map, a key press on a slider, a choice in a drop-down), and record the time from the
 user's input event (page clock) to the *last* DOM change of the view, once the view and the kernel websocket
-have been quiet for `--quiet` ms. Bytes are what the browser received on the kernel websocket meanwhile
-(comm messages: figure updates, panel HTML, status).
+have been quiet for `--quiet` ms. Before a click the pointer moves onto the point and rests 0.3 s (a person
+hovers before clicking; the hover label that appears on arrival is not the click's doing). Bytes are what the
+browser received on the kernel websocket meanwhile (comm messages: figure updates, panel HTML, status).
 
     python bench/browser_latency.py [--tokens 8192 65536] [--repeat 12] [--json bench/browser_latency.json]
+    python bench/browser_latency.py --tokens 8192 --only Missed --action grid --timeline   # profile one
+
+`--timeline` prints, per interaction, where the time went: every kernel websocket frame (ms after the input,
+in/out, size), each figure message (received → drawn) and the last change of each part of the view.
 
 Writes records {view, action, tokens, median_ms, p95_ms, bytes_sent, n, ...} to the JSON file. Not a test:
 timings depend on the machine (note whether it was shared).
@@ -56,6 +61,12 @@ VIEWS = [
      "MissedSpanDebugger"),
 ]
 
+# What the kernel drew in a view (plot titles, shapes and images, HTML panels): an interaction must change it,
+# else it did not work (e.g. a click the view refused) and its time means nothing.
+_CONTENT = """el => [...el.querySelectorAll('.js-plotly-plot .gtitle, .widget-html-content')].map(e => e.textContent)
+  .join('|') + '|' + [...el.querySelectorAll('.js-plotly-plot .shapelayer path, .js-plotly-plot .layer-above image')]
+  .map(e => (e.getAttribute('d') || '') + (e.getAttribute('href') || '').length).join(',')"""
+
 # Page side: one MutationObserver on the armed view; t0 = the first user input event after arming.
 _INSTALL = """() => {
   if (window.__slBench) return;
@@ -67,15 +78,53 @@ _INSTALL = """() => {
 _ARM = """el => {
   const s = window.__slBench;
   if (s.obs) s.obs.disconnect();
-  s.t0 = null; s.last = null; s.n = 0; s.armed = true;
-  s.obs = new MutationObserver(() => { s.last = performance.now(); s.n++; });
+  s.t0 = null; s.last = null; s.n = 0; s.armed = true; s.regions = new Map(); s.hover = null;
+  const sel = '.sl-pane, .sl-document, .sl-mappane, .widget-html, .widget-slider, .widget-dropdown, .widget-label, .widget-button';
+  s.el = el; s.sel = sel;
+  s.obs = new MutationObserver((records) => {
+    const now = performance.now();
+    s.last = now; s.n++;
+    for (const r of records) {  // cheap here (the observer runs inside the measured work); named in _STATE
+      const e = r.target.nodeType === 1 ? r.target : r.target.parentElement;
+      const reg = (e && e.closest(sel)) || el;
+      s.regions.set(reg, now);
+      if (e && e.closest('.hoverlayer')) s.hover = now;
+    }
+  });
   s.obs.observe(el, {subtree: true, childList: true, attributes: true, characterData: true});
 }"""
 _STATE = """() => { const s = window.__slBench;
   const log = (globalThis.__slPaneLog || []).filter(e => s.t0 !== null && e.received >= s.t0);
-  return {t0: s.t0, last: s.last, n: s.n, now: performance.now(),
+  const rel = (t) => Math.round(t - s.t0);
+  const ws = (globalThis.__slWs || []).filter(e => s.t0 !== null && e[0] >= s.t0).map(e => [rel(e[0]), e[1], e[2]]);
+  const regions = {};
+  const panes = s.el ? [...s.el.querySelectorAll('.sl-pane, .sl-mappane')] : [];
+  if (s.t0 !== null && s.regions) for (const [r, t] of s.regions) {
+    const name = r === s.el ? 'other' : r.className.split(' ')[0];
+    regions[name + (panes.includes(r) ? panes.indexOf(r) : '')] = rel(t);
+  }
+  if (s.t0 !== null && s.hover !== null) regions['hover'] = rel(s.hover);
+  return {t0: s.t0, last: s.last, n: s.n, now: performance.now(), ws, regions,
+          panes: log.map(e => [rel(e.received), rel(e.drawn), e.type]),
           reply: log.length ? log[0].received - s.t0 : null,
           draw: log.reduce((a, e) => a + (e.drawn - e.received), 0)}; }"""
+
+
+# Page side, before JupyterLab loads: every kernel websocket frame (time, direction, size) for --timeline.
+_WS_HOOK = """(() => {
+  const Orig = window.WebSocket;
+  window.WebSocket = class extends Orig {
+    constructor(...args) {
+      super(...args);
+      const log = (globalThis.__slWs = globalThis.__slWs || []);
+      const size = (d) => d.length ?? d.byteLength ?? d.size ?? 0;
+      this.addEventListener('message', (ev) => { log.push([performance.now(), 'in', size(ev.data)]);
+                                                  if (log.length > 2000) log.splice(0, 1000); });
+      const send = this.send.bind(this);
+      this.send = (d) => { log.push([performance.now(), 'out', size(d)]); return send(d); };
+    }
+  };
+})()"""
 
 
 class Socket:
@@ -99,7 +148,12 @@ def measure(page, sock: Socket, view, act, quiet_ms: int, timeout_s: float = 30.
     """(ms from the input event to the last DOM change of `view`, bytes received, {reply_ms, draw_ms}) for one
     action `act()`: reply = input → first figure message in the page (kernel + transport), draw = time spent
     applying figure messages (Plotly.react)."""
+    prepare = getattr(act, "prepare", None)
+    if prepare is not None:  # e.g. the pointer moves onto the plot (a person hovers before clicking)
+        prepare()
+        time.sleep(0.3)
     page.evaluate(_ARM, view.element_handle())
+    before = view.evaluate(_CONTENT)
     sent = sock.bytes
     act()
     began = time.monotonic()
@@ -110,7 +164,9 @@ def measure(page, sock: Socket, view, act, quiet_ms: int, timeout_s: float = 30.
             dom_quiet = s["now"] - s["last"]
             ws_quiet = (time.monotonic() - max(sock.last, began)) * 1e3
             if dom_quiet >= quiet_ms and ws_quiet >= quiet_ms:
-                return s["last"] - s["t0"], sock.bytes - sent, dict(reply_ms=s["reply"], draw_ms=s["draw"])
+                return s["last"] - s["t0"], sock.bytes - sent, dict(
+                    reply_ms=s["reply"], draw_ms=s["draw"], ws=s["ws"], regions=s["regions"], panes=s["panes"],
+                    changed=view.evaluate(_CONTENT) != before)
         if time.monotonic() - began > timeout_s:
             raise RuntimeError(f"no DOM change settled within {timeout_s} s (state {s})")
 
@@ -125,6 +181,16 @@ def _select(view, label):
     return box.locator("select")
 
 
+def _click(page, point):
+    """A click at `point` whose pointer first arrives there (`prepare`, not timed): the hover label a person sees
+    on the way to a click is not part of the click's latency; what the click changes afterwards is."""
+    def go():
+        page.mouse.down()
+        page.mouse.up()
+    go.prepare = lambda: page.mouse.move(*point)
+    return go
+
+
 def actions(page, view, name: str):
     """(action name, list of callables) pairs for one view: each callable performs one user input."""
     out = []
@@ -136,11 +202,7 @@ def actions(page, view, name: str):
         points = [(box["x"] + box["width"] * (0.1 if "compare" in name else 0.3),
                    box["y"] + box["height"] * f) for f in (0.2, 0.45, 0.7, 0.9, 0.35, 0.6)]
 
-        def click(p):
-            def go():
-                page.mouse.click(*p)
-            return go
-        out.append(("query pick (map click)", [click(p) for p in points]))
+        out.append(("query pick (map click)", [_click(page, p) for p in points]))
         handle = _slider_handle(page, view, "query")
 
         def key(k):
@@ -171,7 +233,7 @@ def actions(page, view, name: str):
         box = grid.bounding_box()
         cells = [(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
                  for fx, fy in ((0.1, 0.1), (0.4, 0.1), (0.65, 0.5), (0.9, 0.9), (0.4, 0.6), (0.1, 0.9))]
-        out.append(("grid cell click", [lambda p=p: page.mouse.click(*p) for p in cells]))
+        out.append(("grid cell click", [_click(page, p) for p in cells]))
         layer = _select(view, "layer")
         labels = layer.locator("option").all_inner_texts()
         out.append(("layer change", [lambda v=v: layer.select_option(label=v) for v in labels[1:] + labels[:1]]))
@@ -189,7 +251,17 @@ def _median(values):
     return round(statistics.median(values), 1) if values else None
 
 
-def run(tokens_list, repeat: int, quiet_ms: int, only: str | None) -> list[dict]:
+def _timeline(ms: float, part: dict) -> str:
+    """One interaction as text: websocket frames, figure messages (received→drawn) and the last DOM change of
+    each region of the view, in ms after the input event."""
+    ws = " ".join(f"{d}{t}:{n // 1024 if n >= 1024 else n}{'K' if n >= 1024 else 'B'}" for t, d, n in part["ws"])
+    panes = " ".join(f"{k}{a}→{b}" for a, b, k in part["panes"])
+    regions = " ".join(f"{k}@{t}" for k, t in sorted(part["regions"].items(), key=lambda kv: kv[1]))
+    return f"    {ms:6.0f} ms | ws {ws} | panes {panes} | last change {regions}"
+
+
+def run(tokens_list, repeat: int, quiet_ms: int, only: str | None, timeline: bool = False,
+        actions_only: str | None = None) -> list[dict]:
     from playwright.sync_api import sync_playwright
 
     records = []
@@ -205,6 +277,7 @@ def run(tokens_list, repeat: int, quiet_ms: int, only: str | None) -> list[dict]
             try:
                 for tokens in tokens_list:
                     page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                    page.add_init_script(_WS_HOOK)
                     sock = Socket(page)
                     open_and_run(page, base, token, f"bench_{tokens}.ipynb")
                     errors = cell_errors(page)
@@ -219,12 +292,17 @@ def run(tokens_list, repeat: int, quiet_ms: int, only: str | None) -> list[dict]
                         view.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=60_000)
                         page.mouse.move(2, 2)
                         for action, steps in actions(page, view, name):
-                            ms, sizes, parts = [], [], []
+                            if actions_only and actions_only not in action:
+                                continue
+                            ms, sizes, parts, times = [], [], [], []
+                            if hasattr(steps[0], "prepare"):
+                                steps[0].prepare()
                             steps[0]()  # warm-up (first use of a code path), not counted
                             time.sleep(quiet_ms / 1e3 + 0.5)
                             for r in range(repeat):
                                 t, nbytes, part = measure(page, sock, view, steps[(r + 1) % len(steps)], quiet_ms)
                                 ms.append(t)
+                                times.append(t)
                                 parts.append(part)
                                 sizes.append(nbytes)
                             ms.sort()
@@ -233,11 +311,17 @@ def run(tokens_list, repeat: int, quiet_ms: int, only: str | None) -> list[dict]
                                        p95_ms=round(ms[min(len(ms) - 1, int(round(0.95 * (len(ms) - 1))))], 1),
                                        max_ms=round(ms[-1], 1), bytes_sent=int(statistics.median(sizes)),
                                        reply_median_ms=_median([p["reply_ms"] for p in parts]),
-                                       draw_median_ms=_median([p["draw_ms"] for p in parts]))
+                                       draw_median_ms=_median([p["draw_ms"] for p in parts]),
+                                       unchanged=sum(not p["changed"] for p in parts))
                             records.append(rec)
                             print(f"{name:26s} {action:26s} {tokens:>7,} tokens: median {rec['median_ms']:7.1f} ms"
                                   f"  p95 {rec['p95_ms']:7.1f} ms  {rec['bytes_sent']:>9,} B  (reply {rec['reply_median_ms']} ms,"
-                                  f" draw {rec['draw_median_ms']} ms)", flush=True)
+                                  f" draw {rec['draw_median_ms']} ms)"
+                                  + (f"  WARNING: {rec['unchanged']} interactions changed nothing" if rec["unchanged"]
+                                     else ""), flush=True)
+                            if timeline:
+                                for t, part in zip(times, parts):
+                                    print(_timeline(t, part), flush=True)
                     page.close()
             finally:
                 browser.close()
@@ -250,10 +334,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=12)
     parser.add_argument("--quiet", type=int, default=600, help="ms without DOM change or websocket frame")
     parser.add_argument("--only", default=None, help="only views whose name contains this")
+    parser.add_argument("--action", default=None, help="only actions whose name contains this")
+    parser.add_argument("--timeline", action="store_true",
+                        help="print each interaction's websocket frames, figure draws and last change per region")
     parser.add_argument("--json", default=str(ROOT / "bench" / "browser_latency.json"))
     args = parser.parse_args()
     began = time.time()
-    records = run(args.tokens, args.repeat, args.quiet, args.only)
+    records = run(args.tokens, args.repeat, args.quiet, args.only, args.timeline, args.action)
     meta = dict(machine=platform.machine(), cpus=os.cpu_count(), python=platform.python_version(),
                 load_avg_before_after=os.getloadavg(), wall_s=round(time.time() - began, 1),
                 started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(began)))

@@ -141,6 +141,15 @@ class View:
         """HTML panels shown under the figures (tables, text); a fixed number per view. Default: none."""
         return []
 
+    def panel_css(self) -> str:
+        """CSS the text panels need (loaded once by the live view; exports carry it inside the panels)."""
+        return ""
+
+    def _widget_panels_html(self) -> list[str]:
+        """The panels as the live view shows them (default: `panels_html()`; a view may leave out styles that
+        `panel_css` loads once)."""
+        return self.panels_html()
+
     def _build_extras(self) -> list:
         """Widgets shown between the figures and the panels (e.g. the document pane); they keep themselves in
         sync (subscribe to the controller). Default: none."""
@@ -273,16 +282,20 @@ class _WidgetView:
         for pane, fig in zip(self.figure_widgets, figs):
             sync_figure(pane, fig)
         self.status = w.HTML(controller._status_html())
-        self.panels = [w.HTML(text) for text in controller.panels_html()]
+        self.panels = [w.HTML(text) for text in controller._widget_panels_html()]
         self.controls = controller._build_controls()
         self.extras = controller._build_extras()
         controller._wire_figures(self.figure_widgets)
+        css = controller.panel_css()
+        style = [w.HTML(f"<style>{css}</style>", layout=w.Layout(display="none"))] if css else []
         children = (([self.controls] if self.controls is not None else []) + self.figure_widgets + self.extras
-                    + self.panels + [self.status])
+                    + self.panels + [self.status] + style)
         self.root = w.VBox(children, layout=w.Layout(width="100%"))
         self.root.add_class("sl-view")
         self.root.add_class("sl-" + type(controller).__name__.lower())
-        controller.subscribe(self.refresh)
+        # the figures first: their messages reach the browser (whose drawing takes longest) while the controls
+        # and extras are still being synchronised in the kernel
+        controller._listeners.insert(0, self.refresh)
 
     def refresh(self) -> None:
         began = time.perf_counter()
@@ -292,7 +305,7 @@ class _WidgetView:
         replaced = [sync_figure(widget, fig) for widget, fig in zip(self.figure_widgets, figs)]
         if any(replaced):
             self.controller._wire_figures(self.figure_widgets)
-        for panel, text in zip(self.panels, self.controller.panels_html()):
+        for panel, text in zip(self.panels, self.controller._widget_panels_html()):
             panel.value = text
         self.status.value = self.controller._status_html()
         self.controller.last_redraw_s = time.perf_counter() - began

@@ -6,9 +6,11 @@ warning) and re-sends unchanged heavy traces. Here:
 
 * plotly.js travels once per kernel session, in one shared `_PlotlyLib` model that every pane references;
 * the figure travels as JSON with numpy arrays base64-encoded (plotly.js typed-array spec, NaN-safe);
-* on every `show(fig)` the pane compares each trace and the layout with what it sent last (Python side, by
-  their serialised text — or by `uid` alone when a view sets one, without serialising) and sends only what
-  changed; the front end applies it with `Plotly.react`, which keeps unchanged traces as they are;
+* on every `show(fig)` the pane compares each trace and each top-level layout key with what it sent last
+  (Python side, by their serialised text — or a trace by `uid` alone when a view sets one, without
+  serialising) and sends only what changed; the front end applies a layout-only change with
+  `Plotly.relayout` of the changed keys (shapes, images, title: no trace is recalculated) and a trace change
+  with `Plotly.react`, which keeps unchanged traces as they are;
 * nothing heavy lives in synced traits: a view that (re)renders asks for the full figure with a message, so
   saved widget state stays small.
 
@@ -50,7 +52,7 @@ function render({ model, el }) {
   const box = document.createElement("div");
   box.className = "sl-pane";
   el.appendChild(box);
-  let data = null, layout = null, layoutKeys = {}, queue = Promise.resolve(), alive = true;
+  let data = null, layout = null, queue = Promise.resolve(), alive = true;
   const config = {displaylogo: false, responsive: true};
   const draw = (Plotly) => Plotly.react(box, data.slice(), layout, config);
   const trace = (what) => {  // a short event log for debugging in the browser console
@@ -68,8 +70,6 @@ function render({ model, el }) {
       if (msg.type === "full") {
         data = msg.data.map((t) => JSON.parse(t));
         layout = JSON.parse(msg.layout);
-        layoutKeys = {};
-        for (const [k, v] of Object.entries(layout)) layoutKeys[k] = JSON.stringify(v);
         await draw(Plotly);
         if (!box.__slWired) {
           box.__slWired = true;
@@ -94,8 +94,10 @@ function render({ model, el }) {
             const info = box._fullLayout && box._fullLayout._plots[drag.getAttribute("data-subplot")];
             if (!info) return;
             const r = drag.getBoundingClientRect();
+            // data coordinates; on a category axis, the category's index (p2d would give its name)
+            const at = (ax, px) => { const d = ax.p2d(px); return typeof d === "number" ? d : ax.p2l(px); };
             model.send({type: "areaclick", subplot: drag.getAttribute("data-subplot"),
-                        x: info.xaxis.p2d(x0 - r.left), y: info.yaxis.p2d(y0 - r.top)});
+                        x: at(info.xaxis, x0 - r.left), y: at(info.yaxis, y0 - r.top)});
           };
           window.addEventListener("pointerup", up, true);
           box.__slUp = up;
@@ -103,21 +105,16 @@ function render({ model, el }) {
       } else if (msg.type === "patch" && data !== null) {
         const changed = Object.entries(msg.traces);
         for (const [i, t] of changed) data[+i] = JSON.parse(t);
-        if (msg.layout) {
-          const next = JSON.parse(msg.layout), keys = {};
-          for (const [k, v] of Object.entries(next)) keys[k] = JSON.stringify(v);
-          if (changed.length === 0) {
-            // layout-only change (overlays are shapes): relayout just those keys, no recalculation of traces
-            const update = {};
-            for (const k of new Set([...Object.keys(layoutKeys), ...Object.keys(keys)]))
-              if (layoutKeys[k] !== keys[k]) update[k] = k in next ? next[k] : null;
-            layout = next; layoutKeys = keys;
-            await Plotly.relayout(box, update);
-          } else {
-            layout = next; layoutKeys = keys;
-            await draw(Plotly);
-          }
-        } else {
+        // only the top-level layout keys that changed travel (null: the key was removed)
+        const update = {};
+        for (const [k, v] of Object.entries(msg.layout || {})) {
+          if (v === null) { delete layout[k]; update[k] = null; }
+          else { layout[k] = JSON.parse(v); update[k] = layout[k]; }
+        }
+        if (changed.length === 0 && Object.keys(update).length) {
+          // layout-only change (overlays are shapes, maps are layout images): no recalculation of traces
+          await Plotly.relayout(box, update);
+        } else if (changed.length) {
           await draw(Plotly);
         }
       }
@@ -203,7 +200,7 @@ class FigurePane(anywidget.AnyWidget):
     def __init__(self, fig: go.Figure | None = None, **kwargs):
         super().__init__(lib=_lib(), **kwargs)
         self._traces: list[tuple[str, str | None, str]] = []  # (type, uid, json) of what the front end holds
-        self._layout_json = ""
+        self._layout_parts: dict[str, str] = {}  # top-level layout key -> its JSON, as the front end holds it
         self._rev = 0
         self.figure: go.Figure | None = None
         self._clicks: dict[int, list[Callable]] = {}
@@ -233,9 +230,10 @@ class FigurePane(anywidget.AnyWidget):
         layout_props = fig.layout.to_plotly_json()
         if default_width is not None and layout_props.get("width") is None:
             layout_props["width"] = default_width
-        layout = to_json_plotly(layout_props)
-        layout_changed = layout != self._layout_json
-        self._traces, self._layout_json = new_traces, layout
+        parts = {k: to_json_plotly(v) for k, v in layout_props.items()}
+        layout_changed = {k: v for k, v in parts.items() if self._layout_parts.get(k) != v}
+        layout_changed.update({k: None for k in self._layout_parts if k not in parts})
+        self._traces, self._layout_parts = new_traces, parts
         if replace:
             self.data = [_TraceHandle(self, i, t) for i, t in enumerate(types)]
             self._clicks.clear()
@@ -243,17 +241,19 @@ class FigurePane(anywidget.AnyWidget):
                 self._send_full()
         elif self._synced and (changed or layout_changed):
             self._rev += 1
-            msg = dict(type="patch", traces={str(i): t for i, t in changed.items()},
-                       layout=layout if layout_changed else None, rev=self._rev)
-            self.bytes_sent += sum(len(t) for t in changed.values()) + (len(layout) if layout_changed else 0)
+            msg = dict(type="patch", traces={str(i): t for i, t in changed.items()}, layout=layout_changed,
+                       rev=self._rev)
+            self.bytes_sent += sum(len(t) for t in changed.values()) + sum(
+                len(k) + len(v or "") for k, v in layout_changed.items())
             self.send(msg)
         return replace
 
     def _send_full(self) -> None:
         self._rev += 1
         data = [t for _, _, t in self._traces]
-        self.bytes_sent += sum(len(t) for t in data) + len(self._layout_json)
-        self.send(dict(type="full", data=data, layout=self._layout_json, rev=self._rev))
+        layout = "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in self._layout_parts.items()) + "}"
+        self.bytes_sent += sum(len(t) for t in data) + len(layout)
+        self.send(dict(type="full", data=data, layout=layout, rev=self._rev))
 
     # ------------------------------------------------------------------ browser → Python
     def _on_msg(self, _widget, content, _buffers) -> None:

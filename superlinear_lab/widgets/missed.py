@@ -29,6 +29,7 @@ from superlinear_lab.trace import RoutingTrace, branch_weights, capture_routing,
 
 from ._aggregate import snippet
 from ._base import COLORS, View, ViewError, base_layout, with_model
+from .document import _CSS as _DOCUMENT_CSS
 from .stripes import stripe_geometry
 
 
@@ -541,9 +542,10 @@ class MissedSpanDebugger(View):
         e, q = self.cases[c]
         return f"{self.evidence[e].label} · q {q:,}"
 
-    def panels_html(self) -> list[str]:
+    def panels_html(self, style: bool = True) -> list[str]:
         """One panel: the explanation (wrapping, never clipped), every covering stripe, the chosen branches, and —
-        with a model — the read diagnosis and the try-it result."""
+        with a model — the read diagnosis and the try-it result. `style=False` leaves out the text's `<style>`
+        (the live view loads it once, `panel_css`, instead of restyling the page on every click)."""
         x = self.explain()
         ev = x["evidence"]
         tokens = self.trace.tokens
@@ -590,16 +592,22 @@ class MissedSpanDebugger(View):
                             rows) if rows else "<i>no span chosen (window only)</i>")
         if self.model is not None and self.answer_ids is not None:
             parts.append(self._read_html())
-        parts.append(self._document_html(x))
+        parts.append(self._document_html(x, style))
         return ["<div class='sl-explain' style='white-space:normal;overflow-wrap:anywhere;max-width:100%'>"
                 + "".join(parts) + "</div>"]
 
-    def _document_html(self, x: dict) -> str:
+    def panel_css(self) -> str:
+        return _DOCUMENT_CSS
+
+    def _widget_panels_html(self) -> list[str]:
+        return self.panels_html(style=False)
+
+    def _document_html(self, x: dict, style: bool = True) -> str:
         """The text around the query, the evidence and the selected head's chosen spans, highlighted (the document
         pane's rendering, as static HTML with its style, so it also shows in exports and reports)."""
         if not self.trace.tokens:
             return ""
-        from .document import _CSS, Document
+        from .document import Document
 
         if self._document is None:
             self._document = Document(self.trace.tokens)
@@ -609,7 +617,8 @@ class MissedSpanDebugger(View):
         body = self._document.render(query=x["query"], window=(lo, hi) if lo >= 0 else None,
                                      spans=[(c["qstart"], c["qend"]) for c in x["chosen"]],
                                      evidence=[(ev.start, ev.end)], context=60, max_tokens=600)
-        return f"<style>{_CSS}</style><p><b>The text</b></p><div class='sl-document'>{body}</div>"
+        return (f"<style>{_DOCUMENT_CSS}</style>" if style else "") + (
+            f"<p><b>The text</b></p><div class='sl-document'>{body}</div>")
 
     def _read_html(self) -> str:
         r = self.read()
@@ -647,13 +656,15 @@ class MissedSpanDebugger(View):
                                   height=110 + 32 * len(ylabels), showlegend=False)
         grid_layout.update(margin=dict(l=230, r=20, t=50, b=40), xaxis=dict(title=dict(text="head"), dtick=1),
                            yaxis=dict(autorange="reversed"))
+        # the heatmap never changes (same uid: not resent); the selected cell is a layout shape, so a click is a
+        # relayout of one rectangle in the browser, not a redraw of the grid
+        grid_layout["shapes"] = [dict(type="rect", xref="x", yref="y", x0=self.head - 0.5, x1=self.head + 0.5,
+                                      y0=row - 0.5, y1=row + 0.5, line=dict(color="black", width=3))]
         grid = go.Figure(dict(data=[
             dict(type="heatmap", z=z.tolist(), x=list(range(heads)), y=ylabels, zmin=0, zmax=1, xgap=2, ygap=2,
                  colorscale=[[0, COLORS["miss"]], [1e-9, "#c7e9c0"], [1, COLORS["anchor"]]], showscale=False,
                  texttemplate="%{z:.0%}", uid=f"missedgrid{n_cases}x{n_layers}x{heads}",
-                 hovertemplate="%{y} · head %{x}<br>evidence attended: %{z:.0%}<extra></extra>"),
-            dict(type="scatter", x=[self.head], y=[ylabels[row]], mode="markers", hoverinfo="skip",
-                 marker=dict(symbol="square-open", size=28, color="black", line=dict(width=3)))],
+                 hovertemplate="%{y} · head %{x}<br>evidence attended: %{z:.0%}<extra></extra>")],
             layout=grid_layout))
 
         x = self.explain()
@@ -701,20 +712,21 @@ class MissedSpanDebugger(View):
         return [grid, go.Figure(dict(data=data, layout=layout))]
 
     def _wire_figures(self, widgets) -> None:
+        # a click anywhere in a grid cell selects it (sent on pointer-up, before plotly's own click handling)
+        widgets[0].on_area_click(lambda subplot, x, y: self.click_cell(x, y) if subplot == "xy" else None)
+
+    def click_cell(self, x: float, y: float) -> bool:
+        """A click on the grid at data coordinates (x = head, y = row index of the category axis): select that
+        (evidence, query, layer, head)."""
         n_layers = len(self.trace.layers)
-
-        def on_click(trace, points, state):
-            if points.point_inds:
-                row = points.point_inds[0][0] if isinstance(points.point_inds[0], (list, tuple)) else None
-                label = points.ys[0]
-                labels = [f"{self._case_label(c)} · L{layer}" for c in range(len(self.cases))
-                          for layer in self.trace.layers]
-                row = labels.index(label) if row is None else row
-                c, r = divmod(row, n_layers)
-                e, q = self.cases[c]
-                self.select(evidence=e, query=q, layer=self.trace.layers[r], head=int(points.xs[0]))
-
-        widgets[0].data[0].on_click(on_click)
+        row, head = int(round(y)), int(round(x))
+        if not 0 <= row < len(self.cases) * n_layers:
+            def refuse():
+                raise ViewError(f"grid row {row} (y={y!r}): expected 0 … {len(self.cases) * n_layers - 1}")
+            return self._act(refuse)
+        c, r = divmod(row, n_layers)
+        e, q = self.cases[c]
+        return self.select(evidence=e, query=q, layer=self.trace.layers[r], head=head)
 
     def _build_controls(self):
         import ipywidgets as w

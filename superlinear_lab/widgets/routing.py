@@ -4,8 +4,10 @@ marked, the gate weights and the text around each chosen span. Compare mode puts
 model vs oracle) side by side and highlights where they chose differently.
 
 The map is aggregated in Python (`_aggregate.interval_mass`): at most `max_bins` bins per axis reach the
-browser, exact for short inputs (one bin per position) and exact bin masses for long ones. The map of a
-(layer, head, weighting) is cached, so picking another query only redraws the overlay and the detail figure.
+browser, exact for short inputs (one bin per position) and exact bin masses for long ones. It reaches the
+browser as PNG layout images (and the picked query as layout shapes) over traces that never change with the
+layer or head: picking a query, a head or a layer is a relayout in the browser, not a redraw of every trace.
+The images of every (layer, head) are cached, and built in the background after the first view.
 """
 from __future__ import annotations
 
@@ -92,16 +94,32 @@ _SPAN_STOPS = [(0.0, "#fde0c5"), (0.3, "#f8a45e"), (1.0, "#b3470c")]
 _DIFF_STOPS = [(0.0, "#2166ac"), (0.5, "#f7f7f7"), (1.0, "#b2182b")]  # blue: only B … red: only A
 
 
-def _image(values: np.ndarray, m: "RoutingMap", vmin: float, vmax: float, stops, axes: tuple[str, str],
-           hovertemplate: str) -> dict:
-    """An image trace drawing `values` [R, C] over the map's bins (near-equal bins: pixel centres at the bin
-    centres of an even grid), NaN transparent."""
-    rows, cols = values.shape
-    dx = m.key_edges[-1] / cols
-    dy = (m.query_edges[-1] - m.query_edges[0]) / rows
-    return dict(type="image", source=png_data_uri(colorize(values, vmin, vmax, stops)), x0=dx / 2 - 0.5, dx=dx,
-                y0=m.query_edges[0] + dy / 2 - 0.5, dy=dy, xaxis=axes[0], yaxis=axes[1],
-                hovertemplate=hovertemplate, name="map")
+def _map_image(rgba: np.ndarray, length: int, axes: tuple[str, str]) -> dict:
+    """A layout image of the map pixels `rgba` [R, C, 4] stretched over positions [−0.5, length − 0.5] on both axes
+    of a map panel (near-equal bins: pixel r, c covers bin r, c). A layout image, not an image trace: swapping it
+    is a relayout (a few ms in the browser) where an image trace makes plotly recalculate and redraw every trace."""
+    return dict(source=png_data_uri(rgba), xref=axes[0], yref=axes[1], x=-0.5, y=-0.5, sizex=length, sizey=length,
+                xanchor="left", yanchor="top", sizing="stretch", layer="above")
+
+
+def _strip_image(values: np.ndarray, length: int, axes: tuple[str, str]) -> dict:
+    """A one-row layout image (key use per key bin, grey) over the strip panel on `axes`."""
+    top = float(np.max(values)) if len(values) and np.isfinite(values).any() else 0.0
+    rgba = colorize(values[None, :], 0.0, max(top, 1e-12), [(0.0, "#ffffff"), (1.0, "#000000")])
+    return dict(source=png_data_uri(rgba), xref=axes[0], yref=axes[1] + " domain", x=-0.5, y=1, sizex=length,
+                sizey=1, xanchor="left", yanchor="top", sizing="stretch", layer="above")
+
+
+def _paint_anchors(rgba: np.ndarray, m: "RoutingMap", queries: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+    """`rgba` with the pixel of each (query, anchor) pair (anchors [n, K], −1 = none) painted in the anchor
+    colour."""
+    rows = np.searchsorted(m.query_edges, queries, side="right") - 1
+    ok = anchors >= 0
+    cols = np.searchsorted(m.key_edges, anchors[ok], side="right") - 1
+    rr = np.repeat(rows, anchors.shape[1])[ok.ravel()]
+    out = rgba.copy()
+    out[rr, cols] = [int(COLORS["anchor"][i:i + 2], 16) for i in (1, 3, 5)] + [255]
+    return out
 
 
 def _centres(edges: np.ndarray) -> np.ndarray:
@@ -165,46 +183,62 @@ class RoutingExplorer(View):
         shown = [int(q) for q in profiled.tolist() if int(q) in recorded]  # a profile of a recorded query
         self.query = shown[-1] if shown else int(trace.queries[-1])
         self._maps: dict[tuple, RoutingMap] = {}
-        self._map_key: tuple | None = None
         self._agreement: dict[tuple, float] = {}
-        self._map_fig: go.Figure | None = None
-        self._map_bands: list[dict] = []
+        self._map_fig: go.Figure | None = None  # the map's traces (hover layers, colour bar, legend): per frame
+        self._frame_key: tuple | None = None
+        self._shown: dict | None = None  # the content the map figure holds now
+        self._contents: dict[tuple, dict] = {}  # (layer, head, weight, bins) -> the map's images, bands, title
+        self._bands: dict[tuple, dict] = {}  # (A|B, layer) -> the window band shape
+        self._prefetching: tuple | None = None
 
     # ------------------------------------------------------------------ derived state
     @property
     def heads(self) -> int:
         return self.trace.layer(self.layer).heads
 
-    def routing_map(self, which: str = "A") -> RoutingMap:
-        """The cached aggregated map of the current (layer, head, weight) for trace A or B."""
+    def routing_map(self, which: str = "A", layer: int | None = None, head: int | None = None) -> RoutingMap:
+        """The cached aggregated map of (layer, head) (default: the current ones) at the current weight and bins,
+        for trace A or B."""
         trace = self.trace if which == "A" else self.compare
-        key = (which, self.layer, self.head, self.weight, self.max_bins)
+        layer = self.layer if layer is None else layer
+        head = self.head if head is None else head
+        key = (which, layer, head, self.weight, self.max_bins)
         if key not in self._maps:
-            self._maps[key] = routing_map(trace, self.layer, self.head, self.max_bins, self.weight)
+            self._maps[key] = routing_map(trace, layer, head, self.max_bins, self.weight)
         return self._maps[key]
 
+    def _layers(self) -> list[int]:
+        """The layers the view can show (in compare mode: those both traces recorded)."""
+        return [i for i in self.trace.layers if self.compare is None or i in self.compare.layers]
+
     def _schedule_prefetch(self) -> None:
-        """In a kernel, aggregate the other heads' maps of this layer while the user looks (one per idle slot of
-        the kernel's event loop, never concurrently with an action), so a head change only builds its figure."""
+        """In a kernel, build the map content (images, bands, title) of every (layer, head) for the current weight
+        and bins while the user looks — current layer first, one per idle slot of the kernel's event loop, never
+        concurrently with an action — so a head or layer change only sends it (a relayout in the browser)."""
         import asyncio
 
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            return  # no event loop (scripts, tests): maps are computed on demand
-        sides = ("A", "B") if self.compare is not None else ("A",)
-        todo = [(w, self.layer, h, self.weight, self.max_bins) for h in range(self.heads) for w in sides]
+            return  # no event loop (scripts, tests): content is built on demand
+        frame = (self.weight, self.max_bins)
+        if self._prefetching == frame:
+            return
+        self._prefetching = frame
+        layers = [self.layer] + [i for i in self._layers() if i != self.layer]
+        todo = [(layer, h) for layer in layers for h in range(self.trace.layer(layer).heads)]
 
         def step():
+            if self._prefetching != frame:
+                return  # weight or bins changed: a newer prefetch runs
             while todo:
-                key = todo.pop(0)
-                if key not in self._maps:
-                    trace = self.trace if key[0] == "A" else self.compare
-                    self._maps[key] = routing_map(trace, *key[1:3], key[4], key[3])
+                layer, head = todo.pop(0)
+                if (layer, head, *frame) not in self._contents:
+                    self._map_content(layer, head)
                     break
             if todo:
-                loop.call_later(0.2, step)
-        loop.call_later(0.5, step)
+                loop.call_later(0.05, step)
+        loop.call_later(0.3, step)
 
     def chosen(self, which: str = "A") -> list[dict]:
         """The K slots of the current (layer, head, query) in trace A or B, best score first (invalid skipped)."""
@@ -437,46 +471,54 @@ class RoutingExplorer(View):
         return [f"<div class='sl-spans'>{title}{table}</div>"]
 
     # ------------------------------------------------------------------ figures
-    def _map_panel(self, m: RoutingMap, which: str, axes: tuple[str, str], first: bool) -> list[dict]:
-        """One map panel: the chosen-span heatmap and a sample of anchors (trace dicts on `axes`); the sliding
-        window is a band shape (`_window_band`), so the heavy traces are drawn once per (layer, head, weight)."""
-        x, y = _centres(m.key_edges), _centres(m.query_edges)
-        unit = "spans per key" if self.weight == "count" else "gate mass"
-        zmax = float(self.trace.layer(self.layer).num_spans) if self.weight == "count" else 1.0
-        xa, ya = axes
-        # The map is one PNG image (drawn by the browser in a few ms, where a 240×240 heatmap takes hundreds),
-        # empty cells transparent so the window band shows through; hover gives the position, clicks pick.
-        heat = _image(np.where(m.spans > 0, m.spans, np.nan), m, 0.0, zmax, _SPAN_STOPS, axes,
-                      f"keys ≈ %{{x:.0f}} · queries ≈ %{{y:.0f}}<extra>{which}</extra>")
-        if first:  # the image has no colour bar: an invisible marker carries it
-            heat = [heat, dict(type="scatter", x=[None], y=[None], mode="markers", showlegend=False,
-                               hoverinfo="skip", xaxis=xa, yaxis=ya, name=unit,
-                               marker=dict(color=[0, zmax], cmin=0, cmax=zmax, showscale=True, size=0,
-                                           colorscale=[[f, c] for f, c in _SPAN_STOPS],
-                                           colorbar=dict(title=dict(text=unit, side="right"), thickness=10,
-                                                         len=0.6, y=0.6)))]
-        else:
-            heat = [heat]
+    def _map_pixels(self, which: str, layer: int, head: int) -> np.ndarray:
+        """uint8 RGBA [R, C, 4] of one map panel: the chosen-span mass in orange (empty cells transparent, so the
+        window band shows through) and a sample of the anchors (≤ 120 queries × K) as green pixels."""
+        m = self.routing_map(which, layer, head)
+        zmax = float(self.trace.layer(layer).num_spans) if self.weight == "count" else 1.0
+        rgba = colorize(np.where(m.spans > 0, m.spans, np.nan), 0.0, zmax, _SPAN_STOPS)
         trace = self.trace if which == "A" else self.compare
-        rec = trace.layer(self.layer)
         queries = trace.queries.numpy()
         pick = np.unique(np.linspace(0, len(queries) - 1, min(len(queries), 120)).astype(int))
-        anchors = rec.qanchor[self.head].numpy()[pick]
-        qq = np.repeat(queries[pick], anchors.shape[1])
-        aa = anchors.ravel()
-        ok = aa >= 0
-        text = [f"anchor {a:,} ← query {q:,}" + (f"<br>{html.escape(snippet(self.tokens, a - 16, a, 24))}"
-                                                if self.tokens else "")
-                for a, q in zip(aa[ok].tolist(), qq[ok].tolist())]
-        dots = dict(type="scatter", x=aa[ok].astype(np.int32), y=qq[ok].astype(np.int32), mode="markers",
-                    name="anchors (sample)", marker=dict(color=COLORS["anchor"], size=3), showlegend=first,
-                    hovertext=text, hoverinfo="text", xaxis=xa, yaxis=ya)
-        return heat + [dots]
+        return _paint_anchors(rgba, m, queries[pick], trace.layer(layer).qanchor[head].numpy()[pick])
 
-    def _window_band(self, which: str, axis: str) -> dict:
+    def _map_content(self, layer: int, head: int) -> dict:
+        """What the map shows of (layer, head) at the current weight and bins — its images (panels and key-use
+        strips), window bands and title — cached (and prefetched in a kernel: `_schedule_prefetch`)."""
+        key = (layer, head, self.weight, self.max_bins)
+        if key in self._contents:
+            return self._contents[key]
+        rec = self.trace.layer(layer)
+        length = self.trace.length
+        m = self.routing_map("A", layer, head)
+        if self.compare is None:
+            images = [_map_image(self._map_pixels("A", layer, head), length, ("x", "y")),
+                      _strip_image(m.key_use, length, ("x2", "y2"))]
+            title = (f"{rec.name} · head {head}: keys each query attends — blue: window, orange: "
+                     f"top-{rec.num_spans} spans, green: anchors (sample), black/●: the picked query")
+        else:
+            mb = self.routing_map("B", layer, head)
+            a, b = self.labels
+            diff = m.spans - mb.spans
+            lim = max(float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 1.0, 1e-9)
+            diff_rgba = colorize(np.where(np.abs(diff) > 1e-9, diff, np.nan), -lim, lim, _DIFF_STOPS)
+            images = [_map_image(self._map_pixels("A", layer, head), length, ("x", "y")),
+                      _map_image(self._map_pixels("B", layer, head), length, ("x2", "y2")),
+                      _map_image(diff_rgba, length, ("x3", "y3"))]
+            images += [_strip_image(use, length, (f"x{i}", f"y{i}"))
+                       for i, use in ((4, m.key_use), (5, mb.key_use), (6, m.key_use))]
+            title = f"{rec.name} · head {head}: {a} vs {b} (red: only {a}, blue: only {b})"
+        bands = [self._window_band("A", "xy", layer)]
+        if self.compare is not None:
+            bands.append(self._window_band("B", "x2y2", layer))
+        content = dict(images=images, bands=[band for band in bands if band], title=title)
+        self._contents[key] = content
+        return content
+
+    def _window_band(self, which: str, axis: str, layer: int) -> dict:
         """The sliding window of every recorded query as one filled polygon in (key, query) coordinates."""
         trace = self.trace if which == "A" else self.compare
-        win = trace.layer(self.layer).window.numpy()
+        win = trace.layer(layer).window.numpy()
         queries = trace.queries.numpy()
         keep = win[:, 0] >= 0
         if not keep.any():
@@ -516,62 +558,75 @@ class RoutingExplorer(View):
                                    fillcolor=COLORS["anchor"], line=dict(color="black", width=1)))
         return shapes
 
-    def _key_strip(self, m: RoutingMap, axes: tuple[str, str]) -> dict:
-        """A one-row strip under the map: how much each key bin is used, hover = its text."""
+    def _hover_layers(self, m: RoutingMap, which: str, axes: tuple[str, str], strip_axes: tuple[str, str]
+                      ) -> list[dict]:
+        """Transparent traces that carry the hover labels of one panel — the position over the map, the text of
+        each key bin over the strip — and never change with the layer or head (the colours are layout images)."""
+        zero = np.zeros((len(m.query_edges) - 1, len(m.key_edges) - 1), dtype=np.uint8)
+        clear = [[0, _TRANSPARENT], [1, _TRANSPARENT]]
         text = [f"keys {a:,}–{b - 1:,}: {html.escape(snippet(self.tokens, a, b - 1, 48))}" if self.tokens
                 else f"keys {a:,}–{b - 1:,}" for a, b in zip(m.key_edges[:-1], m.key_edges[1:])]
-        return dict(type="heatmap", x=_centres(m.key_edges), y=[0], z=[m.key_use], colorscale="Greys",
-                    showscale=False, name="key use", hovertext=[text], hoverinfo="text", xaxis=axes[0],
-                    yaxis=axes[1])
+        return [dict(type="heatmap", x=_centres(m.key_edges), y=_centres(m.query_edges), z=zero, colorscale=clear,
+                     showscale=False, name=which, xaxis=axes[0], yaxis=axes[1],
+                     hovertemplate=f"keys ≈ %{{x:.0f}} · queries ≈ %{{y:.0f}}<extra>{html.escape(which)}</extra>"),
+                dict(type="heatmap", x=_centres(m.key_edges), y=[0], z=zero[:1], colorscale=clear, showscale=False,
+                     name="key use", hovertext=[text], hoverinfo="text", xaxis=strip_axes[0], yaxis=strip_axes[1])]
 
     def figures(self) -> list[go.Figure]:
         return [self._map_figure(), self._detail_figure()]
 
     def _map_figure(self) -> go.Figure:
-        """The map, rebuilt only when (layer, head, weight, bins) change; the picked query is a shape overlay."""
-        key = (self.layer, self.head, self.weight, self.max_bins)
-        if self._map_key != key:
+        """The map: its traces (hover layers, colour bar, legend) are built once per (weight, bins, K); what the
+        layer and head change (images, window band, title) and the picked query (shapes) are layout, so the
+        browser swaps them with a relayout."""
+        rec = self.trace.layer(self.layer)
+        frame = (self.weight, self.max_bins, rec.num_spans)
+        if self._frame_key != frame:
             fig = self._build_map_figure()
             # plotly.js builds CSS selectors from uids: letters, digits, '-' and '_' only.
-            tag = re.sub(r"[^A-Za-z0-9_-]", "-", "map-" + "-".join(str(x) for x in key))
+            tag = re.sub(r"[^A-Za-z0-9_-]", "-", "map-" + "-".join(str(x) for x in frame))
             for i, t in enumerate(fig.data):
                 t.uid = f"{tag}-{i}"  # the pane skips traces whose uid it has sent (no re-serialisation)
-            bands = [self._window_band("A", "xy")]
-            if self.compare is not None:
-                bands.append(self._window_band("B", "x2y2"))
-            self._map_bands = [b for b in bands if b]
-            self._map_fig, self._map_key = fig, key
-            self._schedule_prefetch()
-        self._map_fig.layout.shapes = self._map_bands + self._overlay_shapes()
+            self._map_fig, self._frame_key, self._shown = fig, frame, None
+        content = self._map_content(self.layer, self.head)
+        layout = self._map_fig.layout
+        if self._shown is not content:  # assigned only when they change (plotly validates every assignment)
+            layout.images, layout.title.text, self._shown = content["images"], content["title"], content
+        layout.shapes = content["bands"] + self._overlay_shapes()
+        self._schedule_prefetch()
         return self._map_fig
 
     def _build_map_figure(self) -> go.Figure:
-        """The map panels (A; or A, B and A − B) over a key-use strip, built as one dict."""
+        """The map panels (A; or A, B and A − B) over a key-use strip, built as one dict (traces and axes only)."""
         m = self.routing_map("A")
         rec = self.trace.layer(self.layer)
         top, strip = [0.0886, 1.0], [0.0, 0.0686]  # row heights 0.93 / 0.07 with a 0.02 gap
         full_x = [-0.5, self.trace.length - 0.5]
         full_y = [self.trace.length - 0.5, -0.5]  # reversed; fixed, so shape overlays never trigger autorange
+        unit = "spans per key" if self.weight == "count" else "gate mass"
+        zmax = float(rec.num_spans) if self.weight == "count" else 1.0
+        # the image has no colour bar and the anchors are pixels: invisible markers carry both
+        data = [dict(type="scatter", x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
+                     name=unit, marker=dict(color=[0, zmax], cmin=0, cmax=zmax, showscale=True, size=0,
+                                            colorscale=[[f, c] for f, c in _SPAN_STOPS],
+                                            colorbar=dict(title=dict(text=unit, side="right"), thickness=10,
+                                                          len=0.6, y=0.6))),
+                dict(type="scatter", x=[None], y=[None], mode="markers", name="anchors (sample)",
+                     marker=dict(color=COLORS["anchor"], size=6, symbol="square"), hoverinfo="skip")]
         layout = {}
         if self.compare is None:
-            data = self._map_panel(m, "A", ("x", "y"), True) + [self._key_strip(m, ("x2", "y2"))]
+            data += self._hover_layers(m, "A", ("x", "y"), ("x2", "y2"))
             layout.update(xaxis=dict(domain=[0, 1], anchor="y", matches="x2", showticklabels=False),
                           yaxis=dict(domain=top, anchor="x", title=dict(text="query position")),
                           xaxis2=dict(domain=[0, 1], anchor="y2"), yaxis2=dict(domain=strip, anchor="x2"))
             strip_axes = ["2"]
-            title = (f"{rec.name} · head {self.head}: keys each query attends — blue: window, orange: "
-                     f"top-{rec.num_spans} spans, black/●: the picked query")
             height = 560
         else:
-            mb = self.routing_map("B")
             a, b = self.labels
             cols = [[0.0, 0.3067], [0.3467, 0.6533], [0.6933, 1.0]]
-            diff = m.spans - mb.spans
-            lim = max(float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 1.0, 1e-9)
-            data = (self._map_panel(m, "A", ("x", "y"), True) + self._map_panel(mb, "B", ("x2", "y2"), False)
-                    + [_image(np.where(np.abs(diff) > 1e-9, diff, np.nan), m, -lim, lim, _DIFF_STOPS, ("x3", "y3"),
-                              "keys ≈ %{x:.0f} · queries ≈ %{y:.0f}<extra>" + f"{a} − {b}</extra>")]
-                    + [self._key_strip(m, (f"x{i}", f"y{i}")) for i in (4, 5, 6)])
+            for i, name in ((1, a), (2, b), (3, f"{a} − {b}")):
+                n = "" if i == 1 else str(i)
+                data += self._hover_layers(m, name, (f"x{n}", f"y{n}"), (f"x{i + 3}", f"y{i + 3}"))
             for i, dom in enumerate(cols, start=1):
                 n, s_ = ("" if i == 1 else str(i)), str(i + 3)
                 layout[f"xaxis{n}"] = dict(domain=dom, anchor=f"y{n}", matches=f"x{s_}", showticklabels=False)
@@ -584,20 +639,19 @@ class RoutingExplorer(View):
                                           yanchor="bottom", showarrow=False, font=dict(size=13))
                                      for t, d in zip((a, b, f"{a} − {b}"), cols)]
             strip_axes = ["4", "5", "6"]
-            title = f"{rec.name} · head {self.head}: {a} vs {b} (red: only {a}, blue: only {b})"
             height = 520
         for name, axis in layout.items():
             if name.startswith("xaxis"):
                 axis.update(range=full_x, autorange=False, showgrid=False)
             elif name.startswith("yaxis") and name[5:] not in strip_axes:
-                # scaleanchor False: an image trace would otherwise force square pixels and widen the x range
+                # scaleanchor False: the images never force square pixels
                 axis.update(range=full_y, autorange=False, scaleanchor=False)
         for n in strip_axes:
-            layout[f"yaxis{n}"].update(showticklabels=False, showgrid=False)
+            layout[f"yaxis{n}"].update(showticklabels=False, showgrid=False, range=[-0.5, 0.5], autorange=False)
         middle = strip_axes[len(strip_axes) // 2]
         layout[f"xaxis{middle}"]["title"] = dict(
             text="key position · grey strip: how often each key is used (hover: its text)")
-        base = base_layout(title, height=height)
+        base = base_layout("", height=height)
         base.update(layout, legend=dict(orientation="h", yanchor="top", y=-0.08, x=0, xanchor="left"),
                     margin=dict(l=70, r=20, t=60, b=60), clickmode="event")
         return go.Figure(dict(data=data, layout=base))
