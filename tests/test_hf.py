@@ -1,6 +1,7 @@
-"""superlinear_lab.hf on tiny random transformers models built from configs (Llama, Qwen2, GPT-NeoX; nothing is
-downloaded): the window-only limit equals dense attention, the converted layer equals the oracle on the layer's own
-q/k/v, generate with the model's cache equals a full forward, padding, traces, attention patterns, bad input."""
+"""superlinear_lab.hf on tiny random transformers models built from configs (Llama, Qwen2, Mistral, GPT-NeoX; nothing
+is downloaded): the window-only limit equals dense attention, the converted layer equals the oracle on the layer's own
+q/k/v, generate with the model's cache (dynamic or static) equals a full forward, Mistral's and Qwen2's own sliding
+windows (replaced in converted layers, kept by dense ones), padding, traces, attention patterns, bad input."""
 from __future__ import annotations
 
 import math
@@ -29,8 +30,8 @@ def offline():
     mp.undo()
 
 
-def build(arch: str, seed: int = 0):
-    """A tiny random causal LM of `arch`, fp32, eval mode, sdpa attention."""
+def build(arch: str, seed: int = 0, sliding_window: int | None = None):
+    """A tiny random causal LM of `arch`, fp32, eval mode, sdpa attention (Mistral: with `sliding_window`)."""
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=512, attn_implementation="sdpa")
@@ -38,6 +39,9 @@ def build(arch: str, seed: int = 0):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **common))
     elif arch == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=1, **common))
+    elif arch == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(
+            num_key_value_heads=2, sliding_window=sliding_window, **common))
     elif arch == "neox":
         model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(rotary_pct=0.5, **common))
     else:
@@ -45,7 +49,7 @@ def build(arch: str, seed: int = 0):
     return model.eval()
 
 
-ARCHS = ["llama", "qwen2", "neox"]
+ARCHS = ["llama", "qwen2", "mistral", "neox"]
 
 
 def attn_modules(model):
@@ -211,6 +215,106 @@ def test_generate_with_cache_equals_full_forward(arch):
     assert out.sequences.shape[1] == 54  # crosses the window (15) and the first stripes
 
 
+@pytest.mark.parametrize("arch", ["llama", "neox"])
+def test_generate_with_static_cache_equals_full_forward(arch):
+    """transformers' StaticCache (``cache_implementation="static"``) hands every layer its whole buffer; the layer
+    attends over the filled prefix, so each step's logits equal a full forward (and the dynamic cache's tokens)."""
+    model = hf.convert(build(arch, seed=14), NARROW)
+    prompt = torch.randint(0, VOCAB, (1, 30))
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=20, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0, cache_implementation="static")
+        full = model(input_ids=out.sequences).logits
+        dynamic = model.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(torch.stack(out.logits, 1)[0], full[0, 29:-1], rtol=0, atol=5e-5)
+    assert torch.equal(out.sequences, dynamic)
+
+
+def test_static_cache_left_padded_batch_equals_single_rows():
+    model = hf.convert(build("llama", seed=15), NARROW)
+    a, b = torch.randint(1, VOCAB, (1, 30)), torch.randint(1, VOCAB, (1, 18))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 12, dtype=torch.long), b], 1)])
+    mask = (torch.arange(30)[None] >= torch.tensor([[0], [12]])).long()
+    with torch.no_grad():
+        both = model.generate(batch, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                              cache_implementation="static")
+        one_b = model.generate(b, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(both[1, 30:], one_b[0, 18:])
+
+
+# --------------------------------------------------------------------------- the model's own sliding window
+def test_mistral_sliding_window_is_replaced_in_converted_layers(tmp_path):
+    """A Mistral with sliding_window=8: converted layers attend with superlinear attention over the whole row (the
+    model's window is replaced: its masks and cache become full-length), dense layers and `dense(model)` keep the
+    window, and the choice survives save/load."""
+    original = build("mistral", seed=16, sliding_window=8)
+    model = hf.convert(build("mistral", seed=16, sliding_window=8), NARROW)
+    assert model.config.sliding_window is None and model.config.superlinear["sliding_windows"] == {"0": 8, "1": 8}
+    ids = torch.randint(0, VOCAB, (1, 40))  # 40 > 8: the model's window matters
+    with torch.no_grad():
+        want = original(input_ids=ids).logits
+        with hf.dense(model):  # the teacher of a retrofit is the original model, window included
+            torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+    for q, k, v, _, out in _capture_qkv(model, ids).values():  # no trace of the 8-key window in converted layers
+        oracle = superlinear_attention(q, q, k, v, torch.arange(40), NARROW, backend="oracle")
+        torch.testing.assert_close(out, oracle.transpose(1, 2), rtol=0, atol=1e-5)
+    # window-only limit: with every key inside superlinear's window, the converted model is the dense model
+    # WITHOUT its sliding window (superlinear's window replaced it)
+    wide = hf.convert(build("mistral", seed=16, sliding_window=8), WIDE)
+    no_window = build("mistral", seed=16, sliding_window=None)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(input_ids=ids).logits, no_window(input_ids=ids).logits, rtol=0, atol=2e-5)
+        assert (wide(input_ids=ids).logits - want).abs().max() > 1e-3
+    # partly converted: layer 0 stays dense with its window, layer 1 is superlinear
+    part = hf.convert(build("mistral", seed=16, sliding_window=8), NARROW, layers=[1])
+    with torch.no_grad():
+        h_part = part(input_ids=ids, output_hidden_states=True).hidden_states
+        h_orig = original(input_ids=ids, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(h_part[1], h_orig[1], rtol=0, atol=1e-6)
+        assert (h_part[2] - h_orig[2]).abs().max() > 1e-3
+        # generate with the model's (now full-length) cache equals a full forward, past both windows
+        out = part.generate(ids, max_new_tokens=12, do_sample=False, output_logits=True,
+                            return_dict_in_generate=True, pad_token_id=0)
+        torch.testing.assert_close(torch.stack(out.logits, 1)[0], part(input_ids=out.sequences).logits[0, 39:-1],
+                                   rtol=0, atol=5e-5)
+        hf.save_pretrained(part, tmp_path / "m")
+        loaded = hf.from_pretrained(tmp_path / "m").eval()
+        assert loaded.config.sliding_window is None
+        torch.testing.assert_close(loaded(input_ids=ids).logits, part(input_ids=ids).logits, rtol=0, atol=1e-6)
+
+
+def test_qwen2_sliding_layers_are_replaced_only_where_converted():
+    """Qwen2-style per-layer windows (layer_types): a converted sliding layer gets the full causal mask and cache,
+    a dense sliding layer keeps its window."""
+    def qwen(seed=17):
+        torch.manual_seed(seed)
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=1, max_position_embeddings=512, attn_implementation="sdpa", use_sliding_window=True,
+            sliding_window=8, max_window_layers=1)).eval()
+
+    original = qwen()
+    assert original.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    model = hf.convert(qwen(), NARROW, layers=[0, 1])
+    assert model.config.layer_types == ["full_attention", "full_attention", "sliding_attention"]
+    assert model.config.superlinear["sliding_windows"] == {"1": 8, "2": 8}
+    ids = torch.randint(0, VOCAB, (1, 40))
+    with torch.no_grad():
+        with hf.dense(model):
+            torch.testing.assert_close(model(input_ids=ids).logits, original(input_ids=ids).logits, rtol=0,
+                                       atol=1e-5)
+    got = _capture_qkv(model, ids)
+    q, k, v, _, out = got[1]
+    oracle = superlinear_attention(q, q, k, v, torch.arange(40), NARROW, backend="oracle")
+    torch.testing.assert_close(out, oracle.transpose(1, 2), rtol=0, atol=1e-5)
+    q, k, v, _, out = got[2]  # dense, window of 8 keys
+    pos = torch.arange(40)
+    allowed = (pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - 8)
+    w = torch.softmax((q @ k.repeat_interleave(4, 1).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+                      + torch.zeros(40, 40).masked_fill(~allowed, float("-inf")), -1)
+    torch.testing.assert_close(out, (w @ v.repeat_interleave(4, 1)).transpose(1, 2), rtol=0, atol=1e-5)
+
+
 def test_generate_left_padded_batch_equals_single_rows():
     model = hf.convert(build("llama", seed=6), NARROW)
     a, b = torch.randint(1, VOCAB, (1, 30)), torch.randint(1, VOCAB, (1, 18))
@@ -318,6 +422,13 @@ def test_unsupported_architectures_name_what_is_missing():
         hf.convert(model, NARROW)
     with pytest.raises(ValueError, match="q_proj"):
         hf.convert(build("neox"), NARROW, search_query="proj")
+
+
+def test_unsupported_layer_types_are_refused():
+    model = build("llama")
+    model.config.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(ValueError, match="chunked_attention"):
+        hf.convert(model, NARROW)
 
 
 def test_bad_arguments_are_refused():

@@ -80,21 +80,79 @@ class SearchQueryProjection(nn.Module):
 def register() -> None:
     """Add "superlinear" to transformers' attention implementations (idempotent).
 
-    Masks for it are built like sdpa's (4-D bool, or None for a plain causal prefill); dense layers of a partly
-    converted model run sdpa with them.
+    Masks for it are sdpa's (`superlinear_mask`); dense layers of a partly converted model run sdpa with them.
     """
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, superlinear_mask)
+
+
+def superlinear_mask(*args, **kwargs):
+    """transformers' sdpa mask (4-D bool [B, 1, L_Q, L_KV], or None for a plain causal call), except that None is
+    only accepted when the queries are the last L_Q of the L_KV keys (L_Q == L_KV, or one query). sdpa may skip
+    the mask of a static cache's first prefill (queries 0…L_Q-1 against a whole max_cache_len buffer, relying on
+    sdpa's upper-left causal alignment); superlinear layers read the query positions from the mask, so they get
+    one."""
+    import inspect
+
+    from transformers.masking_utils import sdpa_mask
+
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is None:
+        bound = inspect.signature(sdpa_mask).bind(*args, **kwargs).arguments
+        if bound["q_length"] not in (1, bound["kv_length"]):
+            kwargs = {**bound, **bound.get("kwargs", {}), "allow_is_causal_skip": False}
+            kwargs.pop("kwargs", None)
+            mask = sdpa_mask(**kwargs)
+    return mask
+
+
+def replaced_windows(config) -> dict[int, int]:
+    """{layer index: W} of the model's own sliding windows that `convert` took out of the model's masks (see
+    `convert`, "Sliding windows"); empty for a model without one."""
+    spec = getattr(config, "superlinear", None)
+    windows = spec.get("sliding_windows", {}) if isinstance(spec, dict) else {}
+    return {int(i): int(w) for i, w in windows.items()}
 
 
 def _dense_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """sdpa attention of a layer that runs dense; a layer whose sliding window `convert` took out of the model's
+    masks gets it back here: key k is seen by the query at position p iff p - W < k <= p."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    window = replaced_windows(module.config).get(getattr(module, "layer_idx", None))
+    if window is not None:
+        l_q, l_kv = query.shape[2], key.shape[2]
+        positions = torch.arange(l_kv - l_q, l_kv, device=query.device)[:, None]
+        keys = torch.arange(l_kv, device=query.device)[None, :]
+        band = (keys <= positions) & (keys > positions - window)  # [L_Q, L_KV]
+        if attention_mask is None:
+            attention_mask = band[None, None]
+        else:
+            allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+            attention_mask = allowed & band
+        kwargs.pop("is_causal", None)
+    kwargs.pop("sliding_window", None)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                   **kwargs)
+
+
+def filled_prefix(key: torch.Tensor, value: torch.Tensor, attention_mask, l_q: int):
+    """(key, value, mask) cut to the positions a static cache has filled: transformers' `StaticCache` hands every
+    layer its whole buffer [B, H_KV, max_cache_len, D] with a mask [B, 1, L_Q, max_cache_len]; the newest query may
+    see keys up to its own position, so that position + 1 is the filled length. A dynamic cache (or a session's)
+    is returned unchanged."""
+    l_kv = key.shape[2]
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4 or attention_mask.shape[-1] != l_kv:
+        return key, value, attention_mask
+    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    seen = allowed[:, 0, -1, :].any(dim=0).nonzero()
+    end = int(seen.max()) + 1 if seen.numel() else l_kv
+    if end >= l_kv or end < l_q:
+        return key, value, attention_mask
+    return key[:, :, :end], value[:, :, :end], attention_mask[..., :end]
 
 
 def _state_from_config(module) -> LayerState | None:
@@ -115,7 +173,8 @@ def padding_from_mask(attention_mask, batch: int, l_q: int, l_kv: int) -> torch.
     """bool [B, L_KV] (True = valid key) from the layer's 4-D mask, or None for a plain causal call.
 
     The mask must be causal with left padding over queries at positions L_KV - L_Q … L_KV - 1 (what a causal LM
-    with a dynamic cache builds); anything else (right padding, packed sequences, a static cache) is a ValueError.
+    with a dynamic cache builds, or a static one after `filled_prefix`); anything else (right padding, packed
+    sequences) is a ValueError.
     """
     if attention_mask is None:
         return None
@@ -125,8 +184,7 @@ def padding_from_mask(attention_mask, batch: int, l_q: int, l_kv: int) -> torch.
     allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     allowed = allowed[:, 0].expand(batch, l_q, allowed.shape[-1])
     if allowed.shape[-1] != l_kv:
-        raise ValueError(f"attention_mask: {allowed.shape[-1]} keys but the layer has L_KV={l_kv} (a static cache "
-                         "is not supported; use the model's dynamic cache or a superlinear_lab session)")
+        raise ValueError(f"attention_mask: {allowed.shape[-1]} keys but the layer has L_KV={l_kv}")
     key_valid = allowed[:, -1, :]
     positions = torch.arange(l_kv - l_q, l_kv, device=allowed.device)
     keys = torch.arange(l_kv, device=allowed.device)
@@ -157,6 +215,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if state is None:
         state = _state_from_config(module)
         module.superlinear = state if state is not None else False
+    key, value, attention_mask = filled_prefix(key, value, attention_mask, query.shape[2])
     if not state or not state.active:
         if state and state.search_query == "proj":
             query = query[:, : state.heads]
@@ -235,7 +294,45 @@ def check_supported(model: nn.Module) -> list[tuple[int, nn.Module]]:
     mods = attention_modules(model)
     if not mods:
         raise ValueError(f"{arch}: found no attention module with a `layer_idx` (class name ending in 'Attention')")
+    kinds = sorted(set(getattr(config, "layer_types", None) or []) - {"full_attention", "sliding_attention"})
+    if kinds:
+        raise ValueError(f"{arch}: config.layer_types has {kinds}; superlinear attention supports full and "
+                         "sliding-window attention layers only")
     return mods
+
+
+def _model_windows(config, indices: list[int]) -> dict[int, int]:
+    """{layer: W} of the layers whose dense attention the model limits to a sliding window of W keys: the
+    "sliding_attention" entries of ``config.layer_types`` (Qwen2-style), or every layer when the config has a
+    ``sliding_window`` and no layer types (Mistral-style)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return {}
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return {i: int(window) for i in indices}
+    return {i: int(window) for i in indices if i < len(types) and types[i] == "sliding_attention"}
+
+
+def _replace_windows(model, mods: dict, converted: list[int]) -> dict[int, int]:
+    """Take the model's own sliding windows out of its masks and caches (see `convert`); returns {layer: W}."""
+    config = model.config
+    windows = replaced_windows(config) or _model_windows(config, sorted(mods))
+    if not windows:
+        return {}
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        config.sliding_window = None  # one mask for all layers: causal; dense layers apply their window themselves
+    else:
+        for i, w in windows.items():  # per-layer masks: converted layers get the full causal one
+            types[i] = "full_attention" if i in converted else "sliding_attention"
+            if hasattr(mods[i], "sliding_window"):
+                mods[i].sliding_window = None if i in converted else w
+    replaced = sorted(set(windows) & set(converted))
+    if replaced:
+        log.info("%s: the model's sliding window (%s keys) is replaced by superlinear attention in layers %s; "
+                 "dense layers keep it", type(model).__name__, sorted(set(windows.values())), replaced)
+    return windows
 
 
 def _per_layer(cfg, indices: list[int]) -> dict[int, SpanConfig]:
@@ -276,6 +373,14 @@ def convert(model: nn.Module, cfg, layers=None, search_query: str = "q", *, back
         coverage_length: row length the coverage proof covers (default the model's max_position_embeddings,
             at most 2^20).
 
+    Sliding windows (Mistral's ``sliding_window``, Qwen2's "sliding_attention" layers): superlinear attention
+    replaces the model's own window in every converted layer — the layer sees its `SpanConfig`'s window plus the
+    spans it routes to, so keys beyond the model's window stay reachable. The model's masks and caches are made
+    full-length for that (``config.sliding_window = None`` for a Mistral-style config, ``layer_types[i] =
+    "full_attention"`` for a converted layer of a Qwen2-style one); the windows are kept in
+    ``config.superlinear["sliding_windows"]`` and every layer that runs dense (not converted, or inside
+    `dense(model)`) applies its own window again, so `dense(model)` is still the original model.
+
     Raises:
         TypeError / ValueError naming the argument (unsupported architecture, unknown layer, a SpanConfig that
         breaks coverage, search_query="proj" on a model without ``q_proj``).
@@ -306,6 +411,7 @@ def convert(model: nn.Module, cfg, layers=None, search_query: str = "q", *, back
                 raise ValueError(f"search_query='proj': layer {i} ({type(mods[i]).__name__}) has no separate "
                                  "q_proj Linear to initialise the search projection from (use search_query='q')")
     register()
+    windows = _replace_windows(model, mods, indices)
     heads = int(model.config.num_attention_heads)
     for i, mod in mods.items():
         wrapped = isinstance(getattr(mod, "q_proj", None), SearchQueryProjection)
@@ -318,6 +424,8 @@ def convert(model: nn.Module, cfg, layers=None, search_query: str = "q", *, back
     model.set_attn_implementation(NAME)
     model.config.superlinear = {"search_query": search_query,
                                 "layers": {str(i): per_layer[i].to_dict() for i in indices}}
+    if windows:
+        model.config.superlinear["sliding_windows"] = {str(i): w for i, w in sorted(windows.items())}
     _install_trace_protocol(model)
     return model
 
