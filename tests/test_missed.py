@@ -147,6 +147,26 @@ def test_the_view_reads_the_selected_layer(two_layer_trace):
     assert "layers.3.routing" in dbg.panels_html()[0] and "head %d" % h in dbg.figures()[1].layout.title.text
 
 
+def test_a_click_on_the_grid_selects_that_cell(two_layer_trace):
+    """The grid's rows are (evidence, query) × layer, its columns heads: a click inside a cell (data coordinates
+    as the browser sends them: head, row index) selects exactly that layer and head; the selection box (a layout
+    shape) moves there; a click outside the rows is refused and changes nothing."""
+    tr = two_layer_trace
+    dbg = MissedSpanDebugger(tr, EVIDENCE, queries=[L - 1])
+    dbg.view
+    pane = dbg._view.figure_widgets[0]
+    for row, head in ((3, 2), (0, 1), (9, 3), (4, 0)):
+        pane.area_click("xy", head + 0.3, row - 0.4)
+        case, r = divmod(row, len(tr.layers))
+        assert (dbg.case, dbg.layer, dbg.head) == (case, tr.layers[r], head), (row, head)
+        assert dbg.explain()["layer"] == tr.layers[r] and dbg.explain()["evidence"] == dbg.evidence[case]
+        box = pane.figure.layout.shapes[0]
+        assert (box.x0, box.x1, box.y0, box.y1) == (head - 0.5, head + 0.5, row - 0.5, row + 0.5)
+    before = (dbg.case, dbg.layer, dbg.head)
+    pane.area_click("xy", 1.0, len(EVIDENCE) * len(tr.layers) + 0.2)
+    assert "grid row" in dbg.error and (dbg.case, dbg.layer, dbg.head) == before
+
+
 def test_evidence_by_string_and_a_panel_that_wraps(two_layer_trace):
     tr = two_layer_trace
     text = "".join(tr.tokens)

@@ -155,3 +155,87 @@ def test_views_name_the_model_and_weights_of_their_trace(model):
              MissedSpanDebugger(trace, "48213", queries=[q], tokenizer=model.tokenizer)]
     for view in views:
         assert trace.model in view.summary(), type(view).__name__
+
+
+def _decode_png(uri: str) -> np.ndarray:
+    """uint8 [H, W, 4] from a `data:image/png;base64,` URI of an 8-bit RGBA PNG whose rows all use filter 0 —
+    a naive decoder written for this test (chunks walked by hand, no imaging library)."""
+    import base64
+    import struct
+    import zlib
+
+    assert uri.startswith("data:image/png;base64,")
+    png = base64.b64decode(uri.split(",", 1)[1])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    at, idat, size = 8, b"", None
+    while at < len(png):
+        n, tag = struct.unpack(">I4s", png[at:at + 8])
+        body = png[at + 8:at + 8 + n]
+        if tag == b"IHDR":
+            w, h, depth, colour = struct.unpack(">IIBB", body[:10])
+            assert (depth, colour) == (8, 6), "expected 8-bit RGBA"
+            size = (h, w)
+        elif tag == b"IDAT":
+            idat += body
+        at += 12 + n
+    h, w = size
+    raw = zlib.decompress(idat)
+    rows = [raw[r * (1 + 4 * w):(r + 1) * (1 + 4 * w)] for r in range(h)]
+    assert all(row[0] == 0 for row in rows), "naive decoder: filter 0 only"
+    return np.array([list(row[1:]) for row in rows], dtype=np.uint8).reshape(h, w, 4)
+
+
+def _check_map_image(uri: str, rec, head: int):
+    """The map image of (layer rec, head) is its chosen spans — pixel (query, key) drawn iff a chosen span of that
+    query holds that key — plus green pixels, each on an anchor that query chose."""
+    pixels = _decode_png(uri)
+    assert pixels.shape[:2] == (LENGTH, LENGTH)  # exact map: one pixel per position
+    green = np.all(pixels[..., :3] == [0x54, 0xA2, 0x4B], axis=-1) & (pixels[..., 3] == 255)
+    drawn = pixels[..., 3] > 0
+    expected = _naive_map(rec, LENGTH, head) > 0
+    np.testing.assert_array_equal(drawn & ~green, expected & ~green)
+    queries = rec.queries.tolist()
+    for q, a in zip(*np.nonzero(green)):
+        assert a in rec.qanchor[head, queries.index(q)].tolist(), (q, a)
+    assert green.sum() > 0
+
+
+def test_routing_map_images_show_the_selected_layer_and_head(traces):
+    """What the browser draws of the map (PNG layout images) is the selected layer's and head's routing, in
+    compare mode B's from B; the map's traces stay the same across layers and heads (so the browser relayouts)."""
+    trace, other = traces
+    ex = RoutingExplorer(trace, max_bins=LENGTH)
+    uids = None
+    for layer, head in ((2, 1), (5, 1), (5, 3), (2, 0)):
+        assert ex.set_layer(layer) and ex.set_head(head)
+        fig = ex.figures()[0]
+        _check_map_image(fig.layout.images[0].source, trace.layer(layer), head)
+        assert uids is None or [t.uid for t in fig.data] == uids
+        uids = [t.uid for t in fig.data]
+    cmp = RoutingExplorer(trace, compare=other, max_bins=LENGTH)
+    assert cmp.set_layer(5) and cmp.set_head(2)
+    fig = cmp.figures()[0]
+    _check_map_image(fig.layout.images[0].source, trace.layer(5), 2)
+    _check_map_image(fig.layout.images[1].source, other.layer(5), 2)
+
+
+def test_picks_and_head_changes_send_only_layout_keys(traces):
+    """In the browser: picking a query sends shapes (not the images); a head or layer change sends images,
+    shapes and title; neither resends a trace of the map (they are relayouts, not redraws)."""
+    trace, _ = traces
+    ex = RoutingExplorer(trace, max_bins=LENGTH)
+    ex.view
+    pane = ex._view.figure_widgets[0]
+    sent = []
+    pane.send = lambda msg, *a, **k: sent.append(msg)
+    pane._on_msg(pane, {"type": "sync"}, [])  # a browser asks for the figure
+    assert sent[-1]["type"] == "full"
+    sent.clear()
+    assert ex.set_query(100)
+    assert [m["traces"] for m in sent] == [{}] and set(sent[0]["layout"]) == {"shapes"}
+    sent.clear()
+    assert ex.set_head(2)
+    assert [m["traces"] for m in sent] == [{}] and set(sent[0]["layout"]) == {"images", "shapes", "title"}
+    sent.clear()
+    assert ex.set_layer(5)
+    assert [m["traces"] for m in sent] == [{}] and {"images", "shapes", "title"} <= set(sent[0]["layout"])
