@@ -136,6 +136,38 @@ def timed_generate(session, mode: str, n: int) -> tuple[list[int], float]:
     return out, time.perf_counter() - t
 
 
+def replay_ms(session, reps: int = 200) -> float | None:
+    """Device ms of one replay of the session's captured step, back to back (writes past the cursor only)."""
+    decoder = session._decoder
+    if decoder is None or decoder.graph is None:
+        return None
+    saved = (session.cache.conv_states.clone(), session.cache.ssm_states.clone())
+    decoder.position.fill_(session.cursor)
+    ms = loop_ms(decoder.graph.replay, reps)
+    session.cache.conv_states.copy_(saved[0])
+    session.cache.ssm_states.copy_(saved[1])
+    return ms
+
+
+def step_profile(session, cp, steps: int = 8, top: int = 14) -> list[dict]:
+    """Kernels of the eager one-token step (the graph replays the same kernels): device µs per step, by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    session.decode = "eager"
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        session.generate(steps, temperature=0)
+        torch.cuda.synchronize()
+    session.rollback(cp)
+    rows = []
+    for e in prof.key_averages():
+        total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if total > 0:
+            rows.append({"kernel": e.key[:90], "calls_per_step": e.count / steps, "us_per_step": total / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    kernels = sum(r["calls_per_step"] for r in rows)
+    return [{"kernels_per_step": kernels, "us_per_step": sum(r["us_per_step"] for r in rows)}] + rows[:top]
+
+
 def session_rows(lengths: list[int], n_graph: int, n_forward: int, dtype: str, prefill_budget_s: float) -> list[dict]:
     from superlinear_lab.engine import Session
     from superlinear_lab.model import load_model
@@ -165,6 +197,9 @@ def session_rows(lengths: list[int], n_graph: int, n_forward: int, dtype: str, p
             row["modes"][mode] = {"path": s.decode_path, "fallback": s.decode_fallback, "tokens": len(out),
                                   "seconds": secs, "tokens_per_s": len(out) / secs if secs else None,
                                   "ms_per_token": 1e3 * secs / max(len(out), 1)}
+        s.rollback(cp)
+        row["graph_replay_ms"] = replay_ms(s)  # the step's device time alone (no sampling, no bookkeeping)
+        row["step_kernels"] = step_profile(s, cp)
         s.rollback(cp)
         n_cmp = min(len(results["forward"][0]), len(results["auto"][0]))
         row["graph_tokens_equal_forward"] = results["auto"][0][:n_cmp] == results["forward"][0][:n_cmp]

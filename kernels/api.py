@@ -388,8 +388,8 @@ class DecodeAttention:
 
     def _attend(self, q1: torch.Tensor, q2: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         k, v = self.key_cache, self.value_cache
-        if self._plan is not None:
-            out = self._decode(q1, q2, k, v, self.cfg, positions, self._prep.row_start, self._plan)
+        if self._plan is not None:  # the decode merge kernel applies the non-finite rule itself
+            return self._decode(q1, q2, k, v, self.cfg, positions, self._prep.row_start, self._plan)
         else:
             q_max = int(positions[0])
             if not 0 <= q_max < self.l_kv:

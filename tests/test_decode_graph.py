@@ -5,6 +5,9 @@ fallbacks, and that rollback/fork/grow/snapshots stay bit-exact on the static ca
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -86,6 +89,32 @@ def test_decode_entry_validates_once_and_names_the_argument():
         entry(q, torch.zeros(1, 4, 2, 8), 3)
     with pytest.raises(ValueError, match="q1: got torch.float64"):
         entry(q.double(), q, 3)
+
+
+TRITON_ENTRY_CHECK = """
+import torch
+from superlinear_kernels import DecodeAttention, SpanConfig, superlinear_attention
+cfg, gen = SpanConfig.default(), torch.Generator().manual_seed(0)
+k, v = torch.randn(1, 2, 700, 32, generator=gen), torch.randn(1, 2, 700, 32, generator=gen)
+entry = DecodeAttention(k, v, cfg, num_heads=4, backend="triton")
+q1, q2 = torch.randn(1, 4, 1, 32, generator=gen), torch.randn(1, 4, 1, 32, generator=gen)
+for pos in (5, 699):
+    assert torch.equal(entry(q1, q2, pos), superlinear_attention(q1, q2, k, v, [pos], cfg, backend="triton")), pos
+v[0, 1, 690] = float("inf")  # in the window of position 699, KV head 1: the rows of query heads 2, 3 are NaN
+out = entry(q1, q2, 699)
+assert torch.isnan(out[0, 2:]).all() and torch.isfinite(out[0, :2]).all(), out
+print("ok")
+"""
+
+
+def test_triton_decode_entry_in_the_interpreter():
+    """The Triton entry (kernels in Triton's CPU interpreter, in a subprocess: TRITON_INTERPRET must be set before
+    triton is imported) equals the public call bit for bit, and its merge kernel applies the non-finite rule."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", TRITON_ENTRY_CHECK], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------- model step

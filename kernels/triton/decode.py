@@ -15,7 +15,7 @@ path therefore reads each needed K/V key once per group:
 * `_decode_merge_kernel`, one program per query row: for each slot, log-sum-exp merges the partials
   of the chunks its span and the window cover (only those can be non-empty) into O_k, ℓ_k
   (both empty gives O_k = 0, ℓ_k = -inf, docs/algorithm.md §3.3), then applies the gate g = softmax(ṽ) (§3.2)
-  and writes O = Σ g_k O_k in the model dtype.
+  and writes O = Σ g_k O_k in the model dtype (a row with a non-finite component as NaN in full, the API's rule).
 
 Grids depend only on shapes and L_KV (CUDA-graph friendly); a program past the current position
 loads nothing, so the work follows the position, not L_KV (Decision D3 in docs/design.md).
@@ -196,7 +196,11 @@ def _decode_merge_kernel(pm_ptr, pl_ptr, pacc_ptr, qstart_ptr, qend_ptr, values_
     lse = tl.where(nonempty, (top + tl.log2(tl.where(nonempty, l, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(bout_ptr + pair[:, None] * D + d[None, :], o, mask=smask[:, None] & dmask[None, :])
     tl.store(blse_ptr + pair, lse, mask=smask)
-    out = tl.sum(gate[:, None] * o, axis=0)
+    out = tl.sum(gate[:, None] * o, axis=0).to(out_ptr.dtype.element_ty).to(tl.float32)
+    # The API's non-finite rule (api._nan_rows), applied here so that a decode step needs no extra launches: a row
+    # with any non-finite component (in the output dtype) is NaN in full.
+    bad = tl.sum(tl.where(dmask & ((out != out) | (tl.abs(out) == float("inf"))), 1, 0), axis=0) > 0
+    out = tl.where(bad, float("nan"), out)
     tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
