@@ -49,7 +49,8 @@ def build_model_dir(path: Path, template: str | None = TEMPLATE, seed: int = 11)
     tok = build_tokenizer(template)
     config = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                                      eos_token_id=tok.eos_token_id, initializer_range=0.2)
+                                      eos_token_id=tok.eos_token_id, initializer_range=0.2,
+                                      tie_word_embeddings=False)
     model = transformers.Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(str(path))
@@ -288,6 +289,43 @@ def test_stop_string_inside_a_token_trims_reply_and_cache(reference, tmp_path):
                                                          "messages": [{"role": "user", "content": "go on"}],
                                                          "session_id": sid})
         assert more.status_code == 200
+    engine.close()
+
+
+def test_end_of_sequence_ends_the_reply_and_the_turn_is_closed(reference, tmp_path):
+    """The model ending its turn: with the lm_head rows of <|im_end|> and the third greedy token swapped, greedy
+    decoding meets <|im_end|> at step 3. The reply is the two tokens before it (finish "stop"); in a session the
+    cache holds them, then the template's closing text. The generation config's extra eos ids stop too."""
+    import copy
+
+    tok = reference.tokenizer.tok
+    eos = tok.eos_token_id
+    messages = [{"role": "user", "content": QUESTION}]
+    prompt = chat_ids(tok, messages)
+    reply = greedy(reference, prompt, 3)[0]
+    assert len(reply) == 3 and eos not in reply
+    model = copy.deepcopy(reference)
+    with torch.no_grad():
+        head = model.hf.lm_head.weight
+        head[[eos, reply[2]]] = head[[reply[2], eos]].clone()
+    engine, client = engine_app(model, tmp_path)
+    with client:
+        sid = client.post("/v1/sessions", json={}).json()["session_id"]
+        r = client.post("/v1/chat/completions", json={"model": "m", "messages": messages, "max_tokens": 8,
+                                                      "temperature": 0, "session_id": sid}).json()
+        assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 2
+        assert r["choices"][0]["message"]["content"] == tok.decode(reply[:2])
+        assert engine.sessions[sid].session.ids.tolist() == prompt + reply[:2] + tok.encode("<|im_end|>\n")
+    engine.close()
+    other = copy.deepcopy(reference)
+    other.hf.generation_config.eos_token_id = [eos, reply[1]]
+    wrapped = hf.HFModel(other.hf, tok, model_id="m")
+    assert wrapped.tokenizer.eos_ids == sorted({eos, reply[1]})
+    engine, client = engine_app(wrapped, tmp_path)
+    with client:
+        r = client.post("/v1/chat/completions", json={"model": "m", "messages": messages, "max_tokens": 8,
+                                                      "temperature": 0}).json()
+        assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 1
     engine.close()
 
 
