@@ -202,7 +202,7 @@ def test_partial_conversion_keeps_dense_layers_dense():
 
 
 # --------------------------------------------------------------------------- generate with the model's cache
-@pytest.mark.parametrize("arch", ["llama", "neox"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_generate_with_cache_equals_full_forward(arch):
     model = hf.convert(build(arch, seed=5), NARROW)
     prompt = torch.randint(0, VOCAB, (1, 30))
@@ -327,7 +327,7 @@ def test_generate_left_padded_batch_equals_single_rows():
 
 
 # --------------------------------------------------------------------------- traces and views
-@pytest.mark.parametrize("arch", ["llama", "neox"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_trace_has_the_models_layers_and_heads(arch):
     from superlinear_lab.trace import RoutingTrace
 
@@ -341,7 +341,7 @@ def test_trace_has_the_models_layers_and_heads(arch):
     for name in tr.names:  # names map to the model's modules: model.<base>.layers.<i>.<attention>
         index = int(name.split(".")[1])
         assert attn_modules(model)[index] is model.base_model.layers[index].get_submodule(
-            "self_attn" if arch == "llama" else "attention")
+            "attention" if arch == "neox" else "self_attn")
         rec = tr.layer(name)
         assert rec.heads == heads and rec.num_spans == NARROW.num_spans
         assert rec.queries.tolist() == list(range(64))

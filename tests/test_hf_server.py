@@ -329,6 +329,21 @@ def test_end_of_sequence_ends_the_reply_and_the_turn_is_closed(reference, tmp_pa
     engine.close()
 
 
+def test_report_and_debugger_with_the_models_tokenizer(reference, tmp_path):
+    """The routing report and the MissedSpanDebugger find evidence through the model's own BPE tokenizer."""
+    from superlinear_lab.report import routing_report
+    from superlinear_lab.widgets import MissedSpanDebugger
+
+    text = "The pass key is 48213. " + "Filler about the loopback address and its token. " * 6 + "The pass key?"
+    page = routing_report(text, tmp_path / "r.html", reference, evidence=["48213"]).read_text()
+    assert "layers.1.routing" in page and "48213" in page and "hf/model" in page
+    ids = reference.tokenizer.encode(text)
+    with reference.trace(profile_queries=[len(ids) - 1]) as tr, torch.no_grad():
+        reference(torch.tensor([ids]))
+    assert tr.length == len(ids) < len(text)  # BPE tokens, not bytes
+    assert "of 8 missed" in MissedSpanDebugger(tr, ["48213"], tokenizer=reference.tokenizer).summary()
+
+
 def test_serve_refuses_an_unreadable_chat_template_file(tmp_path, capsys):
     from superlinear_lab.server.run import ServeOptions, main_serve
 
