@@ -11,8 +11,10 @@ Search query (Q1):
 * ``"proj"``: a separate projection initialised from the layer's ``q_proj`` (a `SearchQueryProjection` wraps it and
   appends H more heads; RoPE rotates them like the query). `retrofit` trains it.
 
-Queries are the last L_Q keys of the key tensor the layer receives (the model's own `DynamicCache`, or a session
-cache); padding must be on the left (the mask is checked, a mismatch is a ValueError).
+Queries are the last L_Q keys of the key tensor the layer receives (the model's own `DynamicCache`, a session
+cache, or the filled prefix of a `StaticCache`, e.g. ``generate(..., cache_implementation="static")``); padding
+must be on the left (the mask is checked, a mismatch is a ValueError). A model's own sliding window (Mistral,
+Qwen2's sliding layers) is replaced by superlinear attention in converted layers and kept by dense ones (`convert`).
 """
 from __future__ import annotations
 
