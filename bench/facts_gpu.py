@@ -1,12 +1,14 @@
 """Prose-fact model on the GPU: a training slice, then held-out evaluation, as one resumable command.
 
-    python bench/facts_gpu.py --ckpt runs/facts --config runs/facts_config.json --time-limit 420 --out $OUT
+    python bench/facts_gpu.py --ckpt $OUT/ck --config bench/facts_small_config.json --time-limit 420 --out $OUT
 
-1. trains (or resumes) `superlinear_lab.train` for at most `--time-limit` seconds;
-2. exports the checkpoint to `<ckpt>/export` (fp16) when the schedule is done or `--export-anyway`;
-3. evaluates the exported model (Triton backend on CUDA) on the held-out fact suites at 1×, 2×, 4× and 8× the
+1. trains (or resumes) `superlinear_lab.train` for at most `--time-limit` seconds (the checkpoint may live under
+   $OUT so that it comes back and can be carried into the next call);
+2. exports the checkpoint to `--export-dir` (fp16) when the schedule is done or `--export-anyway`;
+3. evaluates the exported model (`--eval-backend`) on the held-out fact suites at 1×, 2×, 4× and 8× the
    longest training length — held-out templates, held-out values, held-out corpus text — with answer accuracy,
-   routing recall and the chance-recall baseline; and bits per byte on held-out prose against the shipped `tiny`;
+   answer-byte and first-byte accuracy, routing recall and the chance-recall baseline; and bits per byte on
+   held-out prose against the shipped `tiny` (whose suites run too unless `--skip-tiny-suites`);
 4. writes `facts_eval.json` (and the training log tail) under `--out`.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import math
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -49,9 +52,14 @@ def main() -> int:
     p.add_argument("--time-limit", type=float, default=420)
     p.add_argument("--backend", default="oracle", help="training backend")
     p.add_argument("--eval-backend", default="triton")
+    p.add_argument("--export-dir", default="runs/facts_export", help="where the fp16 export is written")
+    p.add_argument("--skip-tiny-suites", action="store_true", help="bits per byte only for tiny")
     p.add_argument("--seeds", type=int, default=16, help="held-out examples per suite and length")
     p.add_argument("--lengths", type=int, nargs="+", help="default: 1, 2, 4 and 8 times the longest training length")
     p.add_argument("--export-anyway", action="store_true")
+    p.add_argument("--plan-seconds", type=float, help="on a fresh checkpoint, first resize the stages' step counts "
+                   "to about this many seconds here (train.plan), writing the planned config to <out>/config.json")
+    p.add_argument("--plan-shares", type=float, nargs="+", help="share of the time per stage (default: plan's)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -59,6 +67,12 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg = T.load_config(args.config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.plan_seconds and not (Path(args.ckpt) / "state.json").is_file():
+        D.use_corpus(cfg.corpus)
+        shares = tuple(args.plan_shares) if args.plan_shares else (0.1, 0.15, 0.2, 0.25, 0.3)[-len(cfg.stages):]
+        cfg = T.plan(cfg, args.plan_seconds, device, args.backend, shares=shares)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        print("planned stages", cfg.stages, flush=True)
     report: dict = {"config": args.config, "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     if not args.skip_train:
@@ -72,7 +86,7 @@ def main() -> int:
         if state["step"] < cfg.total_steps and not args.export_anyway:
             (out / "facts_eval.json").write_text(json.dumps(report, indent=1))
             return 0
-    export = T.export(args.ckpt, Path(args.ckpt) / "export", "float16")
+    export = T.export(args.ckpt, args.export_dir, "float16")
     D.use_corpus(cfg.corpus)
     longest = max(s[0] for s in cfg.stages)
     lengths = args.lengths or [longest * m for m in (1, 2, 4, 8)]
@@ -83,13 +97,16 @@ def main() -> int:
     print("bits per byte", report["bits_per_byte"])
     report["suites"] = {}
     for name, model in models.items():
+        if name == "tiny" and args.skip_tiny_suites:
+            continue
         layers = [i for i, _ in model.routing_layers()]
         for task in SUITES:
             for length in lengths:
                 t0 = time.time()
                 exs = [D.make_example(task, length, s, "eval") for s in range(args.seeds)]
                 s = summarize(run_examples(model, exs), layers)
-                row = {k: s[k] for k in ("accuracy", "recall_any", "chance_any", "chance_head")}
+                row = {k: s[k] for k in ("accuracy", "byte_accuracy", "first_byte_accuracy", "recall_any",
+                                         "chance_any", "chance_head")}
                 row["best_head"] = s["best_head"]["recall"]
                 row["seconds"] = round(time.time() - t0, 1)
                 report["suites"].setdefault(name, {}).setdefault(task, {})[str(length)] = row

@@ -38,7 +38,7 @@ from superlinear_kernels import query_geometry
 from . import data as D
 from .trace import capture_routing, evidence_reach, window_bounds
 
-__all__ = ["capture_routing", "evidence_pairs", "reached", "chance_recall", "answer_correct", "run_examples", "summarize", "niah_grid",
+__all__ = ["capture_routing", "evidence_pairs", "reached", "chance_recall", "answer_hits", "answer_correct", "run_examples", "summarize", "niah_grid",
            "task_suite", "evaluate", "heatmap", "format_table", "compare_backends", "set_search_power", "main"]
 log = logging.getLogger(__name__)
 
@@ -109,14 +109,20 @@ def chance_recall(cfg, query: int, ev_start: int, ev_end: int) -> float:
     return 1.0 - math.comb(m - c, k) / math.comb(m, k)
 
 
-def answer_correct(logits: torch.Tensor, examples: list[D.Example]) -> list[bool]:
-    """Per example: argmax at every answer query equals the answer token (greedy decoding reproduces it)."""
+def answer_hits(logits: torch.Tensor, examples: list[D.Example]) -> list[list[bool]]:
+    """Per example, per answer byte: is the argmax at the query predicting it that byte (with the correct prefix
+    before it, i.e. teacher forcing)? `logits` [B, L, V] of the examples' ids."""
     out = []
     for b, ex in enumerate(examples):
         a0, a1 = ex.answer
         target = torch.tensor(ex.ids[a0:a1], device=logits.device)
-        out.append(bool((logits[b, a0 - 1:a1 - 1].argmax(-1) == target).all()))
+        out.append((logits[b, a0 - 1:a1 - 1].argmax(-1) == target).tolist())
     return out
+
+
+def answer_correct(logits: torch.Tensor, examples: list[D.Example]) -> list[bool]:
+    """Per example: argmax at every answer query equals the answer token (greedy decoding reproduces it)."""
+    return [all(hits) for hits in answer_hits(logits, examples)]
 
 
 @torch.no_grad()
@@ -133,7 +139,7 @@ def run_examples(model, examples: list[D.Example], batch_size: int = 1) -> list[
         ids = torch.tensor([ex.ids for ex in chunk], device=device)
         with capture_routing(model) as records:
             logits = model(ids)
-        correct = answer_correct(logits, chunk)
+        byte_hits = answer_hits(logits, chunk)
         row, query, es, ee = evidence_pairs(chunk)
         per_layer = {i: reached(records[i][1], window[i], row, query, es, ee).cpu() for i in sorted(records)}
         hits = torch.stack([per_layer[i] for i in sorted(per_layer)], dim=1)  # [P, layers, H]
@@ -144,7 +150,9 @@ def run_examples(model, examples: list[D.Example], batch_size: int = 1) -> list[
         for b, ex in enumerate(chunk):
             sel = row == b
             h = hits[sel]
-            results.append({"task": ex.task, "length": ex.length, "meta": ex.meta, "correct": correct[b],
+            results.append({"task": ex.task, "length": ex.length, "meta": ex.meta, "correct": all(byte_hits[b]),
+                            "answer_bytes": len(byte_hits[b]), "bytes_right": sum(byte_hits[b]),
+                            "first_byte": bool(byte_hits[b][:1] == [True]),
                             "pairs": int(sel.sum()), "hit_any": h.flatten(1).any(1).tolist(),
                             "hit": h.sum(0).tolist(), "chance_head": chance[sel].mean(1).tolist(),
                             "chance_any": (1 - ((1 - chance[sel]) ** heads).prod(1)).tolist()})
@@ -152,7 +160,10 @@ def run_examples(model, examples: list[D.Example], batch_size: int = 1) -> list[
 
 
 def summarize(results: list[dict], layers: list[int]) -> dict:
-    """Accuracy, recall_any (over pairs), example-level routing success, per-layer-any, per-head, best head."""
+    """Accuracy, recall_any (over pairs), example-level routing success, per-layer-any, per-head, best head.
+    With the answer-byte counts of `run_examples`, also ``byte_accuracy`` (share of answer bytes predicted right
+    given the right prefix) and ``first_byte_accuracy`` (the byte that must come from the evidence): they tell
+    "copied the value with one slip" from "did not copy at all" where exact-match accuracy says 0 to both."""
     n = len(results)
     pairs = sum(r["pairs"] for r in results)
     any_hits = sum(sum(r["hit_any"]) for r in results)
@@ -166,6 +177,10 @@ def summarize(results: list[dict], layers: list[int]) -> dict:
     return {
         "n": n,
         "accuracy": sum(r["correct"] for r in results) / max(n, 1),
+        "byte_accuracy": (sum(r["bytes_right"] for r in results) / max(1, sum(r["answer_bytes"] for r in results))
+                          if all("answer_bytes" in r for r in results) else math.nan),
+        "first_byte_accuracy": (sum(r["first_byte"] for r in results) / max(n, 1)
+                                if all("first_byte" in r for r in results) else math.nan),
         "pairs": pairs,
         "recall_any": any_hits / max(pairs, 1),
         "chance_any": sum(sum(r["chance_any"]) for r in results) / max(pairs, 1),

@@ -10,7 +10,11 @@ this question". These tasks take that shortcut away:
   (same thing, other owner; same owner, other thing; or, for ``fact_multi_key``, owners that differ in one word);
 * statements and questions are drawn from a template bank whose templates are split: the ``"eval"`` split uses
   phrasings and values that the ``"train"`` split never shows, so an accuracy on it is on unseen phrasings;
-* ``fact_hop`` chains two facts (the thing's name, then where that name is kept).
+* ``fact_hop`` chains two facts (the thing's name, then where that name is kept);
+* ``fact_list`` (training aid, not an evaluation suite) asks for a whole list of words: every answer byte is a
+  copy of a word in the evidence, so one row gives tens of copy targets instead of one value's few bytes. A small
+  byte-level model learns to copy letters (not only digits, which are rare in prose) from this dense signal far
+  sooner than from single values (bench/BENCHMARKS.md, #13 "Why 0 % answer accuracy").
 
 Every task returns a `superlinear_lab.data.Example` with the evidence ranges (the value's tokens inside its
 statement; for ``fact_hop`` the pointer name and the place) and the answer queries that need them, as the digit
@@ -28,7 +32,8 @@ from importlib import resources
 from . import data as D
 
 KINDS = ("word", "name", "phrase", "date", "number")
-TASKS = tuple(f"fact_{k}" for k in KINDS) + ("fact_multi_key", "fact_hop")
+TASKS = tuple(f"fact_{k}" for k in KINDS) + ("fact_multi_key", "fact_hop")  # the evaluation suites
+AUX_TASKS = ("fact_list",)  # training aids (make_fact builds them too)
 EVAL_FRACTION = 0.2  # share of words and names (by hash) that only the "eval" split uses as values
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
@@ -89,6 +94,11 @@ QUESTIONS = {  # question templates (the prompt continues "\nAnswer: ")
         "date": ("Give the date of {owner}'s {thing}.",),
         "number": ("Tell me the {thing} of {owner}.",),
     },
+}
+LISTS = {  # (statement with {items}, question) per split; the answer is the items joined by ", "
+    "train": (("{Owner}'s shopping list reads: {items}.", "What is on {owner}'s shopping list?"),
+              ("On the board, {owner} wrote these words: {items}.", "Which words did {owner} write on the board?")),
+    "eval": (("The words {owner} keeps repeating are {items}.", "Repeat the words {owner} keeps repeating."),),
 }
 HOP = {  # (where the named thing is: {name} the pointer, {value} the place; the question): the answer is the place
     "train": (("{name} is kept in {value}.", "Where is {owner}'s {thing} kept?"),
@@ -256,6 +266,46 @@ def fact_hop(length: int, seed: int, split: str = "train", n_distractors: int = 
                     "n_distractors": n_distractors, "seed": seed})
 
 
+def fact_list(length: int, seed: int, split: str = "train", n_words: int = 4, n_distractors: int = 0) -> D.Example:
+    """`n_words` distinct words of the split's vocabulary in one statement, asked back in order (joined by ", "),
+    plus `n_distractors` lists of other owners with the same phrasing. Evidence: each word in the asked
+    statement; the queries predicting a word's bytes need that word (separators need nothing)."""
+    task = "fact_list"
+    rng = D._rng(task, length, seed, split, f"{n_words}:{n_distractors}")
+    statement, question = rng.choice(LISTS[split])
+    owner = _owner(rng, split)
+    taken: set[str] = set()
+    owners = {owner}
+
+    def listed(who: str) -> tuple[str, list[str]]:
+        for _ in range(100):
+            words = [_value("word", rng, split, taken) for _ in range(n_words)]
+            text = _fill(statement.replace("{items}", ", ".join(words)), who, "")
+            tail = text[text.rindex(", ".join(words)):]
+            if all(tail.count(w) == 1 for w in words):  # each word's last occurrence is its list entry
+                return text, words
+            taken.difference_update(words)
+        raise RuntimeError(f"no word list fits {statement!r}")
+
+    text, words = listed(owner)
+    b = D._Builder(rng, length, split)
+    b.needle(rng.random(), text, words)
+    for _ in range(n_distractors):
+        other = _owner(rng, split)
+        while other in owners:
+            other = _owner(rng, split)
+        owners.add(other)
+        b.needle(rng.random(), listed(other)[0], [])
+    answer = ", ".join(words)
+    word_of = []  # answer byte -> word index (separators need nothing)
+    for i, w in enumerate(words):
+        word_of += [i] * len(w) + ([None, None] if i < n_words - 1 else [])
+    q = "\nQuestion: " + _fill(question, owner, "") + "\nAnswer: "
+    return b.build(q, answer, lambda j: [] if word_of[j] is None else [word_of[j]], task,
+                   {"owner": owner, "value": answer, "words": words, "n_distractors": n_distractors,
+                    "seed": seed})
+
+
 def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Example:
     """Any fact task by name; the number of distractors is drawn from the seed, capped by what fits `length`."""
     room = max(1, length // 160)  # a statement is ~50-90 tokens: short rows hold fewer of them
@@ -265,7 +315,10 @@ def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Exam
     if task == "fact_multi_key":
         return fact(length, seed, split, kind=n.choice(("name", "word", "number")),
                     n_distractors=n.randint(1, max(1, min(5, room - 1))), near_keys=True, task=task)
+    if task == "fact_list":
+        return fact_list(length, seed, split, n_words=n.randint(3, max(3, min(12, length // 48))),
+                         n_distractors=n.randint(0, max(0, min(2, room // 3))))
     if task in TASKS:
         return fact(length, seed, split, kind=task.removeprefix("fact_"),
                     n_distractors=n.randint(0, max(0, min(5, room - 1))))
-    raise ValueError(f"task={task!r}: expected one of {TASKS}")
+    raise ValueError(f"task={task!r}: expected one of {TASKS + AUX_TASKS}")

@@ -236,18 +236,28 @@ def load_checkpoint(path, model: HybridLM, opt: torch.optim.AdamW) -> dict:
 # --------------------------------------------------------------------------- probe
 @torch.no_grad()
 def probe(model: HybridLM, cfg: TrainConfig, length: int, autocast: bool) -> dict:
-    """Held-out NIAH rows at `length` and spread depths: answer accuracy and routing recall (any head)."""
+    """Held-out NIAH rows at `length` and spread depths: answer accuracy and routing recall (any head). When the
+    task mix trains word facts, also held-out ``fact_word`` rows (held-out phrasings and values): accuracy, answer
+    byte accuracy and first-byte accuracy (is the value being copied at all?)."""
     from .evaluate import run_examples, summarize
 
     model.eval()
     n = cfg.probe_rows
-    exs = [D.niah(length, i / max(1, n - 1), 10_000 + i, "eval") for i in range(n)]
+    layers = [i for i, _ in model.routing_layers()]
+    suites = {"probe": [D.niah(length, i / max(1, n - 1), 10_000 + i, "eval") for i in range(n)]}
+    if "fact_word" in cfg.task_mix:
+        suites["probe_word"] = [D.make_example("fact_word", length, 10_000 + i, "eval") for i in range(n)]
+    out = {"probe_length": length}
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        res = run_examples(model, exs, batch_size=n)
+        for name, exs in suites.items():
+            s = summarize(run_examples(model, exs, batch_size=n), layers)
+            out.update({f"{name}_acc": s["accuracy"], f"{name}_recall": s["recall_any"]})
+            if name == "probe":
+                out["probe_best_head"] = s["best_head"]["recall"]
+            else:
+                out.update({f"{name}_byte_acc": s["byte_accuracy"], f"{name}_first_byte": s["first_byte_accuracy"]})
     model.train()
-    s = summarize(res, [i for i, _ in model.routing_layers()])
-    return {"probe_length": length, "probe_acc": s["accuracy"], "probe_recall": s["recall_any"],
-            "probe_best_head": s["best_head"]["recall"]}
+    return out
 
 
 # --------------------------------------------------------------------------- loop

@@ -92,7 +92,33 @@ def test_answer_correct_is_greedy_exact_match():
     assert E.answer_correct(logits, [ex]) == [True]
     logits[0, a1 - 2, ex.ids[a1 - 1]] = -2.0
     assert E.answer_correct(logits, [ex]) == [False]
+    assert E.answer_hits(logits, [ex]) == [[True] * (a1 - a0 - 1) + [False]]  # only the last byte is wrong
 
+
+def test_byte_and_first_byte_accuracy_in_summaries():
+    """Two examples of 5 answer bytes: one right but its first byte, one right in bytes 0 and 3 only."""
+    exs = [D.niah(300, 0.5, s, "eval") for s in range(2)]
+    logits = torch.zeros(2, 300, 264)
+    for b, ex in enumerate(exs):
+        a0, a1 = ex.answer
+        for j, q in enumerate(range(a0 - 1, a1 - 1)):
+            right = j != 0 if b == 0 else j in (0, 3)
+            logits[b, q, ex.ids[q + 1] if right else (ex.ids[q + 1] + 1) % 256] = 5.0
+    hits = E.answer_hits(logits, exs)
+    assert hits == [[False, True, True, True, True], [True, False, False, True, False]]
+
+    class Fixed(HybridLM):  # routes as a random model, answers with the logits above
+        def forward(self, ids):
+            super().forward(ids)
+            return logits
+
+    torch.manual_seed(0)
+    model = Fixed(ModelConfig(d_model=32, d_ff=64, n_heads=2, n_kv_heads=1, head_dim=16, ssm_head_dim=16,
+                              pattern="M*")).eval()
+    results = E.run_examples(model, exs, batch_size=2)
+    assert [(r["answer_bytes"], r["bytes_right"], r["first_byte"]) for r in results] == [(5, 4, False), (5, 2, True)]
+    s = E.summarize(results, [1])
+    assert s["byte_accuracy"] == 6 / 10 and s["first_byte_accuracy"] == 0.5 and s["accuracy"] == 0.0
 
 def test_help_names_the_superlinear_lab_command(capsys):
     import pytest

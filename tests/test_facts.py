@@ -93,6 +93,29 @@ def test_values_are_marked_where_they_stand(monkeypatch):
     assert value == "apple" and text == 'Keep this in mind: the cook uses "apple" as the secret word.'
 
 
+@pytest.mark.parametrize("split", D.SPLITS)
+def test_word_lists_mark_every_word_and_its_bytes(split):
+    """fact_list (the dense copy aid): the answer is the asked owner's words joined by ", ", each word is
+    evidence at its place in the asked statement, and exactly the queries predicting a word's bytes need it."""
+    vocab = set(F.vocabulary("words.txt", split))
+    for seed in range(8):
+        ex = D.make_example("fact_list", 1024, seed, split)
+        words = ex.meta["words"]
+        assert ex.answer_text() == ", ".join(words) and set(words) <= vocab
+        assert [_text(ex, r) for r in ex.evidence] == words
+        text = ex.text()
+        line = text[text.rfind("\n", 0, ex.evidence[0][0]) + 1:text.find("\n", ex.evidence[-1][1])]
+        assert ex.meta["owner"].lower() in line.lower() and line.endswith(", ".join(words) + ".")
+        a0 = ex.answer[0]
+        expected = {}
+        at = 0
+        for i, w in enumerate(words):
+            for j in range(len(w)):
+                expected[a0 + at + j - 1] = [i]
+            at += len(w) + 2
+        assert ex.needs == expected
+
+
 # --------------------------------------------------------------------------- chance recall
 def _naive_offsets(p: Fraction, up_to: int) -> list[int]:
     u, v = p.numerator, p.denominator

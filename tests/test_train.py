@@ -84,3 +84,18 @@ def test_export_writes_loadable_half_weights(tmp_path):
     assert load_file(str(tmp_path / "m" / "model.safetensors"))["embed.weight"].dtype == torch.float16
     model = load_model(path=tmp_path / "m", backend="torch")
     assert model.cfg == ModelConfig.from_dict(asdict(cfg)["model"])
+
+
+def test_probe_reports_word_fact_copying_when_word_facts_are_trained(tmp_path):
+    """With fact_word in the mix, the probe adds held-out word facts: accuracy and the answer-byte and first-byte
+    accuracies, each a share of the probe rows' bytes or rows."""
+    cfg = tiny_config(stages=[[512, 1, 2]], probe_every=1, probe_rows=2,
+                      task_mix={"fact_word": 1.0, "niah": 1.0})
+    T.train(cfg, tmp_path / "ck", backend="oracle", progress=False)
+    entry = json.loads((tmp_path / "ck" / T.LOG_FILE).read_text().splitlines()[-1])
+    for key in ("probe_acc", "probe_recall", "probe_word_acc", "probe_word_recall", "probe_word_byte_acc",
+                "probe_word_first_byte"):
+        assert 0.0 <= entry[key] <= 1.0, key
+    assert entry["probe_word_first_byte"] in (0.0, 0.5, 1.0)  # rows, not bytes
+    assert "probe_word_acc" not in T.probe(HybridLM(ModelConfig.from_dict(cfg.model)), tiny_config(probe_rows=2),
+                                           256, autocast=False)
