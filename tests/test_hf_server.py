@@ -214,6 +214,23 @@ def test_tokenizer_without_chat_template_refuses_chat_clearly(tmp_path):
     engine.close()
 
 
+def test_model_without_tokenizer_serves_token_ids(reference, tmp_path):
+    """A transformers model with no tokenizer (ids only): completions of token ids work, text and chat are 400s
+    that say why."""
+    bare = hf.HFModel(reference.hf, model_id="m")
+    engine, client = engine_app(bare, tmp_path)
+    prompt = reference.tokenizer.encode("The server binds the loopback address by default.")
+    with client:
+        r = client.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 5, "temperature": 0})
+        want = greedy(reference, prompt, 5)[0]
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == " ".join(f"<{t}>" for t in want)
+        text = client.post("/v1/completions", json={"model": "m", "prompt": "hello", "max_tokens": 2})
+        assert text.status_code == 400 and "no tokenizer" in text.json()["error"]["message"]
+        chat = client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+        assert chat.status_code == 400 and "no tokenizer" in chat.json()["error"]["message"]
+    engine.close()
+
+
 def test_a_template_that_cannot_extend_a_session_is_refused(reference):
     from superlinear_lab.server.chat import ChatFormatError, NoChat, TemplateChat, chat_rules
 

@@ -181,6 +181,8 @@ class ByteChat(ChatRules):
         return None
 
     def decode(self, ids):
+        if all(0 <= i < 256 for i in ids):  # a reply (no special token): its bytes, fast
+            return bytes(ids).decode("utf-8", errors="replace")
         return self.tok.decode(ids)
 
     def encode(self, text):

@@ -179,6 +179,7 @@ class Generation:
         self.cut: int | None = None  # where a stop string starts in `text`
         self.entries: list[TokenLogprob] = []
         self.emitted = 0  # characters sent
+        self.sent = ""  # the text sent
         self.emitted_entries = 0
         self.stops: list[str] = [s for s in req.stop if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1  # characters that may still start a stop
@@ -548,12 +549,12 @@ class ChatEngine:
         The reply's text is the decoding of all its tokens (`chat.ChatRules.decode`); trailing U+FFFD (a character
         whose bytes have not all arrived) and the last ``len(longest stop) - 1`` characters are held back."""
         gen.out.append(token)
-        searched = len(gen.text)
+        before = gen.ends[-1] if gen.ends else 0  # text up to here is final: a new stop string ends after it
         gen.text = self.chat.decode(gen.out)
         settled = len(gen.text.rstrip("\ufffd"))
         gen.ends.append(settled)
         if gen.stops:
-            lo = max(0, min(searched, settled) - gen.hold - 1)
+            lo = max(0, min(before, settled) - gen.hold - 1)
             hits = [i for i in (gen.text.find(s, lo) for s in gen.stops) if i >= 0]
             if hits:
                 gen.cut = min(hits)
@@ -565,10 +566,12 @@ class ChatEngine:
     def _emit_delta(self, gen: Generation, upto: int, final: bool = False) -> None:
         """Send the text up to character `upto` and the logprobs of the tokens whose text it completes."""
         text = gen.text[gen.emitted:upto]
-        if not gen.text.startswith(gen.text[:gen.emitted]):  # pragma: no cover - decoding is prefix-stable
-            text = ""
+        if not gen.text.startswith(gen.sent):  # a tokenizer whose decoding rewrote text already sent
+            log.warning("reply text changed after it was streamed; the rest of it is in the final result only")
+            text, gen.sent = "", gen.text[:upto]
         n = len(gen.entries) if final else bisect.bisect_right(gen.ends, upto)
         entries = gen.entries[gen.emitted_entries:n] if gen.req.logprobs else []
+        gen.sent += text
         gen.emitted = max(gen.emitted, upto)
         gen.emitted_entries = max(gen.emitted_entries, n)
         if text or entries:
