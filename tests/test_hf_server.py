@@ -197,6 +197,8 @@ def test_tokenizer_without_chat_template_refuses_chat_clearly(tmp_path):
         r = client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"] \
             and "--chat-template" in r.json()["error"]["message"]
+        assert client.get("/v1/server").json()["chat_format"] == {"kind": "none",
+                                                                   "error": r.json()["error"]["message"]}
         ok = client.post("/v1/completions", json={"model": "m", "prompt": "The server", "max_tokens": 4,
                                                   "temperature": 0})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 0
@@ -206,7 +208,7 @@ def test_tokenizer_without_chat_template_refuses_chat_clearly(tmp_path):
     with client:
         r = client.post("/v1/chat/completions", json={"model": "m", "max_tokens": 5, "temperature": 0,
                                                       "messages": [{"role": "user", "content": QUESTION}]})
-        assert r.status_code == 200
+        assert r.status_code == 200 and client.get("/v1/server").json()["chat_format"]["kind"] == "template"
         prompt = model.tokenizer.tok.encode(f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n")
         assert r.json()["usage"]["prompt_tokens"] == len(prompt)
         assert r.json()["choices"][0]["message"]["content"] == model.tokenizer.tok.decode(greedy(model, prompt,

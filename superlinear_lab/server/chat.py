@@ -88,6 +88,7 @@ class ChatRules:
     (text); `stop_ids` are the tokens that end a reply.
     """
 
+    kind = ""  # "byte", "template" or "none" (GET /v1/server's chat_format)
     chat_error: str | None = None  # why chat is refused (NoChat), None when chat works
     stop_ids: frozenset = frozenset()
 
@@ -140,6 +141,8 @@ class ChatRules:
 # --------------------------------------------------------------------------- byte-level models
 class ByteChat(ChatRules):
     """The byte tokenizer's chat format (module docstring)."""
+
+    kind = "byte"
 
     def __init__(self, tok: ByteTokenizer):
         self.tok = tok
@@ -289,6 +292,8 @@ class _IdText(ChatRules):
 class NoChat(ChatRules):
     """Completions only (module docstring): `text` gives the text side, `reason` is the error chat requests get."""
 
+    kind = "none"
+
     def __init__(self, text: ChatRules, reason: str):
         self.text, self.chat_error, self.stop_ids = text, reason, text.stop_ids
 
@@ -323,6 +328,8 @@ class TemplateChat(_HFText):
         tokenizer: an `HFTokenizer` (its ``tok`` is the transformers tokenizer).
         template: a Jinja chat template overriding the tokenizer's own (None: ``tok.chat_template``).
     """
+
+    kind = "template"
 
     def __init__(self, tokenizer, template: str | None = None):
         super().__init__(tokenizer)

@@ -22,7 +22,8 @@ async def server_stats(request: Request):
             "max_concurrency": settings.max_concurrency, "rejected": st.admission.rejected,
             "max_completion_tokens": settings.max_completion_tokens, "sessions": len(engine.sessions),
             "memory_bytes": engine.memory_in_use(), "memory_budget_bytes": engine.memory_budget,
-            "chat": dict(engine.stats), "generations": engine.progress()}
+            "chat": dict(engine.stats), "generations": engine.progress(),
+            "chat_format": {"kind": engine.chat.kind, "error": engine.chat.chat_error}}
 
 
 @router.get("/v1/models")
