@@ -429,6 +429,16 @@ def test_unsupported_layer_types_are_refused():
     model.config.layer_types = ["full_attention", "chunked_attention"]
     with pytest.raises(ValueError, match="chunked_attention"):
         hf.convert(model, NARROW)
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=8)
+    gemma2 = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small))  # soft-capped logits
+    with pytest.raises(ValueError, match="attn_logit_softcapping=50"):
+        hf.convert(gemma2, NARROW)
+    gpt_oss = transformers.GptOssForCausalLM(transformers.GptOssConfig(num_local_experts=2, num_experts_per_tok=1,
+                                                                       **small))  # attention sinks
+    with pytest.raises(ValueError, match=r"layers \[0, 1\] have attention sinks"):
+        hf.convert(gpt_oss, NARROW)
+    assert not hf.converted_layers(gemma2) and not hf.converted_layers(gpt_oss)
 
 
 def test_bad_arguments_are_refused():

@@ -397,6 +397,15 @@ def convert(model: nn.Module, cfg, layers=None, search_query: str = "q", *, back
     if unknown:
         raise ValueError(f"layers={list(layers)}: no attention layer {unknown}; this model has {sorted(mods)}")
     per_layer = _per_layer(cfg, indices)
+    softcap = getattr(model.config, "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise ValueError(f"{type(model).__name__}: config.attn_logit_softcapping={softcap} — attention logit "
+                         "soft-capping is not supported by superlinear attention (its kernels take plain softmax "
+                         "scores)")
+    sinks = [i for i in indices if getattr(mods[i], "sinks", None) is not None]
+    if sinks:
+        raise ValueError(f"{type(model).__name__}: layers {sinks} have attention sinks (module.sinks), which "
+                         "superlinear attention does not support")
     length = coverage_length or min(int(getattr(model.config, "max_position_embeddings", 4096) or 4096), 1 << 20)
     for i in indices:
         report = coverage(per_layer[i], length)
