@@ -13,8 +13,9 @@ cache of capacity L, the query at L - 1). Per call, back to back (a decoding loo
 Part 2, the shipped tiny model in a `Session` on the GPU (default dtype fp32, Triton attention). One session is
 prefilled with real text (the repo's own docs and sources, repeated) to each context length in turn (`grow` in
 between), and at each length `generate(n)` (greedy) is timed in the three decode modes: "auto" (the whole-model
-CUDA graph), "eager" (the same one-token step without a graph) and "forward" (the previous path: the model's
-`forward` at the cursor). Each mode starts from the same checkpoint; tokens and final logits are compared
+CUDA graph; `generate` is pipelined, `stream` — timed as "auto_stream" — goes one token at a time), "eager" (the
+same one-token step without the whole-model graph) and "forward" (the previous path: the model's `forward` at the
+cursor, one token at a time). Each mode starts from the same checkpoint; tokens and final logits are compared
 between the modes. tokens/s = generated tokens / wall seconds of `generate` (sampling and bookkeeping included).
 
     python bench/session_decode.py --out bench/session_decode_h200.json
@@ -127,11 +128,11 @@ def corpus_ids(tokenizer, n: int) -> torch.Tensor:
     return ids.repeat(-(-n // ids.numel()))[:n]
 
 
-def timed_generate(session, mode: str, n: int) -> tuple[list[int], float]:
+def timed_generate(session, mode: str, n: int, stream: bool = False) -> tuple[list[int], float]:
     session.decode = mode
     torch.cuda.synchronize()
     t = time.perf_counter()
-    out = session.generate(n, temperature=0)
+    out = list(session.stream(n, temperature=0)) if stream else session.generate(n, temperature=0)
     torch.cuda.synchronize()
     return out, time.perf_counter() - t
 
@@ -187,12 +188,14 @@ def session_rows(lengths: list[int], n_graph: int, n_forward: int, dtype: str, p
         cp = s.checkpoint()
         row = {"L": length, "max_len": s.max_len, "dtype": dtype, "prefill_s": prefill_s, "modes": {}}
         results = {}
-        for mode, n in (("auto", n_graph), ("eager", n_graph), ("forward", n_forward)):
+        for mode, n, stream in (("auto", n_graph, False), ("auto", n_graph, True), ("eager", n_graph, False),
+                                ("forward", n_forward, False)):
             s.rollback(cp)
             s.decode = mode
             s.generate(4, temperature=0)  # capture / compile outside the timing
             s.rollback(cp)
-            out, secs = timed_generate(s, mode, n)
+            out, secs = timed_generate(s, mode, n, stream)
+            mode = mode + ("_stream" if stream else "")
             results[mode] = (out, s.logits.clone())
             row["modes"][mode] = {"path": s.decode_path, "fallback": s.decode_fallback, "tokens": len(out),
                                   "seconds": secs, "tokens_per_s": len(out) / secs if secs else None,
@@ -204,6 +207,8 @@ def session_rows(lengths: list[int], n_graph: int, n_forward: int, dtype: str, p
         n_cmp = min(len(results["forward"][0]), len(results["auto"][0]))
         row["graph_tokens_equal_forward"] = results["auto"][0][:n_cmp] == results["forward"][0][:n_cmp]
         row["graph_tokens_equal_eager"] = results["auto"][0] == results["eager"][0]
+        row["generate_equals_stream"] = results["auto"][0] == results["auto_stream"][0] and bool(
+            torch.equal(results["auto"][1], results["auto_stream"][1]))
         row["graph_logits_equal_eager"] = bool(torch.equal(results["auto"][1], results["eager"][1]))
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -209,6 +209,54 @@ def test_failed_step_leaves_the_session_unchanged(model, monkeypatch):
     assert_same(before, observable(s))
 
 
+def test_pipelined_greedy_generate_equals_stream(model):
+    """generate() at temperature 0 runs one step ahead of the host: same tokens, logits, states, transcript as the
+    step-by-step stream, including where a stop token ends it (the step queued for the stop token is undone)."""
+    ref, ref_out = generated(model, "forward", n=30)
+    stop = next(t for i, t in enumerate(ref_out) if i >= 3 and t not in ref_out[:i])  # first seen at index >= 3
+    for n in (1, 2, 30):
+        for stop_ids in (None, stop):
+            a = Session(model, max_len=512, progress=False, decode="forward")
+            b = Session(model, max_len=512, progress=False, decode="eager")
+            for s in (a, b):
+                s.append(TEXT)
+            out = b.generate(n, stop=stop_ids)
+            assert out == list(a.stream(n, stop=stop_ids)), (n, stop_ids)
+            assert stop_ids is None or n < 30 or len(out) == ref_out.index(stop) >= 3  # the stop was hit
+            assert_same(observable(a), observable(b))
+            assert a.generate(5) == b.generate(5)  # and both go on the same way
+            assert_same(observable(a), observable(b))
+
+
+def test_pipelined_generate_fills_the_cache_to_the_last_slot(model):
+    a = Session(model, max_len=330, progress=False, decode="forward")
+    b = Session(model, max_len=330, progress=False, decode="eager")
+    for s in (a, b):
+        s.append(TEXT)
+    n = a.room
+    assert a.generate(n) == b.generate(n) and b.room == 0
+    assert_same(observable(a), observable(b))
+
+
+def test_pipelined_generate_error_keeps_committed_tokens(model, monkeypatch):
+    ref, _ = generated(model, "forward", n=4)
+    s, _ = generated(model, "eager", n=0)
+    real = Session.record_step
+    calls = []
+
+    def failing(self, token, logits):
+        calls.append(token)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(self, token, logits)
+    monkeypatch.setattr(Session, "record_step", failing)
+    with pytest.raises(KeyboardInterrupt):
+        s.generate(12)
+    monkeypatch.undo()
+    assert_same(observable(ref), observable(s))  # 4 tokens committed (with their message), states of that cursor
+    assert ref.generate(6) == s.generate(6)
+
+
 def test_decode_mode_is_checked(model):
     with pytest.raises(ValueError, match="decode='graph'"):
         Session(model, max_len=64, decode="graph")

@@ -62,7 +62,13 @@ class Decoder:
         self.path = "eager"
 
     def _run(self) -> torch.Tensor:
-        return self.model.step(self.ids, self.cache, self.position, self.entries)
+        """One step at the device-held token and position; then, on the device, the greedy next token (argmax of
+        the logits, as the session's sampler at temperature 0) goes into `ids` and `position` advances, so
+        consecutive steps need nothing from the host (`Session.generate`'s pipelined greedy loop)."""
+        logits = self.model.step(self.ids, self.cache, self.position, self.entries)
+        self.ids.copy_(torch.argmax(logits[:, -1], dim=-1, keepdim=True))
+        self.position.add_(1)
+        return logits
 
     def _capture(self) -> None:
         cache = self.cache
@@ -74,8 +80,10 @@ class Decoder:
             side.wait_stream(torch.cuda.current_stream())
             with torch.no_grad(), torch.cuda.stream(side):
                 for _ in range(2):
+                    self.position.fill_(cache.max_len - 1)
                     self._run()
             torch.cuda.current_stream().wait_stream(side)
+            self.position.fill_(cache.max_len - 1)
             graph = torch.cuda.CUDAGraph()
             with torch.no_grad(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = self._run()
@@ -93,15 +101,24 @@ class Decoder:
         """Run `token` at `position` (0 < position < max_len - 1, both checked by the caller on the host): writes its
         K/V and advances the conv/SSM states in the cache; returns fp32 logits [vocab] (a reused buffer). With
         `graph` the step replays the captured graph (captured now if not tried yet), else it runs eagerly."""
+        self.ids.fill_(token)
+        self.position.fill_(position)
+        return self.launch(graph)
+
+    def launch(self, graph: bool = True) -> torch.Tensor:
+        """One step at the token and position the device holds (`ids`, `position`: the previous step's greedy
+        next token and position + 1, or what `__call__` wrote); returns fp32 logits [vocab] (a reused buffer).
+        Nothing is read on the host."""
         if graph and not self._tried:
             self._tried = True
             device = self.position.device
             if device.type != "cuda":
                 self.fallback_reason = f"the model is on {device}, CUDA graphs need a CUDA device"
             else:
+                saved = (self.ids.clone(), self.position.clone())
                 self._capture()
-        self.ids.fill_(token)
-        self.position.fill_(position)
+                self.ids.copy_(saved[0])
+                self.position.copy_(saved[1])
         if graph and self.graph is not None:
             self.graph.replay()
             self.path = "graph"

@@ -540,6 +540,10 @@ class Session:
         consumer early keeps what was yielded. The transcript gets one message with the generated text.
         Arguments are validated when `stream` is called, not at the first `next`.
         """
+        return self._stream(*self._generation_args(max_new_tokens, temperature, top_p, stop, seed, role))
+
+    def _generation_args(self, max_new_tokens, temperature, top_p, stop, seed, role) -> tuple:
+        """Validate `stream`/`generate` arguments (nothing written before); (n, temperature, top_p, stop ids, role)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 0")
         _check_sampling(temperature, top_p)
@@ -553,7 +557,7 @@ class Session:
             raise SessionError("no logits to sample from: append tokens first (a fresh or restored session has none)")
         if seed is not None:
             self._gen.manual_seed(seed)
-        return self._stream(max_new_tokens, float(temperature), float(top_p), stop_ids, role)
+        return max_new_tokens, float(temperature), float(top_p), stop_ids, role
 
     def _stream(self, n, temperature, top_p, stop_ids, role) -> Iterator[int]:
         produced: list[int] = []
@@ -566,19 +570,98 @@ class Session:
                 produced.append(token)
                 yield token
         finally:
-            if produced and role is not None:
-                self._transcript.append({"role": role, "content": self.tokenizer.decode(produced),
-                                        "tokens": len(produced)})
+            self._record_message(produced, role)
+
+    def _record_message(self, produced: list[int], role: str | None) -> None:
+        if produced and role is not None:
+            self._transcript.append({"role": role, "content": self.tokenizer.decode(produced), "tokens": len(produced)})
 
     def generate(self, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  stop: Iterable[int] | int | None = None, seed: int | None = None,
                  role: str | None = "assistant") -> list[int]:
-        """All tokens of `stream(...)` as a list."""
-        return list(self.stream(max_new_tokens, temperature, top_p, stop, seed, role))
+        """All tokens of `stream(...)` as a list (the same tokens, logits and session state).
 
-    def generate_text(self, max_new_tokens: int, **kwargs) -> str:
-        """`generate(...)` decoded as text."""
-        return self.tokenizer.decode(self.generate(max_new_tokens, **kwargs))
+        Greedy generation (temperature 0) on the one-token step ("auto"/"eager") runs pipelined: each step also
+        computes the next greedy token on the device and the next step is queued before the host has read that
+        token, so the device never waits for the host's bookkeeping. A step queued for a token that turns out to
+        stop the generation is undone (its states restored; its K/V lie past the cursor).
+        """
+        args = self._generation_args(max_new_tokens, temperature, top_p, stop, seed, role)
+        n, temperature = args[0], args[1]
+        if n and temperature == 0 and self.decode != "forward" and can_step(self.model) \
+                and not hooks_attached(self.model):
+            return self._generate_pipelined(n, args[3], args[4])
+        return list(self._stream(*args))
+
+    def _generate_pipelined(self, n: int, stop_ids: set, role: str | None) -> list[int]:
+        """Greedy `generate` with the device one step ahead of the host (see `generate`); n <= room was checked.
+
+        Each queued step keeps a snapshot of the conv/SSM states before it. Token t is committed (`record_step`)
+        once step t has finished, while step t + 1 runs; `snap` is always the states of the committed cursor
+        (None: the cache holds exactly them), restored if a queued step is undone or anything raises.
+        """
+        if self._decoder is None or self._decoder.cache is not self.cache:
+            self._decoder = Decoder(self.model, self.cache)
+        decoder, use_graph, cache = self._decoder, self.decode == "auto", self.cache
+        on_cuda = decoder.position.is_cuda
+        produced: list[int] = []
+        token = int(torch.argmax(self._logits))  # the session's sampler at temperature 0
+        if token in stop_ids:
+            return produced
+        pending = []  # queued steps, oldest first: (states before it, its logits, its greedy next token, event)
+
+        def queue(position: int | None = None) -> None:
+            before = (cache.conv_states.clone(), cache.ssm_states.clone())
+            if position is not None:  # the first step; later ones take token and position from the device
+                decoder.ids.fill_(token)
+                decoder.position.fill_(position)
+            logits = decoder.launch(use_graph).clone()
+            nxt = decoder.ids.view(1).clone()
+            done = None
+            if on_cuda:
+                host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+                host.copy_(nxt, non_blocking=True)
+                nxt, done = host, torch.cuda.Event()
+                done.record()
+            pending.append((before, logits, nxt, done))
+
+        snap = None
+        try:
+            with torch.no_grad(), _threads_for(1, self.model.device):
+                queue(self._cursor)
+                snap = pending[0][0]
+                for t in range(n):
+                    if t + 1 < n:
+                        queue()  # step t + 1, for the token step t is computing: undone if that token stops
+                    _, logits, nxt, done = pending.pop(0)
+                    if done is not None:
+                        done.synchronize()
+                    self.record_step(token, logits)  # step t has finished: token t is in the cache
+                    produced.append(token)
+                    self.decode_path = decoder.path
+                    snap = pending[0][0] if pending else None
+                    token = int(nxt[0])
+                    if token in stop_ids:
+                        break
+                if pending:
+                    self._undo_queued(snap)
+        except BaseException:
+            self._undo_queued(snap)
+            raise
+        finally:
+            self._record_message(produced, role)
+        return produced
+
+    def _undo_queued(self, snap) -> None:
+        """After queued steps that are not committed (waited for first): restore the committed cursor's conv/SSM
+        states `snap` (None: nothing to restore). Their K/V lie at positions >= cursor; as after any write there,
+        positions below the highest cursor ever reached count as overwritten (checkpoints covering them are refused)."""
+        if self.cache.conv_states.is_cuda:
+            torch.cuda.current_stream().synchronize()
+        if snap is not None:
+            self.cache.conv_states.copy_(snap[0])
+            self.cache.ssm_states.copy_(snap[1])
+        self._begin_write_at(self._cursor)
 
     # ------------------------------------------------------------------ checkpoints, forks, growth
     def checkpoint(self) -> Checkpoint:
