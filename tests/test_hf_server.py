@@ -311,6 +311,34 @@ def test_stop_string_inside_a_token_trims_reply_and_cache(reference, tmp_path):
     engine.close()
 
 
+def test_snapshot_of_a_template_chat_session_loads_and_continues(reference, tmp_path):
+    """A chat session saved as a snapshot and loaded as a new session passes the template's transcript check and
+    its next turn equals the same turn on the original session; a snapshot whose transcript does not match its
+    cache is refused with 409 when chat continues."""
+    engine, client = engine_app(reference, tmp_path)
+    with client:
+        sid = client.post("/v1/sessions", json={}).json()["session_id"]
+        turn = {"model": "m", "max_tokens": 4, "temperature": 0}
+        assert client.post("/v1/chat/completions", json={**turn, "session_id": sid, "messages": [
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}]}).status_code == 200
+        snap = client.post(f"/v1/sessions/{sid}/save", json={"title": "t"}).json()["id"]
+        copy = client.post(f"/v1/snapshots/{snap}/load", json={}).json()["session_id"]
+        nxt = {**turn, "messages": [{"role": "user", "content": "And the spans?"}]}
+        a = client.post("/v1/chat/completions", json={**nxt, "session_id": sid}).json()
+        b = client.post("/v1/chat/completions", json={**nxt, "session_id": copy}).json()
+        assert a["choices"][0]["message"] == b["choices"][0]["message"] and a["usage"] == b["usage"]
+        # a library-made session (tokens appended without this chat format) saved and loaded: chat refuses it
+        from superlinear_lab.engine import Session
+
+        plain = Session(reference, 64, progress=False)
+        plain.append(reference.tokenizer.encode("not a chat"), role="user")
+        bad = engine.store.save(plain, title="plain")
+        other = client.post(f"/v1/snapshots/{bad}/load", json={}).json()["session_id"]
+        r = client.post("/v1/chat/completions", json={**nxt, "session_id": other})
+        assert r.status_code == 409 and "transcript" in r.json()["error"]["message"]
+    engine.close()
+
+
 def test_end_of_sequence_ends_the_reply_and_the_turn_is_closed(reference, tmp_path):
     """The model ending its turn: with the lm_head rows of <|im_end|> and the third greedy token swapped, greedy
     decoding meets <|im_end|> at step 3. The reply is the two tokens before it (finish "stop"); in a session the
