@@ -120,13 +120,17 @@ def test_non_contiguous_cache_positions():
     _compare(DEFAULT, 1, 4, 2, 5, 60, 16, torch.float32, positions=[3, 40, 41, 17, 59])
 
 
-def test_backward_small_tiles(monkeypatch):
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "masked"])
+def test_backward_small_tiles(monkeypatch, skip):
     """The key-major dK/dV kernels with many small key blocks and pair tiles: a block meets many tiles, tiles end
-    and start inside blocks, and queries come in no particular order (the window's position sort)."""
+    and start inside blocks, and queries come in no particular order (the window's position sort). `masked`:
+    tiles that miss the block are computed under the masks instead of skipped."""
     from superlinear_kernels.triton import span, window
 
+    monkeypatch.setattr(span, "KV_SKIP", skip)
     monkeypatch.setattr(window, "KV_BLOCK", 16)
     monkeypatch.setattr(span, "_blocks", lambda d: (max(16, d), 16, 16))
+    monkeypatch.setattr(span, "KV_TILE", 16)
     _compare(RELEASE_SMALL, 1, 4, 2, 120, 120, 16, torch.float32, starts=[9])
     order = torch.randperm(40, generator=torch.Generator().manual_seed(3)) + 60
     _compare(K3_FORWARD, 2, 4, 2, 40, 100, 16, torch.float32, starts=[0, 21], positions=order.tolist())

@@ -41,5 +41,6 @@ def attention_backward(q1, q2, k, v, qstart, qanchor, qend, gate, out, residuals
     del lse_eff, delta_eff
     span_backward(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dq2, dk, dv)
     del delta
+    dq2 = dq2.to(q2.dtype)  # the fp32 accumulator goes before dQ1 is allocated (lower peak memory)
     dq1 = search_backward(q1, k, qanchor, dvalues, dk)
-    return dq1, dq2.to(q2.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq1, dq2, dk.to(k.dtype), dv.to(v.dtype)

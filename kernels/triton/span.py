@@ -187,12 +187,36 @@ def _span_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
 
 
 @triton.jit
+def _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr, kk, vv, dk, dv,
+                  cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D, G, scale,
+                  NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr):
+    """One pair tile's contribution to a key block's (dK / scale, dV): P recomputed from the pairs' lse."""
+    pair, row, ok, live, qs, qe = _pair_rows(order_ptr, qstart_ptr, qend_ptr, grp, tile, PG, H_Q, H_KV, L_Q, G,
+                                             NUM_SPANS, BLOCK_P)
+    m2 = live[:, None] & dmask[None, :]
+    q = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)
+    gate = tl.load(gate_ptr + pair, mask=live, other=0.0)
+    do = gate[:, None] * tl.load(do_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
+    do = do.to(q.dtype)
+    lse = tl.load(blse_ptr + pair, mask=live, other=float("inf"))
+    delta = tl.load(delta_ptr + pair, mask=live, other=0.0)
+    logits_t = tl.dot(kk, tl.trans(q), input_precision=PRECISION) * scale  # [BLOCK_N, BLOCK_P]
+    allowed = live[None, :] & (cols[:, None] >= qs[None, :]) & (cols[:, None] <= qe[None, :])
+    p_t = tl.where(allowed, tl.exp(logits_t - lse[None, :]), 0.0)
+    dv += tl.dot(p_t.to(q.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(vv, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr,
                         delta_ptr, tile_lo_ptr, tile_hi_ptr, trange_ptr, dk_ptr, dv_ptr,
                         sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                         H_Q, H_KV, L_Q, L_KV, D, G, PG, N_TILES, N_KB, scale,
                         NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr):
     """dK, dV of one key block of one KV group, key-major: the program visits the pair tiles whose key range
     [tile_lo, tile_hi] can meet the block (a contiguous run of tiles, `trange`), skips those that do not,
     keeps dK and dV in registers and adds them once to the window's (no atomics: it owns the block)."""
@@ -218,23 +242,15 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
     for tile in range(t_lo, t_hi):
         lo = tl.load(tile_lo_ptr + grp.to(tl.int64) * N_TILES + tile)
         hi = tl.load(tile_hi_ptr + grp.to(tl.int64) * N_TILES + tile)
-        if (lo < k0 + BLOCK_N) & (hi >= k0):
-            pair, row, ok, live, qs, qe = _pair_rows(order_ptr, qstart_ptr, qend_ptr, grp, tile, PG, H_Q, H_KV,
-                                                     L_Q, G, NUM_SPANS, BLOCK_P)
-            m2 = live[:, None] & dmask[None, :]
-            q = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)
-            gate = tl.load(gate_ptr + pair, mask=live, other=0.0)
-            do = gate[:, None] * tl.load(do_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
-            do = do.to(q.dtype)
-            lse = tl.load(blse_ptr + pair, mask=live, other=float("inf"))
-            delta = tl.load(delta_ptr + pair, mask=live, other=0.0)
-            logits_t = tl.dot(kk, tl.trans(q), input_precision=PRECISION) * scale  # [BLOCK_N, BLOCK_P]
-            allowed = live[None, :] & (cols[:, None] >= qs[None, :]) & (cols[:, None] <= qe[None, :])
-            p_t = tl.where(allowed, tl.exp(logits_t - lse[None, :]), 0.0)
-            dv += tl.dot(p_t.to(q.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(vv, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        if SKIP:
+            if (lo < k0 + BLOCK_N) & (hi >= k0):
+                dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr,
+                                       kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D, G, scale,
+                                       NUM_SPANS, BLOCK_P, PRECISION)
+        else:  # tiles that miss the block are computed under the masks (no branch in the loop)
+            dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr,
+                                   kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D, G, scale,
+                                   NUM_SPANS, BLOCK_P, PRECISION)
     off = (grp.to(tl.int64) * L_KV + cols[:, None]) * D + d[None, :]  # dk/dv: contiguous fp32 [B, H_KV, L_KV, D]
     tl.store(dk_ptr + off, tl.load(dk_ptr + off, mask=kv_mask, other=0.0) + dk * scale, mask=kv_mask)
     tl.store(dv_ptr + off, tl.load(dv_ptr + off, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
@@ -264,6 +280,12 @@ def tile_key_ranges(qstart, qend, order, n_groups: int, block_p: int, l_kv: int,
     return lo, hi, torch.stack([first, last], dim=-1).contiguous()
 
 
+KV_TILE = 64  # sorted pairs per tile visited by the key-major kernel (independent of the dQ kernel's tiles)
+KV_SKIP = True  # branch over tiles of the run that miss the block (else they are computed fully masked)
+DQ_BLOCK_N = 64  # keys per loop trip of the dQ kernel (D <= 128; 32 above)
+DQ_STAGES = 2
+
+
 def span_backward(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dq, dk, dv) -> None:
     """Span part of the backward, adding into fp32 dq [B,H_Q,L_Q,D], dk, dv [B,H_KV,L_KV,D] (contiguous; the
     window backward has stored them).
@@ -272,7 +294,7 @@ def span_backward(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dq
     `order` is the pair sort of the forward (or None: sorted here). dQ2 from the pair tiles (`_span_bwd_dq_kernel`),
     dK/dV key-major (`_span_bwd_kv_kernel`); P is recomputed from the stored lse in both.
     """
-    from .window import KV_BLOCK
+    from . import window
 
     b, h_q, l_q, d = q2.shape
     h_kv, l_kv = k.shape[1], k.shape[2]
@@ -287,12 +309,12 @@ def span_backward(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dq
     _span_bwd_dq_kernel[(triton.cdiv(pg, block_p), b * h_kv)](
         q2, k, v, order, qstart, qend, do, gate, branch_lse, delta, dq, *strides,
         h_q, h_kv, l_q, d, group, pg, d ** -0.5,
-        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=bd, PRECISION=precision,
-        num_warps=4, num_stages=2)
-    tile_lo, tile_hi, ranges = tile_key_ranges(qstart, qend, order, b * h_kv, block_p, l_kv, KV_BLOCK)
-    n_kb = triton.cdiv(l_kv, KV_BLOCK)
+        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=min(block_n, DQ_BLOCK_N), BLOCK_D=bd, PRECISION=precision,
+        num_warps=4, num_stages=DQ_STAGES)
+    tile_lo, tile_hi, ranges = tile_key_ranges(qstart, qend, order, b * h_kv, KV_TILE, l_kv, window.KV_BLOCK)
+    n_kb = triton.cdiv(l_kv, window.KV_BLOCK)
     _span_bwd_kv_kernel[(n_kb, b * h_kv)](
         q2, k, v, order, qstart, qend, do, gate, branch_lse, delta, tile_lo, tile_hi, ranges, dk, dv, *strides,
         h_q, h_kv, l_q, l_kv, d, group, pg, tile_lo.shape[1], n_kb, d ** -0.5,
-        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=KV_BLOCK, BLOCK_D=bd, PRECISION=precision,
-        num_warps=8 if bd >= 128 else 4, num_stages=1)
+        NUM_SPANS=num_spans, BLOCK_P=KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=bd, PRECISION=precision,
+        SKIP=KV_SKIP, num_warps=window.KV_WARPS if bd >= 128 else 4, num_stages=window.KV_STAGES)

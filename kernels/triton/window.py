@@ -207,6 +207,8 @@ def _window_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, spos_ptr, qrange_ptr, 
 
 
 KV_BLOCK = 64  # keys per program of the key-major backward kernels (window and span)
+KV_WARPS = 8  # warps of those kernels for D >= 128 (4 below): dK and dV stay in registers
+KV_STAGES = 1  # software-pipelining stages of those kernels
 
 
 def window_query_ranges(positions: torch.Tensor, l_kv: int, window: int, block_n: int):
@@ -253,4 +255,4 @@ def window_backward(q2, k, v, positions, row_start, window, do, lse, delta, dq, 
         q2, k, v, order, sorted_pos, ranges, row_start, do, lse, delta, dk, dv, *strides,
         h_q, h_kv, l_q, l_kv, d, group, chunks_kv, window, d ** -0.5,
         GH=gh_kv, BQ=bq_kv, BLOCK_N=KV_BLOCK, BLOCK_D=bd, PRECISION=precision,
-        num_warps=8 if bd >= 128 else 4, num_stages=1)
+        num_warps=KV_WARPS if bd >= 128 else 4, num_stages=KV_STAGES)

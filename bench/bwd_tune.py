@@ -1,0 +1,133 @@
+"""GPU: per-kernel profile and block-size sweep of the Triton backward (release layer, bf16), then optionally the
+gradient checks of `gpu_check.py` and train-step rows of `speed.py` with the fastest setting.
+
+The settings are module constants of the backend (`window.KV_BLOCK`, `KV_WARPS`, `KV_STAGES`, `span.KV_TILE`,
+`KV_SKIP`, `DQ_BLOCK_N`, `DQ_STAGES`), set
+in-process for each candidate; the backward of one forward is replayed (retain_graph) and timed with CUDA events.
+
+    python bench/bwd_tune.py [--length 131072] [--check]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_check  # noqa: E402  (imports superlinear_kernels from this checkout)
+import speed  # noqa: E402
+from superlinear_kernels import SpanConfig, superlinear_attention  # noqa: E402
+from superlinear_kernels.triton import span, window  # noqa: E402
+
+CANDIDATES = [
+    {},  # the shipped defaults
+    {"span.KV_TILE": 128},
+    {"window.KV_BLOCK": 128},
+    {"window.KV_BLOCK": 32, "window.KV_WARPS": 4},
+    {"span.KV_SKIP": False, "window.KV_STAGES": 2},
+    {"span.DQ_BLOCK_N": 32, "span.DQ_STAGES": 1},
+]
+MODULES = {"window": window, "span": span}
+
+
+def apply(setting: dict) -> dict:
+    """Set the constants of `setting`; returns the previous values."""
+    old = {}
+    for key, value in setting.items():
+        mod, name = key.split(".")
+        old[key] = getattr(MODULES[mod], name)
+        setattr(MODULES[mod], name, value)
+    return old
+
+
+def backward_times(length: int, reps: int, profile: bool):
+    cfg = SpanConfig.release()
+    q1, q2, k, v = (x.requires_grad_() for x in speed.make_inputs(length, torch.bfloat16, False))
+    dout = torch.randn(q2.shape, device="cuda", dtype=torch.bfloat16)
+    out = superlinear_attention(q1, q2, k, v, torch.arange(length, device="cuda"), cfg, backend="triton")
+
+    def bwd():
+        for x in (q1, q2, k, v):
+            x.grad = None
+        out.backward(dout, retain_graph=True)
+
+    bwd()  # compiles
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        bwd()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    kernels = {}
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            bwd()
+            torch.cuda.synchronize()
+        for ev in prof.key_averages():
+            t = getattr(ev, "self_device_time_total", 0) / 1e3
+            if t > 0:
+                kernels[ev.key[:70]] = kernels.get(ev.key[:70], 0.0) + t
+        kernels = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:12])
+    return sorted(times)[len(times) // 2], kernels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=131072)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--check", action="store_true", help="gradient checks + train rows with the fastest setting")
+    args = parser.parse_args()
+    rows = []
+    report = {"length": args.length, "device": torch.cuda.get_device_name(), "rows": rows}
+    out = Path(os.environ.get("OUT", ROOT / "bench")) / "bwd_tune.json"
+    for i, setting in enumerate(CANDIDATES):
+        old = apply(setting)
+        try:
+            seconds, kernels = backward_times(args.length, args.reps, profile=(i == 0))
+            rows.append({"setting": setting, "backward_s": seconds, "profile_ms": kernels})
+            print(f"{json.dumps(setting):55s} backward {seconds * 1e3:8.1f} ms", flush=True)
+            for name, ms in kernels.items():
+                print(f"    {ms:8.2f} ms  {name}", flush=True)
+        except Exception as e:  # a setting that does not compile or fit is reported, not fatal
+            rows.append({"setting": setting, "error": repr(e)[:300]})
+            print(f"{json.dumps(setting):55s} error {repr(e)[:200]}", flush=True)
+        finally:
+            apply(old)
+            torch.cuda.empty_cache()
+            out.write_text(json.dumps(report, indent=1))
+    timed = [r for r in rows if "backward_s" in r]
+    best = min(timed, key=lambda r: r["backward_s"])
+    print(f"fastest: {json.dumps(best['setting'])} {best['backward_s'] * 1e3:.1f} ms", flush=True)
+    report["best"] = best["setting"]
+    if args.check:
+        apply(best["setting"])
+        for pname, cfg in gpu_check.PRESETS.items():
+            for dname, dtype in gpu_check.DTYPES.items():
+                gpu_check.check_grad(pname, cfg, dname, dtype)
+        gpu_check.check_grad("release", SpanConfig.release(), "fp32", torch.float32, h_q=8)
+        report["checks"] = gpu_check.ROWS
+        report["train"] = []
+        for n in (32768, 131072, 262144):
+            report["train"].append(speed.train_row(n, SpanConfig.release(), torch.bfloat16, False, 1, 1 << 18, False))
+            out.write_text(json.dumps(report, indent=1))
+            r = report["train"][-1]
+            print(f"train {r['length']}: ours {r['ours_s']:.4f} s (fwd {r['ours_fwd_s']:.4f}), dense {r['dense_s']:.4f} s, "
+                  f"ratio {r['ratio']:.2f}, bwd/fwd {r['ours_bwd_over_fwd']:.2f}, peak {r['peak_extra_gb']:.2f} GB "
+                  f"(dense {r['dense_peak_extra_gb']:.2f})", flush=True)
+        failed = [r for r in gpu_check.ROWS if not r["ok"]]
+        print(f"{len(gpu_check.ROWS) - len(failed)}/{len(gpu_check.ROWS)} gradient checks passed", flush=True)
+    out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
