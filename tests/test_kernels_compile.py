@@ -35,8 +35,9 @@ _SCRIPT = textwrap.dedent('''
     # Stop at PTX: the front end, MLIR passes and LLVM are what the interpreter skips; ptxas would double the time.
     CUDABackend.make_cubin = lambda self, src, metadata, *args, **kwargs: b""
 
-    HALF = {"q_ptr", "k_ptr", "v_ptr", "q1_ptr", "out_ptr", "do_ptr"}  # the model dtype (fp16 here)
-    I64 = {"pos_ptr", "start_ptr", "order_ptr", "mstripe_ptr", "table_ptr", "blen_ptr", "flen_ptr", "part_a_ptr"}
+    HALF = {"q_ptr", "k_ptr", "v_ptr", "q1_ptr", "out_ptr", "do_ptr", "res_ptr", "dq1_ptr"}  # the model dtype (fp16)
+    I64 = {"pos_ptr", "start_ptr", "order_ptr", "mstripe_ptr", "table_ptr", "blen_ptr", "flen_ptr", "part_a_ptr",
+           "spos_ptr", "qrange_ptr", "tile_lo_ptr", "tile_hi_ptr", "trange_ptr"}
     I32 = {"qstart_ptr", "qend_ptr", "qanchor_ptr", "anchor_ptr"}
     FLOAT = {"scale", "qk_scale", "INVALID"}
     WIDE = ("sk_", "sv_")  # strides are int64
@@ -68,10 +69,17 @@ _SCRIPT = textwrap.dedent('''
         (search._search_merge_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BLOCK_R=4, BLOCK_C=128)),
         (search._search_bwd_kernel, dict(NUM_SPANS=K, BLOCK_R=32, BLOCK_D=BD)),
         (window._window_fwd_kernel, dict(GH=wgh, BQ=wbq, BLOCK_N=64, BLOCK_D=BD, PRECISION="tf32")),
-        (window._window_bwd_kernel, dict(GH=wgh, BQ=wbq, BLOCK_N=32, BLOCK_D=BD, PRECISION="tf32")),
+        (window._window_bwd_dq_kernel, dict(GH=wgh, BQ=wbq, BLOCK_N=64, BLOCK_D=BD, PRECISION="tf32")),
+        (window._window_bwd_kv_kernel, dict(GH=wgh, BQ=wbq, BLOCK_N=window.KV_BLOCK, BLOCK_D=BD, PRECISION="tf32")),
         (span._span_fwd_kernel, dict(NUM_SPANS=K, BLOCK_P=sbp, BLOCK_N=sbn, BLOCK_D=sbd, PRECISION="tf32")),
-        (span._span_bwd_kernel, dict(NUM_SPANS=K, BLOCK_P=sbp, BLOCK_N=32, BLOCK_D=sbd, PRECISION="tf32")),
-        (merge._gate_kernel, dict(NUM_SPANS=K, BLOCK_R=32, BLOCK_D=BD)),
+        (span._span_bwd_dq_kernel, dict(NUM_SPANS=K, BLOCK_P=sbp, BLOCK_N=min(sbn, span.DQ_BLOCK_N), BLOCK_D=sbd,
+                                        PRECISION="tf32")),
+        (span._span_bwd_kv_kernel, dict(NUM_SPANS=K, BLOCK_P=span.KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=sbd,
+                                        PRECISION="tf32", SKIP=True)),
+        (span._span_bwd_kv_kernel, dict(NUM_SPANS=K, BLOCK_P=span.KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=sbd,
+                                        PRECISION="tf32", SKIP=False)),
+        (merge._gate_kernel, dict(NUM_SPANS=K, BLOCK_R=32, BLOCK_D=BD, RESIDUALS=True)),
+        (merge._gate_bwd_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BLOCK_R=16, BLOCK_D=BD)),
         (decode._decode_group_kernel, dict(NUM_SPANS=K, RB=decode.DECODE_MAX_ROWS, BLOCK_N=decode.DECODE_BLOCK_N,
                                            BLOCK_D=BD, EVEN_D=True, PRECISION="tf32")),
         (decode._decode_merge_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BC=64, BLOCK_D=BD)),
@@ -102,4 +110,4 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     failed = [f"{name} (sm_{arch}): {error}" for name, arch, _, error in results if error]
     assert not failed, "\n".join(failed)
-    assert len(results) == 11 and all(size > 0 for _, _, size, _ in results)
+    assert len(results) == 15 and all(size > 0 for _, _, size, _ in results)
