@@ -178,6 +178,30 @@ def test_serve_chat_session_appends_only_the_new_turn(oai, reference):
         len(context) + len(reply2) + closing
 
 
+def test_serve_chat_template_file_for_a_tokenizer_without_one(tmp_path):
+    """The documented fallback, end to end: `serve --model DIR --chat-template FILE` for a tokenizer without a
+    template formats chats with the file's template."""
+    openai = pytest.importorskip("openai")
+    from server_process import ServerProcess
+
+    model_dir = build_model_dir(tmp_path / "plain", template=None)
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}### assistant: {% endif %}")
+    server = ServerProcess(tmp_path, "--model", str(model_dir), "--chat-template", str(template),
+                           "--session-max-seq-len", "256")
+    server.args.remove("--random-init")
+    reference = load(model_dir)
+    tok = reference.tokenizer.tok
+    with server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model="hf/plain", messages=[{"role": "user", "content": QUESTION}],
+                                           max_tokens=4, temperature=0)
+    prompt = tok.encode(f"### user: {QUESTION}\n") + tok.encode("### assistant: ")
+    assert r.usage.prompt_tokens == len(prompt)
+    assert r.choices[0].message.content == tok.decode(greedy(reference, prompt, 4)[0])
+
+
 # ---------------------------------------------------------------------- in process: templates and stop strings
 def engine_app(model, tmp_path, **kwargs):
     from fastapi.testclient import TestClient
