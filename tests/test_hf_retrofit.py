@@ -117,6 +117,36 @@ def test_module_cli(tmp_path, stream, capsys):
         rf.RetrofitSettings(seq_len=0)
 
 
+def test_cli_keeps_the_models_tokenizer(tmp_path, capsys):
+    """A model with its own tokenizer: retrofit reads the text with it and writes it beside the result, which opens
+    (as serve/report open it) with that tokenizer; a model without one is a clear error."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from superlinear_lab.hf.open import load
+
+    text = tmp_path / "doc.txt"
+    text.write_text("Return the sum of a and b. Raises TypeError when an argument is not a number.\n" * 40)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([text.read_text()], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|end|>")
+    torch.manual_seed(5)
+    config = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(str(tmp_path / "dense"))
+    assert rf.main([str(tmp_path / "dense"), "--out", str(tmp_path / "x"), "--text", str(text), "--steps", "1"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+    tok.save_pretrained(str(tmp_path / "dense"))
+    assert rf.main([str(tmp_path / "dense"), "--out", str(tmp_path / "run"), "--text", str(text), "--steps", "2",
+                    "--seq-len", "32", "--batch-size", "2", "--device", "cpu"]) == 0
+    opened = load(tmp_path / "run" / "model")
+    assert isinstance(opened.tokenizer, hf.model.HFTokenizer)
+    assert opened.tokenizer.encode("Return the sum") == tok.encode("Return the sum")
+
+
 def test_train_attention_too_against_a_frozen_teacher(tmp_path, stream, monkeypatch):
     """train="attention": the converted layer's own projections train too, MLPs and dense layers do not, and the
     teacher is the original dense model (the first step's KL equals a Q1-only run's on the same batch)."""

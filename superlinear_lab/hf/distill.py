@@ -419,14 +419,20 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).to(device)
     tokenizer = None
-    if (Path(args.model) / "tokenizer_config.json").exists():
+    if (Path(args.model) / "tokenizer_config.json").exists() or (Path(args.model) / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    ids = text_ids(args.text, _tokenizer_for(model, tokenizer))
+    try:
+        ids = text_ids(args.text, _tokenizer_for(model, tokenizer))
+    except ValueError as exc:  # a model without a tokenizer cannot read the text
+        print(f"superlinear-lab retrofit: error: {args.model}: {exc}", file=sys.stderr)
+        return 2
     began = time.perf_counter()
     result = retrofit(model, cfg, ids, args.out, layers=layers, settings=settings, resume=not args.no_resume,
                       allow_gaps=args.allow_gaps)
+    if tokenizer is not None:  # the written model keeps its tokenizer (serve/report read it from the folder)
+        tokenizer.save_pretrained(str(Path(args.out) / "model"))
     log.info("retrofit: %d steps in %.1f s; final loss %.4g; model written to %s", result.steps_done,
              time.perf_counter() - began, result.history[-1]["loss"] if result.history else float("nan"),
              Path(args.out) / "model")
