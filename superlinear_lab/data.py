@@ -209,6 +209,10 @@ def _number(rng: random.Random, taken: set[str]) -> str:
             return value
 
 
+class TooShort(ValueError):
+    """The task's statements, question and answer do not fit the requested length."""
+
+
 class _Builder:
     """Assembles filler + inserted needles + question + answer to exactly `length` tokens, tracking ranges."""
 
@@ -235,7 +239,7 @@ class _Builder:
         fixed = 1 + len(q_ids) + len(a_ids) + sum(len(p) for p in pieces)
         n_filler = self.length - fixed
         if n_filler < 8:
-            raise ValueError(f"length={self.length}: too short for this task (needs more than {fixed + 8} tokens)")
+            raise TooShort(f"length={self.length}: too short for this task (needs more than {fixed + 8} tokens)")
         filler = text_window(self.rng, n_filler, self.split)
         cuts = []
         for depth, _, _ in self.needles:  # insertion points in the filler, snapped back to a line/word start

@@ -315,9 +315,15 @@ def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Exam
     if task == "fact_multi_key":
         return fact(length, seed, split, kind=n.choice(("name", "word", "number")),
                     n_distractors=n.randint(1, max(1, min(5, room - 1))), near_keys=True, task=task)
-    if task == "fact_list":
-        return fact_list(length, seed, split, n_words=n.randint(3, max(3, min(12, length // 48))),
-                         n_distractors=n.randint(0, max(0, min(2, room // 3))))
+    if task == "fact_list":  # as many words and distractor lists as fit: fewer when the row is too short
+        words, lists = n.randint(3, max(3, min(12, length // 48))), n.randint(0, max(0, min(2, room // 3)))
+        while True:
+            try:
+                return fact_list(length, seed, split, n_words=words, n_distractors=lists)
+            except D.TooShort:
+                if lists == 0 and words == 1:
+                    raise
+                lists, words = (lists - 1, words) if lists else (0, words - 1)
     if task in TASKS:
         return fact(length, seed, split, kind=task.removeprefix("fact_"),
                     n_distractors=n.randint(0, max(0, min(5, room - 1))))

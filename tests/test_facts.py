@@ -116,6 +116,17 @@ def test_word_lists_mark_every_word_and_its_bytes(split):
         assert ex.needs == expected
 
 
+def test_word_lists_fit_short_rows():
+    """fact_list drops distractor lists, then words, until the row fits (a 5-word list does not fit 256 tokens);
+    the seed's own choice is kept where it fits, so long rows still hold long lists."""
+    for length in (200, 256, 384, 512, 1100):
+        sizes = [len(D.make_example("fact_list", length, seed, "train").meta["words"]) for seed in range(16)]
+        assert min(sizes) >= 1
+    assert max(len(D.make_example("fact_list", 1100, seed, "train").meta["words"]) for seed in range(16)) >= 10
+    with pytest.raises(D.TooShort):
+        F.fact_list(256, 0, "train", n_words=12)
+
+
 # --------------------------------------------------------------------------- chance recall
 def _naive_offsets(p: Fraction, up_to: int) -> list[int]:
     u, v = p.numerator, p.denominator
