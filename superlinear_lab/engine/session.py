@@ -474,10 +474,14 @@ class Session:
         model = self.model
         if self.decode == "forward" or not can_step(model) or hooks_attached(model):
             return model(torch.tensor([[token]], device=model.device), self.cache, self._cursor)[0, -1], "forward"
-        decoder = self._decoder
-        if decoder is None or decoder.cache is not self.cache:
-            decoder = self._decoder = Decoder(model, self.cache)
+        decoder = self._current_decoder()
         return decoder(token, self._cursor, graph=self.decode == "auto"), decoder.path
+
+    def _current_decoder(self) -> Decoder:
+        """The one-token `Decoder` over the current cache (a new one, to be captured anew, after `grow`)."""
+        if self._decoder is None or self._decoder.cache is not self.cache:
+            self._decoder = Decoder(self.model, self.cache)
+        return self._decoder
 
     @property
     def decode(self) -> str:
@@ -600,9 +604,7 @@ class Session:
         once step t has finished, while step t + 1 runs; `snap` is always the states of the committed cursor
         (None: the cache holds exactly them), restored if a queued step is undone or anything raises.
         """
-        if self._decoder is None or self._decoder.cache is not self.cache:
-            self._decoder = Decoder(self.model, self.cache)
-        decoder, use_graph, cache = self._decoder, self.decode == "auto", self.cache
+        decoder, use_graph, cache = self._current_decoder(), self.decode == "auto", self.cache
         on_cuda = decoder.position.is_cuda
         produced: list[int] = []
         token = int(torch.argmax(self._logits))  # the session's sampler at temperature 0
