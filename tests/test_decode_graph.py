@@ -150,6 +150,7 @@ def test_session_eager_step_equals_forward_path(model):
     assert a.decode_path == "forward" and b.decode_path == "eager"
     assert out_a == out_b and len(out_a) == 24
     assert_same(observable(a), observable(b))
+    assert a.generate_text(6) == b.generate_text(6) == model.tokenizer.decode(b.ids[-6:].tolist())
 
 
 def test_auto_on_cpu_falls_back_to_the_eager_step_and_says_why(model):

@@ -665,6 +665,10 @@ class Session:
             self.cache.ssm_states.copy_(snap[1])
         self._begin_write_at(self._cursor)
 
+    def generate_text(self, max_new_tokens: int, **kwargs) -> str:
+        """`generate(...)` decoded as text."""
+        return self.tokenizer.decode(self.generate(max_new_tokens, **kwargs))
+
     # ------------------------------------------------------------------ checkpoints, forks, growth
     def checkpoint(self) -> Checkpoint:
         """Capture the state to return to (cheap: K/V is not copied)."""
