@@ -257,7 +257,52 @@ _VIEWS_CELLS = (
     "stripes",
     # 4: coverage map
     "CoverageMap(trace)",
+    # 5: the missed-span debugger (its explanation must be fully visible)
+    "from superlinear_lab.widgets import MissedSpanDebugger\n"
+    "MissedSpanDebugger(trace, [(100, 112), (700, 730), (1200, 1203)], queries=[N - 1])",
 )
+
+# Every part of the debugger's explanation is visible: no element of its panel that clips (overflow other than
+# visible) holds more than it shows, and every line of text (outside the scrollable text excerpt) lies inside
+# the view and inside every clipping ancestor up to it. Returns the problems found (empty: fully visible).
+_CLIPPED = """el => {
+  const ex = el.querySelector('.sl-explain');
+  if (!ex || !ex.innerText.trim()) return ['no explanation shown'];
+  const out = [];
+  const clips = [];
+  const panel = ex.closest('.widget-html');
+  for (let a = ex; a && a !== el.parentElement; a = a.parentElement) {
+    const cs = getComputedStyle(a), name = a.className || a.tagName;
+    if (cs.overflowX !== 'visible' || cs.overflowY !== 'visible') clips.push(a);
+    if (!panel.contains(a)) continue;  // above the panel: only where the text lands counts (below)
+    if (cs.overflowX !== 'visible' && a.scrollWidth > a.clientWidth + 1)
+      out.push(`${name}: ${a.scrollWidth} px wide content in ${a.clientWidth} px (overflow-x ${cs.overflowX})`);
+    if (cs.overflowY !== 'visible' && a.scrollHeight > a.clientHeight + 1)
+      out.push(`${name}: ${a.scrollHeight} px high content in ${a.clientHeight} px (overflow-y ${cs.overflowY})`);
+  }
+  if (ex.scrollWidth > ex.clientWidth + 1) out.push(`explanation: content ${ex.scrollWidth} px > ${ex.clientWidth} px`);
+  const boxes = [el, ...clips].map(a => [a.className || a.tagName, a.getBoundingClientRect()]);
+  const walker = document.createTreeWalker(ex, NodeFilter.SHOW_TEXT);
+  let n = 0;
+  for (let t = walker.nextNode(); t; t = walker.nextNode()) {
+    if (!t.textContent.trim() || t.parentElement.closest('.sl-document, style')) continue;
+    const range = document.createRange();
+    range.selectNodeContents(t);
+    for (const r of range.getClientRects()) {
+      n++;
+      for (const [name, b] of boxes)
+        if (r.left < b.left - 1 || r.right > b.right + 1 || r.top < b.top - 1 || r.bottom > b.bottom + 1)
+          out.push(`text "${t.textContent.slice(0, 40)}" at x ${Math.round(r.left)}–${Math.round(r.right)}, `
+                   + `y ${Math.round(r.top)}–${Math.round(r.bottom)} outside ${name}`);
+    }
+  }
+  const doc = ex.querySelector('.sl-document');
+  if (doc && doc.scrollWidth > doc.clientWidth + 1) out.push(`text excerpt: ${doc.scrollWidth} px > ${doc.clientWidth} px`);
+  if (n === 0) out.push('no text line measured');
+  return out.slice(0, 8);
+}"""
+# what a panel that does not wrap looks like (the defect of issue 15): the check above must see it
+_BREAK_WRAPPING = ".sl-explain { white-space: nowrap !important; } .widget-html-content { overflow: hidden !important; }"
 
 _PANE_STATE = """el => {
   const gd = el.matches('.js-plotly-plot') ? el : el.querySelector('.js-plotly-plot');
@@ -300,7 +345,7 @@ def test_views_visual_defects(lab, browser):
     blocked = _offline(page, base)
     try:
         views = _run_notebook(page, base, token, VIEWS_NOTEBOOK, "views")  # no error, nothing on stderr
-        cmp, single, stripes, coverage = (views.nth(i) for i in range(4))
+        cmp, single, stripes, coverage, dbg = (views.nth(i) for i in range(5))
 
         # compare mode: every marker of the score panel (A's, the profile, B's) lies inside its y range
         state = _pane(cmp, 1).evaluate(_PANE_STATE)
@@ -365,12 +410,68 @@ def test_views_visual_defects(lab, browser):
 
         # CoverageMap: no "(below 0)" legend; unreached keys have their own axis
         assert "below 0" not in coverage.inner_text()
+
+        # the debugger's explanation is fully visible: on the first miss, and after a click on another cell
+        dbg.scroll_into_view_if_needed()
+        assert dbg.evaluate(_CLIPPED) == []
+        grid = _pane(dbg, 0).locator(".nsewdrag").first.bounding_box()
+        before = _view_text(dbg)
+        page.mouse.click(grid["x"] + 0.9 * grid["width"], grid["y"] + 0.9 * grid["height"])
+        _wait_changed(page, dbg, before)
+        assert dbg.evaluate(_CLIPPED) == []
+        dbg.screenshot(path=str(ARTIFACTS / "views.debugger.png"))
+        # … and the check sees clipping when the panel stops wrapping (so its silence above means something)
+        style = page.add_style_tag(content=_BREAK_WRAPPING)
+        assert dbg.evaluate(_CLIPPED), "the visibility check did not notice a clipped explanation"
+        style.evaluate("s => s.remove()")
+        assert dbg.evaluate(_CLIPPED) == []
         cmp.screenshot(path=str(ARTIFACTS / "views.compare.png"))
         coverage.screenshot(path=str(ARTIFACTS / "views.coverage.png"))
         _assert_no_errors(page, VIEWS_NOTEBOOK)
         assert not blocked, f"views: the page tried to reach the network: {blocked[:5]}"
     finally:
         page.close()
+
+
+# how many figures of the open notebook's static copies carry a PNG
+_STATIC_PNGS = """(() => window.jupyterapp.shell.currentWidget.context.model.toJSON().cells
+  .flatMap(c => c.outputs || []).filter(o => o.data && o.data['application/vnd.plotly.v1+json'] && o.data['image/png'])
+  .length)()"""
+
+
+def _check_saved_without_javascript(base: str, token: str, n_views: int, n_figures: int) -> None:
+    """The saved .ipynb (read back from the server) shows every view to a reader that runs no JavaScript (GitHub,
+    nbconvert): each static copy's text panels as HTML and each figure as a PNG; rendered by nbconvert with every
+    script removed, the page holds those pictures and panels, and no figure is left as a text placeholder."""
+    import base64
+    import re
+    import struct
+    import urllib.request
+
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    with urllib.request.urlopen(f"{base}/api/contents/{VIEWS_NOTEBOOK}?content=1&token={token}") as r:
+        nb = nbformat.from_dict(json.loads(r.read())["content"])
+    outputs = [o for cell in nb.cells for o in cell.get("outputs", []) if o.get("output_type") == "display_data"]
+    statics = [o for o in outputs if "sl-static'" in o["data"].get("text/html", "")]
+    figures = [o for o in outputs if "application/vnd.plotly.v1+json" in o["data"]]
+    assert len(statics) == n_views and len(figures) == n_figures, (len(statics), len(figures))
+    for o in figures:
+        png = base64.b64decode(o["data"].get("image/png", ""))
+        assert png[:8] == b"\x89PNG\r\n\x1a\n", "a figure of the static copy has no PNG"
+        w, h = struct.unpack(">II", png[16:24])
+        layout = o["data"]["application/vnd.plotly.v1+json"]["layout"]
+        assert (w, h) == (layout.get("width", w), layout["height"]) and len(png) > 8_000, (w, h, len(png))
+    # the live views' own fallbacks add nothing (the static copy shows the panels once)
+    assert all(o["data"].get("text/html", "") == "" for o in outputs if
+               "application/vnd.jupyter.widget-view+json" in o["data"])
+    page, _ = HTMLExporter().from_notebook_node(nb)
+    page = re.sub(r"<script\b.*?</script>", "", page, flags=re.S | re.I)
+    assert len(re.findall(r"<img [^>]*src=\"data:image/png;base64,", page)) >= n_figures
+    assert "&lt;figure:" not in page and "<figure:" not in page  # no figure fell back to its text placeholder
+    assert page.count("static copy: the live view needs a running kernel") == n_views
+    assert "Chosen spans of query" in page and "evidence keys" in page  # explorer and debugger panels
 
 
 def test_saved_notebook_shows_views_without_kernel(lab, browser):
@@ -382,16 +483,20 @@ def test_saved_notebook_shows_views_without_kernel(lab, browser):
     try:
         views = _run_notebook(page, base, token, VIEWS_NOTEBOOK, "saved")
         n_views, n_figures = views.count(), page.locator(".sl-view .sl-pane").count()
-        page.wait_for_timeout(2500)  # the static copy follows the view 2 s after its last change
+        # the static copy follows the view 2 s after its last change, with a picture of each figure (PNG)
+        page.wait_for_function(_STATIC_PNGS + f" >= {n_figures}", timeout=120_000, polling=500)
         page.evaluate(_SAVE)
         page.wait_for_function("() => !window.jupyterapp.shell.currentWidget.context.model.dirty", timeout=30_000)
+        _check_saved_without_javascript(base, token, n_views, n_figures)
         page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
         page.wait_for_timeout(500)
         page.goto(f"{base}/lab/tree/{VIEWS_NOTEBOOK}?token={token}&reset", wait_until="domcontentloaded")
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
         page.wait_for_function(_KERNEL_IDLE, timeout=60_000)
-        page.wait_for_function(f"() => document.querySelectorAll('.jp-OutputArea .main-svg').length >= {n_figures}",
-                               timeout=60_000)
+        # every figure is shown: drawn by plotly from its JSON, or its picture (JupyterLab may prefer the PNG)
+        page.wait_for_function("() => [...document.querySelectorAll('.jp-OutputArea-output')].filter(o => o.offsetWidth"
+                               " > 0 && (o.querySelector('.js-plotly-plot .main-svg') || [...o.querySelectorAll('img')]"
+                               f".some(i => i.naturalWidth > 300))).length >= {n_figures}", timeout=60_000)
         # the widget manager has given up on the old models (its error nodes exist) …
         page.wait_for_function(f"() => document.querySelectorAll('.jp-OutputArea-output.jupyter-widgets').length"
                                f" >= {n_views}", timeout=60_000)

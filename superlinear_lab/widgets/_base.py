@@ -38,7 +38,7 @@ COLORS = {
 FONT = dict(family="system-ui, -apple-system, 'Segoe UI', sans-serif", size=12)
 # FigureWidgets do not reliably measure their output area when first shown (they fall back to plotly's 700 px),
 # so widgets get an explicit width that fits JupyterLab's default notebook column; exports stay responsive.
-WIDGET_WIDTH = 980
+WIDGET_WIDTH = 960
 
 
 _AXIS = dict(gridcolor="#EBF0F8", linecolor="#EBF0F8", zerolinecolor="#EBF0F8", zerolinewidth=2, ticks="",
@@ -212,31 +212,63 @@ class View:
 
     def static_outputs(self) -> list[dict]:
         """Display bundles of the static copy shown next to the live view (see `_ipython_display_`): the text
-        panels, then each figure as plotly JSON (rendered without a kernel by JupyterLab, VS Code, nbviewer),
+        panels, then each figure as plotly JSON (rendered without a kernel by JupyterLab, VS Code, nbviewer) and,
+        once the browser has drawn it, as a PNG (for readers that run no JavaScript: GitHub, nbconvert's HTML),
         each preceded by a marker the live view uses to hide it."""
         out = [{"text/html": _STATIC_STYLE + _MARKER + self.static_html(),
                 "text/plain": f"{self.title}: {self.summary()}"}]
-        for fig in self.figures():
+        panes = self._view.figure_widgets if self._view is not None else []
+        for i, fig in enumerate(self.figures()):
             out.append({"text/html": _MARKER, "text/plain": ""})
-            out.append({"application/vnd.plotly.v1+json": json.loads(pio.to_json(fig, validate=False)),
-                        "text/plain": f"<figure: {fig.layout.title.text or self.title}>"})
+            bundle = {"application/vnd.plotly.v1+json": json.loads(pio.to_json(fig, validate=False)),
+                      "text/plain": f"<figure: {fig.layout.title.text or self.title}>"}
+            if i < len(panes) and panes[i].image_current:
+                bundle["image/png"] = panes[i].image
+            out.append(bundle)
         return out
 
     def _ipython_display_(self) -> None:
         """In a notebook: the live view, then a static copy of its figures and panels that the live view hides
         (CSS in the pane) and that stays visible in a saved notebook without a kernel or widget state. The
-        copy follows the view: it is refreshed once the user has stopped interacting for a moment."""
+        copy follows the view: it is refreshed (with pictures of the figures as the browser drew them) once the
+        user has stopped interacting for a moment."""
         from IPython.display import display
 
-        display(self._repr_mimebundle_(), raw=True)  # the live widget
-        self._static_handles = [display(bundle, raw=True, display_id=True) for bundle in self.static_outputs()]
+        bundle = self._repr_mimebundle_()
+        bundle["text/html"] = ""  # without widgets the static copy below shows everything (not twice)
+        display(bundle, raw=True)  # the live widget
+        bundles = self.static_outputs()
+        self._static_handles = [display(bundle, raw=True, display_id=True) for bundle in bundles]
+        self._static_written, self._static_tries = dict(enumerate(bundles)), 0
+        self._schedule_static()  # the pictures, once the browser has drawn the figures
 
     def _update_static(self) -> None:
+        """Rewrite the static copy now; ask the browser for pictures of figures that changed since their last
+        picture (the copy is rewritten again when they arrive). Retried a few times while no browser shows the
+        view yet."""
         handles = getattr(self, "_static_handles", None)
         if not handles:
             return
-        for handle, bundle in zip(handles, self.static_outputs()):
-            handle.update(bundle, raw=True)
+        panes = self._view.figure_widgets if self._view is not None else []
+        stale = [p for p in panes if not p.image_current]
+        asked = [p for p in stale if p.request_image(lambda: self._image_arrived(asked))]
+        if len(asked) < len(stale) and self._static_tries < 10:
+            self._static_tries += 1
+            self._schedule_static()  # a pane no browser has asked for yet: try again later
+        self._write_static()
+
+    def _image_arrived(self, asked: list) -> None:
+        if all(not p._image_waiters for p in asked):  # the last of the pictures asked for together
+            self._write_static()
+
+    def _write_static(self) -> None:
+        """Update the static copy's outputs whose content changed (each update re-renders it in the browser)."""
+        written = getattr(self, "_static_written", {})
+        for i, (handle, bundle) in enumerate(zip(getattr(self, "_static_handles", []), self.static_outputs())):
+            if written.get(i) != bundle:
+                handle.update(bundle, raw=True)
+                written[i] = bundle
+        self._static_written = written
 
     def _schedule_static(self, delay_s: float = 2.0) -> None:
         """Refresh the static copy `delay_s` after the last change (on the kernel's own event loop, so it never

@@ -118,6 +118,14 @@ function render({ model, el }) {
           await draw(Plotly);
         }
       }
+      if (msg.type === "snapshot") {
+        // the static copy's picture of this figure (kept in a saved notebook for readers without JavaScript)
+        if (data === null) return;
+        const fl = box._fullLayout;
+        const png = await Plotly.toImage(box, {format: "png", width: fl.width, height: fl.height});
+        model.send({type: "image", rev: msg.rev, png});
+        return;
+      }
       box.dataset.rev = String(msg.rev);
       // timing log read by bench/browser_latency.py (kept short)
       const log = (globalThis.__slPaneLog = globalThis.__slPaneLog || []);
@@ -206,6 +214,10 @@ class FigurePane(anywidget.AnyWidget):
         self._clicks: dict[int, list[Callable]] = {}
         self.bytes_sent = 0
         self._synced = False  # no front end asked for the figure yet: nothing to patch
+        self.image: str | None = None  # base64 PNG of the figure as the browser drew it (revision `image_rev`)
+        self.image_rev = -1
+        self._content_rev = 0  # counts changes of the figure (not re-sends of the same one)
+        self._image_waiters: list[Callable[[], None]] = []
         self.data: list[_TraceHandle] = []
         self.on_msg(self._on_msg)
         if fig is not None:
@@ -234,6 +246,8 @@ class FigurePane(anywidget.AnyWidget):
         layout_changed = {k: v for k, v in parts.items() if self._layout_parts.get(k) != v}
         layout_changed.update({k: None for k in self._layout_parts if k not in parts})
         self._traces, self._layout_parts = new_traces, parts
+        if replace or changed or layout_changed:
+            self._content_rev += 1
         if replace:
             self.data = [_TraceHandle(self, i, t) for i, t in enumerate(types)]
             self._clicks.clear()
@@ -247,6 +261,20 @@ class FigurePane(anywidget.AnyWidget):
                 len(k) + len(v or "") for k, v in layout_changed.items())
             self.send(msg)
         return replace
+
+    def request_image(self, callback: Callable[[], None]) -> bool:
+        """Ask the browser for a PNG of the figure as drawn now; `callback()` runs once it arrived (`image`,
+        `image_current`). False (nothing asked) when no browser shows the pane."""
+        if not self._synced:
+            return False
+        self._image_waiters.append(callback)
+        self.send(dict(type="snapshot", rev=self._content_rev))
+        return True
+
+    @property
+    def image_current(self) -> bool:
+        """True when `image` shows the figure the browser holds now."""
+        return self.image is not None and self.image_rev == self._content_rev
 
     def _send_full(self) -> None:
         self._rev += 1
@@ -263,6 +291,14 @@ class FigurePane(anywidget.AnyWidget):
             self._send_full()
         elif kind == "click":
             self.click(int(content["curve"]), content.get("x"), content.get("y"), content.get("point"))
+        elif kind == "image":
+            png, rev = content.get("png"), content.get("rev")
+            prefix = "data:image/png;base64,"
+            if isinstance(png, str) and png.startswith(prefix) and rev == self._content_rev:
+                self.image, self.image_rev = png[len(prefix):], rev
+            waiters, self._image_waiters = self._image_waiters, []
+            for callback in waiters:
+                callback()
         elif kind == "areaclick":
             self.area_click(str(content.get("subplot")), float(content["x"]), float(content["y"]))
 
