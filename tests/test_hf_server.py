@@ -240,6 +240,24 @@ def test_tokenizer_without_chat_template_refuses_chat_clearly(tmp_path):
     engine.close()
 
 
+def test_long_streamed_reply_equals_its_whole_decoding(reference, tmp_path):
+    """A 100-token reply (the engine decodes a reply's text incrementally, from a settled point on): the streamed
+    text, the whole text and the greedy tokens' decoding agree, with multi-byte characters split across tokens."""
+    tok = reference.tokenizer.tok
+    prompt = "Décisions: the server binds the loopback address — “D8” — and tokens are checked. "
+    ids = tok.encode(prompt)
+    want = greedy(reference, ids, 100)[0]
+    engine, client = engine_app(reference, tmp_path)
+    body = {"model": "m", "prompt": prompt, "max_tokens": 100, "temperature": 0}
+    with client:
+        full = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    engine.close()
+    assert len(want) > 64 and full == tok.decode(want)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full
+
+
 def test_model_without_tokenizer_serves_token_ids(reference, tmp_path):
     """A transformers model with no tokenizer (ids only): completions of token ids work, text and chat are 400s
     that say why."""

@@ -175,6 +175,7 @@ class Generation:
         self.turn = None  # the chat turn (`chat.Turn`) of a chat request
         self.out: list[int] = []  # reply tokens
         self.text = ""  # their text
+        self.anchor, self.anchor_text = 0, ""  # a settled token count and its text (incremental decoding)
         self.ends: list[int] = []  # ends[k]: characters of settled text after token k
         self.cut: int | None = None  # where a stop string starts in `text`
         self.entries: list[TokenLogprob] = []
@@ -550,7 +551,7 @@ class ChatEngine:
         whose bytes have not all arrived) and the last ``len(longest stop) - 1`` characters are held back."""
         gen.out.append(token)
         before = gen.ends[-1] if gen.ends else 0  # text up to here is final: a new stop string ends after it
-        gen.text = self.chat.decode(gen.out)
+        gen.text = self._decode_more(gen)
         settled = len(gen.text.rstrip("\ufffd"))
         gen.ends.append(settled)
         if gen.stops:
@@ -562,6 +563,20 @@ class ChatEngine:
         safe = settled - gen.hold
         if safe > gen.emitted:
             self._emit_delta(gen, safe)
+
+    def _decode_more(self, gen: Generation) -> str:
+        """The text of ``gen.out``, decoding only its tail: the text of the tokens after the anchor (a token count
+        whose text is settled) is read off a decoding that starts a few tokens before it, minus the decoding of
+        those few (so a tokenizer that treats a first token specially, e.g. dropping its leading space, is not
+        misread). Falls back to decoding everything when that does not line up; `_complete` checks the result."""
+        if len(gen.out) - gen.anchor > 32 and not gen.text.endswith("\ufffd"):
+            gen.anchor, gen.anchor_text = len(gen.out) - 1, gen.text  # the text before this step's token
+        context = max(0, gen.anchor - 4)
+        head = self.chat.decode(gen.out[context:gen.anchor])
+        tail = self.chat.decode(gen.out[context:])
+        if head.endswith("\ufffd") or not tail.startswith(head):
+            return self.chat.decode(gen.out)
+        return gen.anchor_text + tail[len(head):]
 
     def _emit_delta(self, gen: Generation, upto: int, final: bool = False) -> None:
         """Send the text up to character `upto` and the logprobs of the tokens whose text it completes."""
@@ -602,6 +617,11 @@ class ChatEngine:
             session = gen.session
             if gen.cut is not None:
                 self._trim_at_stop(gen)
+            whole = self.chat.decode(gen.out)
+            if whole != gen.text:  # pragma: no cover - incremental decoding drifted (logged; the result is exact)
+                log.warning("incremental decoding of a reply differed from decoding it whole; the result uses the "
+                            "whole decoding")
+                gen.text = whole
             self._emit_delta(gen, len(gen.text), final=True)
             content = gen.text
             result = GenerationResult(content, finish, len(gen.ids), len(gen.out),
