@@ -136,12 +136,12 @@ def test_backward_small_tiles(monkeypatch, skip):
     _compare(K3_FORWARD, 2, 4, 2, 40, 100, 16, torch.float32, starts=[0, 21], positions=order.tolist())
 
 
-def test_training_forward_in_chunks(monkeypatch):
-    """A forward that needs gradients runs window, spans and gate in query chunks (the last one partial);
-    outputs and gradients still match the oracle."""
-    from superlinear_kernels.triton import ops
+def test_training_in_chunks(monkeypatch):
+    """Training over more than TRAIN_CHUNK queries: the forward runs window, spans and gate in query chunks and the
+    backward its dQ2 (the last chunk partial); outputs and gradients still match the oracle."""
+    from superlinear_kernels.triton import common
 
-    monkeypatch.setattr(ops, "TRAIN_CHUNK", 16)
+    monkeypatch.setattr(common, "TRAIN_CHUNK", 16)
     _compare(RELEASE_SMALL, 2, 4, 2, 61, 61, 16, torch.float32, starts=[0, 13])
     _compare(DEFAULT, 1, 4, 2, 37, 70, 16, torch.float16, positions=list(range(69, 32, -1)))
 

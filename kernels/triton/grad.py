@@ -8,18 +8,20 @@ With dg_k = dO·O_k (from the stored residuals R_k = O_k − O, see merge.py):
             backward with lse_eff = −log Σ_k g_k e^{−ℓ_k} and Δ_eff = Σ_k w_k dg_k,
             w_k = g_k e^{−ℓ_k} / Σ_j g_j e^{−ℓ_j}, run once by window.py.
 
-Order of the launches: the fused gate backward; the window backward *stores* dQ2, dK, dV (fp32); the span
-backward adds its dQ2 (one atomic per pair row) and its dK/dV (key-major, no atomics); the search backward
-writes dQ1 and adds dK at the anchors. P is recomputed everywhere from the stored lse.
+Order of the launches: the fused gate backward; dK/dV (fp32, key-major, no atomics): the window's stores, the
+spans' add; then dQ2 per chunk of `common.TRAIN_CHUNK` queries — the window's stores into a fp32 chunk buffer,
+the span tiles add (one atomic per pair row), the chunk goes to q2's dtype; last the search backward writes dQ1
+and adds dK at the anchors. P is recomputed everywhere from the stored lse.
 """
 from __future__ import annotations
 
 import torch
 
+from . import common
 from .merge import gate_backward
 from .search import search_backward
-from .span import span_backward
-from .window import window_backward
+from .span import span_backward_dq, span_backward_kv
+from .window import window_backward_dq, window_backward_kv
 
 
 def attention_backward(q1, q2, k, v, qstart, qanchor, qend, gate, out, residuals, branch_lse, order, positions,
@@ -34,13 +36,25 @@ def attention_backward(q1, q2, k, v, qstart, qanchor, qend, gate, out, residuals
     do = dout.to(q2.dtype).contiguous()
     dvalues, delta, lse_eff, delta_eff = gate_backward(do, out, residuals, gate, qanchor, branch_lse, dgate_out,
                                                        dvalues_out)
-    dq2 = torch.empty(q2.shape, dtype=torch.float32, device=q2.device)
-    dk = torch.empty((k.shape[0], k.shape[1], k.shape[2], k.shape[3]), dtype=torch.float32, device=k.device)
+    dk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.empty_like(dk)
-    window_backward(q2, k, v, positions, row_start, window, do, lse_eff, delta_eff, dq2, dk, dv)
-    del lse_eff, delta_eff
-    span_backward(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dq2, dk, dv)
-    del delta
-    dq2 = dq2.to(q2.dtype)  # the fp32 accumulator goes before dQ1 is allocated (lower peak memory)
+    window_backward_kv(q2, k, v, positions, row_start, window, do, lse_eff, delta_eff, dk, dv)
+    span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dk, dv)
+
+    l_q = q2.shape[2]
+    dq2 = torch.empty_like(q2)
+    step = common.TRAIN_CHUNK
+    whole = l_q <= step
+    for c0 in range(0, l_q, step):
+        rows = slice(c0, c0 + step)
+        q2_c, do_c, lse_c, delta_eff_c, qstart_c, qend_c, gate_c, blse_c, delta_c = (
+            x if whole else x[:, :, rows].contiguous()
+            for x in (q2, do, lse_eff, delta_eff, qstart, qend, gate, branch_lse, delta))
+        acc = torch.empty(q2_c.shape, dtype=torch.float32, device=q2.device)
+        window_backward_dq(q2_c, k, v, positions[rows], row_start, window, do_c, lse_c, delta_eff_c, acc)
+        span_backward_dq(q2_c, k, v, qstart_c, qend_c, order if whole else None, do_c, gate_c, blse_c, delta_c, acc)
+        dq2[:, :, rows] = acc
+        del acc, q2_c, do_c, lse_c, delta_eff_c, qstart_c, qend_c, gate_c, blse_c, delta_c
+    del lse_eff, delta_eff, delta
     dq1 = search_backward(q1, k, qanchor, dvalues, dk)
     return dq1, dq2, dk.to(k.dtype), dv.to(v.dtype)

@@ -20,6 +20,7 @@ import torch
 from ..api import Prepared, SearchResult
 from ..config import SpanConfig
 from ..geometry import span_lengths
+from . import common
 from .common import INTERPRET, MAX_HEAD_DIM, MAX_SPANS, geometry_tables
 from .decode import decode_forward
 from .grad import attention_backward
@@ -131,12 +132,6 @@ def span_search(q1: torch.Tensor, k: torch.Tensor, cfg: SpanConfig, prep: Prepar
     return SearchResult(qstart, qanchor, qend, values)
 
 
-# A training forward (inputs that need grad) over more queries than this runs window, spans and gate in chunks
-# of this many queries: the fp32 branch outputs O_k exist for one chunk at a time, only R_k = O_k - O (q2's
-# dtype) is kept for the backward.
-TRAIN_CHUNK = 32768
-
-
 def _branches(q2, k, v, qstart, qanchor, qend, values, positions, row_start, window: int, residuals: bool):
     """Window, spans and gate of one block of queries: (out, gate, residuals or None, branch_lse, order)."""
     win_out, win_lse = window_forward(q2, k, v, positions, row_start, window)
@@ -147,15 +142,16 @@ def _branches(q2, k, v, qstart, qanchor, qend, values, positions, row_start, win
 
 
 def _branches_in_chunks(q2, k, v, qstart, qanchor, qend, values, prep: Prepared, window: int):
-    """`_branches` over chunks of TRAIN_CHUNK queries, written into whole-call tensors."""
+    """`_branches` over chunks of `common.TRAIN_CHUNK` queries, written into whole-call tensors: the fp32 branch
+    outputs O_k exist for one chunk at a time; only R_k = O_k - O (q2's dtype) is kept for the backward."""
     b, h_q, l_q, d = q2.shape
     num_spans = qstart.shape[-1]
     out = torch.empty_like(q2)
     gate = torch.empty(qstart.shape, dtype=torch.float32, device=q2.device)
     branch_lse = torch.empty_like(gate)
     residuals = torch.empty(b, h_q, l_q, num_spans, d, dtype=q2.dtype, device=q2.device)
-    for c0 in range(0, l_q, TRAIN_CHUNK):
-        rows = slice(c0, c0 + TRAIN_CHUNK)
+    for c0 in range(0, l_q, common.TRAIN_CHUNK):
+        rows = slice(c0, c0 + common.TRAIN_CHUNK)
         part = _branches(q2[:, :, rows].contiguous(), k, v, qstart[:, :, rows].contiguous(),
                          qanchor[:, :, rows].contiguous(), qend[:, :, rows].contiguous(),
                          values[:, :, rows].contiguous(), prep.cache_position[rows], prep.row_start, window, True)
@@ -178,7 +174,7 @@ class _AttentionFunction(torch.autograd.Function):
                 _max_span_len(cfg, k.shape[2]))
             residuals = (branch_out - out.float().unsqueeze(-2)).to(q2.dtype) if need_grad else None
             order = None
-        elif need_grad and q2.shape[2] > TRAIN_CHUNK:
+        elif need_grad and q2.shape[2] > common.TRAIN_CHUNK:
             qstart, qanchor, qend, values = _search(q1, k, cfg, prep)
             out, gate, residuals, branch_lse = _branches_in_chunks(q2, k, v, qstart, qanchor, qend, values, prep,
                                                                    window)

@@ -286,16 +286,13 @@ DQ_BLOCK_N = 64  # keys per loop trip of the dQ kernel (D <= 128; 32 above)
 DQ_STAGES = 2
 
 
-def span_backward(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dq, dk, dv) -> None:
-    """Span part of the backward, adding into fp32 dq [B,H_Q,L_Q,D], dk, dv [B,H_KV,L_KV,D] (contiguous; the
-    window backward has stored them).
+def span_backward_dq(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dq) -> None:
+    """Span part of dQ2, added into fp32 dq [B, H_Q, L_Q, D] (contiguous; the window stored it): pair tiles over
+    the union of their spans, one atomic add per pair row. P is recomputed from the stored lse.
 
-    do [B, H_Q, L_Q, D] in q2's dtype; gate, branch_lse, delta fp32 [B, H_Q, L_Q, K] (delta_k = rowsum(dO_k ∘ O_k)).
-    `order` is the pair sort of the forward (or None: sorted here). dQ2 from the pair tiles (`_span_bwd_dq_kernel`),
-    dK/dV key-major (`_span_bwd_kv_kernel`); P is recomputed from the stored lse in both.
+    q2 [B, H_Q, L_Q, D] contiguous; do like q2; qstart, qend int32 and gate, branch_lse, delta fp32
+    [B, H_Q, L_Q, K] (delta_k = rowsum(dO_k ∘ O_k)); `order`: the pair sort of these pairs (or None: sorted here).
     """
-    from . import window
-
     b, h_q, l_q, d = q2.shape
     h_kv, l_kv = k.shape[1], k.shape[2]
     num_spans = qstart.shape[-1]
@@ -304,17 +301,33 @@ def span_backward(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dq
     if order is None:
         order = sort_pairs(qstart, qend, h_kv, block_n, l_kv)
     pg = group * l_q * num_spans
-    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
-    precision = dot_precision(q2.dtype)
     _span_bwd_dq_kernel[(triton.cdiv(pg, block_p), b * h_kv)](
-        q2, k, v, order, qstart, qend, do, gate, branch_lse, delta, dq, *strides,
+        q2, k, v, order, qstart, qend, do, gate, branch_lse, delta, dq,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, d, group, pg, d ** -0.5,
-        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=min(block_n, DQ_BLOCK_N), BLOCK_D=bd, PRECISION=precision,
-        num_warps=4, num_stages=DQ_STAGES)
+        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=min(block_n, DQ_BLOCK_N), BLOCK_D=bd,
+        PRECISION=dot_precision(q2.dtype), num_warps=4, num_stages=DQ_STAGES)
+
+
+def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dk, dv) -> None:
+    """Span part of dK, dV, added into fp32 dk, dv [B, H_KV, L_KV, D] (contiguous; the window stored them).
+    Key-major (`_span_bwd_kv_kernel`): no atomics. Arguments as `span_backward_dq`, over all of the call's pairs.
+    """
+    from . import window
+
+    b, h_q, l_q, d = q2.shape
+    h_kv, l_kv = k.shape[1], k.shape[2]
+    num_spans = qstart.shape[-1]
+    group = h_q // h_kv
+    bd, block_n, _ = _blocks(d)
+    if order is None:
+        order = sort_pairs(qstart, qend, h_kv, block_n, l_kv)
+    pg = group * l_q * num_spans
     tile_lo, tile_hi, ranges = tile_key_ranges(qstart, qend, order, b * h_kv, KV_TILE, l_kv, window.KV_BLOCK)
     n_kb = triton.cdiv(l_kv, window.KV_BLOCK)
     _span_bwd_kv_kernel[(n_kb, b * h_kv)](
-        q2, k, v, order, qstart, qend, do, gate, branch_lse, delta, tile_lo, tile_hi, ranges, dk, dv, *strides,
+        q2, k, v, order, qstart, qend, do, gate, branch_lse, delta, tile_lo, tile_hi, ranges, dk, dv,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, pg, tile_lo.shape[1], n_kb, d ** -0.5,
-        NUM_SPANS=num_spans, BLOCK_P=KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=bd, PRECISION=precision,
+        NUM_SPANS=num_spans, BLOCK_P=KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
         SKIP=KV_SKIP, num_warps=window.KV_WARPS if bd >= 128 else 4, num_stages=window.KV_STAGES)

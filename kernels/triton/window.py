@@ -222,37 +222,49 @@ def window_query_ranges(positions: torch.Tensor, l_kv: int, window: int, block_n
     return order.contiguous(), sorted_pos.contiguous(), torch.stack([lo, hi], dim=1).contiguous()
 
 
-def window_backward(q2, k, v, positions, row_start, window, do, lse, delta, dq, dk, dv) -> None:
-    """Window branch backward: *stores* (does not add) fp32 dq [B,H_Q,L_Q,D] and dk, dv [B,H_KV,L_KV,D]
-    (contiguous), so it runs first; the span backward then adds to them.
+def window_backward_dq(q2, k, v, positions, row_start, window, do, lse, delta, dq) -> None:
+    """dQ of the window branch, *stored* (not added) into fp32 dq [B, H_Q, L_Q, D] (contiguous), so it runs before
+    the span dQ adds to it. Zeros with W = 0.
 
     do [B, H_Q, L_Q, D] in q2's dtype; lse, delta fp32 [B, H_Q, L_Q]: the softmax statistics to use
-    (P = exp(logit - lse), dS = P (dO·V - Δ)); lse = +inf makes a row contribute nothing.
-    dQ is query-major (each program owns its rows), dK/dV key-major (`_window_bwd_kv_kernel`): no atomics.
-    With W = 0 the buffers are zeroed.
+    (P = exp(logit - lse), dS = P (dO·V - Δ)); lse = +inf makes a row contribute nothing. Query-major: each
+    program owns its rows.
     """
     if window == 0:
         dq.zero_()
+        return
+    b, h_q, l_q, d = q2.shape
+    h_kv = k.shape[1]
+    group = h_q // h_kv
+    gh, bq, n_chunks = head_rows(group, l_q)
+    bd = block_d(d)
+    _window_bwd_dq_kernel[(triton.cdiv(l_q, bq), b * h_kv * n_chunks)](
+        q2, k, v, positions, row_start, do, lse, delta, dq,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        h_q, h_kv, l_q, d, group, n_chunks, window, d ** -0.5,
+        GH=gh, BQ=bq, BLOCK_N=64 if bd <= 128 else 32, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
+        num_warps=4, num_stages=2)
+
+
+def window_backward_kv(q2, k, v, positions, row_start, window, do, lse, delta, dk, dv) -> None:
+    """dK, dV of the window branch, *stored* (not added) into fp32 dk, dv [B, H_KV, L_KV, D] (contiguous), so it
+    runs before the span's dK/dV add to them. Zeros with W = 0. Arguments as `window_backward_dq`.
+    Key-major (`_window_bwd_kv_kernel`): no atomics.
+    """
+    if window == 0:
         dk.zero_()
         dv.zero_()
         return
     b, h_q, l_q, d = q2.shape
     h_kv, l_kv = k.shape[1], k.shape[2]
     group = h_q // h_kv
-    gh, bq, n_chunks = head_rows(group, l_q)
     bd = block_d(d)
-    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
-    precision = dot_precision(q2.dtype)
-    _window_bwd_dq_kernel[(triton.cdiv(l_q, bq), b * h_kv * n_chunks)](
-        q2, k, v, positions, row_start, do, lse, delta, dq, *strides,
-        h_q, h_kv, l_q, d, group, n_chunks, window, d ** -0.5,
-        GH=gh, BQ=bq, BLOCK_N=64 if bd <= 128 else 32, BLOCK_D=bd, PRECISION=precision,
-        num_warps=4, num_stages=2)
     order, sorted_pos, ranges = window_query_ranges(positions, l_kv, window, KV_BLOCK)
-    # Head chunks of the key-major kernel: rows = heads x queries of one loop trip, as in the forward.
-    gh_kv, bq_kv, chunks_kv = head_rows(group, max(l_q, 64))
+    # Rows of one loop trip = heads x queries, as in the forward.
+    gh, bq, n_chunks = head_rows(group, max(l_q, 64))
     _window_bwd_kv_kernel[(triton.cdiv(l_kv, KV_BLOCK), b * h_kv)](
-        q2, k, v, order, sorted_pos, ranges, row_start, do, lse, delta, dk, dv, *strides,
-        h_q, h_kv, l_q, l_kv, d, group, chunks_kv, window, d ** -0.5,
-        GH=gh_kv, BQ=bq_kv, BLOCK_N=KV_BLOCK, BLOCK_D=bd, PRECISION=precision,
+        q2, k, v, order, sorted_pos, ranges, row_start, do, lse, delta, dk, dv,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        h_q, h_kv, l_q, l_kv, d, group, n_chunks, window, d ** -0.5,
+        GH=gh, BQ=bq, BLOCK_N=KV_BLOCK, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
         num_warps=KV_WARPS if bd >= 128 else 4, num_stages=KV_STAGES)
