@@ -1,11 +1,12 @@
 """GPU: per-kernel profile and block-size sweep of the Triton backward (release layer, bf16), then optionally the
-gradient checks of `gpu_check.py` and train-step rows of `speed.py` with the fastest setting.
+gradient checks of `gpu_check.py`, a chunked-vs-one-shot training check at 40K and train-step rows of `speed.py`,
+all with the fastest setting.
 
 The settings are module constants of the backend (`window.KV_BLOCK`, `KV_WARPS`, `KV_STAGES`, `span.KV_TILE`,
-`KV_SKIP`, `DQ_BLOCK_N`, `DQ_STAGES`), set
-in-process for each candidate; the backward of one forward is replayed (retain_graph) and timed with CUDA events.
+`KV_SKIP`, `DQ_BLOCK_N`, `DQ_STAGES`), set in-process for each candidate; the backward of one forward is replayed
+(retain_graph) and timed with CUDA events. Results: $OUT/bwd_tune.json (gradient rows also in gpu_check.json).
 
-    python bench/bwd_tune.py [--length 131072] [--check]
+    python bench/bwd_tune.py [--length 131072] [--check] [--train-lengths 32768 131072] [--only 0 1]
 """
 from __future__ import annotations
 
@@ -81,16 +82,49 @@ def backward_times(length: int, reps: int, profile: bool):
     return sorted(times)[len(times) // 2], kernels
 
 
+def chunk_check(length: int = 40000, h_q: int = 32, h_kv: int = 2, d: int = 128) -> None:
+    """Training over more than `common.TRAIN_CHUNK` queries (chunked forward and dQ2) == one shot, bf16, release
+    preset, left padding: the chunked path at a size the dense oracle cannot check (the one-shot path is checked
+    against the oracle by `gpu_check.check_grad`)."""
+    from superlinear_kernels.triton import common
+
+    cfg = SpanConfig.release()
+    q1, q2, k, v = gpu_check.inputs(1, h_q, h_kv, length, length, d, torch.bfloat16, seed=3)
+    mask = gpu_check.mask_for(1, length, [1001])
+    weight = torch.randn(1, h_q, length, d, device="cuda")
+    res = {}
+    for name, chunk in (("chunked", common.TRAIN_CHUNK), ("one-shot", 1 << 30)):
+        old, common.TRAIN_CHUNK = common.TRAIN_CHUNK, chunk
+        try:
+            xs = [x.clone().requires_grad_() for x in (q1, q2, k, v)]
+            out = superlinear_attention(*xs, torch.arange(length), cfg, attention_mask=mask, backend="triton")
+            (out.float() * weight).sum().backward()
+            res[name] = [out.detach()] + [x.grad for x in xs]
+        finally:
+            common.TRAIN_CHUNK = old
+        del xs
+    size = f"B1 L{length} H{h_q}/{h_kv} D{d} s=1001"
+    for gname, a, b in zip(("out", "dq1", "dq2", "dk", "dv"), res["one-shot"], res["chunked"]):
+        gpu_check.record("chunks", "release", "bf16", size, f"{gname} chunked", gpu_check.rel_err(a.float(), b.float()),
+                         1e-2)
+    del res
+    torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=131072)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--check", action="store_true", help="gradient checks + train rows with the fastest setting")
+    parser.add_argument("--train-lengths", type=int, nargs="*", default=[32768, 131072, 262144])
+    parser.add_argument("--only", type=int, nargs="*", default=None, help="indices of CANDIDATES to run")
     args = parser.parse_args()
     rows = []
     report = {"length": args.length, "device": torch.cuda.get_device_name(), "rows": rows}
     out = Path(os.environ.get("OUT", ROOT / "bench")) / "bwd_tune.json"
     for i, setting in enumerate(CANDIDATES):
+        if args.only is not None and i not in args.only:
+            continue
         old = apply(setting)
         try:
             seconds, kernels = backward_times(args.length, args.reps, profile=(i == 0))
@@ -115,15 +149,18 @@ def main() -> None:
             for dname, dtype in gpu_check.DTYPES.items():
                 gpu_check.check_grad(pname, cfg, dname, dtype)
         gpu_check.check_grad("release", SpanConfig.release(), "fp32", torch.float32, h_q=8)
+        chunk_check()
         report["checks"] = gpu_check.ROWS
         report["train"] = []
-        for n in (32768, 131072, 262144):
+        for n in args.train_lengths:
             report["train"].append(speed.train_row(n, SpanConfig.release(), torch.bfloat16, False, 1, 1 << 18, False))
+            torch.cuda.empty_cache()
             out.write_text(json.dumps(report, indent=1))
             r = report["train"][-1]
-            print(f"train {r['length']}: ours {r['ours_s']:.4f} s (fwd {r['ours_fwd_s']:.4f}), dense {r['dense_s']:.4f} s, "
-                  f"ratio {r['ratio']:.2f}, bwd/fwd {r['ours_bwd_over_fwd']:.2f}, peak {r['peak_extra_gb']:.2f} GB "
-                  f"(dense {r['dense_peak_extra_gb']:.2f})", flush=True)
+            dense = ("" if r["dense_s"] is None else f", dense {r['dense_s']:.4f} s (peak {r['dense_peak_extra_gb']:.2f} GB), "
+                     f"ratio {r['ratio']:.2f}")
+            print(f"train {r['length']}: ours {r['ours_s']:.4f} s (fwd {r['ours_fwd_s']:.4f}), bwd/fwd "
+                  f"{r['ours_bwd_over_fwd']:.2f}, peak {r['peak_extra_gb']:.2f} GB{dense}", flush=True)
         failed = [r for r in gpu_check.ROWS if not r["ok"]]
         print(f"{len(gpu_check.ROWS) - len(failed)}/{len(gpu_check.ROWS)} gradient checks passed", flush=True)
     out.write_text(json.dumps(report, indent=1))

@@ -25,7 +25,7 @@ TARGET_ROWS = 64  # rows per program in the window kernels
 MAX_HEAD_CHUNK = 64  # a KV group with more query heads is split into chunks of this many heads
 # Training (inputs that need grad) over more queries than this runs the branches' forward and the dQ2 backward in
 # chunks of this many queries: fp32 per-branch outputs and the fp32 dQ2 accumulator exist for one chunk at a time.
-TRAIN_CHUNK = 32768
+TRAIN_CHUNK = 16384
 
 
 def next_pow2(x: int) -> int:
