@@ -1,7 +1,8 @@
 """`superlinear-lab serve --model PATH` for a transformers model with its own tokenizer (issue 14): a byte-level BPE
 trained here on the repository's docs, wrapped in a transformers fast tokenizer with a ChatML-style chat template,
 saved beside a tiny random Qwen2 (nothing downloaded). Chat and completions — plain, streamed, with logprobs,
-sessions — are checked with the official `openai` client against greedy full forwards of the same converted model;
+sessions — are checked with the official `openai` client against greedy full forwards of the same converted model
+(the server runs with HF_HUB_OFFLINE=1, so any download attempt would fail it);
 a tokenizer without a chat template, a user template, a template that cannot extend a session and stop strings
 inside a multi-character token are checked in process."""
 from __future__ import annotations
@@ -19,7 +20,17 @@ tokenizers = pytest.importorskip("tokenizers")
 import superlinear_lab.hf as hf  # noqa: E402
 from superlinear_lab.hf.open import load  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "offline")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # any attempt to reach the hub raises
+
+
+@pytest.fixture(scope="module")
+def offline():
+    mp = pytest.MonkeyPatch()
+    for name, value in OFFLINE.items():
+        mp.setenv(name, value)
+    yield
+    mp.undo()
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -95,10 +106,11 @@ def chat_ids(tok, messages) -> list[int]:
 @pytest.fixture(scope="module")
 def oai(model_dir, tmp_path_factory):
     openai = pytest.importorskip("openai")
-    from server_process import ServerProcess
+    from server_process import ServerProcess, server_env
 
-    server = ServerProcess(tmp_path_factory.mktemp("hf-serve"), "--model", str(model_dir),
-                           "--session-max-seq-len", "512", "--http-max-completion-tokens", "64")
+    tmp = tmp_path_factory.mktemp("hf-serve")
+    server = ServerProcess(tmp, "--model", str(model_dir), "--session-max-seq-len", "512",
+                           "--http-max-completion-tokens", "64", env=server_env(tmp / "snapshots", **OFFLINE))
     server.args.remove("--random-init")  # the model directory's own weights
     with server:
         yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -182,14 +194,14 @@ def test_serve_chat_template_file_for_a_tokenizer_without_one(tmp_path):
     """The documented fallback, end to end: `serve --model DIR --chat-template FILE` for a tokenizer without a
     template formats chats with the file's template."""
     openai = pytest.importorskip("openai")
-    from server_process import ServerProcess
+    from server_process import ServerProcess, server_env
 
     model_dir = build_model_dir(tmp_path / "plain", template=None)
     template = tmp_path / "chat.jinja"
     template.write_text("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                         "{% if add_generation_prompt %}### assistant: {% endif %}")
     server = ServerProcess(tmp_path, "--model", str(model_dir), "--chat-template", str(template),
-                           "--session-max-seq-len", "256")
+                           "--session-max-seq-len", "256", env=server_env(tmp_path / "snapshots", **OFFLINE))
     server.args.remove("--random-init")
     reference = load(model_dir)
     tok = reference.tokenizer.tok
