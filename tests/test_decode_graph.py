@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from superlinear_kernels import DecodeAttention, SpanConfig, superlinear_attention
-from superlinear_lab.engine import Session, SnapshotStore
+from superlinear_lab.engine import ContextOverflowError, Session, SnapshotStore
 from superlinear_lab.engine.decode import Decoder, hooks_attached
 from superlinear_lab.model import load_model
 
@@ -151,6 +151,25 @@ def test_session_eager_step_equals_forward_path(model):
     assert out_a == out_b and len(out_a) == 24
     assert_same(observable(a), observable(b))
     assert a.generate_text(6) == b.generate_text(6) == model.tokenizer.decode(b.ids[-6:].tolist())
+
+
+def test_public_step_equals_append_of_one_token(model):
+    a, _ = generated(model, "forward", n=0)
+    b, _ = generated(model, "eager", n=0)
+    for token in model.tokenizer.encode("step by step"):
+        a.append([token], role=None)
+        b.step(token)
+    assert b.decode_path == "eager"
+    assert_same(observable(a), observable(b))
+    before = observable(b)
+    for bad in (-1, model.cfg.vocab_size, True, 3.0):
+        with pytest.raises(ValueError, match="token="):
+            b.step(bad)
+    full = Session(model, max_len=b.cursor + 1, progress=False)
+    full.append(b.ids)
+    with pytest.raises(ContextOverflowError):
+        full.step(5)
+    assert_same(before, observable(b))
 
 
 def test_auto_on_cpu_falls_back_to_the_eager_step_and_says_why(model):

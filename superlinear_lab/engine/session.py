@@ -4,8 +4,13 @@
 * `stream(n, …)` / `generate(n, …)` sample from the stored logits (temperature 0 = greedy, then top-p,
   Decision D7 in docs/design.md); each accepted token is written before it is yielded, a stop token is never written; asking for
   more tokens than fit (`room`) is refused before anything is written.
-* `sample(…)` draws one token without writing; `record_step(token, logits)` books a one-token forward that the
-  caller ran on the cache (a batched decode over several sessions).
+* `sample(…)` draws one token without writing; `step(token)` writes one token through the decode path;
+  `record_step(token, logits)` books a one-token forward that the caller ran on the cache (a batched decode over
+  several sessions).
+* Decoding (`decode`, engine/decode.py): on CUDA each one-token forward is a replay of a captured CUDA graph of the
+  model's whole step over the static cache (eager step on CPU or if the capture fails, the model's `forward` while
+  a trace or intervention hook is attached); greedy `generate` keeps the device one step ahead of the host. All
+  paths give the same tokens, logits and states bit for bit.
 * `checkpoint()` / `rollback(cp)` clone and restore the SSM/conv states, logits, cursor, transcript and sampler
   state; K/V is not copied (entries past a rewound cursor are simply overwritten later). A checkpoint whose
   positions were overwritten since (rollback to an earlier point, then new tokens) is refused.
@@ -456,8 +461,18 @@ class Session:
         return len(ids)
 
     # ------------------------------------------------------------------ generation
+    def step(self, token: int) -> None:
+        """Write one token id at the cursor through the session's decode path (the one-token step: a CUDA-graph
+        replay on CUDA, see `decode`), atomically; the logits become the next token's. The same result as
+        ``append([token], role=None)`` (no transcript message), for decoding loops that sample themselves.
+        Raises ValueError (a bad id) or ContextOverflowError before anything is written."""
+        vocab = self.model.cfg.vocab_size
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+            raise ValueError(f"token={token!r}: expected an int token id in [0, {vocab})")
+        self._step(token)
+
     def _step(self, token: int) -> None:
-        """Write one token at the cursor (one-token forward), atomically."""
+        """Write one (valid) token at the cursor (one-token forward), atomically."""
         self._check_fits(1)
         saved = self._internal_state()
         try:
