@@ -78,29 +78,23 @@ function render({ model, el }) {
             if (!p || model.get("click_mode") !== "points") return;
             model.send({type: "click", curve: p.curveNumber, x: p.x, y: p.y, point: p.pointNumber ?? null});
           });
-          // "area" mode: any click inside a subplot, in data coordinates (also on empty cells of a heatmap)
-          // a click = pointerdown on a subplot + pointerup within 4 px (on the window: plotly covers the page
-          // while the button is down); sent before plotly's own click handling (hover labels) delays it
-          let down = null;
+          // "area" mode: any press inside a subplot is a pick, in data coordinates (also on empty cells of a
+          // heatmap), sent at once; plotly never sees the press (its zoom drag would first cost tens of ms of
+          // work in a large page, then its click handling as much again): zoom with the modebar's buttons
+          const area = (ev) => model.get("click_mode") === "area" && ev.button === 0 && ev.target.closest
+            && ev.target.closest(".nsewdrag");
+          box.addEventListener("mousedown", (ev) => { if (area(ev)) ev.stopPropagation(); }, true);
           box.addEventListener("pointerdown", (ev) => {
-            const drag = ev.target.closest && ev.target.closest(".nsewdrag");
-            down = drag ? [ev.clientX, ev.clientY, drag] : null;
-          }, true);
-          const up = (ev) => {
-            if (!down || model.get("click_mode") !== "area") { down = null; return; }
-            const [x0, y0, drag] = down;
-            down = null;
-            if (Math.hypot(ev.clientX - x0, ev.clientY - y0) > 4) return;  // a drag (zoom box), not a click
+            const drag = area(ev);
+            if (!drag) return;
             const info = box._fullLayout && box._fullLayout._plots[drag.getAttribute("data-subplot")];
             if (!info) return;
             const r = drag.getBoundingClientRect();
             // data coordinates; on a category axis, the category's index (p2d would give its name)
             const at = (ax, px) => { const d = ax.p2d(px); return typeof d === "number" ? d : ax.p2l(px); };
             model.send({type: "areaclick", subplot: drag.getAttribute("data-subplot"),
-                        x: at(info.xaxis, x0 - r.left), y: at(info.yaxis, y0 - r.top)});
-          };
-          window.addEventListener("pointerup", up, true);
-          box.__slUp = up;
+                        x: at(info.xaxis, ev.clientX - r.left), y: at(info.yaxis, ev.clientY - r.top)});
+          }, true);
         }
       } else if (msg.type === "patch" && data !== null) {
         const changed = Object.entries(msg.traces);
@@ -143,7 +137,7 @@ function render({ model, el }) {
     setTimeout(ask, 2000);
   };
   ask();
-  return () => { trace("disposed"); if (box.__slUp) window.removeEventListener("pointerup", box.__slUp, true); alive = false; model.off("msg:custom", onMsg); if (globalThis.Plotly) globalThis.Plotly.purge(box); };
+  return () => { trace("disposed"); alive = false; model.off("msg:custom", onMsg); if (globalThis.Plotly) globalThis.Plotly.purge(box); };
 }
 export default { render };
 """

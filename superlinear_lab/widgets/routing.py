@@ -139,7 +139,8 @@ class RoutingExplorer(View):
         max_bins: bins per axis of the map (inputs up to this length are shown exactly, position by position).
 
     Actions: `set_layer(layer)`, `set_head(h)`, `set_query(q)` (a recorded position), `pick(key_pos, query_pos)`
-    (a click on the map: the nearest recorded query), `set_weight("count" | "gate")`, `set_bins(n)`.
+    (a click on the map: the nearest recorded query; the map zooms with the modebar's buttons, not by
+    dragging), `set_weight("count" | "gate")`, `set_bins(n)`.
 
     Example::
 
