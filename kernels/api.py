@@ -339,8 +339,19 @@ class DecodeAttention:
             self._plan = ops.decode_plan(probe, key_cache, value_cache, cfg)
             self._decode = ops.decode_attention
         self._position = torch.zeros(1, dtype=torch.int64, device=key_cache.device)  # an int position goes here
-        self._graph_wanted = bool(graph) and self._plan is not None and key_cache.is_cuda
+        self._graph_capable = self._plan is not None and key_cache.is_cuda
+        self._graph_wanted = bool(graph) and self._graph_capable
         self._graph = None  # (graph, q1, q2, out) once captured
+
+    @property
+    def use_graph(self) -> bool:
+        """Whether calls replay the entry's own CUDA graph (see `graph`); settable (False: launch directly from now
+        on; True: only where a graph is possible). A graph already captured is kept."""
+        return self._graph_wanted
+
+    @use_graph.setter
+    def use_graph(self, on: bool) -> None:
+        self._graph_wanted = bool(on) and self._graph_capable
 
     def __call__(self, q1: torch.Tensor, q2: torch.Tensor, position) -> torch.Tensor:
         for name, q in (("q1", q1), ("q2", q2)):

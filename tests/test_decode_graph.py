@@ -59,6 +59,15 @@ def test_decode_entry_equals_public_call(backend):
     assert torch.equal(entry(q1, q2, 299), superlinear_attention(q1, q2, k, v, [299], cfg, backend=backend))
 
 
+def test_decode_entry_graph_switch_is_off_without_cuda():
+    k = torch.zeros(1, 2, 16, 8)
+    entry = DecodeAttention(k, k, SpanConfig.default(), num_heads=4, backend="torch")
+    assert not entry.use_graph
+    entry.use_graph = True  # only where a graph is possible
+    assert not entry.use_graph and torch.equal(entry(torch.ones(1, 4, 1, 8), torch.ones(1, 4, 1, 8), 3),
+                                                torch.zeros(1, 4, 1, 8))
+
+
 def test_decode_entry_at_position_zero_is_attention_to_key_zero():
     k, v = torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4)
     out = DecodeAttention(k, v, SpanConfig.default(), num_heads=2, backend="torch")(
@@ -354,6 +363,9 @@ def test_cuda_session_graph_equals_eager_and_forward(dtype):
         runs[mode] = (s, out, observable(s))
         s.rollback(cp)
     assert runs["auto"][0].decode_path == "graph" and runs["auto"][0].decode_fallback is None
+    entries = runs["auto"][0]._decoder.entries  # the whole step replays: the entries' own graphs were never made
+    assert all(e._graph is None and e.use_graph for e in entries)
+    assert all(e._graph is not None for e in runs["eager"][0]._decoder.entries)  # eager steps replay them
     assert runs["eager"][0].decode_path == "eager" and runs["forward"][0].decode_path == "forward"
     assert runs["auto"][1] == runs["eager"][1] == runs["forward"][1] and len(runs["auto"][1]) == 40
     assert_same(runs["auto"][2], runs["eager"][2])

@@ -73,6 +73,11 @@ class Decoder:
     def _capture(self) -> None:
         cache = self.cache
         saved = (cache.conv_states.clone(), cache.ssm_states.clone())
+        # The warm-up steps launch the attention kernels directly: an entry's own graph (DecodeAttention's
+        # default) would be captured by them and never used while the whole step replays (its memory wasted).
+        own_graphs = [entry.use_graph for entry in self.entries]
+        for entry in self.entries:
+            entry.use_graph = False
         self.ids.fill_(0)
         self.position.fill_(cache.max_len - 1)  # never a context position: K/V written there are never read
         try:
@@ -96,6 +101,8 @@ class Decoder:
         finally:
             cache.conv_states.copy_(saved[0])
             cache.ssm_states.copy_(saved[1])
+            for entry, on in zip(self.entries, own_graphs):  # eager steps (fallback, decode="eager") use them
+                entry.use_graph = on
 
     def __call__(self, token: int, position: int, graph: bool = True) -> torch.Tensor:
         """Run `token` at `position` (0 < position < max_len - 1, both checked by the caller on the host): writes its
