@@ -11,6 +11,9 @@ this question". These tasks take that shortcut away:
 * statements and questions are drawn from a template bank whose templates are split: the ``"eval"`` split uses
   phrasings and values that the ``"train"`` split never shows, so an accuracy on it is on unseen phrasings;
 * ``fact_hop`` chains two facts (the thing's name, then where that name is kept);
+* ``fact_needle`` (training aid) is the digit NIAH of `superlinear_lab.data` with a word value ("The magic word
+  for kadomi-ruvela is heron."), asked with the statement's own prefix: the bridge from the digit copying `tiny`
+  learned to copying letters, which it cannot do at all (0 % first byte in that very format);
 * ``fact_list`` (training aid, not an evaluation suite) asks for a whole list of words: every answer byte is a
   copy of a word in the evidence, so one row gives tens of copy targets instead of one value's few bytes. A small
   byte-level model learns to copy letters (not only digits, which are rare in prose) from this dense signal far
@@ -33,7 +36,7 @@ from . import data as D
 
 KINDS = ("word", "name", "phrase", "date", "number")
 TASKS = tuple(f"fact_{k}" for k in KINDS) + ("fact_multi_key", "fact_hop")  # the evaluation suites
-AUX_TASKS = ("fact_list",)  # training aids (make_fact builds them too)
+AUX_TASKS = ("fact_list", "fact_needle")  # training aids (make_fact builds them too)
 EVAL_FRACTION = 0.2  # share of words and names (by hash) that only the "eval" split uses as values
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
@@ -337,6 +340,25 @@ def fact_list(length: int, seed: int, split: str = "train", n_words: int = 4, n_
                     "seed": seed})
 
 
+def fact_needle(length: int, seed: int, split: str = "train", n_distractors: int = 0) -> D.Example:
+    """"The magic word for <key> is <word>." at a random depth plus `n_distractors` needles whose keys differ by one
+    letter, asked as "What is the magic word for <key>? The magic word for <key> is ". Evidence: the word."""
+    task = "fact_needle"
+    rng = D._rng(task, length, seed, split, n_distractors)
+    key = D._key(rng)
+    keys, taken = {key}, set()
+    value = _value("word", rng, split, taken)
+    b = D._Builder(rng, length, split)
+    depth = rng.random()
+    b.needle(depth, f"The magic word for {key} is {value}.", [value])
+    for _ in range(n_distractors):
+        other = D._near_duplicate(rng, key, keys)
+        keys.add(other)
+        b.needle(rng.random(), f"The magic word for {other} is {_value('word', rng, split, taken)}.", [])
+    return b.build(f"\nWhat is the magic word for {key}? The magic word for {key} is ", value, lambda j: [0], task,
+                   {"depth": depth, "key": key, "value": value, "n_distractors": n_distractors, "seed": seed})
+
+
 def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Example:
     """Any fact task by name; the number of distractors is drawn from the seed, capped by what fits `length`."""
     room = max(1, length // 160)  # a statement is ~50-90 tokens: short rows hold fewer of them
@@ -346,6 +368,8 @@ def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Exam
     if task == "fact_multi_key":
         return fact(length, seed, split, kind=n.choice(("name", "word", "number")),
                     n_distractors=n.randint(1, max(1, min(5, room - 1))), near_keys=True, task=task)
+    if task == "fact_needle":
+        return fact_needle(length, seed, split, n_distractors=n.randint(0, max(0, min(3, room - 1))))
     if task == "fact_list":  # as many words and distractor lists as fit: fewer when the row is too short
         words, lists = n.randint(3, max(3, min(12, length // 48))), n.randint(0, max(0, min(2, room // 3)))
         while True:

@@ -116,6 +116,22 @@ def test_word_lists_mark_every_word_and_its_bytes(split):
         assert ex.needs == expected
 
 
+def test_word_needles_are_digit_needles_with_a_word():
+    """fact_needle: the NIAH sentence and question of `data.niah` with a held-out-by-split word as the value; the
+    question restates the statement's prefix; distractor keys differ by one letter and hold other words."""
+    for split in D.SPLITS:
+        for seed in range(6):
+            ex = D.make_example("fact_needle", 1024, seed, split)
+            value, key = ex.meta["value"], ex.meta["key"]
+            assert value in F.vocabulary("words.txt", split) and ex.answer_text() == value
+            assert [_text(ex, r) for r in ex.evidence] == [value]
+            assert _text(ex, (1, ex.evidence[0][0])).endswith(f"The magic word for {key} is ")
+            assert _text(ex, (1, ex.answer[0])).endswith(f"What is the magic word for {key}? The magic word for {key} is ")
+            lines = [ln for ln in ex.text().split("\n") if ln.startswith("The magic word for ")]
+            assert len(lines) == 1 + ex.meta["n_distractors"] and sum(value in ln for ln in lines) == 1
+            assert all(sum(a != b for a, b in zip(ln.split()[4], key)) == 1 for ln in lines if key not in ln)
+
+
 def test_word_lists_fit_short_rows():
     """fact_list drops distractor lists, then words, until the row fits (a 5-word list does not fit 256 tokens);
     the seed's own choice is kept where it fits, so long rows still hold long lists."""
