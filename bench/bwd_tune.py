@@ -118,10 +118,11 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="gradient checks + train rows with the fastest setting")
     parser.add_argument("--train-lengths", type=int, nargs="*", default=[32768, 131072, 262144])
     parser.add_argument("--only", type=int, nargs="*", default=None, help="indices of CANDIDATES to run")
+    parser.add_argument("--json", default="bwd_tune.json", help="file name under $OUT (or bench/)")
     args = parser.parse_args()
     rows = []
     report = {"length": args.length, "device": torch.cuda.get_device_name(), "rows": rows}
-    out = Path(os.environ.get("OUT", ROOT / "bench")) / "bwd_tune.json"
+    out = Path(os.environ.get("OUT", ROOT / "bench")) / args.json
     for i, setting in enumerate(CANDIDATES):
         if args.only is not None and i not in args.only:
             continue
