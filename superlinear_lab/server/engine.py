@@ -532,7 +532,7 @@ class ChatEngine:
                 batchable = []
         for gen, token in single:
             try:
-                gen.session.append([token], role=None)
+                gen.session.step(token)  # the session's one-token step: a CUDA-graph replay on CUDA
             except Exception as e:
                 self._fail(gen, e)
                 continue
