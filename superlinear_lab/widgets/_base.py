@@ -230,8 +230,9 @@ class View:
     def _ipython_display_(self) -> None:
         """In a notebook: the live view, then a static copy of its figures and panels that the live view hides
         (CSS in the pane) and that stays visible in a saved notebook without a kernel or widget state. The
-        copy follows the view: it is refreshed (with pictures of the figures as the browser drew them) once the
-        user has stopped interacting for a moment."""
+        copy follows the view: its text and figures 2 s after the user's last change, pictures of the figures
+        as the browser drew them once the view has been left alone for `PICTURE_IDLE_S` (drawing them takes
+        the page a few hundred ms, which an interaction must not wait for)."""
         from IPython.display import display
 
         bundle = self._repr_mimebundle_()
@@ -239,23 +240,23 @@ class View:
         display(bundle, raw=True)  # the live widget
         bundles = self.static_outputs()
         self._static_handles = [display(bundle, raw=True, display_id=True) for bundle in bundles]
-        self._static_written, self._static_tries = dict(enumerate(bundles)), 0
-        self._schedule_static()  # the pictures, once the browser has drawn the figures
+        self._static_written, self._picture_tries = dict(enumerate(bundles)), 0
+        self._schedule("_picture_timer", 2.0, self._update_pictures)  # once the browser has drawn the figures
 
     def _update_static(self) -> None:
-        """Rewrite the static copy now; ask the browser for pictures of figures that changed since their last
-        picture (the copy is rewritten again when they arrive). Retried a few times while no browser shows the
-        view yet."""
-        handles = getattr(self, "_static_handles", None)
-        if not handles:
-            return
+        """Rewrite the static copy's text and figures now (its pictures follow later: `_update_pictures`)."""
+        self._write_static()
+        self._schedule("_picture_timer", self.PICTURE_IDLE_S, self._update_pictures)
+
+    def _update_pictures(self) -> None:
+        """Ask the browser for pictures of the figures changed since their last picture; the static copy is
+        rewritten when they arrived. Retried a few times while no browser shows the view yet."""
         panes = self._view.figure_widgets if self._view is not None else []
         stale = [p for p in panes if not p.image_current]
         asked = [p for p in stale if p.request_image(lambda: self._image_arrived(asked))]
-        if len(asked) < len(stale) and self._static_tries < 10:
-            self._static_tries += 1
-            self._schedule_static()  # a pane no browser has asked for yet: try again later
-        self._write_static()
+        if len(asked) < len(stale) and self._picture_tries < 10:
+            self._picture_tries += 1
+            self._schedule("_picture_timer", 2.0, self._update_pictures)  # no browser asked for a pane yet
 
     def _image_arrived(self, asked: list) -> None:
         if all(not p._image_waiters for p in asked):  # the last of the pictures asked for together
@@ -270,9 +271,19 @@ class View:
                 written[i] = bundle
         self._static_written = written
 
+    PICTURE_IDLE_S = 10.0
+
     def _schedule_static(self, delay_s: float = 2.0) -> None:
         """Refresh the static copy `delay_s` after the last change (on the kernel's own event loop, so it never
         runs concurrently with an action); a no-op outside a running event loop (scripts, tests)."""
+        self._schedule("_static_timer", delay_s, self._update_static)
+        pending = getattr(self, "_picture_timer", None)
+        if pending is not None:  # the user is active: pictures wait until the view is left alone
+            pending.cancel()
+
+    def _schedule(self, timer: str, delay_s: float, callback) -> None:
+        """Run `callback` `delay_s` from now on the kernel's event loop, replacing the pending call of the same
+        `timer` (a no-op without a displayed static copy or outside a running event loop)."""
         if not getattr(self, "_static_handles", None):
             return
         import asyncio
@@ -281,10 +292,10 @@ class View:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        pending = getattr(self, "_static_timer", None)
+        pending = getattr(self, timer, None)
         if pending is not None:
             pending.cancel()
-        self._static_timer = loop.call_later(delay_s, self._update_static)
+        setattr(self, timer, loop.call_later(delay_s, callback))
 
     def redraw_seconds(self) -> float:
         """Time one full redraw of the widget from the current state (figures + widget update)."""
