@@ -190,6 +190,8 @@ def _value(kind: str, rng: random.Random, split: str, taken: set[str]) -> str:
             v = " ".join(rng.choice(vocabulary("words.txt", split)) for _ in range(rng.randint(2, 4)))
         elif kind == "date":
             v = f"{rng.randint(1, 28)} {rng.choice(MONTHS)} {rng.randint(1850, 2030)}"
+        elif kind == "pseudo":  # a made-up lower-case word: no word list holds it, so it can only be copied
+            v = _generated_name(rng).lower()
         elif kind == "number":
             digits = rng.randint(2, 6)
             v = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
@@ -300,8 +302,15 @@ def fact_hop(length: int, seed: int, split: str = "train", n_distractors: int = 
                     "n_distractors": n_distractors, "seed": seed})
 
 
+def _copy_kind(rng: random.Random) -> str:
+    """Values of the copy aids: half real words of the split, half made-up words. A fine-tune copied train-list words
+    far better than held-out ones (byte accuracy 0.85 vs 0.56 on fact_needle): it had partly learnt the value list
+    itself. Made-up words cannot be learnt that way."""
+    return "word" if rng.random() < 0.5 else "pseudo"
+
+
 def fact_list(length: int, seed: int, split: str = "train", n_words: int = 4, n_distractors: int = 0) -> D.Example:
-    """`n_words` distinct words of the split's vocabulary in one statement, asked back in order (joined by ", "),
+    """`n_words` distinct words (real words of the split's vocabulary or made-up ones, `_copy_kind`) in one statement, asked back in order (joined by ", "),
     plus `n_distractors` lists of other owners with the same phrasing. Evidence: each word in the asked
     statement; the queries predicting a word's bytes need that word (separators need nothing)."""
     task = "fact_list"
@@ -313,7 +322,7 @@ def fact_list(length: int, seed: int, split: str = "train", n_words: int = 4, n_
 
     def listed(who: str) -> tuple[str, list[str]]:
         for _ in range(100):
-            words = [_value("word", rng, split, taken) for _ in range(n_words)]
+            words = [_value(_copy_kind(rng), rng, split, taken) for _ in range(n_words)]
             text = _fill(statement.replace("{items}", ", ".join(words)), who, "")
             tail = text[text.rindex(", ".join(words)):]
             if all(tail.count(w) == 1 for w in words):  # each word's last occurrence is its list entry
@@ -341,20 +350,20 @@ def fact_list(length: int, seed: int, split: str = "train", n_words: int = 4, n_
 
 
 def fact_needle(length: int, seed: int, split: str = "train", n_distractors: int = 0) -> D.Example:
-    """"The magic word for <key> is <word>." at a random depth plus `n_distractors` needles whose keys differ by one
+    """"The magic word for <key> is <word>." (a real or made-up word, `_copy_kind`) at a random depth plus `n_distractors` needles whose keys differ by one
     letter, asked as "What is the magic word for <key>? The magic word for <key> is ". Evidence: the word."""
     task = "fact_needle"
     rng = D._rng(task, length, seed, split, n_distractors)
     key = D._key(rng)
     keys, taken = {key}, set()
-    value = _value("word", rng, split, taken)
+    value = _value(_copy_kind(rng), rng, split, taken)
     b = D._Builder(rng, length, split)
     depth = rng.random()
     b.needle(depth, f"The magic word for {key} is {value}.", [value])
     for _ in range(n_distractors):
         other = D._near_duplicate(rng, key, keys)
         keys.add(other)
-        b.needle(rng.random(), f"The magic word for {other} is {_value('word', rng, split, taken)}.", [])
+        b.needle(rng.random(), f"The magic word for {other} is {_value(_copy_kind(rng), rng, split, taken)}.", [])
     return b.build(f"\nWhat is the magic word for {key}? The magic word for {key} is ", value, lambda j: [0], task,
                    {"depth": depth, "key": key, "value": value, "n_distractors": n_distractors, "seed": seed})
 

@@ -101,7 +101,8 @@ def test_word_lists_mark_every_word_and_its_bytes(split):
     for seed in range(8):
         ex = D.make_example("fact_list", 1024, seed, split)
         words = ex.meta["words"]
-        assert ex.answer_text() == ", ".join(words) and set(words) <= vocab
+        assert ex.answer_text() == ", ".join(words)
+        assert all(w in vocab or (w.isalpha() and w.islower() and w not in F._lower_words()) for w in words)
         assert [_text(ex, r) for r in ex.evidence] == words
         text = ex.text()
         line = text[text.rfind("\n", 0, ex.evidence[0][0]) + 1:text.find("\n", ex.evidence[-1][1])]
@@ -123,13 +124,22 @@ def test_word_needles_are_digit_needles_with_a_word():
         for seed in range(6):
             ex = D.make_example("fact_needle", 1024, seed, split)
             value, key = ex.meta["value"], ex.meta["key"]
-            assert value in F.vocabulary("words.txt", split) and ex.answer_text() == value
+            assert ex.answer_text() == value
+            assert value in F.vocabulary("words.txt", split) or value not in F._lower_words()
             assert [_text(ex, r) for r in ex.evidence] == [value]
             assert _text(ex, (1, ex.evidence[0][0])).endswith(f"The magic word for {key} is ")
             assert _text(ex, (1, ex.answer[0])).endswith(f"What is the magic word for {key}? The magic word for {key} is ")
             lines = [ln for ln in ex.text().split("\n") if ln.startswith("The magic word for ")]
             assert len(lines) == 1 + ex.meta["n_distractors"] and sum(value in ln for ln in lines) == 1
             assert all(sum(a != b for a, b in zip(ln.split()[4], key)) == 1 for ln in lines if key not in ln)
+
+
+def test_copy_aids_mix_real_and_made_up_words():
+    """Half of the copy aids' values are made-up words (no word list holds them), so they can only be copied."""
+    words = [w for seed in range(30) for w in D.make_example("fact_list", 1024, seed, "train").meta["words"]]
+    words += [D.make_example("fact_needle", 512, seed, "train").meta["value"] for seed in range(30)]
+    made_up = sum(w not in F._lower_words() for w in words) / len(words)
+    assert 0.3 < made_up < 0.7, made_up
 
 
 def test_word_lists_fit_short_rows():
