@@ -213,8 +213,8 @@ class RoutingExplorer(View):
         return [i for i in self.trace.layers if self.compare is None or i in self.compare.layers]
 
     def _schedule_prefetch(self) -> None:
-        """In a kernel, build the map content (images, bands, title) of every (layer, head) for the current weight
-        and bins while the user looks — current layer first, one per idle slot of the kernel's event loop, never
+        """In a kernel, build the map content (images, bands, title; in compare mode also the agreement) of every
+        (layer, head) for the current weight and bins while the user looks — current layer first, one per idle slot of the kernel's event loop, never
         concurrently with an action — so a head or layer change only sends it (a relayout in the browser)."""
         import asyncio
 
@@ -236,6 +236,8 @@ class RoutingExplorer(View):
                 layer, head = todo.pop(0)
                 if (layer, head, *frame) not in self._contents:
                     self._map_content(layer, head)
+                    if self.compare is not None and (layer, head) not in self._agreement:
+                        self._agreement[(layer, head)] = self._agreement_of(layer, head)  # the summary's
                     break
             if todo:
                 loop.call_later(0.05, step)
