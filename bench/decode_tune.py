@@ -31,7 +31,7 @@ _import_kernels()
 from superlinear_kernels import SpanConfig, superlinear_attention  # noqa: E402
 from superlinear_kernels.api import Prepared  # noqa: E402
 from superlinear_kernels.triton import decode, ops  # noqa: E402
-from speed import H_KV, H_Q, D, dense, device_times, graphed, make_inputs  # noqa: E402
+from speed import H_KV, H_Q, D, dense, device_times, graphed, kernel_rows, make_inputs  # noqa: E402
 
 
 def inputs(length: int, dtype, coherent: bool):
@@ -75,12 +75,7 @@ def profile(length: int, cfg, dtype, coherent: bool) -> list[dict]:
         for _ in range(reps):
             step()
         torch.cuda.synchronize()
-    rows = []
-    for event in prof.key_averages():
-        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if total > 0:
-            rows.append({"kernel": event.key[:60], "calls_per_step": event.count / reps, "us_per_step": total / reps})
-    rows.sort(key=lambda r: -r["us_per_step"])
+    rows = kernel_rows(prof, reps, width=60)
     print(f"profile L={length}: " + "; ".join(f"{r['kernel']} {r['us_per_step']:.1f} us" for r in rows), flush=True)
     return rows
 

@@ -159,12 +159,9 @@ def step_profile(session, cp, steps: int = 8, top: int = 14) -> list[dict]:
         session.generate(steps, temperature=0)
         torch.cuda.synchronize()
     session.rollback(cp)
-    rows = []
-    for e in prof.key_averages():
-        total = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if total > 0:
-            rows.append({"kernel": e.key[:90], "calls_per_step": e.count / steps, "us_per_step": total / steps})
-    rows.sort(key=lambda r: -r["us_per_step"])
+    from speed import kernel_rows  # bench/speed.py: the one summary of a profiler run
+
+    rows = kernel_rows(prof, steps)
     kernels = sum(r["calls_per_step"] for r in rows)
     return [{"kernels_per_step": kernels, "us_per_step": sum(r["us_per_step"] for r in rows)}] + rows[:top]
 

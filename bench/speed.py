@@ -119,6 +119,19 @@ def graphed(fn):
     return graph, result
 
 
+def kernel_rows(prof, steps: int, width: int = 90) -> list[dict]:
+    """Per-kernel device time of a torch.profiler run over `steps` steps: rows {kernel, calls_per_step, us_per_step},
+    slowest first."""
+    rows = []
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if total > 0:
+            rows.append({"kernel": event.key[:width], "calls_per_step": event.count / steps,
+                         "us_per_step": total / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows
+
+
 def dense(q, k, v, causal: bool):
     try:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
