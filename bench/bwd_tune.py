@@ -57,16 +57,7 @@ def backward_times(length: int, reps: int, profile: bool):
             x.grad = None
         out.backward(dout, retain_graph=True)
 
-    bwd()  # compiles
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        bwd()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    seconds = gpu_check.cuda_time(bwd, reps)  # one warm-up call (compiles), then the median of `reps` calls
     kernels = {}
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -79,7 +70,7 @@ def backward_times(length: int, reps: int, profile: bool):
             if t > 0:
                 kernels[ev.key[:70]] = kernels.get(ev.key[:70], 0.0) + t
         kernels = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:12])
-    return sorted(times)[len(times) // 2], kernels
+    return seconds, kernels
 
 
 def chunk_check(length: int = 40000, h_q: int = 32, h_kv: int = 2, d: int = 128) -> None:

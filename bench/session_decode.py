@@ -33,6 +33,8 @@ import time
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from speed import graphed, kernel_rows, timed  # noqa: E402  (bench/speed.py: timing, capture, profiler summary)
 
 
 def loop_ms(fn, reps: int, loops: int = 5) -> float:
@@ -49,28 +51,6 @@ def loop_ms(fn, reps: int, loops: int = 5) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / reps)
     return statistics.median(times)
-
-
-def host_ms(fn, reps: int) -> float:
-    """Median wall time of one call followed by a synchronisation (latency of a lone call), in ms."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
-def capture(fn):
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 def attention_row(length: int, reps: int) -> dict:
@@ -93,10 +73,10 @@ def attention_row(length: int, reps: int) -> dict:
         ref = superlinear_attention(q1, q2, k, v, pos_dev, cfg, backend="triton")
         got_entry = entry(q1, q2, pos)
         got_direct = direct(q1, q2, pos)
-        graph, out = capture(lambda: direct(q1, q2, pos_dev))
+        graph, out = graphed(lambda: direct(q1, q2, pos_dev))
         graph.replay()
         torch.cuda.synchronize()
-        dense_graph, _ = capture(lambda: torch.nn.functional.scaled_dot_product_attention(
+        dense_graph, _ = graphed(lambda: torch.nn.functional.scaled_dot_product_attention(
             q2, k, v, enable_gqa=True))
         row = {
             "L": length,
@@ -108,11 +88,12 @@ def attention_row(length: int, reps: int) -> dict:
             "entry_no_graph_ms": loop_ms(lambda: direct(q1, q2, pos), reps),
             "graph_ms": loop_ms(graph.replay, reps),
             "dense_graph_ms": loop_ms(dense_graph.replay, reps),
-            "public_lone_call_ms": host_ms(lambda: superlinear_attention(q1, q2, k, v, pos_dev, cfg,
-                                                                         backend="triton"), 50),
-            "entry_lone_call_ms": host_ms(lambda: entry(q1, q2, pos), 50),
-            "entry_no_graph_lone_call_ms": host_ms(lambda: direct(q1, q2, pos), 50),
-            "graph_lone_call_ms": host_ms(graph.replay, 50),
+            # a lone call followed by a synchronisation: speed.timed's median wall seconds, in ms
+            "public_lone_call_ms": 1e3 * timed(lambda: superlinear_attention(q1, q2, k, v, pos_dev, cfg,
+                                                                             backend="triton"), 50),
+            "entry_lone_call_ms": 1e3 * timed(lambda: entry(q1, q2, pos), 50),
+            "entry_no_graph_lone_call_ms": 1e3 * timed(lambda: direct(q1, q2, pos), 50),
+            "graph_lone_call_ms": 1e3 * timed(graph.replay, 50),
         }
     row["entry_over_graph"] = row["entry_ms"] / row["graph_ms"]
     row["public_over_graph"] = row["public_ms"] / row["graph_ms"]
@@ -159,8 +140,6 @@ def step_profile(session, cp, steps: int = 8, top: int = 14) -> list[dict]:
         session.generate(steps, temperature=0)
         torch.cuda.synchronize()
     session.rollback(cp)
-    from speed import kernel_rows  # bench/speed.py: the one summary of a profiler run
-
     rows = kernel_rows(prof, steps)
     kernels = sum(r["calls_per_step"] for r in rows)
     return [{"kernels_per_step": kernels, "us_per_step": sum(r["us_per_step"] for r in rows)}] + rows[:top]
