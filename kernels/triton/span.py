@@ -24,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import window
 from .common import block_d, dot_precision
+from .window import kv_grad_step
 
 
 def sort_pairs(qstart: torch.Tensor, qend: torch.Tensor, h_kv: int, block_n: int, l_kv: int) -> torch.Tensor:
@@ -200,14 +202,8 @@ def _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse
     do = do.to(q.dtype)
     lse = tl.load(blse_ptr + pair, mask=live, other=float("inf"))
     delta = tl.load(delta_ptr + pair, mask=live, other=0.0)
-    logits_t = tl.dot(kk, tl.trans(q), input_precision=PRECISION) * scale  # [BLOCK_N, BLOCK_P]
-    allowed = live[None, :] & (cols[:, None] >= qs[None, :]) & (cols[:, None] <= qe[None, :])
-    p_t = tl.where(allowed, tl.exp(logits_t - lse[None, :]), 0.0)
-    dv += tl.dot(p_t.to(q.dtype), do, input_precision=PRECISION)
-    dp_t = tl.dot(vv, tl.trans(do), input_precision=PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-    return dk, dv
+    allowed = live[None, :] & (cols[:, None] >= qs[None, :]) & (cols[:, None] <= qe[None, :])  # [BLOCK_N, BLOCK_P]
+    return kv_grad_step(kk, vv, q, do, lse, delta, allowed, dk, dv, scale, PRECISION)
 
 
 @triton.jit
@@ -313,8 +309,6 @@ def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta,
     """Span part of dK, dV, added into fp32 dk, dv [B, H_KV, L_KV, D] (contiguous; the window stored them).
     Key-major (`_span_bwd_kv_kernel`): no atomics. Arguments as `span_backward_dq`, over all of the call's pairs.
     """
-    from . import window
-
     b, h_q, l_q, d = q2.shape
     h_kv, l_kv = k.shape[1], k.shape[2]
     num_spans = qstart.shape[-1]

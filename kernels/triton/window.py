@@ -152,6 +152,21 @@ def _window_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, do_ptr, lse_p
 
 
 @triton.jit
+def kv_grad_step(kk, vv, q, do, lse, delta, allowed, dk, dv, scale, PRECISION: tl.constexpr):
+    """Add one block of query rows' share to a key block's (dK / scale, dV), both [BLOCK_N, D] fp32, in the key-major
+    backward (window here, spans in span.py): kk, vv [BLOCK_N, D] the block's keys and values; q, do [rows, D] (do in
+    q's dtype); lse, delta [rows] (delta = rowsum(dO ∘ O)); allowed [BLOCK_N, rows] which (key, row) pairs attend.
+    P is recomputed from the stored lse: P = exp(q·k·scale − lse), dS = P (dO·v − delta)."""
+    logits_t = tl.dot(kk, tl.trans(q), input_precision=PRECISION) * scale  # [BLOCK_N, rows]
+    p_t = tl.where(allowed, tl.exp(logits_t - lse[None, :]), 0.0)
+    dv += tl.dot(p_t.to(q.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(vv, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _window_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, spos_ptr, qrange_ptr, start_ptr, do_ptr, lse_ptr,
                           delta_ptr, dk_ptr, dv_ptr,
                           sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
@@ -194,13 +209,8 @@ def _window_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, spos_ptr, qrange_ptr, 
             lse = tl.load(lse_ptr + base, mask=ok, other=float("inf"))
             delta = tl.load(delta_ptr + base, mask=ok, other=0.0)
             lo_row = window_lo(pos, s, W)
-            logits_t = tl.dot(kk, tl.trans(q), input_precision=PRECISION) * scale  # [BLOCK_N, rows]
             allowed = ok[None, :] & (cols[:, None] >= lo_row[None, :]) & (cols[:, None] <= pos[None, :])
-            p_t = tl.where(allowed, tl.exp(logits_t - lse[None, :]), 0.0)
-            dv += tl.dot(p_t.to(q.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(vv, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+            dk, dv = kv_grad_step(kk, vv, q, do, lse, delta, allowed, dk, dv, scale, PRECISION)
     off = (grp.to(tl.int64) * L_KV + cols[:, None]) * D + d[None, :]  # dk/dv: contiguous fp32 [B, H_KV, L_KV, D]
     tl.store(dk_ptr + off, dk * scale, mask=kv_mask)
     tl.store(dv_ptr + off, dv, mask=kv_mask)
