@@ -230,18 +230,6 @@ def test_generate_with_static_cache_equals_full_forward(arch):
     assert torch.equal(out.sequences, dynamic)
 
 
-def test_static_cache_left_padded_batch_equals_single_rows():
-    model = hf.convert(build("llama", seed=15), NARROW)
-    a, b = torch.randint(1, VOCAB, (1, 30)), torch.randint(1, VOCAB, (1, 18))
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 12, dtype=torch.long), b], 1)])
-    mask = (torch.arange(30)[None] >= torch.tensor([[0], [12]])).long()
-    with torch.no_grad():
-        both = model.generate(batch, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
-                              cache_implementation="static")
-        one_b = model.generate(b, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    assert torch.equal(both[1, 30:], one_b[0, 18:])
-
-
 # --------------------------------------------------------------------------- the model's own sliding window
 def test_mistral_sliding_window_is_replaced_in_converted_layers(tmp_path):
     """A Mistral with sliding_window=8: converted layers attend with superlinear attention over the whole row (the
@@ -315,14 +303,18 @@ def test_qwen2_sliding_layers_are_replaced_only_where_converted():
     torch.testing.assert_close(out, (w @ v.repeat_interleave(4, 1)).transpose(1, 2), rtol=0, atol=1e-5)
 
 
-def test_generate_left_padded_batch_equals_single_rows():
-    model = hf.convert(build("llama", seed=6), NARROW)
+@pytest.mark.parametrize("cache,seed,steps", [(None, 6, 12), ("static", 15, 10)])
+def test_generate_left_padded_batch_equals_single_rows(cache, seed, steps):
+    """A left-padded batch generates what its rows generate alone, with the model's default (dynamic) cache and
+    with transformers' StaticCache."""
+    model = hf.convert(build("llama", seed=seed), NARROW)
     a, b = torch.randint(1, VOCAB, (1, 30)), torch.randint(1, VOCAB, (1, 18))
     batch = torch.cat([a, torch.cat([torch.zeros(1, 12, dtype=torch.long), b], 1)])
     mask = (torch.arange(30)[None] >= torch.tensor([[0], [12]])).long()
     with torch.no_grad():
-        both = model.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
-        one_b = model.generate(b, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        both = model.generate(batch, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0,
+                              cache_implementation=cache)
+        one_b = model.generate(b, max_new_tokens=steps, do_sample=False, pad_token_id=0)
     assert torch.equal(both[1, 30:], one_b[0, 18:])
 
 
