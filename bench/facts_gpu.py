@@ -4,7 +4,7 @@
 
 1. trains (or resumes) `superlinear_lab.train` for at most `--time-limit` seconds (the checkpoint may live under
    $OUT so that it comes back and can be carried into the next call);
-2. exports the checkpoint to `--export-dir` (fp16) when the schedule is done or `--export-anyway`;
+2. exports the checkpoint to `--export-dir` (`--export-dtype`, fp16 by default) when the schedule is done or `--export-anyway`;
 3. evaluates the exported model (`--eval-backend`) on the held-out fact suites at 1×, 2×, 4× and 8× the
    longest training length — held-out templates, held-out values, held-out corpus text — with answer accuracy,
    answer-byte and first-byte accuracy, routing recall and the chance-recall baseline; and bits per byte on
@@ -57,17 +57,24 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=16, help="held-out examples per suite and length")
     p.add_argument("--lengths", type=int, nargs="+", help="default: 1, 2, 4 and 8 times the longest training length")
     p.add_argument("--export-anyway", action="store_true")
+    p.add_argument("--export-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--save-seconds", type=float, default=0, help="also checkpoint every this many seconds")
+    p.add_argument("--workers", type=int, default=0, help="build training batches in this many processes")
     p.add_argument("--plan-seconds", type=float, help="on a fresh checkpoint, first resize the stages' step counts "
                    "to about this many seconds here (train.plan), writing the planned config to <out>/config.json")
     p.add_argument("--plan-shares", type=float, nargs="+", help="share of the time per stage (default: plan's)")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--eval-only", metavar="MODEL", help="only evaluate this model (a shipped name or a model "
+                   "folder; needs --lengths): no training, no export, no other model")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = T.load_config(args.config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.plan_seconds and not (Path(args.ckpt) / "state.json").is_file():
+    if args.eval_only and not args.lengths:
+        p.error("--eval-only needs --lengths")
+    if args.plan_seconds and not args.eval_only and not (Path(args.ckpt) / "state.json").is_file():
         D.use_corpus(cfg.corpus)
         shares = tuple(args.plan_shares) if args.plan_shares else (0.1, 0.15, 0.2, 0.25, 0.3)[-len(cfg.stages):]
         cfg = T.plan(cfg, args.plan_seconds, device, args.backend, shares=shares)
@@ -75,9 +82,10 @@ def main() -> int:
         print("planned stages", cfg.stages, flush=True)
     report: dict = {"config": args.config, "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
-    if not args.skip_train:
+    if not args.skip_train and not args.eval_only:
         t0 = time.time()
-        state = T.train(cfg, args.ckpt, device, args.backend, time_limit=args.time_limit, progress=False)
+        state = T.train(cfg, args.ckpt, device, args.backend, time_limit=args.time_limit, progress=False,
+                        save_seconds=args.save_seconds, workers=args.workers)
         report["train"] = {"step": state["step"], "total_steps": cfg.total_steps, "elapsed_s": state["elapsed_s"],
                            "slice_s": round(time.time() - t0, 1)}
         log = (Path(args.ckpt) / T.LOG_FILE).read_text().strip().split("\n")
@@ -86,12 +94,15 @@ def main() -> int:
         if state["step"] < cfg.total_steps and not args.export_anyway:
             (out / "facts_eval.json").write_text(json.dumps(report, indent=1))
             return 0
-    export = T.export(args.ckpt, args.export_dir, "float16")
     D.use_corpus(cfg.corpus)
     longest = max(s[0] for s in cfg.stages)
     lengths = args.lengths or [longest * m for m in (1, 2, 4, 8)]
-    models = {"new": open_model(str(export), device=device, backend=args.eval_backend),
-              "tiny": open_model("tiny", device=device, backend=args.eval_backend)}
+    if args.eval_only:
+        models = {args.eval_only: open_model(args.eval_only, device=device, backend=args.eval_backend)}
+    else:
+        export = T.export(args.ckpt, args.export_dir, args.export_dtype)
+        models = {"new": open_model(str(export), device=device, backend=args.eval_backend),
+                  "tiny": open_model("tiny", device=device, backend=args.eval_backend)}
     report["bits_per_byte"] = {name: round(bits_per_byte(m, min(longest, max(lengths)), 16), 4)
                                for name, m in models.items()}
     print("bits per byte", report["bits_per_byte"])

@@ -68,32 +68,59 @@ STATEMENTS = {
                  "{Owner} has a {thing} named {value}.",
                  "There is a {thing} called {value}; it belongs to {owner}.",
                  "{value} is the name of {owner}'s {thing}.",
-                 "Ask anyone: {owner}'s {thing} answers to {value}."),
+                 "Ask anyone: {owner}'s {thing} answers to {value}.",
+                 "{Owner} gave the {thing} the name {value}.",
+                 "{Owner} owns a {thing}, and it is named {value}.",
+                 "Last spring {owner} bought a {thing} and named it {value}.",
+                 "In the village, {owner}'s {thing} is known as {value}.",
+                 "The {thing} of {owner} is named {value}.",
+                 "Children wave at {owner}'s {thing}, {value}, every morning."),
         "word": ("{Owner}'s {thing} is \"{value}\".", "Remember: the {thing} of {owner} is \"{value}\".",
                  "For the record, {owner} chose \"{value}\" as the {thing}.",
                  "{Owner} picked the {thing} \"{value}\" and told nobody else.",
                  "The {thing} that {owner} settled on was \"{value}\".",
                  "Note for later: \"{value}\" is the {thing} of {owner}.",
                  "{Owner} whispered the {thing}, \"{value}\", to the guard.",
-                 "If you meet {owner}, the {thing} is \"{value}\"."),
+                 "If you meet {owner}, the {thing} is \"{value}\".",
+                 "The {thing} for {owner} is \"{value}\".",
+                 "{Owner} set the {thing} to \"{value}\".",
+                 "It was agreed that the {thing} of {owner} would be \"{value}\".",
+                 "{Owner} changed the {thing} to \"{value}\" last week.",
+                 "On the card of {owner}, the {thing} was written as \"{value}\".",
+                 "Only {owner} knew that the {thing} was \"{value}\"."),
         "phrase": ("{Owner}'s {thing} is \"{value}\".", "The {thing} of {owner} goes: \"{value}\".",
                    "Whenever asked, {owner} answers with the {thing} \"{value}\".",
                    "{Owner} always ends a letter with the {thing} \"{value}\".",
                    "\"{value}\" is the {thing} of {owner}.",
                    "The {thing} {owner} made famous is \"{value}\".",
-                   "Written above the door of {owner} is the {thing}: \"{value}\"."),
+                   "Written above the door of {owner} is the {thing}: \"{value}\".",
+                   "{Owner} often repeats the {thing}: \"{value}\".",
+                   "The {thing} that {owner} chose reads \"{value}\".",
+                   "{Owner} signs every note with the {thing} \"{value}\".",
+                   "The {thing} of {owner} has always been \"{value}\".",
+                   "Above the fireplace of {owner} hangs the {thing}, \"{value}\"."),
         "date": ("{Owner}'s {thing} is {value}.", "Note that the {thing} of {owner} is {value}.",
                  "According to the letter, {owner}'s {thing} fell on {value}.",
                  "{Owner} was happy on the {thing}, {value}.",
                  "On {value} came the {thing} of {owner}.",
                  "The {thing} of {owner} is remembered as {value}.",
-                 "{Owner} wrote down {value} as the {thing}."),
+                 "{Owner} wrote down {value} as the {thing}.",
+                 "{Owner}'s {thing} was on {value}.",
+                 "The {thing} of {owner} came on {value}.",
+                 "Mark the calendar: the {thing} of {owner} is {value}.",
+                 "{Owner} still remembers the {thing}, {value}.",
+                 "The {thing} for {owner} was set for {value}."),
         "number": ("{Owner}'s {thing} is {value}.", "Remember: the {thing} of {owner} is {value}.",
                    "It is written that {owner}'s {thing} is {value}.",
                    "{Owner} keeps {value} as the {thing}.",
                    "The {thing} belonging to {owner} is {value}.",
                    "We were told that {value} is the {thing} of {owner}.",
-                   "For {owner}, the {thing} has always been {value}."),
+                   "For {owner}, the {thing} has always been {value}.",
+                   "The {thing} of {owner} is {value}.",
+                   "{Owner} wrote {value} down as the {thing}.",
+                   "The {thing} for {owner} reads {value}.",
+                   "{Owner}'s {thing} turned out to be {value}.",
+                   "Nobody else has {value}: it is the {thing} of {owner}."),
     },
     "eval": {
         "name": ("{Owner} calls the {thing} {value}.", "By the way, the name of {owner}'s {thing} is {value}."),
@@ -107,19 +134,26 @@ QUESTIONS = {  # question templates (the prompt continues "\nAnswer: ")
     "train": {
         "name": ("What is {owner}'s {thing} called?", "What name does {owner}'s {thing} have?",
                  "What do they call {owner}'s {thing}?", "How is the {thing} of {owner} named?",
-                 "Name the {thing} that belongs to {owner}.", "{Owner} has a {thing}. What is it called?"),
+                 "Name the {thing} that belongs to {owner}.", "{Owner} has a {thing}. What is it called?",
+                 "By what name is {owner}'s {thing} known?", "What did {owner} name the {thing}?",
+                 "What is the {thing} of {owner} called?"),
         "word": ("What is {owner}'s {thing}?", "Which {thing} did {owner} choose?",
                  "What {thing} does {owner} use?", "What did {owner} pick as the {thing}?",
-                 "Do you know the {thing} of {owner}?", "Which word is {owner}'s {thing}?"),
+                 "Do you know the {thing} of {owner}?", "Which word is {owner}'s {thing}?",
+                 "What is the {thing} of {owner}?", "Which {thing} belongs to {owner}?",
+                 "What {thing} did {owner} set?", "Say the {thing} of {owner}."),
         "phrase": ("What is {owner}'s {thing}?", "How does {owner}'s {thing} go?",
                    "What {thing} does {owner} repeat?", "Recite {owner}'s {thing}.",
-                   "What are the words of {owner}'s {thing}?"),
+                   "What are the words of {owner}'s {thing}?", "What is the {thing} of {owner}?",
+                   "Which {thing} belongs to {owner}?", "What does the {thing} of {owner} say?"),
         "date": ("When is {owner}'s {thing}?", "On which date is the {thing} of {owner}?",
                  "What date is {owner}'s {thing}?", "When did the {thing} of {owner} take place?",
-                 "Which day was {owner}'s {thing}?"),
+                 "Which day was {owner}'s {thing}?", "When was {owner}'s {thing}?",
+                 "On what date was the {thing} of {owner}?"),
         "number": ("What is {owner}'s {thing}?", "Which {thing} does {owner} have?",
                    "What {thing} does {owner} keep?", "What number is {owner}'s {thing}?",
-                   "Can you say the {thing} of {owner}?"),
+                   "Can you say the {thing} of {owner}?", "What is the {thing} of {owner}?",
+                   "Which number is the {thing} of {owner}?", "Say the {thing} of {owner}."),
     },
     "eval": {
         "name": ("Do you recall what {owner}'s {thing} is called?", "Which name was given to {owner}'s {thing}?"),
@@ -129,6 +163,14 @@ QUESTIONS = {  # question templates (the prompt continues "\nAnswer: ")
         "number": ("Tell me the {thing} of {owner}.",),
     },
 }
+# Train-only wrappers around a statement (lead + template + tail) and a question (lead + template): the words
+# around a fact vary, so what stays the same is the owner and the thing. The eval split never uses them.
+STATEMENT_LEADS = ("", "", "", "", "Listen. ", "One more detail. ", "From the diary: ", "An old letter says: ",
+                   "Here is something useful. ", "Write this down. ", "A small detail: ", "Later that year. ")
+STATEMENT_TAILS = ("", "", "", "", " Nobody forgot it.", " That was years ago.", " It surprised nobody.",
+                   " The whole street knew.", " It is an odd choice.", " So it was settled.")
+QUESTION_LEADS = ("", "", "", "Now a question. ", "Think back to the text. ", "One more thing. ", "Quick check: ",
+                  "From memory: ", "A question about the story. ")
 LISTS = {  # (statement with {items}, question) per split; the answer is the items joined by ", "
     "train": (("{Owner}'s shopping list reads: {items}.", "What is on {owner}'s shopping list?"),
               ("On the board, {owner} wrote these words: {items}.", "Which words did {owner} write on the board?")),
@@ -231,8 +273,17 @@ def _statement(rng: random.Random, template: str, owner: str, thing: str, kind: 
     raise RuntimeError(f"no value of kind {kind!r} fits {template!r}")
 
 
+def _statement_template(rng: random.Random, split: str, kind: str) -> str:
+    """A statement template of `kind` from the split's bank; in the train split wrapped in a random lead and tail."""
+    template = rng.choice(STATEMENTS[split][kind])
+    if split == "train":
+        template = rng.choice(STATEMENT_LEADS) + template + rng.choice(STATEMENT_TAILS)
+    return template
+
+
 def _question(rng: random.Random, split: str, kind: str, owner: str, thing: str) -> str:
-    return "\nQuestion: " + _fill(rng.choice(QUESTIONS[split][kind]), owner, thing) + "\nAnswer: "
+    lead = rng.choice(QUESTION_LEADS) if split == "train" else ""
+    return "\nQuestion: " + lead + _fill(rng.choice(QUESTIONS[split][kind]), owner, thing) + "\nAnswer: "
 
 
 def fact(length: int, seed: int, split: str = "train", kind: str = "word", n_distractors: int = 3,
@@ -250,7 +301,7 @@ def fact(length: int, seed: int, split: str = "train", kind: str = "word", n_dis
     owner = _owner(rng, split, place=True, role=role) if near_keys else _owner(rng, split)
     taken: set[str] = set()
     keys = {(owner, thing)}
-    text, value = _statement(rng, rng.choice(STATEMENTS[split][kind]), owner, thing, kind, split, taken)
+    text, value = _statement(rng, _statement_template(rng, split, kind), owner, thing, kind, split, taken)
     b = D._Builder(rng, length, split)
     depth = rng.random()
     b.needle(depth, text, [value])
@@ -265,7 +316,7 @@ def fact(length: int, seed: int, split: str = "train", kind: str = "word", n_dis
             if key not in keys:
                 break
         keys.add(key)
-        text, _ = _statement(rng, rng.choice(STATEMENTS[split][kind]), key[0], key[1], kind, split, taken)
+        text, _ = _statement(rng, _statement_template(rng, split, kind), key[0], key[1], kind, split, taken)
         b.needle(rng.random(), text, [])
     return b.build(_question(rng, split, kind, owner, thing), value, lambda j: [0], task,
                    {"depth": depth, "kind": kind, "owner": owner, "thing": thing, "value": value,
@@ -281,7 +332,7 @@ def fact_hop(length: int, seed: int, split: str = "train", n_distractors: int = 
     thing = rng.choice(THINGS["name"])
     owner = _owner(rng, split)
     taken: set[str] = set()
-    named, name = _statement(rng, rng.choice(STATEMENTS[split]["name"]), owner, thing, "name", split, taken)
+    named, name = _statement(rng, _statement_template(rng, split, "name"), owner, thing, "name", split, taken)
     where, question = rng.choice(HOP[split])
     kept, place = _statement(rng, where, owner, thing, "name", split, taken, name=name)
     b = D._Builder(rng, length, split)
@@ -293,7 +344,7 @@ def fact_hop(length: int, seed: int, split: str = "train", n_distractors: int = 
         while other in owners:
             other = _owner(rng, split)
         owners.add(other)
-        named2, n2 = _statement(rng, rng.choice(STATEMENTS[split]["name"]), other, thing, "name", split, taken)
+        named2, n2 = _statement(rng, _statement_template(rng, split, "name"), other, thing, "name", split, taken)
         b.needle(rng.random(), named2, [])
         b.needle(rng.random(), _statement(rng, where, other, thing, "name", split, taken, name=n2)[0], [])
     q = "\nQuestion: " + _fill(question, owner, thing) + "\nAnswer: "
@@ -368,17 +419,32 @@ def fact_needle(length: int, seed: int, split: str = "train", n_distractors: int
                    {"depth": depth, "key": key, "value": value, "n_distractors": n_distractors, "seed": seed})
 
 
+def _fewer_if_too_short(build, n_distractors: int, least: int = 0) -> D.Example:
+    """`build(n_distractors)`, with one distractor fewer each time the row is too short (long phrases and
+    wrapped statements may not fit a short row with every distractor the seed drew), down to `least`."""
+    while True:
+        try:
+            return build(n_distractors)
+        except D.TooShort:
+            if n_distractors <= least:
+                raise
+            n_distractors -= 1
+
+
 def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Example:
     """Any fact task by name; the number of distractors is drawn from the seed, capped by what fits `length`."""
     room = max(1, length // 160)  # a statement is ~50-90 tokens: short rows hold fewer of them
     n = D._rng("fact_n", length, seed, split, task)
     if task == "fact_hop":
-        return fact_hop(length, seed, split, n_distractors=n.randint(0, max(0, min(3, room // 2 - 1))))
+        return _fewer_if_too_short(lambda d: fact_hop(length, seed, split, n_distractors=d),
+                                   n.randint(0, max(0, min(3, room // 2 - 1))))
     if task == "fact_multi_key":
-        return fact(length, seed, split, kind=n.choice(("name", "word", "number")),
-                    n_distractors=n.randint(1, max(1, min(5, room - 1))), near_keys=True, task=task)
+        kind = n.choice(("name", "word", "number"))
+        return _fewer_if_too_short(lambda d: fact(length, seed, split, kind=kind, n_distractors=d, near_keys=True,
+                                                  task=task), n.randint(1, max(1, min(5, room - 1))), least=1)
     if task == "fact_needle":
-        return fact_needle(length, seed, split, n_distractors=n.randint(0, max(0, min(3, room - 1))))
+        return _fewer_if_too_short(lambda d: fact_needle(length, seed, split, n_distractors=d),
+                                   n.randint(0, max(0, min(3, room - 1))))
     if task == "fact_list":  # as many words and distractor lists as fit: fewer when the row is too short
         words, lists = n.randint(3, max(3, min(12, length // 48))), n.randint(0, max(0, min(2, room // 3)))
         while True:
@@ -389,6 +455,6 @@ def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Exam
                     raise
                 lists, words = (lists - 1, words) if lists else (0, words - 1)
     if task in TASKS:
-        return fact(length, seed, split, kind=task.removeprefix("fact_"),
-                    n_distractors=n.randint(0, max(0, min(5, room - 1))))
+        return _fewer_if_too_short(lambda d: fact(length, seed, split, kind=task.removeprefix("fact_"),
+                                                  n_distractors=d), n.randint(0, max(0, min(5, room - 1))))
     raise ValueError(f"task={task!r}: expected one of {TASKS + AUX_TASKS}")

@@ -261,11 +261,44 @@ def probe(model: HybridLM, cfg: TrainConfig, length: int, autocast: bool) -> dic
 
 
 # --------------------------------------------------------------------------- loop
+class _Batches(torch.utils.data.IterableDataset):
+    """(step, make_batch(cfg, step)) for steps start … end-1, in order; with DataLoader workers, worker w builds
+    steps start+w, start+w+n, … and the loader takes them round-robin, so the order (and every batch) is the
+    same as without workers."""
+
+    def __init__(self, cfg: TrainConfig, start: int, end: int):
+        self.cfg, self.start, self.end = cfg, start, end
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, n = (info.id, info.num_workers) if info else (0, 1)
+        if info:
+            D.use_corpus(self.cfg.corpus)
+        for step in range(self.start + worker, self.end, n):
+            yield step, make_batch(self.cfg, step)
+
+
+def _same(x):
+    return x
+
+
+def _batches(cfg: TrainConfig, start: int, end: int, workers: int):
+    """Iterator of (step, examples) from `start` to `end`; built in `workers` background processes when > 0
+    (a step's examples are a pure function of (cfg, step), so nothing else changes)."""
+    data = _Batches(cfg, start, end)
+    if workers <= 0:
+        return iter(data)
+    return iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, prefetch_factor=4,
+                                            collate_fn=_same, persistent_workers=False))
+
+
 def train(cfg: TrainConfig, ckpt: str | Path, device: str = "cpu", backend: str = "auto", time_limit: float = 0,
-          max_steps: int | None = None, save_every: int = 200, progress: bool = True) -> dict:
+          max_steps: int | None = None, save_every: int = 200, progress: bool = True, save_seconds: float = 0,
+          workers: int = 0) -> dict:
     """Train from scratch or resume from `ckpt` until the schedule ends, `max_steps` (absolute step count) is
-    reached, or `time_limit` seconds pass (0 = none); checkpoints at the end and every `save_every` steps.
-    Returns the final state dict."""
+    reached, or `time_limit` seconds pass (0 = none); checkpoints at the end, every `save_every` steps and (when
+    `save_seconds` > 0) whenever that many seconds passed since the last checkpoint. `workers` > 0 builds the
+    batches in that many background processes (same batches). Returns the final state dict."""
     from tqdm.auto import tqdm
 
     ckpt = Path(ckpt)
@@ -294,13 +327,16 @@ def train(cfg: TrainConfig, ckpt: str | Path, device: str = "cpu", backend: str 
     log_f = open(ckpt / LOG_FILE, "a")
     bar = tqdm(total=end, initial=state["step"], disable=not progress, dynamic_ncols=True)
     t_slice = time.time()
-    last_save = state["step"]
+    last_save, last_save_t = state["step"], time.time()
+    batches = _batches(cfg, state["step"], end, workers)
     try:
         while state["step"] < end:
             step = state["step"]
             if time_limit and time.time() - t_start > time_limit:
                 break
-            examples = make_batch(cfg, step)
+            got, examples = next(batches)
+            if got != step:
+                raise RuntimeError(f"batch loader gave step {got} for step {step}")
             lr = lr_at(cfg, step)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -323,12 +359,13 @@ def train(cfg: TrainConfig, ckpt: str | Path, device: str = "cpu", backend: str 
             bar.update(1)
             bar.set_postfix(L=length, loss=f"{stats['loss']:.3f}", ans=f"{stats['answer']:.3f}",
                             rec=f"{stats['train_recall']:.2f}")
-            if state["step"] - last_save >= save_every:
+            if state["step"] - last_save >= save_every or (save_seconds and time.time() - last_save_t >= save_seconds):
                 _save(ckpt, model, opt, cfg, state, t_slice, slice_info)
-                t_slice, last_save = time.time(), state["step"]
+                t_slice, last_save, last_save_t = time.time(), state["step"], time.time()
     finally:
         bar.close()
         log_f.close()
+        del batches
     _save(ckpt, model, opt, cfg, state, t_slice, slice_info)
     return state
 
@@ -457,6 +494,8 @@ def main(argv=None) -> int:
     p.add_argument("--time-limit", type=float, default=0, help="stop (and checkpoint) after this many seconds")
     p.add_argument("--max-steps", type=int, help="stop at this absolute step")
     p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--save-seconds", type=float, default=0, help="also checkpoint every this many seconds")
+    p.add_argument("--workers", type=int, default=0, help="build batches in this many background processes")
     p.add_argument("--export", help="write the checkpoint's weights to this model directory and exit")
     p.add_argument("--export-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--export-search-power", type=float, help="stripe power p written into the exported config")
@@ -481,7 +520,7 @@ def main(argv=None) -> int:
         return 0
     cfg = load_config(args.config)
     state = train(cfg, args.ckpt, args.device, args.backend, args.time_limit, args.max_steps, args.save_every,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, save_seconds=args.save_seconds, workers=args.workers)
     log.info("%s", json.dumps({k: state[k] for k in ("step", "tokens", "elapsed_s")}))
     return 0
 

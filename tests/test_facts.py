@@ -3,6 +3,7 @@ import gzip
 import itertools
 import json
 import math
+import re
 from fractions import Fraction
 
 import pytest
@@ -61,13 +62,40 @@ def test_eval_split_uses_held_out_phrasings_and_values():
         assert ex.meta["value"] in F.vocabulary("words.txt", "eval")
 
 
+def test_train_wrappers_never_make_an_eval_phrasing():
+    """The train split wraps statements and questions in leads and tails; no wrapped train phrasing holds a held-out
+    (eval) phrasing, and eval questions and statements come unwrapped from their own bank."""
+    for kind in F.KINDS:
+        train = {lead + t + tail for lead in F.STATEMENT_LEADS for t in F.STATEMENTS["train"][kind]
+                 for tail in F.STATEMENT_TAILS}
+        questions = {lead + t for lead in F.QUESTION_LEADS for t in F.QUESTIONS["train"][kind]}
+        for held, pool in ((F.STATEMENTS["eval"][kind], train), (F.QUESTIONS["eval"][kind], questions)):
+            for e in held:
+                assert not any(e.rstrip(".?") in t for t in pool), (kind, e)
+    for seed in range(30):
+        ex = D.make_example("fact_name", 1024, seed, "eval")
+        question = ex.text().rsplit("\nQuestion: ", 1)[1].split("\n")[0]
+        asked = {F._fill(q, ex.meta["owner"], ex.meta["thing"]) for q in F.QUESTIONS["eval"]["name"]}
+        assert question in asked, question
+
+
+@pytest.mark.parametrize("length", [384, 512])
+def test_every_fact_task_fits_short_training_rows(length):
+    """Long phrases and wrapped statements do not always fit a short row with every distractor the seed drew:
+    the task drops distractors instead of failing (a failure would stop a training run)."""
+    for task in F.TASKS + F.AUX_TASKS:
+        for seed in range(250):
+            ex = D.make_example(task, length, seed, "train")
+            assert ex.length == length and ex.answer_text() == ex.meta["value"]
+
+
 def test_distractors_are_facts_of_the_same_kind():
     """With distractors, the document holds other statements about the same thing (or the same owner) whose
     values are of the asked kind and differ from the answer; near-key distractors differ in the place only."""
     ex = F.fact(4096, 3, "train", kind="name", n_distractors=4)
     text = ex.text()
     statements = [line for line in text.split("\n")
-                  if (ex.meta["thing"] in line or ex.meta["owner"].lower() in line.lower())
+                  if (re.search(rf"\b{ex.meta['thing']}\b", line) or ex.meta["owner"].lower() in line.lower())
                   and not line.startswith("Question")]
     assert len(statements) == 1 + 4  # the fact and four distractors about the same thing or owner
     assert sum(ex.meta["value"] in line for line in statements) == 1  # distractor values differ from the answer

@@ -99,3 +99,18 @@ def test_probe_reports_word_fact_copying_when_word_facts_are_trained(tmp_path):
     assert entry["probe_word_first_byte"] in (0.0, 0.5, 1.0)  # rows, not bytes
     assert "probe_word_acc" not in T.probe(HybridLM(ModelConfig.from_dict(cfg.model)), tiny_config(probe_rows=2),
                                            256, autocast=False)
+
+
+def test_batches_built_by_workers_are_the_batches_of_the_run(tmp_path):
+    """Batches built in background processes come in step order and equal make_batch's, so a run with workers
+    ends in exactly the weights of a run without them."""
+    cfg = tiny_config(stages=[[256, 5, 2]], task_mix={"niah": 1.0, "fact_word": 1.0, "text": 0.5})
+    got = list(T._batches(cfg, 1, 5, workers=2))
+    assert [step for step, _ in got] == [1, 2, 3, 4]
+    assert all([ex.ids for ex in exs] == [ex.ids for ex in T.make_batch(cfg, step)] for step, exs in got)
+    T.train(cfg, tmp_path / "a", backend="oracle", progress=False)
+    T.train(cfg, tmp_path / "b", backend="oracle", progress=False, workers=2, save_seconds=1e-6)
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    slices = json.loads((tmp_path / "b" / "state.json").read_text())["slices"]
+    assert slices[-1]["end_step"] == 5
