@@ -8,6 +8,8 @@ backends return the same routing and outputs equal within dtype tolerance.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
@@ -58,8 +60,10 @@ def _check_tensor(name: str, x, ndim: int) -> None:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(x.shape)}")
 
 
-def _prepare(q1: torch.Tensor, k: torch.Tensor, cache_position, cfg, attention_mask, backend: str,
-             q2: torch.Tensor | None = None, v: torch.Tensor | None = None) -> Prepared:
+def _check_inputs(q1: torch.Tensor, k: torch.Tensor, cfg, backend: str, q2: torch.Tensor | None = None,
+                  v: torch.Tensor | None = None) -> None:
+    """The checks of the config, the backend name and the tensors' metadata (types, dims, dtypes, devices, shapes,
+    GQA): they read no tensor value, so they cost no device synchronisation."""
     if not isinstance(cfg, SpanConfig):
         raise TypeError(f"cfg: expected a SpanConfig, got {type(cfg).__name__}")
     if backend not in BACKENDS:
@@ -89,6 +93,10 @@ def _prepare(q1: torch.Tensor, k: torch.Tensor, cache_position, cfg, attention_m
     if h_q % h_kv:
         raise ValueError(f"query heads H_Q={h_q} must be a multiple of KV heads H_KV={h_kv}")
 
+
+def _position_tensor(cache_position, l_q: int) -> torch.Tensor:
+    """`cache_position` as given (a tensor, or a list/tuple/range of ints made a CPU tensor) after the checks of its
+    type, dtype and length; its values are not read here."""
     if isinstance(cache_position, (list, tuple, range)):
         items = list(cache_position)
         bad = [x for x in items if isinstance(x, bool) or not isinstance(x, int)]
@@ -101,10 +109,24 @@ def _prepare(q1: torch.Tensor, k: torch.Tensor, cache_position, cfg, attention_m
         raise TypeError(f"cache_position: expected an integer tensor, got {cache_position.dtype}")
     if cache_position.numel() != l_q:
         raise ValueError(f"cache_position: length {cache_position.numel()} must equal L_Q={l_q} (q1.shape[2])")
-    positions = cache_position.to(device=q1.device, dtype=torch.int64)
-    lo, hi = int(positions.min()), int(positions.max())
+    return cache_position
+
+
+def _check_position_range(lo: int, hi: int, l_kv: int) -> None:
     if lo < 0 or hi >= l_kv:
         raise ValueError(f"cache_position: values must lie in [0, L_KV={l_kv}); got min {lo}, max {hi}")
+
+
+def _prepare(q1: torch.Tensor, k: torch.Tensor, cache_position, cfg, attention_mask, backend: str,
+             q2: torch.Tensor | None = None, v: torch.Tensor | None = None) -> Prepared:
+    """Every check of the public calls (`_check_inputs`, then the positions' range and the mask, which read values:
+    a device synchronisation when they live on the GPU) and the `Prepared` inputs of the backends."""
+    _check_inputs(q1, k, cfg, backend, q2, v)
+    b, _, l_q, _ = q1.shape
+    l_kv = k.shape[2]
+    positions = _position_tensor(cache_position, l_q).to(device=q1.device, dtype=torch.int64)
+    lo, hi = int(positions.min()), int(positions.max())
+    _check_position_range(lo, hi, l_kv)
 
     if attention_mask is None:
         row_start = torch.zeros(b, dtype=torch.int64, device=q1.device)
@@ -254,6 +276,13 @@ def superlinear_attention(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v
     Returns:
         out [B, H_Q, L_Q, D] in q2's dtype, or (out, routing) when `return_routing`.
 
+    One query (L_Q = 1) on the Triton backend without a mask, a routing, `return_routing` or gradients takes a
+    path with no host synchronisation (a decoding loop's call): its checks read metadata only, per cache layout the
+    step's set-up is kept, and from the second call with the same cache (same tensors, same layout) the step
+    replays a captured CUDA graph. There a `cache_position` tensor on the GPU is not read on the host: a position
+    outside [0, L_KV) makes every output row NaN instead of raising (a list, an int or a CPU tensor is checked and
+    raises as usual).
+
     Non-finite values: the inputs are not scanned (that would read the whole cache every decode step). A
     query whose window or chosen spans hold a key whose V row is not finite gets NaN output on every
     backend — never ±Inf, never a finite number: an output row with any non-finite component is returned
@@ -261,6 +290,10 @@ def superlinear_attention(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v
     and torch backends other queries are unaffected; the Triton kernels work on key tiles, so there a
     non-finite V row may also make other queries of its tile NaN. Keep caches finite.
     """
+    if routing is None and attention_mask is None and not return_routing:
+        out = _single_step(q1, q2, k, v, cache_position, cfg, backend)
+        if out is not None:
+            return out
     prep = _prepare(q1, k, cache_position, cfg, attention_mask, backend, q2=q2, v=v)
     name = _resolve_backend(backend, q1)
     module = _backend_module(name)
@@ -273,6 +306,141 @@ def superlinear_attention(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v
         out, routing = module.superlinear_attention(q1, q2, k, v, cfg, prep, routing=routing)
     out = _nan_rows(out)
     return (out, routing) if return_routing else out
+
+
+# The single-query Triton path of `superlinear_attention`: per cache layout, a `_DecodeRunner` (plan, buffers and, once
+# the layout is seen again, a captured CUDA graph). Keyed by the tensors' addresses and layout, never holding them: a
+# graph replays only for a call whose K/V sit at those addresses with that layout, i.e. the caller's live cache.
+_RUNNERS: "OrderedDict[tuple, _DecodeRunner]" = OrderedDict()
+_MAX_RUNNERS = 64  # least recently used layouts beyond this are dropped (with their graphs)
+_RUNNERS_LOCK = threading.Lock()
+
+
+def _single_step(q1, q2, k, v, cache_position, cfg, backend: str):
+    """`superlinear_attention` for one query (L_Q = 1) on the Triton backend without a mask, routing or gradients,
+    with no host synchronisation: the checks read metadata only (and a host-side position: a list, an int tensor on
+    the CPU); a position tensor on the GPU is not read (a value outside [0, L_KV) gives NaN rows, see
+    `superlinear_attention`). Returns None where this path does not apply (the general path then runs).
+    The step itself is `DecodeAttention`'s: a captured CUDA graph from the second call with one cache layout on."""
+    _check_inputs(q1, k, cfg, backend, q2, v)
+    if q1.shape[2] != 1 or (torch.is_grad_enabled() and (q1.requires_grad or q2.requires_grad or k.requires_grad
+                                                        or v.requires_grad)):
+        return None
+    if _resolve_backend(backend, q1) != "triton":
+        return None
+    positions = _position_tensor(cache_position, 1)
+    if positions.device.type == "cpu":
+        position = int(positions[0])
+        _check_position_range(position, position, k.shape[2])
+    elif positions.device == q1.device:
+        position = positions
+    else:
+        return None
+    _backend_module("triton")  # Triton must run here (a clear error otherwise)
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    key = (tuple(q1.shape), k.data_ptr(), v.data_ptr(), tuple(k.shape), k.stride(), v.stride(), k.dtype, k.device,
+           cfg)
+    with _RUNNERS_LOCK:
+        runner = _RUNNERS.get(key)
+        if runner is None:
+            runner = _DecodeRunner(tuple(q1.shape), k, v, cfg, shared_pool=True)
+            _RUNNERS[key] = runner
+            if len(_RUNNERS) > _MAX_RUNNERS:
+                _RUNNERS.popitem(last=False)
+        else:
+            _RUNNERS.move_to_end(key)
+        runner.calls += 1
+        if runner.calls >= 2 and runner.graph_capable and not torch.cuda.is_current_stream_capturing():
+            return runner.replay(q1, q2, k, v, position)
+        return runner.attend(q1, q2, k, v, position)
+
+
+class _DecodeRunner:
+    """The Triton one-query step for one cache layout: the plan (geometry tables, span bound), the position and
+    row-start buffers, and on CUDA a captured graph of the step (`replay`: the queries and the position are copied
+    into the graph's inputs, the output is a fresh tensor). K/V are passed to every call, not held."""
+
+    def __init__(self, query_shape: tuple, k: torch.Tensor, v: torch.Tensor, cfg: SpanConfig,
+                 shared_pool: bool = False):
+        from .triton import ops
+
+        probe = torch.empty(query_shape, dtype=k.dtype, device=k.device)
+        self.plan = ops.decode_plan(probe, k, v, cfg)
+        self._decode = ops.decode_attention
+        self.cfg = cfg
+        self.position = torch.zeros(1, dtype=torch.int64, device=k.device)
+        self.row_start = torch.zeros(query_shape[0], dtype=torch.int64, device=k.device)
+        self.graph_capable = k.is_cuda
+        self.calls = 0
+        self._shared_pool = shared_pool
+        self._graph = None  # (graph, q1, q2, out) once captured
+
+    def _set_position(self, position) -> torch.Tensor:
+        """An int goes into the position buffer (a fill, no host read); a tensor is used as it is."""
+        if isinstance(position, torch.Tensor):
+            return position if position.dtype == torch.int64 else self.position.copy_(position)
+        return self.position.fill_(position)
+
+    def attend(self, q1, q2, k, v, position) -> torch.Tensor:
+        """The step by direct launches (the decode merge kernel applies the non-finite rule itself)."""
+        return self._decode(q1, q2, k, v, self.cfg, self._set_position(position), self.row_start, self.plan)
+
+    def replay(self, q1, q2, k, v, position) -> torch.Tensor:
+        """The step as a replay of the graph captured at the first such call (launches directly from then on if
+        the capture fails: the reason is logged)."""
+        if self._graph is None:
+            static_q1, static_q2 = q1.clone(), q2.clone()
+            if isinstance(position, torch.Tensor):
+                self.position.copy_(position)
+            else:
+                self.position.fill_(position)
+            self.attend(static_q1, static_q2, k, v, self.position)  # compiles outside the capture
+            try:
+                graph = torch.cuda.CUDAGraph()
+                pool = _shared_graph_pool(k.device) if self._shared_pool else None
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    out = self.attend(static_q1, static_q2, k, v, self.position)
+            except Exception as e:  # noqa: BLE001 - any capture failure: launch directly from now on
+                logging.getLogger(__name__).warning("decode step: CUDA-graph capture failed (%s: %s); launching the "
+                                                    "kernels directly", type(e).__name__, e)
+                self.graph_capable = False
+                return self.attend(q1, q2, k, v, position)
+            self._graph = (graph, static_q1, static_q2, out)
+        graph, static_q1, static_q2, out = self._graph
+        static_q1.copy_(q1)
+        static_q2.copy_(q2)
+        if isinstance(position, torch.Tensor):
+            if position is not self.position:
+                self.position.copy_(position)
+        else:
+            self.position.fill_(position)
+        if self._shared_pool:
+            _order_after_last_replay(k.device)
+        graph.replay()
+        return out.clone()
+
+
+_POOLS: dict = {}
+
+
+def _shared_graph_pool(device):
+    """One memory pool per device for the graphs of `superlinear_attention`'s single-query path: their scratch is
+    shared (only one of them runs at a time, see `_order_after_last_replay`), so many cache layouts cost one step's
+    scratch, not one each."""
+    entry = _POOLS.get(device)
+    if entry is None:
+        entry = _POOLS[device] = [torch.cuda.graph_pool_handle(), None]
+    return entry[0]
+
+
+def _order_after_last_replay(device) -> None:
+    """Graphs sharing a pool must not overlap: a replay on another stream than the last one waits for that stream."""
+    entry = _POOLS[device]
+    stream = torch.cuda.current_stream(device)
+    if entry[1] is not None and entry[1] != stream:
+        stream.wait_stream(entry[1])
+    entry[1] = stream
 
 
 def _nan_rows(out: torch.Tensor) -> torch.Tensor:
@@ -332,16 +500,16 @@ class DecodeAttention:
         self.key_cache, self.value_cache = key_cache, value_cache
         self.query_shape = tuple(probe.shape)
         self.l_kv = l_kv
-        self._plan = None
-        if self.backend == "triton":
-            from .triton import ops
-
-            self._plan = ops.decode_plan(probe, key_cache, value_cache, cfg)
-            self._decode = ops.decode_attention
-        self._position = torch.zeros(1, dtype=torch.int64, device=key_cache.device)  # an int position goes here
-        self._graph_capable = self._plan is not None and key_cache.is_cuda
+        self._runner = _DecodeRunner(self.query_shape, key_cache, value_cache, cfg) if self.backend == "triton" \
+            else None
+        self._position = torch.zeros(1, dtype=torch.int64, device=key_cache.device)  # other backends' int position
+        self._graph_capable = self._runner is not None and self._runner.graph_capable
         self._graph_wanted = bool(graph) and self._graph_capable
-        self._graph = None  # (graph, q1, q2, out) once captured
+
+    @property
+    def _graph(self):
+        """The captured graph (with its static inputs and output), None before the first graph call."""
+        return None if self._runner is None else self._runner._graph
 
     @property
     def use_graph(self) -> bool:
@@ -364,49 +532,25 @@ class DecodeAttention:
             if position.dtype != torch.int64 or tuple(position.shape) != (1,) or position.device != q1.device:
                 raise ValueError(f"position: got {position.dtype} {tuple(position.shape)} on {position.device}, "
                                  f"expected an int64 tensor [1] on {q1.device}")
-            positions = position
-        elif isinstance(position, int) and not isinstance(position, bool) and 0 <= position < self.l_kv:
-            positions = self._position.fill_(position)
-        else:
+        elif not (isinstance(position, int) and not isinstance(position, bool) and 0 <= position < self.l_kv):
             raise ValueError(f"position={position!r}: expected an int in [0, L_KV={self.l_kv}) or an int64 tensor [1]")
-        if self._graph_wanted and not torch.cuda.is_current_stream_capturing():
-            return self._replay(q1, q2, positions)
-        return self._attend(q1, q2, positions)
-
-    def _replay(self, q1: torch.Tensor, q2: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if self._graph is None:
-            static_q1, static_q2 = q1.clone(), q2.clone()
-            if positions is not self._position:
-                self._position.copy_(positions)
-            self._attend(static_q1, static_q2, self._position)  # compiles outside the capture
-            try:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    out = self._attend(static_q1, static_q2, self._position)
-            except Exception as e:  # noqa: BLE001 - any capture failure: launch directly from now on
-                logging.getLogger(__name__).warning("DecodeAttention: CUDA-graph capture failed (%s: %s); "
-                                                    "launching the kernels directly", type(e).__name__, e)
-                self._graph_wanted = False
-                return self._attend(q1, q2, positions)
-            self._graph = (graph, static_q1, static_q2, out)
-        graph, static_q1, static_q2, out = self._graph
-        static_q1.copy_(q1)
-        static_q2.copy_(q2)
-        if positions is not self._position:
-            self._position.copy_(positions)
-        graph.replay()
-        return out.clone()
-
-    def _attend(self, q1: torch.Tensor, q2: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         k, v = self.key_cache, self.value_cache
-        if self._plan is not None:  # the decode merge kernel applies the non-finite rule itself
-            return self._decode(q1, q2, k, v, self.cfg, positions, self._prep.row_start, self._plan)
-        else:
-            q_max = int(positions[0])
-            if not 0 <= q_max < self.l_kv:
-                raise ValueError(f"position: holds {q_max}, expected a value in [0, L_KV={self.l_kv})")
-            prep = Prepared(positions, self._prep.row_start, q_max, self.l_kv)
-            out, _ = self._module.superlinear_attention(q1, q2, k, v, self.cfg, prep)
+        if self._runner is None:
+            return self._attend_other(q1, q2, position)
+        if self._graph_wanted and not torch.cuda.is_current_stream_capturing():
+            out = self._runner.replay(q1, q2, k, v, position)
+            self._graph_wanted = self._graph_capable = self._runner.graph_capable  # off after a failed capture
+            return out
+        return self._runner.attend(q1, q2, k, v, position)
+
+    def _attend_other(self, q1: torch.Tensor, q2: torch.Tensor, position) -> torch.Tensor:
+        """The oracle and torch backends (they read the position on the host to size their search)."""
+        positions = position if isinstance(position, torch.Tensor) else self._position.fill_(position)
+        q_max = int(positions[0])
+        if not 0 <= q_max < self.l_kv:
+            raise ValueError(f"position: holds {q_max}, expected a value in [0, L_KV={self.l_kv})")
+        prep = Prepared(positions, self._prep.row_start, q_max, self.l_kv)
+        out, _ = self._module.superlinear_attention(q1, q2, self.key_cache, self.value_cache, self.cfg, prep)
         return _nan_rows(out)
 
 

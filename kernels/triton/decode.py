@@ -6,8 +6,11 @@ one KV group choose their spans independently, but the candidate spans overlap a
 union of 16 heads x 3 spans is ~0.79 of their sum, and the window is shared by every branch. This
 path therefore reads each needed K/V key once per group:
 
-* `_decode_group_kernel`, grid (batch x KV head x row block, key chunk): a program owns CHUNK
-  consecutive keys and the rows r = (head g, slot k) of its group (pair index order, so the
+* `_decode_group_kernel`, grid (batch x KV head x row block, needed chunk): a program owns CHUNK
+  consecutive keys — the i-th chunk its rows' spans or the window touch, found by the program itself from the
+  rows' bounds (`_needed_chunk`); the grid is a static bound of that count (`work_programs`: at 1M, 483
+  programs per KV head instead of the cache's 1,024 chunks), programs past the step's own count exit at
+  once — and the rows r = (head g, slot k) of its group (pair index order, so the
   group's qstart/qend are contiguous). One tl.dot gives the logits of every row, each row
   masks them to S_k ∪ Wnd and runs its own online softmax (docs/algorithm.md §3.1: branches are normalised on
   their own). A program reads only the run of blocks between the first and the last key some row
@@ -17,8 +20,8 @@ path therefore reads each needed K/V key once per group:
   (both empty gives O_k = 0, ℓ_k = -inf, docs/algorithm.md §3.3), then applies the gate g = softmax(ṽ) (§3.2)
   and writes O = Σ g_k O_k in the model dtype (a row with a non-finite component as NaN in full, the API's rule).
 
-Grids depend only on shapes and L_KV (CUDA-graph friendly); a program past the current position
-loads nothing, so the work follows the position, not L_KV (Decision D3 in docs/design.md).
+Grids depend only on shapes, the config and L_KV (CUDA-graph friendly); programs run only for chunks the step
+needs, so the work follows the position, not L_KV (Decision D3 in docs/design.md).
 """
 from __future__ import annotations
 
@@ -39,6 +42,9 @@ DECODE_MAX_CHUNK = 4096
 DECODE_STAGES = 3  # software-pipelining depth of the key loop
 DECODE_SCRATCH_BYTES = 64 << 20  # partials (m, ℓ, acc per (pair, chunk)) of one step may take up to this
 DECODE_MAX_CHUNKS = 8192  # key chunks per (batch, KV head) at most (most programs of a step find nothing to do)
+# Worklist grid: per row block, as many programs as chunks one step can need at most (its rows' spans + the window);
+# program i takes the i-th needed chunk (`_needed_chunk`). False: one program per chunk of the whole cache.
+DECODE_WORKLIST = True
 
 
 def decode_chunk(l_kv: int) -> int:
@@ -57,12 +63,49 @@ def decode_chunk_for(l_kv: int, n_pairs: int, d: int) -> int:
     return min(decode_chunk(l_kv), max(next_pow2(-(-l_kv // fit)), DECODE_MIN_CHUNK))
 
 
+def work_programs(n_chunks: int, chunk: int, rows: int, max_span_len: int, window: int) -> int:
+    """Programs per row block of the worklist grid: an upper bound of the key chunks one step's `rows` spans
+    (each at most `max_span_len` keys, so over at most cdiv(max_span_len, chunk) + 1 chunks) and the window
+    (`window` keys) can touch, capped by the cache's `n_chunks`. Fixed per cache (CUDA-graph friendly)."""
+    per_span = -(-max(max_span_len, 1) // chunk) + 1
+    return min(n_chunks, rows * per_span + (-(-window // chunk) + 1 if window > 0 else 0))
+
+
+@triton.jit
+def _needed_chunk(i, qs, qe, rok, w_lo, w_hi, CHUNK, RB: tl.constexpr):
+    """The i-th (in key order within each interval, see below) key chunk that the rows' spans [qs, qe] or the
+    window [w_lo, w_hi] touch, or -1 when they touch at most i chunks: the program → chunk map of the worklist
+    grid, computed by every program from its rows' bounds alone (no extra launch, no host read).
+
+    In chunk units each row's span is an interval [a_j, e_j]. Order the rows by (a_j, j); the chunks row j adds
+    to those of the rows before it are [max(a_j, p_j + 1), e_j], where p_j is the largest end among the rows
+    before it (they all start at or before a_j, so what they cover from a_j on is [a_j, p_j]). Numbering these
+    new chunks row by row in that order, then the window's (it starts at or after every span's end), numbers
+    every needed chunk exactly once."""
+    j = tl.arange(0, RB)
+    has = rok & (qs <= qe)
+    a = tl.where(has, qs // CHUNK, 2147483647)
+    e = tl.where(has, qe // CHUNK, -1)
+    before = (a[:, None] < a[None, :]) | ((a[:, None] == a[None, :]) & (j[:, None] < j[None, :]))  # [i, j]
+    before = before & has[:, None]
+    p = tl.max(tl.where(before, e[:, None], -1), axis=0)
+    lo = tl.maximum(a, p + 1)
+    new = tl.where(has, tl.maximum(e - lo + 1, 0), 0)
+    base = tl.sum(tl.where(before, new[:, None], 0), axis=0)
+    n_spans = tl.sum(new, axis=0)
+    sel = (base <= i) & (i < base + new)
+    span_chunk = tl.sum(tl.where(sel, lo + (i - base), 0), axis=0)
+    w_first = tl.maximum(w_lo // CHUNK, tl.max(e, axis=0) + 1)
+    n_win = tl.where(w_lo <= w_hi, tl.maximum(w_hi // CHUNK - w_first + 1, 0), 0)
+    return tl.where(i < n_spans, span_chunk, tl.where(i < n_spans + n_win, w_first + (i - n_spans), -1))
+
+
 @triton.jit
 def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, start_ptr, pm_ptr, pl_ptr, pacc_ptr,
                          sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                         H_Q, H_KV, D, G, W, N_ROWS, N_RB, N_CHUNKS, CHUNK, qk_scale,
+                         H_Q, H_KV, L_KV, D, G, W, N_ROWS, N_RB, N_CHUNKS, CHUNK, qk_scale,
                          NUM_SPANS: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                         EVEN_D: tl.constexpr, PRECISION: tl.constexpr, WORKLIST: tl.constexpr):
     # Positions fit int32 (L_KV < 2^31, checked by the backend); only pointer offsets are int64.
     # Logits are in log2 units (qk_scale = log2(e) / sqrt(D)) so the softmax runs on exp2.
     pid = tl.program_id(0)
@@ -83,7 +126,13 @@ def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, sta
     pos = tl.load(pos_ptr).to(tl.int32)
     s = tl.load(start_ptr + b).to(tl.int32)
     w_lo = window_lo(pos, s, W)
-    w_hi = tl.where(W > 0, pos, w_lo - 1)  # empty window when W = 0
+    # Empty window when W = 0, and for a position outside [0, L_KV) (a device-held position is not checked on the
+    # host; the merge makes such a step's rows NaN); the search keeps spans inside the cache.
+    w_hi = tl.where((W > 0) & (pos < L_KV), pos, w_lo - 1)
+    if WORKLIST:  # program c of this row block takes the c-th chunk its rows need; programs past the last exit
+        c = _needed_chunk(c, qs, qe, rok, w_lo, w_hi, CHUNK, RB)
+        if c < 0:
+            return
     c0 = c * CHUNK
     c1 = tl.minimum(c0 + CHUNK, pos + 1)
     # The keys of this chunk that some row needs lie in [lo, hi]; only that run of blocks is read (a gap
@@ -140,7 +189,7 @@ def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, sta
 @triton.jit
 def _decode_merge_kernel(pm_ptr, pl_ptr, pacc_ptr, qstart_ptr, qend_ptr, values_ptr, anchor_ptr, pos_ptr, start_ptr,
                          bout_ptr, blse_ptr, out_ptr, gate_ptr,
-                         H_Q, D, W, N_CHUNKS, CHUNK, INVALID,
+                         H_Q, L_KV, D, W, N_CHUNKS, CHUNK, INVALID,
                          NUM_SPANS: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # b * H_Q + h (L_Q = 1)
     b = row // H_Q
@@ -167,7 +216,8 @@ def _decode_merge_kernel(pm_ptr, pl_ptr, pacc_ptr, qstart_ptr, qend_ptr, values_
     pos = tl.load(pos_ptr).to(tl.int32)
     s = tl.load(start_ptr + b).to(tl.int32)
     w_lo = window_lo(pos, s, W)
-    has_win = (W > 0) & (w_lo <= pos)
+    pos_ok = (pos >= 0) & (pos < L_KV)
+    has_win = (W > 0) & (w_lo <= pos) & pos_ok
     w_first = tl.where(has_span, tl.maximum(w_lo // CHUNK, qe // CHUNK + 1), w_lo // CHUNK)
     n_win = tl.where(has_win & smask, tl.maximum(pos // CHUNK - w_first + 1, 0), 0)
     n = n_span + n_win
@@ -200,7 +250,7 @@ def _decode_merge_kernel(pm_ptr, pl_ptr, pacc_ptr, qstart_ptr, qend_ptr, values_
     # The API's non-finite rule (api._nan_rows), applied here so that a decode step needs no extra launches: a row
     # with any non-finite component (in the output dtype) is NaN in full.
     bad = tl.sum(tl.where(dmask & ((out != out) | (tl.abs(out) == float("inf"))), 1, 0), axis=0) > 0
-    out = tl.where(bad, float("nan"), out)
+    out = tl.where(bad | (pos < 0) | (pos >= L_KV), float("nan"), out)  # (and a position outside the cache)
     tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
@@ -211,7 +261,8 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
         q2: [B, H_Q, 1, D] contiguous; k, v: [B, H_KV, L_KV, D] (unit stride in D);
         qstart, qend, qanchor: int32 [B, H_Q, 1, K]; values: fp32 [B, H_Q, 1, K];
         positions: int64 [1]; row_start: int64 [B]; window: W;
-        max_span_len: an upper bound of B(t) + Fw(t) + 1 (sizes the merge's chunk tile only).
+        max_span_len: an upper bound of B(t) + Fw(t) + 1, hence of every span's length (sizes the worklist grid and
+            the merge's chunk tile).
     Returns:
         out [B, H_Q, 1, D] in q2's dtype, gate fp32 [B, H_Q, 1, K], branch_out fp32 [B, H_Q, 1, K, D]
         and branch_lse fp32 [B, H_Q, 1, K] over S_k ∪ Wnd.
@@ -232,12 +283,14 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
     pl = torch.empty_like(pm)
     pacc = torch.empty(n_pairs * n_chunks, d, dtype=torch.float32, device=dev)
     warps = 2 * DECODE_WARPS if bd * rb > 64 * 128 else DECODE_WARPS
-    _decode_group_kernel[(b * h_kv * n_rb, n_chunks)](
+    grid = (b * h_kv * n_rb, work_programs(n_chunks, chunk, min(rb, n_rows), max_span_len, window)
+            if DECODE_WORKLIST else n_chunks)
+    _decode_group_kernel[grid](
         q2, k, v, qstart, qend, positions, row_start, pm, pl, pacc,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h_q, h_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, d ** -0.5 * 1.4426950408889634,
+        h_q, h_kv, l_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, d ** -0.5 * 1.4426950408889634,
         NUM_SPANS=num_spans, RB=rb, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, EVEN_D=bd == d,
-        PRECISION=dot_precision(q2.dtype), num_warps=warps, num_stages=DECODE_STAGES)
+        PRECISION=dot_precision(q2.dtype), WORKLIST=DECODE_WORKLIST, num_warps=warps, num_stages=DECODE_STAGES)
 
     out = torch.empty(b, h_q, l_q, d, dtype=q2.dtype, device=dev)
     gate = torch.empty(b, h_q, l_q, num_spans, dtype=torch.float32, device=dev)
@@ -249,6 +302,6 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
     bc = max(2, min(next_pow2(reach), 16))
     _decode_merge_kernel[(b * h_q,)](
         pm, pl, pacc, qstart, qend, values, qanchor, positions, row_start, bout, blse, out, gate,
-        h_q, d, window, n_chunks, chunk, INVALID_GATE_LOGIT,
+        h_q, l_kv, d, window, n_chunks, chunk, INVALID_GATE_LOGIT,
         NUM_SPANS=num_spans, KP=kp, BC=bc, BLOCK_D=bd, num_warps=8 if kp * bc * bd > 8192 else 4)
     return out, gate, bout, blse

@@ -1,0 +1,225 @@
+"""Where a decode step of the release attention layer goes, on the GPU: per-kernel device time, the host time of
+the eager single-step calls, and the group kernel's worklist grid against its whole-cache grid.
+
+Setting of issue 16: B = 1, H_Q = 32, H_KV = 2, D = 128, bf16, `SpanConfig.release()`, random inputs, one query at
+L − 1 of a cache of length L. For every L:
+  * grids: the step (`ops.decode_attention`) captured as a CUDA graph with the worklist grid and with one program per
+    chunk of the whole cache; outputs compared bit for bit; device time with the L2 flushed before each replay
+    (`speed.device_times`, the headline "cold") and back to back ("warm");
+  * settings (``--sweep-lengths``): chunk size / stages / warps of the group kernel, each against the default's output;
+  * profile: per-kernel device time of eager steps (torch.profiler);
+  * calls: ms per call over back-to-back calls (CUDA events) of the public `superlinear_attention` (position as a
+    list and as a device tensor), the same with its single-step path switched off (the general path),
+    `DecodeAttention` (graph and graph=False) and the caller's graph replay; dense SDPA replay; bit-identity of all;
+  * host: cProfile of the general path's public call (top functions by own time).
+
+    python bench/decode_probe.py [--lengths 131072 1048576] [--sweep-lengths 1048576] [--json decode_probe.json]
+
+Writes $OUT/<json> (or bench/<json>).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from gpu_check import _import_kernels  # noqa: E402
+
+_import_kernels()
+from superlinear_kernels import DecodeAttention, SpanConfig, superlinear_attention  # noqa: E402
+from superlinear_kernels.triton import decode, ops  # noqa: E402
+from speed import dense, device_times, graphed, kernel_rows, make_inputs  # noqa: E402
+
+
+def per_call_ms(fn, calls: int = 100, repeats: int = 5) -> float:
+    """Median over `repeats` of the device-clock ms per call of `calls` back-to-back calls (CUDA events)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[repeats // 2]
+
+
+def host_us(fn, calls: int = 200) -> float:
+    """Host µs per call (no synchronisation inside the loop; the queue is drained before and after)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def step_graph(q1, q2, k, v, cfg, pos, plan, row_start):
+    graph, out = graphed(lambda: ops.decode_attention(q1, q2, k, v, cfg, pos, row_start, plan))
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph, out.clone()
+
+
+def grids(length, cfg, q1, q2, k, v, pos, reps) -> dict:
+    plan = ops.decode_plan(q1, k, v, cfg)
+    row_start = torch.zeros(1, dtype=torch.int64, device="cuda")
+    res = {}
+    outs = {}
+    for worklist in (False, True):
+        decode.DECODE_WORKLIST = worklist
+        graph, out = step_graph(q1, q2, k, v, cfg, pos, plan, row_start)
+        cold, warm = device_times(graph.replay, reps)
+        name = "worklist" if worklist else "whole_cache"
+        res[name] = {"cold_ms": cold * 1e3, "warm_ms": warm * 1e3}
+        outs[name] = out
+        del graph
+    decode.DECODE_WORKLIST = True
+    res["bit_identical"] = bool(torch.equal(outs["worklist"], outs["whole_cache"]))
+    chunk = decode.decode_chunk_for(length, q1.shape[1] * cfg.num_spans, q1.shape[-1])
+    res["programs_per_kv_head"] = {
+        "whole_cache": -(-length // chunk),
+        "worklist": decode.work_programs(-(-length // chunk), chunk, min(64, 16 * cfg.num_spans), plan.max_span_len,
+                                         cfg.window_len)}
+    print(f"  L={length}: grids {json.dumps(res)}", flush=True)
+    return res, outs["worklist"]
+
+
+def sweep(length, cfg, q1, q2, k, v, pos, reps, ref) -> list:
+    plan = ops.decode_plan(q1, k, v, cfg)
+    row_start = torch.zeros(1, dtype=torch.int64, device="cuda")
+    default = (decode.decode_chunk_for, decode.DECODE_STAGES, decode.DECODE_WARPS, decode.DECODE_BLOCK_N)
+    rows = []
+    for chunk, stages, warps, block_n in ((512, 3, 4, 32), (2048, 3, 4, 32), (1024, 4, 4, 32), (1024, 2, 4, 32),
+                                          (1024, 3, 8, 32), (1024, 3, 4, 64)):
+        decode.decode_chunk_for = lambda l_kv, n_pairs, d, c=chunk: c
+        decode.DECODE_STAGES, decode.DECODE_WARPS, decode.DECODE_BLOCK_N = stages, warps, block_n
+        try:
+            graph, out = step_graph(q1, q2, k, v, cfg, pos, plan, row_start)
+            cold, warm = device_times(graph.replay, reps)
+            row = dict(chunk=chunk, stages=stages, warps=warps, block_n=block_n, cold_ms=cold * 1e3,
+                       warm_ms=warm * 1e3, max_abs_diff=float((out.float() - ref.float()).abs().max()))
+            del graph
+        except Exception as e:  # noqa: BLE001 - a setting that does not compile/fit is reported, not fatal
+            row = dict(chunk=chunk, stages=stages, warps=warps, block_n=block_n, error=f"{type(e).__name__}: {e}"[:200])
+        rows.append(row)
+        print(f"  L={length}: {row}", flush=True)
+    decode.decode_chunk_for, decode.DECODE_STAGES, decode.DECODE_WARPS, decode.DECODE_BLOCK_N = default
+    return rows
+
+
+def profile(cfg, q1, q2, k, v, pos) -> list:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    plan = ops.decode_plan(q1, k, v, cfg)
+    row_start = torch.zeros(1, dtype=torch.int64, device="cuda")
+    step = lambda: ops.decode_attention(q1, q2, k, v, cfg, pos, row_start, plan)  # noqa: E731
+    step()
+    torch.cuda.synchronize()
+    reps = 20
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    rows = kernel_rows(prof, reps, width=60)
+    print("  profile: " + "; ".join(f"{r['kernel']} {r['us_per_step']:.1f} us" for r in rows), flush=True)
+    return rows
+
+
+def calls(length, cfg, q1, q2, k, v, pos) -> dict:
+    plist = [length - 1]
+    public = lambda: superlinear_attention(q1, q2, k, v, plist, cfg)  # noqa: E731
+    public_t = lambda: superlinear_attention(q1, q2, k, v, pos, cfg)  # noqa: E731
+    general = lambda: superlinear_attention(q1, q2, k, v, pos, cfg, return_routing=True)[0]  # noqa: E731
+    entry = DecodeAttention(k, v, cfg, num_heads=q1.shape[1])
+    entry_direct = DecodeAttention(k, v, cfg, num_heads=q1.shape[1], graph=False)
+    plan = ops.decode_plan(q1, k, v, cfg)
+    row_start = torch.zeros(1, dtype=torch.int64, device="cuda")
+    graph, g_out = graphed(lambda: ops.decode_attention(q1, q2, k, v, cfg, pos, row_start, plan))
+    g_dense, _ = graphed(lambda: dense(q2, k, v, False))
+    fns = {"public_list": public, "public_device_tensor": public_t, "general_path": general,
+           "decode_attention": lambda: entry(q1, q2, length - 1),
+           "decode_attention_no_graph": lambda: entry_direct(q1, q2, length - 1), "graph_replay": graph.replay,
+           "dense_graph_replay": g_dense.replay}
+    res = {name: {"ms_per_call": per_call_ms(fn), "host_us": host_us(fn)} for name, fn in fns.items()}
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = g_out.clone()
+    same = {name: bool(torch.equal(fn(), ref)) for name, fn in
+            (("public_list", public), ("public_device_tensor", public_t), ("general_path", general),
+             ("decode_attention", fns["decode_attention"]), ("decode_attention_no_graph", fns["decode_attention_no_graph"]))}
+    res["bit_identical_to_graph"] = same
+    res["public_over_graph"] = res["public_list"]["ms_per_call"] / res["graph_replay"]["ms_per_call"]
+    # Lone-call phases of the general path, host µs (each synchronised at the end).
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(50):
+        general()
+    torch.cuda.synchronize()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    res["general_path_cprofile_top"] = text.getvalue()[-6000:]
+    print(f"  L={length}: calls " + json.dumps({k_: v_ for k_, v_ in res.items() if k_ != 'general_path_cprofile_top'}),
+          flush=True)
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[131072, 1048576])
+    parser.add_argument("--sweep-lengths", type=int, nargs="*", default=[],
+                        help="lengths that also sweep the group kernel's settings (after every length's rows)")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--skip", nargs="*", default=[], choices=("grids", "profile", "calls", "sweep"))
+    parser.add_argument("--json", default="decode_probe.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/decode_probe.py needs a CUDA device")
+    import triton
+
+    cfg = SpanConfig.release()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "dtype": "bfloat16", "H_Q": 32, "H_KV": 2, "D": 128}
+    print(meta, flush=True)
+    out_dir = Path(os.environ.get("OUT", os.environ.get("R", ROOT / "bench")))
+    rows = []
+    for length in args.lengths + [n for n in args.sweep_lengths if "sweep" not in args.skip]:
+        swept = len(rows) >= len(args.lengths)
+        q1, q2, k, v = make_inputs(length, torch.bfloat16, False, q_len=1)
+        pos = torch.tensor([length - 1], device="cuda")
+        row = {"length": length}
+        if swept:
+            plan = ops.decode_plan(q1, k, v, cfg)
+            _, ref = step_graph(q1, q2, k, v, cfg, pos, plan, torch.zeros(1, dtype=torch.int64, device="cuda"))
+            row["sweep"] = sweep(length, cfg, q1, q2, k, v, pos, args.reps, ref)
+        else:
+            if "grids" not in args.skip:
+                row["grids"], _ = grids(length, cfg, q1, q2, k, v, pos, args.reps)
+            if "profile" not in args.skip:
+                row["profile"] = profile(cfg, q1, q2, k, v, pos)
+            if "calls" not in args.skip:
+                row["calls"] = calls(length, cfg, q1, q2, k, v, pos)
+        rows.append(row)
+        (out_dir / args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        del q1, q2, k, v
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
