@@ -118,6 +118,8 @@ def sweep(length, cfg, q1, q2, k, v, pos, reps, ref) -> list:
             row = dict(chunk=chunk, stages=stages, warps=warps, block_n=block_n, error=f"{type(e).__name__}: {e}"[:200])
         rows.append(row)
         print(f"  L={length}: {row}", flush=True)
+        with open(Path(os.environ.get("OUT", ROOT / "bench")) / "decode_probe_sweep.jsonl", "a") as f:
+            f.write(json.dumps(dict(row, length=length)) + "\n")
     decode.decode_chunk_for, decode.DECODE_STAGES, decode.DECODE_WARPS, decode.DECODE_BLOCK_N = default
     return rows
 
@@ -164,18 +166,19 @@ def calls(length, cfg, q1, q2, k, v, pos) -> dict:
              ("decode_attention", fns["decode_attention"]), ("decode_attention_no_graph", fns["decode_attention_no_graph"]))}
     res["bit_identical_to_graph"] = same
     res["public_over_graph"] = res["public_list"]["ms_per_call"] / res["graph_replay"]["ms_per_call"]
-    # Lone-call phases of the general path, host µs (each synchronised at the end).
-    prof = cProfile.Profile()
-    torch.cuda.synchronize()
-    prof.enable()
-    for _ in range(50):
-        general()
-    torch.cuda.synchronize()
-    prof.disable()
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
-    res["general_path_cprofile_top"] = text.getvalue()[-6000:]
-    print(f"  L={length}: calls " + json.dumps({k_: v_ for k_, v_ in res.items() if k_ != 'general_path_cprofile_top'}),
+    # Where the host time of 50 calls goes: the general path and the single-query path.
+    for name, fn in (("general_path", general), ("public_list", public)):
+        prof = cProfile.Profile()
+        torch.cuda.synchronize()
+        prof.enable()
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(20)
+        res[f"{name}_cprofile_top"] = text.getvalue()[-5000:]
+    print(f"  L={length}: calls " + json.dumps({k_: v_ for k_, v_ in res.items() if not k_.endswith("cprofile_top")}),
           flush=True)
     return res
 
