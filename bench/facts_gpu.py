@@ -63,6 +63,8 @@ def main() -> int:
     p.add_argument("--plan-seconds", type=float, help="on a fresh checkpoint, first resize the stages' step counts "
                    "to about this many seconds here (train.plan), writing the planned config to <out>/config.json")
     p.add_argument("--plan-shares", type=float, nargs="+", help="share of the time per stage (default: plan's)")
+    p.add_argument("--suites", nargs="+", default=list(SUITES), help="evaluation suites, in this order "
+                   "(digit tasks of superlinear_lab.data too, e.g. multi_key multi_hop)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--eval-only", metavar="MODEL", help="only evaluate this model (a shipped name or a model "
                    "folder; needs --lengths): no training, no export, no other model")
@@ -111,17 +113,17 @@ def main() -> int:
         if name == "tiny" and args.skip_tiny_suites:
             continue
         layers = [i for i, _ in model.routing_layers()]
-        for task in SUITES:
+        for task in args.suites:
             for length in lengths:
                 t0 = time.time()
                 exs = [D.make_example(task, length, s, "eval") for s in range(args.seeds)]
                 s = summarize(run_examples(model, exs), layers)
                 row = {k: s[k] for k in ("accuracy", "byte_accuracy", "first_byte_accuracy", "recall_any",
-                                         "chance_any", "chance_head")}
+                                         "chance_any", "chance_head", "routed_examples", "per_head")}
                 row["best_head"] = s["best_head"]["recall"]
                 row["seconds"] = round(time.time() - t0, 1)
                 report["suites"].setdefault(name, {}).setdefault(task, {})[str(length)] = row
-                print(name, task, length, row, flush=True)
+                print(name, task, length, {k: v for k, v in row.items() if k != "per_head"}, flush=True)
                 (out / "facts_eval.json").write_text(json.dumps(report, indent=1))
     (out / "facts_eval.json").write_text(json.dumps(report, indent=1))
     return 0
