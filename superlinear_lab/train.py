@@ -46,6 +46,7 @@ from superlinear_kernels.geometry import span_bounds, stripe_table, window_bound
 from . import data as D
 from .evaluate import capture_routing, evidence_pairs, reached
 from .model import HybridLM, ModelConfig
+from .model.precision import fp32_region
 
 LOG_FILE = "log.jsonl"
 log = logging.getLogger(__name__)
@@ -146,7 +147,8 @@ def routing_loss(records: dict, span: SpanConfig, pairs) -> torch.Tensor:
         q = q1[row, :, query].float()  # [P, H_Q, D]
         keys = k[row[:, None], :, anchor.clamp_min(0)].float()  # [P, S, H_KV, D]
         keys = keys.repeat_interleave(h_q // h_kv, dim=2)  # [P, S, H_Q, D]
-        scores = torch.einsum("phd,pshd->phs", q, keys)
+        with fp32_region(q):  # under autocast einsum would score in bf16 (model/precision.py)
+            scores = torch.einsum("phd,pshd->phs", q, keys)
         scores = scores.masked_fill(~candidate[:, None, :], float("-inf"))
         good = scores.masked_fill(~target[:, None, :], float("-inf"))
         total = total + (torch.logsumexp(scores, -1) - torch.logsumexp(good, -1)).mean()

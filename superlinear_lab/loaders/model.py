@@ -26,6 +26,7 @@ from torch import nn
 from ..model.attention import SuperlinearAttentionLayer
 from ..model.config import ModelConfig
 from ..model.hybrid import HybridCache, HybridLM
+from ..model.precision import head_logits
 from .config import SuperlinearExpConfig
 
 
@@ -253,5 +254,4 @@ class SuperlinearExpLM(nn.Module):
                 h = block.mixer(h)
             x = x + h
         x = self.norm_f(x)
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return (x @ weight.t()).float()
+        return head_logits(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)

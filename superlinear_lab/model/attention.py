@@ -8,6 +8,7 @@ from torch import nn
 from superlinear_kernels import DecodeAttention, span_search, superlinear_attention
 
 from .config import ModelConfig
+from .precision import fp32_region
 
 
 class SuperlinearAttentionLayer(nn.Module):
@@ -56,25 +57,29 @@ class SuperlinearAttentionLayer(nn.Module):
             k, v = key_cache, value_cache
         recorders = list(self.routing_recorders)
         qkv_recorders = list(self.qkv_recorders)
-        if self.routing_overrides:
-            routing = span_search(q1, k, positions, self.span_config, backend=self.backend)
-            for override in list(self.routing_overrides):
-                routing = override(positions, routing, q1, k)
-            # A given routing is attended by the torch or oracle backend (the Triton kernels search themselves).
-            backend = self.backend if self.backend in ("torch", "oracle") else "torch"
-            out, routing = superlinear_attention(q1, q2, k, v, positions, self.span_config, backend=backend,
-                                                 return_routing=True, routing=routing)
-        elif recorders or qkv_recorders:
-            out, routing = superlinear_attention(q1, q2, k, v, positions, self.span_config, backend=self.backend,
-                                                 return_routing=True)
-        else:
-            out = superlinear_attention(q1, q2, k, v, positions, self.span_config, backend=self.backend)
+        with fp32_region(x):  # under autocast: search, gate and attention outside it (`precision`)
+            out, routing = self._attend(q1, q2, k, v, positions, bool(recorders or qkv_recorders))
         if self.routing_overrides or recorders or qkv_recorders:
             for record in recorders:
                 record(positions, routing, q1, k)
             for record in qkv_recorders:
                 record(positions, routing, q2, k)
         return self._output(out)
+
+    def _attend(self, q1, q2, k, v, positions, want_routing: bool):
+        """(out [B, H_Q, L, D], routing or None): the search (through any overrides) and the attention."""
+        if self.routing_overrides:
+            routing = span_search(q1, k, positions, self.span_config, backend=self.backend)
+            for override in list(self.routing_overrides):
+                routing = override(positions, routing, q1, k)
+            # A given routing is attended by the torch or oracle backend (the Triton kernels search themselves).
+            backend = self.backend if self.backend in ("torch", "oracle") else "torch"
+            return superlinear_attention(q1, q2, k, v, positions, self.span_config, backend=backend,
+                                         return_routing=True, routing=routing)
+        if want_routing:
+            return superlinear_attention(q1, q2, k, v, positions, self.span_config, backend=self.backend,
+                                         return_routing=True)
+        return superlinear_attention(q1, q2, k, v, positions, self.span_config, backend=self.backend), None
 
     def _project(self, x: torch.Tensor):
         """x [B, L, d_model] -> q1, q2 [B, H_Q, L, D] and k, v [B, H_KV, L, D]."""
@@ -105,5 +110,7 @@ class SuperlinearAttentionLayer(nn.Module):
         q1, q2, k, v = self._project(x)
         attend.key_cache.index_copy_(2, position, k)
         attend.value_cache.index_copy_(2, position, v)
-        return self._output(attend(q1, q2, position))
+        with fp32_region(x):
+            out = attend(q1, q2, position)
+        return self._output(out)
 

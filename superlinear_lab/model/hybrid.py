@@ -16,6 +16,7 @@ from torch import nn
 from .attention import SuperlinearAttentionLayer
 from .config import ModelConfig
 from .layers import RMSNorm, SwiGLU
+from .precision import head_logits
 from .ssm import Mamba2Mixer
 from .tokenizer import ByteTokenizer
 
@@ -252,5 +253,4 @@ class HybridLM(nn.Module):
             x = x + h
             x = x + block.mlp(block.norm2(x))
         x = self.norm_f(x)
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return (x @ weight.t()).float()
+        return head_logits(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)

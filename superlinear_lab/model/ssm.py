@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import RMSNorm
+from .precision import fp32_region
 
 
 def chunked_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
@@ -117,6 +118,9 @@ class Mamba2Mixer(nn.Module):
         bsz, length, _ = x.shape
         d_in, n, heads = cfg.d_inner, cfg.ssm_state, cfg.ssm_heads
         z, xbc, dt = torch.split(self.in_proj(x), [d_in, d_in + 2 * n, heads], dim=-1)
+        with fp32_region(x) as region:
+            if region is not None:  # under autocast: dt's pre-activation again in fp32 (its rounding feeds exp(dt·A))
+                dt = nn.functional.linear(x.float(), self.in_proj.weight[-heads:].float())
         window = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=2)  # [B, conv_dim, K-1+L]
         new_conv_state = window[:, :, -(cfg.conv_kernel - 1):] if cfg.conv_kernel > 1 else conv_state
         xbc = nn.functional.silu(nn.functional.conv1d(window, self.conv.weight, self.conv.bias,
@@ -126,7 +130,8 @@ class Mamba2Mixer(nn.Module):
         a = -torch.exp(self.A_log.float())
         xs = xs.float().reshape(bsz, length, heads, cfg.ssm_head_dim)
         scan = recurrent_step if length == 1 else lambda *args: chunked_scan(*args, cfg.ssm_chunk)
-        y, new_state = scan(xs, dt, a, b.float(), c.float(), ssm_state.float())
+        with fp32_region(x):  # under autocast the scan's products would run in bf16 (`precision`)
+            y, new_state = scan(xs, dt, a, b.float(), c.float(), ssm_state.float())
         y = y + self.D.float()[:, None] * xs
         y = self.norm(y.reshape(bsz, length, d_in).to(x.dtype), gate=z)
         return self.out_proj(y), new_conv_state.contiguous(), new_state
