@@ -1,12 +1,23 @@
 """Whole-model gradients of the tiny model under each backend and precision, against the fp32 oracle.
 
 Same weights, same batch, one forward + backward of the training loss (`train.step_loss`). The reference is the
-**oracle backend in fp32**. Each run — (backend, precision) — is compared with it per parameter:
-relative error ‖g − g_ref‖ / ‖g_ref‖, reported as the max and median over parameters, with the loss and how many
-routing slots differ. Under bf16 autocast the whole model (projections, SSM, norms) runs in bf16, so even the
-oracle backend is far from the fp32 oracle; those rows are the floor a bf16 Triton run can be held to. Pairs of bf16
-runs are compared too (`pairs`): Triton vs oracle both in bf16, and torch vs oracle both in bf16 (two backends that
-compute attention in fp32 — their difference is what bf16 rounding elsewhere makes of fp32-level differences).
+**oracle backend in fp32**. Each run is compared with it per parameter tensor: relative error
+‖g − g_ref‖ / ‖g_ref‖ (Frobenius norms over the whole tensor), reported as the max and median over the model's
+parameter tensors, with the loss, and how much of the routing differs: `topk_sets_differ` = the fraction of
+(row, query head, query) whose set of chosen anchors (top-K of the search) differs from the reference's, over every
+attention layer of the training forward.
+
+Runs (`--runs` picks some; names are backend-precision[-variant]):
+* `triton-fp32`, `oracle-bf16`, `torch-bf16`, `triton-bf16`: bf16 = autocast over the whole model, with the model's
+  fp32 regions (superlinear_lab/model/precision.py: attention call, Mamba scan and dt, output head, routing loss);
+* `…-bf16-no-fp32-regions`: the same with those regions under autocast too (the model before session 5);
+* diagnostics on the oracle backend, to separate the causes of the gap:
+  `oracle-bf16-forced-routing` — bf16 autocast, but every layer attends with the reference run's anchors (gate
+  values still computed from this run's q1/k), so no routing slot differs;
+  `oracle-fp32-bf16-weights` — fp32 compute with every matrix weight (what autocast casts) rounded to bf16 first,
+  and `…-forced-routing` — the same with the reference's anchors: the part of the gap that the bf16 weight cast
+  alone makes, whatever is computed in fp32.
+Pairs of bf16 runs are compared too (`pairs`): Triton vs oracle both in bf16, torch vs oracle both in bf16.
 
 `--train-steps N` also trains the tiny model from one random init with each backend under bf16 autocast
 (`train.train`, same batches), and reports the loss curves and their largest gap.
@@ -21,29 +32,75 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
+from superlinear_kernels import SearchResult
 from superlinear_lab.model import HybridLM, ModelConfig, load_model
+from superlinear_lab.model import precision
 from superlinear_lab.train import TrainConfig, make_batch, step_loss, train
 
-REFERENCE = ("oracle", False)
+REFERENCE = "oracle-fp32"
+RUNS = ["triton-fp32", "oracle-bf16", "torch-bf16", "triton-bf16", "oracle-bf16-no-fp32-regions",
+        "torch-bf16-no-fp32-regions", "triton-bf16-no-fp32-regions", "oracle-bf16-forced-routing",
+        "oracle-fp32-bf16-weights", "oracle-fp32-bf16-weights-forced-routing"]
+PAIRS = [("oracle-bf16", "triton-bf16"), ("oracle-bf16", "torch-bf16")]
 
 
-def gradients(model_fn, cfg: TrainConfig, examples, device: str, backend: str, bf16: bool):
-    """(loss, {name: fp32 grad}, [qanchor per layer]) of one forward + backward."""
+def forced(reference: SearchResult):
+    """A routing override (`SuperlinearAttentionLayer.routing_overrides`) that attends with `reference`'s anchors and
+    spans; the gate values are this run's own scores <q1, k(anchor)> (fp32), so gradients still reach q1 and k."""
+    def override(positions, routing, q1, k):
+        anchor = reference.qanchor.long()  # [B, H_Q, L, K]
+        b, h, length, slots = anchor.shape
+        keys = k.repeat_interleave(h // k.shape[1], dim=1)  # [B, H_Q, L_KV, D]
+        index = anchor.clamp_min(0).reshape(b, h, length * slots, 1).expand(-1, -1, -1, keys.shape[-1])
+        at = torch.gather(keys, 2, index).reshape(b, h, length, slots, -1)
+        values = (q1.float()[..., None, :] * at.float()).sum(-1)
+        values = torch.where(anchor >= 0, values, torch.full_like(values, float("-inf")))
+        return SearchResult(reference.qstart, reference.qanchor, reference.qend, values)
+    return override
+
+
+def gradients(model_fn, cfg: TrainConfig, examples, device: str, run: str, reference=None):
+    """(loss, {name: fp32 grad}, [routing per attention layer]) of one forward + backward of `run`."""
+    backend, dtype, *variant = run.split("-", 2)
+    variant = variant[0] if variant else ""
+    bf16 = dtype == "bf16"
     model = model_fn().set_backend(backend).to(device).train()
+    if "bf16-weights" in variant:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:  # what autocast casts (linear, conv); the embedding lookup stays fp32
+                    p.copy_(p.to(torch.bfloat16).float())
+    routing = []
+    for j, (_, layer) in enumerate(model.routing_layers()):
+        if "forced-routing" in variant:
+            layer.routing_overrides.append(forced(reference[2][j]))
+        layer.routing_recorders.append(lambda positions, r, q1, k: routing.append(r))
+    precision.FP32_REGIONS = "no-fp32-regions" not in variant
     # step_loss enters CUDA autocast itself; on CPU the outer context does it.
     outer = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and device == "cpu" else contextlib.nullcontext()
-    with outer:
-        loss, _ = step_loss(model, cfg, examples, device, bf16 and device != "cpu")
-    loss.backward()
+    try:
+        with outer:
+            loss, _ = step_loss(model, cfg, examples, device, bf16 and device != "cpu")
+        loss.backward()
+    finally:
+        precision.FP32_REGIONS = True
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
-    with torch.no_grad(), outer, torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device != "cpu"), \
-            model.trace() as tr:
-        model(torch.tensor([examples[0].ids], device=device))
-    return loss.item(), grads, [tr.layer(i).qanchor.clone() for i in tr.layers]
+    return loss.item(), grads, routing
+
+
+def topk_sets_differ(ref: list, got: list) -> float:
+    """Fraction of (row, query head, query) over all layers whose set of anchors differs between two routings."""
+    differ = total = 0
+    for a, b in zip(ref, got):
+        sa, sb = a.qanchor.sort(-1).values, b.qanchor.sort(-1).values
+        differ += int((sa != sb).any(-1).sum())
+        total += sa[..., 0].numel()
+    return differ / max(total, 1)
 
 
 def compare(ref, got) -> dict:
@@ -52,13 +109,8 @@ def compare(ref, got) -> dict:
     worst = max(rel, key=rel.get)
     ordered = sorted(rel.values())
     return {"loss_ref": l_ref, "loss": l_got, "max_grad_rel": rel[worst], "worst_param": worst,
-            "median_grad_rel": ordered[len(ordered) // 2],
-            "routing_slots_differ": sum(int((a != b).sum()) for a, b in zip(r_ref, r_got)),
-            "routing_slots": sum(a.numel() for a in r_ref)}
-
-
-def name(run) -> str:
-    return f"{run[0]}-{'bf16' if run[1] else 'fp32'}"
+            "median_grad_rel": ordered[len(ordered) // 2], "topk_sets_differ": topk_sets_differ(r_ref, r_got),
+            "per_param": rel}
 
 
 def loss_curves(cfg: TrainConfig, device: str, backends, steps: int, length: int, batch: int) -> dict:
@@ -83,34 +135,45 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--weights", nargs="+", default=["random-init", "shipped"])
+    parser.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS)
     parser.add_argument("--train-steps", type=int, default=0, help="also compare loss curves over this many steps")
     parser.add_argument("--train-length", type=int, default=1024)
     parser.add_argument("--train-batch", type=int, default=16)
+    parser.add_argument("--out", default=None, help="JSON path (default: $OUT or bench/ /model_grad_check.json)")
     args = parser.parse_args()
     cfg = TrainConfig()
     cuda = args.device == "cuda"
-    runs = [("triton", False)] if cuda else [("torch", False)]
-    runs += [("oracle", True), ("torch", True)] + ([("triton", True)] if cuda else [])
-    pairs = [(("oracle", True), ("triton", True)), (("oracle", True), ("torch", True))] if cuda else \
-        [(("oracle", True), ("torch", True))]
+    runs = [r for r in args.runs if cuda or not r.startswith("triton")]
+    pairs = [p for p in PAIRS if p[0] in runs and p[1] in runs]
     models = {"random-init": lambda: HybridLM(ModelConfig.from_dict(cfg.model)), "shipped": lambda: load_model()}
     rows = []
-    print(f"{'weights':>11} {'L':>5} {'run':>12} {'vs':>12} {'loss':>9} {'max rel':>9} {'median':>9} "
-          f"{'routing differ':>15}  worst parameter")
-    for wname, fn in models.items():
+    out = Path(args.out) if args.out else \
+        Path(os.environ.get("OUT", Path(__file__).resolve().parent)) / "model_grad_check.json"
+    report = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else args.device,
+              "reference": REFERENCE, "batch": args.batch,
+              "metric": "per parameter tensor ||g - g_ref|| / ||g_ref|| (Frobenius), max and median over tensors",
+              "rows": rows}
+    print(f"{'weights':>11} {'L':>5} {'run':>40} {'vs':>11} {'loss':>9} {'ref loss':>9} {'max rel':>8} "
+          f"{'median':>8} {'sets differ':>11}  worst parameter")
+    for wname in args.weights:
+        fn = models[wname]
         for length in args.lengths:
             examples = make_batch(TrainConfig(**{**cfg.__dict__, "stages": [[length, 1, args.batch]]}), 0)
-            results = {r: gradients(fn, cfg, examples, args.device, *r) for r in [REFERENCE, *runs]}
+            results = {REFERENCE: gradients(fn, cfg, examples, args.device, REFERENCE)}
             for ref, run in [(REFERENCE, r) for r in runs] + pairs:
-                row = {"weights": wname, "length": length, "run": name(run), "reference": name(ref),
-                       **compare(results[ref], results[run])}
+                if run not in results:
+                    t0 = time.perf_counter()
+                    results[run] = gradients(fn, cfg, examples, args.device, run, results[REFERENCE])
+                    seconds = time.perf_counter() - t0
+                row = {"weights": wname, "length": length, "run": run, "reference": ref,
+                       **({"seconds": seconds} if ref == REFERENCE else {}), **compare(results[ref], results[run])}
                 rows.append(row)
-                print(f"{wname:>11} {length:>5} {row['run']:>12} {row['reference']:>12} {row['loss']:>9.5f} "
-                      f"{row['max_grad_rel']:>9.2e} {row['median_grad_rel']:>9.2e} "
-                      f"{row['routing_slots_differ']:>7}/{row['routing_slots']:<7}  {row['worst_param']}", flush=True)
+                print(f"{wname:>11} {length:>5} {run:>40} {ref:>11} {row['loss']:>9.5f} {row['loss_ref']:>9.5f} "
+                      f"{row['max_grad_rel']:>8.2%} {row['median_grad_rel']:>8.2%} "
+                      f"{row['topk_sets_differ']:>11.2%}  {row['worst_param']}", flush=True)
+            out.write_text(json.dumps(report, indent=1))
             del results
-    report = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else args.device,
-              "reference": name(REFERENCE), "batch": args.batch, "rows": rows}
     if args.train_steps:
         backends = ["oracle", "triton", "torch"] if cuda else ["oracle", "torch"]
         report["loss_curves"] = curves = loss_curves(cfg, args.device, backends, args.train_steps,
@@ -118,7 +181,6 @@ def main() -> None:
         print(f"loss curves, {args.train_steps} steps at L={args.train_length} x {args.train_batch}: "
               f"max |loss - oracle's| {curves['max_abs_gap_vs_oracle']}, mean of last 20 {curves['mean_loss_last_20']}",
               flush=True)
-    out = Path(os.environ.get("OUT", Path(__file__).resolve().parent)) / "model_grad_check.json"
     out.write_text(json.dumps(report, indent=1))
 
 
