@@ -3,9 +3,10 @@ the eager single-step calls, and the group kernel's worklist grid against its wh
 
 Setting of issue 16: B = 1, H_Q = 32, H_KV = 2, D = 128, bf16, `SpanConfig.release()`, random inputs, one query at
 L − 1 of a cache of length L. For every L:
-  * grids: the step (`ops.decode_attention`) captured as a CUDA graph with the worklist grid and with one program per
-    chunk of the whole cache; outputs compared bit for bit; device time with the L2 flushed before each replay
-    (`speed.device_times`, the headline "cold") and back to back ("warm");
+  * grids: the step (`ops.decode_attention`) captured as a CUDA graph with the group kernel's variants (worklist grid
+    or one program per chunk of the whole cache; all rows per tile or only the rows that need the chunk); outputs
+    compared; device time with the L2 flushed before each replay (`speed.device_times`, the headline "cold") and
+    back to back ("warm");
   * settings (``--sweep-lengths``): chunk size / stages / warps of the group kernel, each against the default's output;
   * profile: per-kernel device time of eager steps (torch.profiler);
   * calls: ms per call over back-to-back calls (CUDA events) of the public `superlinear_attention` (position as a
@@ -75,28 +76,34 @@ def step_graph(q1, q2, k, v, cfg, pos, plan, row_start):
     return graph, out.clone()
 
 
+VARIANTS = {"session4": (False, 0), "worklist": (True, 0), "compact": (False, 16), "worklist+compact": (True, 16)}
+
+
 def grids(length, cfg, q1, q2, k, v, pos, reps) -> dict:
+    """The group kernel's variants (worklist grid or whole-cache grid; all rows per tile or only the rows that need
+    the chunk, 16 at a time): L2-flushed and back-to-back device time of the graphed step, outputs compared."""
     plan = ops.decode_plan(q1, k, v, cfg)
     row_start = torch.zeros(1, dtype=torch.int64, device="cuda")
-    res = {}
-    outs = {}
-    for worklist in (False, True):
-        decode.DECODE_WORKLIST = worklist
+    default = (decode.DECODE_WORKLIST, decode.DECODE_COMPACT_ROWS)
+    res, outs = {}, {}
+    for name, (worklist, compact) in VARIANTS.items():
+        decode.DECODE_WORKLIST, decode.DECODE_COMPACT_ROWS = worklist, compact
         graph, out = step_graph(q1, q2, k, v, cfg, pos, plan, row_start)
         cold, warm = device_times(graph.replay, reps)
-        name = "worklist" if worklist else "whole_cache"
         res[name] = {"cold_ms": cold * 1e3, "warm_ms": warm * 1e3}
         outs[name] = out
         del graph
-    decode.DECODE_WORKLIST = True
-    res["bit_identical"] = bool(torch.equal(outs["worklist"], outs["whole_cache"]))
+    decode.DECODE_WORKLIST, decode.DECODE_COMPACT_ROWS = default
+    res["bit_identical"] = {"worklist_vs_session4": bool(torch.equal(outs["worklist"], outs["session4"])),
+                            "worklist+compact_vs_compact": bool(torch.equal(outs["worklist+compact"], outs["compact"]))}
+    res["compact_vs_session4_max_abs"] = float((outs["compact"].float() - outs["session4"].float()).abs().max())
     chunk = decode.decode_chunk_for(length, q1.shape[1] * cfg.num_spans, q1.shape[-1])
     res["programs_per_kv_head"] = {
         "whole_cache": -(-length // chunk),
         "worklist": decode.work_programs(-(-length // chunk), chunk, min(64, 16 * cfg.num_spans), plan.max_span_len,
                                          cfg.window_len)}
     print(f"  L={length}: grids {json.dumps(res)}", flush=True)
-    return res, outs["worklist"]
+    return res, outs["worklist+compact"]
 
 
 def sweep(length, cfg, q1, q2, k, v, pos, reps, ref) -> list:
@@ -104,8 +111,8 @@ def sweep(length, cfg, q1, q2, k, v, pos, reps, ref) -> list:
     row_start = torch.zeros(1, dtype=torch.int64, device="cuda")
     default = (decode.decode_chunk_for, decode.DECODE_STAGES, decode.DECODE_WARPS, decode.DECODE_BLOCK_N)
     rows = []
-    for chunk, stages, warps, block_n in ((512, 3, 4, 32), (2048, 3, 4, 32), (1024, 4, 4, 32), (1024, 2, 4, 32),
-                                          (1024, 3, 8, 32), (1024, 3, 4, 64)):
+    for chunk, stages, warps, block_n in ((1024, 3, 2, 32), (512, 3, 4, 32), (2048, 3, 4, 32), (1024, 4, 4, 32),
+                                          (1024, 2, 4, 32), (1024, 3, 4, 64), (512, 4, 2, 32), (1024, 3, 8, 32)):
         decode.decode_chunk_for = lambda l_kv, n_pairs, d, c=chunk: c
         decode.DECODE_STAGES, decode.DECODE_WARPS, decode.DECODE_BLOCK_N = stages, warps, block_n
         try:

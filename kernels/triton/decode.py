@@ -45,6 +45,9 @@ DECODE_MAX_CHUNKS = 8192  # key chunks per (batch, KV head) at most (most progra
 # Worklist grid: per row block, as many programs as chunks one step can need at most (its rows' spans + the window);
 # program i takes the i-th needed chunk (`_needed_chunk`). False: one program per chunk of the whole cache.
 DECODE_WORKLIST = True
+# A program attends with only the rows that need its chunk, this many at a time (16: the smallest tl.dot M); 0: all
+# rows of the row block in one tile, every key tile times RB rows.
+DECODE_COMPACT_ROWS = 16
 
 
 def decode_chunk(l_kv: int) -> int:
@@ -101,11 +104,46 @@ def _needed_chunk(i, qs, qe, rok, w_lo, w_hi, CHUNK, RB: tl.constexpr):
 
 
 @triton.jit
+def _attend_keys(q, k_base, v_base, sk_l, sv_l, qs, qe, rok, w_lo, w_hi, first, stop, d, dmask, qk_scale,
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """Online softmax of the rows q [ROWS, BLOCK_D] over keys first .. stop - 1, each row masked to its span [qs, qe]
+    and the window [w_lo, w_hi]: (m, ℓ, acc) in log2 units."""
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for n0 in range(first, stop, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < stop
+        if EVEN_D:
+            ld_mask = cmask[:, None]
+        else:
+            ld_mask = cmask[:, None] & dmask[None, :]
+        # [BLOCK_N, D] row-major tiles (coalesced along D); K enters the dot transposed.
+        offs = cols.to(tl.int64)[:, None]
+        kk = tl.load(k_base + offs * sk_l + d[None, :], mask=ld_mask, other=0.0)
+        vv = tl.load(v_base + offs * sv_l + d[None, :], mask=ld_mask, other=0.0)
+        in_win = (cols >= w_lo) & (cols <= w_hi)
+        keep = (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])
+        keep = (keep | in_win[None, :]) & cmask[None, :] & rok[:, None]  # [ROWS, BLOCK_N]: key in S_k ∪ Wnd
+        logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * qk_scale
+        logits = tl.where(keep, logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        p = tl.exp2(logits - m_use[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+        m = m_new
+    return m, l, acc
+
+
+@triton.jit
 def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, start_ptr, pm_ptr, pl_ptr, pacc_ptr,
                          sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                          H_Q, H_KV, L_KV, D, G, W, N_ROWS, N_RB, N_CHUNKS, CHUNK, qk_scale,
                          NUM_SPANS: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         EVEN_D: tl.constexpr, PRECISION: tl.constexpr, WORKLIST: tl.constexpr):
+                         EVEN_D: tl.constexpr, PRECISION: tl.constexpr, WORKLIST: tl.constexpr, RC: tl.constexpr):
     # Positions fit int32 (L_KV < 2^31, checked by the backend); only pointer offsets are int64.
     # Logits are in log2 units (qk_scale = log2(e) / sqrt(D)) so the softmax runs on exp2.
     pid = tl.program_id(0)
@@ -143,43 +181,52 @@ def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, sta
     hi = tl.max(tl.where(span_hit, tl.minimum(qe, c1 - 1), -1), axis=0)
     lo = tl.where(win_hit, tl.minimum(lo, tl.maximum(w_lo, c0)), lo)
     hi = tl.where(win_hit, tl.maximum(hi, tl.minimum(w_hi, c1 - 1)), hi)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
+    if RC > 0:
+        # Only the rows that need this chunk, RC at a time (a span chunk needs one or a few rows; a window chunk
+        # all of them): the dots and the softmax run on RC rows instead of RB. Partials are written for those rows
+        # only — the merge reads a row's partials only in the chunks its span or the window touch.
+        win_rows = rok & ((r * 0 + tl.where(win_hit, 1, 0)) > 0)
+        need = tl.where(span_hit | win_rows, 1, 0)
+        rank = tl.cumsum(need, axis=0) - need
+        n_need = tl.sum(need, axis=0)
+        row0 = (b * H_Q + hkv * G).to(tl.int64)
+        for g0 in range(0, n_need, RC):
+            jj = g0 + tl.arange(0, RC)
+            valid = jj < n_need
+            sel = (need[None, :] > 0) & (rank[None, :] == jj[:, None])  # [RC, RB]: compact row jj is row r
+            rr = tl.sum(tl.where(sel, r[None, :], 0), axis=1)
+            qs_c = tl.sum(tl.where(sel, qs[None, :], 0), axis=1)
+            qe_c = tl.where(valid, tl.sum(tl.where(sel, qe[None, :], 0), axis=1), -1)
+            hit_c = valid & (qs_c <= qe_c) & (qs_c < c1) & (qe_c >= c0)
+            lo_c = tl.min(tl.where(hit_c, tl.maximum(qs_c, c0), 2147483647), axis=0)
+            hi_c = tl.max(tl.where(hit_c, tl.minimum(qe_c, c1 - 1), -1), axis=0)
+            lo_c = tl.where(win_hit, tl.minimum(lo_c, tl.maximum(w_lo, c0)), lo_c)
+            hi_c = tl.where(win_hit, tl.maximum(hi_c, tl.minimum(w_hi, c1 - 1)), hi_c)
+            pair_c = row0 * NUM_SPANS + rr
+            q_c = tl.load(q_ptr + (row0 + rr // NUM_SPANS)[:, None] * D + d[None, :],
+                          mask=valid[:, None] & dmask[None, :], other=0.0)
+            m_c, l_c, acc_c = _attend_keys(q_c, k_base, v_base, sk_l, sv_l, qs_c, qe_c, valid, w_lo, w_hi,
+                                           c0 + ((lo_c - c0) // BLOCK_N) * BLOCK_N, hi_c + 1, d, dmask, qk_scale,
+                                           RC, BLOCK_N, BLOCK_D, EVEN_D, PRECISION)
+            part_c = pair_c * N_CHUNKS + c
+            tl.store(pm_ptr + part_c, m_c, mask=valid)
+            tl.store(pl_ptr + part_c, l_c, mask=valid)
+            tl.store(pacc_ptr + part_c[:, None] * D + d[None, :], acc_c,
+                     mask=(valid & (l_c > 0))[:, None] & dmask[None, :])
+        return
     active = hi >= lo
     first = tl.where(active, c0 + ((lo - c0) // BLOCK_N) * BLOCK_N, c0)
     stop = tl.where(active, hi + 1, c0)  # an untouched chunk runs no trips and loads nothing
 
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
     # (A per-row comparison, not `rok & active`: Triton's CPU interpreter mistypes bool-vector & bool-scalar.)
     q_rows = rok & (r * 0 + hi >= lo)
     q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=q_rows[:, None] & dmask[None, :], other=0.0)
-    k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
-    v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
-    m = tl.full([RB], float("-inf"), tl.float32)
-    l = tl.zeros([RB], tl.float32)
-    acc = tl.zeros([RB, BLOCK_D], tl.float32)
-    for n0 in range(first, stop, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < stop
-        if EVEN_D:
-            ld_mask = cmask[:, None]
-        else:
-            ld_mask = cmask[:, None] & dmask[None, :]
-        # [BLOCK_N, D] row-major tiles (coalesced along D); K enters the dot transposed.
-        offs = cols.to(tl.int64)[:, None]
-        kk = tl.load(k_base + offs * sk_l + d[None, :], mask=ld_mask, other=0.0)
-        vv = tl.load(v_base + offs * sv_l + d[None, :], mask=ld_mask, other=0.0)
-        in_win = (cols >= w_lo) & (cols <= w_hi)
-        keep = (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])
-        keep = (keep | in_win[None, :]) & cmask[None, :] & rok[:, None]  # [RB, BLOCK_N]: key in S_k ∪ Wnd
-        logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * qk_scale
-        logits = tl.where(keep, logits, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logits, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_use)
-        p = tl.exp2(logits - m_use[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
-        m = m_new
+    m, l, acc = _attend_keys(q, k_base, v_base, sk_l, sv_l, qs, qe, rok, w_lo, w_hi, first, stop, d, dmask, qk_scale,
+                             RB, BLOCK_N, BLOCK_D, EVEN_D, PRECISION)
     part = pair * N_CHUNKS + c
     tl.store(pm_ptr + part, m, mask=rok)
     tl.store(pl_ptr + part, l, mask=rok)
@@ -282,7 +329,7 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
     pm = torch.empty(n_pairs * n_chunks, dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.empty(n_pairs * n_chunks, d, dtype=torch.float32, device=dev)
-    warps = 2 * DECODE_WARPS if bd * rb > 64 * 128 else DECODE_WARPS
+    warps = 2 * DECODE_WARPS if bd * (DECODE_COMPACT_ROWS or rb) > 64 * 128 else DECODE_WARPS
     grid = (b * h_kv * n_rb, work_programs(n_chunks, chunk, min(rb, n_rows), max_span_len, window)
             if DECODE_WORKLIST else n_chunks)
     _decode_group_kernel[grid](
@@ -290,7 +337,8 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, d ** -0.5 * 1.4426950408889634,
         NUM_SPANS=num_spans, RB=rb, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, EVEN_D=bd == d,
-        PRECISION=dot_precision(q2.dtype), WORKLIST=DECODE_WORKLIST, num_warps=warps, num_stages=DECODE_STAGES)
+        PRECISION=dot_precision(q2.dtype), WORKLIST=DECODE_WORKLIST, RC=DECODE_COMPACT_ROWS, num_warps=warps,
+        num_stages=DECODE_STAGES)
 
     out = torch.empty(b, h_q, l_q, d, dtype=q2.dtype, device=dev)
     gate = torch.empty(b, h_q, l_q, num_spans, dtype=torch.float32, device=dev)
