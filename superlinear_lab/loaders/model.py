@@ -250,8 +250,36 @@ class SuperlinearExpLM(nn.Module):
                 else:
                     h = block.mixer(h, positions, cache.keys[att_j], cache.values[att_j])
                 att_j += 1
+            elif block.kind == "E" and entries is not None:
+                h = self._moe_step(block.mixer, h)
             else:
                 h = block.mixer(h)
             x = x + h
         x = self.norm_f(x)
         return head_logits(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+
+    def _moe_step(self, moe: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """A MoE block (`NemotronHMoE`) on one token, h [1, 1, hidden], for the one-token step.
+
+        transformers' "eager" experts find the experts hit with a host read (``nonzero`` then ``item``), which a CUDA
+        graph cannot capture. With one token the experts hit are its top-k: this runs them in the order the eager loop
+        does (ascending expert id), picking each expert's weights by a device index, and adds their weighted outputs
+        into an fp32 zero buffer in that order — the same operations on the same values, so the same result bit for
+        bit, with no host read. Other shapes and the batched implementations go through the module itself.
+        """
+        if h.shape[0] * h.shape[1] != 1 or self.hf_config._experts_implementation != "eager":
+            return moe(h)
+        experts = moe.experts
+        _, weights, index = moe.gate(h)  # [1, k] fp32, [1, k]
+        index, order = index.sort(dim=-1)  # the eager loop visits the experts hit in ascending id
+        weights = weights.gather(-1, order)
+        x = moe.fc1_latent_proj(h.view(1, -1))
+        out = torch.zeros_like(x, dtype=weights.dtype)
+        for slot in range(index.shape[-1]):
+            expert = index[0, slot:slot + 1]  # device index [1]: no host read
+            y = nn.functional.linear(x, experts.up_proj.index_select(0, expert)[0])
+            y = nn.functional.linear(experts.act_fn(y), experts.down_proj.index_select(0, expert)[0])
+            out = out + (y * weights[:, slot, None]).to(out.dtype)
+        out = moe.fc2_latent_proj(out.to(x.dtype)).view(h.shape)
+        return out + moe.shared_experts(h)
+
