@@ -73,11 +73,12 @@ def _check_inputs(q1: torch.Tensor, k: torch.Tensor, cfg, backend: str, q2: torc
         _check_tensor(name, x, 4)
         if x.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name}: dtype {x.dtype} not supported; expected float16, bfloat16 or float32")
+    dtype, device = q1.dtype, q1.device
     for name, x in named[1:]:
-        if x.dtype != q1.dtype:
-            raise TypeError(f"{name}: dtype {x.dtype} differs from q1's {q1.dtype}; nothing is cast silently")
-        if x.device != q1.device:
-            raise ValueError(f"{name}: on {x.device} but q1 is on {q1.device}")
+        if x.dtype != dtype:
+            raise TypeError(f"{name}: dtype {x.dtype} differs from q1's {dtype}; nothing is cast silently")
+        if x.device != device:
+            raise ValueError(f"{name}: on {x.device} but q1 is on {device}")
     b, h_q, l_q, d = q1.shape
     b_k, h_kv, l_kv, d_k = k.shape
     if q2 is not None and q2.shape != q1.shape:
@@ -328,14 +329,18 @@ def _single_step(q1, q2, k, v, cache_position, cfg, backend: str):
         return None
     if _resolve_backend(backend, q1) != "triton":
         return None
-    positions = _position_tensor(cache_position, 1)
-    if positions.device.type == "cpu":
-        position = int(positions[0])
+    if type(cache_position) in (list, tuple) and len(cache_position) == 1 and type(cache_position[0]) is int:
+        position = cache_position[0]  # the usual [position] (anything else gets `_position_tensor`'s checks)
         _check_position_range(position, position, k.shape[2])
-    elif positions.device == q1.device:
-        position = positions
     else:
-        return None
+        positions = _position_tensor(cache_position, 1)
+        if positions.device.type == "cpu":
+            position = int(positions[0])
+            _check_position_range(position, position, k.shape[2])
+        elif positions.device == q1.device:
+            position = positions
+        else:
+            return None
     _backend_module("triton")  # Triton must run here (a clear error otherwise)
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         return None
