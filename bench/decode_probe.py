@@ -79,14 +79,15 @@ def step_graph(q1, q2, k, v, cfg, pos, plan, row_start):
 VARIANTS = {"session4": (False, 0), "worklist": (True, 0), "compact": (False, 16), "worklist+compact": (True, 16)}
 
 
-def grids(length, cfg, q1, q2, k, v, pos, reps) -> dict:
+def grids(length, cfg, q1, q2, k, v, pos, reps, variants) -> dict:
     """The group kernel's variants (worklist grid or whole-cache grid; all rows per tile or only the rows that need
     the chunk, 16 at a time): L2-flushed and back-to-back device time of the graphed step, outputs compared."""
     plan = ops.decode_plan(q1, k, v, cfg)
     row_start = torch.zeros(1, dtype=torch.int64, device="cuda")
     default = (decode.DECODE_WORKLIST, decode.DECODE_COMPACT_ROWS)
     res, outs = {}, {}
-    for name, (worklist, compact) in VARIANTS.items():
+    for name in variants:
+        worklist, compact = VARIANTS[name]
         decode.DECODE_WORKLIST, decode.DECODE_COMPACT_ROWS = worklist, compact
         graph, out = step_graph(q1, q2, k, v, cfg, pos, plan, row_start)
         cold, warm = device_times(graph.replay, reps)
@@ -94,16 +95,18 @@ def grids(length, cfg, q1, q2, k, v, pos, reps) -> dict:
         outs[name] = out
         del graph
     decode.DECODE_WORKLIST, decode.DECODE_COMPACT_ROWS = default
-    res["bit_identical"] = {"worklist_vs_session4": bool(torch.equal(outs["worklist"], outs["session4"])),
-                            "worklist+compact_vs_compact": bool(torch.equal(outs["worklist+compact"], outs["compact"]))}
-    res["compact_vs_session4_max_abs"] = float((outs["compact"].float() - outs["session4"].float()).abs().max())
+    if len(outs) == len(VARIANTS):
+        res["bit_identical"] = {"worklist_vs_session4": bool(torch.equal(outs["worklist"], outs["session4"])),
+                                "worklist+compact_vs_compact": bool(torch.equal(outs["worklist+compact"],
+                                                                                outs["compact"]))}
+        res["compact_vs_session4_max_abs"] = float((outs["compact"].float() - outs["session4"].float()).abs().max())
     chunk = decode.decode_chunk_for(length, q1.shape[1] * cfg.num_spans, q1.shape[-1])
     res["programs_per_kv_head"] = {
         "whole_cache": -(-length // chunk),
         "worklist": decode.work_programs(-(-length // chunk), chunk, min(64, 16 * cfg.num_spans), plan.max_span_len,
                                          cfg.window_len)}
     print(f"  L={length}: grids {json.dumps(res)}", flush=True)
-    return res, outs["worklist+compact"]
+    return res, outs[variants[-1]]
 
 
 def sweep(length, cfg, q1, q2, k, v, pos, reps, ref) -> list:
@@ -197,6 +200,8 @@ def main() -> None:
                         help="lengths that also sweep the group kernel's settings (after every length's rows)")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--skip", nargs="*", default=[], choices=("grids", "profile", "calls", "sweep"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="group-kernel variants timed under grids")
     parser.add_argument("--json", default="decode_probe.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -220,7 +225,7 @@ def main() -> None:
             row["sweep"] = sweep(length, cfg, q1, q2, k, v, pos, args.reps, ref)
         else:
             if "grids" not in args.skip:
-                row["grids"], _ = grids(length, cfg, q1, q2, k, v, pos, args.reps)
+                row["grids"], _ = grids(length, cfg, q1, q2, k, v, pos, args.reps, args.variants)
             if "profile" not in args.skip:
                 row["profile"] = profile(cfg, q1, q2, k, v, pos)
             if "calls" not in args.skip:
