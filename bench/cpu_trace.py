@@ -1,8 +1,8 @@
 """CPU benchmark (not a test): append a 64K-token document (Python's reference docs, `pydoc_data.topics`) into a
-session of the default model while recording a full routing trace (every layer, head and query). Prints time,
+session of a shipped model (`--model`, default tiny) while recording a full routing trace (every layer, head and query). Prints time,
 tokens/s and peak memory, and writes JSON. Target (docs/design.md): <= 30 s on 2 cores.
 
-    python bench/cpu_trace.py [--tokens 65536] [--chunk-size 4096] [--profile] [--json bench/cpu_trace.json]
+    python bench/cpu_trace.py [--model tiny] [--tokens 65536] [--chunk-size 4096] [--profile] [--json bench/cpu_trace.json]
 
 `--profile` adds a second run under cProfile and prints where the time goes (attention kernel vs the rest).
 """
@@ -34,8 +34,8 @@ def reference_document(n_tokens: int) -> str:
     return text.encode()[:n_tokens].decode("utf-8", errors="ignore")
 
 
-def run(doc: str, chunk_size: int) -> tuple[dict, object]:
-    model = load_model("tiny", backend="torch")
+def run(doc: str, chunk_size: int, model_name: str = "tiny") -> tuple[dict, object]:
+    model = load_model(model_name, backend="torch")
     n = len(doc.encode())
     session = Session(model, max_len=n + 1024, chunk_size=chunk_size, progress=False)
     with PeakRSS() as mem:
@@ -58,10 +58,12 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=4096)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--model", default="tiny", help="shipped model name")
     args = parser.parse_args()
     doc = reference_document(args.tokens)
-    result, _ = run(doc, args.chunk_size)
-    result.update({"chunk_size": args.chunk_size, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    result, _ = run(doc, args.chunk_size, args.model)
+    result.update({"model": args.model, "chunk_size": args.chunk_size, "torch": torch.__version__,
+                   "threads": torch.get_num_threads(),
                    "cpus": psutil.cpu_count(), "load_avg_1m": round(psutil.getloadavg()[0], 2),
                    "machine": platform.processor() or platform.machine(),
                    "ru_maxrss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)})
@@ -69,7 +71,7 @@ def main() -> None:
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
-        run(doc, args.chunk_size)
+        run(doc, args.chunk_size, args.model)
         prof.disable()
         stats = pstats.Stats(prof)
         stats.sort_stats("cumulative").print_stats(r"(superlinear_attention|span_search|range_attention|"
