@@ -6,7 +6,7 @@ The settings are module constants of the backend (`window.KV_BLOCK`, `KV_WARPS`,
 `KV_SKIP`, `DQ_BLOCK_N`, `DQ_STAGES`), set in-process for each candidate; the backward of one forward is replayed
 (retain_graph) and timed with CUDA events. Results: $OUT/bwd_tune.json (gradient rows also in gpu_check.json).
 
-    python bench/bwd_tune.py [--length 131072] [--check] [--train-lengths 32768 131072] [--only 0 1]
+    python bench/bwd_tune.py [--length 131072] [--check] [--train-lengths 32768 131072] [--only 0 1] [--warm 8]
 """
 from __future__ import annotations
 
@@ -32,6 +32,14 @@ CANDIDATES = [
     {"window.KV_BLOCK": 32, "window.KV_WARPS": 4},
     {"span.KV_SKIP": False, "window.KV_STAGES": 2},
     {"span.DQ_BLOCK_N": 32, "span.DQ_STAGES": 1},
+    # session 5: pair arrays in sorted order, pipelined tile loops, smaller programs
+    {"span.KV_SORTED": True},
+    {"span.KV_SORTED": True, "span.KV_SKIP": False, "window.KV_STAGES": 2},
+    {"span.KV_SORTED": True, "span.KV_SKIP": False, "window.KV_STAGES": 3},
+    {"span.KV_SORTED": True, "window.KV_STAGES": 2},
+    {"window.KV_WARPS": 4},
+    {"window.KV_BLOCK": 32, "window.KV_WARPS": 4, "span.KV_SORTED": True, "span.KV_SKIP": False,
+     "window.KV_STAGES": 2},
 ]
 MODULES = {"window": window, "span": span}
 
@@ -110,7 +118,15 @@ def main() -> None:
     parser.add_argument("--train-lengths", type=int, nargs="*", default=[32768, 131072, 262144])
     parser.add_argument("--only", type=int, nargs="*", default=None, help="indices of CANDIDATES to run")
     parser.add_argument("--json", default="bwd_tune.json", help="file name under $OUT (or bench/)")
+    parser.add_argument("--warm", type=int, default=0,
+                        help="compile the candidates first in this many parallel processes (a short run each)")
     args = parser.parse_args()
+    picked = [i for i in range(len(CANDIDATES)) if args.only is None or i in args.only]
+    if args.warm:
+        import fwd_tune
+
+        fwd_tune.warm_cache([[__file__, "--length", "16384", "--reps", "1", "--only", str(i)] for i in picked],
+                            args.warm)
     rows = []
     report = {"length": args.length, "device": torch.cuda.get_device_name(), "rows": rows}
     out = Path(os.environ.get("OUT", ROOT / "bench")) / args.json

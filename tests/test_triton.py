@@ -120,20 +120,39 @@ def test_non_contiguous_cache_positions():
     _compare(DEFAULT, 1, 4, 2, 5, 60, 16, torch.float32, positions=[3, 40, 41, 17, 59])
 
 
-@pytest.mark.parametrize("skip", [True, False], ids=["skip", "masked"])
-def test_backward_small_tiles(monkeypatch, skip):
+@pytest.mark.parametrize("skip, sort", [(True, False), (False, False), (True, True)], ids=["skip", "masked", "sorted"])
+def test_backward_small_tiles(monkeypatch, skip, sort):
     """The key-major dK/dV kernels with many small key blocks and pair tiles: a block meets many tiles, tiles end
     and start inside blocks, and queries come in no particular order (the window's position sort). `masked`:
-    tiles that miss the block are computed under the masks instead of skipped."""
+    tiles that miss the block are computed under the masks instead of skipped; `sorted`: the span kernel reads
+    the pair arrays gathered into sorted order."""
     from superlinear_kernels.triton import span, window
 
     monkeypatch.setattr(span, "KV_SKIP", skip)
+    monkeypatch.setattr(span, "KV_SORTED", sort)
     monkeypatch.setattr(window, "KV_BLOCK", 16)
     monkeypatch.setattr(span, "_blocks", lambda d: (max(16, d), 16, 16))
     monkeypatch.setattr(span, "KV_TILE", 16)
     _compare(RELEASE_SMALL, 1, 4, 2, 120, 120, 16, torch.float32, starts=[9])
     order = torch.randperm(40, generator=torch.Generator().manual_seed(3)) + 60
     _compare(K3_FORWARD, 2, 4, 2, 40, 100, 16, torch.float32, starts=[0, 21], positions=order.tolist())
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["interior", "masked"])
+def test_forward_small_tiles(monkeypatch, split):
+    """The window and span forwards with small key blocks, pair tiles and row blocks: tiles then have interior key
+    blocks (inside the keys of every row, computed without masks) between masked edge blocks, and tiles end and
+    start inside blocks. `masked`: every block under the masks. Outputs and gradients match the oracle."""
+    from superlinear_kernels.triton import span, window
+
+    monkeypatch.setattr(span, "_blocks", lambda d: (max(16, d), 16, 16))  # the pair sort by 16-key blocks
+    for mod, rows in ((span, "FWD_BLOCK_P"), (window, "FWD_ROWS")):
+        monkeypatch.setattr(mod, rows, 16)
+        monkeypatch.setattr(mod, "FWD_BLOCK_N", 16)
+        monkeypatch.setattr(mod, "FWD_SPLIT", split)
+    _compare(RELEASE_SMALL, 1, 4, 2, 120, 120, 16, torch.float32, starts=[9])
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(3)) + 60
+    _compare(K3_FORWARD, 2, 4, 2, 40, 100, 16, torch.float16, starts=[0, 21], positions=order.tolist())
 
 
 def test_training_in_chunks(monkeypatch):
@@ -211,7 +230,12 @@ def test_padding_queries_are_zero_not_nan():
 
 
 @pytest.mark.parametrize("num_spans", [1, 2, 3, 4])
-def test_search_routing_and_values(num_spans):
+def test_search_routing_and_values(monkeypatch, num_spans):
+    """Routing and values equal the oracle's, with the top-K kept as (score, anchor) pairs (K = 1, 2) or as one
+    int64 key per slot (K = 3, 4; `search.SEARCH_KEYED`); negative and positive scores, left padding."""
+    from superlinear_kernels.triton import search
+
+    monkeypatch.setattr(search, "SEARCH_KEYED", num_spans > 2)
     cfg = RELEASE_SMALL.replace(num_spans=num_spans)
     b, h_q, h_kv, l, d = 2, 8, 2, 70, 16
     q1, _, k, _ = random_inputs(b, h_q, h_kv, l, l, d, device=DEVICE)
@@ -258,8 +282,13 @@ def test_non_finite_values_are_nan_never_inf():
     assert_close("finite queries", ref[safe], out[safe], 1e-4)
 
 
-def test_search_tie_rule_earlier_position_wins():
-    """Identical keys give identical scores: the earliest anchors must win (docs/algorithm.md §2.3)."""
+@pytest.mark.parametrize("keyed", [False, True], ids=["pairs", "keyed"])
+def test_search_tie_rule_earlier_position_wins(monkeypatch, keyed):
+    """Identical keys give identical scores: the earliest anchors must win (docs/algorithm.md §2.3). `keyed`: the
+    prefill search keeps its top-K as one int64 key per slot (score bits, then the anchor reversed)."""
+    from superlinear_kernels.triton import search
+
+    monkeypatch.setattr(search, "SEARCH_KEYED", keyed)
     cfg = DEFAULT.replace(num_spans=3)
     b, h_q, h_kv, l, d = 1, 4, 2, 64, 16
     q1, _, k, _ = random_inputs(b, h_q, h_kv, l, l, d, device=DEVICE)

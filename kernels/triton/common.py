@@ -37,11 +37,12 @@ def block_d(d: int) -> int:
     return max(16, next_pow2(d))
 
 
-def head_rows(group: int, l_q: int) -> tuple[int, int, int]:
-    """(GH, BQ, n_head_chunks) for the row layout: GH heads x BQ queries per program, GH*BQ >= 16."""
+def head_rows(group: int, l_q: int, target: int = TARGET_ROWS) -> tuple[int, int, int]:
+    """(GH, BQ, n_head_chunks) for the row layout: GH heads x BQ queries per program (about `target` rows),
+    GH*BQ >= 16."""
     gh = min(next_pow2(group), MAX_HEAD_CHUNK)
     n_chunks = -(-group // gh)
-    bq = max(1, TARGET_ROWS // gh)
+    bq = max(1, target // gh)
     bq = min(bq, next_pow2(l_q))
     bq = max(bq, -(-16 // gh))  # tl.dot needs >= 16 rows
     return gh, bq, n_chunks

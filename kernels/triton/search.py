@@ -44,6 +44,44 @@ def _merge_top(top_v, top_a, score, anchor, slot, NUM_SPANS: tl.constexpr, AXIS:
     return new_v, new_a
 
 
+KEY_NONE = tl.constexpr(-9223372036854775807)  # below every candidate's key: an empty slot
+
+
+@triton.jit
+def _slot_key(score, anchor):
+    """One int64 per candidate, ordered as (score descending, then anchor ascending) — the tie rule of
+    docs/algorithm.md §2.3 in a single comparison: the float's bits made monotone (−0 counted as +0) in the high
+    word, 2^31 − 1 − anchor in the low word. −inf and NaN scores (never picked) get KEY_NONE."""
+    bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - anchor).to(tl.int64)
+    return tl.where(score > float("-inf"), key, KEY_NONE)
+
+
+@triton.jit
+def _key_slot(key):
+    """(score, anchor) of `_slot_key`'s keys; (−inf, −1) for KEY_NONE."""
+    ordered = (key >> 32).to(tl.int32)
+    bits = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
+    valid = key != KEY_NONE
+    score = tl.where(valid, bits.to(tl.float32, bitcast=True), float("-inf"))
+    anchor = tl.where(valid, 0x7FFFFFFF - (key & 0xFFFFFFFF), -1)
+    return score, anchor
+
+
+@triton.jit
+def _merge_top_keyed(top, key, slot, NUM_SPANS: tl.constexpr, AXIS: tl.constexpr):
+    """`_merge_top` on `_slot_key` keys: the NUM_SPANS largest of (current slots, new candidates), one max per
+    round (keys are distinct: anchors are)."""
+    new = tl.full(top.shape, KEY_NONE, tl.int64)
+    for r in tl.static_range(NUM_SPANS):
+        best = tl.expand_dims(tl.maximum(tl.max(key, axis=AXIS), tl.max(top, axis=AXIS)), AXIS)
+        new = tl.where(slot == r, best, new)
+        key = tl.where(key == best, KEY_NONE, key)
+        top = tl.where(top == best, KEY_NONE, top)
+    return new
+
+
 @triton.jit
 def _store_slots(top_v, top_a, pos, s, t, blen_ptr, flen_ptr, off, ok, L_KV, W,
                  qstart_ptr, qanchor_ptr, qend_ptr, values_ptr):
@@ -70,7 +108,7 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
                    H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, SIGMA, W, SPLIT, N_SPLIT, I_MAX,
                    NUM_SPANS: tl.constexpr, KP: tl.constexpr, GH: tl.constexpr, BQ: tl.constexpr,
                    SC: tl.constexpr, BLOCK_D: tl.constexpr, IS_SPLIT: tl.constexpr, FIXED_TOP: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   KEYED: tl.constexpr, PRECISION: tl.constexpr):
     pid_q = tl.program_id(0)
     pid_g = tl.program_id(1)
     pid_s = tl.program_id(2)  # which run of SPLIT stripes (decode); 0 with one run per query block
@@ -101,6 +139,7 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
     slot = tl.arange(0, KP)[None, None, :]  # [1, 1, KP]
     top_v = tl.full([BQ, GH, KP], float("-inf"), tl.float32)
     top_a = tl.full([BQ, GH, KP], -1, tl.int64)
+    top_key = tl.full([BQ, GH, KP], KEY_NONE, tl.int64)
     i_hi = tl.minimum(i_top, SIGMA + (pid_s + 1) * SPLIT)
     n = i_hi - SIGMA - pid_s * SPLIT
     for j0 in range(0, n, SC):
@@ -114,7 +153,12 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
         score = tl.dot(q, kt, input_precision=PRECISION)  # [BQ, GH, SC], fp32 accumulation, no 1/sqrt(D)
         score = tl.where(cand[:, None, :], score, float("-inf"))
         anchor3 = tl.broadcast_to(anchor[:, None, :], [BQ, GH, SC])
-        top_v, top_a = _merge_top(top_v, top_a, score, anchor3, slot, NUM_SPANS, 2)
+        if KEYED:
+            top_key = _merge_top_keyed(top_key, _slot_key(score, anchor3), slot, NUM_SPANS, 2)
+        else:
+            top_v, top_a = _merge_top(top_v, top_a, score, anchor3, slot, NUM_SPANS, 2)
+    if KEYED:
+        top_v, top_a = _key_slot(top_key)
 
     in_k = ok[:, :, None] & (slot < NUM_SPANS)
     if IS_SPLIT:
@@ -160,6 +204,8 @@ def _search_merge_kernel(part_v_ptr, part_a_ptr, pos_ptr, start_ptr, blen_ptr, f
 
 SEARCH_STRIPES = 16  # stripes per loop trip (the N of the batched tl.dot)
 SEARCH_TILE_BYTES = 32768  # bytes of the [queries x heads x D] Q1 tile a program keeps in registers
+SEARCH_WARPS = 4  # warps of a prefill search program
+SEARCH_KEYED = False  # the running top-K as one int64 key per slot (`_slot_key`), one max per round
 
 
 def search_layout(group: int, l_q: int, d: int, itemsize: int) -> tuple[int, int, int]:
@@ -223,7 +269,8 @@ def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, r
         k.stride(0), k.stride(1), k.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, n_chunks, sw_index, window, run, n_split, offsets.numel() - 2,
         NUM_SPANS=num_spans, KP=next_pow2(num_spans), GH=gh, BQ=bq, SC=stripes_per_trip, BLOCK_D=block_d(d), IS_SPLIT=split,
-        FIXED_TOP=l_q == 1, PRECISION=dot_precision(q1.dtype), num_warps=4)
+        FIXED_TOP=l_q == 1, KEYED=SEARCH_KEYED and not split, PRECISION=dot_precision(q1.dtype),
+        num_warps=4 if l_q == 1 else SEARCH_WARPS)
     if split:
         block_r = 4
         _search_merge_kernel[(triton.cdiv(n_rows, block_r),)](

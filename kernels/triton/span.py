@@ -26,7 +26,7 @@ import triton.language as tl
 
 from . import window
 from .common import block_d, dot_precision
-from .window import kv_grad_step
+from .window import LN2, LOG2E, fwd_step, interior, kv_grad_step
 
 
 def sort_pairs(qstart: torch.Tensor, qend: torch.Tensor, h_kv: int, block_n: int, l_kv: int) -> torch.Tensor:
@@ -62,9 +62,9 @@ def _pair_rows(order_ptr, qstart_ptr, qend_ptr, grp, tile, PG, H_Q, H_KV, L_Q, G
 def _span_fwd_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, wout_ptr, wlse_ptr,
                      bout_ptr, blse_ptr,
                      sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                     H_Q, H_KV, L_Q, D, G, PG, scale,
+                     H_Q, H_KV, L_Q, D, G, PG, qk_scale,
                      NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                     BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     grp = tl.program_id(1)
     b = grp // H_KV
@@ -74,38 +74,45 @@ def _span_fwd_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, wout_
     lo = tl.min(tl.where(live, qs, 1 << 62), axis=0)
     hi = tl.max(tl.where(live, qe, -1), axis=0)
     lo = (lo // BLOCK_N) * BLOCK_N
+    qe = tl.where(live, qe, -1)  # a dead pair's range is empty
 
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     m2 = ok[:, None] & dmask[None, :]
     q = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)
     acc = tl.load(wout_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)
-    m = tl.load(wlse_ptr + row, mask=ok, other=float("-inf"))
+    m = tl.load(wlse_ptr + row, mask=ok, other=float("-inf")) * LOG2E  # base 2, as window.fwd_step keeps it
     l = tl.where(m > float("-inf"), 1.0, 0.0)
     k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
-    for n0 in range(lo, hi + 1, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols <= hi
-        kt = tl.load(k_base + cols[None, :].to(tl.int64) * sk_l + d[:, None],
-                     mask=cmask[None, :] & dmask[:, None], other=0.0)
-        logits = tl.dot(q, kt, input_precision=PRECISION) * scale
-        allowed = live[:, None] & (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])
-        logits = tl.where(allowed, logits, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logits, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_use)
-        p = tl.exp(logits - m_use[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :],
-                     mask=cmask[:, None] & dmask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
-        m = m_new
+    if SPLIT:  # masks only on the blocks at the edges of the pairs' spans
+        a, e = interior(qs, qe, ok, lo, BLOCK_N)
+    else:
+        a = lo
+        e = lo
+    for n0 in range(lo, a, BLOCK_N):
+        m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, qs, qe, ok, hi, m, l, acc, qk_scale,
+                             BLOCK_N, True, EVEN_D, PRECISION)
+    for n0 in range(a, e, BLOCK_N):
+        m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, qs, qe, ok, hi, m, l, acc, qk_scale,
+                             BLOCK_N, False, EVEN_D, PRECISION)
+    for n0 in range(e, hi + 1, BLOCK_N):
+        m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, qs, qe, ok, hi, m, l, acc, qk_scale,
+                             BLOCK_N, True, EVEN_D, PRECISION)
     nonempty = l > 0
     out = acc / tl.where(nonempty, l, 1.0)[:, None]
-    lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
+    lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l, 1.0))) * LN2, float("-inf"))
     tl.store(bout_ptr + pair[:, None] * D + d[None, :], out, mask=m2)
     tl.store(blse_ptr + pair, lse, mask=ok)
+
+
+# Forward tuning (module constants, swept by bench/fwd_tune.py): pairs per tile, key block, warps, stages, and
+# whether interior blocks (inside every pair's span) skip the masks. The backward keeps its own tiles (`_blocks`).
+FWD_BLOCK_P = 64
+FWD_BLOCK_N = 64
+FWD_WARPS = 4
+FWD_STAGES = 2
+FWD_SPLIT = True
 
 
 def _blocks(d: int) -> tuple[int, int, int]:
@@ -121,7 +128,7 @@ def span_forward(q2, k, v, qstart, qend, win_out, win_lse):
         qstart, qend: int32 [B, H_Q, L_Q, K] contiguous; win_out fp32 [B, H_Q, L_Q, D]; win_lse fp32 [B, H_Q, L_Q].
     Returns:
         (branch_out fp32 [B, H_Q, L_Q, K, D], branch_lse fp32 [B, H_Q, L_Q, K], order): O_k and the
-        lse of S_k ∪ Wnd; `order` is the tile sort, reused by the backward.
+        lse of S_k ∪ Wnd; `order` is the pair sort (by the backward's key block), reused by the backward.
     """
     b, h_q, l_q, d = q2.shape
     h_kv, l_kv = k.shape[1], k.shape[2]
@@ -129,15 +136,16 @@ def span_forward(q2, k, v, qstart, qend, win_out, win_lse):
     group = h_q // h_kv
     bout = torch.empty(b, h_q, l_q, num_spans, d, dtype=torch.float32, device=q2.device)
     blse = torch.empty(b, h_q, l_q, num_spans, dtype=torch.float32, device=q2.device)
-    bd, block_n, block_p = _blocks(d)
+    bd, block_n, _ = _blocks(d)
+    block_p = FWD_BLOCK_P
     strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
     order = sort_pairs(qstart, qend, h_kv, block_n, l_kv)
     pg = group * l_q * num_spans
     _span_fwd_kernel[(triton.cdiv(pg, block_p), b * h_kv)](
         q2, k, v, order, qstart, qend, win_out, win_lse, bout, blse, *strides,
-        h_q, h_kv, l_q, d, group, pg, d ** -0.5,
-        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_D=bd,
-        PRECISION=dot_precision(q2.dtype), num_warps=4, num_stages=2)
+        h_q, h_kv, l_q, d, group, pg, d ** -0.5 * LOG2E.value,
+        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=FWD_BLOCK_N if bd <= 128 else 32, BLOCK_D=bd, SPLIT=FWD_SPLIT,
+        EVEN_D=bd == d, PRECISION=dot_precision(q2.dtype), num_warps=FWD_WARPS, num_stages=FWD_STAGES)
     return bout, blse, order
 
 
@@ -191,17 +199,28 @@ def _span_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
 @triton.jit
 def _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr, kk, vv, dk, dv,
                   cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D, G, scale,
-                  NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr):
-    """One pair tile's contribution to a key block's (dK / scale, dV): P recomputed from the pairs' lse."""
-    pair, row, ok, live, qs, qe = _pair_rows(order_ptr, qstart_ptr, qend_ptr, grp, tile, PG, H_Q, H_KV, L_Q, G,
-                                             NUM_SPANS, BLOCK_P)
+                  NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, SORTED: tl.constexpr, PRECISION: tl.constexpr):
+    """One pair tile's contribution to a key block's (dK / scale, dV): P recomputed from the pairs' lse.
+    SORTED: the pair arrays are already in sorted order (`order_ptr` then holds each pair's row), so the tile reads
+    them contiguously instead of through the sort."""
+    if SORTED:
+        r = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+        ok = r < PG
+        key = grp.to(tl.int64) * PG + r
+        row = tl.load(order_ptr + key, mask=ok, other=0)
+        qs = tl.load(qstart_ptr + key, mask=ok, other=-1)
+        qe = tl.load(qend_ptr + key, mask=ok, other=-1)
+        live = ok & (qs >= 0) & (qe >= qs)
+    else:
+        key, row, ok, live, qs, qe = _pair_rows(order_ptr, qstart_ptr, qend_ptr, grp, tile, PG, H_Q, H_KV, L_Q, G,
+                                                NUM_SPANS, BLOCK_P)
     m2 = live[:, None] & dmask[None, :]
     q = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)
-    gate = tl.load(gate_ptr + pair, mask=live, other=0.0)
+    gate = tl.load(gate_ptr + key, mask=live, other=0.0)
     do = gate[:, None] * tl.load(do_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
     do = do.to(q.dtype)
-    lse = tl.load(blse_ptr + pair, mask=live, other=float("inf"))
-    delta = tl.load(delta_ptr + pair, mask=live, other=0.0)
+    lse = tl.load(blse_ptr + key, mask=live, other=float("inf"))
+    delta = tl.load(delta_ptr + key, mask=live, other=0.0)
     allowed = live[None, :] & (cols[:, None] >= qs[None, :]) & (cols[:, None] <= qe[None, :])  # [BLOCK_N, BLOCK_P]
     return kv_grad_step(kk, vv, q, do, lse, delta, allowed, dk, dv, scale, PRECISION)
 
@@ -212,7 +231,7 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
                         sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                         H_Q, H_KV, L_Q, L_KV, D, G, PG, N_TILES, N_KB, scale,
                         NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr):
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr, SORTED: tl.constexpr):
     """dK, dV of one key block of one KV group, key-major: the program visits the pair tiles whose key range
     [tile_lo, tile_hi] can meet the block (a contiguous run of tiles, `trange`), skips those that do not,
     keeps dK and dV in registers and adds them once to the window's (no atomics: it owns the block)."""
@@ -242,26 +261,26 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
             if (lo < k0 + BLOCK_N) & (hi >= k0):
                 dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr,
                                        kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D, G, scale,
-                                       NUM_SPANS, BLOCK_P, PRECISION)
+                                       NUM_SPANS, BLOCK_P, SORTED, PRECISION)
         else:  # tiles that miss the block are computed under the masks (no branch in the loop)
             dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr,
                                    kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D, G, scale,
-                                   NUM_SPANS, BLOCK_P, PRECISION)
+                                   NUM_SPANS, BLOCK_P, SORTED, PRECISION)
     off = (grp.to(tl.int64) * L_KV + cols[:, None]) * D + d[None, :]  # dk/dv: contiguous fp32 [B, H_KV, L_KV, D]
     tl.store(dk_ptr + off, tl.load(dk_ptr + off, mask=kv_mask, other=0.0) + dk * scale, mask=kv_mask)
     tl.store(dv_ptr + off, tl.load(dv_ptr + off, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
 
 
-def tile_key_ranges(qstart, qend, order, n_groups: int, block_p: int, l_kv: int, block_n: int):
+def tile_key_ranges(qs, qe, block_p: int, l_kv: int, block_n: int):
     """Per pair tile (BLOCK_P consecutive sorted pairs of a group): the key range [lo, hi] of its live pairs
     (lo = 2^62, hi = -1 for a tile without one), int64 [n_groups, n_tiles] each; and per key block the run
     [first, last) of tiles that can meet it, int64 [n_groups, n_blocks, 2]. A tile before `first` ends before
     the block (prefix maximum of hi), a tile from `last` on starts after it (suffix minimum of lo), whatever
-    the sort order; sorting only keeps the run short. Device tensors only, no host sync."""
-    pg = order.numel() // n_groups
+    the sort order; sorting only keeps the run short. qs, qe: the pairs' span bounds in sorted order,
+    [n_groups, pairs per group]. Device tensors only, no host sync."""
+    n_groups, pg = qs.shape
     n_tiles = -(-pg // block_p)
-    qs = qstart.reshape(-1)[order].view(n_groups, pg).long()
-    qe = qend.reshape(-1)[order].view(n_groups, pg).long()
+    qs, qe = qs.long(), qe.long()
     live = (qs >= 0) & (qe >= qs)
     pad = n_tiles * block_p - pg
     lo = torch.nn.functional.pad(torch.where(live, qs, torch.full_like(qs, 1 << 62)), (0, pad), value=1 << 62)
@@ -278,6 +297,7 @@ def tile_key_ranges(qstart, qend, order, n_groups: int, block_p: int, l_kv: int,
 
 KV_TILE = 64  # sorted pairs per tile visited by the key-major kernel (independent of the dQ kernel's tiles)
 KV_SKIP = True  # branch over tiles of the run that miss the block (else they are computed fully masked)
+KV_SORTED = False  # the key-major kernel reads the pair arrays gathered into sorted order (else through the sort)
 DQ_BLOCK_N = 64  # keys per loop trip of the dQ kernel (D <= 128; 32 above)
 DQ_STAGES = 2
 
@@ -317,11 +337,19 @@ def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta,
     if order is None:
         order = sort_pairs(qstart, qend, h_kv, block_n, l_kv)
     pg = group * l_q * num_spans
-    tile_lo, tile_hi, ranges = tile_key_ranges(qstart, qend, order, b * h_kv, KV_TILE, l_kv, window.KV_BLOCK)
+    n_groups = b * h_kv
+    pairs = (order, qstart, qend, gate, branch_lse, delta)
+    sqs, sqe = (x.reshape(-1)[order] for x in (qstart, qend))
+    tile_lo, tile_hi, ranges = tile_key_ranges(sqs.view(n_groups, pg), sqe.view(n_groups, pg), KV_TILE, l_kv,
+                                               window.KV_BLOCK)
+    if KV_SORTED:
+        pairs = (order // num_spans, sqs, sqe) + tuple(x.reshape(-1)[order] for x in (gate, branch_lse, delta))
+    del sqs, sqe
     n_kb = triton.cdiv(l_kv, window.KV_BLOCK)
-    _span_bwd_kv_kernel[(n_kb, b * h_kv)](
-        q2, k, v, order, qstart, qend, do, gate, branch_lse, delta, tile_lo, tile_hi, ranges, dk, dv,
+    srow, sqs, sqe, sgate, slse, sdelta = pairs
+    _span_bwd_kv_kernel[(n_kb, n_groups)](
+        q2, k, v, srow, sqs, sqe, do, sgate, slse, sdelta, tile_lo, tile_hi, ranges, dk, dv,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, pg, tile_lo.shape[1], n_kb, d ** -0.5,
         NUM_SPANS=num_spans, BLOCK_P=KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
-        SKIP=KV_SKIP, num_warps=window.KV_WARPS if bd >= 128 else 4, num_stages=window.KV_STAGES)
+        SKIP=KV_SKIP, SORTED=KV_SORTED, num_warps=window.KV_WARPS if bd >= 128 else 4, num_stages=window.KV_STAGES)

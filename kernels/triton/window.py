@@ -36,11 +36,58 @@ def _rows(pid_q, pid_g, N_CHUNKS, H_Q, H_KV, L_Q, G, GH: tl.constexpr, BQ: tl.co
 
 
 @triton.jit
+def fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok, hi, m, l, acc, qk_scale,
+             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of a flash-style online softmax in base 2 (window and span forwards): rows attend keys
+    [lo_col, hi_col] (per row, [rows]); `m` is the running max of logits·log2(e), (l, acc) the sum and fp32 output.
+    MASKED = False for a block inside every row's range and inside [0, hi] (no per-key mask, no bounds check:
+    the tile's interior, see `interior`)."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    kv_ptr = cols[:, None].to(tl.int64)
+    if MASKED:
+        kv_mask = (cols <= hi)[:, None] & dmask[None, :]
+        kk = tl.load(k_base + kv_ptr * sk_l + d[None, :], mask=kv_mask, other=0.0)
+        vv = tl.load(v_base + kv_ptr * sv_l + d[None, :], mask=kv_mask, other=0.0)
+    elif EVEN_D:
+        kk = tl.load(k_base + kv_ptr * sk_l + d[None, :])
+        vv = tl.load(v_base + kv_ptr * sv_l + d[None, :])
+    else:
+        kk = tl.load(k_base + kv_ptr * sk_l + d[None, :], mask=dmask[None, :], other=0.0)
+        vv = tl.load(v_base + kv_ptr * sv_l + d[None, :], mask=dmask[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        allowed = row_ok[:, None] & (cols[None, :] >= lo_col[:, None]) & (cols[None, :] <= hi_col[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_use = m_new
+    alpha = tl.exp2(m - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
+def interior(lo_col, hi_col, row_ok, first, BLOCK_N: tl.constexpr):
+    """[a, e): the key blocks (multiples of BLOCK_N, from `first`) that lie inside [lo_col, hi_col] of every row
+    with row_ok (an empty range if some row's own range is empty); rows without row_ok do not count."""
+    in_lo = tl.max(tl.where(row_ok, lo_col, -1), axis=0)
+    in_hi = tl.min(tl.where(row_ok, hi_col, 1 << 62), axis=0)
+    a = tl.maximum(((in_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, first)
+    e = ((in_hi + 1) // BLOCK_N) * BLOCK_N
+    empty = e <= a
+    return tl.where(empty, first, a), tl.where(empty, first, e)
+
+
+@triton.jit
 def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, out_ptr, lse_ptr,
                        sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                       H_Q, H_KV, L_Q, D, G, N_CHUNKS, W, scale,
+                       H_Q, H_KV, L_Q, D, G, N_CHUNKS, W, qk_scale,
                        GH: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       SPLIT: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
     b, hkv, qi, ok, base = _rows(tl.program_id(0), tl.program_id(1), N_CHUNKS, H_Q, H_KV, L_Q, G, GH, BQ)
     pos = tl.load(pos_ptr + qi, mask=ok, other=0)
     s = tl.load(start_ptr + b)
@@ -58,28 +105,36 @@ def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, out_ptr, lse_ptr
     m = tl.full([GH * BQ], float("-inf"), tl.float32)
     l = tl.zeros([GH * BQ], tl.float32)
     acc = tl.zeros([GH * BQ, BLOCK_D], tl.float32)
-    for n0 in range(lo, hi + 1, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols <= hi
-        kt = tl.load(k_base + cols[None, :].to(tl.int64) * sk_l + d[:, None],
-                     mask=cmask[None, :] & dmask[:, None], other=0.0)
-        logits = tl.dot(q, kt, input_precision=PRECISION) * scale
-        allowed = ok[:, None] & (cols[None, :] >= lo_row[:, None]) & (cols[None, :] <= pos[:, None])
-        logits = tl.where(allowed, logits, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logits, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_use)
-        p = tl.exp(logits - m_use[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :],
-                     mask=cmask[:, None] & dmask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
-        m = m_new
+    if SPLIT:  # masks only on the blocks at the edges of the rows' windows
+        a, e = interior(lo_row, pos, ok, lo, BLOCK_N)
+    else:
+        a = lo
+        e = lo
+    for n0 in range(lo, a, BLOCK_N):
+        m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_row, pos, ok, hi, m, l, acc, qk_scale,
+                             BLOCK_N, True, EVEN_D, PRECISION)
+    for n0 in range(a, e, BLOCK_N):
+        m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_row, pos, ok, hi, m, l, acc, qk_scale,
+                             BLOCK_N, False, EVEN_D, PRECISION)
+    for n0 in range(e, hi + 1, BLOCK_N):
+        m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_row, pos, ok, hi, m, l, acc, qk_scale,
+                             BLOCK_N, True, EVEN_D, PRECISION)
     nonempty = l > 0
     out = acc / tl.where(nonempty, l, 1.0)[:, None]
-    lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
+    lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l, 1.0))) * LN2, float("-inf"))
     tl.store(out_ptr + base[:, None] * D + d[None, :], out, mask=ok[:, None] & dmask[None, :])
     tl.store(lse_ptr + base, lse, mask=ok)
+
+
+# Forward tuning (module constants, swept by bench/fwd_tune.py): rows per program (heads x queries), key block,
+# warps, software-pipelining stages, and whether interior blocks skip the masks.
+FWD_ROWS = 64
+FWD_BLOCK_N = 64
+FWD_WARPS = 4
+FWD_STAGES = 2
+FWD_SPLIT = True
+LOG2E = tl.constexpr(1.4426950408889634)  # logits are kept in base 2 (exp2): scale·log2(e) is one multiply
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 def window_forward(q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -99,15 +154,15 @@ def window_forward(q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     if window == 0:
         return out, lse
     group = h_q // h_kv
-    gh, bq, n_chunks = head_rows(group, l_q)
+    gh, bq, n_chunks = head_rows(group, l_q, FWD_ROWS)
     bd = block_d(d)
     grid = (triton.cdiv(l_q, bq), b * h_kv * n_chunks)
     _window_fwd_kernel[grid](
         q2, k, v, positions, row_start, out, lse,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h_q, h_kv, l_q, d, group, n_chunks, window, d ** -0.5,
-        GH=gh, BQ=bq, BLOCK_N=64 if bd <= 128 else 32, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
-        num_warps=4, num_stages=2)
+        h_q, h_kv, l_q, d, group, n_chunks, window, d ** -0.5 * LOG2E.value,
+        GH=gh, BQ=bq, BLOCK_N=FWD_BLOCK_N if bd <= 128 else 32, BLOCK_D=bd, SPLIT=FWD_SPLIT, EVEN_D=bd == d,
+        PRECISION=dot_precision(q2.dtype), num_warps=FWD_WARPS, num_stages=FWD_STAGES)
     return out, lse
 
 
@@ -195,10 +250,10 @@ def _window_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, spos_ptr, qrange_ptr, 
     rows = tl.arange(0, GH * BQ)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for q0 in range(q_lo, q_hi, BQ):
-        si = q0 + rows % BQ  # index into the position-sorted queries
-        for chunk in range(0, N_CHUNKS):
-            g = chunk * GH + rows // BQ
+    for chunk in range(0, N_CHUNKS):  # outside: the loop over queries is the innermost one, which is pipelined
+        g = chunk * GH + rows // BQ
+        for q0 in range(q_lo, q_hi, BQ):
+            si = q0 + rows % BQ  # index into the position-sorted queries
             ok = (si < q_hi) & (g < G)
             qi = tl.load(order_ptr + si, mask=ok, other=0)
             pos = tl.load(spos_ptr + si, mask=ok, other=0)
