@@ -81,35 +81,6 @@ def backward_times(length: int, reps: int, profile: bool):
     return seconds, kernels
 
 
-def chunk_check(length: int = 40000, h_q: int = 32, h_kv: int = 2, d: int = 128) -> None:
-    """Training over more than `common.TRAIN_CHUNK` queries (chunked forward and dQ2) == one shot, bf16, release
-    preset, left padding: the chunked path at a size the dense oracle cannot check (the one-shot path is checked
-    against the oracle by `gpu_check.check_grad`)."""
-    from superlinear_kernels.triton import common
-
-    cfg = SpanConfig.release()
-    q1, q2, k, v = gpu_check.inputs(1, h_q, h_kv, length, length, d, torch.bfloat16, seed=3)
-    mask = gpu_check.mask_for(1, length, [1001])
-    weight = torch.randn(1, h_q, length, d, device="cuda")
-    res = {}
-    for name, chunk in (("chunked", common.TRAIN_CHUNK), ("one-shot", 1 << 30)):
-        old, common.TRAIN_CHUNK = common.TRAIN_CHUNK, chunk
-        try:
-            xs = [x.clone().requires_grad_() for x in (q1, q2, k, v)]
-            out = superlinear_attention(*xs, torch.arange(length), cfg, attention_mask=mask, backend="triton")
-            (out.float() * weight).sum().backward()
-            res[name] = [out.detach()] + [x.grad for x in xs]
-        finally:
-            common.TRAIN_CHUNK = old
-        del xs
-    size = f"B1 L{length} H{h_q}/{h_kv} D{d} s=1001"
-    for gname, a, b in zip(("out", "dq1", "dq2", "dk", "dv"), res["one-shot"], res["chunked"]):
-        gpu_check.record("chunks", "release", "bf16", size, f"{gname} chunked", gpu_check.rel_err(a.float(), b.float()),
-                         1e-2)
-    del res
-    torch.cuda.empty_cache()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=131072)
@@ -157,7 +128,7 @@ def main() -> None:
             for dname, dtype in gpu_check.DTYPES.items():
                 gpu_check.check_grad(pname, cfg, dname, dtype)
         gpu_check.check_grad("release", SpanConfig.release(), "fp32", torch.float32, h_q=8)
-        chunk_check()
+        gpu_check.check_chunks()
         report["checks"] = gpu_check.ROWS
         report["train"] = []
         for n in args.train_lengths:

@@ -5,6 +5,7 @@ Run on a CUDA machine from the repository root:  python bench/gpu_check.py [--qu
 Checks (each row of the printed table is pass/fail against a stated tolerance):
   * grad     — full forward + backward vs the dense oracle (L = 2600, H_Q = 32, H_KV = 2, D = 128,
                left padding): routing equality, out, dq1, dq2, dk, dv;
+  * chunks   — training over 40,000 queries (forward and dQ2 in chunks of `common.TRAIN_CHUNK`) == one shot;
   * rows     — prefill at 16K (B = 2, left padding) and 64K (B = 1), H_Q = 32, H_KV = 2, D = 128: the
                full Triton prefill, checked against the oracle on sampled query rows (the dense oracle
                of the whole call would need L² memory);
@@ -118,6 +119,34 @@ def check_grad(name, cfg, dname, dtype, l=2600, h_q=32, h_kv=2, d=128, start=137
     record("grad", name, dname, size, "out", rel_err(ro.float(), to.float()), OUT_TOL[dtype])
     for gname, a, b in zip(("dq1", "dq2", "dk", "dv"), rg, tg):
         record("grad", name, dname, size, gname, rel_err(a.float(), b.float()), GRAD_TOL[dtype])
+    del res
+    torch.cuda.empty_cache()
+
+
+def check_chunks(length: int = 40000, h_q: int = 32, h_kv: int = 2, d: int = 128) -> None:
+    """Training over more than `common.TRAIN_CHUNK` queries (chunked forward and dQ2) == one shot, bf16, release
+    preset, left padding: the chunked path at a size the dense oracle cannot check (the one-shot path is checked
+    against the oracle by `check_grad`)."""
+    from superlinear_kernels.triton import common
+
+    cfg = SpanConfig.release()
+    q1, q2, k, v = inputs(1, h_q, h_kv, length, length, d, torch.bfloat16, seed=3)
+    mask = mask_for(1, length, [1001])
+    weight = torch.randn(1, h_q, length, d, device="cuda")
+    res = {}
+    for name, chunk in (("chunked", common.TRAIN_CHUNK), ("one-shot", 1 << 30)):
+        old, common.TRAIN_CHUNK = common.TRAIN_CHUNK, chunk
+        try:
+            xs = [x.clone().requires_grad_() for x in (q1, q2, k, v)]
+            out = superlinear_attention(*xs, torch.arange(length), cfg, attention_mask=mask, backend="triton")
+            (out.float() * weight).sum().backward()
+            res[name] = [out.detach()] + [x.grad for x in xs]
+        finally:
+            common.TRAIN_CHUNK = old
+        del xs
+    size = f"B1 L{length} H{h_q}/{h_kv} D{d} s=1001"
+    for gname, a, b in zip(("out", "dq1", "dq2", "dk", "dv"), res["one-shot"], res["chunked"]):
+        record("chunks", "release", "bf16", size, f"{gname} chunked", rel_err(a.float(), b.float()), 1e-2)
     del res
     torch.cuda.empty_cache()
 
@@ -249,18 +278,19 @@ def stage_times(q1, q2, k, v, cfg, prep, reps):
                                                               cfg.window_len), reps)
     times["span"] = cuda_time(lambda: span.span_forward(q2, k, v, qs, qe, wo, wl), reps)
     times["gate"] = cuda_time(lambda: merge.gate_forward(vals, qa, bo, q2.dtype), reps)
-    # Fraction of each pair tile's (rows x keys) loop that lies inside the rows' spans.
+    # Fraction of each pair tile's (rows x keys) loop that lies inside the rows' spans (the forward's tiles).
+    tile, block = span.FWD_BLOCK_P, span.FWD_BLOCK_N
     a, e = qs.reshape(-1)[order].long(), qe.reshape(-1)[order].long()
     live = (a >= 0) & (e >= a)
-    pad = (-a.numel()) % 64
-    a = torch.cat([a, a.new_full((pad,), -1)]).view(-1, 64)
-    e = torch.cat([e, e.new_full((pad,), -1)]).view(-1, 64)
-    live = torch.cat([live, live.new_zeros(pad)]).view(-1, 64)
+    pad = (-a.numel()) % tile
+    a = torch.cat([a, a.new_full((pad,), -1)]).view(-1, tile)
+    e = torch.cat([e, e.new_full((pad,), -1)]).view(-1, tile)
+    live = torch.cat([live, live.new_zeros(pad)]).view(-1, tile)
     lo = torch.where(live, a, torch.full_like(a, 1 << 40)).min(1).values
     hi = torch.where(live, e, torch.full_like(e, -1)).max(1).values
-    blocks = torch.where(hi >= lo, hi // 64 - lo // 64 + 1, torch.zeros_like(hi))
+    blocks = torch.where(hi >= lo, hi // block - lo // block + 1, torch.zeros_like(hi))
     useful = torch.where(live, e - a + 1, torch.zeros_like(a)).sum()
-    times["span_tile_efficiency"] = float(useful) / max(float(blocks.sum()) * 64 * 64, 1.0)
+    times["span_tile_efficiency"] = float(useful) / max(float(blocks.sum()) * block * tile, 1.0)
     del qs, qa, qe, vals, wo, wl, bo, bl
     return times
 
@@ -324,6 +354,7 @@ def main() -> int:
             check_rows(pname, cfg, dname, dtype, b=1, l=big, starts=[0], decode=True,
                        chunked=(pname == "release"))
     check_grad("release", SpanConfig.release(), "fp32", torch.float32, h_q=8)
+    check_chunks(length=20000 if args.quick else 40000)
     for dname, dtype in DTYPES.items():
         check_graph(SpanConfig.release(), "release", dname, dtype, l=big)
     print(f"checks took {time.perf_counter() - began:.0f} s", flush=True)
