@@ -35,6 +35,8 @@ SPAN = [  # (pairs per tile, key block, warps, stages, interior without masks)
     {"span.FWD_BLOCK_P": 128, "span.FWD_WARPS": 4, "span.FWD_STAGES": 3},
     {"span.FWD_BLOCK_N": 128, "span.FWD_WARPS": 4},
     {"span.FWD_BLOCK_P": 256, "span.FWD_BLOCK_N": 32, "span.FWD_WARPS": 8},
+    {"span.FWD_BLOCK_P": 128, "span.FWD_WARPS": 8, "span.FWD_STAGES": 4},
+    {"span.FWD_BLOCK_P": 128, "span.FWD_BLOCK_N": 32, "span.FWD_WARPS": 8, "span.FWD_STAGES": 3},
 ]
 WINDOW = [
     {"window.FWD_SPLIT": False},
@@ -43,6 +45,7 @@ WINDOW = [
     {"window.FWD_ROWS": 128, "window.FWD_WARPS": 8, "window.FWD_STAGES": 3},
     {"window.FWD_ROWS": 128, "window.FWD_BLOCK_N": 128, "window.FWD_WARPS": 8},
     {"window.FWD_STAGES": 3},
+    {"window.FWD_ROWS": 128, "window.FWD_WARPS": 8, "window.FWD_BLOCK_N": 32, "window.FWD_STAGES": 3},
 ]
 SEARCH = [
     {},
