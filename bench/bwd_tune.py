@@ -81,6 +81,57 @@ def backward_times(length: int, reps: int, profile: bool):
     return seconds, kernels
 
 
+def memory_trace(length: int) -> list[dict]:
+    """Allocated GPU memory around each stage of one training step (release layer, bf16, inputs excluded): rows
+    {stage, before_gb, after_gb, peak_so_far_gb} in call order, from wrappers around the backend's stage functions
+    (where each is called from)."""
+    from superlinear_kernels.triton import grad, ops
+
+    cfg = SpanConfig.release()
+    q1, q2, k, v = (x.requires_grad_() for x in speed.make_inputs(length, torch.bfloat16, False))
+    dout = torch.randn(q2.shape, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    rows: list[dict] = []
+    patched = []
+    for mod, names in ((ops, ("_search", "window_forward", "span_forward", "gate_forward", "attention_backward")),
+                       (grad, ("gate_backward", "window_backward_kv", "span_backward_kv", "window_backward_dq",
+                               "span_backward_dq", "search_backward"))):
+        for name in names:
+            fn = getattr(mod, name)
+
+            def wrapped(*a, _fn=fn, _name=name, **kw):
+                before = torch.cuda.memory_allocated()
+                result = _fn(*a, **kw)
+                rows.append({"stage": _name, "before_gb": (before - base) / 1e9,
+                             "after_gb": (torch.cuda.memory_allocated() - base) / 1e9,
+                             "peak_so_far_gb": (torch.cuda.max_memory_allocated() - base) / 1e9})
+                return result
+
+            setattr(mod, name, wrapped)
+            patched.append((mod, name, fn))
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        out = superlinear_attention(q1, q2, k, v, torch.arange(length, device="cuda"), cfg, backend="triton")
+        rows.append({"stage": "forward done", "before_gb": 0.0,
+                     "after_gb": (torch.cuda.memory_allocated() - base) / 1e9,
+                     "peak_so_far_gb": (torch.cuda.max_memory_allocated() - base) / 1e9})
+        out.backward(dout)
+        torch.cuda.synchronize()
+        rows.append({"stage": "backward done", "before_gb": 0.0,
+                     "after_gb": (torch.cuda.memory_allocated() - base) / 1e9,
+                     "peak_so_far_gb": (torch.cuda.max_memory_allocated() - base) / 1e9})
+    finally:
+        for mod, name, fn in patched:
+            setattr(mod, name, fn)
+    for r in rows:
+        print(f"  mem {r['stage']:22s} before {r['before_gb']:6.2f} after {r['after_gb']:6.2f} "
+              f"peak so far {r['peak_so_far_gb']:6.2f} GB", flush=True)
+    del q1, q2, k, v, dout, out
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=131072)
@@ -89,6 +140,7 @@ def main() -> None:
     parser.add_argument("--train-lengths", type=int, nargs="*", default=[32768, 131072, 262144])
     parser.add_argument("--only", type=int, nargs="*", default=None, help="indices of CANDIDATES to run")
     parser.add_argument("--json", default="bwd_tune.json", help="file name under $OUT (or bench/)")
+    parser.add_argument("--memory", action="store_true", help="first, memory around each stage of one step")
     parser.add_argument("--warm", type=int, default=0,
                         help="compile the candidates first in this many parallel processes (a short run each)")
     args = parser.parse_args()
@@ -101,6 +153,9 @@ def main() -> None:
     rows = []
     report = {"length": args.length, "device": torch.cuda.get_device_name(), "rows": rows}
     out = Path(os.environ.get("OUT", ROOT / "bench")) / args.json
+    if args.memory:
+        report["memory"] = memory_trace(args.length)
+        out.write_text(json.dumps(report, indent=1))
     for i, setting in enumerate(CANDIDATES):
         if args.only is not None and i not in args.only:
             continue
