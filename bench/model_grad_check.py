@@ -14,7 +14,8 @@ Runs (`--runs` picks some; names are backend-precision[-variant]):
 * diagnostics on the oracle backend, to separate the causes of the gap:
   `oracle-bf16-forced-routing` — bf16 autocast, but every layer attends with the reference run's anchors (gate
   values still computed from this run's q1/k), so no routing slot differs;
-  `oracle-fp32-bf16-weights` — fp32 compute with every matrix weight (what autocast casts) rounded to bf16 first,
+  `oracle-fp32-bf16-weights` — fp32 compute with the weights that autocast casts (`round_autocast_weights`)
+  rounded to bf16 first,
   and `…-forced-routing` — the same with the reference's anchors: the part of the gap that the bf16 weight cast
   alone makes, whatever is computed in fp32.
 Pairs of bf16 runs are compared too (`pairs`): Triton vs oracle both in bf16, torch vs oracle both in bf16.
@@ -64,6 +65,19 @@ def forced(reference: SearchResult):
     return override
 
 
+@torch.no_grad()
+def round_autocast_weights(model: HybridLM) -> None:
+    """Round to bf16 (in place) the weights that bf16 autocast casts in this model: every linear weight except
+    what the model computes in fp32 regions (precision.py): the output head (tied or not) and the dt rows of each
+    Mamba-2 in_proj (the short conv is in fp32 too)."""
+    heads = model.cfg.ssm_heads
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or name in ("embed.weight", "lm_head.weight") or name.endswith("conv.weight"):
+            continue
+        rows = p[:-heads] if name.endswith("in_proj.weight") else p
+        rows.copy_(rows.to(torch.bfloat16).float())
+
+
 def gradients(model_fn, cfg: TrainConfig, examples, device: str, run: str, reference=None):
     """(loss, {name: fp32 grad}, [routing per attention layer]) of one forward + backward of `run`."""
     backend, dtype, *variant = run.split("-", 2)
@@ -71,10 +85,7 @@ def gradients(model_fn, cfg: TrainConfig, examples, device: str, run: str, refer
     bf16 = dtype == "bf16"
     model = model_fn().set_backend(backend).to(device).train()
     if "bf16-weights" in variant:
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() >= 2:  # what autocast casts (linear, conv); the embedding lookup stays fp32
-                    p.copy_(p.to(torch.bfloat16).float())
+        round_autocast_weights(model)
     routing = []
     for j, (_, layer) in enumerate(model.routing_layers()):
         if "forced-routing" in variant:
@@ -134,6 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch-steps", type=int, nargs="+", default=[0],
+                        help="which training batches (make_batch's step index) to check; one row set per batch")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--weights", nargs="+", default=["random-init", "shipped"])
     parser.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS)
@@ -154,22 +167,22 @@ def main() -> None:
               "reference": REFERENCE, "batch": args.batch,
               "metric": "per parameter tensor ||g - g_ref|| / ||g_ref|| (Frobenius), max and median over tensors",
               "rows": rows}
-    print(f"{'weights':>11} {'L':>5} {'run':>40} {'vs':>11} {'loss':>9} {'ref loss':>9} {'max rel':>8} "
+    print(f"{'weights':>11} {'L/batch':>7} {'run':>40} {'vs':>11} {'loss':>9} {'ref loss':>9} {'max rel':>8} "
           f"{'median':>8} {'sets differ':>11}  worst parameter")
     for wname in args.weights:
         fn = models[wname]
-        for length in args.lengths:
-            examples = make_batch(TrainConfig(**{**cfg.__dict__, "stages": [[length, 1, args.batch]]}), 0)
+        for length, batch_step in [(n, b) for n in args.lengths for b in args.batch_steps]:
+            examples = make_batch(TrainConfig(**{**cfg.__dict__, "stages": [[length, 1, args.batch]]}), batch_step)
             results = {REFERENCE: gradients(fn, cfg, examples, args.device, REFERENCE)}
             for ref, run in [(REFERENCE, r) for r in runs] + pairs:
                 if run not in results:
                     t0 = time.perf_counter()
                     results[run] = gradients(fn, cfg, examples, args.device, run, results[REFERENCE])
                     seconds = time.perf_counter() - t0
-                row = {"weights": wname, "length": length, "run": run, "reference": ref,
+                row = {"weights": wname, "length": length, "batch_step": batch_step, "run": run, "reference": ref,
                        **({"seconds": seconds} if ref == REFERENCE else {}), **compare(results[ref], results[run])}
                 rows.append(row)
-                print(f"{wname:>11} {length:>5} {run:>40} {ref:>11} {row['loss']:>9.5f} {row['loss_ref']:>9.5f} "
+                print(f"{wname:>11} {length:>5}/{batch_step} {run:>40} {ref:>11} {row['loss']:>9.5f} {row['loss_ref']:>9.5f} "
                       f"{row['max_grad_rel']:>8.2%} {row['median_grad_rel']:>8.2%} "
                       f"{row['topk_sets_differ']:>11.2%}  {row['worst_param']}", flush=True)
             out.write_text(json.dumps(report, indent=1))

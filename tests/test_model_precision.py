@@ -25,7 +25,7 @@ def ids_of(length: int) -> torch.Tensor:
 @pytest.fixture
 def spies(monkeypatch):
     """Record, at each attention call and each chunked scan, whether CPU autocast is on and the scan's dt."""
-    seen = {"attention": [], "scan": [], "dt": []}
+    seen = {"attention": [], "scan": [], "dt": [], "x": []}
     real_attention, real_scan = attention_module.superlinear_attention, ssm_module.chunked_scan
 
     def attention(*args, **kwargs):
@@ -35,6 +35,7 @@ def spies(monkeypatch):
     def scan(x, dt, *args):
         seen["scan"].append(torch.is_autocast_enabled("cpu"))
         seen["dt"].append(dt.detach().clone())
+        seen["x"].append(x.detach().clone())
         return real_scan(x, dt, *args)
     monkeypatch.setattr(attention_module, "superlinear_attention", attention)
     monkeypatch.setattr(ssm_module, "chunked_scan", scan)
@@ -57,6 +58,14 @@ def test_regions_run_in_fp32_under_autocast(spies):
     expected = torch.nn.functional.softplus(
         torch.nn.functional.linear(mixer_in[0].float(), mixer.in_proj.weight[-heads:]) + mixer.dt_bias)
     assert torch.equal(spies["dt"][0], expected)
+    # the short conv: fp32 over the in_proj's (bf16) x/B/C columns
+    d_in, n = CFG.d_inner, CFG.ssm_state
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xbc = mixer.in_proj(mixer_in[0])[..., d_in:2 * d_in + 2 * n]
+    window = torch.nn.functional.pad(xbc.transpose(1, 2).float(), (CFG.conv_kernel - 1, 0))
+    conv = torch.nn.functional.conv1d(window, mixer.conv.weight, mixer.conv.bias, groups=CFG.conv_dim)
+    xs = torch.nn.functional.silu(conv).transpose(1, 2)[..., :d_in]
+    assert torch.equal(spies["x"][0], xs.reshape(spies["x"][0].shape))
 
 
 def test_switch_off_puts_the_regions_back_under_autocast(spies, monkeypatch):

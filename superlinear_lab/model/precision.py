@@ -8,7 +8,9 @@ autocast, in fp32, on the tensors they are given:
 
 * the attention call (search scores, gate logits and softmax, span/window attention and the merge on the oracle
   and torch backends; the Triton kernels accumulate in fp32 whatever autocast says);
-* the Mamba-2 chunked scan (decays ``exp(cumsum(dt·A))`` times sums over up to ``ssm_chunk`` tokens);
+* the Mamba-2 chunked scan (decays ``exp(cumsum(dt·A))`` times sums over up to ``ssm_chunk`` tokens), its dt
+  pre-activation (the in_proj's last H rows again, in fp32: dt's rounding feeds ``exp(dt·A)``) and its short
+  depthwise convolution (a few multiply-adds per channel);
 * the output head (logits and so the cross-entropy in fp32);
 * the training loss's routing scores (``train.routing_loss``).
 

@@ -118,13 +118,14 @@ class Mamba2Mixer(nn.Module):
         bsz, length, _ = x.shape
         d_in, n, heads = cfg.d_inner, cfg.ssm_state, cfg.ssm_heads
         z, xbc, dt = torch.split(self.in_proj(x), [d_in, d_in + 2 * n, heads], dim=-1)
-        with fp32_region(x) as region:
-            if region is not None:  # under autocast: dt's pre-activation again in fp32 (its rounding feeds exp(dt·A))
-                dt = nn.functional.linear(x.float(), self.in_proj.weight[-heads:].float())
         window = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=2)  # [B, conv_dim, K-1+L]
         new_conv_state = window[:, :, -(cfg.conv_kernel - 1):] if cfg.conv_kernel > 1 else conv_state
-        xbc = nn.functional.silu(nn.functional.conv1d(window, self.conv.weight, self.conv.bias,
-                                                      groups=cfg.conv_dim)).transpose(1, 2)
+        with fp32_region(x) as region:
+            if region is not None:  # under autocast: dt's pre-activation and the short conv again in fp32
+                dt = nn.functional.linear(x.float(), self.in_proj.weight[-heads:].float())
+                window = window.float()
+            xbc = nn.functional.silu(nn.functional.conv1d(window, self.conv.weight, self.conv.bias,
+                                                          groups=cfg.conv_dim)).transpose(1, 2)
         xs, b, c = torch.split(xbc, [d_in, n, n], dim=-1)
         dt = nn.functional.softplus(dt.float() + self.dt_bias.float())
         a = -torch.exp(self.A_log.float())
