@@ -10,7 +10,9 @@ cache of capacity L, the query at L - 1). Per call, back to back (a decoding loo
   * ``dense``: a CUDA graph of non-causal SDPA over the whole cache.
   The entry's and the graph's outputs are compared with the public call's, bit for bit.
 
-Part 2, the shipped tiny model in a `Session` on the GPU (default dtype fp32, Triton attention). One session is
+Part 2, the shipped tiny model (or, with ``--model exp-tiny``, a random `SuperlinearExpLM` of
+`SuperlinearExpConfig.tiny()`: Mamba-2, MoE and attention blocks) in a `Session` on the GPU (default dtype fp32,
+Triton attention). One session is
 prefilled with real text (the repo's own docs and sources, repeated) to each context length in turn (`grow` in
 between), and at each length `generate(n)` (greedy) is timed in the three decode modes: "auto" (the whole-model
 CUDA graph; `generate` is pipelined, `stream` — timed as "auto_stream" — goes one token at a time), "eager" (the
@@ -145,11 +147,30 @@ def step_profile(session, cp, steps: int = 8, top: int = 14) -> list[dict]:
     return [{"kernels_per_step": kernels, "us_per_step": sum(r["us_per_step"] for r in rows)}] + rows[:top]
 
 
-def session_rows(lengths: list[int], n_graph: int, n_forward: int, dtype: str, prefill_budget_s: float) -> list[dict]:
-    from superlinear_lab.engine import Session
+def load(name: str, dtype: str):
+    """The model of Part 2: "tiny" (shipped) or "exp-tiny" (`SuperlinearExpLM` in `SuperlinearExpConfig.tiny()`,
+    random weights from seed 5, saved and loaded back as a checkpoint with a byte-level tokenizer)."""
     from superlinear_lab.model import load_model
 
-    model = load_model("tiny", device="cuda", dtype=dtype)
+    if name == "tiny":
+        return load_model("tiny", device="cuda", dtype=dtype)
+    import tempfile
+
+    from superlinear_lab.loaders import SuperlinearExpConfig, load_checkpoint, save_checkpoint
+    from superlinear_lab.loaders.model import SuperlinearExpLM
+    from superlinear_lab.loaders.tokenizer import byte_level_tokenizer_json
+
+    path = tempfile.mkdtemp(prefix="exp-tiny-")
+    save_checkpoint(SuperlinearExpLM(SuperlinearExpConfig.tiny()).init_random(5), path,
+                    tokenizer_json=byte_level_tokenizer_json())
+    return load_checkpoint(path, device="cuda", dtype=dtype)
+
+
+def session_rows(lengths: list[int], n_graph: int, n_forward: int, dtype: str, prefill_budget_s: float,
+                 model_name: str = "tiny") -> list[dict]:
+    from superlinear_lab.engine import Session
+
+    model = load(model_name, dtype)
     ids = corpus_ids(model.tokenizer, max(lengths))
     spare = 2 * max(n_graph, n_forward) + 64
     s = Session(model, max_len=lengths[0] + spare, chunk_size=32768, progress=False)
@@ -162,7 +183,7 @@ def session_rows(lengths: list[int], n_graph: int, n_forward: int, dtype: str, p
         torch.cuda.synchronize()
         prefill_s = time.perf_counter() - t
         cp = s.checkpoint()
-        row = {"L": length, "max_len": s.max_len, "dtype": dtype, "prefill_s": prefill_s, "modes": {}}
+        row = {"model": model_name, "L": length, "max_len": s.max_len, "dtype": dtype, "prefill_s": prefill_s, "modes": {}}
         results = {}
         for mode, n, stream in (("auto", n_graph, False), ("auto", n_graph, True), ("eager", n_graph, False),
                                 ("forward", n_forward, False)):
@@ -205,6 +226,7 @@ def main() -> None:
     parser.add_argument("--prefill-budget-s", type=float, default=120.0,
                         help="stop before the next length when a prefill took longer than this")
     parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument("--model", default="tiny", choices=["tiny", "exp-tiny"], help="the model of Part 2")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("session_decode.py needs a CUDA device")
@@ -222,7 +244,7 @@ def main() -> None:
             result["attention"].append(row)
             out.write_text(json.dumps(result, indent=2))
     result["session"] = session_rows(list(map(int, args.session_lengths.split(","))), args.tokens,
-                                     args.forward_tokens, args.dtype, args.prefill_budget_s)
+                                     args.forward_tokens, args.dtype, args.prefill_budget_s, args.model)
     out.write_text(json.dumps(result, indent=2))
 
 
