@@ -104,6 +104,30 @@ def gradients(model_fn, cfg: TrainConfig, examples, device: str, run: str, refer
     return loss.item(), grads, routing
 
 
+def step_seconds(cfg: TrainConfig, examples, device: str, backend: str, regions: bool, reps: int) -> float:
+    """Median wall seconds of one training forward + backward (`step_loss`, bf16 autocast) of the random-init
+    model, with or without the fp32 regions (what they cost)."""
+    model = HybridLM(ModelConfig.from_dict(cfg.model)).set_backend(backend).to(device).train()
+    outer = torch.autocast("cpu", dtype=torch.bfloat16) if device == "cpu" else contextlib.nullcontext()
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    precision.FP32_REGIONS = regions
+    times = []
+    try:
+        for _ in range(reps + 2):  # two warm-up steps (compilation, allocator)
+            model.zero_grad(set_to_none=True)
+            sync()
+            t0 = time.perf_counter()
+            with outer:
+                loss, _ = step_loss(model, cfg, examples, device, device != "cpu")
+            loss.backward()
+            sync()
+            times.append(time.perf_counter() - t0)
+    finally:
+        precision.FP32_REGIONS = True
+    times = sorted(times[2:])
+    return times[len(times) // 2]
+
+
 def topk_sets_differ(ref: list, got: list) -> float:
     """Fraction of (row, query head, query) over all layers whose set of anchors differs between two routings."""
     differ = total = 0
@@ -153,6 +177,9 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=0, help="also compare loss curves over this many steps")
     parser.add_argument("--train-length", type=int, default=1024)
     parser.add_argument("--train-batch", type=int, default=16)
+    parser.add_argument("--timing", type=int, nargs="*", default=[],
+                        help="also time training steps at these lengths (batch = 16K tokens / L), regions on/off")
+    parser.add_argument("--timing-reps", type=int, default=10)
     parser.add_argument("--out", default=None, help="JSON path (default: $OUT or bench/ /model_grad_check.json)")
     args = parser.parse_args()
     cfg = TrainConfig()
@@ -187,6 +214,20 @@ def main() -> None:
                       f"{row['topk_sets_differ']:>11.2%}  {row['worst_param']}", flush=True)
             out.write_text(json.dumps(report, indent=1))
             del results
+    report["timing"] = timing = []
+    for length in args.timing:
+        batch = max(1, 16384 // length)
+        examples = make_batch(TrainConfig(**{**cfg.__dict__, "stages": [[length, 1, batch]]}), 0)
+        for backend in (["triton", "oracle"] if cuda else ["torch"]):
+            row = {"length": length, "batch": batch, "backend": backend, "reps": args.timing_reps}
+            for regions in (False, True, False, True):  # interleaved: drift shows up as a difference between repeats
+                key = "with_fp32_regions_s" if regions else "without_s"
+                row.setdefault(key, []).append(step_seconds(cfg, examples, args.device, backend, regions,
+                                                            args.timing_reps))
+            timing.append(row)
+            print(f"train step L={length} x {batch} {backend}: bf16 fwd+bwd median s without fp32 regions "
+                  f"{row['without_s']}, with {row['with_fp32_regions_s']}", flush=True)
+            out.write_text(json.dumps(report, indent=1))
     if args.train_steps:
         backends = ["oracle", "triton", "torch"] if cuda else ["oracle", "torch"]
         report["loss_curves"] = curves = loss_curves(cfg, args.device, backends, args.train_steps,
