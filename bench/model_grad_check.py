@@ -148,26 +148,38 @@ def compare(ref, got) -> dict:
             "per_param": rel}
 
 
-def loss_curves(cfg: TrainConfig, device: str, backends, steps: int, length: int, batch: int) -> dict:
-    """Train from the same random init with each backend (bf16 autocast on CUDA); loss per step."""
+def loss_curves(cfg: TrainConfig, device: str, runs, steps: int, length: int, batch: int) -> dict:
+    """Train from the same random init with each run (a backend name, optionally with "-no-fp32-regions"; bf16
+    autocast on CUDA, `train.train`, same batches); the loss per step, and per run against the first (the oracle):
+    the largest and the mean |loss − oracle's| over the steps, and the mean loss of the last 20 steps."""
     run_cfg = TrainConfig(**{**cfg.__dict__, "stages": [[length, steps, batch]], "probe_every": 0, "warmup": 20})
-    curves = {}
-    for backend in backends:
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.manual_seed(0)
-            train(run_cfg, tmp, device=device, backend=backend, save_every=10**9, progress=False)
-            log = [json.loads(line) for line in (Path(tmp) / "log.jsonl").read_text().splitlines()]
-        curves[backend] = [e["loss"] for e in log]
-    base = curves[backends[0]]
-    gaps = {b: max(abs(x - y) for x, y in zip(base, c)) for b, c in curves.items() if b != backends[0]}
+    curves, seconds = {}, {}
+    for run in runs:
+        backend = run.split("-", 1)[0]
+        precision.FP32_REGIONS = "no-fp32-regions" not in run
+        t0 = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.manual_seed(0)
+                train(run_cfg, tmp, device=device, backend=backend, save_every=10**9, progress=False)
+                log = [json.loads(line) for line in (Path(tmp) / "log.jsonl").read_text().splitlines()]
+        finally:
+            precision.FP32_REGIONS = True
+        seconds[run] = time.perf_counter() - t0
+        curves[run] = [e["loss"] for e in log]
+        print(f"loss curve {run}: {steps} steps in {seconds[run]:.1f} s, last 20 mean "
+              f"{sum(curves[run][-20:]) / len(curves[run][-20:]):.4f}", flush=True)
+    base = curves[runs[0]]
+    gaps = {b: max(abs(x - y) for x, y in zip(base, c)) for b, c in curves.items() if b != runs[0]}
+    mean_gaps = {b: sum(abs(x - y) for x, y in zip(base, c)) / len(c) for b, c in curves.items() if b != runs[0]}
     tail = {b: sum(c[-20:]) / len(c[-20:]) for b, c in curves.items()}
-    return {"length": length, "batch": batch, "steps": steps, "curves": curves,
-            f"max_abs_gap_vs_{backends[0]}": gaps, "mean_loss_last_20": tail}
+    return {"length": length, "batch": batch, "steps": steps, "curves": curves, "seconds": seconds,
+            f"max_abs_gap_vs_{runs[0]}": gaps, f"mean_abs_gap_vs_{runs[0]}": mean_gaps, "mean_loss_last_20": tail}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096], help="gradient rows (none: skip)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--batch-steps", type=int, nargs="+", default=[0],
                         help="which training batches (make_batch's step index) to check; one row set per batch")
@@ -177,6 +189,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=0, help="also compare loss curves over this many steps")
     parser.add_argument("--train-length", type=int, default=1024)
     parser.add_argument("--train-batch", type=int, default=16)
+    parser.add_argument("--train-runs", nargs="+", default=["oracle", "triton", "torch"],
+                        help="loss-curve runs: backends, the first is the reference; '-no-fp32-regions' suffix allowed")
     parser.add_argument("--timing", type=int, nargs="*", default=[],
                         help="also time training steps at these lengths (batch = 16K tokens / L), regions on/off")
     parser.add_argument("--timing-reps", type=int, default=10)
@@ -229,12 +243,12 @@ def main() -> None:
                   f"{row['without_s']}, with {row['with_fp32_regions_s']}", flush=True)
             out.write_text(json.dumps(report, indent=1))
     if args.train_steps:
-        backends = ["oracle", "triton", "torch"] if cuda else ["oracle", "torch"]
-        report["loss_curves"] = curves = loss_curves(cfg, args.device, backends, args.train_steps,
+        runs = [r for r in args.train_runs if cuda or not r.startswith("triton")]
+        report["loss_curves"] = curves = loss_curves(cfg, args.device, runs, args.train_steps,
                                                      args.train_length, args.train_batch)
         print(f"loss curves, {args.train_steps} steps at L={args.train_length} x {args.train_batch}: "
-              f"max |loss - oracle's| {curves['max_abs_gap_vs_oracle']}, mean of last 20 {curves['mean_loss_last_20']}",
-              flush=True)
+              f"max |loss - {runs[0]}'s| {curves[f'max_abs_gap_vs_{runs[0]}']}, mean {curves[f'mean_abs_gap_vs_{runs[0]}']}, "
+              f"mean of last 20 {curves['mean_loss_last_20']}", flush=True)
     out.write_text(json.dumps(report, indent=1))
 
 
