@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu_check  # noqa: E402  (imports superlinear_kernels from this checkout)
 import speed  # noqa: E402
 from superlinear_kernels import SpanConfig, superlinear_attention  # noqa: E402
-from superlinear_kernels.triton import span, window  # noqa: E402
+from superlinear_kernels.triton import common, span, window  # noqa: E402
 
 CANDIDATES = [
     {},  # the shipped defaults
@@ -40,8 +40,9 @@ CANDIDATES = [
     {"window.KV_WARPS": 4},
     {"window.KV_BLOCK": 32, "window.KV_WARPS": 4, "span.KV_SORTED": True, "span.KV_SKIP": False,
      "window.KV_STAGES": 2},
+    {"common.KEEP_RESIDUALS": False},  # 12: dO·O_k recomputed (grad.branch_dots) instead of stored residuals
 ]
-MODULES = {"window": window, "span": span}
+MODULES = {"window": window, "span": span, "common": common}
 
 
 def apply(setting: dict) -> dict:
@@ -154,8 +155,15 @@ def main() -> None:
     report = {"length": args.length, "device": torch.cuda.get_device_name(), "rows": rows}
     out = Path(os.environ.get("OUT", ROOT / "bench")) / args.json
     if args.memory:
-        report["memory"] = memory_trace(args.length)
-        out.write_text(json.dumps(report, indent=1))
+        report["memory"] = {}
+        for name, setting in (("residuals", {}), ("recomputed", {"common.KEEP_RESIDUALS": False})):
+            old = apply(setting)
+            try:
+                print(f"memory, {name}:", flush=True)
+                report["memory"][name] = memory_trace(args.length)
+            finally:
+                apply(old)
+            out.write_text(json.dumps(report, indent=1))
     for i, setting in enumerate(CANDIDATES):
         if args.only is not None and i not in args.only:
             continue

@@ -73,18 +73,22 @@ _SCRIPT = textwrap.dedent('''
         (search._search_bwd_kernel, dict(NUM_SPANS=K, BLOCK_R=32, BLOCK_D=BD)),
         (window._window_fwd_kernel, dict(GH=wfh, BQ=wfq, BLOCK_N=window.FWD_BLOCK_N, BLOCK_D=BD,
                                          SPLIT=window.FWD_SPLIT, EVEN_D=True, PRECISION="tf32")),
-        (window._window_bwd_dq_kernel, dict(GH=wgh, BQ=wbq, BLOCK_N=64, BLOCK_D=BD, PRECISION="tf32")),
+        (window._window_bwd_dq_kernel, dict(GH=wgh, BQ=wbq, BLOCK_N=64, BLOCK_D=BD, PRECISION="tf32", DOTS=False)),
+        (window._window_bwd_dq_kernel, dict(GH=wgh, BQ=wbq, BLOCK_N=64, BLOCK_D=BD, PRECISION="tf32", DOTS=True)),
         (window._window_bwd_kv_kernel, dict(GH=wgh, BQ=wbq, BLOCK_N=window.KV_BLOCK, BLOCK_D=BD, PRECISION="tf32")),
         (span._span_fwd_kernel, dict(NUM_SPANS=K, BLOCK_P=span.FWD_BLOCK_P, BLOCK_N=span.FWD_BLOCK_N, BLOCK_D=sbd,
                                      SPLIT=span.FWD_SPLIT, EVEN_D=True, PRECISION="tf32")),
         (span._span_bwd_dq_kernel, dict(NUM_SPANS=K, BLOCK_P=sbp, BLOCK_N=min(sbn, span.DQ_BLOCK_N), BLOCK_D=sbd,
-                                        PRECISION="tf32")),
+                                        PRECISION="tf32", DOTS=False)),
+        (span._span_bwd_dq_kernel, dict(NUM_SPANS=K, BLOCK_P=sbp, BLOCK_N=min(sbn, span.DQ_BLOCK_N), BLOCK_D=sbd,
+                                        PRECISION="tf32", DOTS=True)),
         (span._span_bwd_kv_kernel, dict(NUM_SPANS=K, BLOCK_P=span.KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=sbd,
                                         PRECISION="tf32", SKIP=True, SORTED=False)),
         (span._span_bwd_kv_kernel, dict(NUM_SPANS=K, BLOCK_P=span.KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=sbd,
                                         PRECISION="tf32", SKIP=False, SORTED=True)),
         (merge._gate_kernel, dict(NUM_SPANS=K, BLOCK_R=32, BLOCK_D=BD, RESIDUALS=True)),
-        (merge._gate_bwd_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BLOCK_R=16, BLOCK_D=BD)),
+        (merge._gate_bwd_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BLOCK_R=16, BLOCK_D=BD, DOTS=False)),
+        (merge._gate_bwd_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BLOCK_R=16, BLOCK_D=BD, DOTS=True)),
         (decode._decode_group_kernel, dict(NUM_SPANS=K, RB=decode.DECODE_MAX_ROWS, BLOCK_N=decode.DECODE_BLOCK_N,
                                            BLOCK_D=BD, EVEN_D=True, PRECISION="tf32", WORKLIST=True,
                                            RC=decode.DECODE_COMPACT_ROWS)),
@@ -116,4 +120,4 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     failed = [f"{name} (sm_{arch}): {error}" for name, arch, _, error in results if error]
     assert not failed, "\n".join(failed)
-    assert len(results) == 16 and all(size > 0 for _, _, size, _ in results)
+    assert len(results) == 19 and all(size > 0 for _, _, size, _ in results)

@@ -155,6 +155,21 @@ def test_forward_small_tiles(monkeypatch, split):
     _compare(K3_FORWARD, 2, 4, 2, 40, 100, 16, torch.float16, starts=[0, 21], positions=order.tolist())
 
 
+@pytest.mark.parametrize("chunk", [1 << 20, 16], ids=["one-shot", "chunks"])
+def test_backward_without_residuals(monkeypatch, chunk):
+    """`common.KEEP_RESIDUALS = False`: the forward keeps only the window's lse, and the backward recomputes
+    dO·O_k (a window pass per row and a pass over the pair tiles) for the gate and Δ gradients. Gradients match the
+    oracle: windowed and window-free presets, left padding (rows without keys), K = 1 and 3, in one shot and in
+    query chunks."""
+    from superlinear_kernels.triton import common
+
+    monkeypatch.setattr(common, "KEEP_RESIDUALS", False)
+    monkeypatch.setattr(common, "TRAIN_CHUNK", chunk)
+    _compare(RELEASE_SMALL, 2, 4, 2, 61, 61, 16, torch.float32, starts=[0, 13])
+    _compare(NO_WINDOW, 1, 2, 1, 33, 33, 16, torch.float16)
+    _compare(K3_FORWARD, 2, 4, 2, 41, 41, 16, torch.float32, starts=[5, 0])
+
+
 def test_training_in_chunks(monkeypatch):
     """Training over more than TRAIN_CHUNK queries: the forward runs window, spans and gate in query chunks and the
     backward its dQ2 (the last chunk partial); outputs and gradients still match the oracle."""

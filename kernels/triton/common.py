@@ -26,6 +26,10 @@ MAX_HEAD_CHUNK = 64  # a KV group with more query heads is split into chunks of 
 # Training (inputs that need grad) over more queries than this runs the branches' forward and the dQ2 backward in
 # chunks of this many queries: fp32 per-branch outputs and the fp32 dQ2 accumulator exist for one chunk at a time.
 TRAIN_CHUNK = 16384
+# Training keeps R_k = O_k − O (K × q2's size) for the gate and Δ gradients; False: the backward recomputes dO·O_k
+# from the stored lse instead (grad.branch_dots: one more pass over the window and the spans, K × q2's size less
+# memory).
+KEEP_RESIDUALS = True
 
 
 def next_pow2(x: int) -> int:

@@ -55,9 +55,11 @@ def _gate_kernel(values_ptr, anchor_ptr, bout_ptr, out_ptr, gate_ptr, res_ptr, N
 @triton.jit
 def _gate_bwd_kernel(do_ptr, out_ptr, res_ptr, gate_ptr, anchor_ptr, blse_ptr, dgate_ptr, dvalues_ptr,
                      delta_ptr, lse_eff_ptr, delta_eff_ptr, N_ROWS, D,
-                     NUM_SPANS: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                     NUM_SPANS: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                     DOTS: tl.constexpr):
     """Per row: t_k = dO·R_k and c = dO·O, so dg_k = dO·O_k = t_k + c; then the gate gradient, the span
-    branches' Δ_k = g_k dg_k and the window's folded lse_eff, Δ_eff (docs/algorithm.md §2.6, §3.6; ops.py)."""
+    branches' Δ_k = g_k dg_k and the window's folded lse_eff, Δ_eff (docs/algorithm.md §2.6, §3.6; ops.py).
+    DOTS: res_ptr holds dg_k = dO·O_k itself (fp32 [rows, K], grad.branch_dots): t_k = dg_k, c = 0."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     ok = rows < N_ROWS
     d = tl.arange(0, BLOCK_D)
@@ -65,12 +67,16 @@ def _gate_bwd_kernel(do_ptr, out_ptr, res_ptr, gate_ptr, anchor_ptr, blse_ptr, d
     slot = tl.arange(0, KP)
     ks = ok[:, None] & (slot < NUM_SPANS)[None, :]
     kidx = rows[:, None] * NUM_SPANS + slot[None, :]
-    do = tl.load(do_ptr + rows[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
-    c = tl.sum(do * tl.load(out_ptr + rows[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32), axis=1)
-    t = tl.zeros([BLOCK_R, KP], tl.float32)
-    for k in tl.static_range(NUM_SPANS):
-        r = tl.load(res_ptr + (rows * NUM_SPANS + k)[:, None] * D + d[None, :], mask=m2, other=0.0)
-        t = tl.where(slot[None, :] == k, tl.sum(do * r.to(tl.float32), axis=1)[:, None], t)
+    if DOTS:
+        t = tl.load(res_ptr + kidx, mask=ks, other=0.0)
+        c = tl.zeros([BLOCK_R], tl.float32)
+    else:
+        do = tl.load(do_ptr + rows[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        c = tl.sum(do * tl.load(out_ptr + rows[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32), axis=1)
+        t = tl.zeros([BLOCK_R, KP], tl.float32)
+        for k in tl.static_range(NUM_SPANS):
+            r = tl.load(res_ptr + (rows * NUM_SPANS + k)[:, None] * D + d[None, :], mask=m2, other=0.0)
+            t = tl.where(slot[None, :] == k, tl.sum(do * r.to(tl.float32), axis=1)[:, None], t)
     g = tl.load(gate_ptr + kidx, mask=ks, other=0.0)
     anchor = tl.load(anchor_ptr + kidx, mask=ks, other=-1)
     lse = tl.load(blse_ptr + kidx, mask=ks, other=float("-inf"))
@@ -114,15 +120,16 @@ def gate_forward(values: torch.Tensor, qanchor: torch.Tensor, branch_out: torch.
     return out, gate, res
 
 
-def gate_backward(do, out, residuals, gate, qanchor, branch_lse, dgate_out, dvalues_out):
+def gate_backward(do, out, residuals, gate, qanchor, branch_lse, dgate_out, dvalues_out, dots=None):
     """Gate, Δ and window-fold gradients of one call (docs/algorithm.md §2.6, §3.6), fused per row.
 
-    do, out [B, H_Q, L_Q, D] (out's dtype); residuals R_k = O_k − O [B, H_Q, L_Q, K, D]; gate, branch_lse,
-    dgate_out, dvalues_out fp32 / qanchor int32 [B, H_Q, L_Q, K]. Returns (dvalues, delta) fp32 [.., K] —
-    the values' gradient (0 on invalid slots) and Δ_k = g_k dO·O_k — and (lse_eff, delta_eff) fp32 [B, H_Q, L_Q]
-    (+inf where no branch has keys).
+    do, out [B, H_Q, L_Q, D] (out's dtype); residuals R_k = O_k − O [B, H_Q, L_Q, K, D], or None with `dots`
+    = dO·O_k fp32 [B, H_Q, L_Q, K] given instead; gate, branch_lse, dgate_out, dvalues_out fp32 / qanchor int32
+    [B, H_Q, L_Q, K]. Returns (dvalues, delta) fp32 [.., K] — the values' gradient (0 on invalid slots) and
+    Δ_k = g_k dO·O_k — and (lse_eff, delta_eff) fp32 [B, H_Q, L_Q] (+inf where no branch has keys).
     """
-    b, h_q, l_q, num_spans, d = residuals.shape
+    b, h_q, l_q, num_spans = gate.shape
+    d = do.shape[-1]
     dvalues = dvalues_out.float().contiguous().clone()
     delta = torch.empty_like(gate)
     lse_eff = torch.empty(b, h_q, l_q, dtype=torch.float32, device=gate.device)
@@ -130,7 +137,8 @@ def gate_backward(do, out, residuals, gate, qanchor, branch_lse, dgate_out, dval
     n_rows = b * h_q * l_q
     block_r = 16
     _gate_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
-        do, out, residuals, gate, qanchor, branch_lse, dgate_out.float().contiguous(), dvalues, delta,
-        lse_eff, delta_eff, n_rows, d,
-        NUM_SPANS=num_spans, KP=next_pow2(num_spans), BLOCK_R=block_r, BLOCK_D=block_d(d), num_warps=4)
+        do, out, dots if residuals is None else residuals, gate, qanchor, branch_lse, dgate_out.float().contiguous(),
+        dvalues, delta, lse_eff, delta_eff, n_rows, d,
+        NUM_SPANS=num_spans, KP=next_pow2(num_spans), BLOCK_R=block_r, BLOCK_D=block_d(d), DOTS=residuals is None,
+        num_warps=4)
     return dvalues, delta, lse_eff, delta_eff

@@ -133,32 +133,36 @@ def span_search(q1: torch.Tensor, k: torch.Tensor, cfg: SpanConfig, prep: Prepar
 
 
 def _branches(q2, k, v, qstart, qanchor, qend, values, positions, row_start, window: int, residuals: bool):
-    """Window, spans and gate of one block of queries: (out, gate, residuals or None, branch_lse, order)."""
+    """Window, spans and gate of one block of queries: (out, gate, residuals or None, branch_lse, order, win_lse)."""
     win_out, win_lse = window_forward(q2, k, v, positions, row_start, window)
     branch_out, branch_lse, order = span_forward(q2, k, v, qstart, qend, win_out, win_lse)
-    del win_out, win_lse
+    del win_out
     out, gate, res = gate_forward(values, qanchor, branch_out, q2.dtype, residuals=residuals)
-    return out, gate, res, branch_lse, order
+    return out, gate, res, branch_lse, order, win_lse
 
 
-def _branches_in_chunks(q2, k, v, qstart, qanchor, qend, values, prep: Prepared, window: int):
+def _branches_in_chunks(q2, k, v, qstart, qanchor, qend, values, prep: Prepared, window: int, residuals: bool):
     """`_branches` over chunks of `common.TRAIN_CHUNK` queries, written into whole-call tensors: the fp32 branch
-    outputs O_k exist for one chunk at a time; only R_k = O_k - O (q2's dtype) is kept for the backward."""
+    outputs O_k exist for one chunk at a time; only R_k = O_k - O (q2's dtype; with `residuals`) and the window's
+    lse are kept for the backward. Returns (out, gate, residuals or None, branch_lse, win_lse)."""
     b, h_q, l_q, d = q2.shape
     num_spans = qstart.shape[-1]
     out = torch.empty_like(q2)
     gate = torch.empty(qstart.shape, dtype=torch.float32, device=q2.device)
     branch_lse = torch.empty_like(gate)
-    residuals = torch.empty(b, h_q, l_q, num_spans, d, dtype=q2.dtype, device=q2.device)
+    win_lse = torch.empty(b, h_q, l_q, dtype=torch.float32, device=q2.device)
+    res = torch.empty(b, h_q, l_q, num_spans, d, dtype=q2.dtype, device=q2.device) if residuals else None
     for c0 in range(0, l_q, common.TRAIN_CHUNK):
         rows = slice(c0, c0 + common.TRAIN_CHUNK)
         part = _branches(q2[:, :, rows].contiguous(), k, v, qstart[:, :, rows].contiguous(),
                          qanchor[:, :, rows].contiguous(), qend[:, :, rows].contiguous(),
-                         values[:, :, rows].contiguous(), prep.cache_position[rows], prep.row_start, window, True)
-        for whole, chunk in zip((out, gate, residuals, branch_lse), part[:4]):
-            whole[:, :, rows] = chunk
+                         values[:, :, rows].contiguous(), prep.cache_position[rows], prep.row_start, window,
+                         residuals)
+        for whole, chunk in zip((out, gate, res, branch_lse, None, win_lse), part):
+            if whole is not None:
+                whole[:, :, rows] = chunk
         del part
-    return out, gate, residuals, branch_lse
+    return out, gate, res, branch_lse, win_lse
 
 
 class _AttentionFunction(torch.autograd.Function):
@@ -168,6 +172,8 @@ class _AttentionFunction(torch.autograd.Function):
     def forward(ctx, q1, q2, k, v, cfg, prep):
         window = cfg.window_len
         need_grad = any(ctx.needs_input_grad[:4])
+        keep = need_grad and common.KEEP_RESIDUALS
+        win_lse = None
         if q2.shape[2] == 1:  # decode: one pass per KV group over the union of its branches' keys
             (qstart, qanchor, qend, values), (out, gate, branch_out, branch_lse) = _decode(
                 q1, q2, k, v, cfg, prep.cache_position, prep.row_start, geometry_tables(cfg, k.shape[2], q1.device),
@@ -176,15 +182,17 @@ class _AttentionFunction(torch.autograd.Function):
             order = None
         elif need_grad and q2.shape[2] > common.TRAIN_CHUNK:
             qstart, qanchor, qend, values = _search(q1, k, cfg, prep)
-            out, gate, residuals, branch_lse = _branches_in_chunks(q2, k, v, qstart, qanchor, qend, values, prep,
-                                                                   window)
+            out, gate, residuals, branch_lse, win_lse = _branches_in_chunks(q2, k, v, qstart, qanchor, qend, values,
+                                                                            prep, window, keep)
             order = None  # the backward sorts the whole call's pairs again
         else:
             qstart, qanchor, qend, values = _search(q1, k, cfg, prep)
-            out, gate, residuals, branch_lse, order = _branches(q2, k, v, qstart, qanchor, qend, values,
-                                                                prep.cache_position, prep.row_start, window,
-                                                                need_grad)
-        ctx.save_for_backward(q1, q2, k, v, qstart, qanchor, qend, gate, out, residuals, branch_lse)
+            out, gate, residuals, branch_lse, order, win_lse = _branches(q2, k, v, qstart, qanchor, qend, values,
+                                                                         prep.cache_position, prep.row_start, window,
+                                                                         keep)
+        if residuals is not None or not need_grad:
+            win_lse = None  # only the recomputing backward (grad.branch_dots) reads it
+        ctx.save_for_backward(q1, q2, k, v, qstart, qanchor, qend, gate, out, residuals, branch_lse, win_lse)
         ctx.order = order
         ctx.window = window
         ctx.prep = prep
@@ -195,10 +203,10 @@ class _AttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, _dqstart, _dqanchor, _dqend, dvalues_out, dgate_out):
         # The returned values and gate are differentiable too (same as the other backends): a loss on them
         # adds to the gate's gradient and to the values' gradient before the search backward (grad.py).
-        q1, q2, k, v, qstart, qanchor, qend, gate, out, residuals, branch_lse = ctx.saved_tensors
+        q1, q2, k, v, qstart, qanchor, qend, gate, out, residuals, branch_lse, win_lse = ctx.saved_tensors
         dq1, dq2, dk, dv = attention_backward(q1, q2, k, v, qstart, qanchor, qend, gate, out, residuals, branch_lse,
-                                              ctx.order, ctx.prep.cache_position, ctx.prep.row_start, ctx.window,
-                                              dout, dvalues_out, dgate_out)
+                                              win_lse, ctx.order, ctx.prep.cache_position, ctx.prep.row_start,
+                                              ctx.window, dout, dvalues_out, dgate_out)
         return dq1, dq2, dk, dv, None, None
 
 

@@ -155,9 +155,10 @@ def _span_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
                         sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                         H_Q, H_KV, L_Q, D, G, PG, scale,
                         NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOTS: tl.constexpr):
     """dQ2 of a tile of sorted pairs over the union of its spans; one atomic add per pair row at the end
-    (a row's K pairs and its window all add into it)."""
+    (a row's K pairs and its window all add into it). DOTS: instead, each pair's Σ_{j ∈ S_k} P_kj (dO·V_j) (dO
+    itself, not g_k dO), stored per pair into fp32 dq_ptr [pairs] — the span part of dO·O_k (grad.branch_dots)."""
     tile = tl.program_id(0)
     grp = tl.program_id(1)
     b = grp // H_KV
@@ -172,9 +173,10 @@ def _span_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
     dmask = d < D
     m2 = live[:, None] & dmask[None, :]
     q = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)
-    gate = tl.load(gate_ptr + pair, mask=live, other=0.0)
-    # dO_k = g_k · dO (docs/algorithm.md §3.2), in the model dtype for the tensor-core products.
-    do = (gate[:, None] * tl.load(do_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32))
+    do = tl.load(do_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)
+    if not DOTS:  # dO_k = g_k · dO (docs/algorithm.md §3.2), in the model dtype for the tensor-core products
+        gate = tl.load(gate_ptr + pair, mask=live, other=0.0)
+        do = gate[:, None] * do.to(tl.float32)
     do = do.to(q.dtype)
     lse = tl.load(blse_ptr + pair, mask=live, other=float("inf"))
     delta = tl.load(delta_ptr + pair, mask=live, other=0.0)
@@ -182,6 +184,7 @@ def _span_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
     v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
 
     dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dots = tl.zeros([BLOCK_P], tl.float32)
     for n0 in range(lo, hi + 1, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         kv_mask = (cols <= hi)[:, None] & dmask[None, :]
@@ -191,9 +194,15 @@ def _span_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
         allowed = live[:, None] & (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])
         p = tl.where(allowed, tl.exp(logits - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(q.dtype), kk, input_precision=PRECISION)
-    tl.atomic_add(dq_ptr + row[:, None] * D + d[None, :], dq * scale, mask=m2)
+        if DOTS:
+            dots += tl.sum(p * dp, axis=1)
+        else:
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(q.dtype), kk, input_precision=PRECISION)
+    if DOTS:
+        tl.store(dq_ptr + pair, dots, mask=ok)
+    else:
+        tl.atomic_add(dq_ptr + row[:, None] * D + d[None, :], dq * scale, mask=m2)
 
 
 @triton.jit
@@ -302,12 +311,14 @@ DQ_BLOCK_N = 64  # keys per loop trip of the dQ kernel (D <= 128; 32 above)
 DQ_STAGES = 2
 
 
-def span_backward_dq(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dq) -> None:
+def span_backward_dq(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dq, dots: bool = False) -> None:
     """Span part of dQ2, added into fp32 dq [B, H_Q, L_Q, D] (contiguous; the window stored it): pair tiles over
     the union of their spans, one atomic add per pair row. P is recomputed from the stored lse.
 
     q2 [B, H_Q, L_Q, D] contiguous; do like q2; qstart, qend int32 and gate, branch_lse, delta fp32
     [B, H_Q, L_Q, K] (delta_k = rowsum(dO_k ∘ O_k)); `order`: the pair sort of these pairs (or None: sorted here).
+    With `dots`: the span part of dO·O_k instead, Σ_{j ∈ S_k} P_kj (dO·V_j), *stored* into fp32 dq [B, H_Q, L_Q, K]
+    (gate and delta unused).
     """
     b, h_q, l_q, d = q2.shape
     h_kv, l_kv = k.shape[1], k.shape[2]
@@ -322,7 +333,7 @@ def span_backward_dq(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, d, group, pg, d ** -0.5,
         NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=min(block_n, DQ_BLOCK_N), BLOCK_D=bd,
-        PRECISION=dot_precision(q2.dtype), num_warps=4, num_stages=DQ_STAGES)
+        PRECISION=dot_precision(q2.dtype), DOTS=dots, num_warps=4, num_stages=DQ_STAGES)
 
 
 def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dk, dv) -> None:

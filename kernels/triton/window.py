@@ -171,8 +171,10 @@ def _window_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, do_ptr, lse_p
                           sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                           H_Q, H_KV, L_Q, D, G, N_CHUNKS, W, scale,
                           GH: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PRECISION: tl.constexpr):
-    """dQ of the window rows, query-major: the program owns its rows, so dQ is stored, not added."""
+                          PRECISION: tl.constexpr, DOTS: tl.constexpr):
+    """dQ of the window rows, query-major: the program owns its rows, so dQ is stored, not added. DOTS: instead,
+    each row's Σ_j P_j (dO·V_j) over its window (= dO·O_win with the window's own lse), stored into fp32 dq_ptr
+    [rows] (grad.branch_dots)."""
     b, hkv, qi, ok, base = _rows(tl.program_id(0), tl.program_id(1), N_CHUNKS, H_Q, H_KV, L_Q, G, GH, BQ)
     pos = tl.load(pos_ptr + qi, mask=ok, other=0)
     s = tl.load(start_ptr + b)
@@ -192,6 +194,7 @@ def _window_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, do_ptr, lse_p
     v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
 
     dq = tl.zeros([GH * BQ, BLOCK_D], tl.float32)
+    dots = tl.zeros([GH * BQ], tl.float32)
     for n0 in range(lo, hi + 1, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         kv_mask = (cols <= hi)[:, None] & dmask[None, :]
@@ -201,9 +204,15 @@ def _window_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, do_ptr, lse_p
         allowed = ok[:, None] & (cols[None, :] >= lo_row[:, None]) & (cols[None, :] <= pos[:, None])
         p = tl.where(allowed, tl.exp(logits - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(q.dtype), kk, input_precision=PRECISION)
-    tl.store(dq_ptr + base[:, None] * D + d[None, :], dq * scale, mask=m2)
+        if DOTS:
+            dots += tl.sum(p * dp, axis=1)
+        else:
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(q.dtype), kk, input_precision=PRECISION)
+    if DOTS:
+        tl.store(dq_ptr + base, dots, mask=ok)
+    else:
+        tl.store(dq_ptr + base[:, None] * D + d[None, :], dq * scale, mask=m2)
 
 
 @triton.jit
@@ -287,13 +296,14 @@ def window_query_ranges(positions: torch.Tensor, l_kv: int, window: int, block_n
     return order.contiguous(), sorted_pos.contiguous(), torch.stack([lo, hi], dim=1).contiguous()
 
 
-def window_backward_dq(q2, k, v, positions, row_start, window, do, lse, delta, dq) -> None:
+def window_backward_dq(q2, k, v, positions, row_start, window, do, lse, delta, dq, dots: bool = False) -> None:
     """dQ of the window branch, *stored* (not added) into fp32 dq [B, H_Q, L_Q, D] (contiguous), so it runs before
     the span dQ adds to it. Zeros with W = 0.
 
     do [B, H_Q, L_Q, D] in q2's dtype; lse, delta fp32 [B, H_Q, L_Q]: the softmax statistics to use
     (P = exp(logit - lse), dS = P (dO·V - Δ)); lse = +inf makes a row contribute nothing. Query-major: each
-    program owns its rows.
+    program owns its rows. With `dots`: Σ_j P_j (dO·V_j) over each row's window instead, stored into fp32
+    dq [B, H_Q, L_Q] (delta unused).
     """
     if window == 0:
         dq.zero_()
@@ -307,7 +317,7 @@ def window_backward_dq(q2, k, v, positions, row_start, window, do, lse, delta, d
         q2, k, v, positions, row_start, do, lse, delta, dq,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, d, group, n_chunks, window, d ** -0.5,
-        GH=gh, BQ=bq, BLOCK_N=64 if bd <= 128 else 32, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
+        GH=gh, BQ=bq, BLOCK_N=64 if bd <= 128 else 32, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype), DOTS=dots,
         num_warps=4, num_stages=2)
 
 
