@@ -88,8 +88,9 @@ def _store_slots(top_v, top_a, pos, s, t, blen_ptr, flen_ptr, off, ok, L_KV, W,
     """Write the slots (all arguments broadcast to the slots' shape; `off` = row * NUM_SPANS + slot, `ok`
     false on padding slots): span bounds of docs/algorithm.md §1.7 from the B(t)/Fw(t) tables."""
     valid = top_a >= 0
-    back = tl.load(blen_ptr + t, mask=ok & valid, other=0)
-    fwd = tl.load(flen_ptr + t, mask=ok & valid, other=0)
+    inside = t <= L_KV  # the tables end at L_KV (a decode position beyond the cache is not read on the host)
+    back = tl.load(blen_ptr + t, mask=ok & valid & inside, other=0)
+    fwd = tl.load(flen_ptr + t, mask=ok & valid & inside, other=0)
     qs = tl.maximum(tl.maximum(top_a - back, s), 0)
     qe = tl.minimum(tl.minimum(top_a + fwd, pos), L_KV - 1)
     qe = tl.where(W > 0, tl.minimum(qe, window_lo(pos, 0, W) - 1), qe)
