@@ -148,12 +148,14 @@ def compare(ref, got) -> dict:
             "per_param": rel}
 
 
-def loss_curves(cfg: TrainConfig, device: str, runs, steps: int, length: int, batch: int) -> dict:
+def loss_curves(cfg: TrainConfig, device: str, runs, steps: int, length: int, batch: int, done=None) -> dict:
     """Train from the same random init with each run (a backend name, optionally with "-no-fp32-regions"; bf16
     autocast on CUDA, `train.train`, same batches); the loss per step, and per run against the first (the oracle):
-    the largest and the mean |loss − oracle's| over the steps, and the mean loss of the last 20 steps."""
+    the largest and the mean |loss − oracle's| over the steps, and the mean loss of the last 20 steps.
+    `done(result)` is called with the result so far after each run."""
     run_cfg = TrainConfig(**{**cfg.__dict__, "stages": [[length, steps, batch]], "probe_every": 0, "warmup": 20})
     curves, seconds = {}, {}
+    result = {"length": length, "batch": batch, "steps": steps, "curves": curves, "seconds": seconds}
     for run in runs:
         backend = run.split("-", 1)[0]
         precision.FP32_REGIONS = "no-fp32-regions" not in run
@@ -169,12 +171,15 @@ def loss_curves(cfg: TrainConfig, device: str, runs, steps: int, length: int, ba
         curves[run] = [e["loss"] for e in log]
         print(f"loss curve {run}: {steps} steps in {seconds[run]:.1f} s, last 20 mean "
               f"{sum(curves[run][-20:]) / len(curves[run][-20:]):.4f}", flush=True)
-    base = curves[runs[0]]
-    gaps = {b: max(abs(x - y) for x, y in zip(base, c)) for b, c in curves.items() if b != runs[0]}
-    mean_gaps = {b: sum(abs(x - y) for x, y in zip(base, c)) / len(c) for b, c in curves.items() if b != runs[0]}
-    tail = {b: sum(c[-20:]) / len(c[-20:]) for b, c in curves.items()}
-    return {"length": length, "batch": batch, "steps": steps, "curves": curves, "seconds": seconds,
-            f"max_abs_gap_vs_{runs[0]}": gaps, f"mean_abs_gap_vs_{runs[0]}": mean_gaps, "mean_loss_last_20": tail}
+        base = curves[runs[0]]
+        result[f"max_abs_gap_vs_{runs[0]}"] = {b: max(abs(x - y) for x, y in zip(base, c))
+                                               for b, c in curves.items() if b != runs[0]}
+        result[f"mean_abs_gap_vs_{runs[0]}"] = {b: sum(abs(x - y) for x, y in zip(base, c)) / len(c)
+                                                for b, c in curves.items() if b != runs[0]}
+        result["mean_loss_last_20"] = {b: sum(c[-20:]) / len(c[-20:]) for b, c in curves.items()}
+        if done is not None:
+            done(result)
+    return result
 
 
 def main() -> None:
@@ -244,8 +249,10 @@ def main() -> None:
             out.write_text(json.dumps(report, indent=1))
     if args.train_steps:
         runs = [r for r in args.train_runs if cuda or not r.startswith("triton")]
-        report["loss_curves"] = curves = loss_curves(cfg, args.device, runs, args.train_steps,
-                                                     args.train_length, args.train_batch)
+        def save(result):
+            report["loss_curves"] = result
+            out.write_text(json.dumps(report, indent=1))
+        curves = loss_curves(cfg, args.device, runs, args.train_steps, args.train_length, args.train_batch, save)
         print(f"loss curves, {args.train_steps} steps at L={args.train_length} x {args.train_batch}: "
               f"max |loss - {runs[0]}'s| {curves[f'max_abs_gap_vs_{runs[0]}']}, mean {curves[f'mean_abs_gap_vs_{runs[0]}']}, "
               f"mean of last 20 {curves['mean_loss_last_20']}", flush=True)
