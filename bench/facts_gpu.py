@@ -65,6 +65,8 @@ def main() -> int:
     p.add_argument("--plan-shares", type=float, nargs="+", help="share of the time per stage (default: plan's)")
     p.add_argument("--suites", nargs="+", default=list(SUITES), help="evaluation suites, in this order "
                    "(digit tasks of superlinear_lab.data too, e.g. multi_key multi_hop)")
+    p.add_argument("--eval-tokens", type=int, default=16384, help="rows per evaluation forward: as many as fit "
+                   "this many tokens (at least one)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--eval-only", metavar="MODEL", help="only evaluate this model (a shipped name or a model "
                    "folder; needs --lengths): no training, no export, no other model")
@@ -117,7 +119,7 @@ def main() -> int:
             for length in lengths:
                 t0 = time.time()
                 exs = [D.make_example(task, length, s, "eval") for s in range(args.seeds)]
-                s = summarize(run_examples(model, exs), layers)
+                s = summarize(run_examples(model, exs, batch_size=max(1, args.eval_tokens // length)), layers)
                 row = {k: s[k] for k in ("accuracy", "byte_accuracy", "first_byte_accuracy", "recall_any",
                                          "chance_any", "chance_head", "routed_examples", "per_head")}
                 row["best_head"] = s["best_head"]["recall"]
