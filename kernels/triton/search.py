@@ -206,7 +206,7 @@ def _search_merge_kernel(part_v_ptr, part_a_ptr, pos_ptr, start_ptr, blen_ptr, f
 SEARCH_STRIPES = 16  # stripes per loop trip (the N of the batched tl.dot)
 SEARCH_TILE_BYTES = 32768  # bytes of the [queries x heads x D] Q1 tile a program keeps in registers
 SEARCH_WARPS = 4  # warps of a prefill search program
-SEARCH_KEYED = False  # the running top-K as one int64 key per slot (`_slot_key`), one max per round
+SEARCH_KEYED = True  # the running top-K as one int64 key per slot (`_slot_key`), one max per round
 
 
 def search_layout(group: int, l_q: int, d: int, itemsize: int) -> tuple[int, int, int]:

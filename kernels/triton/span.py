@@ -306,7 +306,7 @@ def tile_key_ranges(qs, qe, block_p: int, l_kv: int, block_n: int):
 
 KV_TILE = 64  # sorted pairs per tile visited by the key-major kernel (independent of the dQ kernel's tiles)
 KV_SKIP = True  # branch over tiles of the run that miss the block (else they are computed fully masked)
-KV_SORTED = False  # the key-major kernel reads the pair arrays gathered into sorted order (else through the sort)
+KV_SORTED = True  # the key-major kernel reads the pair arrays gathered into sorted order (else through the sort)
 DQ_BLOCK_N = 64  # keys per loop trip of the dQ kernel (D <= 128; 32 above)
 DQ_STAGES = 2
 

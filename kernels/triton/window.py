@@ -131,7 +131,7 @@ def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, out_ptr, lse_ptr
 FWD_ROWS = 64
 FWD_BLOCK_N = 64
 FWD_WARPS = 4
-FWD_STAGES = 2
+FWD_STAGES = 3
 FWD_SPLIT = True
 LOG2E = tl.constexpr(1.4426950408889634)  # logits are kept in base 2 (exp2): scale·log2(e) is one multiply
 LN2 = tl.constexpr(0.6931471805599453)
@@ -280,7 +280,7 @@ def _window_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, spos_ptr, qrange_ptr, 
     tl.store(dv_ptr + off, dv, mask=kv_mask)
 
 
-KV_BLOCK = 64  # keys per program of the key-major backward kernels (window and span)
+KV_BLOCK = 128  # keys per program of the key-major backward kernels (window and span)
 KV_WARPS = 8  # warps of those kernels for D >= 128 (4 below): dK and dV stay in registers
 KV_STAGES = 1  # software-pipelining stages of those kernels
 
