@@ -41,6 +41,8 @@ CANDIDATES = [
     {"window.KV_BLOCK": 32, "window.KV_WARPS": 4, "span.KV_SORTED": True, "span.KV_SKIP": False,
      "window.KV_STAGES": 2},
     {"common.KEEP_RESIDUALS": False},  # 12: dO·O_k recomputed (grad.branch_dots) instead of stored residuals
+    {"span.KV_SORTED": False},  # 13, 14: the defaults chosen in window A without sorted arrays / session 4's tiling
+    {"span.KV_SORTED": False, "window.KV_BLOCK": 64},
 ]
 MODULES = {"window": window, "span": span, "common": common}
 

@@ -5,6 +5,7 @@ Run on a CUDA machine from the repository root:  python bench/gpu_check.py [--qu
 Checks (each row of the printed table is pass/fail against a stated tolerance):
   * grad     — full forward + backward vs the dense oracle (L = 2600, H_Q = 32, H_KV = 2, D = 128,
                left padding): routing equality, out, dq1, dq2, dk, dv;
+  * grad-recompute — the same with the backward that recomputes dO·O_k (`common.KEEP_RESIDUALS = False`);
   * chunks   — training over 40,000 queries (forward and dQ2 in chunks of `common.TRAIN_CHUNK`) == one shot;
   * rows     — prefill at 16K (B = 2, left padding) and 64K (B = 1), H_Q = 32, H_KV = 2, D = 128: the
                full Triton prefill, checked against the oracle on sampled query rows (the dense oracle
@@ -100,7 +101,19 @@ def routing_mismatch(ref, got) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def check_grad(name, cfg, dname, dtype, l=2600, h_q=32, h_kv=2, d=128, start=137):
+def check_grad(name, cfg, dname, dtype, l=2600, h_q=32, h_kv=2, d=128, start=137, recompute=False):
+    """Gradients vs the oracle; `recompute`: with the backward that recomputes dO·O_k instead of keeping residuals
+    (superlinear_kernels.triton.common.KEEP_RESIDUALS = False), recorded as check 'grad-recompute'."""
+    from superlinear_kernels.triton import common
+
+    keep, common.KEEP_RESIDUALS = common.KEEP_RESIDUALS, not recompute
+    try:
+        _check_grad(name, cfg, dname, dtype, l, h_q, h_kv, d, start, "grad-recompute" if recompute else "grad")
+    finally:
+        common.KEEP_RESIDUALS = keep
+
+
+def _check_grad(name, cfg, dname, dtype, l, h_q, h_kv, d, start, check):
     size = f"B1 L{l} H{h_q}/{h_kv} D{d} s={start}"
     q1, q2, k, v = inputs(1, h_q, h_kv, l, l, d, dtype, seed=1)
     mask = mask_for(1, l, [start])
@@ -114,11 +127,11 @@ def check_grad(name, cfg, dname, dtype, l=2600, h_q=32, h_kv=2, d=128, start=137
         res[backend] = (out, r, [x.grad for x in xs])
         del xs
     (ro, rr, rg), (to, tr, tg) = res["oracle"], res["triton"]
-    record("grad", name, dname, size, "routing rows diff", routing_mismatch(rr, tr), 0,
+    record(check, name, dname, size, "routing rows diff", routing_mismatch(rr, tr), 0,
            ok=routing_mismatch(rr, tr) <= 2, note="of %d" % (h_q * l))
-    record("grad", name, dname, size, "out", rel_err(ro.float(), to.float()), OUT_TOL[dtype])
+    record(check, name, dname, size, "out", rel_err(ro.float(), to.float()), OUT_TOL[dtype])
     for gname, a, b in zip(("dq1", "dq2", "dk", "dv"), rg, tg):
-        record("grad", name, dname, size, gname, rel_err(a.float(), b.float()), GRAD_TOL[dtype])
+        record(check, name, dname, size, gname, rel_err(a.float(), b.float()), GRAD_TOL[dtype])
     del res
     torch.cuda.empty_cache()
 
@@ -354,6 +367,8 @@ def main() -> int:
             check_rows(pname, cfg, dname, dtype, b=1, l=big, starts=[0], decode=True,
                        chunked=(pname == "release"))
     check_grad("release", SpanConfig.release(), "fp32", torch.float32, h_q=8)
+    for dname, dtype in DTYPES.items():
+        check_grad("release", SpanConfig.release(), dname, dtype, recompute=True)
     check_chunks(length=20000 if args.quick else 40000)
     for dname, dtype in DTYPES.items():
         check_graph(SpanConfig.release(), "release", dname, dtype, l=big)

@@ -258,7 +258,14 @@ def main() -> None:
     parser.add_argument("--dense-max", type=int, default=1 << 21, help="skip the dense prefill above this length")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     parser.add_argument("--json", default=None, help="file name of the JSON written under $OUT (or bench/)")
+    parser.add_argument("--recompute", action="store_true",
+                        help="train mode: the backward recomputes dO·O_k instead of keeping residuals "
+                             "(superlinear_kernels.triton.common.KEEP_RESIDUALS = False)")
     args = parser.parse_args()
+    if args.recompute:
+        from superlinear_kernels.triton import common
+
+        common.KEEP_RESIDUALS = False
     if not torch.cuda.is_available():
         sys.exit("bench/speed.py needs a CUDA device")
     cfg, dtype = SpanConfig.release(), getattr(torch, args.dtype)
@@ -266,7 +273,7 @@ def main() -> None:
 
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "dtype": args.dtype, "H_Q": H_Q, "H_KV": H_KV, "D": D, "chunk": CHUNK,
-            "config": cfg.to_dict()}
+            "config": cfg.to_dict(), "recompute": args.recompute}
     rows = []
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {args.dtype} | "
           f"{'coherent' if args.coherent else 'random'} keys")
