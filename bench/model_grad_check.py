@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--timing", type=int, nargs="*", default=[],
                         help="also time training steps at these lengths (batch = 16K tokens / L), regions on/off")
     parser.add_argument("--timing-reps", type=int, default=10)
+    parser.add_argument("--timing-backends", nargs="+", default=["triton", "oracle"])
     parser.add_argument("--out", default=None, help="JSON path (default: $OUT or bench/ /model_grad_check.json)")
     args = parser.parse_args()
     cfg = TrainConfig()
@@ -237,7 +238,7 @@ def main() -> None:
     for length in args.timing:
         batch = max(1, 16384 // length)
         examples = make_batch(TrainConfig(**{**cfg.__dict__, "stages": [[length, 1, batch]]}), 0)
-        for backend in (["triton", "oracle"] if cuda else ["torch"]):
+        for backend in (args.timing_backends if cuda else ["torch"]):
             row = {"length": length, "batch": batch, "backend": backend, "reps": args.timing_reps}
             for regions in (False, True, False, True):  # interleaved: drift shows up as a difference between repeats
                 key = "with_fp32_regions_s" if regions else "without_s"
