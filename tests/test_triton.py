@@ -160,10 +160,13 @@ def test_backward_without_residuals(monkeypatch, chunk):
     """`common.KEEP_RESIDUALS = False`: the forward keeps only the window's lse, and the backward recomputes
     dO·O_k (a window pass per row and a pass over the pair tiles) for the gate and Δ gradients. Gradients match the
     oracle: windowed and window-free presets, left padding (rows without keys), K = 1 and 3, in one shot and in
-    query chunks."""
-    from superlinear_kernels.triton import common
+    query chunks; small tiles, so the recomputing passes meet interior and edge key blocks."""
+    from superlinear_kernels.triton import common, span, window
 
     monkeypatch.setattr(common, "KEEP_RESIDUALS", False)
+    monkeypatch.setattr(span, "_blocks", lambda d: (max(16, d), 16, 16))
+    monkeypatch.setattr(window, "FWD_ROWS", 16)
+    monkeypatch.setattr(window, "FWD_BLOCK_N", 16)
     monkeypatch.setattr(common, "TRAIN_CHUNK", chunk)
     _compare(RELEASE_SMALL, 2, 4, 2, 61, 61, 16, torch.float32, starts=[0, 13])
     _compare(NO_WINDOW, 1, 2, 1, 33, 33, 16, torch.float16)
