@@ -1,12 +1,10 @@
 """Where a decode step of the release attention layer goes, on the GPU: per-kernel device time, the host time of
-the eager single-step calls, and the group kernel's worklist grid against its whole-cache grid.
+the eager single-step calls, and a sweep of the group kernel's settings.
 
 Setting of issue 16: B = 1, H_Q = 32, H_KV = 2, D = 128, bf16, `SpanConfig.release()`, random inputs, one query at
 L − 1 of a cache of length L. For every L:
-  * grids: the step (`ops.decode_attention`) captured as a CUDA graph with the group kernel's variants (worklist grid
-    or one program per chunk of the whole cache; all rows per tile or only the rows that need the chunk); outputs
-    compared; device time with the L2 flushed before each replay (`speed.device_times`, the headline "cold") and
-    back to back ("warm");
+  * graph: the step (`ops.decode_attention`) captured as a CUDA graph; device time with the L2 flushed before each
+    replay (`speed.device_times`, the headline "cold") and back to back ("warm");
   * settings (``--sweep-lengths``): chunk size / stages / warps of the group kernel, each against the default's output;
   * profile: per-kernel device time of eager steps (torch.profiler);
   * calls: ms per call over back-to-back calls (CUDA events) of the public `superlinear_attention` (position as a
@@ -76,37 +74,14 @@ def step_graph(q1, q2, k, v, cfg, pos, plan, row_start):
     return graph, out.clone()
 
 
-VARIANTS = {"session4": (False, 0), "worklist": (True, 0), "compact": (False, 16), "worklist+compact": (True, 16)}
-
-
-def grids(length, cfg, q1, q2, k, v, pos, reps, variants) -> dict:
-    """The group kernel's variants (worklist grid or whole-cache grid; all rows per tile or only the rows that need
-    the chunk, 16 at a time): L2-flushed and back-to-back device time of the graphed step, outputs compared."""
+def graph_times(length, cfg, q1, q2, k, v, pos, reps) -> tuple[dict, torch.Tensor]:
+    """The shipped step graphed: L2-flushed ("cold") and back-to-back ("warm") device ms per replay."""
     plan = ops.decode_plan(q1, k, v, cfg)
-    row_start = torch.zeros(1, dtype=torch.int64, device="cuda")
-    default = (decode.DECODE_WORKLIST, decode.DECODE_COMPACT_ROWS)
-    res, outs = {}, {}
-    for name in variants:
-        worklist, compact = VARIANTS[name]
-        decode.DECODE_WORKLIST, decode.DECODE_COMPACT_ROWS = worklist, compact
-        graph, out = step_graph(q1, q2, k, v, cfg, pos, plan, row_start)
-        cold, warm = device_times(graph.replay, reps)
-        res[name] = {"cold_ms": cold * 1e3, "warm_ms": warm * 1e3}
-        outs[name] = out
-        del graph
-    decode.DECODE_WORKLIST, decode.DECODE_COMPACT_ROWS = default
-    if len(outs) == len(VARIANTS):
-        res["bit_identical"] = {"worklist_vs_session4": bool(torch.equal(outs["worklist"], outs["session4"])),
-                                "worklist+compact_vs_compact": bool(torch.equal(outs["worklist+compact"],
-                                                                                outs["compact"]))}
-        res["compact_vs_session4_max_abs"] = float((outs["compact"].float() - outs["session4"].float()).abs().max())
-    chunk = decode.decode_chunk_for(length, q1.shape[1] * cfg.num_spans, q1.shape[-1])
-    res["programs_per_kv_head"] = {
-        "whole_cache": -(-length // chunk),
-        "worklist": decode.work_programs(-(-length // chunk), chunk, min(64, 16 * cfg.num_spans), plan.max_span_len,
-                                         cfg.window_len)}
-    print(f"  L={length}: grids {json.dumps(res)}", flush=True)
-    return res, outs[variants[-1]]
+    graph, out = step_graph(q1, q2, k, v, cfg, pos, plan, torch.zeros(1, dtype=torch.int64, device="cuda"))
+    cold, warm = device_times(graph.replay, reps)
+    res = {"cold_ms": cold * 1e3, "warm_ms": warm * 1e3}
+    print(f"  L={length}: graph {json.dumps(res)}", flush=True)
+    return res, out
 
 
 def sweep(length, cfg, q1, q2, k, v, pos, reps, ref) -> list:
@@ -199,9 +174,7 @@ def main() -> None:
     parser.add_argument("--sweep-lengths", type=int, nargs="*", default=[],
                         help="lengths that also sweep the group kernel's settings (after every length's rows)")
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--skip", nargs="*", default=[], choices=("grids", "profile", "calls", "sweep"))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="group-kernel variants timed under grids")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("graph", "profile", "calls", "sweep"))
     parser.add_argument("--json", default="decode_probe.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -220,12 +193,11 @@ def main() -> None:
         pos = torch.tensor([length - 1], device="cuda")
         row = {"length": length}
         if swept:
-            plan = ops.decode_plan(q1, k, v, cfg)
-            _, ref = step_graph(q1, q2, k, v, cfg, pos, plan, torch.zeros(1, dtype=torch.int64, device="cuda"))
+            row["graph"], ref = graph_times(length, cfg, q1, q2, k, v, pos, args.reps)
             row["sweep"] = sweep(length, cfg, q1, q2, k, v, pos, args.reps, ref)
         else:
-            if "grids" not in args.skip:
-                row["grids"], _ = grids(length, cfg, q1, q2, k, v, pos, args.reps, args.variants)
+            if "graph" not in args.skip:
+                row["graph"], _ = graph_times(length, cfg, q1, q2, k, v, pos, args.reps)
             if "profile" not in args.skip:
                 row["profile"] = profile(cfg, q1, q2, k, v, pos)
             if "calls" not in args.skip:

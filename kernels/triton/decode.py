@@ -6,11 +6,8 @@ one KV group choose their spans independently, but the candidate spans overlap a
 union of 16 heads x 3 spans is ~0.79 of their sum, and the window is shared by every branch. This
 path therefore reads each needed K/V key once per group:
 
-* `_decode_group_kernel`, grid (batch x KV head x row block, needed chunk): a program owns CHUNK
-  consecutive keys — the i-th chunk its rows' spans or the window touch, found by the program itself from the
-  rows' bounds (`_needed_chunk`); the grid is a static bound of that count (`work_programs`: at 1M, 483
-  programs per KV head instead of the cache's 1,024 chunks), programs past the step's own count exit at
-  once — and the rows r = (head g, slot k) of its group (pair index order, so the
+* `_decode_group_kernel`, grid (batch x KV head x row block, key chunk): a program owns CHUNK
+  consecutive keys and the rows r = (head g, slot k) of its group (pair index order, so the
   group's qstart/qend are contiguous). One tl.dot gives the logits of every row, each row
   masks them to S_k ∪ Wnd and runs its own online softmax (docs/algorithm.md §3.1: branches are normalised on
   their own). A program reads only the run of blocks between the first and the last key some row
@@ -20,8 +17,13 @@ path therefore reads each needed K/V key once per group:
   (both empty gives O_k = 0, ℓ_k = -inf, docs/algorithm.md §3.3), then applies the gate g = softmax(ṽ) (§3.2)
   and writes O = Σ g_k O_k in the model dtype (a row with a non-finite component as NaN in full, the API's rule).
 
-Grids depend only on shapes, the config and L_KV (CUDA-graph friendly); programs run only for chunks the step
-needs, so the work follows the position, not L_KV (Decision D3 in docs/design.md).
+Grids depend only on shapes and L_KV (CUDA-graph friendly); a program past the current position
+loads nothing, so the work follows the position, not L_KV (Decision D3 in docs/design.md). A position outside
+[0, L_KV) (one held on the device is not checked on the host) reads nothing past the cache and gives NaN rows.
+
+Tried on the H200 (session 5, bench/decode_probe.py) and not kept, both slower at 1M and 128K: a worklist grid (each
+program finds the i-th chunk its rows need, grid = a static bound of that count: 1M 0.127 -> 0.145 ms) and
+compacted rows (a program attends with only the rows that need its chunk, 16 at a time: 1M 0.127 -> 0.187 ms).
 """
 from __future__ import annotations
 
@@ -42,12 +44,6 @@ DECODE_MAX_CHUNK = 4096
 DECODE_STAGES = 3  # software-pipelining depth of the key loop
 DECODE_SCRATCH_BYTES = 64 << 20  # partials (m, ℓ, acc per (pair, chunk)) of one step may take up to this
 DECODE_MAX_CHUNKS = 8192  # key chunks per (batch, KV head) at most (most programs of a step find nothing to do)
-# Worklist grid: per row block, as many programs as chunks one step can need at most (its rows' spans + the window);
-# program i takes the i-th needed chunk (`_needed_chunk`). False: one program per chunk of the whole cache.
-DECODE_WORKLIST = True
-# A program attends with only the rows that need its chunk, this many at a time (16: the smallest tl.dot M); 0: all
-# rows of the row block in one tile, every key tile times RB rows.
-DECODE_COMPACT_ROWS = 16
 
 
 def decode_chunk(l_kv: int) -> int:
@@ -66,84 +62,12 @@ def decode_chunk_for(l_kv: int, n_pairs: int, d: int) -> int:
     return min(decode_chunk(l_kv), max(next_pow2(-(-l_kv // fit)), DECODE_MIN_CHUNK))
 
 
-def work_programs(n_chunks: int, chunk: int, rows: int, max_span_len: int, window: int) -> int:
-    """Programs per row block of the worklist grid: an upper bound of the key chunks one step's `rows` spans
-    (each at most `max_span_len` keys, so over at most cdiv(max_span_len, chunk) + 1 chunks) and the window
-    (`window` keys) can touch, capped by the cache's `n_chunks`. Fixed per cache (CUDA-graph friendly)."""
-    per_span = -(-max(max_span_len, 1) // chunk) + 1
-    return min(n_chunks, rows * per_span + (-(-window // chunk) + 1 if window > 0 else 0))
-
-
-@triton.jit
-def _needed_chunk(i, qs, qe, rok, w_lo, w_hi, CHUNK, RB: tl.constexpr):
-    """The i-th (in key order within each interval, see below) key chunk that the rows' spans [qs, qe] or the
-    window [w_lo, w_hi] touch, or -1 when they touch at most i chunks: the program → chunk map of the worklist
-    grid, computed by every program from its rows' bounds alone (no extra launch, no host read).
-
-    In chunk units each row's span is an interval [a_j, e_j]. Order the rows by (a_j, j); the chunks row j adds
-    to those of the rows before it are [max(a_j, p_j + 1), e_j], where p_j is the largest end among the rows
-    before it (they all start at or before a_j, so what they cover from a_j on is [a_j, p_j]). Numbering these
-    new chunks row by row in that order, then the window's (it starts at or after every span's end), numbers
-    every needed chunk exactly once."""
-    j = tl.arange(0, RB)
-    has = rok & (qs <= qe)
-    a = tl.where(has, qs // CHUNK, 2147483647)
-    e = tl.where(has, qe // CHUNK, -1)
-    before = (a[:, None] < a[None, :]) | ((a[:, None] == a[None, :]) & (j[:, None] < j[None, :]))  # [i, j]
-    before = before & has[:, None]
-    p = tl.max(tl.where(before, e[:, None], -1), axis=0)
-    lo = tl.maximum(a, p + 1)
-    new = tl.where(has, tl.maximum(e - lo + 1, 0), 0)
-    base = tl.sum(tl.where(before, new[:, None], 0), axis=0)
-    n_spans = tl.sum(new, axis=0)
-    sel = (base <= i) & (i < base + new)
-    span_chunk = tl.sum(tl.where(sel, lo + (i - base), 0), axis=0)
-    w_first = tl.maximum(w_lo // CHUNK, tl.max(e, axis=0) + 1)
-    n_win = tl.where(w_lo <= w_hi, tl.maximum(w_hi // CHUNK - w_first + 1, 0), 0)
-    return tl.where(i < n_spans, span_chunk, tl.where(i < n_spans + n_win, w_first + (i - n_spans), -1))
-
-
-@triton.jit
-def _attend_keys(q, k_base, v_base, sk_l, sv_l, qs, qe, rok, w_lo, w_hi, first, stop, d, dmask, qk_scale,
-                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """Online softmax of the rows q [ROWS, BLOCK_D] over keys first .. stop - 1, each row masked to its span [qs, qe]
-    and the window [w_lo, w_hi]: (m, ℓ, acc) in log2 units."""
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    l = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
-    for n0 in range(first, stop, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < stop
-        if EVEN_D:
-            ld_mask = cmask[:, None]
-        else:
-            ld_mask = cmask[:, None] & dmask[None, :]
-        # [BLOCK_N, D] row-major tiles (coalesced along D); K enters the dot transposed.
-        offs = cols.to(tl.int64)[:, None]
-        kk = tl.load(k_base + offs * sk_l + d[None, :], mask=ld_mask, other=0.0)
-        vv = tl.load(v_base + offs * sv_l + d[None, :], mask=ld_mask, other=0.0)
-        in_win = (cols >= w_lo) & (cols <= w_hi)
-        keep = (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])
-        keep = (keep | in_win[None, :]) & cmask[None, :] & rok[:, None]  # [ROWS, BLOCK_N]: key in S_k ∪ Wnd
-        logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * qk_scale
-        logits = tl.where(keep, logits, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logits, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_use)
-        p = tl.exp2(logits - m_use[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
-        m = m_new
-    return m, l, acc
-
-
 @triton.jit
 def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, start_ptr, pm_ptr, pl_ptr, pacc_ptr,
                          sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                          H_Q, H_KV, L_KV, D, G, W, N_ROWS, N_RB, N_CHUNKS, CHUNK, qk_scale,
                          NUM_SPANS: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         EVEN_D: tl.constexpr, PRECISION: tl.constexpr, WORKLIST: tl.constexpr, RC: tl.constexpr):
+                         EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
     # Positions fit int32 (L_KV < 2^31, checked by the backend); only pointer offsets are int64.
     # Logits are in log2 units (qk_scale = log2(e) / sqrt(D)) so the softmax runs on exp2.
     pid = tl.program_id(0)
@@ -167,10 +91,6 @@ def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, sta
     # Empty window when W = 0, and for a position outside [0, L_KV) (a device-held position is not checked on the
     # host; the merge makes such a step's rows NaN); the search keeps spans inside the cache.
     w_hi = tl.where((W > 0) & (pos < L_KV), pos, w_lo - 1)
-    if WORKLIST:  # program c of this row block takes the c-th chunk its rows need; programs past the last exit
-        c = _needed_chunk(c, qs, qe, rok, w_lo, w_hi, CHUNK, RB)
-        if c < 0:
-            return
     c0 = c * CHUNK
     c1 = tl.minimum(c0 + CHUNK, pos + 1)
     # The keys of this chunk that some row needs lie in [lo, hi]; only that run of blocks is read (a gap
@@ -181,52 +101,43 @@ def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, sta
     hi = tl.max(tl.where(span_hit, tl.minimum(qe, c1 - 1), -1), axis=0)
     lo = tl.where(win_hit, tl.minimum(lo, tl.maximum(w_lo, c0)), lo)
     hi = tl.where(win_hit, tl.maximum(hi, tl.minimum(w_hi, c1 - 1)), hi)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
-    v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
-    if RC > 0:
-        # Only the rows that need this chunk, RC at a time (a span chunk needs one or a few rows; a window chunk
-        # all of them): the dots and the softmax run on RC rows instead of RB. Partials are written for those rows
-        # only — the merge reads a row's partials only in the chunks its span or the window touch.
-        win_rows = rok & ((r * 0 + tl.where(win_hit, 1, 0)) > 0)
-        need = tl.where(span_hit | win_rows, 1, 0)
-        rank = tl.cumsum(need, axis=0) - need
-        n_need = tl.sum(need, axis=0)
-        row0 = (b * H_Q + hkv * G).to(tl.int64)
-        for g0 in range(0, n_need, RC):
-            jj = g0 + tl.arange(0, RC)
-            valid = jj < n_need
-            sel = (need[None, :] > 0) & (rank[None, :] == jj[:, None])  # [RC, RB]: compact row jj is row r
-            rr = tl.sum(tl.where(sel, r[None, :], 0), axis=1)
-            qs_c = tl.sum(tl.where(sel, qs[None, :], 0), axis=1)
-            qe_c = tl.where(valid, tl.sum(tl.where(sel, qe[None, :], 0), axis=1), -1)
-            hit_c = valid & (qs_c <= qe_c) & (qs_c < c1) & (qe_c >= c0)
-            lo_c = tl.min(tl.where(hit_c, tl.maximum(qs_c, c0), 2147483647), axis=0)
-            hi_c = tl.max(tl.where(hit_c, tl.minimum(qe_c, c1 - 1), -1), axis=0)
-            lo_c = tl.where(win_hit, tl.minimum(lo_c, tl.maximum(w_lo, c0)), lo_c)
-            hi_c = tl.where(win_hit, tl.maximum(hi_c, tl.minimum(w_hi, c1 - 1)), hi_c)
-            pair_c = row0 * NUM_SPANS + rr
-            q_c = tl.load(q_ptr + (row0 + rr // NUM_SPANS)[:, None] * D + d[None, :],
-                          mask=valid[:, None] & dmask[None, :], other=0.0)
-            m_c, l_c, acc_c = _attend_keys(q_c, k_base, v_base, sk_l, sv_l, qs_c, qe_c, valid, w_lo, w_hi,
-                                           c0 + ((lo_c - c0) // BLOCK_N) * BLOCK_N, hi_c + 1, d, dmask, qk_scale,
-                                           RC, BLOCK_N, BLOCK_D, EVEN_D, PRECISION)
-            part_c = pair_c * N_CHUNKS + c
-            tl.store(pm_ptr + part_c, m_c, mask=valid)
-            tl.store(pl_ptr + part_c, l_c, mask=valid)
-            tl.store(pacc_ptr + part_c[:, None] * D + d[None, :], acc_c,
-                     mask=(valid & (l_c > 0))[:, None] & dmask[None, :])
-        return
     active = hi >= lo
     first = tl.where(active, c0 + ((lo - c0) // BLOCK_N) * BLOCK_N, c0)
     stop = tl.where(active, hi + 1, c0)  # an untouched chunk runs no trips and loads nothing
 
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
     # (A per-row comparison, not `rok & active`: Triton's CPU interpreter mistypes bool-vector & bool-scalar.)
     q_rows = rok & (r * 0 + hi >= lo)
     q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=q_rows[:, None] & dmask[None, :], other=0.0)
-    m, l, acc = _attend_keys(q, k_base, v_base, sk_l, sv_l, qs, qe, rok, w_lo, w_hi, first, stop, d, dmask, qk_scale,
-                             RB, BLOCK_N, BLOCK_D, EVEN_D, PRECISION)
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
+    m = tl.full([RB], float("-inf"), tl.float32)
+    l = tl.zeros([RB], tl.float32)
+    acc = tl.zeros([RB, BLOCK_D], tl.float32)
+    for n0 in range(first, stop, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < stop
+        if EVEN_D:
+            ld_mask = cmask[:, None]
+        else:
+            ld_mask = cmask[:, None] & dmask[None, :]
+        # [BLOCK_N, D] row-major tiles (coalesced along D); K enters the dot transposed.
+        offs = cols.to(tl.int64)[:, None]
+        kk = tl.load(k_base + offs * sk_l + d[None, :], mask=ld_mask, other=0.0)
+        vv = tl.load(v_base + offs * sv_l + d[None, :], mask=ld_mask, other=0.0)
+        in_win = (cols >= w_lo) & (cols <= w_hi)
+        keep = (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])
+        keep = (keep | in_win[None, :]) & cmask[None, :] & rok[:, None]  # [RB, BLOCK_N]: key in S_k ∪ Wnd
+        logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * qk_scale
+        logits = tl.where(keep, logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        p = tl.exp2(logits - m_use[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+        m = m_new
     part = pair * N_CHUNKS + c
     tl.store(pm_ptr + part, m, mask=rok)
     tl.store(pl_ptr + part, l, mask=rok)
@@ -308,8 +219,7 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
         q2: [B, H_Q, 1, D] contiguous; k, v: [B, H_KV, L_KV, D] (unit stride in D);
         qstart, qend, qanchor: int32 [B, H_Q, 1, K]; values: fp32 [B, H_Q, 1, K];
         positions: int64 [1]; row_start: int64 [B]; window: W;
-        max_span_len: an upper bound of B(t) + Fw(t) + 1, hence of every span's length (sizes the worklist grid and
-            the merge's chunk tile).
+        max_span_len: an upper bound of B(t) + Fw(t) + 1 (sizes the merge's chunk tile only).
     Returns:
         out [B, H_Q, 1, D] in q2's dtype, gate fp32 [B, H_Q, 1, K], branch_out fp32 [B, H_Q, 1, K, D]
         and branch_lse fp32 [B, H_Q, 1, K] over S_k ∪ Wnd.
@@ -329,16 +239,13 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
     pm = torch.empty(n_pairs * n_chunks, dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.empty(n_pairs * n_chunks, d, dtype=torch.float32, device=dev)
-    warps = 2 * DECODE_WARPS if bd * (DECODE_COMPACT_ROWS or rb) > 64 * 128 else DECODE_WARPS
-    grid = (b * h_kv * n_rb, work_programs(n_chunks, chunk, min(rb, n_rows), max_span_len, window)
-            if DECODE_WORKLIST else n_chunks)
-    _decode_group_kernel[grid](
+    warps = 2 * DECODE_WARPS if bd * rb > 64 * 128 else DECODE_WARPS
+    _decode_group_kernel[(b * h_kv * n_rb, n_chunks)](
         q2, k, v, qstart, qend, positions, row_start, pm, pl, pacc,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, d ** -0.5 * 1.4426950408889634,
         NUM_SPANS=num_spans, RB=rb, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, EVEN_D=bd == d,
-        PRECISION=dot_precision(q2.dtype), WORKLIST=DECODE_WORKLIST, RC=DECODE_COMPACT_ROWS, num_warps=warps,
-        num_stages=DECODE_STAGES)
+        PRECISION=dot_precision(q2.dtype), num_warps=warps, num_stages=DECODE_STAGES)
 
     out = torch.empty(b, h_q, l_q, d, dtype=q2.dtype, device=dev)
     gate = torch.empty(b, h_q, l_q, num_spans, dtype=torch.float32, device=dev)
