@@ -420,12 +420,14 @@ class _DecodeRunner:
                 return self.attend(q1, q2, k, v, position)
             self._graph = (graph, static_q1, static_q2, out)
         graph, static_q1, static_q2, out = self._graph
-        torch._foreach_copy_([static_q1, static_q2], [q1, q2])  # one launch for both queries
-        if isinstance(position, torch.Tensor):
-            if position is not self.position:
-                self.position.copy_(position)
-        else:
+        # One call copies the inputs in (one launch per dtype); an int position is a fill.
+        if not isinstance(position, torch.Tensor):
+            torch._foreach_copy_([static_q1, static_q2], [q1, q2])
             self.position.fill_(position)
+        elif position is self.position:
+            torch._foreach_copy_([static_q1, static_q2], [q1, q2])
+        else:
+            torch._foreach_copy_([static_q1, static_q2, self.position], [q1, q2, position])
         if self._shared_pool:
             _order_after_last_replay(k.device)
         graph.replay()
