@@ -89,8 +89,8 @@ def sweep(length, cfg, q1, q2, k, v, pos, reps, ref) -> list:
     row_start = torch.zeros(1, dtype=torch.int64, device="cuda")
     default = (decode.decode_chunk_for, decode.DECODE_STAGES, decode.DECODE_WARPS, decode.DECODE_BLOCK_N)
     rows = []
-    for chunk, stages, warps, block_n in ((1024, 3, 2, 32), (512, 3, 4, 32), (2048, 3, 4, 32), (1024, 4, 4, 32),
-                                          (1024, 2, 4, 32), (1024, 3, 4, 64), (512, 4, 2, 32), (1024, 3, 8, 32)):
+    for chunk, stages, warps, block_n in ((1024, 3, 4, 64), (512, 3, 4, 32), (512, 4, 4, 32), (1024, 4, 4, 32),
+                                          (2048, 3, 4, 32), (512, 4, 4, 64), (1024, 3, 8, 32)):
         decode.decode_chunk_for = lambda l_kv, n_pairs, d, c=chunk: c
         decode.DECODE_STAGES, decode.DECODE_WARPS, decode.DECODE_BLOCK_N = stages, warps, block_n
         try:
