@@ -56,8 +56,10 @@ def test_single_step_equals_general_path_entry_and_oracle(dtype):
 @pytest.mark.parametrize("case", ["range", "negative", "cpu-tensor-range", "float-position", "two-positions",
                                   "q2-dtype", "v-shape", "gqa", "cfg"])
 def test_single_step_errors_are_the_general_paths(case):
-    """Bad inputs raise the same error, with the same message, on the single-query path as on the general path."""
+    """Bad inputs raise the same error, with the same message, on the single-query path as on the general path —
+    also right after a good call with the same cache (whose runner then exists: its key must not let them pass)."""
     q1, q2, k, v = random_inputs(1, 4, 2, 1, 50, 16, seed=1, device=DEVICE)
+    superlinear_attention(q1, q2, k, v, [49], CFG, backend="triton")
     position, cfg = [49], CFG
     if case == "range":
         position = [50]
