@@ -5,7 +5,8 @@ from the window branch's softmax state, so the result is directly O_k over S_k �
   the bucket key of docs/algorithm.md §3.6 — with one `argsort` on the device. Each KV group owns a fixed,
   contiguous slice of the sorted order (its G·L_Q·K pairs), so the grid is static (no host sync).
   A tile of BLOCK_P sorted pairs (any query heads of the group, any queries) loops over the union of
-  its spans, one [BLOCK_P x D]·[D x BLOCK_N] tl.dot per key block, with a per-row range mask. The
+  its spans, one [BLOCK_P x D]·[D x BLOCK_N] tl.dot per key block, with a per-row range mask on the blocks at
+  the edges of the pairs' ranges only (blocks inside every pair's span run unmasked, `window.interior`). The
   loop bound is the tile's own max(qend), never a precomputed cap: no pair is ever dropped, whatever
   its length (Decision D5 in docs/design.md). Sorting makes tiles share their key blocks, so the union stays close to
   one span length.
@@ -16,7 +17,8 @@ from the window branch's softmax state, so the result is directly O_k over S_k �
   both empty gives O_k = 0 = O_win, never NaN.
 * **Backward.** dQ2 from the same pair tiles (one atomic add per pair row); dK/dV key-major: one program per
   (key block, KV group) visits the pair tiles whose key range meets its block and owns the block's dK/dV,
-  so they take no atomics. P is recomputed from the stored lse (no stored probabilities).
+  so they take no atomics; it reads the pairs' arrays gathered into sorted order (`KV_SORTED`). P is
+  recomputed from the stored lse (no stored probabilities).
 """
 from __future__ import annotations
 
