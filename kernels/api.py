@@ -281,8 +281,8 @@ def superlinear_attention(q1: torch.Tensor, q2: torch.Tensor, k: torch.Tensor, v
     path with no host synchronisation (a decoding loop's call): its checks read metadata only, per cache layout the
     step's set-up is kept, and from the second call with the same cache (same tensors, same layout) the step
     replays a captured CUDA graph. There a `cache_position` tensor on the GPU is not read on the host: a position
-    outside [0, L_KV) makes every output row NaN instead of raising (a list, an int or a CPU tensor is checked and
-    raises as usual).
+    outside [0, L_KV) makes every output row NaN instead of raising (a list or a CPU tensor is checked and raises
+    as usual).
 
     Non-finite values: the inputs are not scanned (that would read the whole cache every decode step). A
     query whose window or chosen spans hold a key whose V row is not finite gets NaN output on every
