@@ -92,8 +92,7 @@ _SCRIPT = textwrap.dedent('''
         (merge._gate_bwd_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BLOCK_R=16, BLOCK_D=BD, DOTS=False)),
         (merge._gate_bwd_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BLOCK_R=16, BLOCK_D=BD, DOTS=True)),
         (decode._decode_group_kernel, dict(NUM_SPANS=K, RB=decode.DECODE_MAX_ROWS, BLOCK_N=decode.DECODE_BLOCK_N,
-                                           BLOCK_D=BD, EVEN_D=True, PRECISION="tf32", WORKLIST=True,
-                                           RC=decode.DECODE_COMPACT_ROWS)),
+                                           BLOCK_D=BD, EVEN_D=True, PRECISION="tf32")),
         (decode._decode_merge_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BC=64, BLOCK_D=BD)),
     ]
     results = []
