@@ -327,6 +327,9 @@ def _single_step(q1, q2, k, v, cache_position, cfg, backend: str):
     The runner of a cache layout is keyed by every piece of metadata `_check_inputs` checks (shapes, strides,
     dtypes, devices, addresses, config, backend), so a call whose key is known passed those checks before and skips
     them. The step itself is `DecodeAttention`'s: a captured CUDA graph from the second call with one layout on."""
+    shape = getattr(q1, "shape", None)
+    if shape is None or len(shape) != 4 or shape[2] != 1:  # not one query (or not a tensor): the general path
+        return None
     try:
         key = (q1.shape, q1.dtype, q1.device, q2.shape, q2.dtype, q2.device, k.shape, k.stride(), k.dtype, k.device,
                k.data_ptr(), v.shape, v.stride(), v.dtype, v.device, v.data_ptr(), cfg, backend)
@@ -339,7 +342,7 @@ def _single_step(q1, q2, k, v, cache_position, cfg, backend: str):
             _RUNNERS.move_to_end(key)
     if runner is None:
         _check_inputs(q1, k, cfg, backend, q2, v)
-        if q1.shape[2] != 1 or _resolve_backend(backend, q1) != "triton" or k.stride(-1) != 1 or v.stride(-1) != 1:
+        if _resolve_backend(backend, q1) != "triton" or k.stride(-1) != 1 or v.stride(-1) != 1:
             return None
     if torch.is_grad_enabled() and (q1.requires_grad or q2.requires_grad or k.requires_grad or v.requires_grad):
         return None
