@@ -173,7 +173,6 @@ def _span_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
     lo = tl.min(tl.where(live, qs, 1 << 62), axis=0)
     hi = tl.max(tl.where(live, qe, -1), axis=0)
     lo = (lo // BLOCK_N) * BLOCK_N
-    qe = tl.where(live, qe, -1)  # a dead pair's range is empty
 
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
