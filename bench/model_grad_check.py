@@ -165,6 +165,10 @@ def loss_curves(cfg: TrainConfig, device: str, runs, steps: int, length: int, ba
                 torch.manual_seed(0)
                 train(run_cfg, tmp, device=device, backend=backend, save_every=10**9, progress=False)
                 log = [json.loads(line) for line in (Path(tmp) / "log.jsonl").read_text().splitlines()]
+        except Exception as e:  # noqa: BLE001 - a failing backend is reported, the other curves still run
+            result.setdefault("errors", {})[run] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            print(f"loss curve {run} FAILED: {result['errors'][run]}", flush=True)
+            continue
         finally:
             precision.FP32_REGIONS = True
         seconds[run] = time.perf_counter() - t0
@@ -220,11 +224,20 @@ def main() -> None:
         fn = models[wname]
         for length, batch_step in [(n, b) for n in args.lengths for b in args.batch_steps]:
             examples = make_batch(TrainConfig(**{**cfg.__dict__, "stages": [[length, 1, args.batch]]}), batch_step)
-            results = {REFERENCE: gradients(fn, cfg, examples, args.device, REFERENCE)}
+            results, failed = {REFERENCE: gradients(fn, cfg, examples, args.device, REFERENCE)}, {}
             for ref, run in [(REFERENCE, r) for r in runs] + pairs:
+                if ref not in results or run in failed:
+                    continue
                 if run not in results:
                     t0 = time.perf_counter()
-                    results[run] = gradients(fn, cfg, examples, args.device, run, results[REFERENCE])
+                    try:
+                        results[run] = gradients(fn, cfg, examples, args.device, run, results[REFERENCE])
+                    except Exception as e:  # noqa: BLE001 - a backend that fails is a row, not the end of the check
+                        failed[run] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                        rows.append({"weights": wname, "length": length, "batch_step": batch_step, "run": run,
+                                     "reference": ref, "error": failed[run]})
+                        print(f"{wname:>11} {length:>5}/{batch_step} {run:>40} FAILED: {failed[run]}", flush=True)
+                        continue
                     seconds = time.perf_counter() - t0
                 row = {"weights": wname, "length": length, "batch_step": batch_step, "run": run, "reference": ref,
                        **({"seconds": seconds} if ref == REFERENCE else {}), **compare(results[ref], results[run])}
