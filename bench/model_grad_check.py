@@ -175,11 +175,11 @@ def loss_curves(cfg: TrainConfig, device: str, runs, steps: int, length: int, ba
         curves[run] = [e["loss"] for e in log]
         print(f"loss curve {run}: {steps} steps in {seconds[run]:.1f} s, last 20 mean "
               f"{sum(curves[run][-20:]) / len(curves[run][-20:]):.4f}", flush=True)
-        base = curves[runs[0]]
+        base = curves.get(runs[0], [])
         result[f"max_abs_gap_vs_{runs[0]}"] = {b: max(abs(x - y) for x, y in zip(base, c))
-                                               for b, c in curves.items() if b != runs[0]}
+                                               for b, c in curves.items() if b != runs[0] and base}
         result[f"mean_abs_gap_vs_{runs[0]}"] = {b: sum(abs(x - y) for x, y in zip(base, c)) / len(c)
-                                                for b, c in curves.items() if b != runs[0]}
+                                                for b, c in curves.items() if b != runs[0] and base}
         result["mean_loss_last_20"] = {b: sum(c[-20:]) / len(c[-20:]) for b, c in curves.items()}
         if done is not None:
             done(result)
