@@ -160,7 +160,7 @@ def test_backward_without_residuals(monkeypatch, chunk):
     """`common.KEEP_RESIDUALS = False`: the forward keeps only the window's lse, and the backward recomputes
     dO·O_k (a window pass per row and a pass over the pair tiles) for the gate and Δ gradients. Gradients match the
     oracle: windowed and window-free presets, left padding (rows without keys), K = 1 and 3, in one shot and in
-    query chunks; small tiles, so the recomputing passes meet interior and edge key blocks."""
+    query chunks; small pair tiles and key blocks (16), so a pass meets many blocks and tiles."""
     from superlinear_kernels.triton import common, span, window
 
     monkeypatch.setattr(common, "KEEP_RESIDUALS", False)

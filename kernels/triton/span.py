@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import window
 from .common import block_d, dot_precision
-from .window import LN2, LOG2E, dq_step, fwd_step, interior, kv_grad_step
+from .window import LN2, LOG2E, fwd_step, interior, kv_grad_step
 
 
 def sort_pairs(qstart: torch.Tensor, qend: torch.Tensor, h_kv: int, block_n: int, l_kv: int) -> torch.Tensor:
@@ -109,8 +109,8 @@ def _span_fwd_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, wout_
 
 
 # Forward tuning (module constants, swept by bench/fwd_tune.py): pairs per tile, key block, warps, stages, and
-# whether interior blocks (inside every pair's span) skip the masks (that rule also applies to the dQ kernel).
-# The backward keeps its own tiles (`_blocks`).
+# whether interior blocks (inside every pair's span) skip the masks. The backward keeps its own tiles (`_blocks`)
+# and masks every block (a dQ kernel with the interior rule hit a layout error in Triton 3.6's compiler).
 FWD_BLOCK_P = 64
 FWD_BLOCK_N = 64
 FWD_WARPS = 4
@@ -156,14 +156,12 @@ def span_forward(q2, k, v, qstart, qend, win_out, win_lse):
 def _span_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr,
                         delta_ptr, dq_ptr,
                         sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                        H_Q, H_KV, L_Q, D, G, PG, qk_scale,
+                        H_Q, H_KV, L_Q, D, G, PG, scale,
                         NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-                        DOTS: tl.constexpr):
-    """dQ2 of a tile of sorted pairs over the union of its spans (window.dq_step, masks only at the edges with
-    SPLIT); one atomic add per pair row at the end (a row's K pairs and its window all add into it). DOTS: instead,
-    each pair's Σ_{j ∈ S_k} P_kj (dO·V_j) (dO itself, not g_k dO), stored per pair into fp32 dq_ptr [pairs] — the
-    span part of dO·O_k (grad.branch_dots)."""
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOTS: tl.constexpr):
+    """dQ2 of a tile of sorted pairs over the union of its spans; one atomic add per pair row at the end
+    (a row's K pairs and its window all add into it). DOTS: instead, each pair's Σ_{j ∈ S_k} P_kj (dO·V_j) (dO
+    itself, not g_k dO), stored per pair into fp32 dq_ptr [pairs] — the span part of dO·O_k (grad.branch_dots)."""
     tile = tl.program_id(0)
     grp = tl.program_id(1)
     b = grp // H_KV
@@ -183,31 +181,31 @@ def _span_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
         gate = tl.load(gate_ptr + pair, mask=live, other=0.0)
         do = gate[:, None] * do.to(tl.float32)
     do = do.to(q.dtype)
-    lse2 = tl.load(blse_ptr + pair, mask=live, other=float("inf")) * LOG2E
+    lse = tl.load(blse_ptr + pair, mask=live, other=float("inf"))
     delta = tl.load(delta_ptr + pair, mask=live, other=0.0)
     k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
 
     dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     dots = tl.zeros([BLOCK_P], tl.float32)
-    if SPLIT:
-        a, e = interior(qs, qe, ok, lo, BLOCK_N)
-    else:
-        a = lo
-        e = lo
-    for n0 in range(lo, a, BLOCK_N):
-        dq, dots = dq_step(q, do, lse2, delta, k_base, v_base, sk_l, sv_l, n0, d, dmask, qs, qe, ok, hi, dq, dots,
-                           qk_scale, BLOCK_N, True, DOTS, EVEN_D, PRECISION)
-    for n0 in range(a, e, BLOCK_N):
-        dq, dots = dq_step(q, do, lse2, delta, k_base, v_base, sk_l, sv_l, n0, d, dmask, qs, qe, ok, hi, dq, dots,
-                           qk_scale, BLOCK_N, False, DOTS, EVEN_D, PRECISION)
-    for n0 in range(e, hi + 1, BLOCK_N):
-        dq, dots = dq_step(q, do, lse2, delta, k_base, v_base, sk_l, sv_l, n0, d, dmask, qs, qe, ok, hi, dq, dots,
-                           qk_scale, BLOCK_N, True, DOTS, EVEN_D, PRECISION)
+    for n0 in range(lo, hi + 1, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = (cols <= hi)[:, None] & dmask[None, :]
+        kk = tl.load(k_base + cols[:, None].to(tl.int64) * sk_l + d[None, :], mask=kv_mask, other=0.0)
+        vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :], mask=kv_mask, other=0.0)
+        logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * scale
+        allowed = live[:, None] & (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])
+        p = tl.where(allowed, tl.exp(logits - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
+        if DOTS:
+            dots += tl.sum(p * dp, axis=1)
+        else:
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(q.dtype), kk, input_precision=PRECISION)
     if DOTS:
         tl.store(dq_ptr + pair, dots, mask=ok)
     else:
-        tl.atomic_add(dq_ptr + row[:, None] * D + d[None, :], dq * (qk_scale * LN2), mask=m2)
+        tl.atomic_add(dq_ptr + row[:, None] * D + d[None, :], dq * scale, mask=m2)
 
 
 @triton.jit
@@ -336,9 +334,9 @@ def span_backward_dq(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta,
     _span_bwd_dq_kernel[(triton.cdiv(pg, block_p), b * h_kv)](
         q2, k, v, order, qstart, qend, do, gate, branch_lse, delta, dq,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h_q, h_kv, l_q, d, group, pg, d ** -0.5 * LOG2E.value,
-        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=min(block_n, DQ_BLOCK_N), BLOCK_D=bd, SPLIT=FWD_SPLIT,
-        EVEN_D=bd == d, PRECISION=dot_precision(q2.dtype), DOTS=dots, num_warps=4, num_stages=DQ_STAGES)
+        h_q, h_kv, l_q, d, group, pg, d ** -0.5,
+        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=min(block_n, DQ_BLOCK_N), BLOCK_D=bd,
+        PRECISION=dot_precision(q2.dtype), DOTS=dots, num_warps=4, num_stages=DQ_STAGES)
 
 
 def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dk, dv) -> None:
