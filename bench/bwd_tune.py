@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu_check  # noqa: E402  (imports superlinear_kernels from this checkout)
 import speed  # noqa: E402
 from superlinear_kernels import SpanConfig, superlinear_attention  # noqa: E402
-from superlinear_kernels.triton import common, span, window  # noqa: E402
+from superlinear_kernels.triton import common, search, span, window  # noqa: E402
 
 CANDIDATES = [
     {},  # the shipped defaults
@@ -44,7 +44,7 @@ CANDIDATES = [
     {"span.KV_SORTED": False},  # 13, 14: the defaults chosen in window A without sorted arrays / session 4's tiling
     {"span.KV_SORTED": False, "window.KV_BLOCK": 64},
 ]
-MODULES = {"window": window, "span": span, "common": common}
+MODULES = {"window": window, "span": span, "common": common, "search": search}  # also used by fwd_tune.py
 
 
 def apply(setting: dict) -> dict:

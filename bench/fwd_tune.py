@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import gpu_check  # noqa: E402  (imports superlinear_kernels from this checkout)
 import speed  # noqa: E402
+from bwd_tune import apply  # noqa: E402  (one way to set a kernel module's tuning constants)
 from superlinear_kernels import SpanConfig  # noqa: E402
 from superlinear_kernels.triton import common, ops, search, span, window  # noqa: E402
 
-MODULES = {"window": window, "span": span, "search": search}
 SPAN = [  # (pairs per tile, key block, warps, stages, interior without masks)
     {"span.FWD_SPLIT": False},  # the previous kernel's tiling (64 x 64, 4 warps, 2 stages, masks everywhere)
     {},
@@ -78,16 +78,6 @@ def warm_cache(commands: list[list[str]], processes: int) -> None:
     for p in running:
         failed += p.wait() != 0
     print(f"compiled {len(commands)} candidate runs in {time.time() - t0:.1f} s ({failed} failed)", flush=True)
-
-
-def apply(setting: dict) -> dict:
-    """Set the constants of `setting`; returns the previous values."""
-    old = {}
-    for key, value in setting.items():
-        mod, name = key.split(".")
-        old[key] = getattr(MODULES[mod], name)
-        setattr(MODULES[mod], name, value)
-    return old
 
 
 DEVICE = "cuda"
