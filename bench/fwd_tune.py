@@ -24,7 +24,7 @@ import gpu_check  # noqa: E402  (imports superlinear_kernels from this checkout)
 import speed  # noqa: E402
 from bwd_tune import apply  # noqa: E402  (one way to set a kernel module's tuning constants)
 from superlinear_kernels import SpanConfig  # noqa: E402
-from superlinear_kernels.triton import common, ops, search, span, window  # noqa: E402
+from superlinear_kernels.triton import common, ops, span, window  # noqa: E402
 
 SPAN = [  # (pairs per tile, key block, warps, stages, interior without masks)
     {"span.FWD_SPLIT": False},  # the previous kernel's tiling (64 x 64, 4 warps, 2 stages, masks everywhere)
