@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import window
 from .common import block_d, dot_precision
-from .window import LN2, LOG2E, fwd_step, interior, kv_grad_step
+from .window import LOG2E, fwd_blocks, fwd_finish, kv_grad_step
 
 
 def sort_pairs(qstart: torch.Tensor, qend: torch.Tensor, h_kv: int, block_n: int, l_kv: int) -> torch.Tensor:
@@ -87,23 +87,9 @@ def _span_fwd_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, wout_
     l = tl.where(m > float("-inf"), 1.0, 0.0)
     k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
-    if SPLIT:  # masks only on the blocks at the edges of the pairs' spans
-        a, e = interior(qs, qe, ok, lo, BLOCK_N)
-    else:
-        a = lo
-        e = lo
-    for n0 in range(lo, a, BLOCK_N):
-        m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, qs, qe, ok, hi, m, l, acc, qk_scale,
-                             BLOCK_N, True, EVEN_D, PRECISION)
-    for n0 in range(a, e, BLOCK_N):
-        m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, qs, qe, ok, hi, m, l, acc, qk_scale,
-                             BLOCK_N, False, EVEN_D, PRECISION)
-    for n0 in range(e, hi + 1, BLOCK_N):
-        m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, qs, qe, ok, hi, m, l, acc, qk_scale,
-                             BLOCK_N, True, EVEN_D, PRECISION)
-    nonempty = l > 0
-    out = acc / tl.where(nonempty, l, 1.0)[:, None]
-    lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l, 1.0))) * LN2, float("-inf"))
+    m, l, acc = fwd_blocks(q, k_base, v_base, sk_l, sv_l, d, dmask, qs, qe, ok, lo, hi, m, l, acc, qk_scale,
+                           BLOCK_N, SPLIT, EVEN_D, PRECISION)  # masks only at the edges of the pairs' spans
+    out, lse = fwd_finish(m, l, acc)
     tl.store(bout_ptr + pair[:, None] * D + d[None, :], out, mask=m2)
     tl.store(blse_ptr + pair, lse, mask=ok)
 

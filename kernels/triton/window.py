@@ -83,6 +83,38 @@ def interior(lo_col, hi_col, row_ok, first, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def fwd_blocks(q, k_base, v_base, sk_l, sv_l, d, dmask, lo_col, hi_col, row_ok, lo, hi, m, l, acc, qk_scale,
+               BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Every key block from `lo` to `hi` through `fwd_step` (window and span forwards). With SPLIT the blocks inside
+    every row's [lo_col, hi_col] (`interior`) run without masks and only the edge blocks are masked. Returns the
+    online-softmax state (m, l, acc), base 2."""
+    if SPLIT:
+        a, e = interior(lo_col, hi_col, row_ok, lo, BLOCK_N)
+    else:
+        a = lo
+        e = lo
+    for n0 in range(lo, a, BLOCK_N):
+        m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok, hi, m, l, acc,
+                             qk_scale, BLOCK_N, True, EVEN_D, PRECISION)
+    for n0 in range(a, e, BLOCK_N):
+        m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok, hi, m, l, acc,
+                             qk_scale, BLOCK_N, False, EVEN_D, PRECISION)
+    for n0 in range(e, hi + 1, BLOCK_N):
+        m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok, hi, m, l, acc,
+                             qk_scale, BLOCK_N, True, EVEN_D, PRECISION)
+    return m, l, acc
+
+
+@triton.jit
+def fwd_finish(m, l, acc):
+    """(out, lse) of an online-softmax state: out = acc / l, lse natural-log; rows with no key give out 0, lse −inf."""
+    nonempty = l > 0
+    out = acc / tl.where(nonempty, l, 1.0)[:, None]
+    lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l, 1.0))) * LN2, float("-inf"))
+    return out, lse
+
+
+@triton.jit
 def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, out_ptr, lse_ptr,
                        sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                        H_Q, H_KV, L_Q, D, G, N_CHUNKS, W, qk_scale,
@@ -105,23 +137,9 @@ def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, out_ptr, lse_ptr
     m = tl.full([GH * BQ], float("-inf"), tl.float32)
     l = tl.zeros([GH * BQ], tl.float32)
     acc = tl.zeros([GH * BQ, BLOCK_D], tl.float32)
-    if SPLIT:  # masks only on the blocks at the edges of the rows' windows
-        a, e = interior(lo_row, pos, ok, lo, BLOCK_N)
-    else:
-        a = lo
-        e = lo
-    for n0 in range(lo, a, BLOCK_N):
-        m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_row, pos, ok, hi, m, l, acc, qk_scale,
-                             BLOCK_N, True, EVEN_D, PRECISION)
-    for n0 in range(a, e, BLOCK_N):
-        m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_row, pos, ok, hi, m, l, acc, qk_scale,
-                             BLOCK_N, False, EVEN_D, PRECISION)
-    for n0 in range(e, hi + 1, BLOCK_N):
-        m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_row, pos, ok, hi, m, l, acc, qk_scale,
-                             BLOCK_N, True, EVEN_D, PRECISION)
-    nonempty = l > 0
-    out = acc / tl.where(nonempty, l, 1.0)[:, None]
-    lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l, 1.0))) * LN2, float("-inf"))
+    m, l, acc = fwd_blocks(q, k_base, v_base, sk_l, sv_l, d, dmask, lo_row, pos, ok, lo, hi, m, l, acc, qk_scale,
+                           BLOCK_N, SPLIT, EVEN_D, PRECISION)  # masks only at the edges of the rows' windows
+    out, lse = fwd_finish(m, l, acc)
     tl.store(out_ptr + base[:, None] * D + d[None, :], out, mask=ok[:, None] & dmask[None, :])
     tl.store(lse_ptr + base, lse, mask=ok)
 
