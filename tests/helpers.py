@@ -1,6 +1,10 @@
 """Shared test helpers: one relative-error comparison that names what it compares, random inputs."""
 from __future__ import annotations
 
+import os
+
+import pytest
+
 import torch
 
 
@@ -35,3 +39,22 @@ def left_padded_mask(b, l_kv, starts, device="cpu"):
     """bool [B, L_KV] with row r valid from starts[r] on."""
     keys = torch.arange(l_kv, device=device)
     return keys[None, :] >= torch.tensor(starts, device=device)[:, None]
+
+
+def triton_backend_or_skip():
+    """`superlinear_kernels.triton` for a test module, skipping the module where its kernels cannot run.
+
+    Without CUDA the kernels run in Triton's CPU interpreter, which must be switched on before they are defined:
+    TRITON_INTERPRET=1 is set here, before the package is first imported (call this at the top of the module,
+    before anything imports `superlinear_kernels.triton`).
+    """
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    backend = pytest.importorskip("superlinear_kernels.triton")
+    if not backend.available():
+        pytest.skip("Triton kernels cannot run here (no CUDA and not defined under TRITON_INTERPRET=1)",
+                    allow_module_level=True)
+    return backend
+

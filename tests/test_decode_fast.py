@@ -7,23 +7,16 @@ same path is checked by the `gpu` tests at the end (bit-identical to the direct 
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers import triton_backend_or_skip  # noqa: E402
 
-triton_backend = pytest.importorskip("superlinear_kernels.triton")
+triton_backend = triton_backend_or_skip()  # before anything imports the kernels
 
 from helpers import assert_close, random_inputs  # noqa: E402
 from superlinear_kernels import DecodeAttention, SpanConfig, superlinear_attention  # noqa: E402
 from superlinear_kernels import api  # noqa: E402
-
-if not triton_backend.available():
-    pytest.skip("Triton kernels cannot run here (no CUDA and not defined under TRITON_INTERPRET=1)",
-                allow_module_level=True)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CFG = SpanConfig.release().replace(sw_index=5)  # release powers, a window small enough for routing at L = 300

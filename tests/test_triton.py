@@ -8,22 +8,15 @@ Shapes are tiny because the interpreter executes every block operation in numpy.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers import triton_backend_or_skip  # noqa: E402
 
-triton_backend = pytest.importorskip("superlinear_kernels.triton")
+triton_backend = triton_backend_or_skip()  # before anything imports the kernels
 
 from helpers import assert_close, left_padded_mask, random_inputs  # noqa: E402
 from superlinear_kernels import SpanConfig, span_search, superlinear_attention  # noqa: E402
-
-if not triton_backend.available():
-    pytest.skip("Triton kernels cannot run here (no CUDA and not defined under TRITON_INTERPRET=1)",
-                allow_module_level=True)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OUT_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
