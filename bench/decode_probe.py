@@ -37,7 +37,7 @@ from gpu_check import _import_kernels  # noqa: E402
 _import_kernels()
 from superlinear_kernels import DecodeAttention, SpanConfig, superlinear_attention  # noqa: E402
 from superlinear_kernels.triton import decode, ops  # noqa: E402
-from speed import dense, device_times, graphed, kernel_rows, make_inputs  # noqa: E402
+from speed import dense, device_times, graphed, make_inputs, profile_steps  # noqa: E402
 
 
 def per_call_ms(fn, calls: int = 100, repeats: int = 5) -> float:
@@ -110,19 +110,9 @@ def sweep(length, cfg, q1, q2, k, v, pos, reps, ref) -> list:
 
 
 def profile(cfg, q1, q2, k, v, pos) -> list:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
     plan = ops.decode_plan(q1, k, v, cfg)
     row_start = torch.zeros(1, dtype=torch.int64, device="cuda")
-    step = lambda: ops.decode_attention(q1, q2, k, v, cfg, pos, row_start, plan)  # noqa: E731
-    step()
-    torch.cuda.synchronize()
-    reps = 20
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            step()
-        torch.cuda.synchronize()
-    rows = kernel_rows(prof, reps, width=60)
+    rows = profile_steps(lambda: ops.decode_attention(q1, q2, k, v, cfg, pos, row_start, plan))
     print("  profile: " + "; ".join(f"{r['kernel']} {r['us_per_step']:.1f} us" for r in rows), flush=True)
     return rows
 

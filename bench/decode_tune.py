@@ -31,7 +31,7 @@ _import_kernels()
 from superlinear_kernels import SpanConfig, superlinear_attention  # noqa: E402
 from superlinear_kernels.api import Prepared  # noqa: E402
 from superlinear_kernels.triton import decode, ops  # noqa: E402
-from speed import H_KV, H_Q, D, dense, device_times, graphed, kernel_rows, make_inputs  # noqa: E402
+from speed import H_KV, H_Q, D, dense, device_times, graphed, make_inputs, profile_steps  # noqa: E402
 
 
 def inputs(length: int, dtype, coherent: bool):
@@ -62,20 +62,10 @@ def apply(setting):
 
 def profile(length: int, cfg, dtype, coherent: bool) -> list[dict]:
     """Per-kernel device time of eager decode steps (torch.profiler), to see where a step goes."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
     q1, q2, k, v = inputs(length, dtype, coherent)
     pos = torch.tensor([length - 1], device="cuda")
     prep = Prepared(pos, torch.zeros(1, dtype=torch.int64, device="cuda"), length - 1, length)
-    step = lambda: ops._AttentionFunction.apply(q1, q2, k, v, cfg, prep)  # noqa: E731
-    step()
-    torch.cuda.synchronize()
-    reps = 20
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            step()
-        torch.cuda.synchronize()
-    rows = kernel_rows(prof, reps, width=60)
+    rows = profile_steps(lambda: ops._AttentionFunction.apply(q1, q2, k, v, cfg, prep))
     print(f"profile L={length}: " + "; ".join(f"{r['kernel']} {r['us_per_step']:.1f} us" for r in rows), flush=True)
     return rows
 

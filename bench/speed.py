@@ -134,6 +134,19 @@ def kernel_rows(prof, steps: int, width: int = 90) -> list[dict]:
     return rows
 
 
+def profile_steps(step, reps: int = 20, width: int = 60) -> list[dict]:
+    """`kernel_rows` of `reps` calls of `step` (one warm-up call first) under torch.profiler, CUDA activity only."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    return kernel_rows(prof, reps, width=width)
+
+
 def dense(q, k, v, causal: bool):
     try:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
