@@ -28,7 +28,7 @@ import triton.language as tl
 
 from . import window
 from .common import block_d, dot_precision
-from .window import LOG2E, fwd_blocks, fwd_finish, kv_grad_step
+from .window import LOG2E, dq_block, fwd_blocks, fwd_finish, kv_grad_step
 
 
 def sort_pairs(qstart: torch.Tensor, qend: torch.Tensor, h_kv: int, block_n: int, l_kv: int) -> torch.Tensor:
@@ -175,19 +175,8 @@ def _span_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
     dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     dots = tl.zeros([BLOCK_P], tl.float32)
     for n0 in range(lo, hi + 1, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        kv_mask = (cols <= hi)[:, None] & dmask[None, :]
-        kk = tl.load(k_base + cols[:, None].to(tl.int64) * sk_l + d[None, :], mask=kv_mask, other=0.0)
-        vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :], mask=kv_mask, other=0.0)
-        logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * scale
-        allowed = live[:, None] & (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])
-        p = tl.where(allowed, tl.exp(logits - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
-        if DOTS:
-            dots += tl.sum(p * dp, axis=1)
-        else:
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(q.dtype), kk, input_precision=PRECISION)
+        dq, dots = dq_block(q, do, lse, delta, k_base, v_base, sk_l, sv_l, n0, d, dmask, qs, qe, live, hi, dq,
+                            dots, scale, BLOCK_N, DOTS, PRECISION)
     if DOTS:
         tl.store(dq_ptr + pair, dots, mask=ok)
     else:

@@ -215,23 +215,34 @@ def _window_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, do_ptr, lse_p
     dq = tl.zeros([GH * BQ, BLOCK_D], tl.float32)
     dots = tl.zeros([GH * BQ], tl.float32)
     for n0 in range(lo, hi + 1, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        kv_mask = (cols <= hi)[:, None] & dmask[None, :]
-        kk = tl.load(k_base + cols[:, None].to(tl.int64) * sk_l + d[None, :], mask=kv_mask, other=0.0)
-        vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :], mask=kv_mask, other=0.0)
-        logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * scale
-        allowed = ok[:, None] & (cols[None, :] >= lo_row[:, None]) & (cols[None, :] <= pos[:, None])
-        p = tl.where(allowed, tl.exp(logits - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
-        if DOTS:
-            dots += tl.sum(p * dp, axis=1)
-        else:
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(q.dtype), kk, input_precision=PRECISION)
+        dq, dots = dq_block(q, do, lse, delta, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_row, pos, ok, hi, dq,
+                            dots, scale, BLOCK_N, DOTS, PRECISION)
     if DOTS:
         tl.store(dq_ptr + base, dots, mask=ok)
     else:
         tl.store(dq_ptr + base[:, None] * D + d[None, :], dq * scale, mask=m2)
+
+
+@triton.jit
+def dq_block(q, do, lse, delta, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok, hi, dq, dots, scale,
+             BLOCK_N: tl.constexpr, DOTS: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of the query-major backward (window and span dQ kernels), masked: P = exp(logits − lse)
+    recomputed from the stored lse on the rows' allowed keys [lo_col, hi_col] (keys past `hi` are not read),
+    dP = dO·Vᵀ; then dQ += (P (dP − Δ))·K, or with DOTS the rows' Σ P·dP."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    kv_mask = (cols <= hi)[:, None] & dmask[None, :]
+    kk = tl.load(k_base + cols[:, None].to(tl.int64) * sk_l + d[None, :], mask=kv_mask, other=0.0)
+    vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :], mask=kv_mask, other=0.0)
+    logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * scale
+    allowed = row_ok[:, None] & (cols[None, :] >= lo_col[:, None]) & (cols[None, :] <= hi_col[:, None])
+    p = tl.where(allowed, tl.exp(logits - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
+    if DOTS:
+        dots += tl.sum(p * dp, axis=1)
+    else:
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(q.dtype), kk, input_precision=PRECISION)
+    return dq, dots
 
 
 @triton.jit
