@@ -3,7 +3,8 @@
 Part 1, the attention layer (release preset: B = 1, H_Q = 32, H_KV = 2, D = 128, bf16, random K/V in a static
 cache of capacity L, the query at L - 1). Per call, back to back (a decoding loop; CUDA events around
 `--reps` calls, median of 5 loops):
-  * ``public``: `superlinear_attention(..., backend="triton")` as before (validation with host syncs each call);
+  * ``public``: `superlinear_attention(..., backend="triton")` (one query: the no-sync single-query path, which
+    replays its own graph from the second call on; docs/algorithm.md §6.1);
   * ``entry``: the pre-validated `DecodeAttention` called eagerly with an int position, as shipped (on CUDA it
     replays its own CUDA graph); ``entry_no_graph``: the same with ``graph=False`` (kernels launched from Python);
   * ``graph``: a caller's CUDA graph of the (graph=False) entry call, replayed (position in a device tensor);
