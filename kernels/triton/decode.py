@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..softmax import INVALID_GATE_LOGIT
 from .common import block_d, dot_precision, next_pow2
-from .rules import window_lo
+from .rules import LN2, LOG2E, nonfinite_rows, window_lo
 
 DECODE_BLOCK_N = 32  # keys per loop trip (32 and 64 tie on random routing; 32 is ~10% faster on coherent)
 DECODE_WARPS = 4  # warps per program (8 where the row x D tile is larger than 64 x 128)
@@ -201,13 +201,12 @@ def _decode_merge_kernel(pm_ptr, pl_ptr, pacc_ptr, qstart_ptr, qend_ptr, values_
         top = new_top
     nonempty = l > 0
     o = acc / tl.where(nonempty, l, 1.0)[:, None]
-    lse = tl.where(nonempty, (top + tl.log2(tl.where(nonempty, l, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(nonempty, (top + tl.log2(tl.where(nonempty, l, 1.0))) * LN2, float("-inf"))
     tl.store(bout_ptr + pair[:, None] * D + d[None, :], o, mask=smask[:, None] & dmask[None, :])
     tl.store(blse_ptr + pair, lse, mask=smask)
     out = tl.sum(gate[:, None] * o, axis=0).to(out_ptr.dtype.element_ty).to(tl.float32)
-    # The API's non-finite rule (api._nan_rows), applied here so that a decode step needs no extra launches: a row
-    # with any non-finite component (in the output dtype) is NaN in full.
-    bad = tl.sum(tl.where(dmask & ((out != out) | (tl.abs(out) == float("inf"))), 1, 0), axis=0) > 0
+    # The API's non-finite rule, applied here so that a decode step needs no extra launches.
+    bad = nonfinite_rows(out, dmask, 0)
     out = tl.where(bad | (pos < 0) | (pos >= L_KV), float("nan"), out)  # (and a position outside the cache)
     tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
 
@@ -243,7 +242,7 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
     _decode_group_kernel[(b * h_kv * n_rb, n_chunks)](
         q2, k, v, qstart, qend, positions, row_start, pm, pl, pacc,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h_q, h_kv, l_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, d ** -0.5 * 1.4426950408889634,
+        h_q, h_kv, l_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, d ** -0.5 * LOG2E.value,
         NUM_SPANS=num_spans, RB=rb, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, EVEN_D=bd == d,
         PRECISION=dot_precision(q2.dtype), num_warps=warps, num_stages=DECODE_STAGES)
 

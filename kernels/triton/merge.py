@@ -15,6 +15,7 @@ import triton.language as tl
 
 from ..softmax import INVALID_GATE_LOGIT
 from .common import block_d, next_pow2
+from .rules import nonfinite_rows
 
 
 @triton.jit
@@ -43,11 +44,9 @@ def _gate_kernel(values_ptr, anchor_ptr, bout_ptr, out_ptr, gate_ptr, res_ptr, N
         o = tl.load(bout_ptr + (rows * NUM_SPANS + slot)[:, None] * D + d[None, :], mask=m2, other=0.0)
         acc += g[:, None] * o
     out = acc.to(out_ptr.dtype.element_ty)
-    # The API's non-finite rule (api._nan_rows), applied here so that the layer's output is not copied: a row with
-    # any non-finite component (after the cast to the output dtype) is NaN in full.
+    # The API's non-finite rule, applied here so that the layer's output is not copied.
     o32 = out.to(tl.float32)
-    bad = tl.max(tl.where(m2 & ~((o32 == o32) & (tl.abs(o32) < float("inf"))), 1, 0), axis=1) > 0
-    out = tl.where(bad[:, None], float("nan"), o32).to(out_ptr.dtype.element_ty)
+    out = tl.where(nonfinite_rows(o32, m2, 1)[:, None], float("nan"), o32).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * D + d[None, :], out, mask=m2)
     if RESIDUALS:  # R_k = O_k - O (O as stored), what the backward needs of the branches (module docstring)
         out32 = out.to(tl.float32)

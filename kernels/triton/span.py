@@ -28,7 +28,8 @@ import triton.language as tl
 
 from . import window
 from .common import block_d, dot_precision
-from .window import LOG2E, dq_block, fwd_blocks, fwd_finish, kv_grad_step
+from .rules import LOG2E
+from .window import dq_block, fwd_blocks, fwd_finish, kv_grad_step
 
 
 def sort_pairs(qstart: torch.Tensor, qend: torch.Tensor, h_kv: int, block_n: int, l_kv: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import block_d, dot_precision, head_rows
-from .rules import window_lo
+from .rules import LN2, LOG2E, window_lo
 
 
 @triton.jit
@@ -151,8 +151,6 @@ FWD_BLOCK_N = 64
 FWD_WARPS = 4
 FWD_STAGES = 3
 FWD_SPLIT = True
-LOG2E = tl.constexpr(1.4426950408889634)  # logits are kept in base 2 (exp2): scale·log2(e) is one multiply
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 def window_forward(q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
