@@ -29,14 +29,18 @@ import torch
 FP32_REGIONS = True
 
 
+def fp32_regions_on(x: torch.Tensor) -> bool:
+    """Whether `fp32_region(x)` switches autocast off: autocast is on for `x`'s device type (and the regions are)."""
+    return FP32_REGIONS and torch.is_autocast_enabled(x.device.type)
+
+
 def fp32_region(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """Context in which autocast is off for `x`'s device type (a no-op when autocast is not on there).
 
     Ops inside see the dtypes they are given: cast to fp32 (``.float()``) what must be computed in fp32.
     """
-    device_type = x.device.type
-    if FP32_REGIONS and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
+    if fp32_regions_on(x):
+        return torch.autocast(x.device.type, enabled=False)
     return contextlib.nullcontext()
 
 
@@ -46,7 +50,7 @@ def head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Under autocast the product is taken in fp32 (see the module docstring); otherwise in the model's dtype, then
     cast to fp32, as always.
     """
-    if FP32_REGIONS and torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
+    if fp32_regions_on(x):
+        with fp32_region(x):
             return x.float() @ weight.float().t()
     return (x @ weight.t()).float()

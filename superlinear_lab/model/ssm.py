@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import RMSNorm
-from .precision import fp32_region
+from .precision import fp32_region, fp32_regions_on
 
 
 def chunked_scan(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
@@ -120,8 +120,9 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = torch.split(self.in_proj(x), [d_in, d_in + 2 * n, heads], dim=-1)
         window = torch.cat([conv_state.to(xbc.dtype), xbc.transpose(1, 2)], dim=2)  # [B, conv_dim, K-1+L]
         new_conv_state = window[:, :, -(cfg.conv_kernel - 1):] if cfg.conv_kernel > 1 else conv_state
-        with fp32_region(x) as region:
-            if region is not None:  # under autocast: dt's pre-activation and the short conv again in fp32
+        in_fp32 = fp32_regions_on(x)  # asked before the region switches autocast off
+        with fp32_region(x):
+            if in_fp32:  # under autocast: dt's pre-activation and the short conv again in fp32
                 dt = nn.functional.linear(x.float(), self.in_proj.weight[-heads:].float())
                 window = window.float()
             xbc = nn.functional.silu(nn.functional.conv1d(window, self.conv.weight, self.conv.bias,
