@@ -68,6 +68,7 @@ def main() -> int:
     p.add_argument("--eval-tokens", type=int, default=16384, help="rows per evaluation forward: as many as fit "
                    "this many tokens (at least one)")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-eval", action="store_true", help="train (and export) only: a middle slice of a run")
     p.add_argument("--eval-only", metavar="MODEL", help="only evaluate this model (a shipped name or a model "
                    "folder; needs --lengths): no training, no export, no other model")
     p.add_argument("--out", required=True)
@@ -76,6 +77,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg = T.load_config(args.config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.skip_eval and (args.skip_train or args.eval_only):
+        p.error("--skip-eval trains: it cannot go with --skip-train or --eval-only")
     if args.eval_only and not args.lengths:
         p.error("--eval-only needs --lengths")
     if args.plan_seconds and not args.eval_only and not (Path(args.ckpt) / "state.json").is_file():
@@ -98,6 +101,11 @@ def main() -> int:
         if state["step"] < cfg.total_steps and not args.export_anyway:
             (out / "facts_eval.json").write_text(json.dumps(report, indent=1))
             return 0
+    if args.skip_eval:
+        if args.export_anyway or state["step"] >= cfg.total_steps:
+            T.export(args.ckpt, args.export_dir, args.export_dtype)
+        (out / "facts_eval.json").write_text(json.dumps(report, indent=1))
+        return 0
     D.use_corpus(cfg.corpus)
     longest = max(s[0] for s in cfg.stages)
     lengths = args.lengths or [longest * m for m in (1, 2, 4, 8)]
