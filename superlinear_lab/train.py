@@ -1,6 +1,8 @@
 """Train the hybrid model on natural text mixed with long-context retrieval tasks; resumable in slices.
 
-Loss per step = w_lm · mean CE over all tokens + w_answer · mean CE over answer tokens + w_route · routing loss.
+Loss per step = w_lm · mean CE over all tokens + w_answer · mean CE over answer tokens + w_first · mean CE over each
+answer's first token + w_route · routing loss. (The first answer token is the retrieval proper: once it is right, the
+rest of a word is mostly copied by induction over the reached span; a model that misses a fact usually misses there.)
 
 **Routing loss.** The router (Q1 and K at the anchors) learns through the gate only (docs/algorithm.md §2.6, §3.2): gradient
 reaches the K chosen anchors and nothing else, so a router that never picks the evidence's stripe gets no signal
@@ -71,6 +73,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     w_lm: float = 1.0  # weight of the mean CE over all tokens
     w_answer: float = 2.0  # weight of the mean CE over answer tokens
+    w_first: float = 0.0  # extra weight of the mean CE over each example's first answer token
     w_route: float = 0.5  # weight of the supervised routing loss (0 = gate-only router learning)
     seed: int = 0  # data seed (batches are a function of (seed, step))
     probe_every: int = 100  # steps between probe evaluations (routing recall / accuracy on eval seeds)
@@ -103,13 +106,17 @@ def make_batch(cfg: TrainConfig, step: int) -> list[D.Example]:
     return out
 
 
-def loss_weights(examples: list[D.Example], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [B, L], answer mask [B, L-1]: 1 where position q predicts an answer token)."""
+def loss_weights(examples: list[D.Example], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids [B, L], answer mask [B, L-1]: 1 where position q predicts an answer token, first-answer mask
+    [B, L-1]: 1 where q predicts the first answer token)."""
     ids = torch.tensor([ex.ids for ex in examples], device=device)
     mask = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=device)
+    first = torch.zeros_like(mask)
     for b, ex in enumerate(examples):
         mask[b, ex.answer[0] - 1:ex.answer[1] - 1] = 1
-    return ids, mask
+        if ex.answer[1] > ex.answer[0]:  # plain text has no answer
+            first[b, ex.answer[0] - 1] = 1
+    return ids, mask, first
 
 
 def routing_loss(records: dict, span: SpanConfig, pairs) -> torch.Tensor:
@@ -157,7 +164,7 @@ def routing_loss(records: dict, span: SpanConfig, pairs) -> torch.Tensor:
 
 def step_loss(model: HybridLM, cfg: TrainConfig, examples: list[D.Example], device, autocast: bool):
     """Forward one batch; returns (loss, stats dict of floats)."""
-    ids, ans_mask = loss_weights(examples, device)
+    ids, ans_mask, first_mask = loss_weights(examples, device)
     pairs = evidence_pairs(examples)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         with capture_routing(model) as records:
@@ -166,13 +173,14 @@ def step_loss(model: HybridLM, cfg: TrainConfig, examples: list[D.Example], devi
         lm = ce.mean()
         n_ans = ans_mask.sum()
         ans = (ce * ans_mask).sum() / n_ans.clamp_min(1)
+        first = (ce * first_mask).sum() / first_mask.sum().clamp_min(1)
         route = routing_loss(records, model.cfg.span, pairs) if cfg.w_route > 0 and pairs[0].numel() else lm * 0
-    loss = cfg.w_lm * lm + cfg.w_answer * ans + cfg.w_route * route
+    loss = cfg.w_lm * lm + cfg.w_answer * ans + cfg.w_first * first + cfg.w_route * route
     with torch.no_grad():
         hits = [reached(records[i][1], model.cfg.span, *pairs).any(-1) for i in sorted(records)] \
             if pairs[0].numel() else []
         recall = float(torch.stack(hits).any(0).float().mean()) if hits else float("nan")
-    return loss, {"loss": loss.item(), "lm": lm.item(), "answer": ans.item(), "route": route.item(),
+    return loss, {"loss": loss.item(), "lm": lm.item(), "answer": ans.item(), "first": first.item(), "route": route.item(),
                   "train_recall": recall}
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from superlinear_lab import data as D
 from superlinear_lab import train as T
 from superlinear_lab.evaluate import capture_routing, evidence_pairs
 from superlinear_lab.model import HybridLM, ModelConfig
@@ -114,3 +115,23 @@ def test_batches_built_by_workers_are_the_batches_of_the_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     slices = json.loads((tmp_path / "b" / "state.json").read_text())["slices"]
     assert slices[-1]["end_step"] == 5
+
+
+def test_first_answer_weight_is_the_ce_of_each_answers_first_token():
+    """w_first adds the mean CE at the query that predicts each answer's first token (text rows have none)."""
+    cfg = T.TrainConfig(stages=[[512, 1, 3]], task_mix={"fact_word": 0.5, "text": 0.5}, w_lm=0.0, w_answer=0.0,
+                        w_route=0.0, w_first=1.0, seed=3)
+    batch = [D.make_example("fact_word", 512, 1, "train"), D.make_example("text", 512, 2, "train"),
+             D.make_example("niah", 512, 3, "train")]
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig.from_dict(cfg.model), backend="torch")
+    loss, stats = T.step_loss(model, cfg, batch, "cpu", autocast=False)
+    logits = model(torch.tensor([ex.ids for ex in batch]))
+    want = []
+    for b, ex in enumerate(batch):
+        a0, a1 = ex.answer
+        if a1 > a0:  # naive: the log-softmax at position a0 - 1 of the token at a0
+            want.append(-torch.log_softmax(logits[b, a0 - 1].double(), -1)[ex.ids[a0]])
+    assert len(want) == 2
+    assert abs(float(loss) - float(sum(want) / len(want))) < 1e-4
+    assert abs(stats["first"] - float(loss)) < 1e-6
