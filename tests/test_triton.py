@@ -148,6 +148,23 @@ def test_forward_small_tiles(monkeypatch, split):
     _compare(K3_FORWARD, 2, 4, 2, 40, 100, 16, torch.float16, starts=[0, 21], positions=order.tolist())
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["interior", "masked"])
+def test_dq_small_blocks(monkeypatch, split):
+    """The query-major dQ kernels (window and span) with 16-key blocks and 16-row tiles: windows and spans then
+    cover interior key blocks (computed without masks with `window.DQ_SPLIT`) between masked edge blocks, and tiles
+    hold pairs whose spans start and end inside blocks. `masked`: every block under the masks. Gradients match the
+    oracle, also with left padding (rows without keys) and queries in no particular order."""
+    from superlinear_kernels.triton import span, window
+
+    monkeypatch.setattr(span, "_blocks", lambda d: (max(16, d), 16, 16))
+    monkeypatch.setattr(window, "DQ_BLOCK_N", 16)
+    monkeypatch.setattr(window, "DQ_ROWS", 16)
+    monkeypatch.setattr(window, "DQ_SPLIT", split)
+    _compare(RELEASE_SMALL, 1, 4, 2, 120, 120, 16, torch.float32, starts=[9])
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(3)) + 60
+    _compare(K3_FORWARD, 2, 4, 2, 40, 100, 16, torch.float16, starts=[0, 21], positions=order.tolist())
+
+
 @pytest.mark.parametrize("chunk", [1 << 20, 16], ids=["one-shot", "chunks"])
 def test_backward_without_residuals(monkeypatch, chunk):
     """`common.KEEP_RESIDUALS = False`: the forward keeps only the window's lse, and the backward recomputes
@@ -160,20 +177,74 @@ def test_backward_without_residuals(monkeypatch, chunk):
     monkeypatch.setattr(span, "_blocks", lambda d: (max(16, d), 16, 16))
     monkeypatch.setattr(window, "FWD_ROWS", 16)
     monkeypatch.setattr(window, "FWD_BLOCK_N", 16)
+    monkeypatch.setattr(window, "DQ_BLOCK_N", 16)
     monkeypatch.setattr(common, "TRAIN_CHUNK", chunk)
     _compare(RELEASE_SMALL, 2, 4, 2, 61, 61, 16, torch.float32, starts=[0, 13])
     _compare(NO_WINDOW, 1, 2, 1, 33, 33, 16, torch.float16)
     _compare(K3_FORWARD, 2, 4, 2, 41, 41, 16, torch.float32, starts=[5, 0])
 
 
-def test_training_in_chunks(monkeypatch):
+@pytest.mark.parametrize("forward_only", [False, True], ids=["forward-and-dq", "forward"])
+def test_training_in_chunks(monkeypatch, forward_only):
     """Training over more than TRAIN_CHUNK queries: the forward runs window, spans and gate in query chunks and the
-    backward its dQ2 (the last chunk partial); outputs and gradients still match the oracle."""
+    backward its dQ2 (the last chunk partial); outputs and gradients still match the oracle. `forward`: only the
+    forward in chunks (`common.train_forward_chunk`), the backward in one piece over the whole call's pair sort."""
     from superlinear_kernels.triton import common
 
-    monkeypatch.setattr(common, "TRAIN_CHUNK", 16)
+    if forward_only:
+        monkeypatch.setattr(common, "TRAIN_FWD_MIN", 8)
+        monkeypatch.setattr(common, "TRAIN_FWD_PARTS", 4)
+        assert common.train_forward_chunk(61) == 16
+    else:
+        monkeypatch.setattr(common, "TRAIN_CHUNK", 16)
     _compare(RELEASE_SMALL, 2, 4, 2, 61, 61, 16, torch.float32, starts=[0, 13])
     _compare(DEFAULT, 1, 4, 2, 37, 70, 16, torch.float16, positions=list(range(69, 32, -1)))
+
+
+def _attention_node(out):
+    """The Triton op's autograd node (its ctx) behind `out`."""
+    todo, seen = [out.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if "_AttentionFunction" in type(node).__name__:
+            return node
+        todo.extend(n for n, _ in node.next_functions)
+    raise AssertionError("no _AttentionFunction node behind the output")
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 16], ids=["one-shot", "chunks"])
+def test_residuals_freed_by_first_backward(monkeypatch, chunk):
+    """The residuals R_k live until the gate backward has read them: the first backward drops them, and a second
+    backward through the same graph (retain_graph=True) recomputes dO·O_k from the window's lse — both give the
+    oracle's gradients."""
+    from superlinear_kernels.triton import common
+
+    monkeypatch.setattr(common, "TRAIN_CHUNK", chunk)
+    q1, q2, k, v = random_inputs(2, 4, 2, 61, 61, 16, dtype=torch.float32, seed=4, device=DEVICE)
+    mask = left_padded_mask(2, 61, [0, 13], device=DEVICE)
+    weight = torch.randn(2, 4, 61, 16, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    grads = {}
+    for backend in ("oracle", "triton"):
+        xs = [x.clone().requires_grad_() for x in (q1, q2, k, v)]
+        out = superlinear_attention(*xs, torch.arange(61), RELEASE_SMALL, attention_mask=mask, backend=backend)
+        loss = (out.float() * weight).sum()
+        if backend == "triton":
+            node = _attention_node(out)
+            assert node.residuals is not None
+        loss.backward(retain_graph=True)
+        first = [x.grad.clone() for x in xs]
+        if backend == "triton":
+            assert node.residuals is None, "the first backward kept the residuals"
+        for x in xs:
+            x.grad = None
+        loss.backward()
+        grads[backend] = (first, [x.grad for x in xs])
+    for name, ref, got_first, got_second in zip(("dq1", "dq2", "dk", "dv"), grads["oracle"][0], *grads["triton"]):
+        assert_close(f"{name} first backward", ref, got_first, GRAD_TOL[torch.float32])
+        assert_close(f"{name} second backward", ref, got_second, GRAD_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

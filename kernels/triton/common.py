@@ -23,13 +23,24 @@ MAX_SPANS = 4  # docs/algorithm.md §1.2: fast kernels support K <= 4 (the kerne
 MAX_HEAD_DIM = 256  # docs/algorithm.md §1.2: fast kernels support D <= 256
 TARGET_ROWS = 64  # rows per program in the window kernels
 MAX_HEAD_CHUNK = 64  # a KV group with more query heads is split into chunks of this many heads
-# Training (inputs that need grad) over more queries than this runs the branches' forward and the dQ2 backward in
-# chunks of this many queries: fp32 per-branch outputs and the fp32 dQ2 accumulator exist for one chunk at a time.
+# Training (inputs that need grad) over more queries than this runs the dQ2 backward in chunks of this many queries
+# (the fp32 dQ2 accumulator exists for one chunk at a time), and the branches' forward in chunks of at most this many.
 TRAIN_CHUNK = 16384
-# Training keeps R_k = O_k − O (K × q2's size) for the gate and Δ gradients; False: the backward recomputes dO·O_k
-# from the stored lse instead (grad.branch_dots: one more pass over the window and the spans, K × q2's size less
-# memory).
+# The training forward's chunks (`train_forward_chunk`): about L_Q / TRAIN_FWD_PARTS queries, at least TRAIN_FWD_MIN,
+# at most TRAIN_CHUNK. A chunk's fp32 window and branch outputs (K + 1 times its rows of q2, in fp32) are the
+# forward's scratch, so it stays a small part of what training keeps (K + 1 times q2 in q2's dtype, with residuals).
+TRAIN_FWD_PARTS = 16
+TRAIN_FWD_MIN = 2048
+# Training keeps R_k = O_k − O (K × q2's size) for the gate and Δ gradients, and the first backward frees them once the
+# gate backward has read them; False: the backward recomputes dO·O_k from the stored lse instead (grad.branch_dots: one
+# more pass over the window and the spans, K × q2's size less memory). A second backward through the same graph
+# (retain_graph=True) recomputes too.
 KEEP_RESIDUALS = True
+
+
+def train_forward_chunk(l_q: int) -> int:
+    """Queries per chunk of the training forward over l_q queries (see TRAIN_FWD_PARTS)."""
+    return min(TRAIN_CHUNK, max(TRAIN_FWD_MIN, -(-l_q // TRAIN_FWD_PARTS)))
 
 
 def next_pow2(x: int) -> int:

@@ -20,7 +20,8 @@ import torch
 from . import common
 from .merge import gate_backward
 from .search import search_backward
-from .span import span_backward_dq, span_backward_kv
+from .span import _blocks as span_blocks
+from .span import sort_pairs, span_backward_dq, span_backward_kv
 from .window import window_backward_dq, window_backward_kv
 
 
@@ -54,22 +55,34 @@ def branch_dots(q2, k, v, qstart, qend, order, positions, row_start, window: int
     return dots
 
 
-def attention_backward(q1, q2, k, v, qstart, qanchor, qend, gate, out, residuals, branch_lse, win_lse, order,
-                       positions, row_start, window: int, dout, dvalues_out, dgate_out):
-    """Gradients (dq1, dq2, dk, dv) in the inputs' dtypes.
+def pair_order(q2, k, qstart, qend, order):
+    """The pair sort of the whole call (`span.sort_pairs`): the forward's `order` when it sorted the whole call at
+    once, else sorted here, once for the backward's span kernels."""
+    if order is not None:
+        return order
+    return sort_pairs(qstart, qend, k.shape[1], span_blocks(q2.shape[-1])[1], k.shape[2])
 
-    q1, q2 [B, H_Q, L_Q, D] contiguous; k, v [B, H_KV, L_KV, D] (unit stride in D); routing int32 and gate fp32
-    [B, H_Q, L_Q, K]; out [B, H_Q, L_Q, D] and residuals [B, H_Q, L_Q, K, D] as the forward stored them, or
-    residuals None and win_lse fp32 [B, H_Q, L_Q] (the window's lse; dO·O_k is then recomputed, `branch_dots`);
-    branch_lse fp32 [B, H_Q, L_Q, K]; order: the forward's pair sort (or None); positions int64 [L_Q];
-    row_start int64 [B]; dout like out; dvalues_out, dgate_out [B, H_Q, L_Q, K] (zeros when unused).
-    """
-    do = dout.to(q2.dtype).contiguous()
+
+def gate_grads(q2, k, v, qstart, qanchor, qend, gate, out, residuals, branch_lse, win_lse, order, positions,
+               row_start, window: int, do, dvalues_out, dgate_out):
+    """The fused gate backward (merge.gate_backward): (dvalues, delta, lse_eff, delta_eff), from the residuals
+    R_k = O_k − O [B, H_Q, L_Q, K, D] or, with residuals None, from dO·O_k recomputed by `branch_dots` (needs
+    win_lse). The only step that reads the residuals: the caller can free them afterwards. Arguments as
+    `attention_backward`; do [B, H_Q, L_Q, D] in q2's dtype; order: the whole call's pair sort (`pair_order`)."""
     dots = None if residuals is not None else branch_dots(q2, k, v, qstart, qend, order, positions, row_start,
                                                           window, do, branch_lse, win_lse)
-    dvalues, delta, lse_eff, delta_eff = gate_backward(do, out, residuals, gate, qanchor, branch_lse, dgate_out,
-                                                       dvalues_out, dots)
-    del dots
+    return gate_backward(do, out, residuals, gate, qanchor, branch_lse, dgate_out, dvalues_out, dots)
+
+
+def attention_backward(q1, q2, k, v, qstart, qanchor, qend, gate, branch_lse, order, positions, row_start,
+                       window: int, do, grads):
+    """Gradients (dq1, dq2, dk, dv) in the inputs' dtypes, after `gate_grads`.
+
+    q1, q2 [B, H_Q, L_Q, D] contiguous; k, v [B, H_KV, L_KV, D] (unit stride in D); routing int32 and gate fp32
+    [B, H_Q, L_Q, K]; branch_lse fp32 [B, H_Q, L_Q, K]; order: the whole call's pair sort (`pair_order`); positions
+    int64 [L_Q]; row_start int64 [B]; do [B, H_Q, L_Q, D] in q2's dtype (contiguous); grads: `gate_grads`' result.
+    """
+    dvalues, delta, lse_eff, delta_eff = grads
     dk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.empty_like(dk)
     window_backward_kv(q2, k, v, positions, row_start, window, do, lse_eff, delta_eff, dk, dv)

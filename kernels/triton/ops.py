@@ -23,7 +23,7 @@ from ..geometry import span_lengths
 from . import common
 from .common import INTERPRET, MAX_HEAD_DIM, MAX_SPANS, geometry_tables
 from .decode import decode_forward
-from .grad import attention_backward
+from .grad import attention_backward, gate_grads, pair_order
 from .merge import gate_forward
 from .search import search_backward, search_forward
 from .span import span_forward
@@ -141,9 +141,10 @@ def _branches(q2, k, v, qstart, qanchor, qend, values, positions, row_start, win
     return out, gate, res, branch_lse, order, win_lse
 
 
-def _branches_in_chunks(q2, k, v, qstart, qanchor, qend, values, prep: Prepared, window: int, residuals: bool):
-    """`_branches` over chunks of `common.TRAIN_CHUNK` queries, written into whole-call tensors: the fp32 branch
-    outputs O_k exist for one chunk at a time; only R_k = O_k - O (q2's dtype; with `residuals`) and the window's
+def _branches_in_chunks(q2, k, v, qstart, qanchor, qend, values, prep: Prepared, window: int, residuals: bool,
+                        size: int):
+    """`_branches` over chunks of `size` queries, written into whole-call tensors: the fp32 window and branch
+    outputs exist for one chunk at a time; only R_k = O_k - O (q2's dtype; with `residuals`) and the window's
     lse are kept for the backward. Returns (out, gate, residuals or None, branch_lse, win_lse)."""
     b, h_q, l_q, d = q2.shape
     num_spans = qstart.shape[-1]
@@ -152,8 +153,8 @@ def _branches_in_chunks(q2, k, v, qstart, qanchor, qend, values, prep: Prepared,
     branch_lse = torch.empty_like(gate)
     win_lse = torch.empty(b, h_q, l_q, dtype=torch.float32, device=q2.device)
     res = torch.empty(b, h_q, l_q, num_spans, d, dtype=q2.dtype, device=q2.device) if residuals else None
-    for c0 in range(0, l_q, common.TRAIN_CHUNK):
-        rows = slice(c0, c0 + common.TRAIN_CHUNK)
+    for c0 in range(0, l_q, size):
+        rows = slice(c0, c0 + size)
         part = _branches(q2[:, :, rows].contiguous(), k, v, qstart[:, :, rows].contiguous(),
                          qanchor[:, :, rows].contiguous(), qend[:, :, rows].contiguous(),
                          values[:, :, rows].contiguous(), prep.cache_position[rows], prep.row_start, window,
@@ -180,19 +181,21 @@ class _AttentionFunction(torch.autograd.Function):
                 _max_span_len(cfg, k.shape[2]))
             residuals = (branch_out - out.float().unsqueeze(-2)).to(q2.dtype) if need_grad else None
             order = None
-        elif need_grad and q2.shape[2] > common.TRAIN_CHUNK:
+        elif need_grad and q2.shape[2] > common.train_forward_chunk(q2.shape[2]):
             qstart, qanchor, qend, values = _search(q1, k, cfg, prep)
-            out, gate, residuals, branch_lse, win_lse = _branches_in_chunks(q2, k, v, qstart, qanchor, qend, values,
-                                                                            prep, window, keep)
+            out, gate, residuals, branch_lse, win_lse = _branches_in_chunks(
+                q2, k, v, qstart, qanchor, qend, values, prep, window, keep, common.train_forward_chunk(q2.shape[2]))
             order = None  # the backward sorts the whole call's pairs again
         else:
             qstart, qanchor, qend, values = _search(q1, k, cfg, prep)
             out, gate, residuals, branch_lse, order, win_lse = _branches(q2, k, v, qstart, qanchor, qend, values,
                                                                          prep.cache_position, prep.row_start, window,
                                                                          keep)
-        if residuals is not None or not need_grad:
+        if not need_grad:
             win_lse = None  # only the recomputing backward (grad.branch_dots) reads it
-        ctx.save_for_backward(q1, q2, k, v, qstart, qanchor, qend, gate, out, residuals, branch_lse, win_lse)
+        ctx.save_for_backward(q1, q2, k, v, qstart, qanchor, qend, gate, out, branch_lse, win_lse)
+        # Not a saved tensor: the first backward drops it once the gate backward has read it (`backward`).
+        ctx.residuals = residuals
         ctx.order = order
         ctx.window = window
         ctx.prep = prep
@@ -203,10 +206,21 @@ class _AttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, _dqstart, _dqanchor, _dqend, dvalues_out, dgate_out):
         # The returned values and gate are differentiable too (same as the other backends): a loss on them
         # adds to the gate's gradient and to the values' gradient before the search backward (grad.py).
-        q1, q2, k, v, qstart, qanchor, qend, gate, out, residuals, branch_lse, win_lse = ctx.saved_tensors
-        dq1, dq2, dk, dv = attention_backward(q1, q2, k, v, qstart, qanchor, qend, gate, out, residuals, branch_lse,
-                                              win_lse, ctx.order, ctx.prep.cache_position, ctx.prep.row_start,
-                                              ctx.window, dout, dvalues_out, dgate_out)
+        # The residuals R_k (K × q2's size) are needed only by the gate backward: the first backward frees them
+        # right after it (when the window's lse is kept, so that a second backward through the graph, with
+        # retain_graph=True, can recompute dO·O_k from it instead; the decode path keeps them).
+        q1, q2, k, v, qstart, qanchor, qend, gate, out, branch_lse, win_lse = ctx.saved_tensors
+        residuals = ctx.residuals
+        if win_lse is not None:
+            ctx.residuals = None
+        positions, row_start = ctx.prep.cache_position, ctx.prep.row_start
+        do = dout.to(q2.dtype).contiguous()
+        order = pair_order(q2, k, qstart, qend, ctx.order)
+        grads = gate_grads(q2, k, v, qstart, qanchor, qend, gate, out, residuals, branch_lse, win_lse, order,
+                           positions, row_start, ctx.window, do, dvalues_out, dgate_out)
+        del residuals
+        dq1, dq2, dk, dv = attention_backward(q1, q2, k, v, qstart, qanchor, qend, gate, branch_lse, order, positions,
+                                              row_start, ctx.window, do, grads)
         return dq1, dq2, dk, dv, None, None
 
 

@@ -28,8 +28,8 @@ import triton.language as tl
 
 from . import window
 from .common import block_d, dot_precision
-from .rules import LOG2E
-from .window import dq_block, fwd_blocks, fwd_finish, kv_grad_step
+from .rules import LN2, LOG2E
+from .window import dq_blocks, fwd_blocks, fwd_finish, kv_grad_step
 
 
 def sort_pairs(qstart: torch.Tensor, qend: torch.Tensor, h_kv: int, block_n: int, l_kv: int) -> torch.Tensor:
@@ -96,8 +96,8 @@ def _span_fwd_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, wout_
 
 
 # Forward tuning (module constants, swept by bench/fwd_tune.py): pairs per tile, key block, warps, stages, and
-# whether interior blocks (inside every pair's span) skip the masks. The backward keeps its own tiles (`_blocks`)
-# and masks every block (a dQ kernel with the interior rule hit a layout error in Triton 3.6's compiler).
+# whether interior blocks (inside every pair's span) skip the masks (the dQ kernel's rule is `window.DQ_SPLIT`).
+# The backward keeps its own tiles (`_blocks`).
 FWD_BLOCK_P = 64
 FWD_BLOCK_N = 64
 FWD_WARPS = 4
@@ -143,11 +143,13 @@ def span_forward(q2, k, v, qstart, qend, win_out, win_lse):
 def _span_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr,
                         delta_ptr, dq_ptr,
                         sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                        H_Q, H_KV, L_Q, D, G, PG, scale,
+                        H_Q, H_KV, L_Q, D, G, PG, qk_scale,
                         NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOTS: tl.constexpr):
-    """dQ2 of a tile of sorted pairs over the union of its spans; one atomic add per pair row at the end
-    (a row's K pairs and its window all add into it). DOTS: instead, each pair's Σ_{j ∈ S_k} P_kj (dO·V_j) (dO
+                        BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+                        DOTS: tl.constexpr):
+    """dQ2 of a tile of sorted pairs over the union of its spans (`window.dq_blocks`: base 2, masks only at the
+    edges of the live pairs' spans with SPLIT); one atomic add per pair row at the end (a row's K pairs and its
+    window all add into it). DOTS: instead, each pair's Σ_{j ∈ S_k} P_kj (dO·V_j) (dO
     itself, not g_k dO), stored per pair into fp32 dq_ptr [pairs] — the span part of dO·O_k (grad.branch_dots)."""
     tile = tl.program_id(0)
     grp = tl.program_id(1)
@@ -168,20 +170,19 @@ def _span_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
         gate = tl.load(gate_ptr + pair, mask=live, other=0.0)
         do = gate[:, None] * do.to(tl.float32)
     do = do.to(q.dtype)
-    lse = tl.load(blse_ptr + pair, mask=live, other=float("inf"))
+    lse2 = tl.load(blse_ptr + pair, mask=live, other=float("inf")) * LOG2E  # +inf: a dead pair gets P = 0
     delta = tl.load(delta_ptr + pair, mask=live, other=0.0)
     k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
 
     dq = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     dots = tl.zeros([BLOCK_P], tl.float32)
-    for n0 in range(lo, hi + 1, BLOCK_N):
-        dq, dots = dq_block(q, do, lse, delta, k_base, v_base, sk_l, sv_l, n0, d, dmask, qs, qe, live, hi, dq,
-                            dots, scale, BLOCK_N, DOTS, PRECISION)
+    dq, dots = dq_blocks(q, do, lse2, delta, k_base, v_base, sk_l, sv_l, d, dmask, qs, qe, live, lo, hi, dq, dots,
+                         qk_scale, BLOCK_N, SPLIT, DOTS, EVEN_D, PRECISION)
     if DOTS:
         tl.store(dq_ptr + pair, dots, mask=ok)
     else:
-        tl.atomic_add(dq_ptr + row[:, None] * D + d[None, :], dq * scale, mask=m2)
+        tl.atomic_add(dq_ptr + row[:, None] * D + d[None, :], dq * (qk_scale * LN2), mask=m2)
 
 
 @triton.jit
@@ -310,9 +311,9 @@ def span_backward_dq(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta,
     _span_bwd_dq_kernel[(triton.cdiv(pg, block_p), b * h_kv)](
         q2, k, v, order, qstart, qend, do, gate, branch_lse, delta, dq,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h_q, h_kv, l_q, d, group, pg, d ** -0.5,
-        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=min(block_n, DQ_BLOCK_N), BLOCK_D=bd,
-        PRECISION=dot_precision(q2.dtype), DOTS=dots, num_warps=4, num_stages=DQ_STAGES)
+        h_q, h_kv, l_q, d, group, pg, d ** -0.5 * LOG2E.value,
+        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=min(block_n, DQ_BLOCK_N), BLOCK_D=bd, SPLIT=window.DQ_SPLIT,
+        EVEN_D=bd == d, PRECISION=dot_precision(q2.dtype), DOTS=dots, num_warps=4, num_stages=DQ_STAGES)
 
 
 def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dk, dv) -> None:

@@ -186,12 +186,12 @@ def window_forward(q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
 @triton.jit
 def _window_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                           sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                          H_Q, H_KV, L_Q, D, G, N_CHUNKS, W, scale,
+                          H_Q, H_KV, L_Q, D, G, N_CHUNKS, W, qk_scale,
                           GH: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PRECISION: tl.constexpr, DOTS: tl.constexpr):
-    """dQ of the window rows, query-major: the program owns its rows, so dQ is stored, not added. DOTS: instead,
-    each row's Σ_j P_j (dO·V_j) over its window (= dO·O_win with the window's own lse), stored into fp32 dq_ptr
-    [rows] (grad.branch_dots)."""
+                          SPLIT: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, DOTS: tl.constexpr):
+    """dQ of the window rows, query-major: the program owns its rows, so dQ is stored, not added (`dq_blocks`, base 2:
+    qk_scale = D^-1/2·log2(e)). DOTS: instead, each row's Σ_j P_j (dO·V_j) over its window (= dO·O_win with the
+    window's own lse), stored into fp32 dq_ptr [rows] (grad.branch_dots)."""
     b, hkv, qi, ok, base = _rows(tl.program_id(0), tl.program_id(1), N_CHUNKS, H_Q, H_KV, L_Q, G, GH, BQ)
     pos = tl.load(pos_ptr + qi, mask=ok, other=0)
     s = tl.load(start_ptr + b)
@@ -205,41 +205,75 @@ def _window_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, do_ptr, lse_p
     m2 = ok[:, None] & dmask[None, :]
     q = tl.load(q_ptr + base[:, None] * D + d[None, :], mask=m2, other=0.0)
     do = tl.load(do_ptr + base[:, None] * D + d[None, :], mask=m2, other=0.0).to(q.dtype)
-    lse = tl.load(lse_ptr + base, mask=ok, other=float("inf"))
+    lse2 = tl.load(lse_ptr + base, mask=ok, other=float("inf")) * LOG2E
     delta = tl.load(delta_ptr + base, mask=ok, other=0.0)
     k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
 
     dq = tl.zeros([GH * BQ, BLOCK_D], tl.float32)
     dots = tl.zeros([GH * BQ], tl.float32)
-    for n0 in range(lo, hi + 1, BLOCK_N):
-        dq, dots = dq_block(q, do, lse, delta, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_row, pos, ok, hi, dq,
-                            dots, scale, BLOCK_N, DOTS, PRECISION)
+    dq, dots = dq_blocks(q, do, lse2, delta, k_base, v_base, sk_l, sv_l, d, dmask, lo_row, pos, ok, lo, hi, dq, dots,
+                         qk_scale, BLOCK_N, SPLIT, DOTS, EVEN_D, PRECISION)  # masks only at the windows' edges
     if DOTS:
         tl.store(dq_ptr + base, dots, mask=ok)
     else:
-        tl.store(dq_ptr + base[:, None] * D + d[None, :], dq * scale, mask=m2)
+        tl.store(dq_ptr + base[:, None] * D + d[None, :], dq * (qk_scale * LN2), mask=m2)
 
 
 @triton.jit
-def dq_block(q, do, lse, delta, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok, hi, dq, dots, scale,
-             BLOCK_N: tl.constexpr, DOTS: tl.constexpr, PRECISION: tl.constexpr):
-    """One key block of the query-major backward (window and span dQ kernels), masked: P = exp(logits − lse)
-    recomputed from the stored lse on the rows' allowed keys [lo_col, hi_col] (keys past `hi` are not read),
-    dP = dO·Vᵀ; then dQ += (P (dP − Δ))·K, or with DOTS the rows' Σ P·dP."""
+def dq_block(q, do, lse2, delta, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok, hi, dq, dots,
+             qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOTS: tl.constexpr, EVEN_D: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """One key block of the query-major backward (window and span dQ kernels): P = 2^(logits·log2(e) − lse2)
+    recomputed from the stored lse (lse2 = lse·log2(e); a row with lse = +inf gets P = 0), dP = dO·Vᵀ; then
+    dQ += (P (dP − Δ))·K (in units of 1/qk_scale), or with DOTS the rows' Σ P·dP. MASKED: P only on the rows' allowed
+    keys [lo_col, hi_col] and no key past `hi` read; MASKED = False for a block inside every row's range (`interior`),
+    as in `fwd_step`."""
     cols = n0 + tl.arange(0, BLOCK_N)
-    kv_mask = (cols <= hi)[:, None] & dmask[None, :]
-    kk = tl.load(k_base + cols[:, None].to(tl.int64) * sk_l + d[None, :], mask=kv_mask, other=0.0)
-    vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :], mask=kv_mask, other=0.0)
-    logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * scale
-    allowed = row_ok[:, None] & (cols[None, :] >= lo_col[:, None]) & (cols[None, :] <= hi_col[:, None])
-    p = tl.where(allowed, tl.exp(logits - lse[:, None]), 0.0)
+    kv_ptr = cols[:, None].to(tl.int64)
+    if MASKED:
+        kv_mask = (cols <= hi)[:, None] & dmask[None, :]
+        kk = tl.load(k_base + kv_ptr * sk_l + d[None, :], mask=kv_mask, other=0.0)
+        vv = tl.load(v_base + kv_ptr * sv_l + d[None, :], mask=kv_mask, other=0.0)
+    elif EVEN_D:
+        kk = tl.load(k_base + kv_ptr * sk_l + d[None, :])
+        vv = tl.load(v_base + kv_ptr * sv_l + d[None, :])
+    else:
+        kk = tl.load(k_base + kv_ptr * sk_l + d[None, :], mask=dmask[None, :], other=0.0)
+        vv = tl.load(v_base + kv_ptr * sv_l + d[None, :], mask=dmask[None, :], other=0.0)
+    p = tl.exp2(tl.dot(q, tl.trans(kk), input_precision=PRECISION) * qk_scale - lse2[:, None])
+    if MASKED:
+        allowed = row_ok[:, None] & (cols[None, :] >= lo_col[:, None]) & (cols[None, :] <= hi_col[:, None])
+        p = tl.where(allowed, p, 0.0)
     dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
     if DOTS:
         dots += tl.sum(p * dp, axis=1)
     else:
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(q.dtype), kk, input_precision=PRECISION)
+    return dq, dots
+
+
+@triton.jit
+def dq_blocks(q, do, lse2, delta, k_base, v_base, sk_l, sv_l, d, dmask, lo_col, hi_col, row_ok, lo, hi, dq, dots,
+              qk_scale, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOTS: tl.constexpr, EVEN_D: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """Every key block from `lo` to `hi` through `dq_block` (window and span dQ kernels); with SPLIT the blocks inside
+    every row's [lo_col, hi_col] (`interior`) skip the masks, as `fwd_blocks` does. Returns (dq, dots)."""
+    if SPLIT:
+        a, e = interior(lo_col, hi_col, row_ok, lo, BLOCK_N)
+    else:
+        a = lo
+        e = lo
+    for n0 in range(lo, a, BLOCK_N):
+        dq, dots = dq_block(q, do, lse2, delta, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok, hi,
+                            dq, dots, qk_scale, BLOCK_N, True, DOTS, EVEN_D, PRECISION)
+    for n0 in range(a, e, BLOCK_N):
+        dq, dots = dq_block(q, do, lse2, delta, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok, hi,
+                            dq, dots, qk_scale, BLOCK_N, False, DOTS, EVEN_D, PRECISION)
+    for n0 in range(e, hi + 1, BLOCK_N):
+        dq, dots = dq_block(q, do, lse2, delta, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok, hi,
+                            dq, dots, qk_scale, BLOCK_N, True, DOTS, EVEN_D, PRECISION)
     return dq, dots
 
 
@@ -311,6 +345,9 @@ def _window_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, spos_ptr, qrange_ptr, 
 KV_BLOCK = 128  # keys per program of the key-major backward kernels (window and span)
 KV_WARPS = 8  # warps of those kernels for D >= 128 (4 below): dK and dV stay in registers
 KV_STAGES = 1  # software-pipelining stages of those kernels
+DQ_SPLIT = True  # the query-major dQ kernels (window and span) skip the masks on interior key blocks (`dq_blocks`)
+DQ_BLOCK_N = 64  # keys per loop trip of the window's dQ kernel (D <= 128; 32 above)
+DQ_ROWS = 64  # rows (heads x queries) per program of the window's dQ kernel
 
 
 def window_query_ranges(positions: torch.Tensor, l_kv: int, window: int, block_n: int):
@@ -339,14 +376,14 @@ def window_backward_dq(q2, k, v, positions, row_start, window, do, lse, delta, d
     b, h_q, l_q, d = q2.shape
     h_kv = k.shape[1]
     group = h_q // h_kv
-    gh, bq, n_chunks = head_rows(group, l_q)
+    gh, bq, n_chunks = head_rows(group, l_q, DQ_ROWS)
     bd = block_d(d)
     _window_bwd_dq_kernel[(triton.cdiv(l_q, bq), b * h_kv * n_chunks)](
         q2, k, v, positions, row_start, do, lse, delta, dq,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h_q, h_kv, l_q, d, group, n_chunks, window, d ** -0.5,
-        GH=gh, BQ=bq, BLOCK_N=64 if bd <= 128 else 32, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype), DOTS=dots,
-        num_warps=4, num_stages=2)
+        h_q, h_kv, l_q, d, group, n_chunks, window, d ** -0.5 * LOG2E.value,
+        GH=gh, BQ=bq, BLOCK_N=DQ_BLOCK_N if bd <= 128 else 32, BLOCK_D=bd, SPLIT=DQ_SPLIT, EVEN_D=bd == d,
+        PRECISION=dot_precision(q2.dtype), DOTS=dots, num_warps=4, num_stages=2)
 
 
 def window_backward_kv(q2, k, v, positions, row_start, window, do, lse, delta, dk, dv) -> None:
