@@ -3,8 +3,9 @@ gradient checks of `gpu_check.py`, a chunked-vs-one-shot training check at 40K a
 all with the fastest setting.
 
 The settings are module constants of the backend (`window.KV_BLOCK`, `KV_WARPS`, `KV_STAGES`, `span.KV_TILE`,
-`KV_SKIP`, `DQ_BLOCK_N`, `DQ_STAGES`), set in-process for each candidate; the backward of one forward is replayed
-(retain_graph) and timed with CUDA events. Results: $OUT/bwd_tune.json (gradient rows also in gpu_check.json).
+`KV_SKIP`, `DQ_BLOCK_N`, `DQ_STAGES`), set in-process for each candidate; each backward follows its own forward
+(the first backward frees the residuals, so a replay with retain_graph would time the recomputing backward) and
+is timed alone with CUDA events. Results: $OUT/bwd_tune.json (gradient rows also in gpu_check.json).
 
     python bench/bwd_tune.py [--length 131072] [--check] [--train-lengths 32768 131072] [--only 0 1] [--warm 8]
 """
@@ -61,20 +62,33 @@ def backward_times(length: int, reps: int, profile: bool):
     cfg = SpanConfig.release()
     q1, q2, k, v = (x.requires_grad_() for x in speed.make_inputs(length, torch.bfloat16, False))
     dout = torch.randn(q2.shape, device="cuda", dtype=torch.bfloat16)
-    out = superlinear_attention(q1, q2, k, v, torch.arange(length, device="cuda"), cfg, backend="triton")
+    positions = torch.arange(length, device="cuda")
 
-    def bwd():
+    def fwd():
         for x in (q1, q2, k, v):
             x.grad = None
-        out.backward(dout, retain_graph=True)
+        out = superlinear_attention(q1, q2, k, v, positions, cfg, backend="triton")
+        torch.cuda.synchronize()
+        return out
 
-    seconds = gpu_check.cuda_time(bwd, reps)  # one warm-up call (compiles), then the median of `reps` calls
+    times = []
+    for _ in range(reps + 1):  # the first (compiles) is not counted
+        out = fwd()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out.backward(dout)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+        del out
+    seconds = sorted(times[1:])[reps // 2]
     kernels = {}
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
+        out = fwd()
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-            bwd()
+            out.backward(dout)
             torch.cuda.synchronize()
         for ev in prof.key_averages():
             t = getattr(ev, "self_device_time_total", 0) / 1e3
@@ -97,7 +111,8 @@ def memory_trace(length: int) -> list[dict]:
     base = torch.cuda.memory_allocated()
     rows: list[dict] = []
     patched = []
-    for mod, names in ((ops, ("_search", "window_forward", "span_forward", "gate_forward", "attention_backward")),
+    for mod, names in ((ops, ("_search", "window_forward", "span_forward", "gate_forward", "gate_grads",
+                              "attention_backward")),
                        (grad, ("gate_backward", "window_backward_kv", "span_backward_kv", "window_backward_dq",
                                "span_backward_dq", "search_backward"))):
         for name in names:

@@ -6,7 +6,8 @@ Checks (each row of the printed table is pass/fail against a stated tolerance):
   * grad     — full forward + backward vs the dense oracle (L = 2600, H_Q = 32, H_KV = 2, D = 128,
                left padding): routing equality, out, dq1, dq2, dk, dv;
   * grad-recompute — the same with the backward that recomputes dO·O_k (`common.KEEP_RESIDUALS = False`);
-  * chunks   — training over 40,000 queries (forward and dQ2 in chunks of `common.TRAIN_CHUNK`) == one shot;
+  * chunks   — training over 40,000 queries (forward in chunks of `common.train_forward_chunk`, dQ2 in chunks of
+               `common.TRAIN_CHUNK`) == one shot;
   * rows     — prefill at 16K (B = 2, left padding) and 64K (B = 1), H_Q = 32, H_KV = 2, D = 128: the
                full Triton prefill, checked against the oracle on sampled query rows (the dense oracle
                of the whole call would need L² memory);
@@ -147,15 +148,16 @@ def check_chunks(length: int = 40000, h_q: int = 32, h_kv: int = 2, d: int = 128
     mask = mask_for(1, length, [1001])
     weight = torch.randn(1, h_q, length, d, device="cuda")
     res = {}
-    for name, chunk in (("chunked", common.TRAIN_CHUNK), ("one-shot", 1 << 30)):
-        old, common.TRAIN_CHUNK = common.TRAIN_CHUNK, chunk
+    for name, chunk, parts in (("chunked", common.TRAIN_CHUNK, common.TRAIN_FWD_PARTS), ("one-shot", 1 << 30, 1)):
+        old = common.TRAIN_CHUNK, common.TRAIN_FWD_PARTS
+        common.TRAIN_CHUNK, common.TRAIN_FWD_PARTS = chunk, parts
         try:
             xs = [x.clone().requires_grad_() for x in (q1, q2, k, v)]
             out = superlinear_attention(*xs, torch.arange(length), cfg, attention_mask=mask, backend="triton")
             (out.float() * weight).sum().backward()
             res[name] = [out.detach()] + [x.grad for x in xs]
         finally:
-            common.TRAIN_CHUNK = old
+            common.TRAIN_CHUNK, common.TRAIN_FWD_PARTS = old
         del xs
     size = f"B1 L{length} H{h_q}/{h_kv} D{d} s=1001"
     for gname, a, b in zip(("out", "dq1", "dq2", "dk", "dv"), res["one-shot"], res["chunked"]):
@@ -346,10 +348,23 @@ def timing(l=131072, h_q=32, h_kv=2, d=128, dtype=torch.bfloat16):
     save()
 
 
+def training_checks(quick: bool) -> None:
+    """The gradient checks: grad (both presets, bf16/fp16; release fp32), grad-recompute, chunks."""
+    for pname, cfg in PRESETS.items():
+        for dname, dtype in DTYPES.items():
+            check_grad(pname, cfg, dname, dtype)
+    check_grad("release", SpanConfig.release(), "fp32", torch.float32, h_q=8)
+    for dname, dtype in DTYPES.items():
+        check_grad("release", SpanConfig.release(), dname, dtype, recompute=True)
+    check_chunks(length=20000 if quick else 40000)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller sizes (smoke test)")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--grads-only", action="store_true",
+                        help="only the training checks: grad (both presets, bf16/fp16, fp32), grad-recompute, chunks")
     args = parser.parse_args()
     import triton
 
@@ -360,21 +375,24 @@ def main() -> int:
           flush=True)
     began = time.perf_counter()
     big = 16384 if args.quick else 65536
+    training_checks(args.quick)
+    if args.grads_only:
+        return summary()
     for pname, cfg in PRESETS.items():
         for dname, dtype in DTYPES.items():
-            check_grad(pname, cfg, dname, dtype)
             check_rows(pname, cfg, dname, dtype, b=2, l=16384, starts=[0, 3001])
             check_rows(pname, cfg, dname, dtype, b=1, l=big, starts=[0], decode=True,
                        chunked=(pname == "release"))
-    check_grad("release", SpanConfig.release(), "fp32", torch.float32, h_q=8)
-    for dname, dtype in DTYPES.items():
-        check_grad("release", SpanConfig.release(), dname, dtype, recompute=True)
-    check_chunks(length=20000 if args.quick else 40000)
     for dname, dtype in DTYPES.items():
         check_graph(SpanConfig.release(), "release", dname, dtype, l=big)
     print(f"checks took {time.perf_counter() - began:.0f} s", flush=True)
     if not args.no_timing:
         timing(l=32768 if args.quick else 131072)
+    return summary()
+
+
+def summary() -> int:
+    """Print how many checks passed; the exit status (1 if any failed)."""
     failed = [r for r in ROWS if not r["ok"]]
     print(f"{len(ROWS) - len(failed)}/{len(ROWS)} checks passed; results in {OUT_PATH}", flush=True)
     return 1 if failed else 0

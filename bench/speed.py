@@ -21,6 +21,7 @@ $OUT/speed.json (or bench/speed.json). Decode is one step replayed from a CUDA g
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -274,11 +275,17 @@ def main() -> None:
     parser.add_argument("--recompute", action="store_true",
                         help="train mode: the backward recomputes dO·O_k instead of keeping residuals "
                              "(superlinear_kernels.triton.common.KEEP_RESIDUALS = False)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="MODULE.NAME=VALUE",
+                        help="backend constants for this run, e.g. window.DQ_SPLIT=False common.TRAIN_FWD_PARTS=1 "
+                             "(modules of bwd_tune.MODULES; values are Python literals)")
     args = parser.parse_args()
+    settings = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.set)}
     if args.recompute:
-        from superlinear_kernels.triton import common
+        settings["common.KEEP_RESIDUALS"] = False
+    if settings:
+        from bwd_tune import apply
 
-        common.KEEP_RESIDUALS = False
+        apply(settings)
     if not torch.cuda.is_available():
         sys.exit("bench/speed.py needs a CUDA device")
     cfg, dtype = SpanConfig.release(), getattr(torch, args.dtype)
@@ -286,7 +293,7 @@ def main() -> None:
 
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "dtype": args.dtype, "H_Q": H_Q, "H_KV": H_KV, "D": D, "chunk": CHUNK,
-            "config": cfg.to_dict(), "recompute": args.recompute}
+            "config": cfg.to_dict(), "recompute": args.recompute, "settings": settings}
     rows = []
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {args.dtype} | "
           f"{'coherent' if args.coherent else 'random'} keys")

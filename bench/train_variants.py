@@ -1,0 +1,111 @@
+"""GPU: the training step of the release layer (speed.py's train mode) for several settings of the backend in one
+process, next to dense in the same run, plus the memory around each stage of one step (bwd_tune.memory_trace).
+
+Each length runs dense once (with the first variant's row), then every variant on the same inputs: forward,
+forward+backward (median of `--reps` after a warm-up), peak memory beyond the inputs. A variant is a set of backend
+constants applied in-process with `bwd_tune.apply` and restored afterwards. The first variant is repeated at the
+end of each length (`again`) to show the run-to-run drift.
+
+    python bench/train_variants.py --lengths 16384 32768 131072 --variants new masked-dq [--memory 16384 131072]
+
+Writes $OUT/train_variants.json (or bench/) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import bwd_tune  # noqa: E402  (imports superlinear_kernels from this checkout)
+import speed  # noqa: E402
+from superlinear_kernels import SpanConfig  # noqa: E402
+
+VARIANTS = {
+    "new": {},  # the shipped defaults
+    "masked-dq": {"window.DQ_SPLIT": False},  # dQ kernels with masks on every key block
+    "fwd-chunk-16k": {"common.TRAIN_FWD_PARTS": 1},  # the training forward in chunks of TRAIN_CHUNK (session 5)
+    "fwd-parts-8": {"common.TRAIN_FWD_PARTS": 8},
+    "fwd-min-1k": {"common.TRAIN_FWD_MIN": 1024},
+    "recompute": {"common.KEEP_RESIDUALS": False},  # dO·O_k recomputed instead of stored residuals
+    "session5": {"window.DQ_SPLIT": False, "common.TRAIN_FWD_PARTS": 1},
+}
+
+
+def reps_for(length: int, reps: int) -> int:
+    """Fewer repetitions for the long rows (a 256K dense step takes ~4 s)."""
+    return reps if length <= 65536 else max(2, reps // 2) if length <= 131072 else 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536, 131072, 262144])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--dense-max", type=int, default=1 << 18)
+    parser.add_argument("--profile", type=int, nargs="*", default=[], help="lengths with a per-kernel profile of "
+                        "the first variant's step")
+    parser.add_argument("--memory", type=int, nargs="*", default=[], help="lengths with a memory trace per stage")
+    parser.add_argument("--memory-variants", nargs="*", default=["new", "recompute"], choices=list(VARIANTS),
+                        help="the variants traced at the --memory lengths")
+    parser.add_argument("--json", default="train_variants.json")
+    args = parser.parse_args()
+    import triton
+
+    cfg = SpanConfig.release()
+    out = Path(os.environ.get("OUT", ROOT / "bench")) / args.json
+    report = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": triton.__version__, "cuda": torch.version.cuda, "dtype": "bfloat16",
+                       "H_Q": speed.H_Q, "H_KV": speed.H_KV, "D": speed.D, "config": cfg.to_dict()},
+              "variants": {name: VARIANTS[name] for name in args.variants}, "rows": [], "memory": {}}
+    print(f"{'L':>7} {'variant':14s} {'fwd ms':>8} {'step ms':>8} {'bwd/fwd':>7} {'peak GB':>7} "
+          f"{'dense ms':>8} {'dense GB':>8} {'ratio':>6}", flush=True)
+    first = args.variants[0]
+    for length in args.lengths:
+        dense = {}
+        runs = args.variants + [first]
+        for i, name in enumerate(runs):
+            old = bwd_tune.apply(VARIANTS[name])
+            try:
+                row = speed.train_row(length, cfg, torch.bfloat16, False, reps_for(length, args.reps),
+                                      args.dense_max if i == 0 else 0, i == 0 and length in args.profile)
+            except Exception as e:  # out of memory, or a setting that does not compile: reported, not fatal
+                row = {"length": length, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"}
+            finally:
+                bwd_tune.apply(old)
+                torch.cuda.empty_cache()
+            row["variant"] = name if i < len(args.variants) else f"{name} (again)"
+            if "error" not in row:
+                if i == 0:
+                    dense = {key: value for key, value in row.items() if key.startswith("dense")}
+                elif dense.get("dense_s") is not None:
+                    row.update(dense, ratio=dense["dense_s"] / row["ours_s"])
+            report["rows"].append(row)
+            out.write_text(json.dumps(report, indent=1))
+            if "error" in row:
+                print(f"{length:>7} {row['variant']:14s} {row['error']}", flush=True)
+                continue
+            dms = "—" if row.get("dense_s") is None else f"{row['dense_s'] * 1e3:8.1f}"
+            dgb = "—" if row.get("dense_peak_extra_gb") is None else f"{row['dense_peak_extra_gb']:8.2f}"
+            ratio = "—" if row.get("ratio") is None else f"{row['ratio']:6.2f}"
+            print(f"{length:>7} {row['variant']:14s} {row['ours_fwd_s'] * 1e3:8.1f} {row['ours_s'] * 1e3:8.1f} "
+                  f"{row['ours_bwd_over_fwd']:7.2f} {row['peak_extra_gb']:7.2f} {dms:>8} {dgb:>8} {ratio:>6}",
+                  flush=True)
+    for length in args.memory:
+        for name in args.memory_variants:
+            old = bwd_tune.apply(VARIANTS[name])
+            try:
+                print(f"memory {length}, {name}:", flush=True)
+                report["memory"][f"{length} {name}"] = bwd_tune.memory_trace(length)
+            finally:
+                bwd_tune.apply(old)
+            out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
