@@ -44,6 +44,12 @@ CANDIDATES = [
     {"common.KEEP_RESIDUALS": False},  # 12: dO·O_k recomputed (grad.branch_dots) instead of stored residuals
     {"span.KV_SORTED": False},  # 13, 14: the defaults chosen in window A without sorted arrays / session 4's tiling
     {"span.KV_SORTED": False, "window.KV_BLOCK": 64},
+    # session 6, on the 128-key dK/dV programs and the dQ kernels with a mask-free interior
+    {"span.KV_TILE": 32},  # 15
+    {"window.KV_STAGES": 2},  # 16
+    {"span.DQ_STAGES": 3},  # 17
+    {"span.DQ_WARPS": 8},  # 18
+    {"span.KV_TILE": 32, "window.KV_STAGES": 2},  # 19
 ]
 MODULES = {"window": window, "span": span, "common": common, "search": search}  # also used by fwd_tune.py
 

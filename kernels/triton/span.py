@@ -289,6 +289,7 @@ KV_SKIP = True  # branch over tiles of the run that miss the block (else they ar
 KV_SORTED = True  # the key-major kernel reads the pair arrays gathered into sorted order (else through the sort)
 DQ_BLOCK_N = 64  # keys per loop trip of the dQ kernel (D <= 128; 32 above)
 DQ_STAGES = 2
+DQ_WARPS = 4  # warps of the dQ kernel
 
 
 def span_backward_dq(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dq, dots: bool = False) -> None:
@@ -313,7 +314,7 @@ def span_backward_dq(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, d, group, pg, d ** -0.5 * LOG2E.value,
         NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=min(block_n, DQ_BLOCK_N), BLOCK_D=bd, SPLIT=window.DQ_SPLIT,
-        EVEN_D=bd == d, PRECISION=dot_precision(q2.dtype), DOTS=dots, num_warps=4, num_stages=DQ_STAGES)
+        EVEN_D=bd == d, PRECISION=dot_precision(q2.dtype), DOTS=dots, num_warps=DQ_WARPS, num_stages=DQ_STAGES)
 
 
 def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dk, dv) -> None:
