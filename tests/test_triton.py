@@ -192,9 +192,9 @@ def test_training_in_chunks(monkeypatch, forward_only):
     from superlinear_kernels.triton import common
 
     if forward_only:
-        monkeypatch.setattr(common, "TRAIN_FWD_MIN", 8)
+        monkeypatch.setattr(common, "TRAIN_FWD_MIN_ROWS", 64)
         monkeypatch.setattr(common, "TRAIN_FWD_PARTS", 4)
-        assert common.train_forward_chunk(61) == 16
+        assert common.train_forward_chunk(61, 2 * 4) == 16 and common.train_forward_chunk(37, 4) == 16
     else:
         monkeypatch.setattr(common, "TRAIN_CHUNK", 16)
     _compare(RELEASE_SMALL, 2, 4, 2, 61, 61, 16, torch.float32, starts=[0, 13])

@@ -26,11 +26,12 @@ MAX_HEAD_CHUNK = 64  # a KV group with more query heads is split into chunks of 
 # Training (inputs that need grad) over more queries than this runs the dQ2 backward in chunks of this many queries
 # (the fp32 dQ2 accumulator exists for one chunk at a time), and the branches' forward in chunks of at most this many.
 TRAIN_CHUNK = 16384
-# The training forward's chunks (`train_forward_chunk`): about L_Q / TRAIN_FWD_PARTS queries, at least TRAIN_FWD_MIN,
-# at most TRAIN_CHUNK. A chunk's fp32 window and branch outputs (K + 1 times its rows of q2, in fp32) are the
-# forward's scratch, so it stays a small part of what training keeps (K + 1 times q2 in q2's dtype, with residuals).
+# The training forward's chunks (`train_forward_chunk`): about L_Q / TRAIN_FWD_PARTS queries, at least
+# TRAIN_FWD_MIN_ROWS query rows (B·H_Q per query: 2048 queries of the 32-head release layer), at most TRAIN_CHUNK.
+# A chunk's fp32 window and branch outputs (K + 1 times its rows of q2, in fp32) are the forward's scratch, so it stays
+# a small part of what training keeps (K + 1 times q2 in q2's dtype, with residuals).
 TRAIN_FWD_PARTS = 16
-TRAIN_FWD_MIN = 2048
+TRAIN_FWD_MIN_ROWS = 65536
 # Training keeps R_k = O_k − O (K × q2's size) for the gate and Δ gradients, and the first backward frees them once the
 # gate backward has read them; False: the backward recomputes dO·O_k from the stored lse instead (grad.branch_dots: one
 # more pass over the window and the spans, K × q2's size less memory). A second backward through the same graph
@@ -38,9 +39,10 @@ TRAIN_FWD_MIN = 2048
 KEEP_RESIDUALS = True
 
 
-def train_forward_chunk(l_q: int) -> int:
-    """Queries per chunk of the training forward over l_q queries (see TRAIN_FWD_PARTS)."""
-    return min(TRAIN_CHUNK, max(TRAIN_FWD_MIN, -(-l_q // TRAIN_FWD_PARTS)))
+def train_forward_chunk(l_q: int, rows_per_query: int) -> int:
+    """Queries per chunk of the training forward over l_q queries of rows_per_query = B·H_Q rows each (see
+    TRAIN_FWD_PARTS)."""
+    return min(TRAIN_CHUNK, max(-(-TRAIN_FWD_MIN_ROWS // rows_per_query), -(-l_q // TRAIN_FWD_PARTS)))
 
 
 def next_pow2(x: int) -> int:

@@ -174,6 +174,7 @@ class _AttentionFunction(torch.autograd.Function):
         window = cfg.window_len
         need_grad = any(ctx.needs_input_grad[:4])
         keep = need_grad and common.KEEP_RESIDUALS
+        chunk = common.train_forward_chunk(q2.shape[2], q2.shape[0] * q2.shape[1])
         win_lse = None
         if q2.shape[2] == 1:  # decode: one pass per KV group over the union of its branches' keys
             (qstart, qanchor, qend, values), (out, gate, branch_out, branch_lse) = _decode(
@@ -181,10 +182,10 @@ class _AttentionFunction(torch.autograd.Function):
                 _max_span_len(cfg, k.shape[2]))
             residuals = (branch_out - out.float().unsqueeze(-2)).to(q2.dtype) if need_grad else None
             order = None
-        elif need_grad and q2.shape[2] > common.train_forward_chunk(q2.shape[2]):
+        elif need_grad and q2.shape[2] > chunk:
             qstart, qanchor, qend, values = _search(q1, k, cfg, prep)
-            out, gate, residuals, branch_lse, win_lse = _branches_in_chunks(
-                q2, k, v, qstart, qanchor, qend, values, prep, window, keep, common.train_forward_chunk(q2.shape[2]))
+            out, gate, residuals, branch_lse, win_lse = _branches_in_chunks(q2, k, v, qstart, qanchor, qend, values,
+                                                                            prep, window, keep, chunk)
             order = None  # the backward sorts the whole call's pairs again
         else:
             qstart, qanchor, qend, values = _search(q1, k, cfg, prep)
