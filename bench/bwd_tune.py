@@ -50,8 +50,6 @@ CANDIDATES = [
     {"span.DQ_STAGES": 3},  # 17
     {"span.DQ_WARPS": 8},  # 18
     {"span.KV_TILE": 32, "window.KV_STAGES": 2},  # 19
-    {"span.KV_SPLIT": False, "window.KV_SPLIT": False},  # 20: every dK/dV step under the per-key mask (session 5)
-    {"span.KV_SPLIT": False, "window.KV_SPLIT": False, "window.DQ_SPLIT": False},  # 21: session 5's masks everywhere
 ]
 MODULES = {"window": window, "span": span, "common": common, "search": search}  # also used by fwd_tune.py
 

@@ -348,14 +348,20 @@ def timing(l=131072, h_q=32, h_kv=2, d=128, dtype=torch.bfloat16):
     save()
 
 
-def training_checks(quick: bool) -> None:
-    """The gradient checks: grad (both presets, bf16/fp16; release fp32), grad-recompute, chunks."""
+def training_checks(quick: bool, presets=None, dtypes=None) -> None:
+    """The gradient checks: grad (both presets, bf16/fp16; release fp32), grad-recompute, chunks; `presets` /
+    `dtypes`: only these (names of PRESETS, DTYPES and 'fp32'; None = all)."""
+    presets = list(PRESETS) if presets is None else presets
+    dtypes = list(DTYPES) + ["fp32"] if dtypes is None else dtypes
     for pname, cfg in PRESETS.items():
         for dname, dtype in DTYPES.items():
-            check_grad(pname, cfg, dname, dtype)
-    check_grad("release", SpanConfig.release(), "fp32", torch.float32, h_q=8)
+            if pname in presets and dname in dtypes:
+                check_grad(pname, cfg, dname, dtype)
+    if "release" in presets and "fp32" in dtypes:
+        check_grad("release", SpanConfig.release(), "fp32", torch.float32, h_q=8)
     for dname, dtype in DTYPES.items():
-        check_grad("release", SpanConfig.release(), dname, dtype, recompute=True)
+        if "release" in presets and dname in dtypes:
+            check_grad("release", SpanConfig.release(), dname, dtype, recompute=True)
     check_chunks(length=20000 if quick else 40000)
 
 
@@ -365,6 +371,10 @@ def main() -> int:
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--grads-only", action="store_true",
                         help="only the training checks: grad (both presets, bf16/fp16, fp32), grad-recompute, chunks")
+    parser.add_argument("--presets", nargs="+", default=None, choices=list(PRESETS),
+                        help="with --grads-only: the presets of the grad rows (default all)")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES) + ["fp32"],
+                        help="with --grads-only: the dtypes of the grad rows (default all)")
     args = parser.parse_args()
     import triton
 
@@ -375,9 +385,10 @@ def main() -> int:
           flush=True)
     began = time.perf_counter()
     big = 16384 if args.quick else 65536
-    training_checks(args.quick)
     if args.grads_only:
+        training_checks(args.quick, args.presets, args.dtypes)
         return summary()
+    training_checks(args.quick)
     for pname, cfg in PRESETS.items():
         for dname, dtype in DTYPES.items():
             check_rows(pname, cfg, dname, dtype, b=2, l=16384, starts=[0, 3001])

@@ -29,13 +29,11 @@ from superlinear_kernels import SpanConfig  # noqa: E402
 VARIANTS = {
     "new": {},  # the shipped defaults
     "masked-dq": {"window.DQ_SPLIT": False},  # dQ kernels with masks on every key block
-    "masked-kv": {"span.KV_SPLIT": False, "window.KV_SPLIT": False},  # dK/dV kernels with the per-key mask always
     "fwd-chunk-16k": {"common.TRAIN_FWD_PARTS": 1},  # the training forward in chunks of TRAIN_CHUNK (session 5)
     "fwd-parts-8": {"common.TRAIN_FWD_PARTS": 8},
     "fwd-min-1k": {"common.TRAIN_FWD_MIN_ROWS": 32768},  # chunks of 1024 queries of the 32-head layer
     "recompute": {"common.KEEP_RESIDUALS": False},  # dO·O_k recomputed instead of stored residuals
-    "session5": {"window.DQ_SPLIT": False, "span.KV_SPLIT": False, "window.KV_SPLIT": False,
-                 "common.TRAIN_FWD_PARTS": 1},
+    "session5": {"window.DQ_SPLIT": False, "common.TRAIN_FWD_PARTS": 1},
 }
 
 

@@ -113,21 +113,16 @@ def test_non_contiguous_cache_positions():
     _compare(DEFAULT, 1, 4, 2, 5, 60, 16, torch.float32, positions=[3, 40, 41, 17, 59])
 
 
-@pytest.mark.parametrize("skip, sort, split", [(True, False, True), (False, False, False), (True, True, True),
-                                               (True, True, False)], ids=["skip", "masked", "sorted", "sorted-masked"])
-def test_backward_small_tiles(monkeypatch, skip, sort, split):
+@pytest.mark.parametrize("skip, sort", [(True, False), (False, False), (True, True)], ids=["skip", "masked", "sorted"])
+def test_backward_small_tiles(monkeypatch, skip, sort):
     """The key-major dK/dV kernels with many small key blocks and pair tiles: a block meets many tiles, tiles end
     and start inside blocks, and queries come in no particular order (the window's position sort). `masked`:
     tiles that miss the block are computed under the masks instead of skipped; `sorted`: the span kernel reads
-    the pair arrays gathered into sorted order. With `split` (not the `*masked` cases), span tiles whose live pairs
-    all hold the key block and window trips whose queries' windows all hold it run without the per-key mask."""
+    the pair arrays gathered into sorted order."""
     from superlinear_kernels.triton import span, window
 
     monkeypatch.setattr(span, "KV_SKIP", skip)
     monkeypatch.setattr(span, "KV_SORTED", sort)
-    monkeypatch.setattr(span, "KV_SPLIT", split)
-    monkeypatch.setattr(window, "KV_SPLIT", split)
-    monkeypatch.setattr(window, "KV_ROWS", 16)
     monkeypatch.setattr(window, "KV_BLOCK", 16)
     monkeypatch.setattr(span, "_blocks", lambda d: (max(16, d), 16, 16))
     monkeypatch.setattr(span, "KV_TILE", 16)

@@ -188,12 +188,10 @@ def _span_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
 @triton.jit
 def _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr, kk, vv, dk, dv,
                   cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D, G, scale,
-                  NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, SORTED: tl.constexpr, PRECISION: tl.constexpr,
-                  MASKED: tl.constexpr):
+                  NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, SORTED: tl.constexpr, PRECISION: tl.constexpr):
     """One pair tile's contribution to a key block's (dK / scale, dV): P recomputed from the pairs' lse.
     SORTED: the pair arrays are already in sorted order (`order_ptr` then holds each pair's row), so the tile reads
-    them contiguously instead of through the sort. MASKED = False: the block lies inside every live pair's span
-    (no per-key mask; dead pairs have lse = +inf)."""
+    them contiguously instead of through the sort."""
     if SORTED:
         r = tile * BLOCK_P + tl.arange(0, BLOCK_P)
         ok = r < PG
@@ -213,22 +211,19 @@ def _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse
     lse = tl.load(blse_ptr + key, mask=live, other=float("inf"))
     delta = tl.load(delta_ptr + key, mask=live, other=0.0)
     allowed = live[None, :] & (cols[:, None] >= qs[None, :]) & (cols[:, None] <= qe[None, :])  # [BLOCK_N, BLOCK_P]
-    return kv_grad_step(kk, vv, q, do, lse, delta, allowed, dk, dv, scale, PRECISION, MASKED)
+    return kv_grad_step(kk, vv, q, do, lse, delta, allowed, dk, dv, scale, PRECISION)
 
 
 @triton.jit
 def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr,
-                        delta_ptr, tile_lo_ptr, tile_hi_ptr, tile_ilo_ptr, tile_ihi_ptr, trange_ptr, dk_ptr, dv_ptr,
+                        delta_ptr, tile_lo_ptr, tile_hi_ptr, trange_ptr, dk_ptr, dv_ptr,
                         sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                         H_Q, H_KV, L_Q, L_KV, D, G, PG, N_TILES, N_KB, scale,
                         NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr, SORTED: tl.constexpr,
-                        SPLIT: tl.constexpr):
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr, SORTED: tl.constexpr):
     """dK, dV of one key block of one KV group, key-major: the program visits the pair tiles whose key range
     [tile_lo, tile_hi] can meet the block (a contiguous run of tiles, `trange`), skips those that do not,
-    keeps dK and dV in registers and adds them once to the window's (no atomics: it owns the block). SPLIT (with
-    SKIP): a tile whose live pairs all hold the whole block ([tile_ilo, tile_ihi] ⊇ the block) runs without the
-    per-key mask."""
+    keeps dK and dV in registers and adds them once to the window's (no atomics: it owns the block)."""
     kb = tl.program_id(0)
     grp = tl.program_id(1)
     b = grp // H_KV
@@ -249,27 +244,17 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for tile in range(t_lo, t_hi):
-        at = grp.to(tl.int64) * N_TILES + tile
-        lo = tl.load(tile_lo_ptr + at)
-        hi = tl.load(tile_hi_ptr + at)
+        lo = tl.load(tile_lo_ptr + grp.to(tl.int64) * N_TILES + tile)
+        hi = tl.load(tile_hi_ptr + grp.to(tl.int64) * N_TILES + tile)
         if SKIP:
             if (lo < k0 + BLOCK_N) & (hi >= k0):
-                if SPLIT:
-                    inside = (tl.load(tile_ilo_ptr + at) <= k0) & (tl.load(tile_ihi_ptr + at) >= k0 + BLOCK_N - 1)
-                else:
-                    inside = False
-                if inside:
-                    dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr,
-                                           delta_ptr, kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D,
-                                           G, scale, NUM_SPANS, BLOCK_P, SORTED, PRECISION, False)
-                else:
-                    dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr,
-                                           delta_ptr, kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D,
-                                           G, scale, NUM_SPANS, BLOCK_P, SORTED, PRECISION, True)
+                dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr,
+                                       kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D, G, scale,
+                                       NUM_SPANS, BLOCK_P, SORTED, PRECISION)
         else:  # tiles that miss the block are computed under the masks (no branch in the loop)
             dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr,
                                    kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D, G, scale,
-                                   NUM_SPANS, BLOCK_P, SORTED, PRECISION, True)
+                                   NUM_SPANS, BLOCK_P, SORTED, PRECISION)
     off = (grp.to(tl.int64) * L_KV + cols[:, None]) * D + d[None, :]  # dk/dv: contiguous fp32 [B, H_KV, L_KV, D]
     tl.store(dk_ptr + off, tl.load(dk_ptr + off, mask=kv_mask, other=0.0) + dk * scale, mask=kv_mask)
     tl.store(dv_ptr + off, tl.load(dv_ptr + off, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
@@ -277,9 +262,8 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
 
 def tile_key_ranges(qs, qe, block_p: int, l_kv: int, block_n: int):
     """Per pair tile (BLOCK_P consecutive sorted pairs of a group): the key range [lo, hi] of its live pairs
-    (lo = 2^62, hi = -1 for a tile without one) and the keys [ilo, ihi] inside every live pair's span (ilo = the
-    largest start, ihi = the smallest end; empty when ilo > ihi), int64 [n_groups, n_tiles] each; and per key block
-    the run [first, last) of tiles that can meet it, int64 [n_groups, n_blocks, 2]. A tile before `first` ends before
+    (lo = 2^62, hi = -1 for a tile without one), int64 [n_groups, n_tiles] each; and per key block the run
+    [first, last) of tiles that can meet it, int64 [n_groups, n_blocks, 2]. A tile before `first` ends before
     the block (prefix maximum of hi), a tile from `last` on starts after it (suffix minimum of lo), whatever
     the sort order; sorting only keeps the run short. qs, qe: the pairs' span bounds in sorted order,
     [n_groups, pairs per group]. Device tensors only, no host sync."""
@@ -290,10 +274,6 @@ def tile_key_ranges(qs, qe, block_p: int, l_kv: int, block_n: int):
     pad = n_tiles * block_p - pg
     lo = torch.nn.functional.pad(torch.where(live, qs, torch.full_like(qs, 1 << 62)), (0, pad), value=1 << 62)
     hi = torch.nn.functional.pad(torch.where(live, qe, torch.full_like(qe, -1)), (0, pad), value=-1)
-    ilo = torch.nn.functional.pad(torch.where(live, qs, torch.full_like(qs, -1)), (0, pad), value=-1)
-    ihi = torch.nn.functional.pad(torch.where(live, qe, torch.full_like(qe, 1 << 62)), (0, pad), value=1 << 62)
-    ilo = ilo.view(n_groups, n_tiles, block_p).amax(-1).contiguous()
-    ihi = ihi.view(n_groups, n_tiles, block_p).amin(-1).contiguous()
     lo = lo.view(n_groups, n_tiles, block_p).amin(-1).contiguous()
     hi = hi.view(n_groups, n_tiles, block_p).amax(-1).contiguous()
     reach = torch.cummax(hi, dim=1).values.contiguous()
@@ -301,13 +281,12 @@ def tile_key_ranges(qs, qe, block_p: int, l_kv: int, block_n: int):
     first_key = torch.arange(0, l_kv, block_n, device=qs.device).expand(n_groups, -1).contiguous()
     first = torch.searchsorted(reach, first_key, right=False)
     last = torch.searchsorted(floor, first_key + block_n - 1, right=True)
-    return lo, hi, ilo, ihi, torch.stack([first, last], dim=-1).contiguous()
+    return lo, hi, torch.stack([first, last], dim=-1).contiguous()
 
 
 KV_TILE = 64  # sorted pairs per tile visited by the key-major kernel (independent of the dQ kernel's tiles)
 KV_SKIP = True  # branch over tiles of the run that miss the block (else they are computed fully masked)
 KV_SORTED = True  # the key-major kernel reads the pair arrays gathered into sorted order (else through the sort)
-KV_SPLIT = True  # with KV_SKIP: a tile whose live pairs all hold the whole key block skips the per-key mask
 DQ_BLOCK_N = 64  # keys per loop trip of the dQ kernel (D <= 128; 32 above)
 DQ_STAGES = 2
 DQ_WARPS = 4  # warps of the dQ kernel
@@ -353,16 +332,16 @@ def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta,
     n_groups = b * h_kv
     pairs = (order, qstart, qend, gate, branch_lse, delta)
     sqs, sqe = (x.reshape(-1)[order] for x in (qstart, qend))
-    tile_lo, tile_hi, tile_ilo, tile_ihi, ranges = tile_key_ranges(sqs.view(n_groups, pg), sqe.view(n_groups, pg),
-                                                                   KV_TILE, l_kv, window.KV_BLOCK)
+    tile_lo, tile_hi, ranges = tile_key_ranges(sqs.view(n_groups, pg), sqe.view(n_groups, pg), KV_TILE, l_kv,
+                                               window.KV_BLOCK)
     if KV_SORTED:
         pairs = (order // num_spans, sqs, sqe) + tuple(x.reshape(-1)[order] for x in (gate, branch_lse, delta))
     del sqs, sqe
     n_kb = triton.cdiv(l_kv, window.KV_BLOCK)
     srow, sqs, sqe, sgate, slse, sdelta = pairs
     _span_bwd_kv_kernel[(n_kb, n_groups)](
-        q2, k, v, srow, sqs, sqe, do, sgate, slse, sdelta, tile_lo, tile_hi, tile_ilo, tile_ihi, ranges, dk, dv,
+        q2, k, v, srow, sqs, sqe, do, sgate, slse, sdelta, tile_lo, tile_hi, ranges, dk, dv,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, pg, tile_lo.shape[1], n_kb, d ** -0.5,
         NUM_SPANS=num_spans, BLOCK_P=KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
-        SKIP=KV_SKIP, SORTED=KV_SORTED, SPLIT=KV_SPLIT, num_warps=window.KV_WARPS if bd >= 128 else 4, num_stages=window.KV_STAGES)
+        SKIP=KV_SKIP, SORTED=KV_SORTED, num_warps=window.KV_WARPS if bd >= 128 else 4, num_stages=window.KV_STAGES)
