@@ -195,7 +195,8 @@ class _AttentionFunction(torch.autograd.Function):
         if not need_grad:
             win_lse = None  # only the recomputing backward (grad.branch_dots) reads it
         ctx.save_for_backward(q1, q2, k, v, qstart, qanchor, qend, gate, out, branch_lse, win_lse)
-        # Not a saved tensor: the first backward drops it once the gate backward has read it (`backward`).
+        # Not a saved tensor: the first backward drops it once the gate backward has read it (`backward`). So
+        # saved-tensor hooks (torch.autograd.graph.saved_tensors_hooks: offloading, packing) do not see it.
         ctx.residuals = residuals
         ctx.order = order
         ctx.window = window
