@@ -36,13 +36,9 @@ def _rows(pid_q, pid_g, N_CHUNKS, H_Q, H_KV, L_Q, G, GH: tl.constexpr, BQ: tl.co
 
 
 @triton.jit
-def fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok, hi, m, l, acc, qk_scale,
-             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One key block of a flash-style online softmax in base 2 (window and span forwards): rows attend keys
-    [lo_col, hi_col] (per row, [rows]); `m` is the running max of logits·log2(e), (l, acc) the sum and fp32 output.
-    MASKED = False for a block inside every row's range and inside [0, hi] (no per-key mask, no bounds check:
-    the tile's interior, see `interior`)."""
-    cols = n0 + tl.arange(0, BLOCK_N)
+def kv_block(k_base, v_base, sk_l, sv_l, cols, d, dmask, hi, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """K and V rows `cols` of one key block ([BLOCK_N, D] each; `d`/`dmask` the head-dim lanes). MASKED reads no key
+    past `hi` (zeros there); unmasked blocks lie inside [0, hi] and skip the check (`interior`)."""
     kv_ptr = cols[:, None].to(tl.int64)
     if MASKED:
         kv_mask = (cols <= hi)[:, None] & dmask[None, :]
@@ -54,9 +50,27 @@ def fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok
     else:
         kk = tl.load(k_base + kv_ptr * sk_l + d[None, :], mask=dmask[None, :], other=0.0)
         vv = tl.load(v_base + kv_ptr * sv_l + d[None, :], mask=dmask[None, :], other=0.0)
+    return kk, vv
+
+
+@triton.jit
+def allowed_keys(cols, lo_col, hi_col, row_ok):
+    """[rows, BLOCK_N]: key `cols` lies in the row's allowed range [lo_col, hi_col] and the row is live."""
+    return row_ok[:, None] & (cols[None, :] >= lo_col[:, None]) & (cols[None, :] <= hi_col[:, None])
+
+
+@triton.jit
+def fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok, hi, m, l, acc, qk_scale,
+             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of a flash-style online softmax in base 2 (window and span forwards): rows attend keys
+    [lo_col, hi_col] (per row, [rows]); `m` is the running max of logits·log2(e), (l, acc) the sum and fp32 output.
+    MASKED = False for a block inside every row's range and inside [0, hi] (no per-key mask, no bounds check:
+    the tile's interior, see `interior`)."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    kk, vv = kv_block(k_base, v_base, sk_l, sv_l, cols, d, dmask, hi, MASKED, EVEN_D)
     s = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * qk_scale
     if MASKED:
-        allowed = row_ok[:, None] & (cols[None, :] >= lo_col[:, None]) & (cols[None, :] <= hi_col[:, None])
+        allowed = allowed_keys(cols, lo_col, hi_col, row_ok)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -230,20 +244,10 @@ def dq_block(q, do, lse2, delta, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_co
     keys [lo_col, hi_col] and no key past `hi` read; MASKED = False for a block inside every row's range (`interior`),
     as in `fwd_step`."""
     cols = n0 + tl.arange(0, BLOCK_N)
-    kv_ptr = cols[:, None].to(tl.int64)
-    if MASKED:
-        kv_mask = (cols <= hi)[:, None] & dmask[None, :]
-        kk = tl.load(k_base + kv_ptr * sk_l + d[None, :], mask=kv_mask, other=0.0)
-        vv = tl.load(v_base + kv_ptr * sv_l + d[None, :], mask=kv_mask, other=0.0)
-    elif EVEN_D:
-        kk = tl.load(k_base + kv_ptr * sk_l + d[None, :])
-        vv = tl.load(v_base + kv_ptr * sv_l + d[None, :])
-    else:
-        kk = tl.load(k_base + kv_ptr * sk_l + d[None, :], mask=dmask[None, :], other=0.0)
-        vv = tl.load(v_base + kv_ptr * sv_l + d[None, :], mask=dmask[None, :], other=0.0)
+    kk, vv = kv_block(k_base, v_base, sk_l, sv_l, cols, d, dmask, hi, MASKED, EVEN_D)
     p = tl.exp2(tl.dot(q, tl.trans(kk), input_precision=PRECISION) * qk_scale - lse2[:, None])
     if MASKED:
-        allowed = row_ok[:, None] & (cols[None, :] >= lo_col[:, None]) & (cols[None, :] <= hi_col[:, None])
+        allowed = allowed_keys(cols, lo_col, hi_col, row_ok)
         p = tl.where(allowed, p, 0.0)
     dp = tl.dot(do, tl.trans(vv), input_precision=PRECISION)
     if DOTS:
