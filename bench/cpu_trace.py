@@ -1,6 +1,6 @@
 """CPU benchmark (not a test): append a 64K-token document (Python's reference docs, `pydoc_data.topics`) into a
 session of a shipped model (`--model`, default tiny) while recording a full routing trace (every layer, head and query). Prints time,
-tokens/s and peak memory, and writes JSON. Target (docs/design.md): <= 30 s on 2 cores.
+tokens/s and peak memory, and writes JSON. Target (docs/design.md): <= 60 s on 2 cores.
 
     python bench/cpu_trace.py [--model tiny] [--tokens 65536] [--chunk-size 4096] [--profile] [--json bench/cpu_trace.json]
 
