@@ -1,7 +1,9 @@
 """Shared test helpers: one relative-error comparison that names what it compares, random inputs."""
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +60,11 @@ def triton_backend_or_skip():
                     allow_module_level=True)
     return backend
 
+
+def load_bench(name: str):
+    """Import the script bench/<name>.py as a module (bench/ is a folder of scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

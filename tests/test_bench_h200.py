@@ -1,16 +1,11 @@
 """bench/h200.py's table of issue-16 targets, from hand-written JSON (no GPU, no timing thresholds)."""
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_bench
 
 
 def _h200():
-    spec = importlib.util.spec_from_file_location("bench_h200", ROOT / "bench" / "h200.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("h200")
 
 
 def _train_row(n, ours, dense, bwd_over_fwd=2.0, peak=1.0, dense_peak=2.0):

@@ -1,16 +1,11 @@
 """bench/facts_table.py's model-card table from hand-written evaluation JSON (no model, no GPU)."""
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_bench
 
 
 def _facts_table():
-    spec = importlib.util.spec_from_file_location("bench_facts_table", ROOT / "bench" / "facts_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("facts_table")
 
 
 def _row(acc, recall, chance=0.5, first=None):
