@@ -1,8 +1,8 @@
 """Train the hybrid model on natural text mixed with long-context retrieval tasks; resumable in slices.
 
 Loss per step = w_lm · mean CE over all tokens + w_answer · mean CE over answer tokens + w_first · mean CE over each
-answer's first token + w_route · routing loss. (The first answer token is the retrieval proper: once it is right, the
-rest of a word is mostly copied by induction over the reached span; a model that misses a fact usually misses there.)
+answer's first token + w_route · routing loss. (The first answer token is where a fact is picked: once it is right,
+the rest of a word is mostly copied from the reached span, so a model that confuses facts of one kind misses there.)
 
 **Routing loss.** The router (Q1 and K at the anchors) learns through the gate only (docs/algorithm.md §2.6, §3.2): gradient
 reaches the K chosen anchors and nothing else, so a router that never picks the evidence's stripe gets no signal
@@ -180,8 +180,8 @@ def step_loss(model: HybridLM, cfg: TrainConfig, examples: list[D.Example], devi
         hits = [reached(records[i][1], model.cfg.span, *pairs).any(-1) for i in sorted(records)] \
             if pairs[0].numel() else []
         recall = float(torch.stack(hits).any(0).float().mean()) if hits else float("nan")
-    return loss, {"loss": loss.item(), "lm": lm.item(), "answer": ans.item(), "first": first.item(), "route": route.item(),
-                  "train_recall": recall}
+    return loss, {"loss": loss.item(), "lm": lm.item(), "answer": ans.item(), "first": first.item(),
+                  "route": route.item(), "train_recall": recall}
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
