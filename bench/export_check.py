@@ -25,8 +25,9 @@ from superlinear_lab import load_model
 from superlinear_lab.evaluate import run_examples
 from superlinear_lab.model import save_model
 
+from facts_gpu import SUITES  # the held-out suites of the facts evaluation (bench/ is on the path of its scripts)
+
 log = logging.getLogger(__name__)
-SUITES = ("fact_word", "fact_name", "fact_phrase", "fact_date", "fact_number", "fact_multi_key", "fact_hop", "niah")
 
 
 def compare(reference, compact, task: str, length: int, seeds: int) -> dict:
