@@ -152,6 +152,8 @@ class Example:
         needs: query position -> indices into `evidence` that the query needs. A query at position q predicts
             token q + 1, so the queries are answer[0]-1 … answer[1]-2.
         task: the task name; meta: depth, key, value(s) and the like.
+        prompts: token ranges (start, end) inside the answer that are prompt, not answer: `fact_quiz` asks its
+            later questions there. Training scores the answer tokens outside them.
     """
 
     ids: list[int]
@@ -160,6 +162,7 @@ class Example:
     needs: dict[int, list[int]]
     task: str
     meta: dict = field(default_factory=dict)
+    prompts: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def length(self) -> int:
@@ -231,8 +234,10 @@ class _Builder:
         return list(range(sum(len(r) for _, _, r in self.needles[:-1]),
                           sum(len(r) for _, _, r in self.needles)))
 
-    def build(self, question: str, answer: str, needs_of, task: str, meta: dict) -> Example:
-        """`needs_of(i)` -> evidence indices needed by the query that predicts answer byte i."""
+    def build(self, question: str, answer: str, needs_of, task: str, meta: dict,
+              prompts: tuple[tuple[int, int], ...] = ()) -> Example:
+        """`needs_of(i)` -> evidence indices needed by the query that predicts answer byte i; `prompts`: byte
+        ranges (start, end) of `answer` that are prompt text (`Example.prompts`)."""
         q_ids = list(question.encode())
         a_ids = list(answer.encode())
         pieces = [list(("\n" + t + "\n").encode()) for _, t, _ in self.needles]
@@ -264,7 +269,7 @@ class _Builder:
         ids += a_ids
         assert len(ids) == self.length
         needs = {a0 + j - 1: needs_of(j) for j in range(len(a_ids)) if needs_of(j)}
-        return Example(ids, (a0, len(ids)), evidence, needs, task, meta)
+        return Example(ids, (a0, len(ids)), evidence, needs, task, meta, [(a0 + a, a0 + b) for a, b in prompts])
 
 
 def passkey(length: int, depth: float, seed: int, split: str = "train") -> Example:

@@ -14,6 +14,10 @@ this question". These tasks take that shortcut away:
 * ``fact_needle`` (training aid) is the digit NIAH of `superlinear_lab.data` with a word value ("The magic word
   for kadomi-ruvela is heron."), asked with the statement's own prefix: the bridge from the digit copying `tiny`
   learned to copying letters, which it cannot do at all (0 % first byte in that very format);
+* ``fact_quiz`` (training aid) holds a grid of same-kind facts (every owner with every thing: each fact shares
+  its owner with some facts and its thing with others) and asks for all of them, one question after another: every
+  value's first byte is a choice between facts that only the whole key tells apart, several per row, where the
+  single-question tasks give one (session 6 found the model copying the wrong fact of the right kind);
 * ``fact_list`` (training aid, not an evaluation suite) asks for a whole list of words: every answer byte is a
   copy of a word in the evidence, so one row gives tens of copy targets instead of one value's few bytes. A small
   byte-level model learns to copy letters (not only digits, which are rare in prose) from this dense signal far
@@ -36,7 +40,7 @@ from . import data as D
 
 KINDS = ("word", "name", "phrase", "date", "number")
 TASKS = tuple(f"fact_{k}" for k in KINDS) + ("fact_multi_key", "fact_hop")  # the evaluation suites
-AUX_TASKS = ("fact_list", "fact_needle")  # training aids (make_fact builds them too)
+AUX_TASKS = ("fact_list", "fact_needle", "fact_quiz")  # training aids (make_fact builds them too)
 EVAL_FRACTION = 0.2  # share of words and names (by hash) that only the "eval" split uses as values
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
@@ -419,6 +423,51 @@ def fact_needle(length: int, seed: int, split: str = "train", n_distractors: int
                    {"depth": depth, "key": key, "value": value, "n_distractors": n_distractors, "seed": seed})
 
 
+QUIZ_KINDS = {"word": 3, "name": 3, "phrase": 2, "date": 1, "number": 1}  # kind -> draw weight in fact_quiz
+
+
+def fact_quiz(length: int, seed: int, split: str = "train", n_facts: int = 4) -> D.Example:
+    """`n_facts` facts of one kind whose keys come from a grid of owners × things (so facts share owners and
+    things), then every fact asked in turn: "Question: … Answer: <value>" repeated. The answer range holds all the
+    later questions too, as `Example.prompts`; the value bytes need evidence (each its own statement's value).
+    ``meta["n_distractors"]`` is ``n_facts - 1``: every other fact is of the same kind."""
+    task = "fact_quiz"
+    rng = D._rng(task, length, seed, split, n_facts)
+    kind = rng.choices(list(QUIZ_KINDS), list(QUIZ_KINDS.values()))[0]
+    things = THINGS[kind]
+    n_things = rng.randint(1, min(3, len(things), n_facts))
+    n_owners = -(-n_facts // n_things)
+    near = rng.random() < 0.3  # owners of one role from different places, the prose form of near-duplicate keys
+    role = rng.choice(OWNERS)
+    owners: list[str] = []
+    while len(owners) < n_owners:
+        o = _owner(rng, split, place=True, role=role) if near else _owner(rng, split)
+        if o not in owners:
+            owners.append(o)
+    grid_things = rng.sample(things, n_things)
+    keys = rng.sample([(o, t) for o in owners for t in grid_things], n_facts)
+    taken: set[str] = set()
+    b = D._Builder(rng, length, split)
+    values = []
+    for owner, thing in keys:
+        text, value = _statement(rng, _statement_template(rng, split, kind), owner, thing, kind, split, taken)
+        b.needle(rng.random(), text, [value])
+        values.append(value)
+    order = rng.sample(range(n_facts), n_facts)
+    questions = [_question(rng, split, kind, *keys[i]) for i in order]
+    answer, need, prompts = b"", [], []  # need[j]: the evidence index answer byte j copies (None: a question byte)
+    for k, i in enumerate(order):
+        if k:
+            prompts.append((len(answer), len(answer) + len(questions[k].encode())))
+            answer += questions[k].encode()
+            need += [None] * len(questions[k].encode())
+        answer += values[i].encode()
+        need += [i] * len(values[i].encode())
+    return b.build(questions[0], answer.decode(), lambda j: [] if need[j] is None else [need[j]], task,
+                   {"kind": kind, "keys": keys, "values": values, "order": order, "value": answer.decode(),
+                    "near_keys": near, "n_distractors": n_facts - 1, "seed": seed}, prompts)
+
+
 def _fewer_if_too_short(build, n_distractors: int, least: int = 0) -> D.Example:
     """`build(n_distractors)`, with one distractor fewer each time the row is too short (long phrases and
     wrapped statements may not fit a short row with every distractor the seed drew), down to `least`."""
@@ -445,6 +494,9 @@ def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Exam
     if task == "fact_needle":
         return _fewer_if_too_short(lambda d: fact_needle(length, seed, split, n_distractors=d),
                                    n.randint(0, max(0, min(3, room - 1))))
+    if task == "fact_quiz":
+        return _fewer_if_too_short(lambda d: fact_quiz(length, seed, split, n_facts=d + 1),
+                                   n.randint(1, max(1, min(7, room - 1))))
     if task == "fact_list":  # as many words and distractor lists as fit: fewer when the row is too short
         words, lists = n.randint(3, max(3, min(12, length // 48))), n.randint(0, max(0, min(2, room // 3)))
         while True:

@@ -73,7 +73,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     w_lm: float = 1.0  # weight of the mean CE over all tokens
     w_answer: float = 2.0  # weight of the mean CE over answer tokens
-    w_first: float = 0.0  # extra weight of the mean CE over each example's first answer token
+    w_first: float = 0.0  # extra weight of the mean CE over the first token of each answer (and answer part)
     w_route: float = 0.5  # weight of the supervised routing loss (0 = gate-only router learning)
     seed: int = 0  # data seed (batches are a function of (seed, step))
     probe_every: int = 100  # steps between probe evaluations (routing recall / accuracy on eval seeds)
@@ -107,8 +107,9 @@ def make_batch(cfg: TrainConfig, step: int) -> list[D.Example]:
 
 
 def loss_weights(examples: list[D.Example], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids [B, L], answer mask [B, L-1]: 1 where position q predicts an answer token, first-answer mask
-    [B, L-1]: 1 where q predicts the first answer token)."""
+    """(ids [B, L], answer mask [B, L-1]: 1 where position q predicts an answer token (outside the example's
+    `prompts`), first-answer mask [B, L-1]: 1 where q predicts the first token of the answer or of an answer
+    part that follows a prompt)."""
     ids = torch.tensor([ex.ids for ex in examples], device=device)
     mask = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=device)
     first = torch.zeros_like(mask)
@@ -116,6 +117,10 @@ def loss_weights(examples: list[D.Example], device) -> tuple[torch.Tensor, torch
         mask[b, ex.answer[0] - 1:ex.answer[1] - 1] = 1
         if ex.answer[1] > ex.answer[0]:  # plain text has no answer
             first[b, ex.answer[0] - 1] = 1
+        for start, end in ex.prompts:
+            mask[b, start - 1:end - 1] = 0
+            if end < ex.answer[1]:
+                first[b, end - 1] = 1
     return ids, mask, first
 
 

@@ -299,3 +299,34 @@ def test_train_starts_from_given_weights_and_refuses_another_architecture(tmp_pa
     wider = dataclasses.replace(cfg, model={**cfg.model, "d_ff": cfg.model["d_ff"] + 8})
     with pytest.raises(ValueError, match="init_from='tiny'"):
         T.train(wider, tmp_path / "ck2", backend="torch", progress=False)
+
+
+@pytest.mark.parametrize("split", D.SPLITS)
+def test_quiz_asks_every_fact_of_a_key_grid_in_turn(split):
+    """fact_quiz: same-kind facts whose keys share owners and things, each asked once; the answer interleaves the
+    values (in asking order) with the later questions, which are marked as prompts; value bytes need their own
+    statement's value and question bytes need nothing."""
+    sizes = set()
+    for seed in range(12):
+        ex = D.make_example("fact_quiz", 1024, seed, split)
+        keys, values, order = [tuple(k) for k in ex.meta["keys"]], ex.meta["values"], ex.meta["order"]
+        sizes.add(len(keys))
+        assert ex.length == 1024 and len(set(keys)) == len(keys) >= 2 and sorted(order) == list(range(len(keys)))
+        for owner, thing in keys:  # no fact can be told apart by its owner alone or its thing alone
+            assert any(o == owner or t == thing for o, t in keys if (o, t) != (owner, thing))
+        assert [_text(ex, r) for r in ex.evidence] == values
+        parts = ex.answer_text().split("\nAnswer: ")
+        assert [p.split("\nQuestion: ")[0] for p in parts] == [values[i] for i in order]
+        prompts = [bytes(ex.ids[a:b]).decode() for a, b in ex.prompts]
+        assert len(prompts) == len(keys) - 1
+        assert all(p.startswith("\nQuestion: ") and p.endswith("\nAnswer: ") for p in prompts)
+        asked = [bytes(ex.ids[1:ex.answer[0]]).decode().rsplit("\nQuestion: ", 1)[1]] + prompts
+        for text, i in zip(asked, order):  # each question names its own fact's owner and thing
+            owner, thing = keys[i]
+            assert owner[4:] in text and thing in text
+        in_prompt = {q for a, b in ex.prompts for q in range(a - 1, b - 1)}
+        assert set(ex.queries) == set(range(ex.answer[0] - 1, ex.answer[1] - 1)) - in_prompt
+        for q in ex.queries:
+            (e,) = ex.needs[q]
+            assert chr(ex.ids[q + 1]) in values[e]
+    assert len(sizes) > 2

@@ -135,3 +135,17 @@ def test_first_answer_weight_is_the_ce_of_each_answers_first_token():
     assert len(want) == 2
     assert abs(float(loss) - float(sum(want) / len(want))) < 1e-4
     assert abs(stats["first"] - float(loss)) < 1e-6
+
+
+def test_quiz_scores_each_value_and_not_the_questions_between_them():
+    """loss_weights on a fact_quiz row: the answer mask covers exactly the asked values' bytes (the later questions
+    are prompt), and the first-token mask the first byte of every value."""
+    ex = D.make_example("fact_quiz", 1024, 4, "train")
+    ids, mask, first = T.loss_weights([ex, D.make_example("text", 1024, 1, "train")], "cpu")
+    assert len(ex.meta["values"]) >= 3
+    asked = [ex.meta["values"][i] for i in ex.meta["order"]]
+    scored = bytes(int(ids[0, q + 1]) for q in range(ids.shape[1] - 1) if mask[0, q])
+    assert scored.decode() == "".join(asked)
+    firsts = "".join(chr(int(ids[0, q + 1])) for q in range(ids.shape[1] - 1) if first[0, q])
+    assert firsts == "".join(v[0] for v in asked)
+    assert mask[1].sum() == 0 and first[1].sum() == 0
