@@ -50,6 +50,11 @@ CANDIDATES = [
     {"span.DQ_STAGES": 3},  # 17
     {"span.DQ_WARPS": 8},  # 18
     {"span.KV_TILE": 32, "window.KV_STAGES": 2},  # 19
+    # session 7: span dK/dV over each key block's exact tile list (`span.tile_visits`), loop without a branch
+    {"span.KV_VISITS": True},  # 20: 2 stages
+    {"span.KV_VISITS": True, "span.KV_VISIT_STAGES": 1},  # 21
+    {"span.KV_VISITS": True, "span.KV_VISIT_STAGES": 3},  # 22
+    {"span.KV_VISITS": True, "span.KV_TILE": 32, "span.KV_VISIT_STAGES": 3},  # 23
 ]
 MODULES = {"window": window, "span": span, "common": common, "search": search}  # also used by fwd_tune.py
 
@@ -165,6 +170,8 @@ def main() -> None:
     parser.add_argument("--only", type=int, nargs="*", default=None, help="indices of CANDIDATES to run")
     parser.add_argument("--json", default="bwd_tune.json", help="file name under $OUT (or bench/)")
     parser.add_argument("--memory", action="store_true", help="first, memory around each stage of one step")
+    parser.add_argument("--profile-all", action="store_true", help="a per-kernel profile of every candidate (else of "
+                        "the first run only)")
     parser.add_argument("--warm", type=int, default=0,
                         help="compile the candidates first in this many parallel processes (a short run each)")
     args = parser.parse_args()
@@ -192,7 +199,7 @@ def main() -> None:
             continue
         old = apply(setting)
         try:
-            seconds, kernels = backward_times(args.length, args.reps, profile=(i == 0))
+            seconds, kernels = backward_times(args.length, args.reps, profile=(i == picked[0] or args.profile_all))
             rows.append({"setting": setting, "backward_s": seconds, "profile_ms": kernels})
             print(f"{json.dumps(setting):55s} backward {seconds * 1e3:8.1f} ms", flush=True)
             for name, ms in kernels.items():

@@ -375,12 +375,22 @@ def main() -> int:
                         help="with --grads-only: the presets of the grad rows (default all)")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES) + ["fp32"],
                         help="with --grads-only: the dtypes of the grad rows (default all)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="MODULE.NAME=VALUE",
+                        help="backend constants for this run, e.g. span.KV_VISITS=True (as speed.py --set)")
     args = parser.parse_args()
+    if args.set:
+        import ast
+
+        from bwd_tune import apply
+
+        META["settings"] = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.set)}
+        apply(META["settings"])
     import triton
 
     META.update(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 cuda=torch.version.cuda)
-    print(f"card {META['card']} | torch {META['torch']} | triton {META['triton']} | CUDA {META['cuda']}", flush=True)
+    print(f"card {META['card']} | torch {META['torch']} | triton {META['triton']} | CUDA {META['cuda']} | "
+          f"settings {META.get('settings', {})}", flush=True)
     print(f"  {'check':8s} {'preset':8s} {'dtype':5s} {'size':28s} {'metric':18s} {'value':>11s} {'tol':>8s}",
           flush=True)
     began = time.perf_counter()

@@ -34,7 +34,39 @@ VARIANTS = {
     "fwd-min-1k": {"common.TRAIN_FWD_MIN_ROWS": 32768},  # chunks of 1024 queries of the 32-head layer
     "recompute": {"common.KEEP_RESIDUALS": False},  # dO·O_k recomputed instead of stored residuals
     "session5": {"window.DQ_SPLIT": False, "common.TRAIN_FWD_PARTS": 1},
+    # session 7: span dK/dV over each key block's exact tile list (`span.tile_visits`), 2 / 3 pipeline stages
+    "visits": {"span.KV_VISITS": True},
+    "visits-s3": {"span.KV_VISITS": True, "span.KV_VISIT_STAGES": 3},
+    "fwd-parts-4": {"common.TRAIN_FWD_PARTS": 4},
+    "visits-fwd8": {"span.KV_VISITS": True, "common.TRAIN_FWD_PARTS": 8},
+    "visits-fwd4": {"span.KV_VISITS": True, "common.TRAIN_FWD_PARTS": 4},
+    "fwd-heads": {"common.TRAIN_FWD_BY_HEADS": True},  # the forward's chunks are query heads (no copies per chunk)
+    "visits-heads": {"span.KV_VISITS": True, "common.TRAIN_FWD_BY_HEADS": True},
+    "visits-heads8": {"span.KV_VISITS": True, "common.TRAIN_FWD_BY_HEADS": True, "common.TRAIN_FWD_PARTS": 8},
 }
+
+
+def host_forward_s(length: int, reps: int) -> float:
+    """Median host seconds of one training forward call (release layer, bf16, inputs needing grad): from the call to
+    its return, the device synchronised before each call — the launch work the forward costs on the host, to set
+    beside its synchronised wall time (a chunked forward whose host time reaches that is bound by the host)."""
+    import time
+
+    from superlinear_kernels import superlinear_attention
+
+    q1, q2, k, v = (x.requires_grad_() for x in speed.make_inputs(length, torch.bfloat16, False))
+    pos = torch.arange(length, device="cuda")
+    cfg = SpanConfig.release()
+    times = []
+    for i in range(reps + 1):  # the first call is not counted
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = superlinear_attention(q1, q2, k, v, pos, cfg, backend="triton")
+        if i:
+            times.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        del out
+    return sorted(times)[len(times) // 2]
 
 
 def reps_for(length: int, reps: int) -> int:
@@ -53,6 +85,8 @@ def main() -> None:
     parser.add_argument("--memory", type=int, nargs="*", default=[], help="lengths with a memory trace per stage")
     parser.add_argument("--memory-variants", nargs="*", default=["new", "recompute"], choices=list(VARIANTS),
                         help="the variants traced at the --memory lengths")
+    parser.add_argument("--host", type=int, nargs="*", default=[], help="lengths where the forward's host time is "
+                        "measured too (`host_forward_s`)")
     parser.add_argument("--json", default="train_variants.json")
     args = parser.parse_args()
     import triton
@@ -74,6 +108,8 @@ def main() -> None:
             try:
                 row = speed.train_row(length, cfg, torch.bfloat16, False, reps_for(length, args.reps),
                                       args.dense_max if i == 0 else 0, i == 0 and length in args.profile)
+                if length in args.host:
+                    row["host_fwd_s"] = host_forward_s(length, args.reps)
             except Exception as e:  # out of memory, or a setting that does not compile: reported, not fatal
                 row = {"length": length, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"}
             finally:
@@ -93,8 +129,9 @@ def main() -> None:
             dms = "—" if row.get("dense_s") is None else f"{row['dense_s'] * 1e3:8.1f}"
             dgb = "—" if row.get("dense_peak_extra_gb") is None else f"{row['dense_peak_extra_gb']:8.2f}"
             ratio = "—" if row.get("ratio") is None else f"{row['ratio']:6.2f}"
+            host = f" host fwd {row['host_fwd_s'] * 1e3:.1f} ms" if "host_fwd_s" in row else ""
             print(f"{length:>7} {row['variant']:14s} {row['ours_fwd_s'] * 1e3:8.1f} {row['ours_s'] * 1e3:8.1f} "
-                  f"{row['ours_bwd_over_fwd']:7.2f} {row['peak_extra_gb']:7.2f} {dms:>8} {dgb:>8} {ratio:>6}",
+                  f"{row['ours_bwd_over_fwd']:7.2f} {row['peak_extra_gb']:7.2f} {dms:>8} {dgb:>8} {ratio:>6}{host}",
                   flush=True)
     for length in args.memory:
         for name in args.memory_variants:

@@ -106,16 +106,20 @@ def _gate_bwd_kernel(do_ptr, out_ptr, res_ptr, gate_ptr, anchor_ptr, blse_ptr, d
 
 
 def gate_forward(values: torch.Tensor, qanchor: torch.Tensor, branch_out: torch.Tensor, out_dtype: torch.dtype,
-                 residuals: bool = False):
+                 residuals: bool = False, into: tuple | None = None):
     """values fp32 / qanchor int32 [B, H_Q, L_Q, K]; branch_out fp32 [B, H_Q, L_Q, K, D].
 
     Returns out [B, H_Q, L_Q, D] in `out_dtype`, gate fp32 [B, H_Q, L_Q, K] and, with `residuals`, R_k = O_k − O
-    [B, H_Q, L_Q, K, D] in `out_dtype` (else None): what the backward keeps of the branches.
+    [B, H_Q, L_Q, K, D] in `out_dtype` (else None): what the backward keeps of the branches. `into`: (out, gate,
+    residuals or None), contiguous tensors of those shapes to write instead of new ones.
     """
     b, h_q, l_q, num_spans, d = branch_out.shape
-    out = torch.empty(b, h_q, l_q, d, dtype=out_dtype, device=values.device)
-    gate = torch.empty_like(values)
-    res = torch.empty(branch_out.shape, dtype=out_dtype, device=values.device) if residuals else None
+    if into is not None:
+        out, gate, res = into
+    else:
+        out = torch.empty(b, h_q, l_q, d, dtype=out_dtype, device=values.device)
+        gate = torch.empty_like(values)
+        res = torch.empty(branch_out.shape, dtype=out_dtype, device=values.device) if residuals else None
     n_rows = b * h_q * l_q
     block_r = 32
     _gate_kernel[(triton.cdiv(n_rows, block_r),)](

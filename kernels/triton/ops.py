@@ -166,6 +166,34 @@ def _branches_in_chunks(q2, k, v, qstart, qanchor, qend, values, prep: Prepared,
     return out, gate, res, branch_lse, win_lse
 
 
+def _branches_by_heads(q2, k, v, qstart, qanchor, qend, values, prep: Prepared, window: int, residuals: bool,
+                       heads: int):
+    """`_branches` over chunks of `heads` query heads of one KV group and one batch row (all queries), written in
+    place into whole-call tensors (a chunk is a contiguous slice of each: nothing is copied in or out except the two
+    lse). Returns what `_branches_in_chunks` returns."""
+    b, h_q, l_q, d = q2.shape
+    group = h_q // k.shape[1]
+    out = torch.empty_like(q2)
+    gate = torch.empty(qstart.shape, dtype=torch.float32, device=q2.device)
+    branch_lse = torch.empty_like(gate)
+    win_lse = torch.empty(b, h_q, l_q, dtype=torch.float32, device=q2.device)
+    res = torch.empty(b, h_q, l_q, qstart.shape[-1], d, dtype=q2.dtype, device=q2.device) if residuals else None
+    values = values.contiguous()
+    for row in range(b):
+        r = slice(row, row + 1)
+        for h0 in range(0, h_q, heads):
+            hs, kv = slice(h0, h0 + heads), slice(h0 // group, h0 // group + 1)
+            q_c, k_c, v_c = q2[r, hs], k[r, kv], v[r, kv]
+            win_out, win_lse[r, hs] = window_forward(q_c, k_c, v_c, prep.cache_position, prep.row_start[r], window)
+            branch_out, branch_lse[r, hs], _ = span_forward(q_c, k_c, v_c, qstart[r, hs], qend[r, hs], win_out,
+                                                            win_lse[r, hs])
+            del win_out
+            gate_forward(values[r, hs], qanchor[r, hs], branch_out, q2.dtype, residuals=residuals,
+                         into=(out[r, hs], gate[r, hs], None if res is None else res[r, hs]))
+            del branch_out
+    return out, gate, res, branch_lse, win_lse
+
+
 class _AttentionFunction(torch.autograd.Function):
     """Search + window + spans + gate; gradients for q1 (through the gate), q2, k and v."""
 
@@ -184,8 +212,13 @@ class _AttentionFunction(torch.autograd.Function):
             order = None
         elif need_grad and q2.shape[2] > chunk:
             qstart, qanchor, qend, values = _search(q1, k, cfg, prep)
-            out, gate, residuals, branch_lse, win_lse = _branches_in_chunks(q2, k, v, qstart, qanchor, qend, values,
-                                                                            prep, window, keep, chunk)
+            if common.TRAIN_FWD_BY_HEADS:
+                heads = common.train_forward_heads(q2.shape[2], q2.shape[0] * q2.shape[1], q2.shape[1] // k.shape[1])
+                out, gate, residuals, branch_lse, win_lse = _branches_by_heads(q2, k, v, qstart, qanchor, qend, values,
+                                                                               prep, window, keep, heads)
+            else:
+                out, gate, residuals, branch_lse, win_lse = _branches_in_chunks(q2, k, v, qstart, qanchor, qend,
+                                                                                values, prep, window, keep, chunk)
             order = None  # the backward sorts the whole call's pairs again
         else:
             qstart, qanchor, qend, values = _search(q1, k, cfg, prep)
@@ -200,6 +233,7 @@ class _AttentionFunction(torch.autograd.Function):
         ctx.residuals = residuals
         ctx.order = order
         ctx.window = window
+        ctx.max_len = _max_span_len(cfg, k.shape[2]) if need_grad else 0
         ctx.prep = prep
         ctx.mark_non_differentiable(qstart, qanchor, qend)
         return out, qstart, qanchor, qend, values, gate
@@ -222,7 +256,7 @@ class _AttentionFunction(torch.autograd.Function):
                            positions, row_start, ctx.window, do, dvalues_out, dgate_out)
         del residuals
         dq1, dq2, dk, dv = attention_backward(q1, q2, k, v, qstart, qanchor, qend, gate, branch_lse, order, positions,
-                                              row_start, ctx.window, do, grads)
+                                              row_start, ctx.window, do, grads, ctx.max_len)
         return dq1, dq2, dk, dv, None, None
 
 
