@@ -55,6 +55,8 @@ CANDIDATES = [
     {"span.KV_VISITS": True, "span.KV_VISIT_STAGES": 1},  # 21
     {"span.KV_VISITS": True, "span.KV_VISIT_STAGES": 3},  # 22
     {"span.KV_VISITS": True, "span.KV_TILE": 32, "span.KV_VISIT_STAGES": 3},  # 23
+    {"span.KV_VISITS": True, "window.KV_BLOCK": 64},  # 24: 64-key dK/dV programs (window's too)
+    {"span.KV_VISITS": True, "span.KV_TILE": 32},  # 25
 ]
 MODULES = {"window": window, "span": span, "common": common, "search": search}  # also used by fwd_tune.py
 
