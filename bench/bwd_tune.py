@@ -57,6 +57,7 @@ CANDIDATES = [
     {"span.KV_VISITS": True, "span.KV_TILE": 32, "span.KV_VISIT_STAGES": 3},  # 23
     {"span.KV_VISITS": True, "window.KV_BLOCK": 64},  # 24: 64-key dK/dV programs (window's too)
     {"span.KV_VISITS": True, "span.KV_TILE": 32},  # 25
+    {"span.KV_VISITS": True, "window.KV_STAGES": 2},  # 26: the window's dK/dV loop pipelined too
 ]
 MODULES = {"window": window, "span": span, "common": common, "search": search}  # also used by fwd_tune.py
 
