@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--dense-max", type=int, default=1 << 18)
     parser.add_argument("--profile", type=int, nargs="*", default=[], help="lengths with a per-kernel profile of "
                         "the first variant's step")
+    parser.add_argument("--profile-variants", nargs="*", default=[], choices=list(VARIANTS),
+                        help="at the --profile lengths, also profile these variants' steps")
     parser.add_argument("--memory", type=int, nargs="*", default=[], help="lengths with a memory trace per stage")
     parser.add_argument("--memory-variants", nargs="*", default=["new", "recompute"], choices=list(VARIANTS),
                         help="the variants traced at the --memory lengths")
@@ -107,7 +109,8 @@ def main() -> None:
             old = bwd_tune.apply(VARIANTS[name])
             try:
                 row = speed.train_row(length, cfg, torch.bfloat16, False, reps_for(length, args.reps),
-                                      args.dense_max if i == 0 else 0, i == 0 and length in args.profile)
+                                      args.dense_max if i == 0 else 0, length in args.profile and (
+                                          i == 0 or (i < len(args.variants) and name in args.profile_variants)))
                 if length in args.host:
                     row["host_fwd_s"] = host_forward_s(length, args.reps)
             except Exception as e:  # out of memory, or a setting that does not compile: reported, not fatal
