@@ -154,6 +154,10 @@ class Example:
         task: the task name; meta: depth, key, value(s) and the like.
         prompts: token ranges (start, end) inside the answer that are prompt, not answer: `fact_quiz` asks its
             later questions there. Training scores the answer tokens outside them.
+        rivals: token ranges (start, end) of values the asked one can be confused with: the values of the other
+            facts of the same kind (`superlinear_lab.facts`). A rival range may also be evidence (a `fact_quiz` asks
+            every fact); for a query it is a rival unless that query needs it. Training's routing loss contrasts
+            the evidence's stripes with the rivals' (`superlinear_lab.train.routing_loss`).
     """
 
     ids: list[int]
@@ -163,6 +167,7 @@ class Example:
     task: str
     meta: dict = field(default_factory=dict)
     prompts: list[tuple[int, int]] = field(default_factory=list)
+    rivals: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def length(self) -> int:
@@ -222,15 +227,19 @@ class _Builder:
     def __init__(self, rng: random.Random, length: int, split: str):
         self.rng, self.length, self.split = rng, length, split
         self.needles: list[tuple[float, str, list[tuple[int, int]]]] = []  # (depth, text, char ranges to mark)
+        self.rival_marks: dict[int, list[tuple[int, int]]] = {}  # needle index -> char ranges of rival values
 
-    def needle(self, depth: float, text: str, marks: list[str]) -> list[int]:
-        """Queue sentence `text` at relative `depth`; `marks` are substrings whose token ranges become evidence.
+    def needle(self, depth: float, text: str, marks: list[str], rivals: tuple[str, ...] = ()) -> list[int]:
+        """Queue sentence `text` at relative `depth`; `marks` are substrings whose token ranges become evidence,
+        `rivals` substrings whose ranges become `Example.rivals` (each at its last occurrence in `text`).
         Returns the indices the marks will have in `evidence`."""
-        ranges = []
-        for m in marks:
+        def last(m: str) -> tuple[int, int]:
             at = text.rindex(m)
-            ranges.append((at, at + len(m)))
-        self.needles.append((depth, text, ranges))
+            return at, at + len(m)
+
+        if rivals:
+            self.rival_marks[len(self.needles)] = [last(m) for m in rivals]
+        self.needles.append((depth, text, [last(m) for m in marks]))
         return list(range(sum(len(r) for _, _, r in self.needles[:-1]),
                           sum(len(r) for _, _, r in self.needles)))
 
@@ -255,12 +264,13 @@ class _Builder:
                     break
             cuts.append(at)
         order = sorted(range(len(self.needles)), key=lambda i: (cuts[i], i))
-        ids, evidence_by_needle, prev = [_TOKENIZER.bos_id], {}, 0
+        ids, evidence_by_needle, rivals, prev = [_TOKENIZER.bos_id], {}, [], 0
         for i in order:
             ids += filler[prev:cuts[i]]
             prev = cuts[i]
             base = len(ids) + 1  # after the leading "\n"
             evidence_by_needle[i] = [(base + a, base + b) for a, b in self.needles[i][2]]
+            rivals += [(base + a, base + b) for a, b in self.rival_marks.get(i, [])]
             ids += pieces[i]
         ids += filler[prev:]
         evidence = [r for i in range(len(self.needles)) for r in evidence_by_needle[i]]
@@ -269,7 +279,8 @@ class _Builder:
         ids += a_ids
         assert len(ids) == self.length
         needs = {a0 + j - 1: needs_of(j) for j in range(len(a_ids)) if needs_of(j)}
-        return Example(ids, (a0, len(ids)), evidence, needs, task, meta, [(a0 + a, a0 + b) for a, b in prompts])
+        return Example(ids, (a0, len(ids)), evidence, needs, task, meta, [(a0 + a, a0 + b) for a, b in prompts],
+                       sorted(rivals))
 
 
 def passkey(length: int, depth: float, seed: int, split: str = "train") -> Example:

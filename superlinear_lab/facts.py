@@ -320,8 +320,8 @@ def fact(length: int, seed: int, split: str = "train", kind: str = "word", n_dis
             if key not in keys:
                 break
         keys.add(key)
-        text, _ = _statement(rng, _statement_template(rng, split, kind), key[0], key[1], kind, split, taken)
-        b.needle(rng.random(), text, [])
+        text, rival = _statement(rng, _statement_template(rng, split, kind), key[0], key[1], kind, split, taken)
+        b.needle(rng.random(), text, [], rivals=(rival,))
     return b.build(_question(rng, split, kind, owner, thing), value, lambda j: [0], task,
                    {"depth": depth, "kind": kind, "owner": owner, "thing": thing, "value": value,
                     "n_distractors": n_distractors, "near_keys": near_keys, "seed": seed})
@@ -451,7 +451,7 @@ def fact_quiz(length: int, seed: int, split: str = "train", n_facts: int = 4) ->
     values = []
     for owner, thing in keys:
         text, value = _statement(rng, _statement_template(rng, split, kind), owner, thing, kind, split, taken)
-        b.needle(rng.random(), text, [value])
+        b.needle(rng.random(), text, [value], rivals=(value,))  # each value is a rival of every other question
         values.append(value)
     order = rng.sample(range(n_facts), n_facts)
     questions = [_question(rng, split, kind, *keys[i]) for i in order]

@@ -1,8 +1,9 @@
 """Train the hybrid model on natural text mixed with long-context retrieval tasks; resumable in slices.
 
 Loss per step = w_lm · mean CE over all tokens + w_answer · mean CE over answer tokens + w_first · mean CE over each
-answer's first token + w_route · routing loss. (The first answer token is where a fact is picked: once it is right,
-the rest of a word is mostly copied from the reached span, so a model that confuses facts of one kind misses there.)
+answer's first token + w_route · routing loss + w_rival · rival contrast. (The first answer token is where a fact is
+picked: once it is right, the rest of a word is mostly copied from the reached span, so a model that confuses facts
+of one kind misses there.)
 
 **Routing loss.** The router (Q1 and K at the anchors) learns through the gate only (docs/algorithm.md §2.6, §3.2): gradient
 reaches the K chosen anchors and nothing else, so a router that never picks the evidence's stripe gets no signal
@@ -11,6 +12,12 @@ add a supervised term on the full stripe profile at those queries: for each atte
 (query, evidence) pair, −log of the softmax mass (over the query's candidate stripes, raw search values
 ⟨Q1, K(anchor)⟩) that falls on stripes whose span contains the whole evidence range. It trains the same
 quantities the search ranks, so at inference the top-K picks those stripes; the model itself is unchanged.
+
+**Rival contrast** (w_rival). The stripe loss spreads its push over every other stripe, mostly filler; what a
+model of facts gets wrong is the stripe of *another fact of the same kind*, whose span the gate then mixes in
+(each branch is normalised on its own, docs/algorithm.md §3.2, so a distractor's value wins its own branch). Where
+an example records `rivals` (the values of the other same-kind facts), a second term is −log of the mass on the
+evidence's stripes within the evidence's and the rivals' stripes only.
 
 **Curriculum.** `stages` lists (context length, steps, batch rows); lengths grow, so the model first learns the
 tasks on short rows and then on long ones.
@@ -75,6 +82,7 @@ class TrainConfig:
     w_answer: float = 2.0  # weight of the mean CE over answer tokens
     w_first: float = 0.0  # extra weight of the mean CE over the first token of each answer (and answer part)
     w_route: float = 0.5  # weight of the supervised routing loss (0 = gate-only router learning)
+    w_rival: float = 0.0  # weight of the rival contrast: evidence stripes against same-kind values' stripes
     seed: int = 0  # data seed (batches are a function of (seed, step))
     probe_every: int = 100  # steps between probe evaluations (routing recall / accuracy on eval seeds)
     probe_rows: int = 8  # held-out NIAH rows per probe
@@ -124,24 +132,31 @@ def loss_weights(examples: list[D.Example], device) -> tuple[torch.Tensor, torch
     return ids, mask, first
 
 
-def routing_loss(records: dict, span: SpanConfig, pairs) -> torch.Tensor:
-    """Supervised stripe loss (module docstring) over every recorded layer, query head and evidence pair.
+def rival_ranges(examples: list[D.Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's `Example.rivals` as (rival_start [B, R], rival_end [B, R]) int64, end-exclusive, padded with
+    -1 (R = the most rivals of an example). A stripe that holds a query's own evidence is a target for it, never a
+    rival (`_stripe_targets`), so a `fact_quiz` can list every value as a rival."""
+    width = max((len(ex.rivals) for ex in examples), default=0)
+    out = torch.full((2, len(examples), width), -1, dtype=torch.int64)
+    for b, ex in enumerate(examples):
+        for j, (start, end) in enumerate(ex.rivals):
+            out[0, b, j], out[1, b, j] = start, end
+    return out[0], out[1]
 
-    Args:
-        records: {layer: (positions [L], routing, q1 [B, H_Q, L, D], k [B, H_KV, L, D])} from `capture_routing`.
-        pairs: (row, query, ev_start, ev_end) int64 [P] from `evidence_pairs`.
-    Returns a scalar (0 when no pair has a stripe whose span holds its evidence, e.g. evidence in the window).
-    """
+
+def _stripe_targets(span: SpanConfig, pairs, l_kv: int, rivals=None):
+    """The candidate stripes of each (query, evidence) pair that training can supervise: pairs whose evidence lies
+    before the window (reachable only through a span) and that have a stripe whose span holds all of it.
+
+    Returns (row [P'], query [P'], anchor [P', S], candidate [P', S], target [P', S]: the stripe's span holds the
+    evidence, rival [P', S] or None: a candidate that is no target and whose span holds a whole rival range)."""
     row, query, es, ee = pairs
-    first = next(iter(records.values()))
-    dev = first[2].device
-    row, query, es, ee = (t.to(dev) for t in (row, query, es, ee))
     window_lo = window_bounds(span, query)[0]  # -1 where there is no window
     keep = (window_lo < 0) | (es < window_lo)  # evidence reachable only through a span
     row, query, es, ee = row[keep], query[keep], es[keep], ee[keep]
     if row.numel() == 0:
-        return first[2].sum() * 0
-    l_kv = first[3].shape[2]
+        return None
+    dev = query.device
     offsets = stripe_table(span, int(query.max()) + 1, device=dev)[span.sw_index + 1:]
     offsets = offsets[offsets <= int(query.max()) + 1]
     anchor = query[:, None] + 1 - offsets[None, :]  # [P, S]
@@ -149,11 +164,21 @@ def routing_loss(records: dict, span: SpanConfig, pairs) -> torch.Tensor:
     anchor = torch.where(candidate, anchor, torch.full_like(anchor, -1))
     qstart, qend = span_bounds(span, anchor, query[:, None], torch.zeros_like(query)[:, None], l_kv)
     target = candidate & (qstart <= es[:, None]) & (qend >= (ee - 1)[:, None])
+    rival = None
+    if rivals is not None and rivals[0].shape[1]:
+        rs, re_ = (t.to(dev)[row] for t in rivals)  # [P, R]; padding (-1, -1) lies in no candidate's span
+        holds = (qstart[:, :, None] <= rs[:, None, :]) & (qend[:, :, None] >= (re_ - 1)[:, None, :])  # [P, S, R]
+        rival = candidate & ~target & holds.any(-1)
     has_target = target.any(dim=1)
-    row, query, anchor, candidate, target = (t[has_target] for t in (row, query, anchor, candidate, target))
-    if row.numel() == 0:
-        return first[2].sum() * 0
-    total = 0.0
+    if not has_target.any():
+        return None
+    pick = lambda t: None if t is None else t[has_target]  # noqa: E731
+    return pick(row), pick(query), pick(anchor), pick(candidate), pick(target), pick(rival)
+
+
+def _stripe_scores(records: dict, row, query, anchor, candidate):
+    """Per recorded layer: the raw search values ⟨Q1(query), K(anchor)⟩ [P, H_Q, S] in fp32, −inf off
+    candidates."""
     for _, _, q1, k in records.values():
         h_q, h_kv = q1.shape[1], k.shape[1]
         q = q1[row, :, query].float()  # [P, H_Q, D]
@@ -161,16 +186,43 @@ def routing_loss(records: dict, span: SpanConfig, pairs) -> torch.Tensor:
         keys = keys.repeat_interleave(h_q // h_kv, dim=2)  # [P, S, H_Q, D]
         with fp32_region(q):  # under autocast einsum would score in bf16 (model/precision.py)
             scores = torch.einsum("phd,pshd->phs", q, keys)
-        scores = scores.masked_fill(~candidate[:, None, :], float("-inf"))
+        yield scores.masked_fill(~candidate[:, None, :], float("-inf"))
+
+
+def routing_loss(records: dict, span: SpanConfig, pairs, rivals=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Supervised stripe loss (module docstring) over every recorded layer, query head and evidence pair, and the
+    rival contrast: −log of the mass on the evidence's stripes within (evidence's stripes ∪ rivals' stripes), over
+    the pairs that have a rival stripe (a stripe holding another same-kind value but not the evidence).
+
+    Args:
+        records: {layer: (positions [L], routing, q1 [B, H_Q, L, D], k [B, H_KV, L, D])} from `capture_routing`.
+        pairs: (row, query, ev_start, ev_end) int64 [P] from `evidence_pairs`.
+        rivals: (rival_start, rival_end) [B, R] from `rival_ranges`, or None.
+    Returns (stripe loss, rival contrast): scalars, 0 where nothing applies (e.g. evidence in the window).
+    """
+    first = next(iter(records.values()))
+    zero = first[2].sum() * 0
+    dev = first[2].device
+    picked = _stripe_targets(span, tuple(t.to(dev) for t in pairs), first[3].shape[2], rivals)
+    if picked is None:
+        return zero, zero
+    row, query, anchor, candidate, target, rival = picked
+    contrasted = rival.any(1) if rival is not None else None
+    total, contrast = zero, zero
+    for scores in _stripe_scores(records, row, query, anchor, candidate):
         good = scores.masked_fill(~target[:, None, :], float("-inf"))
         total = total + (torch.logsumexp(scores, -1) - torch.logsumexp(good, -1)).mean()
-    return total / len(records)
+        if contrasted is not None and contrasted.any():
+            both = scores.masked_fill(~(target | rival)[:, None, :], float("-inf"))
+            contrast = contrast + (torch.logsumexp(both, -1) - torch.logsumexp(good, -1))[contrasted].mean()
+    return total / len(records), contrast / len(records)
 
 
 def step_loss(model: HybridLM, cfg: TrainConfig, examples: list[D.Example], device, autocast: bool):
     """Forward one batch; returns (loss, stats dict of floats)."""
     ids, ans_mask, first_mask = loss_weights(examples, device)
     pairs = evidence_pairs(examples)
+    rivals = rival_ranges(examples) if cfg.w_rival > 0 else None
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         with capture_routing(model) as records:
             logits = model(ids)
@@ -179,14 +231,15 @@ def step_loss(model: HybridLM, cfg: TrainConfig, examples: list[D.Example], devi
         n_ans = ans_mask.sum()
         ans = (ce * ans_mask).sum() / n_ans.clamp_min(1)
         first = (ce * first_mask).sum() / first_mask.sum().clamp_min(1)
-        route = routing_loss(records, model.cfg.span, pairs) if cfg.w_route > 0 and pairs[0].numel() else lm * 0
-    loss = cfg.w_lm * lm + cfg.w_answer * ans + cfg.w_first * first + cfg.w_route * route
+        route, rival = routing_loss(records, model.cfg.span, pairs, rivals) \
+            if (cfg.w_route > 0 or cfg.w_rival > 0) and pairs[0].numel() else (lm * 0, lm * 0)
+    loss = cfg.w_lm * lm + cfg.w_answer * ans + cfg.w_first * first + cfg.w_route * route + cfg.w_rival * rival
     with torch.no_grad():
         hits = [reached(records[i][1], model.cfg.span, *pairs).any(-1) for i in sorted(records)] \
             if pairs[0].numel() else []
         recall = float(torch.stack(hits).any(0).float().mean()) if hits else float("nan")
     return loss, {"loss": loss.item(), "lm": lm.item(), "answer": ans.item(), "first": first.item(),
-                  "route": route.item(), "train_recall": recall}
+                  "route": route.item(), "rival": rival.item(), "train_recall": recall}
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

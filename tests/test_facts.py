@@ -99,6 +99,12 @@ def test_distractors_are_facts_of_the_same_kind():
                   and not line.startswith("Question")]
     assert len(statements) == 1 + 4  # the fact and four distractors about the same thing or owner
     assert sum(ex.meta["value"] in line for line in statements) == 1  # distractor values differ from the answer
+    rivals = [_text(ex, r) for r in ex.rivals]  # the distractors' values, each inside its own statement
+    assert len(rivals) == 4 and ex.meta["value"] not in rivals
+    assert sorted(rivals) == sorted(next(v for v in rivals if v in line) for line in statements
+                                    if ex.meta["value"] not in line)
+    quiz = D.make_example("fact_quiz", 1024, 2, "train")
+    assert sorted(_text(quiz, r) for r in quiz.rivals) == sorted(quiz.meta["values"])
     near = F.fact(4096, 5, "train", kind="word", n_distractors=3, near_keys=True, task="fact_multi_key")
     role = near.meta["owner"].split(" from ")[0]
     owners = {line.split(" from ")[1].split("'")[0].split(" ")[0]

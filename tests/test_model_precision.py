@@ -101,8 +101,8 @@ def test_routing_loss_scores_in_fp32_under_autocast():
             model(torch.tensor([e.ids for e in examples]))
         pairs = evidence_pairs(examples)
         assert all(q1.dtype == torch.bfloat16 for _, _, q1, _ in records.values())
-        inside = routing_loss(records, model.cfg.span, pairs)
-    outside = routing_loss(records, model.cfg.span, pairs)
+        inside = routing_loss(records, model.cfg.span, pairs)[0]
+    outside = routing_loss(records, model.cfg.span, pairs)[0]
     assert inside.dtype == torch.float32 and float(outside) > 0
     assert torch.equal(inside, outside)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # and the whole training loss runs under autocast

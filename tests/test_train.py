@@ -3,6 +3,7 @@ and a run cut in two slices (checkpoint + resume) ends in exactly the state of o
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 
 import pytest
@@ -48,7 +49,7 @@ def test_routing_loss_reaches_search_query_and_keys():
     ids = torch.tensor([ex.ids for ex in examples])
     with capture_routing(model) as records:
         model(ids)
-    loss = T.routing_loss(records, model.cfg.span, evidence_pairs(examples))
+    loss = T.routing_loss(records, model.cfg.span, evidence_pairs(examples))[0]
     assert loss.item() > 0
     loss.backward()
     for i, layer in model.routing_layers():
@@ -149,3 +150,59 @@ def test_quiz_scores_each_value_and_not_the_questions_between_them():
     firsts = "".join(chr(int(ids[0, q + 1])) for q in range(ids.shape[1] - 1) if first[0, q])
     assert firsts == "".join(v[0] for v in asked)
     assert mask[1].sum() == 0 and first[1].sum() == 0
+
+
+def _naive_stripe_losses(records, examples, window, b_f, sigma):
+    """Stripe loss and rival contrast by enumeration, for search power 1/2 (F(i) = i²) and no forward span."""
+    route, contrast = [], []
+    for _, _, q1, k in records.values():
+        group = q1.shape[1] // k.shape[1]
+        r_terms, c_terms = [], []
+        for b, ex in enumerate(examples):
+            for q in ex.queries:
+                for e in ex.needs[q]:
+                    es, ee = ex.evidence[e]
+                    sw_start = max(0, q - window + 1)
+                    if es >= sw_start:
+                        continue
+                    t = q + 1
+                    back = math.isqrt(b_f * b_f * t)
+                    back += back * back != b_f * b_f * t  # ceil(b_f * sqrt(t))
+                    stripes = []
+                    i = sigma + 1
+                    while i * i <= q + 1:
+                        a = q + 1 - i * i
+                        lo, hi = max(a - back, 0), min(a, q, ex.length - 1, sw_start - 1)
+                        good = lo <= es and hi >= ee - 1
+                        rival = not good and any(lo <= rs and hi >= re - 1 for rs, re in ex.rivals)
+                        stripes.append((a, good, rival))
+                        i += 1
+                    if not any(g for _, g, _ in stripes):
+                        continue
+                    for h in range(q1.shape[1]):
+                        s = torch.stack([q1[b, h, q].double() @ k[b, h // group, a].double() for a, _, _ in stripes])
+                        good = torch.tensor([g for _, g, _ in stripes])
+                        both = good | torch.tensor([r for _, _, r in stripes])
+                        r_terms.append(torch.logsumexp(s, 0) - torch.logsumexp(s[good], 0))
+                        if not torch.equal(both, good):
+                            c_terms.append(torch.logsumexp(s[both], 0) - torch.logsumexp(s[good], 0))
+        route.append(torch.stack(r_terms).mean())
+        contrast.append(torch.stack(c_terms).mean())
+    return float(sum(route) / len(route)), float(sum(contrast) / len(contrast))
+
+
+def test_rival_contrast_is_the_evidence_share_among_evidence_and_rival_stripes():
+    """routing_loss's two terms equal an enumeration over stripes: −log of the evidence stripes' mass among all
+    candidates, and among the evidence's and the rivals' stripes (the other same-kind values of the row)."""
+    torch.manual_seed(0)
+    model = HybridLM(ModelConfig.from_dict(TINY), backend="torch")
+    examples = [D.make_example("fact_quiz", 1024, s, "train") for s in (4, 6)]
+    assert all(len(ex.rivals) >= 3 for ex in examples)
+    with torch.no_grad(), capture_routing(model) as records:
+        model(torch.tensor([ex.ids for ex in examples]))
+    pairs = evidence_pairs(examples)
+    route, contrast = T.routing_loss(records, model.cfg.span, pairs, T.rival_ranges(examples))
+    want_route, want_contrast = _naive_stripe_losses(records, examples, 15, 3, 3)
+    assert abs(float(route) - want_route) < 1e-4 and abs(float(contrast) - want_contrast) < 1e-4
+    assert float(contrast) > 0.05
+    assert float(T.routing_loss(records, model.cfg.span, pairs)[1]) == 0  # no rivals given: no contrast
