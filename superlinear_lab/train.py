@@ -222,7 +222,7 @@ def step_loss(model: HybridLM, cfg: TrainConfig, examples: list[D.Example], devi
     """Forward one batch; returns (loss, stats dict of floats)."""
     ids, ans_mask, first_mask = loss_weights(examples, device)
     pairs = evidence_pairs(examples)
-    rivals = rival_ranges(examples) if cfg.w_rival > 0 else None
+    rivals = rival_ranges(examples)  # the contrast is logged at w_rival = 0 too
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         with capture_routing(model) as records:
             logits = model(ids)
