@@ -50,14 +50,9 @@ CANDIDATES = [
     {"span.DQ_STAGES": 3},  # 17
     {"span.DQ_WARPS": 8},  # 18
     {"span.KV_TILE": 32, "window.KV_STAGES": 2},  # 19
-    # session 7: span dK/dV over each key block's exact tile list (`span.tile_visits`), loop without a branch
-    {"span.KV_VISITS": True},  # 20: 2 stages
-    {"span.KV_VISITS": True, "span.KV_VISIT_STAGES": 1},  # 21
-    {"span.KV_VISITS": True, "span.KV_VISIT_STAGES": 3},  # 22
-    {"span.KV_VISITS": True, "span.KV_TILE": 32, "span.KV_VISIT_STAGES": 3},  # 23
-    {"span.KV_VISITS": True, "window.KV_BLOCK": 64},  # 24: 64-key dK/dV programs (window's too)
-    {"span.KV_VISITS": True, "span.KV_TILE": 32},  # 25
-    {"span.KV_VISITS": True, "window.KV_STAGES": 2},  # 26: the window's dK/dV loop pipelined too
+    # session 7 (window C, 128K backward alone): each key block's exact tile list (span.KV_VISITS, since backed out)
+    # with the loop pipelined 1 / 2 / 3 stages: 226.8 / 264.4 / 288.1 ms; with 64-key programs 358.1 ms
+    # (bench/h200_s7/bwd_tune_C.json)
 ]
 MODULES = {"window": window, "span": span, "common": common, "search": search}  # also used by fwd_tune.py
 

@@ -376,7 +376,7 @@ def main() -> int:
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES) + ["fp32"],
                         help="with --grads-only: the dtypes of the grad rows (default all)")
     parser.add_argument("--set", nargs="*", default=[], metavar="MODULE.NAME=VALUE",
-                        help="backend constants for this run, e.g. span.KV_VISITS=True (as speed.py --set)")
+                        help="backend constants for this run, e.g. common.TRAIN_FWD_BY_HEADS=False (as speed.py --set)")
     args = parser.parse_args()
     if args.set:
         import ast

@@ -34,15 +34,7 @@ VARIANTS = {
     "fwd-min-1k": {"common.TRAIN_FWD_MIN_ROWS": 32768},  # chunks of 1024 queries of the 32-head layer
     "recompute": {"common.KEEP_RESIDUALS": False},  # dO·O_k recomputed instead of stored residuals
     "session5": {"window.DQ_SPLIT": False, "common.TRAIN_FWD_PARTS": 1},
-    # session 7: span dK/dV over each key block's exact tile list (`span.tile_visits`), 2 / 3 pipeline stages
-    "visits": {"span.KV_VISITS": True},
-    "visits-s3": {"span.KV_VISITS": True, "span.KV_VISIT_STAGES": 3},
-    "fwd-parts-4": {"common.TRAIN_FWD_PARTS": 4},
-    "visits-fwd8": {"span.KV_VISITS": True, "common.TRAIN_FWD_PARTS": 8},
-    "visits-fwd4": {"span.KV_VISITS": True, "common.TRAIN_FWD_PARTS": 4},
-    "fwd-heads": {"common.TRAIN_FWD_BY_HEADS": True},  # the forward's chunks are query heads (no copies per chunk)
-    "visits-heads": {"span.KV_VISITS": True, "common.TRAIN_FWD_BY_HEADS": True},
-    "visits-heads8": {"span.KV_VISITS": True, "common.TRAIN_FWD_BY_HEADS": True, "common.TRAIN_FWD_PARTS": 8},
+    "fwd-queries": {"common.TRAIN_FWD_BY_HEADS": False},  # the forward's chunks are queries (sessions 5-6)
 }
 
 

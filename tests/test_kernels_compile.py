@@ -37,8 +37,8 @@ _SCRIPT = textwrap.dedent('''
 
     HALF = {"q_ptr", "k_ptr", "v_ptr", "q1_ptr", "out_ptr", "do_ptr", "res_ptr", "dq1_ptr"}  # the model dtype (fp16)
     I64 = {"pos_ptr", "start_ptr", "order_ptr", "mstripe_ptr", "table_ptr", "blen_ptr", "flen_ptr", "part_a_ptr",
-           "spos_ptr", "qrange_ptr", "tile_lo_ptr", "tile_hi_ptr", "trange_ptr", "vstart_ptr"}
-    I32 = {"qstart_ptr", "qend_ptr", "qanchor_ptr", "anchor_ptr", "visit_ptr"}
+           "spos_ptr", "qrange_ptr", "tile_lo_ptr", "tile_hi_ptr", "trange_ptr"}
+    I32 = {"qstart_ptr", "qend_ptr", "qanchor_ptr", "anchor_ptr"}
     FLOAT = {"scale", "qk_scale", "INVALID"}
     WIDE = ("sk_", "sv_")  # strides are int64
 
@@ -85,11 +85,9 @@ _SCRIPT = textwrap.dedent('''
         (span._span_bwd_dq_kernel, dict(NUM_SPANS=K, BLOCK_P=sbp, BLOCK_N=min(sbn, span.DQ_BLOCK_N), BLOCK_D=sbd,
                                         SPLIT=window.DQ_SPLIT, EVEN_D=True, PRECISION="tf32", DOTS=True)),
         (span._span_bwd_kv_kernel, dict(NUM_SPANS=K, BLOCK_P=span.KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=sbd,
-                                        PRECISION="tf32", SKIP=True, SORTED=False, VISITS=False)),
+                                        PRECISION="tf32", SKIP=True, SORTED=False)),
         (span._span_bwd_kv_kernel, dict(NUM_SPANS=K, BLOCK_P=span.KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=sbd,
-                                        PRECISION="tf32", SKIP=False, SORTED=True, VISITS=False)),
-        (span._span_bwd_kv_kernel, dict(NUM_SPANS=K, BLOCK_P=span.KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=sbd,
-                                        PRECISION="tf32", SKIP=True, SORTED=True, VISITS=True)),
+                                        PRECISION="tf32", SKIP=False, SORTED=True)),
         (merge._gate_kernel, dict(NUM_SPANS=K, BLOCK_R=32, BLOCK_D=BD, RESIDUALS=True)),
         (merge._gate_bwd_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BLOCK_R=16, BLOCK_D=BD, DOTS=False)),
         (merge._gate_bwd_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BLOCK_R=16, BLOCK_D=BD, DOTS=True)),
@@ -123,4 +121,4 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     failed = [f"{name} (sm_{arch}): {error}" for name, arch, _, error in results if error]
     assert not failed, "\n".join(failed)
-    assert len(results) == 20 and all(size > 0 for _, _, size, _ in results)
+    assert len(results) == 19 and all(size > 0 for _, _, size, _ in results)

@@ -113,61 +113,22 @@ def test_non_contiguous_cache_positions():
     _compare(DEFAULT, 1, 4, 2, 5, 60, 16, torch.float32, positions=[3, 40, 41, 17, 59])
 
 
-@pytest.mark.parametrize("skip, sort, visits", [(True, False, False), (False, False, False), (True, True, False),
-                                               (True, True, True), (True, False, True)],
-                         ids=["skip", "masked", "sorted", "visits", "visits-unsorted"])
-def test_backward_small_tiles(monkeypatch, skip, sort, visits):
+@pytest.mark.parametrize("skip, sort", [(True, False), (False, False), (True, True)], ids=["skip", "masked", "sorted"])
+def test_backward_small_tiles(monkeypatch, skip, sort):
     """The key-major dK/dV kernels with many small key blocks and pair tiles: a block meets many tiles, tiles end
     and start inside blocks, and queries come in no particular order (the window's position sort). `masked`:
     tiles that miss the block are computed under the masks instead of skipped; `sorted`: the span kernel reads
-    the pair arrays gathered into sorted order; `visits`: it loops over each block's exact tile list
-    (`span.tile_visits`)."""
+    the pair arrays gathered into sorted order."""
     from superlinear_kernels.triton import span, window
 
     monkeypatch.setattr(span, "KV_SKIP", skip)
     monkeypatch.setattr(span, "KV_SORTED", sort)
-    monkeypatch.setattr(span, "KV_VISITS", visits)
     monkeypatch.setattr(window, "KV_BLOCK", 16)
     monkeypatch.setattr(span, "_blocks", lambda d: (max(16, d), 16, 16))
     monkeypatch.setattr(span, "KV_TILE", 16)
     _compare(RELEASE_SMALL, 1, 4, 2, 120, 120, 16, torch.float32, starts=[9])
     order = torch.randperm(40, generator=torch.Generator().manual_seed(3)) + 60
     _compare(K3_FORWARD, 2, 4, 2, 40, 100, 16, torch.float32, starts=[0, 21], positions=order.tolist())
-
-
-@pytest.mark.parametrize("case", ["random", "widest"])
-def test_tile_visits_lists_every_meeting_tile(case):
-    """`span.tile_visits` (the dK/dV kernel's per-block tile lists) equals a plain double loop over blocks and tiles:
-    block j of a group lists, in tile order, exactly the tiles with a live pair whose range [lo, hi] meets it.
-    `random`: spans of random lengths, dead pairs (qstart -1), tiles without a live pair. `widest`: tiles as wide
-    as the sort allows (each tile two pairs, one at the start of its stretch of keys and one of the longest length
-    at its end), so the tiles meet about as many blocks as the size fixed from shapes admits."""
-    from superlinear_kernels.triton import span
-
-    gen = torch.Generator().manual_seed(11)
-    n_groups, l_kv, max_len, sort_block, block_n = 3, 700, 90, 16, 32
-    if case == "random":
-        block_p, n_pairs = 8, 160
-        qs = torch.randint(0, l_kv, (n_groups, n_pairs), generator=gen)
-        qe = torch.clamp(qs + torch.randint(1, max_len + 1, (n_groups, n_pairs), generator=gen) - 1, max=l_kv - 1)
-        dead = torch.rand(n_groups, n_pairs, generator=gen) < 0.15
-        qs, qe = torch.where(dead, -1, qs).int(), torch.where(dead, -1, qe).int()
-    else:
-        block_p, starts = 2, torch.arange(0, l_kv - max_len, sort_block)
-        qs = torch.stack([starts, starts + sort_block - 1], 1).reshape(1, -1).repeat(n_groups, 1).int()
-        qe = torch.stack([starts, starts + sort_block + max_len - 2], 1).reshape(1, -1).repeat(n_groups, 1).int()
-        n_pairs = qs.shape[1]
-    order = span.sort_pairs(qs.view(n_groups, 1, -1, 1), qe.view(n_groups, 1, -1, 1), 1, sort_block, l_kv)
-    sqs, sqe = (x.reshape(-1)[order].view(n_groups, n_pairs) for x in (qs, qe))
-    lo, hi, _ = span.tile_key_ranges(sqs, sqe, block_p, l_kv, block_n)
-    visits, vstart = span.tile_visits(lo, hi, l_kv, block_n, sort_block, max_len)
-    n_kb = -(-l_kv // block_n)
-    assert vstart.shape == (n_groups, n_kb + 1)
-    for g in range(n_groups):
-        for j in range(n_kb):
-            want = [t for t in range(lo.shape[1]) if hi[g, t] >= 0 and lo[g, t] // block_n <= j <= hi[g, t] // block_n]
-            got = visits[vstart[g, j]:vstart[g, j + 1]].tolist()
-            assert got == want, f"group {g}, block {j}: {got} != {want}"
 
 
 @pytest.mark.parametrize("split", [True, False], ids=["interior", "masked"])
@@ -223,26 +184,32 @@ def test_backward_without_residuals(monkeypatch, chunk):
     _compare(K3_FORWARD, 2, 4, 2, 41, 41, 16, torch.float32, starts=[5, 0])
 
 
-@pytest.mark.parametrize("mode", ["forward-and-dq", "forward", "forward-by-heads"])
+@pytest.mark.parametrize("mode", ["forward-and-dq", "forward-queries", "forward-by-heads"])
 def test_training_in_chunks(monkeypatch, mode):
-    """Training over more than TRAIN_CHUNK queries: the forward runs window, spans and gate in query chunks and the
-    backward its dQ2 (the last chunk partial); outputs and gradients still match the oracle. `forward`: only the
-    forward in chunks (`common.train_forward_chunk`), the backward in one piece over the whole call's pair sort;
-    `forward-by-heads`: the forward's chunks are query heads (`common.TRAIN_FWD_BY_HEADS`): a whole KV group of both
-    batch rows in the first call, one head of a group in the second."""
+    """Training over more than a chunk: the forward runs window, spans and gate in chunks and the backward its dQ2 in
+    chunks of TRAIN_CHUNK queries (the last partial); outputs and gradients still match the oracle.
+    `forward-and-dq`: TRAIN_CHUNK = 16 (the forward's chunks by heads, the default); `forward-queries`: only the forward
+    in chunks, of queries (`common.train_forward_chunk`, TRAIN_FWD_BY_HEADS off), the backward in one piece over the
+    whole call's pair sort; `forward-by-heads`: the forward's chunks are query heads (`common.train_forward_heads`):
+    a whole KV group of both batch rows, one head of a group, and a call where one head holds more rows than a chunk
+    (query chunks then)."""
     from superlinear_kernels.triton import common
 
-    if mode != "forward-and-dq":
+    if mode == "forward-and-dq":
+        monkeypatch.setattr(common, "TRAIN_CHUNK", 16)
+    else:
         monkeypatch.setattr(common, "TRAIN_FWD_MIN_ROWS", 64)
         monkeypatch.setattr(common, "TRAIN_FWD_PARTS", 4)
         assert common.train_forward_chunk(61, 2 * 4) == 16 and common.train_forward_chunk(37, 4) == 16
         monkeypatch.setattr(common, "TRAIN_FWD_BY_HEADS", mode == "forward-by-heads")
         assert common.train_forward_heads(61, 2 * 4, 2) == 2 and common.train_forward_heads(37, 4, 2) == 1
         assert common.train_forward_heads(100, 20, 12) == 4 and common.train_forward_heads(100, 32, 16) == 8
-    else:
-        monkeypatch.setattr(common, "TRAIN_CHUNK", 16)
     _compare(RELEASE_SMALL, 2, 4, 2, 61, 61, 16, torch.float32, starts=[0, 13])
     _compare(DEFAULT, 1, 4, 2, 37, 70, 16, torch.float16, positions=list(range(69, 32, -1)))
+    if mode == "forward-by-heads":
+        monkeypatch.setattr(common, "TRAIN_FWD_MIN_ROWS", 8)
+        assert common.train_forward_heads(61, 2, 2) == 0
+        _compare(RELEASE_SMALL, 1, 2, 1, 61, 61, 16, torch.float32, starts=[5])
 
 
 def _attention_node(out):

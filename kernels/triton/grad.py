@@ -75,19 +75,18 @@ def gate_grads(q2, k, v, qstart, qanchor, qend, gate, out, residuals, branch_lse
 
 
 def attention_backward(q1, q2, k, v, qstart, qanchor, qend, gate, branch_lse, order, positions, row_start,
-                       window: int, do, grads, max_len: int):
+                       window: int, do, grads):
     """Gradients (dq1, dq2, dk, dv) in the inputs' dtypes, after `gate_grads`.
 
     q1, q2 [B, H_Q, L_Q, D] contiguous; k, v [B, H_KV, L_KV, D] (unit stride in D); routing int32 and gate fp32
     [B, H_Q, L_Q, K]; branch_lse fp32 [B, H_Q, L_Q, K]; order: the whole call's pair sort (`pair_order`); positions
-    int64 [L_Q]; row_start int64 [B]; do [B, H_Q, L_Q, D] in q2's dtype (contiguous); grads: `gate_grads`' result;
-    max_len: no span holds more keys (B(L_KV) + Fw(L_KV) + 1, `span.span_backward_kv`).
+    int64 [L_Q]; row_start int64 [B]; do [B, H_Q, L_Q, D] in q2's dtype (contiguous); grads: `gate_grads`' result.
     """
     dvalues, delta, lse_eff, delta_eff = grads
     dk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.empty_like(dk)
     window_backward_kv(q2, k, v, positions, row_start, window, do, lse_eff, delta_eff, dk, dv)
-    span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dk, dv, max_len)
+    span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dk, dv)
 
     l_q = q2.shape[2]
     dq2 = torch.empty_like(q2)

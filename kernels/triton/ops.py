@@ -212,8 +212,8 @@ class _AttentionFunction(torch.autograd.Function):
             order = None
         elif need_grad and q2.shape[2] > chunk:
             qstart, qanchor, qend, values = _search(q1, k, cfg, prep)
-            if common.TRAIN_FWD_BY_HEADS:
-                heads = common.train_forward_heads(q2.shape[2], q2.shape[0] * q2.shape[1], q2.shape[1] // k.shape[1])
+            heads = common.train_forward_heads(q2.shape[2], q2.shape[0] * q2.shape[1], q2.shape[1] // k.shape[1])
+            if common.TRAIN_FWD_BY_HEADS and heads:
                 out, gate, residuals, branch_lse, win_lse = _branches_by_heads(q2, k, v, qstart, qanchor, qend, values,
                                                                                prep, window, keep, heads)
             else:
@@ -233,7 +233,6 @@ class _AttentionFunction(torch.autograd.Function):
         ctx.residuals = residuals
         ctx.order = order
         ctx.window = window
-        ctx.max_len = _max_span_len(cfg, k.shape[2]) if need_grad else 0
         ctx.prep = prep
         ctx.mark_non_differentiable(qstart, qanchor, qend)
         return out, qstart, qanchor, qend, values, gate
@@ -256,7 +255,7 @@ class _AttentionFunction(torch.autograd.Function):
                            positions, row_start, ctx.window, do, dvalues_out, dgate_out)
         del residuals
         dq1, dq2, dk, dv = attention_backward(q1, q2, k, v, qstart, qanchor, qend, gate, branch_lse, order, positions,
-                                              row_start, ctx.window, do, grads, ctx.max_len)
+                                              row_start, ctx.window, do, grads)
         return dq1, dq2, dk, dv, None, None
 
 

@@ -216,17 +216,14 @@ def _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse
 
 @triton.jit
 def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr,
-                        delta_ptr, tile_lo_ptr, tile_hi_ptr, trange_ptr, visit_ptr, vstart_ptr, dk_ptr, dv_ptr,
+                        delta_ptr, tile_lo_ptr, tile_hi_ptr, trange_ptr, dk_ptr, dv_ptr,
                         sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                         H_Q, H_KV, L_Q, L_KV, D, G, PG, N_TILES, N_KB, scale,
                         NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr, SORTED: tl.constexpr,
-                        VISITS: tl.constexpr):
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr, SORTED: tl.constexpr):
     """dK, dV of one key block of one KV group, key-major: the program visits the pair tiles whose key range
     [tile_lo, tile_hi] can meet the block (a contiguous run of tiles, `trange`), skips those that do not,
-    keeps dK and dV in registers and adds them once to the window's (no atomics: it owns the block).
-    VISITS: it visits exactly the tiles listed for the block (`tile_visits`: vstart [groups, N_KB + 1] into the tile
-    indices visit_ptr), a loop without a branch, which Triton can software-pipeline."""
+    keeps dK and dV in registers and adds them once to the window's (no atomics: it owns the block)."""
     kb = tl.program_id(0)
     grp = tl.program_id(1)
     b = grp // H_KV
@@ -240,29 +237,24 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
     v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
     kk = tl.load(k_base + cols[:, None].to(tl.int64) * sk_l + d[None, :], mask=kv_mask, other=0.0)
     vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :], mask=kv_mask, other=0.0)
+    rng = (grp.to(tl.int64) * N_KB + kb) * 2
+    t_lo = tl.load(trange_ptr + rng)
+    t_hi = tl.load(trange_ptr + rng + 1)
+
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if VISITS:  # exactly the listed tiles: no branch in the loop
-        at = grp.to(tl.int64) * (N_KB + 1) + kb
-        for i in range(tl.load(vstart_ptr + at), tl.load(vstart_ptr + at + 1)):
-            tile = tl.load(visit_ptr + i)
-            dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr,
-                                   kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D, G, scale,
-                                   NUM_SPANS, BLOCK_P, SORTED, PRECISION)
-    else:
-        rng = (grp.to(tl.int64) * N_KB + kb) * 2
-        for tile in range(tl.load(trange_ptr + rng), tl.load(trange_ptr + rng + 1)):
-            lo = tl.load(tile_lo_ptr + grp.to(tl.int64) * N_TILES + tile)
-            hi = tl.load(tile_hi_ptr + grp.to(tl.int64) * N_TILES + tile)
-            if SKIP:
-                if (lo < k0 + BLOCK_N) & (hi >= k0):
-                    dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr,
-                                           delta_ptr, kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q,
-                                           D, G, scale, NUM_SPANS, BLOCK_P, SORTED, PRECISION)
-            else:  # tiles that miss the block are computed under the masks (no branch in the loop)
+    for tile in range(t_lo, t_hi):
+        lo = tl.load(tile_lo_ptr + grp.to(tl.int64) * N_TILES + tile)
+        hi = tl.load(tile_hi_ptr + grp.to(tl.int64) * N_TILES + tile)
+        if SKIP:
+            if (lo < k0 + BLOCK_N) & (hi >= k0):
                 dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr,
                                        kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D, G, scale,
                                        NUM_SPANS, BLOCK_P, SORTED, PRECISION)
+        else:  # tiles that miss the block are computed under the masks (no branch in the loop)
+            dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr,
+                                   kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D, G, scale,
+                                   NUM_SPANS, BLOCK_P, SORTED, PRECISION)
     off = (grp.to(tl.int64) * L_KV + cols[:, None]) * D + d[None, :]  # dk/dv: contiguous fp32 [B, H_KV, L_KV, D]
     tl.store(dk_ptr + off, tl.load(dk_ptr + off, mask=kv_mask, other=0.0) + dk * scale, mask=kv_mask)
     tl.store(dv_ptr + off, tl.load(dv_ptr + off, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
@@ -292,48 +284,9 @@ def tile_key_ranges(qs, qe, block_p: int, l_kv: int, block_n: int):
     return lo, hi, torch.stack([first, last], dim=-1).contiguous()
 
 
-def tile_visits(tile_lo, tile_hi, l_kv: int, block_n: int, sort_block: int, max_len: int):
-    """The inverse map of the tiles' key ranges: for each key block of `block_n` keys, the pair tiles whose range
-    [tile_lo, tile_hi] meets it, in tile order. Returns (visits int32 [V]: tile indices within their group,
-    vstart int64 [n_groups, n_blocks + 1]: block j of group g visits visits[vstart[g, j]:vstart[g, j + 1]]).
-
-    tile_lo, tile_hi: `tile_key_ranges`' int64 [n_groups, n_tiles] over pairs sorted by `sort_pairs` with
-    `sort_block`-key blocks; max_len: no span holds more keys (B(L_KV) + Fw(L_KV) + 1). V is a bound fixed on the
-    host from shapes (no device sync), padded with entries no block reads: within a group the tiles' smallest
-    starts rise block by block, so Σ_t (hi_t − lo_t) ≤ L_KV + n_tiles·sort_block + n_tiles·(max_len − 1), and a
-    tile meets at most (hi_t − lo_t) // block_n + 2 blocks."""
-    n_groups, n_tiles = tile_lo.shape
-    device = tile_lo.device
-    n_kb = -(-l_kv // block_n)
-    per_group = (l_kv + n_tiles * (sort_block + max_len - 1)) // block_n + 2 * n_tiles + 1
-    total = n_groups * per_group
-    live = tile_hi >= 0
-    first = torch.where(live, tile_lo // block_n, 0).to(torch.int32).reshape(-1)
-    count = torch.where(live, tile_hi // block_n + 1, 0).reshape(-1) - first
-    pad = (total - count.sum()).clamp(min=0).reshape(1)  # the bound holds, so the sum is exactly `total`
-    ends = n_groups * n_tiles  # owner index of the padding
-    owner = torch.repeat_interleave(torch.arange(ends + 1, device=device, dtype=torch.int32),
-                                    torch.cat([count, pad]), output_size=total)  # int32 entries: total < 2^31
-    begin = (torch.cumsum(count, 0) - count).to(torch.int32)  # each tile's first entry
-    real = owner < ends
-    owner = torch.where(real, owner, 0)
-    key = torch.arange(total, device=device, dtype=torch.int32) - begin[owner] + first[owner]  # the key block
-    key += (owner // n_tiles) * (n_kb + 1)  # + group · (n_kb + 1)
-    key = torch.where(real, key, n_groups * (n_kb + 1))
-    del begin, real
-    key, perm = torch.sort(key, stable=True)
-    visits = (owner[perm] % n_tiles).to(torch.int32)
-    del owner, perm
-    # vstart[g, j] = entries before block j of group g; vstart[g, n_kb] ends block n_kb − 1 (no key holds n_kb).
-    vstart = torch.searchsorted(key, torch.arange(n_groups * (n_kb + 1), device=device, dtype=torch.int32))
-    return visits, vstart.view(n_groups, n_kb + 1)
-
-
 KV_TILE = 64  # sorted pairs per tile visited by the key-major kernel (independent of the dQ kernel's tiles)
 KV_SKIP = True  # branch over tiles of the run that miss the block (else they are computed fully masked)
 KV_SORTED = True  # the key-major kernel reads the pair arrays gathered into sorted order (else through the sort)
-KV_VISITS = False  # the key-major kernel loops over each block's exact tile list (`tile_visits`), no branch
-KV_VISIT_STAGES = 2  # software-pipelining stages of that loop
 DQ_BLOCK_N = 64  # keys per loop trip of the dQ kernel (D <= 128; 32 above)
 DQ_STAGES = 2
 DQ_WARPS = 4  # warps of the dQ kernel
@@ -364,10 +317,9 @@ def span_backward_dq(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta,
         EVEN_D=bd == d, PRECISION=dot_precision(q2.dtype), DOTS=dots, num_warps=DQ_WARPS, num_stages=DQ_STAGES)
 
 
-def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dk, dv, max_len: int) -> None:
+def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dk, dv) -> None:
     """Span part of dK, dV, added into fp32 dk, dv [B, H_KV, L_KV, D] (contiguous; the window stored them).
-    Key-major (`_span_bwd_kv_kernel`): no atomics. Arguments as `span_backward_dq`, over all of the call's pairs;
-    max_len: no span holds more keys (sizes the visit lists of `KV_VISITS`).
+    Key-major (`_span_bwd_kv_kernel`): no atomics. Arguments as `span_backward_dq`, over all of the call's pairs.
     """
     b, h_q, l_q, d = q2.shape
     h_kv, l_kv = k.shape[1], k.shape[2]
@@ -386,15 +338,10 @@ def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta,
         pairs = (order // num_spans, sqs, sqe) + tuple(x.reshape(-1)[order] for x in (gate, branch_lse, delta))
     del sqs, sqe
     n_kb = triton.cdiv(l_kv, window.KV_BLOCK)
-    if KV_VISITS:
-        visits, vstart = tile_visits(tile_lo, tile_hi, l_kv, window.KV_BLOCK, block_n, max_len)
-    else:
-        visits, vstart = ranges, ranges  # not read
     srow, sqs, sqe, sgate, slse, sdelta = pairs
     _span_bwd_kv_kernel[(n_kb, n_groups)](
-        q2, k, v, srow, sqs, sqe, do, sgate, slse, sdelta, tile_lo, tile_hi, ranges, visits, vstart, dk, dv,
+        q2, k, v, srow, sqs, sqe, do, sgate, slse, sdelta, tile_lo, tile_hi, ranges, dk, dv,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, pg, tile_lo.shape[1], n_kb, d ** -0.5,
         NUM_SPANS=num_spans, BLOCK_P=KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
-        SKIP=KV_SKIP, SORTED=KV_SORTED, VISITS=KV_VISITS, num_warps=window.KV_WARPS if bd >= 128 else 4,
-        num_stages=KV_VISIT_STAGES if KV_VISITS else window.KV_STAGES)
+        SKIP=KV_SKIP, SORTED=KV_SORTED, num_warps=window.KV_WARPS if bd >= 128 else 4, num_stages=window.KV_STAGES)
