@@ -132,13 +132,25 @@ def span_search(q1: torch.Tensor, k: torch.Tensor, cfg: SpanConfig, prep: Prepar
     return SearchResult(qstart, qanchor, qend, values)
 
 
-def _branches(q2, k, v, qstart, qanchor, qend, values, positions, row_start, window: int, residuals: bool):
-    """Window, spans and gate of one block of queries: (out, gate, residuals or None, branch_lse, order, win_lse)."""
+def _branches(q2, k, v, qstart, qanchor, qend, values, positions, row_start, window: int, residuals: bool,
+              into: tuple | None = None):
+    """Window, spans and gate of one block of queries: (out, gate, residuals or None, branch_lse, order, win_lse).
+    `into`: (out, gate, residuals or None) to write the gate's outputs into (`merge.gate_forward`)."""
     win_out, win_lse = window_forward(q2, k, v, positions, row_start, window)
     branch_out, branch_lse, order = span_forward(q2, k, v, qstart, qend, win_out, win_lse)
     del win_out
-    out, gate, res = gate_forward(values, qanchor, branch_out, q2.dtype, residuals=residuals)
+    out, gate, res = gate_forward(values, qanchor, branch_out, q2.dtype, residuals=residuals, into=into)
     return out, gate, res, branch_lse, order, win_lse
+
+
+def _whole_call_outputs(q2, qstart, residuals: bool):
+    """Empty whole-call tensors that chunked forwards write into: (out, gate, residuals or None, branch_lse,
+    win_lse), shaped as `_branches` returns them for all of q2 [B, H_Q, L_Q, D]."""
+    b, h_q, l_q, d = q2.shape
+    gate = torch.empty(qstart.shape, dtype=torch.float32, device=q2.device)
+    res = torch.empty(*qstart.shape, d, dtype=q2.dtype, device=q2.device) if residuals else None
+    return (torch.empty_like(q2), gate, res, torch.empty_like(gate),
+            torch.empty(b, h_q, l_q, dtype=torch.float32, device=q2.device))
 
 
 def _branches_in_chunks(q2, k, v, qstart, qanchor, qend, values, prep: Prepared, window: int, residuals: bool,
@@ -146,14 +158,8 @@ def _branches_in_chunks(q2, k, v, qstart, qanchor, qend, values, prep: Prepared,
     """`_branches` over chunks of `size` queries, written into whole-call tensors: the fp32 window and branch
     outputs exist for one chunk at a time; only R_k = O_k - O (q2's dtype; with `residuals`) and the window's
     lse are kept for the backward. Returns (out, gate, residuals or None, branch_lse, win_lse)."""
-    b, h_q, l_q, d = q2.shape
-    num_spans = qstart.shape[-1]
-    out = torch.empty_like(q2)
-    gate = torch.empty(qstart.shape, dtype=torch.float32, device=q2.device)
-    branch_lse = torch.empty_like(gate)
-    win_lse = torch.empty(b, h_q, l_q, dtype=torch.float32, device=q2.device)
-    res = torch.empty(b, h_q, l_q, num_spans, d, dtype=q2.dtype, device=q2.device) if residuals else None
-    for c0 in range(0, l_q, size):
+    out, gate, res, branch_lse, win_lse = _whole_call_outputs(q2, qstart, residuals)
+    for c0 in range(0, q2.shape[2], size):
         rows = slice(c0, c0 + size)
         part = _branches(q2[:, :, rows].contiguous(), k, v, qstart[:, :, rows].contiguous(),
                          qanchor[:, :, rows].contiguous(), qend[:, :, rows].contiguous(),
@@ -171,26 +177,18 @@ def _branches_by_heads(q2, k, v, qstart, qanchor, qend, values, prep: Prepared, 
     """`_branches` over chunks of `heads` query heads of one KV group and one batch row (all queries), written in
     place into whole-call tensors (a chunk is a contiguous slice of each: nothing is copied in or out except the two
     lse). Returns what `_branches_in_chunks` returns."""
-    b, h_q, l_q, d = q2.shape
+    b, h_q = q2.shape[:2]
     group = h_q // k.shape[1]
-    out = torch.empty_like(q2)
-    gate = torch.empty(qstart.shape, dtype=torch.float32, device=q2.device)
-    branch_lse = torch.empty_like(gate)
-    win_lse = torch.empty(b, h_q, l_q, dtype=torch.float32, device=q2.device)
-    res = torch.empty(b, h_q, l_q, qstart.shape[-1], d, dtype=q2.dtype, device=q2.device) if residuals else None
+    out, gate, res, branch_lse, win_lse = _whole_call_outputs(q2, qstart, residuals)
     values = values.contiguous()
     for row in range(b):
         r = slice(row, row + 1)
         for h0 in range(0, h_q, heads):
             hs, kv = slice(h0, h0 + heads), slice(h0 // group, h0 // group + 1)
-            q_c, k_c, v_c = q2[r, hs], k[r, kv], v[r, kv]
-            win_out, win_lse[r, hs] = window_forward(q_c, k_c, v_c, prep.cache_position, prep.row_start[r], window)
-            branch_out, branch_lse[r, hs], _ = span_forward(q_c, k_c, v_c, qstart[r, hs], qend[r, hs], win_out,
-                                                            win_lse[r, hs])
-            del win_out
-            gate_forward(values[r, hs], qanchor[r, hs], branch_out, q2.dtype, residuals=residuals,
-                         into=(out[r, hs], gate[r, hs], None if res is None else res[r, hs]))
-            del branch_out
+            _, _, _, branch_lse[r, hs], _, win_lse[r, hs] = _branches(
+                q2[r, hs], k[r, kv], v[r, kv], qstart[r, hs], qanchor[r, hs], qend[r, hs], values[r, hs],
+                prep.cache_position, prep.row_start[r], window, residuals,
+                into=(out[r, hs], gate[r, hs], None if res is None else res[r, hs]))
     return out, gate, res, branch_lse, win_lse
 
 
