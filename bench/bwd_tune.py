@@ -12,6 +12,7 @@ is timed alone with CUDA events. Results: $OUT/bwd_tune.json (gradient rows also
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -55,6 +56,12 @@ CANDIDATES = [
     # (bench/h200_s7/bwd_tune_C.json)
 ]
 MODULES = {"window": window, "span": span, "common": common, "search": search}  # also used by fwd_tune.py
+
+
+def parse_settings(items: list[str]) -> dict:
+    """A setting for `apply` from command-line items "MODULE.NAME=VALUE" (VALUE a Python literal), as the --set
+    options of speed.py and gpu_check.py take them."""
+    return {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in items)}
 
 
 def apply(setting: dict) -> dict:

@@ -379,11 +379,9 @@ def main() -> int:
                         help="backend constants for this run, e.g. common.TRAIN_FWD_BY_HEADS=False (as speed.py --set)")
     args = parser.parse_args()
     if args.set:
-        import ast
+        from bwd_tune import apply, parse_settings
 
-        from bwd_tune import apply
-
-        META["settings"] = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.set)}
+        META["settings"] = parse_settings(args.set)
         apply(META["settings"])
     import triton
 

@@ -21,7 +21,6 @@ $OUT/speed.json (or bench/speed.json). Decode is one step replayed from a CUDA g
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -279,12 +278,12 @@ def main() -> None:
                         help="backend constants for this run, e.g. window.DQ_SPLIT=False common.TRAIN_FWD_PARTS=1 "
                              "(modules of bwd_tune.MODULES; values are Python literals)")
     args = parser.parse_args()
-    settings = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.set)}
-    if args.recompute:
-        settings["common.KEEP_RESIDUALS"] = False
-    if settings:
-        from bwd_tune import apply
+    if args.set or args.recompute:
+        from bwd_tune import apply, parse_settings
 
+        settings = parse_settings(args.set)
+        if args.recompute:
+            settings["common.KEEP_RESIDUALS"] = False
         apply(settings)
     if not torch.cuda.is_available():
         sys.exit("bench/speed.py needs a CUDA device")
