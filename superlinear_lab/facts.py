@@ -431,6 +431,8 @@ def fact_quiz(length: int, seed: int, split: str = "train", n_facts: int = 4) ->
     things), then every fact asked in turn: "Question: … Answer: <value>" repeated. The answer range holds all the
     later questions too, as `Example.prompts`; the value bytes need evidence (each its own statement's value).
     ``meta["n_distractors"]`` is ``n_facts - 1``: every other fact is of the same kind."""
+    if n_facts < 1:
+        raise ValueError(f"n_facts={n_facts}: expected at least 1 fact to ask")
     task = "fact_quiz"
     rng = D._rng(task, length, seed, split, n_facts)
     kind = rng.choices(list(QUIZ_KINDS), list(QUIZ_KINDS.values()))[0]

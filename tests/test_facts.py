@@ -336,3 +336,5 @@ def test_quiz_asks_every_fact_of_a_key_grid_in_turn(split):
             (e,) = ex.needs[q]
             assert chr(ex.ids[q + 1]) in values[e]
     assert len(sizes) > 2
+    with pytest.raises(ValueError, match="n_facts=0"):
+        F.fact_quiz(1024, 0, split, n_facts=0)
