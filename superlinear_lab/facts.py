@@ -18,6 +18,9 @@ this question". These tasks take that shortcut away:
   its owner with some facts and its thing with others) and asks for all of them, one question after another: every
   value's first byte is a choice between facts that only the whole key tells apart, several per row, where the
   single-question tasks give one (session 6 found the model copying the wrong fact of the right kind);
+* ``fact_hop_quiz`` (training aid) is ``fact_quiz`` for ``fact_hop``'s chains: a grid of same-kind two-hop facts
+  ("<owner>'s <thing> is called <Name>." and "<Name> is kept in <Place>."), every place asked in turn, each
+  answer needing both of its hops, the other places being its rivals (``fact_hop`` is one question per row);
 * ``fact_list`` (training aid, not an evaluation suite) asks for a whole list of words: every answer byte is a
   copy of a word in the evidence, so one row gives tens of copy targets instead of one value's few bytes. A small
   byte-level model learns to copy letters (not only digits, which are rare in prose) from this dense signal far
@@ -40,7 +43,7 @@ from . import data as D
 
 KINDS = ("word", "name", "phrase", "date", "number")
 TASKS = tuple(f"fact_{k}" for k in KINDS) + ("fact_multi_key", "fact_hop")  # the evaluation suites
-AUX_TASKS = ("fact_list", "fact_needle", "fact_quiz")  # training aids (make_fact builds them too)
+AUX_TASKS = ("fact_list", "fact_needle", "fact_quiz", "fact_hop_quiz")  # training aids (make_fact builds them too)
 EVAL_FRACTION = 0.2  # share of words and names (by hash) that only the "eval" split uses as values
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
@@ -285,9 +288,16 @@ def _statement_template(rng: random.Random, split: str, kind: str) -> str:
     return template
 
 
-def _question(rng: random.Random, split: str, kind: str, owner: str, thing: str) -> str:
+def _ask(lead: str, template: str, owner: str, thing: str) -> str:
+    """The end of a prompt: "\nQuestion: <lead><template filled>\nAnswer: "."""
+    return "\nQuestion: " + lead + _fill(template, owner, thing) + "\nAnswer: "
+
+
+def _question(rng: random.Random, split: str, kind: str, owner: str, thing: str, template: str | None = None) -> str:
+    """A question about `owner`'s `thing`: `template` if given (a hop question), else one of the split's bank for
+    `kind`; in the train split after a random lead."""
     lead = rng.choice(QUESTION_LEADS) if split == "train" else ""
-    return "\nQuestion: " + lead + _fill(rng.choice(QUESTIONS[split][kind]), owner, thing) + "\nAnswer: "
+    return _ask(lead, template or rng.choice(QUESTIONS[split][kind]), owner, thing)
 
 
 def fact(length: int, seed: int, split: str = "train", kind: str = "word", n_distractors: int = 3,
@@ -351,8 +361,7 @@ def fact_hop(length: int, seed: int, split: str = "train", n_distractors: int = 
         named2, n2 = _statement(rng, _statement_template(rng, split, "name"), other, thing, "name", split, taken)
         b.needle(rng.random(), named2, [])
         b.needle(rng.random(), _statement(rng, where, other, thing, "name", split, taken, name=n2)[0], [])
-    q = "\nQuestion: " + _fill(question, owner, thing) + "\nAnswer: "
-    return b.build(q, place, lambda j: [0, 1], task,
+    return b.build(_ask("", question, owner, thing), place, lambda j: [0, 1], task,
                    {"owner": owner, "thing": thing, "middle": name, "value": place,
                     "n_distractors": n_distractors, "seed": seed})
 
@@ -426,20 +435,13 @@ def fact_needle(length: int, seed: int, split: str = "train", n_distractors: int
 QUIZ_KINDS = {"word": 3, "name": 3, "phrase": 2, "date": 1, "number": 1}  # kind -> draw weight in fact_quiz
 
 
-def fact_quiz(length: int, seed: int, split: str = "train", n_facts: int = 4) -> D.Example:
-    """`n_facts` facts of one kind whose keys come from a grid of owners × things (so facts share owners and
-    things), then every fact asked in turn: "Question: … Answer: <value>" repeated. The answer range holds all the
-    later questions too, as `Example.prompts`; the value bytes need evidence (each its own statement's value).
-    ``meta["n_distractors"]`` is ``n_facts - 1``: every other fact is of the same kind."""
-    if n_facts < 1:
-        raise ValueError(f"n_facts={n_facts}: expected at least 1 fact to ask")
-    task = "fact_quiz"
-    rng = D._rng(task, length, seed, split, n_facts)
-    kind = rng.choices(list(QUIZ_KINDS), list(QUIZ_KINDS.values()))[0]
-    things = THINGS[kind]
+def _key_grid(rng: random.Random, split: str, things: tuple[str, ...], n_facts: int) -> tuple[list, bool]:
+    """`n_facts` distinct (owner, thing) keys drawn from a grid of 1–3 of `things` × enough owners, so facts share
+    owners and things; with chance 0.3 the owners are one role from different places (the prose form of
+    near-duplicate keys). Returns (keys, near)."""
     n_things = rng.randint(1, min(3, len(things), n_facts))
     n_owners = -(-n_facts // n_things)
-    near = rng.random() < 0.3  # owners of one role from different places, the prose form of near-duplicate keys
+    near = rng.random() < 0.3
     role = rng.choice(OWNERS)
     owners: list[str] = []
     while len(owners) < n_owners:
@@ -447,7 +449,42 @@ def fact_quiz(length: int, seed: int, split: str = "train", n_facts: int = 4) ->
         if o not in owners:
             owners.append(o)
     grid_things = rng.sample(things, n_things)
-    keys = rng.sample([(o, t) for o in owners for t in grid_things], n_facts)
+    return rng.sample([(o, t) for o in owners for t in grid_things], n_facts), near
+
+
+def _in_turn(questions: list[str], values: list[str], needs: list[list[int]]):
+    """A quiz's answer: ``values[0]``, then ``questions[k] + values[k]`` for k ≥ 1 (``questions[0]`` ends the
+    prompt). `needs[k]`: the evidence indices value k's bytes copy from.
+
+    Returns (answer text, need: per answer byte its evidence indices ([] for a question byte), prompts: the byte
+    ranges (start, end) of the later questions inside the answer)."""
+    answer, need, prompts = b"", [], []
+    for k, (value, wanted) in enumerate(zip(values, needs)):
+        if k:
+            asked = questions[k].encode()
+            prompts.append((len(answer), len(answer) + len(asked)))
+            answer += asked
+            need += [[]] * len(asked)
+        answer += value.encode()
+        need += [wanted] * len(value.encode())
+    return answer.decode(), need, prompts
+
+
+def _check_n_facts(n_facts: int) -> None:
+    if n_facts < 1:
+        raise ValueError(f"n_facts={n_facts}: expected at least 1 fact to ask")
+
+
+def fact_quiz(length: int, seed: int, split: str = "train", n_facts: int = 4) -> D.Example:
+    """`n_facts` facts of one kind whose keys come from a grid of owners × things (so facts share owners and
+    things), then every fact asked in turn: "Question: … Answer: <value>" repeated. The answer range holds all the
+    later questions too, as `Example.prompts`; the value bytes need evidence (each its own statement's value).
+    ``meta["n_distractors"]`` is ``n_facts - 1``: every other fact is of the same kind."""
+    _check_n_facts(n_facts)
+    task = "fact_quiz"
+    rng = D._rng(task, length, seed, split, n_facts)
+    kind = rng.choices(list(QUIZ_KINDS), list(QUIZ_KINDS.values()))[0]
+    keys, near = _key_grid(rng, split, THINGS[kind], n_facts)
     taken: set[str] = set()
     b = D._Builder(rng, length, split)
     values = []
@@ -457,16 +494,39 @@ def fact_quiz(length: int, seed: int, split: str = "train", n_facts: int = 4) ->
         values.append(value)
     order = rng.sample(range(n_facts), n_facts)
     questions = [_question(rng, split, kind, *keys[i]) for i in order]
-    answer, need, prompts = b"", [], []  # need[j]: the evidence index answer byte j copies (None: a question byte)
-    for k, i in enumerate(order):
-        if k:
-            prompts.append((len(answer), len(answer) + len(questions[k].encode())))
-            answer += questions[k].encode()
-            need += [None] * len(questions[k].encode())
-        answer += values[i].encode()
-        need += [i] * len(values[i].encode())
-    return b.build(questions[0], answer.decode(), lambda j: [] if need[j] is None else [need[j]], task,
-                   {"kind": kind, "keys": keys, "values": values, "order": order, "value": answer.decode(),
+    answer, need, prompts = _in_turn(questions, [values[i] for i in order], [[i] for i in order])
+    return b.build(questions[0], answer, lambda j: need[j], task,
+                   {"kind": kind, "keys": keys, "values": values, "order": order, "value": answer,
+                    "near_keys": near, "n_distractors": n_facts - 1, "seed": seed}, prompts)
+
+
+def fact_hop_quiz(length: int, seed: int, split: str = "train", n_facts: int = 3) -> D.Example:
+    """`fact_quiz` for two-hop facts: `n_facts` chains whose keys come from a grid of owners × things of kind
+    name, each "<owner>'s <thing> is called <Name>." (a statement of the split's bank) and "<Name> is kept in
+    <Place>." (one `HOP` phrasing per row, as in `fact_hop`, so no question matches its place statement by
+    wording), all at random depths; then every chain asked in turn ("Where is <owner>'s <thing> kept?"), the
+    answer being its place. Evidence per chain: the pointer name in the naming statement, then the place; each
+    place's bytes need both. Rivals: the places (for a query, every place but its own).
+    ``meta``: keys, middles (the pointer names), values (the places), order (asking order)."""
+    _check_n_facts(n_facts)
+    task = "fact_hop_quiz"
+    rng = D._rng(task, length, seed, split, n_facts)
+    keys, near = _key_grid(rng, split, THINGS["name"], n_facts)
+    where, question = rng.choice(HOP[split])
+    taken: set[str] = set()
+    b = D._Builder(rng, length, split)
+    names, places, needs = [], [], []
+    for owner, thing in keys:
+        named, name = _statement(rng, _statement_template(rng, split, "name"), owner, thing, "name", split, taken)
+        kept, place = _statement(rng, where, owner, thing, "name", split, taken, name=name)
+        needs.append(b.needle(rng.random(), named, [name]) + b.needle(rng.random(), kept, [place], rivals=(place,)))
+        names.append(name)
+        places.append(place)
+    order = rng.sample(range(n_facts), n_facts)
+    questions = [_question(rng, split, "name", *keys[i], template=question) for i in order]
+    answer, need, prompts = _in_turn(questions, [places[i] for i in order], [needs[i] for i in order])
+    return b.build(questions[0], answer, lambda j: need[j], task,
+                   {"keys": keys, "middles": names, "values": places, "order": order, "value": answer,
                     "near_keys": near, "n_distractors": n_facts - 1, "seed": seed}, prompts)
 
 
@@ -499,6 +559,9 @@ def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Exam
     if task == "fact_quiz":
         return _fewer_if_too_short(lambda d: fact_quiz(length, seed, split, n_facts=d + 1),
                                    n.randint(1, max(1, min(7, room - 1))))
+    if task == "fact_hop_quiz":  # two statements per chain: half as many chains as quiz facts
+        return _fewer_if_too_short(lambda d: fact_hop_quiz(length, seed, split, n_facts=d + 1),
+                                   n.randint(1, max(1, min(5, room // 2))))
     if task == "fact_list":  # as many words and distractor lists as fit: fewer when the row is too short
         words, lists = n.randint(3, max(3, min(12, length // 48))), n.randint(0, max(0, min(2, room // 3)))
         while True:

@@ -338,3 +338,79 @@ def test_quiz_asks_every_fact_of_a_key_grid_in_turn(split):
     assert len(sizes) > 2
     with pytest.raises(ValueError, match="n_facts=0"):
         F.fact_quiz(1024, 0, split, n_facts=0)
+
+
+@pytest.mark.parametrize("split", D.SPLITS)
+def test_hop_quiz_asks_every_chain_with_both_hops_as_evidence(split):
+    """fact_hop_quiz: two-hop chains whose keys share owners and things, each place asked once. Every value
+    byte needs exactly its own chain's two hops (the pointer name in the statement naming the asked owner's
+    thing, then the place in the statement that names that pointer); question bytes need nothing; the rivals are
+    the places; the split's own HOP phrasing is used (one per row) and the eval split's questions are bare."""
+    from superlinear_lab import train as T
+
+    sizes = set()
+    for seed in range(12):
+        ex = D.make_example("fact_hop_quiz", 1024, seed, split)
+        keys, names, places = [tuple(k) for k in ex.meta["keys"]], ex.meta["middles"], ex.meta["values"]
+        order = ex.meta["order"]
+        sizes.add(len(keys))
+        assert ex.task == "fact_hop_quiz" and ex.length == 1024 and ex.answer_text() == ex.meta["value"]
+        assert len(set(keys)) == len(keys) == len(names) == len(places) and sorted(order) == list(range(len(keys)))
+        assert len(set(names + places)) == 2 * len(keys)
+        for owner, thing in keys:
+            assert thing in F.THINGS["name"]
+            assert len(keys) == 1 or any(o == owner or t == thing for o, t in keys if (o, t) != (owner, thing))
+        text = ex.text()
+        line = lambda r: text[text.rfind("\n", 0, r[0]) + 1:text.find("\n", r[1])]  # noqa: E731
+        assert [_text(ex, r) for r in ex.evidence] == [v for pair in zip(names, places) for v in pair]
+        kept_lines = set()
+        for i, (owner, thing) in enumerate(keys):
+            named, kept = line(ex.evidence[2 * i]), line(ex.evidence[2 * i + 1])
+            assert owner[4:] in named and re.search(rf"\b{thing}\b", named), named  # the hop from the key
+            assert places[i] not in named and named != kept
+            phrasings = [w for w, _ in F.HOP[split] if w.format(name=names[i], value=places[i]) == kept]
+            assert phrasings, kept  # the hop from the pointer: "<Name> is kept in <Place>." of the split's bank
+            kept_lines.add(phrasings[0])
+        assert len(kept_lines) == 1  # one phrasing per row
+        assert sorted(_text(ex, r) for r in ex.rivals) == sorted(places)
+        # the answer: places in asking order, the later questions marked as prompts
+        parts = ex.answer_text().split("\nAnswer: ")
+        assert [p.split("\nQuestion: ")[0] for p in parts] == [places[i] for i in order]
+        prompts = [bytes(ex.ids[a:b]).decode() for a, b in ex.prompts]
+        assert len(prompts) == len(keys) - 1
+        asked = [bytes(ex.ids[1:ex.answer[0]]).decode().rsplit("\nQuestion: ", 1)[1].removesuffix("\nAnswer: ")]
+        asked += [p.removeprefix("\nQuestion: ").removesuffix("\nAnswer: ") for p in prompts]
+        (hop_question,) = {q for w, q in F.HOP[split] if w in kept_lines}
+        for q, i in zip(asked, order):
+            bare = F._fill(hop_question, *keys[i])
+            if split == "eval":
+                assert q == bare, q  # held-out phrasing, unwrapped
+            else:
+                assert q.endswith(bare) and q.removesuffix(bare) in F.QUESTION_LEADS, q
+        in_prompt = {q for a, b in ex.prompts for q in range(a - 1, b - 1)}
+        assert set(ex.queries) == set(range(ex.answer[0] - 1, ex.answer[1] - 1)) - in_prompt
+        at = ex.answer[0]
+        for k, i in enumerate(order):  # each value byte needs its own chain's two hops
+            at += len(prompts[k - 1].encode()) if k else 0
+            for j in range(len(places[i].encode())):
+                assert ex.needs[at + j - 1] == [2 * i, 2 * i + 1]
+            at += len(places[i].encode())
+        # training scores the places only, with a first-token weight on each
+        _, mask, first = T.loss_weights([ex], "cpu")
+        scored = bytes(ex.ids[q + 1] for q in mask[0].nonzero().flatten().tolist()).decode()
+        assert scored == "".join(places[i] for i in order)
+        assert bytes(ex.ids[q + 1] for q in first[0].nonzero().flatten().tolist()).decode() == \
+            "".join(places[i][0] for i in order)
+    assert len(sizes) > 2
+    with pytest.raises(ValueError, match="n_facts=0"):
+        F.fact_hop_quiz(1024, 0, split, n_facts=0)
+
+
+def test_hop_quiz_is_a_task_mix_name():
+    """A training config names the hop quiz in its task mix, as any other task."""
+    from superlinear_lab import train as T
+
+    cfg = T.TrainConfig(stages=[[1024, 1, 3]], task_mix={"fact_hop_quiz": 1.0})
+    rows = T.make_batch(cfg, 0)
+    assert [ex.task for ex in rows] == ["fact_hop_quiz"] * 3 and all(ex.length == 1024 for ex in rows)
+    assert "fact_hop_quiz" in F.AUX_TASKS and "fact_hop_quiz" not in F.TASKS  # a training aid, no eval suite
