@@ -61,11 +61,13 @@ def _meets(row: dict, target) -> bool:
 
 def card_table(report: dict, model: str, targets: bool = True) -> str:
     """The card's table: per suite (in `CARD_SUITES` order, those present), per length "exact % · recall
-    (chance)", and with `targets` the target and "met"/"not met" (met only when every length meets it). The first
-    length is 1×."""
+    (chance)", and with `targets` the target and "met"/"not met" (met only when every length meets it). Lengths are
+    labelled as multiples of ``report["longest_training_length"]`` (the model's 1×; the shipping step records it)
+    or, without it, of the first length."""
     suites = report["suites"][model]
     lengths = _lengths(suites)
-    head = ["suite"] + [f"{_length_label(n)} ({n // lengths[0]}×)" for n in lengths]
+    trained = report.get("longest_training_length", lengths[0])
+    head = ["suite"] + [f"{_length_label(n)} ({n / trained:g}×)" for n in lengths]
     head += ["target", "status"] if targets else []
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for task, (label, target) in CARD_SUITES.items():

@@ -35,6 +35,11 @@ def test_card_table_cells_targets_and_status():
     assert rows["NIAH (5-digit needle)"] == "| NIAH (5-digit needle) | 100 % · 1.00 (0.50) | – | ≥ 99 % | **not met** |"
     plain = ft.card_table(_report(), "m", targets=False).splitlines()
     assert plain[0] == "| suite | 4K (1×) | 8K (2×) |" and plain[2] == "| word | 95 % · 0.98 (0.50) | 95 % · 0.98 (0.50) |"
+    # a model trained at 1,024 tokens: 4K is 4×, not 1× (the record of the longest training length decides)
+    assert ft.card_table({**_report(), "longest_training_length": 1024}, "m").splitlines()[0] == \
+        "| suite | 4K (4×) | 8K (8×) | target | status |"
+    assert ft.card_table({**_report(), "longest_training_length": 8192}, "m").splitlines()[0] == \
+        "| suite | 4K (0.5×) | 8K (1×) | target | status |"
 
 
 def test_detail_table_marks_a_missing_first_byte():
