@@ -54,6 +54,10 @@ CANDIDATES = [
     # session 7 (window C, 128K backward alone): each key block's exact tile list (span.KV_VISITS, since backed out)
     # with the loop pipelined 1 / 2 / 3 stages: 226.8 / 264.4 / 288.1 ms; with 64-key programs 358.1 ms
     # (bench/h200_s7/bwd_tune_C.json)
+    # session 8 window A (train steps, bench/h200_s8): window.KV_SPLIT (the window's dK/dV trips inside every
+    # query's window without masks) is the default since; dV and dK in separate launches took span dK/dV from 106.6
+    # to 188.9 ms at 128K (backed out)
+    {"window.KV_SPLIT": False},  # 20: the window's dK/dV under the per-key mask (session 7's default)
 ]
 MODULES = {"window": window, "span": span, "common": common, "search": search}  # also used by fwd_tune.py
 

@@ -30,8 +30,13 @@ VARIANTS = {
     "new": {},  # the shipped defaults
     "masked-dq": {"window.DQ_SPLIT": False},  # dQ kernels with masks on every key block
     "fwd-chunk-16k": {"common.TRAIN_FWD_PARTS": 1},  # the training forward in chunks of TRAIN_CHUNK (session 5)
-    "fwd-parts-8": {"common.TRAIN_FWD_PARTS": 8},  # by heads: 8 chunks at 32K-128K instead of 16
+    "fwd-parts-8": {"common.TRAIN_FWD_PARTS": 8},  # by heads: 8 chunks at 32K-128K instead of 16 (default since s8)
     "fwd-parts-4": {"common.TRAIN_FWD_PARTS": 4},  # by heads: 4 chunks at 32K
+    # session 8 window A (bench/h200_s8): these two are the defaults since; dV and dK in separate launches of the
+    # dK/dV kernels (KV_SEPARATE, backed out) took span dK/dV from 106.6 to 188.9 ms at 128K (step 278 -> 386 ms)
+    "s7-defaults": {"common.TRAIN_FWD_PARTS": 16, "window.KV_SPLIT": False},
+    "masked-window-kv": {"window.KV_SPLIT": False},  # window dK/dV under the per-key mask on every trip
+    "fwd-parts-16": {"common.TRAIN_FWD_PARTS": 16},
     "fwd-min-1k": {"common.TRAIN_FWD_MIN_ROWS": 32768},  # chunks of 1024 queries of the 32-head layer
     "recompute": {"common.KEEP_RESIDUALS": False},  # dO·O_k recomputed instead of stored residuals
     "session5": {"window.DQ_SPLIT": False, "common.TRAIN_FWD_PARTS": 1},

@@ -61,6 +61,7 @@ _SCRIPT = textwrap.dedent('''
     _, bq1, _ = search.search_layout(GROUP, 1, D, 2)
     wgh, wbq, _ = common.head_rows(GROUP, LONG)
     wfh, wfq, _ = common.head_rows(GROUP, LONG, window.FWD_ROWS)
+    wkh, wkq, _ = common.head_rows(GROUP, LONG, window.KV_ROWS)
     sbd, sbn, sbp = span._blocks(D)
     KERNELS = [
         (search._search_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), GH=gh, BQ=bq, SC=search.SEARCH_STRIPES,
@@ -77,7 +78,10 @@ _SCRIPT = textwrap.dedent('''
                                             EVEN_D=True, PRECISION="tf32", DOTS=False)),
         (window._window_bwd_dq_kernel, dict(GH=wgh, BQ=wbq, BLOCK_N=64, BLOCK_D=BD, SPLIT=window.DQ_SPLIT,
                                             EVEN_D=True, PRECISION="tf32", DOTS=True)),
-        (window._window_bwd_kv_kernel, dict(GH=wgh, BQ=wbq, BLOCK_N=window.KV_BLOCK, BLOCK_D=BD, PRECISION="tf32")),
+        (window._window_bwd_kv_kernel, dict(GH=wkh, BQ=wkq, BLOCK_N=window.KV_BLOCK, BLOCK_D=BD, PRECISION="tf32",
+                                            SPLIT=False)),
+        (window._window_bwd_kv_kernel, dict(GH=wkh, BQ=wkq, BLOCK_N=window.KV_BLOCK, BLOCK_D=BD, PRECISION="tf32",
+                                            SPLIT=True)),
         (span._span_fwd_kernel, dict(NUM_SPANS=K, BLOCK_P=span.FWD_BLOCK_P, BLOCK_N=span.FWD_BLOCK_N, BLOCK_D=sbd,
                                      SPLIT=span.FWD_SPLIT, EVEN_D=True, PRECISION="tf32")),
         (span._span_bwd_dq_kernel, dict(NUM_SPANS=K, BLOCK_P=sbp, BLOCK_N=min(sbn, span.DQ_BLOCK_N), BLOCK_D=sbd,
@@ -121,4 +125,4 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     failed = [f"{name} (sm_{arch}): {error}" for name, arch, _, error in results if error]
     assert not failed, "\n".join(failed)
-    assert len(results) == 19 and all(size > 0 for _, _, size, _ in results)
+    assert len(results) == 20 and all(size > 0 for _, _, size, _ in results)

@@ -30,7 +30,10 @@ TRAIN_CHUNK = 16384
 # TRAIN_FWD_MIN_ROWS query rows (B·H_Q per query: 2048 queries of the 32-head release layer), at most TRAIN_CHUNK.
 # A chunk's fp32 window and branch outputs (K + 1 times its rows of q2, in fp32) are the forward's scratch, so it stays
 # a small part of what training keeps (K + 1 times q2 in q2's dtype, with residuals).
-TRAIN_FWD_PARTS = 16
+# H200, session 8 window A (forward by heads): 8 parts instead of 16 took the 32K forward from 12.7-13.3 to 11.4 ms
+# (host time 13-14 -> 7.3 ms), step 32K 55.5-60.0 -> 53.9 ms, 128K 293-295 -> 291 ms; peak 128K 5.64 -> 5.81 GB, 64K
+# 2.82 -> 2.91 GB (dense: 6.61, 3.31). 4 parts: 32K peak 1.75 GB, above dense's 1.65.
+TRAIN_FWD_PARTS = 8
 TRAIN_FWD_MIN_ROWS = 65536
 # The chunks taken as a few query heads of one batch row over all queries (`train_forward_heads`, at most a chunk's
 # rows) instead of all heads over a range of queries: a chunk is then a contiguous slice of q2, the routing and the

@@ -282,17 +282,49 @@ def dq_blocks(q, do, lse2, delta, k_base, v_base, sk_l, sv_l, d, dmask, lo_col, 
 
 
 @triton.jit
-def kv_grad_step(kk, vv, q, do, lse, delta, allowed, dk, dv, scale, PRECISION: tl.constexpr):
+def kv_grad_step(kk, vv, q, do, lse, delta, allowed, dk, dv, scale, PRECISION: tl.constexpr,
+                 MASKED: tl.constexpr = True):
     """Add one block of query rows' share to a key block's (dK / scale, dV), both [BLOCK_N, D] fp32, in the key-major
     backward (window here, spans in span.py): kk, vv [BLOCK_N, D] the block's keys and values; q, do [rows, D] (do in
     q's dtype); lse, delta [rows] (delta = rowsum(dO ∘ O)); allowed [BLOCK_N, rows] which (key, row) pairs attend.
-    P is recomputed from the stored lse: P = exp(q·k·scale − lse), dS = P (dO·v − delta)."""
+    P is recomputed from the stored lse: P = exp(q·k·scale − lse), dS = P (dO·v − delta). MASKED = False: every key
+    of the block attends for every row (`allowed` unused; a dead row has lse = +inf, so P = 0 for it)."""
     logits_t = tl.dot(kk, tl.trans(q), input_precision=PRECISION) * scale  # [BLOCK_N, rows]
-    p_t = tl.where(allowed, tl.exp(logits_t - lse[None, :]), 0.0)
+    if MASKED:
+        p_t = tl.where(allowed, tl.exp(logits_t - lse[None, :]), 0.0)
+    else:
+        p_t = tl.exp(logits_t - lse[None, :])
     dv += tl.dot(p_t.to(q.dtype), do, input_precision=PRECISION)
     dp_t = tl.dot(vv, tl.trans(do), input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _window_kv_trips(q_ptr, order_ptr, spos_ptr, do_ptr, lse_ptr, delta_ptr, kk, vv, dk, dv, cols, d, dmask, rows, g,
+                     b, hkv, s, first, last, q_hi, H_Q, L_Q, D, G, W, scale,
+                     BQ: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """The window dK/dV kernel's loop trips over the position-sorted queries [first, last) (BQ queries times the
+    chunk's heads per trip; queries from q_hi on are dead rows). MASKED = False: trips whose every query's window
+    holds the whole key block, computed without the per-key mask."""
+    for q0 in range(first, last, BQ):
+        si = q0 + rows % BQ  # index into the position-sorted queries
+        ok = (si < q_hi) & (g < G)
+        qi = tl.load(order_ptr + si, mask=ok, other=0)
+        base = (b * H_Q + hkv * G + g).to(tl.int64) * L_Q + qi
+        m2 = ok[:, None] & dmask[None, :]
+        q = tl.load(q_ptr + base[:, None] * D + d[None, :], mask=m2, other=0.0)
+        do = tl.load(do_ptr + base[:, None] * D + d[None, :], mask=m2, other=0.0).to(q.dtype)
+        lse = tl.load(lse_ptr + base, mask=ok, other=float("inf"))
+        delta = tl.load(delta_ptr + base, mask=ok, other=0.0)
+        if MASKED:
+            pos = tl.load(spos_ptr + si, mask=ok, other=0)
+            lo_row = window_lo(pos, s, W)
+            allowed = ok[None, :] & (cols[:, None] >= lo_row[None, :]) & (cols[:, None] <= pos[None, :])
+        else:
+            allowed = ok[None, :]
+        dk, dv = kv_grad_step(kk, vv, q, do, lse, delta, allowed, dk, dv, scale, PRECISION, MASKED)
     return dk, dv
 
 
@@ -302,10 +334,11 @@ def _window_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, spos_ptr, qrange_ptr, 
                           sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                           H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, W, scale,
                           GH: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          PRECISION: tl.constexpr, SPLIT: tl.constexpr):
     """dK, dV of one key block of one KV group, key-major: the program loops over the queries whose window
     can hold the block (a contiguous run of the position-sorted queries) times the group's heads, keeps dK
-    and dV in registers and stores them once (no atomics)."""
+    and dV in registers and stores them once (no atomics). SPLIT: the whole trips inside the run of queries whose
+    window holds the whole block (`window_query_ranges`' [a, e)) run without the per-key mask, the rest under it."""
     kb = tl.program_id(0)
     grp = tl.program_id(1)
     b = grp // H_KV
@@ -313,34 +346,41 @@ def _window_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, spos_ptr, qrange_ptr, 
     s = tl.load(start_ptr + b)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = kb * BLOCK_N
+    cols = k0 + tl.arange(0, BLOCK_N)
     kv_mask = (cols < L_KV)[:, None] & dmask[None, :]
     k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
     kk = tl.load(k_base + cols[:, None].to(tl.int64) * sk_l + d[None, :], mask=kv_mask, other=0.0)
     vv = tl.load(v_base + cols[:, None].to(tl.int64) * sv_l + d[None, :], mask=kv_mask, other=0.0)
-    q_lo = tl.load(qrange_ptr + 2 * kb)
-    q_hi = tl.load(qrange_ptr + 2 * kb + 1)
+    q_lo = tl.load(qrange_ptr + 4 * kb)
+    q_hi = tl.load(qrange_ptr + 4 * kb + 1)
+    if SPLIT:  # the whole trips (BQ queries each, counted from q_lo) inside [i_a, i_e); none if the row starts after k0
+        i_a = tl.load(qrange_ptr + 4 * kb + 2)
+        i_e = tl.load(qrange_ptr + 4 * kb + 3)
+        a = q_lo + ((i_a - q_lo + BQ - 1) // BQ) * BQ
+        e = q_lo + ((i_e - q_lo) // BQ) * BQ
+        empty = (e <= a) | (s > k0)
+        a = tl.where(empty, q_lo, a)
+        e = tl.where(empty, q_lo, e)
+    else:
+        e = q_lo
 
     rows = tl.arange(0, GH * BQ)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for chunk in range(0, N_CHUNKS):  # outside: the loop over queries is the innermost one, which is pipelined
+    for chunk in range(0, N_CHUNKS):  # outside: the loop over queries is the innermost one
         g = chunk * GH + rows // BQ
-        for q0 in range(q_lo, q_hi, BQ):
-            si = q0 + rows % BQ  # index into the position-sorted queries
-            ok = (si < q_hi) & (g < G)
-            qi = tl.load(order_ptr + si, mask=ok, other=0)
-            pos = tl.load(spos_ptr + si, mask=ok, other=0)
-            base = (b * H_Q + hkv * G + g).to(tl.int64) * L_Q + qi
-            m2 = ok[:, None] & dmask[None, :]
-            q = tl.load(q_ptr + base[:, None] * D + d[None, :], mask=m2, other=0.0)
-            do = tl.load(do_ptr + base[:, None] * D + d[None, :], mask=m2, other=0.0).to(q.dtype)
-            lse = tl.load(lse_ptr + base, mask=ok, other=float("inf"))
-            delta = tl.load(delta_ptr + base, mask=ok, other=0.0)
-            lo_row = window_lo(pos, s, W)
-            allowed = ok[None, :] & (cols[:, None] >= lo_row[None, :]) & (cols[:, None] <= pos[None, :])
-            dk, dv = kv_grad_step(kk, vv, q, do, lse, delta, allowed, dk, dv, scale, PRECISION)
+        if SPLIT:
+            dk, dv = _window_kv_trips(q_ptr, order_ptr, spos_ptr, do_ptr, lse_ptr, delta_ptr, kk, vv, dk, dv, cols,
+                                      d, dmask, rows, g, b, hkv, s, q_lo, a, q_hi, H_Q, L_Q, D, G, W, scale, BQ,
+                                      PRECISION, True)
+            dk, dv = _window_kv_trips(q_ptr, order_ptr, spos_ptr, do_ptr, lse_ptr, delta_ptr, kk, vv, dk, dv, cols,
+                                      d, dmask, rows, g, b, hkv, s, a, e, q_hi, H_Q, L_Q, D, G, W, scale, BQ,
+                                      PRECISION, False)
+        dk, dv = _window_kv_trips(q_ptr, order_ptr, spos_ptr, do_ptr, lse_ptr, delta_ptr, kk, vv, dk, dv, cols, d,
+                                  dmask, rows, g, b, hkv, s, e, q_hi, q_hi, H_Q, L_Q, D, G, W, scale, BQ, PRECISION,
+                                  True)
     off = (grp.to(tl.int64) * L_KV + cols[:, None]) * D + d[None, :]  # dk/dv: contiguous fp32 [B, H_KV, L_KV, D]
     tl.store(dk_ptr + off, dk * scale, mask=kv_mask)
     tl.store(dv_ptr + off, dv, mask=kv_mask)
@@ -349,6 +389,11 @@ def _window_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, spos_ptr, qrange_ptr, 
 KV_BLOCK = 128  # keys per program of the key-major backward kernels (window and span)
 KV_WARPS = 8  # warps of those kernels for D >= 128 (4 below): dK and dV stay in registers
 KV_STAGES = 1  # software-pipelining stages of those kernels
+# The window's dK/dV kernel runs the loop trips whose queries' windows all hold the whole key block without the
+# per-key mask (e5288e6's window half). H200, session 8 window A: window dK/dV 45.8 -> 33.4 ms in a 128K step's
+# profile, step 128K 293.4-295.0 -> 281.3 ms, 256K 736.1-736.8 -> 713.5 ms.
+KV_SPLIT = True
+KV_ROWS = 64  # rows (heads x queries) per loop trip of the window's dK/dV kernel
 DQ_SPLIT = True  # the query-major dQ kernels (window and span) skip the masks on interior key blocks (`dq_blocks`)
 DQ_BLOCK_N = 64  # keys per loop trip of the window's dQ kernel (D <= 128; 32 above)
 DQ_ROWS = 64  # rows (heads x queries) per program of the window's dQ kernel
@@ -357,12 +402,16 @@ DQ_ROWS = 64  # rows (heads x queries) per program of the window's dQ kernel
 def window_query_ranges(positions: torch.Tensor, l_kv: int, window: int, block_n: int):
     """(order, sorted positions, ranges): queries sorted by position, and for each key block j of `block_n` keys
     the run [lo, hi) of sorted queries whose window can reach it (positions in [j·block_n, j·block_n + block_n
-    + W − 2]); int64, ranges [n_blocks, 2]. Device tensors only, no host sync."""
+    + W − 2]) and inside it the run [a, e) of those whose window holds the whole block if their row starts at or
+    before it (positions in [j·block_n + block_n − 1, j·block_n + W − 1]); int64, ranges [n_blocks, 4] (lo, hi,
+    a, e). Device tensors only, no host sync."""
     sorted_pos, order = torch.sort(positions)
     first = torch.arange(0, l_kv, block_n, device=positions.device)
     lo = torch.searchsorted(sorted_pos, first, right=False)
     hi = torch.searchsorted(sorted_pos, first + block_n + window - 2, right=True)
-    return order.contiguous(), sorted_pos.contiguous(), torch.stack([lo, hi], dim=1).contiguous()
+    a = torch.searchsorted(sorted_pos, first + block_n - 1, right=False)
+    e = torch.maximum(torch.searchsorted(sorted_pos, first + window - 1, right=True), a)
+    return order.contiguous(), sorted_pos.contiguous(), torch.stack([lo, hi, a, e], dim=1).contiguous()
 
 
 def window_backward_dq(q2, k, v, positions, row_start, window, do, lse, delta, dq, dots: bool = False) -> None:
@@ -404,11 +453,10 @@ def window_backward_kv(q2, k, v, positions, row_start, window, do, lse, delta, d
     group = h_q // h_kv
     bd = block_d(d)
     order, sorted_pos, ranges = window_query_ranges(positions, l_kv, window, KV_BLOCK)
-    # Rows of one loop trip = heads x queries, as in the forward.
-    gh, bq, n_chunks = head_rows(group, max(l_q, 64))
+    gh, bq, n_chunks = head_rows(group, max(l_q, 64), KV_ROWS)  # rows of one loop trip = heads x queries
     _window_bwd_kv_kernel[(triton.cdiv(l_kv, KV_BLOCK), b * h_kv)](
         q2, k, v, order, sorted_pos, ranges, row_start, do, lse, delta, dk, dv,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, n_chunks, window, d ** -0.5,
-        GH=gh, BQ=bq, BLOCK_N=KV_BLOCK, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
+        GH=gh, BQ=bq, BLOCK_N=KV_BLOCK, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype), SPLIT=KV_SPLIT,
         num_warps=KV_WARPS if bd >= 128 else 4, num_stages=KV_STAGES)
