@@ -58,6 +58,12 @@ CANDIDATES = [
     # query's window without masks) is the default since; dV and dK in separate launches took span dK/dV from 106.6
     # to 188.9 ms at 128K (backed out)
     {"window.KV_SPLIT": False},  # 20: the window's dK/dV under the per-key mask (session 7's default)
+    {"span.KV_PREFETCH": 1},  # 21: span dK/dV reads the next tile's pair arrays one trip ahead
+    {"span.KV_PREFETCH": 2},  # 22: and its q/dO rows
+    {"span.KV_PREFETCH": 1, "span.KV_TILE": 32},  # 23
+    {"span.KV_PREFETCH": 2, "span.KV_TILE": 32},  # 24
+    {"span.KV_PREFETCH": 1, "span.KV_TILE": 128},  # 25
+    {"span.KV_PREFETCH": 1, "window.KV_STAGES": 2},  # 26
 ]
 MODULES = {"window": window, "span": span, "common": common, "search": search}  # also used by fwd_tune.py
 
