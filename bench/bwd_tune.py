@@ -58,12 +58,12 @@ CANDIDATES = [
     # query's window without masks) is the default since; dV and dK in separate launches took span dK/dV from 106.6
     # to 188.9 ms at 128K (backed out)
     {"window.KV_SPLIT": False},  # 20: the window's dK/dV under the per-key mask (session 7's default)
-    {"span.KV_PREFETCH": 1},  # 21: span dK/dV reads the next tile's pair arrays one trip ahead
-    {"span.KV_PREFETCH": 2},  # 22: and its q/dO rows
-    {"span.KV_PREFETCH": 1, "span.KV_TILE": 32},  # 23
-    {"span.KV_PREFETCH": 2, "span.KV_TILE": 32},  # 24
-    {"span.KV_PREFETCH": 1, "span.KV_TILE": 128},  # 25
-    {"span.KV_PREFETCH": 1, "window.KV_STAGES": 2},  # 26
+    # session 8 window B (bwd_tune_B.json, backward alone at 128K, defaults 217.0 ms with span dK/dV 105.9): the span
+    # dK/dV loop reading the next tile's pair arrays one trip ahead (span.KV_PREFETCH, backed out) 424.1 ms (span
+    # dK/dV 312.4), also its q/dO rows 504.6 (393.2); with 32-pair tiles 300.4 / 342.5, 128-pair tiles 759.3,
+    # 2 stages 423.6
+    {"window.KV_WARPS": 16},  # 21: both dK/dV kernels with 16 warps (half the registers per thread for dK, dV)
+    {"span.KV_TILE": 32},  # 22 (= 15, re-timed with this session's defaults)
 ]
 MODULES = {"window": window, "span": span, "common": common, "search": search}  # also used by fwd_tune.py
 

@@ -37,8 +37,6 @@ VARIANTS = {
     "s7-defaults": {"common.TRAIN_FWD_PARTS": 16, "window.KV_SPLIT": False},
     "masked-window-kv": {"window.KV_SPLIT": False},  # window dK/dV under the per-key mask on every trip
     "fwd-parts-16": {"common.TRAIN_FWD_PARTS": 16},
-    "prefetch": {"span.KV_PREFETCH": 1},  # span dK/dV reads the next tile's pair arrays one trip ahead
-    "prefetch-rows": {"span.KV_PREFETCH": 2},  # and its q/dO rows
     "fwd-min-1k": {"common.TRAIN_FWD_MIN_ROWS": 32768},  # chunks of 1024 queries of the 32-head layer
     "recompute": {"common.KEEP_RESIDUALS": False},  # dO·O_k recomputed instead of stored residuals
     "session5": {"window.DQ_SPLIT": False, "common.TRAIN_FWD_PARTS": 1},

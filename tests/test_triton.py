@@ -113,25 +113,21 @@ def test_non_contiguous_cache_positions():
     _compare(DEFAULT, 1, 4, 2, 5, 60, 16, torch.float32, positions=[3, 40, 41, 17, 59])
 
 
-@pytest.mark.parametrize("skip, sort, split, prefetch", [
-    (True, False, False, 0), (False, False, False, 0), (True, True, False, 0), (True, False, True, 0),
-    (True, True, True, 1), (True, True, True, 2)],
-    ids=["skip", "masked", "sorted", "window-split", "sorted-prefetch", "sorted-prefetch-rows"])
-def test_backward_small_tiles(monkeypatch, skip, sort, split, prefetch):
+@pytest.mark.parametrize("skip, sort, split", [(True, False, False), (False, False, False), (True, True, False),
+                                               (True, False, True)], ids=["skip", "masked", "sorted", "window-split"])
+def test_backward_small_tiles(monkeypatch, skip, sort, split):
     """The key-major dK/dV kernels with many small key blocks and pair tiles: a block meets many tiles, tiles end
     and start inside blocks, and queries come in no particular order (the window's position sort). `masked`:
     tiles that miss the block are computed under the masks instead of skipped; `sorted`: the span kernel reads
     the pair arrays gathered into sorted order; `window-split`: the window kernel's loop trips whose queries'
     windows all hold the key block run without the per-key mask (W = 24 or 26 over 16-key blocks and 8-query
     trips: such trips exist, between masked ones, and rows starting inside or after a block must not use them; then
-    16 heads of one KV group, so a trip is one query and the run's ends are checked to the query); `prefetch`: the
-    span kernel reads each next tile's pair arrays (`-rows`: and its q/dO rows) one trip ahead (`span.KV_PREFETCH`)."""
+    16 heads of one KV group, so a trip is one query and the run's ends are checked to the query)."""
     from superlinear_kernels.triton import span, window
 
     monkeypatch.setattr(span, "KV_SKIP", skip)
     monkeypatch.setattr(span, "KV_SORTED", sort)
     monkeypatch.setattr(window, "KV_SPLIT", split)
-    monkeypatch.setattr(span, "KV_PREFETCH", prefetch)
     monkeypatch.setattr(window, "KV_ROWS", 16)
     monkeypatch.setattr(window, "KV_BLOCK", 16)
     monkeypatch.setattr(span, "_blocks", lambda d: (max(16, d), 16, 16))

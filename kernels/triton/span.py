@@ -215,65 +215,15 @@ def _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse
 
 
 @triton.jit
-def _span_kv_meta(tile_lo_ptr, tile_hi_ptr, order_ptr, qstart_ptr, qend_ptr, gate_ptr, blse_ptr, delta_ptr, q_ptr,
-                  do_ptr, grp, tile, t_hi, PG, N_TILES, d, dmask, D, BLOCK_P: tl.constexpr, ROWS: tl.constexpr):
-    """What a pair tile's visit reads (sorted pair arrays): the tile's key range [lo, hi] and its pairs' rows, span
-    bounds, gates, lse and delta (a tile from t_hi on: no live pair; what dead pairs read is masked in
-    `_span_kv_visit`); with ROWS also their q and dO rows [BLOCK_P, D] (else q and do are 0-d placeholders)."""
-    at = tl.maximum(tl.minimum(tile, t_hi - 1), 0)  # a tile of the group (its range is read, never used, past t_hi)
-    lo = tl.load(tile_lo_ptr + grp.to(tl.int64) * N_TILES + at)
-    hi = tl.load(tile_hi_ptr + grp.to(tl.int64) * N_TILES + at)
-    r = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    ok = r < tl.minimum(PG, t_hi * BLOCK_P)  # pairs of this tile, if it is in the run
-    key = grp.to(tl.int64) * PG + r
-    row = tl.load(order_ptr + key, mask=ok, other=0)
-    qs = tl.load(qstart_ptr + key, mask=ok, other=-1)
-    qe = tl.load(qend_ptr + key, mask=ok, other=-1)
-    gate = tl.load(gate_ptr + key, mask=ok, other=0.0)
-    lse = tl.load(blse_ptr + key, mask=ok, other=float("inf"))
-    delta = tl.load(delta_ptr + key, mask=ok, other=0.0)
-    if ROWS:
-        m2 = (ok & (qs >= 0) & (qe >= qs))[:, None] & dmask[None, :]
-        q = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)
-        do = tl.load(do_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)
-    else:
-        q = tl.load(q_ptr)
-        do = tl.load(do_ptr)
-    return lo, hi, row, qs, qe, gate, lse, delta, q, do
-
-
-@triton.jit
-def _span_kv_visit(q_ptr, do_ptr, kk, vv, dk, dv, cols, d, dmask, row, qs, qe, gate, lse, delta, q, do, D, scale,
-                   PRECISION: tl.constexpr, ROWS: tl.constexpr):
-    """A visit of one pair tile from what `_span_kv_meta` read: the q/dO gathers (unless ROWS: read with the rest)
-    and the dK/dV step."""
-    live = (qs >= 0) & (qe >= qs)
-    if not ROWS:
-        m2 = live[:, None] & dmask[None, :]
-        q = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)
-        do = tl.load(do_ptr + row[:, None] * D + d[None, :], mask=m2, other=0.0)
-    gate = tl.where(live, gate, 0.0)
-    do = (gate[:, None] * do.to(tl.float32)).to(q.dtype)
-    lse = tl.where(live, lse, float("inf"))
-    delta = tl.where(live, delta, 0.0)
-    allowed = live[None, :] & (cols[:, None] >= qs[None, :]) & (cols[:, None] <= qe[None, :])  # [BLOCK_N, BLOCK_P]
-    return kv_grad_step(kk, vv, q, do, lse, delta, allowed, dk, dv, scale, PRECISION)
-
-
-@triton.jit
 def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr,
                         delta_ptr, tile_lo_ptr, tile_hi_ptr, trange_ptr, dk_ptr, dv_ptr,
                         sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                         H_Q, H_KV, L_Q, L_KV, D, G, PG, N_TILES, N_KB, scale,
                         NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr, SORTED: tl.constexpr,
-                        PREFETCH: tl.constexpr):
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr, SORTED: tl.constexpr):
     """dK, dV of one key block of one KV group, key-major: the program visits the pair tiles whose key range
     [tile_lo, tile_hi] can meet the block (a contiguous run of tiles, `trange`), skips those that do not,
-    keeps dK and dV in registers and adds them once to the window's (no atomics: it owns the block). PREFETCH (with
-    SORTED and SKIP): each trip issues the next tile's reads (`_span_kv_meta`) before this tile's gathers and dots,
-    so a visit waits for one memory round trip (its q/dO rows) instead of three (key range, rows, q/dO); PREFETCH 2:
-    the next tile's q/dO rows too, so a visit waits for none."""
+    keeps dK and dV in registers and adds them once to the window's (no atomics: it owns the block)."""
     kb = tl.program_id(0)
     grp = tl.program_id(1)
     b = grp // H_KV
@@ -293,32 +243,18 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if PREFETCH:
-        n_lo, n_hi, n_row, n_qs, n_qe, n_gate, n_lse, n_delta, n_q, n_do = _span_kv_meta(
-            tile_lo_ptr, tile_hi_ptr, order_ptr, qstart_ptr, qend_ptr, gate_ptr, blse_ptr, delta_ptr, q_ptr, do_ptr,
-            grp, t_lo, t_hi, PG, N_TILES, d, dmask, D, BLOCK_P, PREFETCH == 2)
-        for tile in range(t_lo, t_hi):
-            lo, hi, row, qs, qe, gate, lse, delta = n_lo, n_hi, n_row, n_qs, n_qe, n_gate, n_lse, n_delta
-            q, do = n_q, n_do
-            n_lo, n_hi, n_row, n_qs, n_qe, n_gate, n_lse, n_delta, n_q, n_do = _span_kv_meta(
-                tile_lo_ptr, tile_hi_ptr, order_ptr, qstart_ptr, qend_ptr, gate_ptr, blse_ptr, delta_ptr, q_ptr,
-                do_ptr, grp, tile + 1, t_hi, PG, N_TILES, d, dmask, D, BLOCK_P, PREFETCH == 2)
+    for tile in range(t_lo, t_hi):
+        lo = tl.load(tile_lo_ptr + grp.to(tl.int64) * N_TILES + tile)
+        hi = tl.load(tile_hi_ptr + grp.to(tl.int64) * N_TILES + tile)
+        if SKIP:
             if (lo < k0 + BLOCK_N) & (hi >= k0):
-                dk, dv = _span_kv_visit(q_ptr, do_ptr, kk, vv, dk, dv, cols, d, dmask, row, qs, qe, gate, lse, delta,
-                                        q, do, D, scale, PRECISION, PREFETCH == 2)
-    else:
-        for tile in range(t_lo, t_hi):
-            lo = tl.load(tile_lo_ptr + grp.to(tl.int64) * N_TILES + tile)
-            hi = tl.load(tile_hi_ptr + grp.to(tl.int64) * N_TILES + tile)
-            if SKIP:
-                if (lo < k0 + BLOCK_N) & (hi >= k0):
-                    dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr,
-                                           delta_ptr, kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D,
-                                           G, scale, NUM_SPANS, BLOCK_P, SORTED, PRECISION)
-            else:  # tiles that miss the block are computed under the masks (no branch in the loop)
                 dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr,
                                        kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D, G, scale,
                                        NUM_SPANS, BLOCK_P, SORTED, PRECISION)
+        else:  # tiles that miss the block are computed under the masks (no branch in the loop)
+            dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr,
+                                   kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D, G, scale,
+                                   NUM_SPANS, BLOCK_P, SORTED, PRECISION)
     off = (grp.to(tl.int64) * L_KV + cols[:, None]) * D + d[None, :]  # dk/dv: contiguous fp32 [B, H_KV, L_KV, D]
     tl.store(dk_ptr + off, tl.load(dk_ptr + off, mask=kv_mask, other=0.0) + dk * scale, mask=kv_mask)
     tl.store(dv_ptr + off, tl.load(dv_ptr + off, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
@@ -351,7 +287,6 @@ def tile_key_ranges(qs, qe, block_p: int, l_kv: int, block_n: int):
 KV_TILE = 64  # sorted pairs per tile visited by the key-major kernel (independent of the dQ kernel's tiles)
 KV_SKIP = True  # branch over tiles of the run that miss the block (else they are computed fully masked)
 KV_SORTED = True  # the key-major kernel reads the pair arrays gathered into sorted order (else through the sort)
-KV_PREFETCH = 0  # with KV_SORTED and KV_SKIP: 1 each trip reads the next tile's pair arrays ahead, 2 also its q/dO rows
 DQ_BLOCK_N = 64  # keys per loop trip of the dQ kernel (D <= 128; 32 above)
 DQ_STAGES = 2
 DQ_WARPS = 4  # warps of the dQ kernel
@@ -409,5 +344,4 @@ def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, pg, tile_lo.shape[1], n_kb, d ** -0.5,
         NUM_SPANS=num_spans, BLOCK_P=KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
-        SKIP=KV_SKIP, SORTED=KV_SORTED, PREFETCH=KV_PREFETCH if KV_SORTED and KV_SKIP else 0,
-        num_warps=window.KV_WARPS if bd >= 128 else 4, num_stages=window.KV_STAGES)
+        SKIP=KV_SKIP, SORTED=KV_SORTED, num_warps=window.KV_WARPS if bd >= 128 else 4, num_stages=window.KV_STAGES)
