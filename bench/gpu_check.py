@@ -372,9 +372,9 @@ def main() -> int:
     parser.add_argument("--grads-only", action="store_true",
                         help="only the training checks: grad (both presets, bf16/fp16, fp32), grad-recompute, chunks")
     parser.add_argument("--presets", nargs="+", default=None, choices=list(PRESETS),
-                        help="with --grads-only: the presets of the grad rows (default all)")
+                        help="the presets of the grad rows (default all; the other checks always run all)")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES) + ["fp32"],
-                        help="with --grads-only: the dtypes of the grad rows (default all)")
+                        help="the dtypes of the grad rows (default all; the other checks always run all)")
     parser.add_argument("--set", nargs="*", default=[], metavar="MODULE.NAME=VALUE",
                         help="backend constants for this run, e.g. common.TRAIN_FWD_BY_HEADS=False (as speed.py --set)")
     args = parser.parse_args()
@@ -396,7 +396,7 @@ def main() -> int:
     if args.grads_only:
         training_checks(args.quick, args.presets, args.dtypes)
         return summary()
-    training_checks(args.quick)
+    training_checks(args.quick, args.presets, args.dtypes)
     for pname, cfg in PRESETS.items():
         for dname, dtype in DTYPES.items():
             check_rows(pname, cfg, dname, dtype, b=2, l=16384, starts=[0, 3001])
