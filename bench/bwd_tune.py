@@ -64,6 +64,7 @@ CANDIDATES = [
     # 2 stages 423.6
     {"window.KV_WARPS": 16},  # 21: both dK/dV kernels with 16 warps (half the registers per thread for dK, dV)
     {"span.KV_TILE": 32},  # 22 (= 15, re-timed with this session's defaults)
+    {"window.KV_BLOCK": 64},  # 23: 64-key dK/dV programs (window and span), half the accumulators per program
 ]
 MODULES = {"window": window, "span": span, "common": common, "search": search}  # also used by fwd_tune.py
 
