@@ -278,6 +278,7 @@ def main() -> None:
                         help="backend constants for this run, e.g. window.DQ_SPLIT=False common.TRAIN_FWD_PARTS=1 "
                              "(modules of bwd_tune.MODULES; values are Python literals)")
     args = parser.parse_args()
+    settings = {}
     if args.set or args.recompute:
         from bwd_tune import apply, parse_settings
 
