@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 FINGERPRINT_SCHEMA = "superlinear-lab.model-fingerprint.v1"
 PRESETS = {"tiny": ModelConfig.tiny}  # configs for explicit random initialisation
-SHIPPED = ("tiny",)  # models whose weights ship inside the package
+SHIPPED = ("tiny", "small")  # models whose weights ship inside the package
 MODEL_FILES = ("config.json", "model.safetensors")
 MODELS_ENV = "SUPERLINEAR_LAB_MODELS"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -111,7 +111,7 @@ def load_model(name: str = "tiny", *, path=None, random_init: bool = False, conf
 
     Args:
         name: a model name: ``$SUPERLINEAR_LAB_MODELS/<name>/`` if that directory holds the files, else the
-            model shipped in the package (``"tiny"``).
+            model shipped in the package (``"tiny"``, ``"small"``).
         path: explicit model directory (config.json + model.safetensors); overrides `name`'s search.
         random_init: build the seeded random initialisation of preset `name` instead of loading weights. This is
             the only way to get random weights from a name.
@@ -149,10 +149,11 @@ def load_model(name: str = "tiny", *, path=None, random_init: bool = False, conf
             return _load_dir(candidate, kind, device, dtype, backend).eval()
     where = ", ".join(str(p) for p in searched)
     if name in SHIPPED:
+        untrained = (f"load_model({name!r}, random_init=True)" if name in PRESETS else
+                     "load_model(config=ModelConfig.from_json(...)) with the architecture's config.json")
         raise FileNotFoundError(
             f"model {name!r}: its weight files ({', '.join(MODEL_FILES)}) are missing from {where}; the package "
-            f"install is incomplete (reinstall superlinear-lab). For untrained weights ask explicitly: "
-            f"load_model({name!r}, random_init=True)")
+            f"install is incomplete (reinstall superlinear-lab). For untrained weights ask explicitly: {untrained}")
     raise ValueError(f"model name {name!r}: no directory with {' and '.join(MODEL_FILES)} in {where}, and not a "
                      f"shipped model (shipped: {list(SHIPPED)}); pass path=DIR for a model directory")
 
