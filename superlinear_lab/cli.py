@@ -112,13 +112,14 @@ def run_plan(args) -> int:
 
 
 # ---------------------------------------------------------------------- report
+REPORT_MODEL = "small"  # reports are about real documents: the shipped model trained to find facts in prose
 REPORT_EPILOG = """\
 PATH is a UTF-8 text file, `-` for standard input, or `pydoc` for Python's own reference docs
 (`pydoc_data.topics`, always present offline).
 
---model is a shipped model name (tiny), a directory with config.json + model.safetensors, a
-Superlinear-Exp checkpoint directory or a local transformers causal-LM directory (the last two need the
-extra hf). The report names the model and its weights.
+--model is a shipped model name (small, the default: trained to retrieve facts in prose; or tiny), a
+directory with config.json + model.safetensors, a Superlinear-Exp checkpoint directory or a local
+transformers causal-LM directory (the last two need the extra hf). The report names the model and its weights.
 
 examples:
   superlinear-lab report notes.txt -o notes-routing.html
@@ -137,8 +138,9 @@ def add_report(subparsers) -> None:
     p.add_argument("path", metavar="PATH", help="text file, '-' (stdin) or 'pydoc'")
     p.add_argument("-o", "--output", default="routing-report.html", metavar="FILE",
                    help="HTML file to write (default routing-report.html)")
-    p.add_argument("--model", default="tiny", metavar="NAME|PATH",
-                   help="shipped model name, model directory or Superlinear-Exp checkpoint (default tiny)")
+    p.add_argument("--model", default=REPORT_MODEL, metavar="NAME|PATH",
+                   help=f"shipped model name, model directory or Superlinear-Exp checkpoint "
+                        f"(default {REPORT_MODEL})")
     p.add_argument("--max-tokens", type=_tokens, default=None, metavar="TOKENS",
                    help="truncate the document, e.g. 16K (default: all of it)")
     p.add_argument("--backend", choices=("auto", "torch", "triton", "oracle"), default="auto",

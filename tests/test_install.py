@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from helpers import assert_close
+from superlinear_lab.model.io import SHIPPED  # every shipped model's files must reach the sdist and the wheel
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -90,7 +91,8 @@ def test_sdist_holds_what_tests_and_readers_need(installed):
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     for need in ("LICENSE", "README.md", "Makefile", "pyproject.toml", "tests/conftest.py", "tests/helpers.py",
                  "tests/server_process.py", "tests/test_install.py", "docs/algorithm.md", "docs/design.md",
-                 "notebooks/00_quickstart.ipynb", *(f"superlinear_lab/models/tiny/{f}" for f in MODEL_FILES)):
+                 "notebooks/00_quickstart.ipynb",
+                 *(f"superlinear_lab/models/{name}/{f}" for name in SHIPPED for f in MODEL_FILES)):
         assert need in names, f"sdist lacks {need}"
     tracked = run(["git", "ls-files", "tests", "docs", "notebooks"], cwd=REPO, check=False).stdout.split()
     missing = [f for f in tracked if f.endswith((".py", ".md", ".ipynb")) and f not in names]
@@ -106,8 +108,9 @@ def test_wheel_holds_every_package_the_model_and_the_licence(installed):
             assert f"{package}/{py.relative_to(folder).as_posix()}" in names, f"wheel lacks {package}/{py.name} " \
                 f"({py.relative_to(installed.unpacked)}): add its package to pyproject.toml"
         assert f"{package}/py.typed" in names
-    for f in MODEL_FILES:
-        assert f"superlinear_lab/models/tiny/{f}" in names
+    for name in SHIPPED:
+        for f in MODEL_FILES:
+            assert f"superlinear_lab/models/{name}/{f}" in names
     assert not [n for n in names if n.endswith(".html")], "the evaluation heatmap stays out of the wheel"
     assert f"superlinear_lab-{VERSION}.dist-info/licenses/LICENSE" in names
     metadata = zipfile.ZipFile(installed.wheel).read(f"superlinear_lab-{VERSION}.dist-info/METADATA").decode()
@@ -163,9 +166,9 @@ def test_report_command_names_its_model(installed):
     out = installed.cwd / "report.html"
     proc = run([installed.bin / "superlinear-lab", "report", "pydoc", "--max-tokens", "2K", "--backend", "torch",
                 "-o", out], cwd=installed.cwd, env=installed.env)
-    assert "superlinear-lab/tiny (shipped, weights sha256" in proc.stdout
+    assert "superlinear-lab/small (shipped, weights sha256" in proc.stdout  # the report's default model
     html = out.read_text()
-    assert "superlinear-lab/tiny" in html, "the report page does not name its model"
+    assert "superlinear-lab/small" in html, "the report page does not name its model"
 
 
 def test_cli_program_names_and_version(installed):
@@ -198,7 +201,8 @@ def test_missing_weight_files_raise_a_clear_error(installed):
         assert proc.returncode != 0 and "FileNotFoundError: model 'tiny': its weight files" in proc.stderr, \
             proc.stderr[-2000:]
         assert "random_init=True" in proc.stderr
-        report = run([installed.bin / "superlinear-lab", "report", "pydoc", "-o", installed.cwd / "r.html"],
+        report = run([installed.bin / "superlinear-lab", "report", "pydoc", "--model", "tiny", "-o",
+                      installed.cwd / "r.html"],
                      cwd=installed.cwd, env=installed.env, check=False)
         assert report.returncode == 2 and "its weight files" in report.stderr, report.stderr[-2000:]
     finally:
