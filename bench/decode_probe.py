@@ -5,7 +5,10 @@ Setting of issue 16: B = 1, H_Q = 32, H_KV = 2, D = 128, bf16, `SpanConfig.relea
 L − 1 of a cache of length L. For every L:
   * graph: the step (`ops.decode_attention`) captured as a CUDA graph; device time with the L2 flushed before each
     replay (`speed.device_times`, the headline "cold") and back to back ("warm");
-  * settings (``--sweep-lengths``): chunk size / stages / warps of the group kernel, each against the default's output;
+  * settings (``--sweep-lengths``): `SWEEP`'s kernel (group or heads), chunk size, stages, warps and key block, each
+    against the default's output;
+  * floor: the keys the step needs (each KV group's union), read by a kernel that only sums them, as the group kernel
+    reads them, contiguously and the whole cache — what streaming those bytes costs on this card;
   * profile: per-kernel device time of eager steps (torch.profiler);
   * calls: ms per call over back-to-back calls (CUDA events) of the public `superlinear_attention` (position as a
     list and as a device tensor), the same with its single-step path switched off (the general path),
@@ -29,6 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -84,29 +89,141 @@ def graph_times(length, cfg, q1, q2, k, v, pos, reps) -> tuple[dict, torch.Tenso
     return res, out
 
 
+# Group-kernel settings swept at the sweep lengths; every row is checked against the default's output. by_heads:
+# `decode._decode_heads_kernel` (logits once per head, shared by its slots) instead of `_decode_group_kernel`.
+SWEEP = [dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32),
+         dict(by_heads=True, chunk=1024, stages=3, warps=4, block_n=32),
+         dict(by_heads=True, chunk=1024, stages=3, warps=4, block_n=64),
+         dict(by_heads=True, chunk=1024, stages=2, warps=4, block_n=64),
+         dict(by_heads=True, chunk=1024, stages=4, warps=4, block_n=32),
+         dict(by_heads=True, chunk=512, stages=3, warps=4, block_n=32),
+         dict(by_heads=True, chunk=2048, stages=3, warps=4, block_n=64),
+         dict(by_heads=True, chunk=1024, stages=3, warps=8, block_n=64),
+         dict(by_heads=True, chunk=1024, stages=3, warps=2, block_n=32),
+         dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=64),
+         dict(by_heads=True, chunk=256, stages=3, warps=4, block_n=32)]
+
+
+ONLY: list[int] | None = None  # --only: indices of SWEEP to run
+
+
 def sweep(length, cfg, q1, q2, k, v, pos, reps, ref) -> list:
     plan = ops.decode_plan(q1, k, v, cfg)
     row_start = torch.zeros(1, dtype=torch.int64, device="cuda")
-    default = (decode.decode_chunk_for, decode.DECODE_STAGES, decode.DECODE_WARPS, decode.DECODE_BLOCK_N)
+    default = (decode.decode_chunk_for, decode.DECODE_STAGES, decode.DECODE_WARPS, decode.DECODE_BLOCK_N,
+               decode.DECODE_BY_HEADS)
     rows = []
-    for chunk, stages, warps, block_n in ((1024, 3, 4, 64), (512, 3, 4, 32), (512, 4, 4, 32), (1024, 4, 4, 32),
-                                          (2048, 3, 4, 32), (512, 4, 4, 64), (1024, 3, 8, 32)):
+    for setting in SWEEP if ONLY is None else [SWEEP[i] for i in ONLY]:
+        chunk = setting["chunk"]
         decode.decode_chunk_for = lambda l_kv, n_pairs, d, c=chunk: c
-        decode.DECODE_STAGES, decode.DECODE_WARPS, decode.DECODE_BLOCK_N = stages, warps, block_n
+        decode.DECODE_STAGES, decode.DECODE_WARPS = setting["stages"], setting["warps"]
+        decode.DECODE_BLOCK_N, decode.DECODE_BY_HEADS = setting["block_n"], setting["by_heads"]
         try:
             graph, out = step_graph(q1, q2, k, v, cfg, pos, plan, row_start)
             cold, warm = device_times(graph.replay, reps)
-            row = dict(chunk=chunk, stages=stages, warps=warps, block_n=block_n, cold_ms=cold * 1e3,
-                       warm_ms=warm * 1e3, max_abs_diff=float((out.float() - ref.float()).abs().max()))
+            row = dict(setting, cold_ms=cold * 1e3, warm_ms=warm * 1e3,
+                       max_abs_diff=float((out.float() - ref.float()).abs().max()))
             del graph
         except Exception as e:  # noqa: BLE001 - a setting that does not compile/fit is reported, not fatal
-            row = dict(chunk=chunk, stages=stages, warps=warps, block_n=block_n, error=f"{type(e).__name__}: {e}"[:200])
+            row = dict(setting, error=f"{type(e).__name__}: {e}"[:300])
         rows.append(row)
         print(f"  L={length}: {row}", flush=True)
         with open(Path(os.environ.get("OUT", ROOT / "bench")) / "decode_probe_sweep.jsonl", "a") as f:
             f.write(json.dumps(dict(row, length=length)) + "\n")
-    decode.decode_chunk_for, decode.DECODE_STAGES, decode.DECODE_WARPS, decode.DECODE_BLOCK_N = default
+    (decode.decode_chunk_for, decode.DECODE_STAGES, decode.DECODE_WARPS, decode.DECODE_BLOCK_N,
+     decode.DECODE_BY_HEADS) = default
     return rows
+
+
+@triton.jit
+def _read_runs_kernel(k_ptr, v_ptr, lo_ptr, hi_ptr, out_ptr, s_h, N_CHUNKS, BLOCK_N: tl.constexpr,
+                      D: tl.constexpr):
+    """Read K and V rows lo..hi of one chunk (the run the group kernel reads) and keep only a checksum."""
+    h = tl.program_id(0)
+    c = tl.program_id(1)
+    lo = tl.load(lo_ptr + h * N_CHUNKS + c)
+    hi = tl.load(hi_ptr + h * N_CHUNKS + c)
+    d = tl.arange(0, D)
+    k_base = k_ptr + h.to(tl.int64) * s_h
+    v_base = v_ptr + h.to(tl.int64) * s_h
+    acc = tl.zeros([BLOCK_N, D], tl.float32)
+    for n0 in range(lo, hi + 1, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        ok = (cols <= hi)[:, None]
+        offs = cols.to(tl.int64)[:, None] * D + d[None, :]
+        acc += tl.load(k_base + offs, mask=ok, other=0.0).to(tl.float32)
+        acc += tl.load(v_base + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + h * N_CHUNKS + c, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+FLOOR_READS = [(1024, 32, 3, 4), (1024, 64, 3, 4), (512, 32, 3, 4), (2048, 64, 4, 4), (1024, 128, 3, 8),
+               (256, 32, 3, 4)]  # (chunk, key block, stages, warps) of the sum-only reads
+
+
+def _runs(cover, chunk, block):
+    """Per (KV head, chunk): the first key of the block holding the chunk's first needed key, and its last needed key
+    (0, -1 where the chunk needs none) — the run the group kernel reads."""
+    h_kv, n = cover.shape
+    n_chunks = -(-n // chunk)
+    grid = torch.nn.functional.pad(cover, (0, n_chunks * chunk - n)).view(h_kv, n_chunks, chunk)
+    idx = torch.arange(chunk, device=cover.device)
+    any_ = grid.any(-1)
+    lo = torch.where(grid, idx, chunk).amin(-1)
+    hi = torch.where(grid, idx, -1).amax(-1)
+    base = torch.arange(n_chunks, device=cover.device)[None, :] * chunk
+    return (torch.where(any_, base + lo // block * block, 0).int().contiguous(),
+            torch.where(any_, base + hi, -1).int().contiguous())
+
+
+def floor(length, cfg, q1, q2, k, v, pos, reps) -> dict:
+    """What reading the step's keys costs on this card without any attention arithmetic: the union of each KV
+    group's spans and window (from the step's own routing), read as the group kernel reads it (per chunk, the run of
+    key blocks from the first to the last needed key) by a kernel that only sums them (several chunk/block/stage
+    settings); the same number of keys read contiguously; the whole cache (dense decode's bytes); dense SDPA.
+    Device ms, L2 flushed before each call."""
+    plan = ops.decode_plan(q1, k, v, cfg)
+    row_start = torch.zeros(1, dtype=torch.int64, device="cuda")
+    (qs, _, qe, _), _ = ops._decode(q1, q2, k, v, cfg, pos, row_start, plan.tables, plan.max_span_len)
+    h_kv, group = k.shape[1], q1.shape[1] // k.shape[1]
+    cover = torch.zeros(h_kv, length, dtype=torch.bool, device="cuda")
+    for h in range(h_kv):
+        heads = slice(h * group, (h + 1) * group)
+        for a, e in zip(qs[0, heads, 0].flatten().tolist(), qe[0, heads, 0].flatten().tolist()):
+            if a >= 0 and e >= a:
+                cover[h, a:e + 1] = True
+        cover[h, max(0, length - cfg.window_len):length] = True
+    union = int(cover.sum())
+    kc, vc = k[0].contiguous(), v[0].contiguous()
+    summed = int(((qe - qs + 1).clamp(min=0) * (qs >= 0)).sum()) + q1.shape[1] * cfg.window_len
+    res = {"union_keys": union, "summed_keys": summed, "union_gb": union * 512 / 1e9, "reads": []}
+
+    def time_read(lo, hi, keys, chunk, block, stages, warps, name):
+        out = torch.empty(lo.numel(), dtype=torch.float32, device="cuda")
+        n_chunks = lo.shape[1]
+        fn = lambda: _read_runs_kernel[(h_kv, n_chunks)](kc, vc, lo, hi, out, kc.stride(0), n_chunks,  # noqa: E731
+                                                         BLOCK_N=block, D=k.shape[-1], num_warps=warps,
+                                                         num_stages=stages)
+        cold, warm = device_times(fn, reps)
+        row = {"read": name, "chunk": chunk, "block_n": block, "stages": stages, "warps": warps, "keys": keys,
+               "cold_ms": cold * 1e3, "warm_ms": warm * 1e3, "tb_per_s_cold": keys * 512 / cold / 1e12}
+        res["reads"].append(row)
+        print(f"  L={length}: floor {json.dumps(row)}", flush=True)
+
+    for chunk, block, stages, warps in FLOOR_READS:
+        lo, hi = _runs(cover, chunk, block)
+        time_read(lo, hi, int((hi - lo + 1).clamp(min=0).sum()), chunk, block, stages, warps, "union_runs")
+    chunk, block, stages, warps = FLOOR_READS[0]
+    per_head = -(-union // h_kv)
+    contiguous = torch.zeros(h_kv, length, dtype=torch.bool, device="cuda")
+    contiguous[:, :per_head] = True
+    time_read(*_runs(contiguous, chunk, block), h_kv * per_head, chunk, block, stages, warps, "contiguous_same_keys")
+    time_read(*_runs(torch.ones_like(cover), chunk, block), h_kv * length, chunk, block, stages, warps, "whole_cache")
+    cold, _ = device_times(lambda: dense(q2, k, v, False), reps)
+    res["dense_sdpa_cold_ms"] = cold * 1e3
+    res["dense_tb_per_s"] = h_kv * length * 512 / cold / 1e12
+    print(f"  L={length}: floor union {union:,} keys of {summed:,} summed; dense SDPA {cold * 1e3:.4f} ms "
+          f"({res['dense_tb_per_s']:.2f} TB/s)", flush=True)
+    return res
 
 
 def profile(cfg, q1, q2, k, v, pos) -> list:
@@ -164,13 +281,14 @@ def main() -> None:
     parser.add_argument("--sweep-lengths", type=int, nargs="*", default=[],
                         help="lengths that also sweep the group kernel's settings (after every length's rows)")
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--skip", nargs="*", default=[], choices=("graph", "profile", "calls", "sweep"))
+    parser.add_argument("--skip", nargs="*", default=[], choices=("graph", "profile", "calls", "sweep", "floor"))
+    parser.add_argument("--only", type=int, nargs="*", default=None, help="indices of SWEEP to run (default: all)")
     parser.add_argument("--json", default="decode_probe.json")
     args = parser.parse_args()
+    global ONLY
+    ONLY = args.only
     if not torch.cuda.is_available():
         sys.exit("bench/decode_probe.py needs a CUDA device")
-    import triton
-
     cfg = SpanConfig.release()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "dtype": "bfloat16", "H_Q": 32, "H_KV": 2, "D": 128}
@@ -190,6 +308,8 @@ def main() -> None:
                 row["graph"], _ = graph_times(length, cfg, q1, q2, k, v, pos, args.reps)
             if "profile" not in args.skip:
                 row["profile"] = profile(cfg, q1, q2, k, v, pos)
+            if "floor" not in args.skip:
+                row["floor"] = floor(length, cfg, q1, q2, k, v, pos, args.reps)
             if "calls" not in args.skip:
                 row["calls"] = calls(length, cfg, q1, q2, k, v, pos)
         rows.append(row)

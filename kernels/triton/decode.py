@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ..softmax import INVALID_GATE_LOGIT
-from .common import block_d, dot_precision, next_pow2
+from .common import MAX_SPANS, block_d, dot_precision, next_pow2
 from .rules import LN2, LOG2E, nonfinite_rows, window_lo
 
 DECODE_BLOCK_N = 32  # keys per loop trip (32 and 64 tie on random routing; 32 is ~10% faster on coherent)
@@ -44,6 +44,11 @@ DECODE_MAX_CHUNK = 4096
 DECODE_STAGES = 3  # software-pipelining depth of the key loop
 DECODE_SCRATCH_BYTES = 64 << 20  # partials (m, ℓ, acc per (pair, chunk)) of one step may take up to this
 DECODE_MAX_CHUNKS = 8192  # key chunks per (batch, KV head) at most (most programs of a step find nothing to do)
+# `_decode_heads_kernel` instead of `_decode_group_kernel` (K <= MAX_SPANS): the logits once per query head, shared by
+# its K slots (a quarter of the QK^T MMA work of the release layer's 64-row tiles, no padding rows in P·V), at most
+# DECODE_MAX_HEADS heads per program. Session 9: off until timed on the H200.
+DECODE_BY_HEADS = False
+DECODE_MAX_HEADS = 64
 
 
 def decode_chunk(l_kv: int) -> int:
@@ -145,6 +150,137 @@ def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, sta
 
 
 @triton.jit
+def _slot_bounds(qstart_ptr, qend_ptr, head, slot, ok, NUM_SPANS: tl.constexpr):
+    """Span bounds [qs, qe] of one slot for a block of heads (an invalid slot gets the empty span [0, -1])."""
+    qs = tl.load(qstart_ptr + head * NUM_SPANS + slot, mask=ok, other=-1)
+    qe = tl.load(qend_ptr + head * NUM_SPANS + slot, mask=ok, other=-1)
+    return tl.where(qs >= 0, qs, 0), tl.where(qs >= 0, qe, -1)
+
+
+@triton.jit
+def _slot_run(qs, qe, ok, c0, c1, lo, hi):
+    """(lo, hi) widened by the keys of chunk [c0, c1) that one slot's spans need."""
+    hit = ok & (qs <= qe) & (qs < c1) & (qe >= c0)
+    lo = tl.minimum(lo, tl.min(tl.where(hit, tl.maximum(qs, c0), 2147483647), axis=0))
+    hi = tl.maximum(hi, tl.max(tl.where(hit, tl.minimum(qe, c1 - 1), -1), axis=0))
+    return lo, hi
+
+
+@triton.jit
+def _slot_step(logits, cols, qs, qe, in_win, colok, m, l, acc, vv, PRECISION: tl.constexpr):
+    """One key block of one slot's online softmax (base 2): the heads' shared logits masked to S_k ∪ Wnd."""
+    keep = ((cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])) | in_win[None, :]
+    x = tl.where(keep & colok, logits, float("-inf"))
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_use)
+    p = tl.exp2(x - m_use[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
+def _slot_store(pm_ptr, pl_ptr, pacc_ptr, head, slot, c, m, l, acc, ok, d, dmask, D, N_CHUNKS,
+                NUM_SPANS: tl.constexpr):
+    part = (head * NUM_SPANS + slot) * N_CHUNKS + c
+    tl.store(pm_ptr + part, m, mask=ok)
+    tl.store(pl_ptr + part, l, mask=ok)
+    tl.store(pacc_ptr + part[:, None] * D + d[None, :], acc, mask=(ok & (l > 0))[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _decode_heads_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, start_ptr, pm_ptr, pl_ptr, pacc_ptr,
+                         sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                         H_Q, H_KV, L_KV, D, G, W, N_HB, N_CHUNKS, CHUNK, qk_scale,
+                         NUM_SPANS: tl.constexpr, GH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """`_decode_group_kernel` with the logits computed once per query head (a [GH, BLOCK_N] tl.dot) and shared by
+    the head's K <= 4 slots, each slot keeping its own online softmax and [GH, D] accumulator: a (head, slot) row's
+    logits are its head's, only the mask differs. Same chunks, same partials layout (pair = head * K + slot)."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    hb = pid % N_HB
+    bh = pid // N_HB
+    b = bh // H_KV
+    hkv = bh % H_KV
+    g = hb * GH + tl.arange(0, GH)
+    gok = g < G
+    head = (b * H_Q + hkv * G).to(tl.int64) + g  # row of [B, H_Q] (L_Q = 1)
+    pos = tl.load(pos_ptr).to(tl.int32)
+    s = tl.load(start_ptr + b).to(tl.int32)
+    w_lo = window_lo(pos, s, W)
+    w_hi = tl.where((W > 0) & (pos < L_KV), pos, w_lo - 1)  # (as in _decode_group_kernel)
+    c0 = c * CHUNK
+    c1 = tl.minimum(c0 + CHUNK, pos + 1)
+    win_hit = (w_lo <= w_hi) & (w_lo < c1) & (w_hi >= c0)
+    lo = tl.where(win_hit, tl.maximum(w_lo, c0), 2147483647)
+    hi = tl.where(win_hit, tl.minimum(w_hi, c1 - 1), -1)
+    qs0, qe0 = _slot_bounds(qstart_ptr, qend_ptr, head, 0, gok, NUM_SPANS)
+    lo, hi = _slot_run(qs0, qe0, gok, c0, c1, lo, hi)
+    if NUM_SPANS > 1:
+        qs1, qe1 = _slot_bounds(qstart_ptr, qend_ptr, head, 1, gok, NUM_SPANS)
+        lo, hi = _slot_run(qs1, qe1, gok, c0, c1, lo, hi)
+    if NUM_SPANS > 2:
+        qs2, qe2 = _slot_bounds(qstart_ptr, qend_ptr, head, 2, gok, NUM_SPANS)
+        lo, hi = _slot_run(qs2, qe2, gok, c0, c1, lo, hi)
+    if NUM_SPANS > 3:
+        qs3, qe3 = _slot_bounds(qstart_ptr, qend_ptr, head, 3, gok, NUM_SPANS)
+        lo, hi = _slot_run(qs3, qe3, gok, c0, c1, lo, hi)
+    first = tl.where(hi >= lo, c0 + ((lo - c0) // BLOCK_N) * BLOCK_N, c0)
+    stop = tl.where(hi >= lo, hi + 1, c0)  # an untouched chunk runs no trips and loads nothing
+
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q_rows = gok & (g * 0 + hi >= lo)
+    q = tl.load(q_ptr + head[:, None] * D + d[None, :], mask=q_rows[:, None] & dmask[None, :], other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
+    m0 = tl.full([GH], float("-inf"), tl.float32)
+    l0 = tl.zeros([GH], tl.float32)
+    acc0 = tl.zeros([GH, BLOCK_D], tl.float32)
+    if NUM_SPANS > 1:
+        m1 = tl.full([GH], float("-inf"), tl.float32)
+        l1 = tl.zeros([GH], tl.float32)
+        acc1 = tl.zeros([GH, BLOCK_D], tl.float32)
+    if NUM_SPANS > 2:
+        m2 = tl.full([GH], float("-inf"), tl.float32)
+        l2 = tl.zeros([GH], tl.float32)
+        acc2 = tl.zeros([GH, BLOCK_D], tl.float32)
+    if NUM_SPANS > 3:
+        m3 = tl.full([GH], float("-inf"), tl.float32)
+        l3 = tl.zeros([GH], tl.float32)
+        acc3 = tl.zeros([GH, BLOCK_D], tl.float32)
+    for n0 in range(first, stop, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < stop
+        if EVEN_D:
+            ld_mask = cmask[:, None]
+        else:
+            ld_mask = cmask[:, None] & dmask[None, :]
+        offs = cols.to(tl.int64)[:, None]
+        kk = tl.load(k_base + offs * sk_l + d[None, :], mask=ld_mask, other=0.0)
+        vv = tl.load(v_base + offs * sv_l + d[None, :], mask=ld_mask, other=0.0)
+        in_win = (cols >= w_lo) & (cols <= w_hi)
+        colok = cmask[None, :] & gok[:, None]
+        logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * qk_scale  # [GH, BLOCK_N], once per head
+        m0, l0, acc0 = _slot_step(logits, cols, qs0, qe0, in_win, colok, m0, l0, acc0, vv, PRECISION)
+        if NUM_SPANS > 1:
+            m1, l1, acc1 = _slot_step(logits, cols, qs1, qe1, in_win, colok, m1, l1, acc1, vv, PRECISION)
+        if NUM_SPANS > 2:
+            m2, l2, acc2 = _slot_step(logits, cols, qs2, qe2, in_win, colok, m2, l2, acc2, vv, PRECISION)
+        if NUM_SPANS > 3:
+            m3, l3, acc3 = _slot_step(logits, cols, qs3, qe3, in_win, colok, m3, l3, acc3, vv, PRECISION)
+    _slot_store(pm_ptr, pl_ptr, pacc_ptr, head, 0, c, m0, l0, acc0, gok, d, dmask, D, N_CHUNKS, NUM_SPANS)
+    if NUM_SPANS > 1:
+        _slot_store(pm_ptr, pl_ptr, pacc_ptr, head, 1, c, m1, l1, acc1, gok, d, dmask, D, N_CHUNKS, NUM_SPANS)
+    if NUM_SPANS > 2:
+        _slot_store(pm_ptr, pl_ptr, pacc_ptr, head, 2, c, m2, l2, acc2, gok, d, dmask, D, N_CHUNKS, NUM_SPANS)
+    if NUM_SPANS > 3:
+        _slot_store(pm_ptr, pl_ptr, pacc_ptr, head, 3, c, m3, l3, acc3, gok, d, dmask, D, N_CHUNKS, NUM_SPANS)
+
+
+@triton.jit
 def _decode_merge_kernel(pm_ptr, pl_ptr, pacc_ptr, qstart_ptr, qend_ptr, values_ptr, anchor_ptr, pos_ptr, start_ptr,
                          bout_ptr, blse_ptr, out_ptr, gate_ptr,
                          H_Q, L_KV, D, W, N_CHUNKS, CHUNK, INVALID,
@@ -238,13 +374,22 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
     pm = torch.empty(n_pairs * n_chunks, dtype=torch.float32, device=dev)
     pl = torch.empty_like(pm)
     pacc = torch.empty(n_pairs * n_chunks, d, dtype=torch.float32, device=dev)
-    warps = 2 * DECODE_WARPS if bd * rb > 64 * 128 else DECODE_WARPS
-    _decode_group_kernel[(b * h_kv * n_rb, n_chunks)](
-        q2, k, v, qstart, qend, positions, row_start, pm, pl, pacc,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h_q, h_kv, l_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, d ** -0.5 * LOG2E.value,
-        NUM_SPANS=num_spans, RB=rb, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, EVEN_D=bd == d,
-        PRECISION=dot_precision(q2.dtype), num_warps=warps, num_stages=DECODE_STAGES)
+    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+    if DECODE_BY_HEADS and num_spans <= MAX_SPANS:
+        gh = min(max(16, next_pow2(group)), max(16, next_pow2(DECODE_MAX_HEADS)))
+        n_hb = triton.cdiv(group, gh)
+        _decode_heads_kernel[(b * h_kv * n_hb, n_chunks)](
+            q2, k, v, qstart, qend, positions, row_start, pm, pl, pacc, *strides,
+            h_q, h_kv, l_kv, d, group, window, n_hb, n_chunks, chunk, d ** -0.5 * LOG2E.value,
+            NUM_SPANS=num_spans, GH=gh, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, EVEN_D=bd == d,
+            PRECISION=dot_precision(q2.dtype), num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
+    else:
+        warps = 2 * DECODE_WARPS if bd * rb > 64 * 128 else DECODE_WARPS
+        _decode_group_kernel[(b * h_kv * n_rb, n_chunks)](
+            q2, k, v, qstart, qend, positions, row_start, pm, pl, pacc, *strides,
+            h_q, h_kv, l_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, d ** -0.5 * LOG2E.value,
+            NUM_SPANS=num_spans, RB=rb, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, EVEN_D=bd == d,
+            PRECISION=dot_precision(q2.dtype), num_warps=warps, num_stages=DECODE_STAGES)
 
     out = torch.empty(b, h_q, l_q, d, dtype=q2.dtype, device=dev)
     gate = torch.empty(b, h_q, l_q, num_spans, dtype=torch.float32, device=dev)
