@@ -221,12 +221,34 @@ class TooShort(ValueError):
     """The task's statements, question and answer do not fit the requested length."""
 
 
+SENTENCE_REACH = 400  # how far (bytes) an inline needle may move from its depth to reach a sentence start
+
+
+def _sentence_start(filler: list[int], at: int) -> int | None:
+    """The sentence start in `filler` (byte ids) nearest to `at`, within `SENTENCE_REACH`: the filler's start, a
+    paragraph's start (after a blank line), or the byte after a letter and ". ", "? ", "! " or the same mark at a
+    line's end (hard-wrapped text); None when there is none. A line start inside a sentence does not count."""
+    best = None
+    for p in range(max(0, at - SENTENCE_REACH), min(len(filler), at + SENTENCE_REACH) + 1):
+        if p == 0 or (p >= 2 and filler[p - 1] == 10 == filler[p - 2]) or (
+                p >= 3 and filler[p - 1] in (10, 32) and filler[p - 2] in b".?!" and chr(filler[p - 3]).isalpha()):
+            if best is None or abs(p - at) < abs(best - at):
+                best = p
+    return best
+
+
 class _Builder:
     """Assembles filler + inserted needles + question + answer to exactly `length` tokens, tracking ranges."""
 
-    def __init__(self, rng: random.Random, length: int, split: str):
-        self.rng, self.length, self.split = rng, length, split
-        self.needles: list[tuple[float, str, list[tuple[int, int]]]] = []  # (depth, text, char ranges to mark)
+    def __init__(self, rng: random.Random, length: int, split: str, inline: float = 0.0):
+        """`inline`: chance that a needle is planted inside the running text at a sentence boundary ("… end.
+        <statement> Next …", as a fact stands in a real document) instead of on a line of its own; each needle
+        draws from `rng` only when `inline` > 0, so the default leaves every row as it was."""
+        if not 0.0 <= inline <= 1.0:
+            raise ValueError(f"inline={inline!r}: expected a probability in [0, 1]")
+        self.rng, self.length, self.split, self.inline = rng, length, split, inline
+        # (depth, text, char ranges to mark, planted inline)
+        self.needles: list[tuple[float, str, list[tuple[int, int]], bool]] = []
         self.rival_marks: dict[int, list[tuple[int, int]]] = {}  # needle index -> char ranges of rival values
 
     def needle(self, depth: float, text: str, marks: list[str], rivals: tuple[str, ...] = ()) -> list[int]:
@@ -239,9 +261,10 @@ class _Builder:
 
         if rivals:
             self.rival_marks[len(self.needles)] = [last(m) for m in rivals]
-        self.needles.append((depth, text, [last(m) for m in marks]))
-        return list(range(sum(len(r) for _, _, r in self.needles[:-1]),
-                          sum(len(r) for _, _, r in self.needles)))
+        inline = self.inline > 0 and self.rng.random() < self.inline
+        self.needles.append((depth, text, [last(m) for m in marks], inline))
+        return list(range(sum(len(n[2]) for n in self.needles[:-1]),
+                          sum(len(n[2]) for n in self.needles)))
 
     def build(self, question: str, answer: str, needs_of, task: str, meta: dict,
               prompts: tuple[tuple[int, int], ...] = ()) -> Example:
@@ -249,26 +272,31 @@ class _Builder:
         ranges (start, end) of `answer` that are prompt text (`Example.prompts`)."""
         q_ids = list(question.encode())
         a_ids = list(answer.encode())
-        pieces = [list(("\n" + t + "\n").encode()) for _, t, _ in self.needles]
+        # a needle on its own line is "\n<text>\n"; one planted inline is "<text> " at the start of a sentence
+        pieces = [list((t + " " if inline else "\n" + t + "\n").encode()) for _, t, _, inline in self.needles]
         fixed = 1 + len(q_ids) + len(a_ids) + sum(len(p) for p in pieces)
         n_filler = self.length - fixed
         if n_filler < 8:
             raise TooShort(f"length={self.length}: too short for this task (needs more than {fixed + 8} tokens)")
         filler = text_window(self.rng, n_filler, self.split)
         cuts = []
-        for depth, _, _ in self.needles:  # insertion points in the filler, snapped back to a line/word start
+        for depth, _, _, inline in self.needles:  # insertion points in the filler
             at = min(n_filler, max(0, round(depth * n_filler)))
-            for back in range(min(at, 48)):
-                if filler[at - back - 1] in (10, 32):
-                    at -= back
-                    break
+            sentence = _sentence_start(filler, at) if inline else None
+            if sentence is not None:
+                at = sentence
+            else:  # snapped back to a line/word start
+                for back in range(min(at, 48)):
+                    if filler[at - back - 1] in (10, 32):
+                        at -= back
+                        break
             cuts.append(at)
         order = sorted(range(len(self.needles)), key=lambda i: (cuts[i], i))
         ids, evidence_by_needle, rivals, prev = [_TOKENIZER.bos_id], {}, [], 0
         for i in order:
             ids += filler[prev:cuts[i]]
             prev = cuts[i]
-            base = len(ids) + 1  # after the leading "\n"
+            base = len(ids) + (0 if self.needles[i][3] else 1)  # after the leading "\n" of a needle on its own line
             evidence_by_needle[i] = [(base + a, base + b) for a, b in self.needles[i][2]]
             rivals += [(base + a, base + b) for a, b in self.rival_marks.get(i, [])]
             ids += pieces[i]

@@ -9,7 +9,10 @@ this question". These tasks take that shortcut away:
   "password", "motto") — and every document holds several facts, with distractor facts of the *same kind*
   (same thing, other owner; same owner, other thing; or, for ``fact_multi_key``, owners that differ in one word);
 * statements and questions are drawn from a template bank whose templates are split: the ``"eval"`` split uses
-  phrasings and values that the ``"train"`` split never shows, so an accuracy on it is on unseen phrasings;
+  phrasings and values that the ``"train"`` split never shows, so an accuracy on it is on unseen phrasings; the
+  train split adds a few hundred composed phrasings per kind (`composed_statements`, `composed_questions`: the
+  value before, inside or after the key, the owner as subject, object or possessive), and plants a statement
+  inside the running text after a sentence end with chance `INLINE` (the eval split: each on a line of its own);
 * ``fact_hop`` chains two facts (the thing's name, then where that name is kept);
 * ``fact_needle`` (training aid) is the digit NIAH of `superlinear_lab.data` with a word value ("The magic word
   for kadomi-ruvela is heron."), asked with the statement's own prefix: the bridge from the digit copying `tiny`
@@ -190,6 +193,108 @@ HOP = {  # (where the named thing is: {name} the pointer, {value} the place; the
 }
 
 
+INLINE = 0.5  # train split: chance that a fact statement is planted inside the running text (`D._Builder`)
+
+# Train-only composed phrasings. Besides the fixed train bank above, the train split draws statements and questions
+# from a grammar of parts: the key as a noun phrase in several forms (possessive, "of", relative clause), the value
+# before, inside or after the key, the owner as subject, object or possessive, several verbs per kind, framing
+# clauses. A few hundred phrasings per kind: the model cannot learn "the one sentence a fact comes in", only what
+# the key says. The eval split never draws from it (tests/test_facts_phrasing.py checks that no composed phrasing,
+# wrapped or not, holds a held-out template's frame).
+_KEY_FORMS = ("{owner}'s {thing}", "the {thing} of {owner}", "{owner}'s own {thing}", "the {thing} for {owner}",
+              "the {thing} belonging to {owner}", "the {thing} that {owner} has")
+_KEY_FORMS_DATE = _KEY_FORMS[:4] + ("the {thing} of {owner} in question",)
+_AFTER = {  # kind -> verbs between the key and the value ("<key> <verb> <value>.")
+    "word": ("is", "was", "is still", "has long been", "turned out to be", "had become", "remains"),
+    "name": ("is called", "is named", "was named", "goes by", "is known as", "answers to", "was christened"),
+    "phrase": ("is", "was", "reads", "runs", "has always been", "remains", "goes like this:"),
+    "date": ("is", "was", "falls on", "fell on", "is on", "was fixed for", "was held on"),
+    "number": ("is", "was", "reads", "is still", "turned out to be", "has been", "came out as"),
+}
+_BEFORE = {  # kind -> links between the value and the key ("<value> <link> <key>.")
+    "word": ("is", "was", "has long been", "became", "remains"),
+    "name": ("is the name of", "was the name picked for", "has always been the name of", "became the name of"),
+    "phrase": ("is", "was", "has long been", "became", "remains"),
+    "date": ("is", "was", "marks", "was the date of", "is the date of"),
+    "number": ("is", "was", "became", "remains", "has long been"),
+}
+_ACTS = {  # kind -> "<Owner> <act> <value> <prep> the <thing>" (the value between owner and thing)
+    "word": (("chose", "as"), ("picked", "for"), ("settled on", "for"), ("wrote", "down as"), ("went with", "for")),
+    "name": (("picked", "as the name for"), ("chose", "as a name for"), ("wanted", "as the name of"),
+             ("settled on", "as the name of")),
+    "phrase": (("chose", "as"), ("picked", "for"), ("carved", "into"), ("printed", "on"), ("went with", "for")),
+    "date": (("circled", "as"), ("set", "for"), ("marked", "as"), ("put down", "as")),
+    "number": (("chose", "as"), ("wrote", "down as"), ("picked", "for"), ("was given", "as"), ("got", "as")),
+}
+_FRAMES = ("", "By all accounts, ", "At the time, ", "Since then, ", "As far as anyone knows, ", "In those days, ",
+           "To be exact, ")
+_MIDDLE_TAILS = ("was no secret", "came up again today", "appears in the ledger", "was known to all",
+                 "is written on a card")
+_Q_FRAMES = ("", "According to the text, ", "In the story, ", "Going by the notes, ", "Looking back, ")
+_Q_PLAIN = ("what is {key}?", "what was {key}?", "do you remember {key}?", "can you recall {key}?",
+            "{key}: what is it?", "please repeat {key}.", "write down {key}.", "remind me of {key}.")
+_Q_KIND = {  # kind -> kind-specific question forms of {key}, and forms with owner and thing apart
+    "word": ("which word is {key}?", "what word was {key}?", "which word did {owner} pick for the {thing}?",
+             "what did {owner} choose as the {thing}?"),
+    "name": ("what is {key} called?", "what is {key} named?", "by which name is {key} known?",
+             "what name did {owner} pick for the {thing}?", "what did {owner} name the {thing}?"),
+    "phrase": ("how does {key} go?", "what does {key} say?", "what are the words of {key}?",
+               "which words did {owner} choose as the {thing}?"),
+    "date": ("when is {key}?", "when was {key}?", "on which day was {key}?", "what date was {key}?",
+             "on what date did {key} fall?"),
+    "number": ("which number is {key}?", "what number is {key}?", "how does {key} read?",
+               "which number did {owner} pick as the {thing}?"),
+}
+
+
+def _sentence(template: str) -> str:
+    """`template` with a capital first letter ("{owner}" -> "{Owner}")."""
+    if template.startswith("{owner}"):
+        return "{Owner}" + template[len("{owner}"):]
+    return template[:1].upper() + template[1:]
+
+
+@functools.lru_cache(maxsize=None)
+def composed_statements(kind: str) -> tuple[str, ...]:
+    """Every train-only statement phrasing the grammar above makes for `kind` (sorted; the fixed train bank's
+    templates are not in it). Each holds {value} once, and the owner and the thing."""
+    value = '"{value}"' if kind in ("word", "phrase") else "{value}"
+    keys = _KEY_FORMS_DATE if kind == "date" else _KEY_FORMS
+    out = set()
+    for key in keys:
+        for frame in _FRAMES:
+            out |= {_sentence(frame + f"{key} {verb} {value}.") for verb in _AFTER[kind]}
+        out |= {_sentence(f"{value} {link} {key}.") for link in _BEFORE[kind]}
+        out |= {_sentence(f"{key}, {value}, {tail}.") for tail in _MIDDLE_TAILS}
+    for frame in _FRAMES:
+        out |= {_sentence(frame + f"{{owner}} {act} {value} {prep} the {{thing}}.") for act, prep in _ACTS[kind]}
+    out |= {_sentence(f"for {{owner}}, the {{thing}} {verb} {value}.") for verb in _AFTER[kind]}
+    out |= {_sentence(f"people who know {{owner}} say the {{thing}} {verb} {value}.") for verb in _AFTER[kind]}
+    return tuple(sorted(out))
+
+
+@functools.lru_cache(maxsize=None)
+def composed_questions(kind: str) -> tuple[str, ...]:
+    """Every train-only question phrasing the grammar above makes for `kind` (sorted), each naming the owner and
+    the thing."""
+    keys = _KEY_FORMS_DATE if kind == "date" else _KEY_FORMS
+    out = set()
+    for frame in _Q_FRAMES:
+        for form in _Q_PLAIN + _Q_KIND[kind]:
+            for key in keys if "{key}" in form else ("",):
+                q = form.replace("{key}", key)
+                out.add(frame + q if frame else _sentence(q))
+    return tuple(sorted(out))
+
+
+def _train_statements(kind: str) -> tuple[str, ...]:
+    return STATEMENTS["train"][kind] + composed_statements(kind)
+
+
+def _train_questions(kind: str) -> tuple[str, ...]:
+    return QUESTIONS["train"][kind] + composed_questions(kind)
+
+
 @functools.lru_cache(maxsize=None)
 def _entries(resource: str) -> tuple[str, ...]:
     text = resources.files("superlinear_lab").joinpath("resources", resource).read_text(encoding="utf-8")
@@ -282,10 +387,14 @@ def _statement(rng: random.Random, template: str, owner: str, thing: str, kind: 
 
 def _statement_template(rng: random.Random, split: str, kind: str) -> str:
     """A statement template of `kind` from the split's bank; in the train split wrapped in a random lead and tail."""
-    template = rng.choice(STATEMENTS[split][kind])
-    if split == "train":
-        template = rng.choice(STATEMENT_LEADS) + template + rng.choice(STATEMENT_TAILS)
-    return template
+    if split == "eval":
+        return rng.choice(STATEMENTS[split][kind])
+    return rng.choice(STATEMENT_LEADS) + rng.choice(_train_statements(kind)) + rng.choice(STATEMENT_TAILS)
+
+
+def _builder(rng: random.Random, length: int, split: str) -> D._Builder:
+    """The row builder of a fact task: in the train split a statement is planted inline with chance `INLINE`."""
+    return D._Builder(rng, length, split, inline=INLINE if split == "train" else 0.0)
 
 
 def _ask(lead: str, template: str, owner: str, thing: str) -> str:
@@ -296,27 +405,30 @@ def _ask(lead: str, template: str, owner: str, thing: str) -> str:
 def _question(rng: random.Random, split: str, kind: str, owner: str, thing: str, template: str | None = None) -> str:
     """A question about `owner`'s `thing`: `template` if given (a hop question), else one of the split's bank for
     `kind`; in the train split after a random lead."""
-    lead = rng.choice(QUESTION_LEADS) if split == "train" else ""
-    return _ask(lead, template or rng.choice(QUESTIONS[split][kind]), owner, thing)
+    if split == "eval":
+        return _ask("", template or rng.choice(QUESTIONS[split][kind]), owner, thing)
+    return _ask(rng.choice(QUESTION_LEADS), template or rng.choice(_train_questions(kind)), owner, thing)
 
 
 def fact(length: int, seed: int, split: str = "train", kind: str = "word", n_distractors: int = 3,
-         near_keys: bool = False, task: str | None = None) -> D.Example:
+         near_keys: bool = False, task: str | None = None, attempt: int = 0) -> D.Example:
     """One asked fact of `kind` plus `n_distractors` facts of the same kind at random depths.
 
     Distractors share the asked thing with another owner, or the asked owner with another thing of the same
     kind; with `near_keys` every distractor's owner differs from the asked owner in one word only (same role,
     another place), the prose form of near-duplicate keys. Evidence: the value's tokens in the asked statement.
+    `attempt` > 0 draws the row anew (phrasings, values): for a short row that the first draw does not fit.
     """
     task = task or f"fact_{kind}"
-    rng = D._rng(task, length, seed, split, f"{kind}:{n_distractors}:{near_keys}")
+    extra = f"{kind}:{n_distractors}:{near_keys}" + (f":{attempt}" if attempt else "")
+    rng = D._rng(task, length, seed, split, extra)
     thing = rng.choice(THINGS[kind])
     role = rng.choice(OWNERS)
     owner = _owner(rng, split, place=True, role=role) if near_keys else _owner(rng, split)
     taken: set[str] = set()
     keys = {(owner, thing)}
     text, value = _statement(rng, _statement_template(rng, split, kind), owner, thing, kind, split, taken)
-    b = D._Builder(rng, length, split)
+    b = _builder(rng, length, split)
     depth = rng.random()
     b.needle(depth, text, [value])
     for _ in range(n_distractors):
@@ -349,7 +461,7 @@ def fact_hop(length: int, seed: int, split: str = "train", n_distractors: int = 
     named, name = _statement(rng, _statement_template(rng, split, "name"), owner, thing, "name", split, taken)
     where, question = rng.choice(HOP[split])
     kept, place = _statement(rng, where, owner, thing, "name", split, taken, name=name)
-    b = D._Builder(rng, length, split)
+    b = _builder(rng, length, split)
     b.needle(rng.random(), named, [name])
     b.needle(rng.random(), kept, [place])
     owners = {owner}
@@ -395,7 +507,7 @@ def fact_list(length: int, seed: int, split: str = "train", n_words: int = 4, n_
         raise RuntimeError(f"no word list fits {statement!r}")
 
     text, words = listed(owner)
-    b = D._Builder(rng, length, split)
+    b = _builder(rng, length, split)
     b.needle(rng.random(), text, words)
     for _ in range(n_distractors):
         other = _owner(rng, split)
@@ -421,7 +533,7 @@ def fact_needle(length: int, seed: int, split: str = "train", n_distractors: int
     key = D._key(rng)
     keys, taken = {key}, set()
     value = _value(_copy_kind(rng), rng, split, taken)
-    b = D._Builder(rng, length, split)
+    b = _builder(rng, length, split)
     depth = rng.random()
     b.needle(depth, f"The magic word for {key} is {value}.", [value])
     for _ in range(n_distractors):
@@ -486,7 +598,7 @@ def fact_quiz(length: int, seed: int, split: str = "train", n_facts: int = 4) ->
     kind = rng.choices(list(QUIZ_KINDS), list(QUIZ_KINDS.values()))[0]
     keys, near = _key_grid(rng, split, THINGS[kind], n_facts)
     taken: set[str] = set()
-    b = D._Builder(rng, length, split)
+    b = _builder(rng, length, split)
     values = []
     for owner, thing in keys:
         text, value = _statement(rng, _statement_template(rng, split, kind), owner, thing, kind, split, taken)
@@ -514,7 +626,7 @@ def fact_hop_quiz(length: int, seed: int, split: str = "train", n_facts: int = 3
     keys, near = _key_grid(rng, split, THINGS["name"], n_facts)
     where, question = rng.choice(HOP[split])
     taken: set[str] = set()
-    b = D._Builder(rng, length, split)
+    b = _builder(rng, length, split)
     names, places, needs = [], [], []
     for owner, thing in keys:
         named, name = _statement(rng, _statement_template(rng, split, "name"), owner, thing, "name", split, taken)
@@ -551,8 +663,14 @@ def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Exam
                                    n.randint(0, max(0, min(3, room // 2 - 1))))
     if task == "fact_multi_key":
         kind = n.choice(("name", "word", "number"))
-        return _fewer_if_too_short(lambda d: fact(length, seed, split, kind=kind, n_distractors=d, near_keys=True,
-                                                  task=task), n.randint(1, max(1, min(5, room - 1))), least=1)
+        most = n.randint(1, max(1, min(5, room - 1)))
+        for attempt in range(20):  # a short row may not hold two long composed statements: draw them anew
+            try:
+                return _fewer_if_too_short(lambda d: fact(length, seed, split, kind=kind, n_distractors=d,
+                                                          near_keys=True, task=task, attempt=attempt), most, least=1)
+            except D.TooShort:
+                if attempt == 19:
+                    raise
     if task == "fact_needle":
         return _fewer_if_too_short(lambda d: fact_needle(length, seed, split, n_distractors=d),
                                    n.randint(0, max(0, min(3, room - 1))))

@@ -128,9 +128,11 @@ def test_values_are_marked_where_they_stand(monkeypatch):
 
 
 @pytest.mark.parametrize("split", D.SPLITS)
-def test_word_lists_mark_every_word_and_its_bytes(split):
+def test_word_lists_mark_every_word_and_its_bytes(split, monkeypatch):
     """fact_list (the dense copy aid): the answer is the asked owner's words joined by ", ", each word is
-    evidence at its place in the asked statement, and exactly the queries predicting a word's bytes need it."""
+    evidence at its place in the asked statement, and exactly the queries predicting a word's bytes need it.
+    (Statements on lines of their own here, to read them by line; inline planting: tests/test_facts_phrasing.py.)"""
+    monkeypatch.setattr(F, "INLINE", 0.0)
     vocab = set(F.vocabulary("words.txt", split))
     for seed in range(8):
         ex = D.make_example("fact_list", 1024, seed, split)
@@ -163,9 +165,10 @@ def test_word_needles_are_digit_needles_with_a_word():
             assert [_text(ex, r) for r in ex.evidence] == [value]
             assert _text(ex, (1, ex.evidence[0][0])).endswith(f"The magic word for {key} is ")
             assert _text(ex, (1, ex.answer[0])).endswith(f"What is the magic word for {key}? The magic word for {key} is ")
-            lines = [ln for ln in ex.text().split("\n") if ln.startswith("The magic word for ")]
-            assert len(lines) == 1 + ex.meta["n_distractors"] and sum(value in ln for ln in lines) == 1
-            assert all(sum(a != b for a, b in zip(ln.split()[4], key)) == 1 for ln in lines if key not in ln)
+            # statements stand on their own lines or (train split) inside the running text
+            said = re.findall(r"The magic word for ([a-z]+-[a-z]+) is ([A-Za-z]+)\.", ex.text())
+            assert len(said) == 1 + ex.meta["n_distractors"] and said.count((key, value)) == 1
+            assert all(sum(a != b for a, b in zip(k, key)) == 1 and v != value for k, v in said if k != key)
 
 
 def test_copy_aids_mix_real_and_made_up_words():
@@ -341,12 +344,15 @@ def test_quiz_asks_every_fact_of_a_key_grid_in_turn(split):
 
 
 @pytest.mark.parametrize("split", D.SPLITS)
-def test_hop_quiz_asks_every_chain_with_both_hops_as_evidence(split):
+def test_hop_quiz_asks_every_chain_with_both_hops_as_evidence(split, monkeypatch):
     """fact_hop_quiz: two-hop chains whose keys share owners and things, each place asked once. Every value
     byte needs exactly its own chain's two hops (the pointer name in the statement naming the asked owner's
     thing, then the place in the statement that names that pointer); question bytes need nothing; the rivals are
-    the places; the split's own HOP phrasing is used (one per row) and the eval split's questions are bare."""
+    the places; the split's own HOP phrasing is used (one per row) and the eval split's questions are bare.
+    (Statements on lines of their own here, to read them by line.)"""
     from superlinear_lab import train as T
+
+    monkeypatch.setattr(F, "INLINE", 0.0)
 
     sizes = set()
     for seed in range(12):
