@@ -90,7 +90,8 @@ def graph_times(length, cfg, q1, q2, k, v, pos, reps) -> tuple[dict, torch.Tenso
 
 
 # Group-kernel settings swept at the sweep lengths; every row is checked against the default's output. by_heads:
-# `decode._decode_heads_kernel` (logits once per head, shared by its slots) instead of `_decode_group_kernel`.
+# `decode._decode_heads_kernel` (logits once per head, shared by its slots) instead of `_decode_group_kernel`; pdl:
+# the step's four kernels with programmatic dependent launch (decode.DECODE_PDL).
 SWEEP = [dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32),
          dict(by_heads=True, chunk=1024, stages=3, warps=4, block_n=32),
          dict(by_heads=True, chunk=1024, stages=3, warps=4, block_n=64),
@@ -101,7 +102,9 @@ SWEEP = [dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32),
          dict(by_heads=True, chunk=1024, stages=3, warps=8, block_n=64),
          dict(by_heads=True, chunk=1024, stages=3, warps=2, block_n=32),
          dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=64),
-         dict(by_heads=True, chunk=256, stages=3, warps=4, block_n=32)]
+         dict(by_heads=True, chunk=256, stages=3, warps=4, block_n=32),
+         dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32, pdl=True),
+         dict(by_heads=True, chunk=1024, stages=3, warps=4, block_n=32, pdl=True)]
 
 
 ONLY: list[int] | None = None  # --only: indices of SWEEP to run
@@ -111,13 +114,14 @@ def sweep(length, cfg, q1, q2, k, v, pos, reps, ref) -> list:
     plan = ops.decode_plan(q1, k, v, cfg)
     row_start = torch.zeros(1, dtype=torch.int64, device="cuda")
     default = (decode.decode_chunk_for, decode.DECODE_STAGES, decode.DECODE_WARPS, decode.DECODE_BLOCK_N,
-               decode.DECODE_BY_HEADS)
+               decode.DECODE_BY_HEADS, decode.DECODE_PDL)
     rows = []
     for setting in SWEEP if ONLY is None else [SWEEP[i] for i in ONLY]:
         chunk = setting["chunk"]
         decode.decode_chunk_for = lambda l_kv, n_pairs, d, c=chunk: c
         decode.DECODE_STAGES, decode.DECODE_WARPS = setting["stages"], setting["warps"]
         decode.DECODE_BLOCK_N, decode.DECODE_BY_HEADS = setting["block_n"], setting["by_heads"]
+        decode.DECODE_PDL = setting.get("pdl", False)
         try:
             graph, out = step_graph(q1, q2, k, v, cfg, pos, plan, row_start)
             cold, warm = device_times(graph.replay, reps)
@@ -131,7 +135,7 @@ def sweep(length, cfg, q1, q2, k, v, pos, reps, ref) -> list:
         with open(Path(os.environ.get("OUT", ROOT / "bench")) / "decode_probe_sweep.jsonl", "a") as f:
             f.write(json.dumps(dict(row, length=length)) + "\n")
     (decode.decode_chunk_for, decode.DECODE_STAGES, decode.DECODE_WARPS, decode.DECODE_BLOCK_N,
-     decode.DECODE_BY_HEADS) = default
+     decode.DECODE_BY_HEADS, decode.DECODE_PDL) = default
     return rows
 
 

@@ -16,7 +16,7 @@ from helpers import triton_backend_or_skip  # noqa: E402
 triton_backend = triton_backend_or_skip()  # before anything imports the kernels
 
 from helpers import assert_close, left_padded_mask, random_inputs  # noqa: E402
-from superlinear_kernels import SpanConfig, superlinear_attention  # noqa: E402
+from superlinear_kernels import DecodeAttention, SpanConfig, superlinear_attention  # noqa: E402
 from superlinear_kernels.triton import decode  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,3 +91,28 @@ def test_gpu_decode_release_bf16(monkeypatch, kernel):
     """The release layer's shape (16 heads per KV group, D = 128, K = 3) in bf16 at 16K keys, on the GPU."""
     monkeypatch.setattr(decode, "DECODE_BY_HEADS", KERNELS[kernel])
     _check(SpanConfig.release(), 1, 32, 2, 16384, 128, torch.bfloat16, 16383, seed=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gpu_decode_pdl_graph_bit_identical(monkeypatch, kernel):
+    """decode.DECODE_PDL (the step's kernels with programmatic dependent launch): DecodeAttention's graph replays
+    and direct launches give the bits of the same step without PDL, position after position (a kernel reading its
+    predecessor's output before it is written would show here)."""
+    monkeypatch.setattr(decode, "DECODE_BY_HEADS", KERNELS[kernel])
+    cfg = SpanConfig.release()
+    q1, q2, k, v = random_inputs(1, 32, 2, 1, 65536, 128, dtype=torch.bfloat16, seed=3, device=DEVICE)
+    outs = {}
+    for pdl in (False, True):
+        monkeypatch.setattr(decode, "DECODE_PDL", pdl)
+        graph = DecodeAttention(k, v, cfg, num_heads=32, backend="triton")
+        direct = DecodeAttention(k, v, cfg, num_heads=32, backend="triton", graph=False)
+        rows = []
+        for step, position in enumerate((65535, 40000, 65535, 9000, 30000, 65000)):
+            qa, qb = q1 * (1 + step / 8), q2 * (1 - step / 16)
+            rows.append((graph(qa, qb, position).clone(), direct(qa, qb, position).clone()))
+        assert graph.use_graph and graph._graph is not None, "the step was not captured as a graph"
+        outs[pdl] = rows
+    for (g0, d0), (g1, d1) in zip(outs[False], outs[True]):
+        assert torch.equal(g0, d0) and torch.equal(g1, g0) and torch.equal(d1, d0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
 
 from ..config import SpanConfig
 from ..geometry import span_lengths, stripe_table
@@ -61,6 +62,29 @@ def train_forward_heads(l_q: int, rows_per_query: int, group: int) -> int:
     while heads and group % heads:
         heads -= 1
     return heads
+
+
+try:  # grid dependency control (programmatic dependent launch), Triton >= 3.4 on Hopper+
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    HAS_PDL = True
+except ImportError:  # an older Triton: kernels never take the PDL branch (pdl_launch refuses it)
+    HAS_PDL = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
+
+def pdl_launch(pdl: bool) -> dict:
+    """Launch options of a kernel that takes part in programmatic dependent launch (Hopper+: the kernel's programs
+    may start before the previous kernel ends; each calls gdc_wait before touching memory). Empty when off."""
+    if pdl and (INTERPRET or not HAS_PDL):
+        raise ValueError("pdl: programmatic dependent launch needs a CUDA device and Triton >= 3.4")
+    return {"launch_pdl": True} if pdl else {}
 
 
 def next_pow2(x: int) -> int:

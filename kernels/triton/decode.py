@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ..softmax import INVALID_GATE_LOGIT
-from .common import MAX_SPANS, block_d, dot_precision, next_pow2
+from .common import INTERPRET, MAX_SPANS, block_d, dot_precision, gdc_launch_dependents, gdc_wait, next_pow2, pdl_launch
 from .rules import LN2, LOG2E, nonfinite_rows, window_lo
 
 DECODE_BLOCK_N = 32  # keys per loop trip (32 and 64 tie on random routing; 32 is ~10% faster on coherent)
@@ -49,6 +49,10 @@ DECODE_MAX_CHUNKS = 8192  # key chunks per (batch, KV head) at most (most progra
 # DECODE_MAX_HEADS heads per program. Session 9: off until timed on the H200.
 DECODE_BY_HEADS = False
 DECODE_MAX_HEADS = 64
+# Programmatic dependent launch between a decode step's four kernels (search, search merge, group, merge; Hopper+,
+# Triton >= 3.4): each program waits (gdc_wait) before it reads anything, but is already resident when the previous
+# kernel ends, which hides the launch gaps of a graph replay. Session 9: off until timed on the H200.
+DECODE_PDL = False
 
 
 def decode_chunk(l_kv: int) -> int:
@@ -72,7 +76,10 @@ def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, sta
                          sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                          H_Q, H_KV, L_KV, D, G, W, N_ROWS, N_RB, N_CHUNKS, CHUNK, qk_scale,
                          NUM_SPANS: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                         EVEN_D: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # programmatic dependent launch: wait for the search, let the merge launch
+        gdc_wait()
+        gdc_launch_dependents()
     # Positions fit int32 (L_KV < 2^31, checked by the backend); only pointer offsets are int64.
     # Logits are in log2 units (qk_scale = log2(e) / sqrt(D)) so the softmax runs on exp2.
     pid = tl.program_id(0)
@@ -194,10 +201,13 @@ def _decode_heads_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, sta
                          sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                          H_Q, H_KV, L_KV, D, G, W, N_HB, N_CHUNKS, CHUNK, qk_scale,
                          NUM_SPANS: tl.constexpr, GH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                         EVEN_D: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     """`_decode_group_kernel` with the logits computed once per query head (a [GH, BLOCK_N] tl.dot) and shared by
     the head's K <= 4 slots, each slot keeping its own online softmax and [GH, D] accumulator: a (head, slot) row's
     logits are its head's, only the mask differs. Same chunks, same partials layout (pair = head * K + slot)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     c = tl.program_id(1)
     hb = pid % N_HB
@@ -284,7 +294,10 @@ def _decode_heads_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, sta
 def _decode_merge_kernel(pm_ptr, pl_ptr, pacc_ptr, qstart_ptr, qend_ptr, values_ptr, anchor_ptr, pos_ptr, start_ptr,
                          bout_ptr, blse_ptr, out_ptr, gate_ptr,
                          H_Q, L_KV, D, W, N_CHUNKS, CHUNK, INVALID,
-                         NUM_SPANS: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr, BLOCK_D: tl.constexpr):
+                         NUM_SPANS: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr, BLOCK_D: tl.constexpr,
+                         PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)  # b * H_Q + h (L_Q = 1)
     b = row // H_Q
     d = tl.arange(0, BLOCK_D)
@@ -347,6 +360,11 @@ def _decode_merge_kernel(pm_ptr, pl_ptr, pacc_ptr, qstart_ptr, qend_ptr, values_
     tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
+def decode_pdl() -> bool:
+    """Whether a decode step launches its kernels with programmatic dependent launch (DECODE_PDL, on CUDA)."""
+    return DECODE_PDL and not INTERPRET
+
+
 def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start, window: int, max_span_len: int):
     """One decode step after the search: branch attention, merge and gate.
 
@@ -364,6 +382,7 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
     group = h_q // h_kv
     num_spans = qstart.shape[-1]
     dev = q2.device
+    pdl = decode_pdl()
     bd = block_d(d)
     n_pairs = qstart.numel()
     chunk = decode_chunk_for(l_kv, n_pairs, d)
@@ -382,14 +401,15 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
             q2, k, v, qstart, qend, positions, row_start, pm, pl, pacc, *strides,
             h_q, h_kv, l_kv, d, group, window, n_hb, n_chunks, chunk, d ** -0.5 * LOG2E.value,
             NUM_SPANS=num_spans, GH=gh, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, EVEN_D=bd == d,
-            PRECISION=dot_precision(q2.dtype), num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
+            PRECISION=dot_precision(q2.dtype), PDL=pdl, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
+            **pdl_launch(pdl))
     else:
         warps = 2 * DECODE_WARPS if bd * rb > 64 * 128 else DECODE_WARPS
         _decode_group_kernel[(b * h_kv * n_rb, n_chunks)](
             q2, k, v, qstart, qend, positions, row_start, pm, pl, pacc, *strides,
             h_q, h_kv, l_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, d ** -0.5 * LOG2E.value,
             NUM_SPANS=num_spans, RB=rb, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, EVEN_D=bd == d,
-            PRECISION=dot_precision(q2.dtype), num_warps=warps, num_stages=DECODE_STAGES)
+            PRECISION=dot_precision(q2.dtype), PDL=pdl, num_warps=warps, num_stages=DECODE_STAGES, **pdl_launch(pdl))
 
     out = torch.empty(b, h_q, l_q, d, dtype=q2.dtype, device=dev)
     gate = torch.empty(b, h_q, l_q, num_spans, dtype=torch.float32, device=dev)
@@ -402,5 +422,6 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
     _decode_merge_kernel[(b * h_q,)](
         pm, pl, pacc, qstart, qend, values, qanchor, positions, row_start, bout, blse, out, gate,
         h_q, l_kv, d, window, n_chunks, chunk, INVALID_GATE_LOGIT,
-        NUM_SPANS=num_spans, KP=kp, BC=bc, BLOCK_D=bd, num_warps=8 if kp * bc * bd > 8192 else 4)
+        NUM_SPANS=num_spans, KP=kp, BC=bc, BLOCK_D=bd, PDL=pdl, num_warps=8 if kp * bc * bd > 8192 else 4,
+        **pdl_launch(pdl))
     return out, gate, bout, blse

@@ -22,7 +22,7 @@ from ..config import SpanConfig
 from ..geometry import span_lengths
 from . import common
 from .common import INTERPRET, MAX_HEAD_DIM, MAX_SPANS, geometry_tables
-from .decode import decode_forward
+from .decode import decode_forward, decode_pdl
 from .grad import attention_backward, gate_grads, pair_order
 from .merge import gate_forward
 from .search import search_backward, search_forward
@@ -62,14 +62,14 @@ def _search(q1, k, cfg: SpanConfig, prep: Prepared):
     return _search_at(q1, k, cfg, prep.cache_position, prep.row_start, geometry_tables(cfg, k.shape[2], q1.device))
 
 
-def _search_at(q1, k, cfg: SpanConfig, positions: torch.Tensor, row_start: torch.Tensor, tables):
-    return search_forward(q1, k, positions, row_start, tables, cfg.sw_index, cfg.window_len, cfg.num_spans)
+def _search_at(q1, k, cfg: SpanConfig, positions: torch.Tensor, row_start: torch.Tensor, tables, pdl: bool = False):
+    return search_forward(q1, k, positions, row_start, tables, cfg.sw_index, cfg.window_len, cfg.num_spans, pdl=pdl)
 
 
 def _decode(q1, q2, k, v, cfg: SpanConfig, positions, row_start, tables, max_span_len: int):
     """One decode step (L_Q = 1): search, then one pass per KV group over the union of its branches' keys.
     Returns (qstart, qanchor, qend, values) and (out, gate, branch_out, branch_lse) (see `decode_forward`)."""
-    routing = _search_at(q1, k, cfg, positions, row_start, tables)
+    routing = _search_at(q1, k, cfg, positions, row_start, tables, pdl=decode_pdl())
     qstart, qanchor, qend, values = routing
     return routing, decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start, cfg.window_len,
                                    max_span_len)

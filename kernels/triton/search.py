@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_d, dot_precision, max_stripes, next_pow2
+from .common import block_d, dot_precision, gdc_launch_dependents, gdc_wait, max_stripes, next_pow2, pdl_launch
 from .rules import window_lo
 
 
@@ -109,7 +109,10 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
                    H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, SIGMA, W, SPLIT, N_SPLIT, I_MAX,
                    NUM_SPANS: tl.constexpr, KP: tl.constexpr, GH: tl.constexpr, BQ: tl.constexpr,
                    SC: tl.constexpr, BLOCK_D: tl.constexpr, IS_SPLIT: tl.constexpr, FIXED_TOP: tl.constexpr,
-                   KEYED: tl.constexpr, PRECISION: tl.constexpr):
+                   KEYED: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # programmatic dependent launch (decode): wait for the previous kernel, let the next one launch
+        gdc_wait()
+        gdc_launch_dependents()
     pid_q = tl.program_id(0)
     pid_g = tl.program_id(1)
     pid_s = tl.program_id(2)  # which run of SPLIT stripes (decode); 0 with one run per query block
@@ -178,9 +181,13 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
 def _search_merge_kernel(part_v_ptr, part_a_ptr, pos_ptr, start_ptr, blen_ptr, flen_ptr,
                          qstart_ptr, qanchor_ptr, qend_ptr, values_ptr,
                          H_Q, L_Q, L_KV, W, N_ROWS, N_PART,
-                         NUM_SPANS: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                         NUM_SPANS: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                         PDL: tl.constexpr):
     """Final top-K over the partial top-K lists of all stripe runs: score descending, then anchor
     ascending (the tie rule; anchors of different stripes are distinct, so the order is total)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     ok = rows < N_ROWS
     c = tl.arange(0, BLOCK_C)
@@ -226,7 +233,7 @@ DECODE_STRIPES = 64
 
 
 def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, row_start: torch.Tensor,
-                   tables, sw_index: int, window: int, num_spans: int):
+                   tables, sw_index: int, window: int, num_spans: int, pdl: bool = False):
     """Launch the search.
 
     Args:
@@ -237,6 +244,7 @@ def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, r
 
     With L_Q = 1 the stripes σ+1 … M(L_KV) are split into static runs of DECODE_SPLIT (a fixed grid
     for CUDA graphs); runs beyond the query's own M(q + 1) do no loads, so the cost follows q (D3).
+    pdl: launch both kernels with programmatic dependent launch (`common.pdl_launch`; decode only).
     """
     b, h_q, l_q, d = q1.shape
     h_kv, l_kv = k.shape[1], k.shape[2]
@@ -270,15 +278,15 @@ def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, r
         k.stride(0), k.stride(1), k.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, n_chunks, sw_index, window, run, n_split, offsets.numel() - 2,
         NUM_SPANS=num_spans, KP=next_pow2(num_spans), GH=gh, BQ=bq, SC=stripes_per_trip, BLOCK_D=block_d(d), IS_SPLIT=split,
-        FIXED_TOP=l_q == 1, KEYED=SEARCH_KEYED and not split, PRECISION=dot_precision(q1.dtype),
-        num_warps=4 if l_q == 1 else SEARCH_WARPS)
+        FIXED_TOP=l_q == 1, KEYED=SEARCH_KEYED and not split, PRECISION=dot_precision(q1.dtype), PDL=pdl,
+        num_warps=4 if l_q == 1 else SEARCH_WARPS, **pdl_launch(pdl))
     if split:
         block_r = 4
         _search_merge_kernel[(triton.cdiv(n_rows, block_r),)](
             part_v, part_a, positions, row_start, backward, forward, qstart, qanchor, qend, values,
             h_q, l_q, l_kv, window, n_rows, n_split * num_spans,
             NUM_SPANS=num_spans, KP=next_pow2(num_spans), BLOCK_R=block_r,
-            BLOCK_C=max(16, next_pow2(n_split * num_spans)), num_warps=4)
+            BLOCK_C=max(16, next_pow2(n_split * num_spans)), PDL=pdl, num_warps=4, **pdl_launch(pdl))
     return qstart, qanchor, qend, values
 
 
