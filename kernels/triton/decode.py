@@ -296,8 +296,9 @@ def _decode_merge_kernel(pm_ptr, pl_ptr, pacc_ptr, qstart_ptr, qend_ptr, values_
                          H_Q, L_KV, D, W, N_CHUNKS, CHUNK, INVALID,
                          NUM_SPANS: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr, BLOCK_D: tl.constexpr,
                          PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
+    # With PDL the routing (qstart, qend, values, anchors: the search merge's) is read before gdc_wait: this grid
+    # launches only once every program of the group kernel has passed its own gdc_wait, i.e. after the search merge
+    # ended. The partials (the group kernel's) are read after it.
     row = tl.program_id(0).to(tl.int64)  # b * H_Q + h (L_Q = 1)
     b = row // H_Q
     d = tl.arange(0, BLOCK_D)
@@ -328,6 +329,8 @@ def _decode_merge_kernel(pm_ptr, pl_ptr, pacc_ptr, qstart_ptr, qend_ptr, values_
     w_first = tl.where(has_span, tl.maximum(w_lo // CHUNK, qe // CHUNK + 1), w_lo // CHUNK)
     n_win = tl.where(has_win & smask, tl.maximum(pos // CHUNK - w_first + 1, 0), 0)
     n = n_span + n_win
+    if PDL:
+        gdc_wait()
     top = tl.full([KP], float("-inf"), tl.float32)
     l = tl.zeros([KP], tl.float32)
     acc = tl.zeros([KP, BLOCK_D], tl.float32)
