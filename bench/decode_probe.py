@@ -41,7 +41,7 @@ from gpu_check import _import_kernels  # noqa: E402
 
 _import_kernels()
 from superlinear_kernels import DecodeAttention, SpanConfig, superlinear_attention  # noqa: E402
-from superlinear_kernels.triton import decode, ops  # noqa: E402
+from superlinear_kernels.triton import decode, ops, search  # noqa: E402
 from speed import dense, device_times, graphed, make_inputs, profile_steps  # noqa: E402
 
 
@@ -108,6 +108,7 @@ SWEEP = [dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32),
 
 
 ONLY: list[int] | None = None  # --only: indices of SWEEP to run
+MODULES = {"decode": decode, "search": search}  # a SWEEP row's "set": {"search.DECODE_RUNS": 64, ...}
 
 
 def sweep(length, cfg, q1, q2, k, v, pos, reps, ref) -> list:
@@ -122,14 +123,21 @@ def sweep(length, cfg, q1, q2, k, v, pos, reps, ref) -> list:
         decode.DECODE_STAGES, decode.DECODE_WARPS = setting["stages"], setting["warps"]
         decode.DECODE_BLOCK_N, decode.DECODE_BY_HEADS = setting["block_n"], setting["by_heads"]
         decode.DECODE_PDL = setting.get("pdl", False)
+        old = {key: getattr(MODULES[key.split(".")[0]], key.split(".")[1]) for key in setting.get("set", {})}
+        for key, value in setting.get("set", {}).items():
+            setattr(MODULES[key.split(".")[0]], key.split(".")[1], value)
         try:
             graph, out = step_graph(q1, q2, k, v, cfg, pos, plan, row_start)
             cold, warm = device_times(graph.replay, reps)
             row = dict(setting, cold_ms=cold * 1e3, warm_ms=warm * 1e3,
                        max_abs_diff=float((out.float() - ref.float()).abs().max()))
             del graph
+            row["kernels_us"] = {r["kernel"][:40]: round(r["us_per_step"], 2) for r in profile_steps(
+                lambda: ops.decode_attention(q1, q2, k, v, cfg, pos, row_start, plan), reps=10)}
         except Exception as e:  # noqa: BLE001 - a setting that does not compile/fit is reported, not fatal
             row = dict(setting, error=f"{type(e).__name__}: {e}"[:300])
+        for key, value in old.items():
+            setattr(MODULES[key.split(".")[0]], key.split(".")[1], value)
         rows.append(row)
         print(f"  L={length}: {row}", flush=True)
         with open(Path(os.environ.get("OUT", ROOT / "bench")) / "decode_probe_sweep.jsonl", "a") as f:
