@@ -24,6 +24,9 @@ this question". These tasks take that shortcut away:
 * ``fact_hop_quiz`` (training aid) is ``fact_quiz`` for ``fact_hop``'s chains: a grid of same-kind two-hop facts
   ("<owner>'s <thing> is called <Name>." and "<Name> is kept in <Place>."), every place asked in turn, each
   answer needing both of its hops, the other places being its rivals (``fact_hop`` is one question per row);
+* ``fact_hop_steps`` (training aid) is ``fact_hop_quiz`` with the first hop asked as a question of its own: per
+  chain, mostly "What is <owner>'s <thing> called?" (-> the pointer name) and then where it is kept (-> the
+  place), sometimes the place alone;
 * ``fact_list`` (training aid, not an evaluation suite) asks for a whole list of words: every answer byte is a
   copy of a word in the evidence, so one row gives tens of copy targets instead of one value's few bytes. A small
   byte-level model learns to copy letters (not only digits, which are rare in prose) from this dense signal far
@@ -46,7 +49,7 @@ from . import data as D
 
 KINDS = ("word", "name", "phrase", "date", "number")
 TASKS = tuple(f"fact_{k}" for k in KINDS) + ("fact_multi_key", "fact_hop")  # the evaluation suites
-AUX_TASKS = ("fact_list", "fact_needle", "fact_quiz", "fact_hop_quiz")  # training aids (make_fact builds them too)
+AUX_TASKS = ("fact_list", "fact_needle", "fact_quiz", "fact_hop_quiz", "fact_hop_steps")  # training aids (make_fact builds them too)
 EVAL_FRACTION = 0.2  # share of words and names (by hash) that only the "eval" split uses as values
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
@@ -295,6 +298,35 @@ def _train_questions(kind: str) -> tuple[str, ...]:
     return QUESTIONS["train"][kind] + composed_questions(kind)
 
 
+_HOP_VERBS = (  # train-only hop phrasings: (what the pointer does in the place, the question of it with {key})
+    ("is kept in", "where is {key} kept?"), ("spends the winter in", "where does {key} spend the winter?"),
+    ("lives in", "where does {key} live?"), ("sleeps in", "where does {key} sleep?"),
+    ("is looked after in", "where is {key} looked after?"), ("was last seen in", "where was {key} last seen?"),
+    ("is housed in", "where is {key} housed?"),
+)
+_HOP_FRAMES = ("{name} {verb} {value}.", "Most of the year, {name} {verb} {value}.", "As a rule, {name} {verb} {value}.",
+               "{name}, for what it is worth, {verb} {value}.")
+
+
+@functools.lru_cache(maxsize=None)
+def hop_phrasings(split: str) -> tuple[tuple[str, str], ...]:
+    """(place statement with {name} and {value}, its question with {owner} and {thing}) pairs of `split`: the eval
+    split's `HOP` bank, or (train) every pairing of `_HOP_VERBS`, statement frames, key forms and question
+    frames (the fixed train `HOP` pairs among them)."""
+    if split == "eval":
+        return HOP["eval"]
+    if split != "train":
+        raise ValueError(f"split={split!r}: expected one of {D.SPLITS}")
+    out = set(HOP["train"])
+    for verb, question in _HOP_VERBS:
+        for frame in _HOP_FRAMES:
+            for key in _KEY_FORMS:
+                for q_frame in _Q_FRAMES:
+                    q = question.replace("{key}", key)
+                    out.add((frame.replace("{verb}", verb), q_frame + q if q_frame else _sentence(q)))
+    return tuple(sorted(out))
+
+
 @functools.lru_cache(maxsize=None)
 def _entries(resource: str) -> tuple[str, ...]:
     text = resources.files("superlinear_lab").joinpath("resources", resource).read_text(encoding="utf-8")
@@ -459,7 +491,7 @@ def fact_hop(length: int, seed: int, split: str = "train", n_distractors: int = 
     owner = _owner(rng, split)
     taken: set[str] = set()
     named, name = _statement(rng, _statement_template(rng, split, "name"), owner, thing, "name", split, taken)
-    where, question = rng.choice(HOP[split])
+    where, question = rng.choice(hop_phrasings(split))
     kept, place = _statement(rng, where, owner, thing, "name", split, taken, name=name)
     b = _builder(rng, length, split)
     b.needle(rng.random(), named, [name])
@@ -624,7 +656,7 @@ def fact_hop_quiz(length: int, seed: int, split: str = "train", n_facts: int = 3
     task = "fact_hop_quiz"
     rng = D._rng(task, length, seed, split, n_facts)
     keys, near = _key_grid(rng, split, THINGS["name"], n_facts)
-    where, question = rng.choice(HOP[split])
+    where, question = rng.choice(hop_phrasings(split))
     taken: set[str] = set()
     b = _builder(rng, length, split)
     names, places, needs = [], [], []
@@ -642,6 +674,57 @@ def fact_hop_quiz(length: int, seed: int, split: str = "train", n_facts: int = 3
                     "near_keys": near, "n_distractors": n_facts - 1, "seed": seed}, prompts)
 
 
+FIRST_HOP_ASKED = 0.7  # fact_hop_steps: chance that a chain's pointer is asked before its place
+
+
+def fact_hop_steps(length: int, seed: int, split: str = "train", n_chains: int = 2, attempt: int = 0) -> D.Example:
+    """Two-hop chains asked step by step (training aid): `n_chains` chains as in `fact_hop_quiz` ("<owner>'s
+    <thing> is called <Name>." and "<Name> is kept in <Place>.", keys from an owner × thing grid, one place
+    phrasing per row), then every chain asked in turn, with chance `FIRST_HOP_ASKED` first its pointer ("What is
+    <owner>'s <thing> called?" -> Name, a name question of the split) and right after it its place ("Where is
+    <owner>'s <thing> kept?" -> Place), else the place alone (as `fact_hop` asks). The first hop is taught as a
+    question of its own, then the second with the first just answered.
+
+    Evidence per chain: the pointer name in the naming statement, then the place. A pointer's bytes need its
+    name; a place's bytes need both hops. Rivals: every name and place (for a query, all but what it needs).
+    ``meta``: keys, middles (the pointer names), values (the places), order (chain asking order), steps (per
+    answer, in order: (chain, "name" or "place")), hop_phrasing (the place statement and question templates),
+    value (the whole answer). `attempt` > 0 draws the row anew
+    (for a short row that the first draw does not fit)."""
+    _check_n_facts(n_chains)
+    task = "fact_hop_steps"
+    rng = D._rng(task, length, seed, split, f"{n_chains}:{attempt}")
+    keys, near = _key_grid(rng, split, THINGS["name"], n_chains)
+    where, place_question = rng.choice(hop_phrasings(split))
+    taken: set[str] = set()
+    b = _builder(rng, length, split)
+    names, places, hops = [], [], []
+    for owner, thing in keys:
+        named, name = _statement(rng, _statement_template(rng, split, "name"), owner, thing, "name", split, taken)
+        kept, place = _statement(rng, where, owner, thing, "name", split, taken, name=name)
+        hops.append(b.needle(rng.random(), named, [name], rivals=(name,))
+                    + b.needle(rng.random(), kept, [place], rivals=(place,)))
+        names.append(name)
+        places.append(place)
+    order = rng.sample(range(n_chains), n_chains)
+    questions, values, needs, steps = [], [], [], []
+    for i in order:
+        if rng.random() < FIRST_HOP_ASKED:
+            questions.append(_question(rng, split, "name", *keys[i]))
+            values.append(names[i])
+            needs.append(hops[i][:1])
+            steps.append((i, "name"))
+        questions.append(_question(rng, split, "name", *keys[i], template=place_question))
+        values.append(places[i])
+        needs.append(hops[i])
+        steps.append((i, "place"))
+    answer, need, prompts = _in_turn(questions, values, needs)
+    return b.build(questions[0], answer, lambda j: need[j], task,
+                   {"keys": keys, "middles": names, "values": places, "order": order, "steps": steps,
+                    "hop_phrasing": (where, place_question), "value": answer, "near_keys": near,
+                    "n_distractors": n_chains - 1, "seed": seed}, prompts)
+
+
 def _fewer_if_too_short(build, n_distractors: int, least: int = 0) -> D.Example:
     """`build(n_distractors)`, with one distractor fewer each time the row is too short (long phrases and
     wrapped statements may not fit a short row with every distractor the seed drew), down to `least`."""
@@ -654,6 +737,17 @@ def _fewer_if_too_short(build, n_distractors: int, least: int = 0) -> D.Example:
             n_distractors -= 1
 
 
+def _redrawn(build, tries: int = 20) -> D.Example:
+    """`build(attempt)` for attempt 0, 1, …: a row whose first draw (long composed phrasings) does not fit a short
+    row even with the fewest facts is drawn anew; attempt 0 is the task's usual row."""
+    for attempt in range(tries - 1):
+        try:
+            return build(attempt)
+        except D.TooShort:
+            pass
+    return build(tries - 1)
+
+
 def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Example:
     """Any fact task by name; the number of distractors is drawn from the seed, capped by what fits `length`."""
     room = max(1, length // 160)  # a statement is ~50-90 tokens: short rows hold fewer of them
@@ -664,13 +758,9 @@ def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Exam
     if task == "fact_multi_key":
         kind = n.choice(("name", "word", "number"))
         most = n.randint(1, max(1, min(5, room - 1)))
-        for attempt in range(20):  # a short row may not hold two long composed statements: draw them anew
-            try:
-                return _fewer_if_too_short(lambda d: fact(length, seed, split, kind=kind, n_distractors=d,
-                                                          near_keys=True, task=task, attempt=attempt), most, least=1)
-            except D.TooShort:
-                if attempt == 19:
-                    raise
+        return _redrawn(lambda attempt: _fewer_if_too_short(
+            lambda d: fact(length, seed, split, kind=kind, n_distractors=d, near_keys=True, task=task,
+                           attempt=attempt), most, least=1))
     if task == "fact_needle":
         return _fewer_if_too_short(lambda d: fact_needle(length, seed, split, n_distractors=d),
                                    n.randint(0, max(0, min(3, room - 1))))
@@ -680,6 +770,10 @@ def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Exam
     if task == "fact_hop_quiz":  # two statements per chain: half as many chains as quiz facts
         return _fewer_if_too_short(lambda d: fact_hop_quiz(length, seed, split, n_facts=d + 1),
                                    n.randint(1, max(1, min(5, room // 2))))
+    if task == "fact_hop_steps":  # two statements per chain and up to two answers: fewer chains than the hop quiz
+        most = n.randint(0, max(0, min(4, room // 3)))
+        return _redrawn(lambda attempt: _fewer_if_too_short(
+            lambda d: fact_hop_steps(length, seed, split, n_chains=d + 1, attempt=attempt), most))
     if task == "fact_list":  # as many words and distractor lists as fit: fewer when the row is too short
         words, lists = n.randint(3, max(3, min(12, length // 48))), n.randint(0, max(0, min(2, room // 3)))
         while True:

@@ -127,6 +127,25 @@ def test_composed_phrasings_are_many_and_never_held_out(kind):
     assert eval_drawn == set(F.STATEMENTS["eval"][kind])  # the eval split keeps its own bank, unwrapped
 
 
+def test_composed_hop_phrasings_are_many_and_never_held_out():
+    """Train hop phrasings (place statement, question): the fixed train pairs and hundreds of composed ones, none
+    holding an eval frame (wrapped in any question lead); the eval split keeps its own bank."""
+    pairs = F.hop_phrasings("train")
+    assert set(F.HOP["train"]) <= set(pairs) and len(pairs) >= 500
+    assert len({w for w, _ in pairs}) >= 20
+    for where, question in pairs:
+        assert where.count("{name}") == 1 and where.count("{value}") == 1 and where.endswith(".")
+        assert "wner}" in question and "{thing}" in question and question.endswith("?")
+    _assert_unseen({w for w, _ in pairs} | {lead + q for lead in F.QUESTION_LEADS for _, q in pairs})
+    assert F.hop_phrasings("eval") == F.HOP["eval"]
+    kept = set()
+    for seed in range(40):
+        ex = F.fact_hop(1024, seed, "train", n_distractors=0)
+        text = ex.text()
+        kept |= {w for w, _ in pairs if w.format(name=ex.meta["middle"], value=ex.meta["value"]) in text}
+    assert len(kept) >= 15  # train rows draw from the composed statements
+
+
 def test_train_rows_show_composed_phrasings_and_answer_their_question():
     """In train rows the asked statement is often a composed phrasing, its value is the evidence, and the
     question is a composed or fixed train question of the row's owner and thing."""
@@ -206,9 +225,9 @@ def test_train_fact_rows_plant_about_half_inline_and_keep_evidence_exact(monkeyp
         for task in F.TASKS + F.AUX_TASKS:
             for split in D.SPLITS:
                 ex = D.make_example(task, 1024, seed, split)
-                if task in ("fact_quiz", "fact_list", "fact_hop_quiz"):
+                if task in ("fact_quiz", "fact_list", "fact_hop_quiz", "fact_hop_steps"):
                     values = ex.meta["words"] if task == "fact_list" else ex.meta["values"]
-                    if task == "fact_hop_quiz":
+                    if task in ("fact_hop_quiz", "fact_hop_steps"):
                         values = [v for pair in zip(ex.meta["middles"], values) for v in pair]
                 else:
                     values = [ex.meta["middle"], ex.meta["value"]] if task == "fact_hop" else [ex.meta["value"]]
