@@ -644,6 +644,29 @@ def fact_quiz(length: int, seed: int, split: str = "train", n_facts: int = 4) ->
                     "near_keys": near, "n_distractors": n_facts - 1, "seed": seed}, prompts)
 
 
+def _hop_chains(rng: random.Random, length: int, split: str, n: int, name_rivals: bool):
+    """The chains of the hop quizzes: `n` keys from an owner × thing grid (things of kind name), one place phrasing
+    of the split for the row, and per key "<owner>'s <thing> is called <Name>." (the split's name statements) and
+    the place statement of that name, each at a random depth of a new row builder. The names are rivals too when
+    `name_rivals` (they are asked then); the places always are.
+
+    Returns (builder, keys, near, (place statement, place question), names, places, hops: per chain the evidence
+    indices [name, place])."""
+    keys, near = _key_grid(rng, split, THINGS["name"], n)
+    phrasing = rng.choice(hop_phrasings(split))
+    taken: set[str] = set()
+    b = _builder(rng, length, split)
+    names, places, hops = [], [], []
+    for owner, thing in keys:
+        named, name = _statement(rng, _statement_template(rng, split, "name"), owner, thing, "name", split, taken)
+        kept, place = _statement(rng, phrasing[0], owner, thing, "name", split, taken, name=name)
+        hops.append(b.needle(rng.random(), named, [name], rivals=(name,) if name_rivals else ())
+                    + b.needle(rng.random(), kept, [place], rivals=(place,)))
+        names.append(name)
+        places.append(place)
+    return b, keys, near, phrasing, names, places, hops
+
+
 def fact_hop_quiz(length: int, seed: int, split: str = "train", n_facts: int = 3) -> D.Example:
     """`fact_quiz` for two-hop facts: `n_facts` chains whose keys come from a grid of owners × things of kind
     name, each "<owner>'s <thing> is called <Name>." (a statement of the split's bank) and "<Name> is kept in
@@ -655,17 +678,7 @@ def fact_hop_quiz(length: int, seed: int, split: str = "train", n_facts: int = 3
     _check_n_facts(n_facts)
     task = "fact_hop_quiz"
     rng = D._rng(task, length, seed, split, n_facts)
-    keys, near = _key_grid(rng, split, THINGS["name"], n_facts)
-    where, question = rng.choice(hop_phrasings(split))
-    taken: set[str] = set()
-    b = _builder(rng, length, split)
-    names, places, needs = [], [], []
-    for owner, thing in keys:
-        named, name = _statement(rng, _statement_template(rng, split, "name"), owner, thing, "name", split, taken)
-        kept, place = _statement(rng, where, owner, thing, "name", split, taken, name=name)
-        needs.append(b.needle(rng.random(), named, [name]) + b.needle(rng.random(), kept, [place], rivals=(place,)))
-        names.append(name)
-        places.append(place)
+    b, keys, near, (_, question), names, places, needs = _hop_chains(rng, length, split, n_facts, name_rivals=False)
     order = rng.sample(range(n_facts), n_facts)
     questions = [_question(rng, split, "name", *keys[i], template=question) for i in order]
     answer, need, prompts = _in_turn(questions, [places[i] for i in order], [needs[i] for i in order])
@@ -694,18 +707,8 @@ def fact_hop_steps(length: int, seed: int, split: str = "train", n_chains: int =
     _check_n_facts(n_chains)
     task = "fact_hop_steps"
     rng = D._rng(task, length, seed, split, f"{n_chains}:{attempt}")
-    keys, near = _key_grid(rng, split, THINGS["name"], n_chains)
-    where, place_question = rng.choice(hop_phrasings(split))
-    taken: set[str] = set()
-    b = _builder(rng, length, split)
-    names, places, hops = [], [], []
-    for owner, thing in keys:
-        named, name = _statement(rng, _statement_template(rng, split, "name"), owner, thing, "name", split, taken)
-        kept, place = _statement(rng, where, owner, thing, "name", split, taken, name=name)
-        hops.append(b.needle(rng.random(), named, [name], rivals=(name,))
-                    + b.needle(rng.random(), kept, [place], rivals=(place,)))
-        names.append(name)
-        places.append(place)
+    b, keys, near, (where, place_question), names, places, hops = _hop_chains(rng, length, split, n_chains,
+                                                                             name_rivals=True)
     order = rng.sample(range(n_chains), n_chains)
     questions, values, needs, steps = [], [], [], []
     for i in order:

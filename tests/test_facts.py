@@ -414,11 +414,12 @@ def test_hop_quiz_asks_every_chain_with_both_hops_as_evidence(split, monkeypatch
         F.fact_hop_quiz(1024, 0, split, n_facts=0)
 
 
-def test_hop_quiz_is_a_task_mix_name():
-    """A training config names the hop quiz in its task mix, as any other task."""
+@pytest.mark.parametrize("task", ["fact_hop_quiz", "fact_hop_steps"])
+def test_hop_quiz_is_a_task_mix_name(task):
+    """A training config names the hop quizzes in its task mix, as any other task."""
     from superlinear_lab import train as T
 
-    cfg = T.TrainConfig(stages=[[1024, 1, 3]], task_mix={"fact_hop_quiz": 1.0})
+    cfg = T.TrainConfig(stages=[[1024, 1, 3]], task_mix={task: 1.0})
     rows = T.make_batch(cfg, 0)
-    assert [ex.task for ex in rows] == ["fact_hop_quiz"] * 3 and all(ex.length == 1024 for ex in rows)
-    assert "fact_hop_quiz" in F.AUX_TASKS and "fact_hop_quiz" not in F.TASKS  # a training aid, no eval suite
+    assert [ex.task for ex in rows] == [task] * 3 and all(ex.length == 1024 for ex in rows)
+    assert task in F.AUX_TASKS and task not in F.TASKS  # a training aid, no eval suite

@@ -100,14 +100,8 @@ def test_hop_steps_ask_the_pointer_then_the_place_with_both_hops_as_evidence(spl
         F.fact_hop_steps(1024, 0, split, n_chains=0)
 
 
-def test_hop_steps_is_a_task_mix_name_and_fits_short_rows():
-    """A training config names it in its task mix; short rows hold at least one chain (drawn anew if needed)."""
-    from superlinear_lab import train as T
-
-    cfg = T.TrainConfig(stages=[[1024, 1, 3]], task_mix={"fact_hop_steps": 1.0})
-    rows = T.make_batch(cfg, 0)
-    assert [ex.task for ex in rows] == ["fact_hop_steps"] * 3 and all(ex.length == 1024 for ex in rows)
-    assert "fact_hop_steps" in F.AUX_TASKS and "fact_hop_steps" not in F.TASKS  # a training aid, no eval suite
+def test_hop_steps_fit_short_rows():
+    """Short rows hold at least one chain (drawn anew if needed); its task-mix name: tests/test_facts.py."""
     for seed in range(60):
         ex = D.make_example("fact_hop_steps", 384, seed, "train")
         assert ex.length == 384 and len(ex.evidence) == 2 * len(ex.meta["keys"]) >= 2
