@@ -106,8 +106,28 @@ SWEEP = [dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32),
          dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32, pdl=True),
          dict(by_heads=True, chunk=1024, stages=3, warps=4, block_n=32, pdl=True)]
 
+# Window B (session 9), after A: the heads kernel was slower (144 vs 107 us), PDL saved ~4 us, and a sum-only read of
+# the union runs went from 117.9 us (32-key blocks, 4 warps) to 91.6 us (128-key blocks, 8 warps): larger key blocks.
+SWEEP_B = [dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32),
+           dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32, pdl=True),
+           dict(by_heads=False, chunk=1024, stages=3, warps=8, block_n=64, pdl=True),
+           dict(by_heads=False, chunk=1024, stages=3, warps=8, block_n=128, pdl=True),
+           dict(by_heads=False, chunk=1024, stages=2, warps=8, block_n=128, pdl=True),
+           dict(by_heads=False, chunk=1024, stages=2, warps=4, block_n=128, pdl=True),
+           dict(by_heads=False, chunk=1024, stages=4, warps=4, block_n=64, pdl=True),
+           dict(by_heads=False, chunk=2048, stages=3, warps=8, block_n=128, pdl=True),
+           dict(by_heads=False, chunk=512, stages=3, warps=4, block_n=64, pdl=True),
+           dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=64, pdl=True),
+           dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32, pdl=True,
+                set={"search.DECODE_RUNS": 64}),
+           dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32, pdl=True,
+                set={"search.DECODE_RUNS": 16}),
+           dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32, pdl=True,
+                set={"search.DECODE_STRIPES": 32, "search.DECODE_RUNS": 64})]
+SWEEPS = {"A": SWEEP, "B": SWEEP_B}
 
-ONLY: list[int] | None = None  # --only: indices of SWEEP to run
+ONLY: list[int] | None = None  # --only: indices of the sweep list to run
+SWEEP_LIST = "A"  # --sweep-list
 MODULES = {"decode": decode, "search": search}  # a SWEEP row's "set": {"search.DECODE_RUNS": 64, ...}
 
 
@@ -117,7 +137,8 @@ def sweep(length, cfg, q1, q2, k, v, pos, reps, ref) -> list:
     default = (decode.decode_chunk_for, decode.DECODE_STAGES, decode.DECODE_WARPS, decode.DECODE_BLOCK_N,
                decode.DECODE_BY_HEADS, decode.DECODE_PDL)
     rows = []
-    for setting in SWEEP if ONLY is None else [SWEEP[i] for i in ONLY]:
+    table = SWEEPS[SWEEP_LIST]
+    for setting in table if ONLY is None else [table[i] for i in ONLY]:
         chunk = setting["chunk"]
         decode.decode_chunk_for = lambda l_kv, n_pairs, d, c=chunk: c
         decode.DECODE_STAGES, decode.DECODE_WARPS = setting["stages"], setting["warps"]
@@ -170,6 +191,9 @@ def _read_runs_kernel(k_ptr, v_ptr, lo_ptr, hi_ptr, out_ptr, s_h, N_CHUNKS, BLOC
 
 FLOOR_READS = [(1024, 32, 3, 4), (1024, 64, 3, 4), (512, 32, 3, 4), (2048, 64, 4, 4), (1024, 128, 3, 8),
                (256, 32, 3, 4)]  # (chunk, key block, stages, warps) of the sum-only reads
+# Window B: around A's best (1024, 128, 3, 8: 91.6 us at 1M).
+FLOOR_READS_B = [(1024, 128, 3, 8), (1024, 64, 3, 8), (1024, 128, 2, 8), (1024, 128, 4, 8), (1024, 256, 2, 8),
+                 (2048, 128, 3, 8), (512, 128, 3, 8), (1024, 128, 3, 4), (1024, 64, 4, 4)]
 
 
 def _runs(cover, chunk, block):
@@ -221,7 +245,7 @@ def floor(length, cfg, q1, q2, k, v, pos, reps) -> dict:
         res["reads"].append(row)
         print(f"  L={length}: floor {json.dumps(row)}", flush=True)
 
-    for chunk, block, stages, warps in FLOOR_READS:
+    for chunk, block, stages, warps in (FLOOR_READS_B if SWEEP_LIST == "B" else FLOOR_READS):
         lo, hi = _runs(cover, chunk, block)
         time_read(lo, hi, int((hi - lo + 1).clamp(min=0).sum()), chunk, block, stages, warps, "union_runs")
     chunk, block, stages, warps = FLOOR_READS[0]
@@ -294,11 +318,13 @@ def main() -> None:
                         help="lengths that also sweep the group kernel's settings (after every length's rows)")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--skip", nargs="*", default=[], choices=("graph", "profile", "calls", "sweep", "floor"))
-    parser.add_argument("--only", type=int, nargs="*", default=None, help="indices of SWEEP to run (default: all)")
+    parser.add_argument("--only", type=int, nargs="*", default=None, help="indices of the sweep list (default: all)")
+    parser.add_argument("--sweep-list", default="A", choices=("A", "B"),
+                        help="settings swept (SWEEP or SWEEP_B) and the floor's reads (FLOOR_READS or FLOOR_READS_B)")
     parser.add_argument("--json", default="decode_probe.json")
     args = parser.parse_args()
-    global ONLY
-    ONLY = args.only
+    global ONLY, SWEEP_LIST
+    ONLY, SWEEP_LIST = args.only, args.sweep_list
     if not torch.cuda.is_available():
         sys.exit("bench/decode_probe.py needs a CUDA device")
     cfg = SpanConfig.release()

@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from ..softmax import INVALID_GATE_LOGIT
-from .common import INTERPRET, MAX_SPANS, block_d, dot_precision, gdc_launch_dependents, gdc_wait, next_pow2, pdl_launch
+from .common import (HAS_PDL, INTERPRET, MAX_SPANS, block_d, dot_precision, gdc_launch_dependents, gdc_wait, next_pow2,
+                     pdl_launch)
 from .rules import LN2, LOG2E, nonfinite_rows, window_lo
 
 DECODE_BLOCK_N = 32  # keys per loop trip (32 and 64 tie on random routing; 32 is ~10% faster on coherent)
@@ -46,13 +47,16 @@ DECODE_SCRATCH_BYTES = 64 << 20  # partials (m, ℓ, acc per (pair, chunk)) of o
 DECODE_MAX_CHUNKS = 8192  # key chunks per (batch, KV head) at most (most programs of a step find nothing to do)
 # `_decode_heads_kernel` instead of `_decode_group_kernel` (K <= MAX_SPANS): the logits once per query head, shared by
 # its K slots (a quarter of the QK^T MMA work of the release layer's 64-row tiles, no padding rows in P·V), at most
-# DECODE_MAX_HEADS heads per program. Session 9: off until timed on the H200.
+# DECODE_MAX_HEADS heads per program. H200, session 9 window A: slower — 1M group kernel 107.4 us, heads kernel 144.5
+# (133.6 with 64-key blocks; every chunk/stage/warp setting tried 134-169 us): four M = 16 MMA paths cost more than
+# one 64-row wgmma tile. Kept for the record and its tests; off.
 DECODE_BY_HEADS = False
 DECODE_MAX_HEADS = 64
 # Programmatic dependent launch between a decode step's four kernels (search, search merge, group, merge; Hopper+,
 # Triton >= 3.4): each program waits (gdc_wait) before it reads anything, but is already resident when the previous
-# kernel ends, which hides the launch gaps of a graph replay. Session 9: off until timed on the H200.
-DECODE_PDL = False
+# kernel ends, which hides the launch gaps of a graph replay. H200, session 9 window A: 1M graph replay 0.1288 ->
+# 0.1246 ms (L2 flushed), bit-identical; only on devices of compute capability >= 9 (`decode_pdl`).
+DECODE_PDL = True
 
 
 def decode_chunk(l_kv: int) -> int:
@@ -341,13 +345,16 @@ def _decode_merge_kernel(pm_ptr, pl_ptr, pacc_ptr, qstart_ptr, qend_ptr, values_
         base = pair[:, None] * N_CHUNKS + chunk
         mm = tl.load(pm_ptr + base, mask=ok, other=float("-inf"))
         ll = tl.load(pl_ptr + base, mask=ok, other=0.0)
+        # The accumulators are read with m and ℓ (one memory round trip, not two); the group kernel wrote none for a
+        # (pair, chunk) without keys (ℓ = 0), so those are zeroed by a select, never multiplied.
+        aa = tl.load(pacc_ptr + base[:, :, None] * D + d[None, None, :],
+                     mask=ok[:, :, None] & dmask[None, None, :], other=0.0)  # [KP, BC, BLOCK_D]
         live = ok & (ll > 0)
+        aa = tl.where(live[:, :, None], aa, 0.0)
         new_top = tl.maximum(top, tl.max(tl.where(live, mm, float("-inf")), axis=1))
         use = tl.where(new_top == float("-inf"), 0.0, new_top)
         alpha = tl.exp2(top - use)
         w = tl.where(live, tl.exp2(mm - use[:, None]), 0.0)
-        aa = tl.load(pacc_ptr + base[:, :, None] * D + d[None, None, :],
-                     mask=live[:, :, None] & dmask[None, None, :], other=0.0)  # [KP, BC, BLOCK_D]
         l = l * alpha + tl.sum(w * ll, axis=1)
         acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * aa, axis=1)
         top = new_top
@@ -363,9 +370,12 @@ def _decode_merge_kernel(pm_ptr, pl_ptr, pacc_ptr, qstart_ptr, qend_ptr, values_
     tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
-def decode_pdl() -> bool:
-    """Whether a decode step launches its kernels with programmatic dependent launch (DECODE_PDL, on CUDA)."""
-    return DECODE_PDL and not INTERPRET
+def decode_pdl(device: torch.device) -> bool:
+    """Whether a decode step on `device` launches its kernels with programmatic dependent launch: DECODE_PDL, a CUDA
+    device of compute capability >= 9.0 (griddepcontrol) and a Triton that has it (`common.HAS_PDL`)."""
+    if not DECODE_PDL or INTERPRET or not HAS_PDL or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start, window: int, max_span_len: int):
@@ -385,7 +395,7 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
     group = h_q // h_kv
     num_spans = qstart.shape[-1]
     dev = q2.device
-    pdl = decode_pdl()
+    pdl = decode_pdl(dev)
     bd = block_d(d)
     n_pairs = qstart.numel()
     chunk = decode_chunk_for(l_kv, n_pairs, d)

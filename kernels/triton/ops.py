@@ -69,7 +69,7 @@ def _search_at(q1, k, cfg: SpanConfig, positions: torch.Tensor, row_start: torch
 def _decode(q1, q2, k, v, cfg: SpanConfig, positions, row_start, tables, max_span_len: int):
     """One decode step (L_Q = 1): search, then one pass per KV group over the union of its branches' keys.
     Returns (qstart, qanchor, qend, values) and (out, gate, branch_out, branch_lse) (see `decode_forward`)."""
-    routing = _search_at(q1, k, cfg, positions, row_start, tables, pdl=decode_pdl())
+    routing = _search_at(q1, k, cfg, positions, row_start, tables, pdl=decode_pdl(q1.device))
     qstart, qanchor, qend, values = routing
     return routing, decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start, cfg.window_len,
                                    max_span_len)

@@ -83,14 +83,19 @@ def _merge_top_keyed(top, key, slot, NUM_SPANS: tl.constexpr, AXIS: tl.constexpr
 
 
 @triton.jit
-def _store_slots(top_v, top_a, pos, s, t, blen_ptr, flen_ptr, off, ok, L_KV, W,
+def _span_lengths(t, ok, L_KV, blen_ptr, flen_ptr):
+    """B(t) and Fw(t) from the tables (0 where not `ok`); they end at L_KV (a decode position beyond the cache is not
+    read on the host)."""
+    inside = t <= L_KV
+    return tl.load(blen_ptr + t, mask=ok & inside, other=0), tl.load(flen_ptr + t, mask=ok & inside, other=0)
+
+
+@triton.jit
+def _store_slots(top_v, top_a, pos, s, back, fwd, off, ok, L_KV, W,
                  qstart_ptr, qanchor_ptr, qend_ptr, values_ptr):
     """Write the slots (all arguments broadcast to the slots' shape; `off` = row * NUM_SPANS + slot, `ok`
-    false on padding slots): span bounds of docs/algorithm.md §1.7 from the B(t)/Fw(t) tables."""
+    false on padding slots): span bounds of docs/algorithm.md §1.7 from B(t) and Fw(t) (`_span_lengths`)."""
     valid = top_a >= 0
-    inside = t <= L_KV  # the tables end at L_KV (a decode position beyond the cache is not read on the host)
-    back = tl.load(blen_ptr + t, mask=ok & valid & inside, other=0)
-    fwd = tl.load(flen_ptr + t, mask=ok & valid & inside, other=0)
     qs = tl.maximum(tl.maximum(top_a - back, s), 0)
     qe = tl.minimum(tl.minimum(top_a + fwd, pos), L_KV - 1)
     qe = tl.where(W > 0, tl.minimum(qe, window_lo(pos, 0, W) - 1), qe)
@@ -172,8 +177,8 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
         tl.store(part_a_ptr + part, top_a, mask=in_k)
     else:
         pos3 = tl.broadcast_to(pos[:, None, None], [BQ, GH, KP])
-        t3 = tl.maximum(pos3 + 1 - s, 0)
-        _store_slots(top_v, top_a, pos3, s, t3, blen_ptr, flen_ptr, base[:, :, None] * NUM_SPANS + slot, in_k,
+        back, fwd = _span_lengths(tl.maximum(pos3 + 1 - s, 0), in_k, L_KV, blen_ptr, flen_ptr)
+        _store_slots(top_v, top_a, pos3, s, back, fwd, base[:, :, None] * NUM_SPANS + slot, in_k,
                      L_KV, W, qstart_ptr, qanchor_ptr, qend_ptr, values_ptr)
 
 
@@ -192,21 +197,24 @@ def _search_merge_kernel(part_v_ptr, part_a_ptr, pos_ptr, start_ptr, blen_ptr, f
     ok = rows < N_ROWS
     c = tl.arange(0, BLOCK_C)
     m2 = ok[:, None] & (c < N_PART)[None, :]
-    vals = tl.load(part_v_ptr + rows[:, None] * N_PART + c[None, :], mask=m2, other=float("-inf"))
-    anch = tl.load(part_a_ptr + rows[:, None] * N_PART + c[None, :], mask=m2, other=-1)
-    vals = tl.where(anch >= 0, vals, float("-inf"))
     qi = rows % L_Q
     b = rows // (H_Q * L_Q)
     pos = tl.load(pos_ptr + qi, mask=ok, other=0)
     s = tl.load(start_ptr + b, mask=ok, other=0)
+    # B(t), Fw(t) depend on the row only: read them before (not after) the merge, one memory round trip less.
+    back, fwd = _span_lengths(tl.maximum(pos + 1 - s, 0), ok, L_KV, blen_ptr, flen_ptr)
+    vals = tl.load(part_v_ptr + rows[:, None] * N_PART + c[None, :], mask=m2, other=float("-inf"))
+    anch = tl.load(part_a_ptr + rows[:, None] * N_PART + c[None, :], mask=m2, other=-1)
+    vals = tl.where(anch >= 0, vals, float("-inf"))
     slot = tl.arange(0, KP)[None, :]
     top_v = tl.full([BLOCK_R, KP], float("-inf"), tl.float32)
     top_a = tl.full([BLOCK_R, KP], -1, tl.int64)
     top_v, top_a = _merge_top(top_v, top_a, vals, anch, slot, NUM_SPANS, 1)
     pos2 = tl.broadcast_to(pos[:, None], [BLOCK_R, KP])
     s2 = tl.broadcast_to(s[:, None], [BLOCK_R, KP])
-    _store_slots(top_v, top_a, pos2, s2, tl.maximum(pos2 + 1 - s2, 0), blen_ptr, flen_ptr,
-                 rows[:, None] * NUM_SPANS + slot, ok[:, None] & (slot < NUM_SPANS), L_KV, W,
+    _store_slots(top_v, top_a, pos2, s2, tl.broadcast_to(back[:, None], [BLOCK_R, KP]),
+                 tl.broadcast_to(fwd[:, None], [BLOCK_R, KP]), rows[:, None] * NUM_SPANS + slot,
+                 ok[:, None] & (slot < NUM_SPANS), L_KV, W,
                  qstart_ptr, qanchor_ptr, qend_ptr, values_ptr)
 
 
