@@ -123,7 +123,12 @@ SWEEP_B = [dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32),
            dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32, pdl=True,
                 set={"search.DECODE_RUNS": 16}),
            dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32, pdl=True,
-                set={"search.DECODE_STRIPES": 32, "search.DECODE_RUNS": 64})]
+                set={"search.DECODE_STRIPES": 32, "search.DECODE_RUNS": 64}),
+           dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32, pdl=True, set={"decode.DECODE_TMA": True}),
+           dict(by_heads=False, chunk=1024, stages=4, warps=4, block_n=32, pdl=True, set={"decode.DECODE_TMA": True}),
+           dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=64, pdl=True, set={"decode.DECODE_TMA": True}),
+           dict(by_heads=False, chunk=1024, stages=3, warps=8, block_n=128, pdl=True,
+                set={"decode.DECODE_TMA": True})]
 SWEEPS = {"A": SWEEP, "B": SWEEP_B}
 
 ONLY: list[int] | None = None  # --only: indices of the sweep list to run

@@ -86,10 +86,14 @@ def test_decode_kernels_agree(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", [*KERNELS, "tma"])
 def test_gpu_decode_release_bf16(monkeypatch, kernel):
-    """The release layer's shape (16 heads per KV group, D = 128, K = 3) in bf16 at 16K keys, on the GPU."""
-    monkeypatch.setattr(decode, "DECODE_BY_HEADS", KERNELS[kernel])
+    """The release layer's shape (16 heads per KV group, D = 128, K = 3) in bf16 at 16K keys, on the GPU; "tma": the
+    group kernel reading its whole key blocks through TMA (decode.DECODE_TMA)."""
+    monkeypatch.setattr(decode, "DECODE_BY_HEADS", kernel == "heads")
+    monkeypatch.setattr(decode, "DECODE_TMA", kernel == "tma")
+    if kernel == "tma":
+        assert decode.decode_tma(*random_inputs(1, 2, 2, 1, 64, 128, dtype=torch.bfloat16, device=DEVICE)[2:])
     _check(SpanConfig.release(), 1, 32, 2, 16384, 128, torch.bfloat16, 16383, seed=2)
 
 

@@ -57,6 +57,9 @@ DECODE_MAX_HEADS = 64
 # kernel ends, which hides the launch gaps of a graph replay. H200, session 9 window A: 1M graph replay 0.1288 ->
 # 0.1246 ms (L2 flushed), bit-identical; only on devices of compute capability >= 9 (`decode_pdl`).
 DECODE_PDL = True
+# The group kernel's whole key blocks through TMA (tensor descriptors of the caches; `decode_tma`). Session 9: off until
+# timed on the H200.
+DECODE_TMA = False
 
 
 def decode_chunk(l_kv: int) -> int:
@@ -76,18 +79,12 @@ def decode_chunk_for(l_kv: int, n_pairs: int, d: int) -> int:
 
 
 @triton.jit
-def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, start_ptr, pm_ptr, pl_ptr, pacc_ptr,
-                         sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                         H_Q, H_KV, L_KV, D, G, W, N_ROWS, N_RB, N_CHUNKS, CHUNK, qk_scale,
-                         NUM_SPANS: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         EVEN_D: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # programmatic dependent launch: wait for the search, let the merge launch
-        gdc_wait()
-        gdc_launch_dependents()
+def _group_setup(q_ptr, qstart_ptr, qend_ptr, pos_ptr, start_ptr, pid, c, H_Q, H_KV, L_KV, D, G, W, N_ROWS, N_RB,
+                 CHUNK, NUM_SPANS: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a group-kernel program needs before its key loop: its rows (r = g * K + slot of one KV group), their span
+    bounds, the window, the run [first, stop) of key blocks of chunk c that some row needs (empty: first = stop) and
+    the rows' queries."""
     # Positions fit int32 (L_KV < 2^31, checked by the backend); only pointer offsets are int64.
-    # Logits are in log2 units (qk_scale = log2(e) / sqrt(D)) so the softmax runs on exp2.
-    pid = tl.program_id(0)
-    c = tl.program_id(1)
     rb = pid % N_RB
     bh = pid // N_RB
     b = bh // H_KV
@@ -122,10 +119,60 @@ def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, sta
     stop = tl.where(active, hi + 1, c0)  # an untouched chunk runs no trips and loads nothing
 
     d = tl.arange(0, BLOCK_D)
-    dmask = d < D
     # (A per-row comparison, not `rok & active`: Triton's CPU interpreter mistypes bool-vector & bool-scalar.)
     q_rows = rok & (r * 0 + hi >= lo)
-    q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=q_rows[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=q_rows[:, None] & (d < D)[None, :], other=0.0)
+    return b, hkv, r, rok, pair, qrow, qs, qe, w_lo, w_hi, first, stop, q
+
+
+@triton.jit
+def _group_masked_tiles(k_base, v_base, cols, stop, d, dmask, sk_l, sv_l, EVEN_D: tl.constexpr):
+    """K and V rows `cols` ([BLOCK_N, D] row-major, coalesced along D), zero from `stop` on."""
+    cmask = cols < stop
+    if EVEN_D:
+        ld_mask = cmask[:, None]
+    else:
+        ld_mask = cmask[:, None] & dmask[None, :]
+    offs = cols.to(tl.int64)[:, None]
+    kk = tl.load(k_base + offs * sk_l + d[None, :], mask=ld_mask, other=0.0)
+    vv = tl.load(v_base + offs * sv_l + d[None, :], mask=ld_mask, other=0.0)
+    return kk, vv
+
+
+@triton.jit
+def _group_step(q, kk, vv, cols, stop, qs, qe, w_lo, w_hi, rok, m, l, acc, qk_scale, PRECISION: tl.constexpr):
+    """One key block of every row's online softmax (base 2; logits in log2 units, qk_scale = log2(e) / sqrt(D)):
+    each row keeps the keys of its S_k ∪ Wnd before `stop`. K enters the dot transposed."""
+    in_win = (cols >= w_lo) & (cols <= w_hi)
+    keep = (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])
+    keep = (keep | in_win[None, :]) & (cols < stop)[None, :] & rok[:, None]  # [RB, BLOCK_N]: key in S_k ∪ Wnd
+    logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * qk_scale
+    logits = tl.where(keep, logits, float("-inf"))
+    m_new = tl.maximum(m, tl.max(logits, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_use)
+    p = tl.exp2(logits - m_use[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
+def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, start_ptr, pm_ptr, pl_ptr, pacc_ptr,
+                         sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                         H_Q, H_KV, L_KV, D, G, W, N_ROWS, N_RB, N_CHUNKS, CHUNK, qk_scale,
+                         NUM_SPANS: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         EVEN_D: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # programmatic dependent launch: wait for the search, let the merge launch
+        gdc_wait()
+        gdc_launch_dependents()
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    (b, hkv, r, rok, pair, qrow, qs, qe, w_lo, w_hi, first, stop, q) = _group_setup(
+        q_ptr, qstart_ptr, qend_ptr, pos_ptr, start_ptr, pid, c, H_Q, H_KV, L_KV, D, G, W, N_ROWS, N_RB, CHUNK,
+        NUM_SPANS, RB, BLOCK_N, BLOCK_D)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
     k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
     m = tl.full([RB], float("-inf"), tl.float32)
@@ -133,27 +180,49 @@ def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, sta
     acc = tl.zeros([RB, BLOCK_D], tl.float32)
     for n0 in range(first, stop, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < stop
-        if EVEN_D:
-            ld_mask = cmask[:, None]
-        else:
-            ld_mask = cmask[:, None] & dmask[None, :]
-        # [BLOCK_N, D] row-major tiles (coalesced along D); K enters the dot transposed.
-        offs = cols.to(tl.int64)[:, None]
-        kk = tl.load(k_base + offs * sk_l + d[None, :], mask=ld_mask, other=0.0)
-        vv = tl.load(v_base + offs * sv_l + d[None, :], mask=ld_mask, other=0.0)
-        in_win = (cols >= w_lo) & (cols <= w_hi)
-        keep = (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])
-        keep = (keep | in_win[None, :]) & cmask[None, :] & rok[:, None]  # [RB, BLOCK_N]: key in S_k ∪ Wnd
-        logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * qk_scale
-        logits = tl.where(keep, logits, float("-inf"))
-        m_new = tl.maximum(m, tl.max(logits, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_use)
-        p = tl.exp2(logits - m_use[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
-        m = m_new
+        kk, vv = _group_masked_tiles(k_base, v_base, cols, stop, d, dmask, sk_l, sv_l, EVEN_D)
+        m, l, acc = _group_step(q, kk, vv, cols, stop, qs, qe, w_lo, w_hi, rok, m, l, acc, qk_scale, PRECISION)
+    part = pair * N_CHUNKS + c
+    tl.store(pm_ptr + part, m, mask=rok)
+    tl.store(pl_ptr + part, l, mask=rok)
+    tl.store(pacc_ptr + part[:, None] * D + d[None, :], acc, mask=(rok & (l > 0))[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _decode_group_tma_kernel(q_ptr, k_ptr, v_ptr, k_desc, v_desc, qstart_ptr, qend_ptr, pos_ptr, start_ptr,
+                             pm_ptr, pl_ptr, pacc_ptr, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                             H_Q, H_KV, L_KV, D, G, W, N_ROWS, N_RB, N_CHUNKS, CHUNK, qk_scale,
+                             NUM_SPANS: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+                             PDL: tl.constexpr):
+    """`_decode_group_kernel` reading the whole key blocks of its run through TMA (k_desc/v_desc: tensor descriptors
+    of K and V [B, H_KV, L_KV, D], blocks [1, 1, BLOCK_N, BLOCK_D]); the last, partial block (keys from `stop` on may
+    lie past the position, where the cache can hold anything) with masked loads."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    (b, hkv, r, rok, pair, qrow, qs, qe, w_lo, w_hi, first, stop, q) = _group_setup(
+        q_ptr, qstart_ptr, qend_ptr, pos_ptr, start_ptr, pid, c, H_Q, H_KV, L_KV, D, G, W, N_ROWS, N_RB, CHUNK,
+        NUM_SPANS, RB, BLOCK_N, BLOCK_D)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    m = tl.full([RB], float("-inf"), tl.float32)
+    l = tl.zeros([RB], tl.float32)
+    acc = tl.zeros([RB, BLOCK_D], tl.float32)
+    full = first + ((stop - first) // BLOCK_N) * BLOCK_N
+    for n0 in range(first, full, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kk = k_desc.load([b, hkv, n0, 0]).reshape([BLOCK_N, BLOCK_D])
+        vv = v_desc.load([b, hkv, n0, 0]).reshape([BLOCK_N, BLOCK_D])
+        m, l, acc = _group_step(q, kk, vv, cols, stop, qs, qe, w_lo, w_hi, rok, m, l, acc, qk_scale, PRECISION)
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
+    for n0 in range(full, stop, BLOCK_N):  # at most one trip
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kk, vv = _group_masked_tiles(k_base, v_base, cols, stop, d, dmask, sk_l, sv_l, EVEN_D)
+        m, l, acc = _group_step(q, kk, vv, cols, stop, qs, qe, w_lo, w_hi, rok, m, l, acc, qk_scale, PRECISION)
     part = pair * N_CHUNKS + c
     tl.store(pm_ptr + part, m, mask=rok)
     tl.store(pl_ptr + part, l, mask=rok)
@@ -378,6 +447,20 @@ def decode_pdl(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def decode_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the group kernel reads K and V through TMA (`_decode_group_tma_kernel`): DECODE_TMA, a CUDA device of
+    compute capability >= 9.0, Triton's tensor descriptors, and caches TMA can describe (16-byte aligned base and
+    strides, unit stride over D)."""
+    if not DECODE_TMA or INTERPRET or k.device.type != "cuda" or torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return all(x.data_ptr() % 16 == 0 and x.stride(-1) == 1 and all(st * x.element_size() % 16 == 0
+                                                                     for st in x.stride()[:-1]) for x in (k, v))
+
+
 def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start, window: int, max_span_len: int):
     """One decode step after the search: branch attention, merge and gate.
 
@@ -416,6 +499,18 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
             NUM_SPANS=num_spans, GH=gh, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, EVEN_D=bd == d,
             PRECISION=dot_precision(q2.dtype), PDL=pdl, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
             **pdl_launch(pdl))
+    elif decode_tma(k, v):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        warps = 2 * DECODE_WARPS if bd * rb > 64 * 128 else DECODE_WARPS
+        block = [1, 1, DECODE_BLOCK_N, bd]
+        k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), block)
+        v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), block)
+        _decode_group_tma_kernel[(b * h_kv * n_rb, n_chunks)](
+            q2, k, v, k_desc, v_desc, qstart, qend, positions, row_start, pm, pl, pacc, *strides,
+            h_q, h_kv, l_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, d ** -0.5 * LOG2E.value,
+            NUM_SPANS=num_spans, RB=rb, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, EVEN_D=bd == d,
+            PRECISION=dot_precision(q2.dtype), PDL=pdl, num_warps=warps, num_stages=DECODE_STAGES, **pdl_launch(pdl))
     else:
         warps = 2 * DECODE_WARPS if bd * rb > 64 * 128 else DECODE_WARPS
         _decode_group_kernel[(b * h_kv * n_rb, n_chunks)](
