@@ -65,6 +65,30 @@ CANDIDATES = [
     {"window.KV_WARPS": 16},  # 21: both dK/dV kernels with 16 warps (half the registers per thread for dK, dV)
     {"span.KV_TILE": 32},  # 22 (= 15, re-timed with this session's defaults)
     {"window.KV_BLOCK": 64},  # 23: 64-key dK/dV programs (window and span), half the accumulators per program
+    # session 9: the span dK/dV kernel's lean visits (span.KV_LEAN) and exp2 in both dK/dV kernels (window.KV_EXP2),
+    # and the window dK/dV's indices in int32 (window.KV_I32), the defaults for window A; sm_90 SASS (Triton 3.6):
+    # span loop ~1,195 instructions per visit before, ~414 (interior) / ~492 (masked) after; window masked trip
+    # 1,651 -> 1,098, unmasked 907 -> 773
+    {"span.KV_LEAN": False, "window.KV_EXP2": False, "window.KV_I32": False,
+     "common.GRAD_ATOMIC_SEM": "acq_rel"},  # 24: session 8's backward kernels (acq_rel atomics since window B)
+    {"span.KV_LEAN": False},  # 25: exp2 (both kernels) and the window's int32 indices, not the lean span visits
+    {"window.KV_I32": False},  # 26: everything but the window's int32 indices
+    {"span.KV_BLOCK_N": 64, "span.KV_WARPS": 4},  # 27: span dK/dV in 64-key programs of 4 warps (two per SM)
+    # window A (bwd_tune_A.json, 128K): defaults then (lean visits, gate on P and dP) 219.1 ms, span dK/dV 110.1;
+    # s8 kernels 219.1 (106.7); no lean visits (exp2 + window int32) 202.1 (93.6; window dK/dV 30.5); no window
+    # int32 222.2 (window dK/dV 33.5 vs 29.4). Since: KV_LEAN off by default, the lean visits with the gate folded
+    # into lse and Δ (fewer instructions and spills), KV_INTERIOR
+    {"span.KV_LEAN": True},  # 28: lean visits (gate folded into lse and Δ)
+    {"span.KV_LEAN": True, "span.KV_INTERIOR": False},  # 29: lean visits, every one masked
+    {"span.KV_LEAN": True, "span.KV_BLOCK_N": 64, "span.KV_WARPS": 4},  # 30: lean visits, 64-key 4-warp programs
+    {"span.KV_NEXT": True},  # 31: each trip reads the next tile's key range ahead
+    {"span.KV_NEXT": True, "span.KV_LEAN": True},  # 32: that and the lean visits
+    {"common.GRAD_ATOMIC_SEM": "acq_rel"},  # 33: Triton's default memory order on the gradient atomics
+    # window B (bwd_tune_B.json, 128K; defaults then: plain visits, exp2, int32 window, relaxed atomics, no NEXT):
+    # defaults 187.2 ms, s8 219.2, 27: 228.9, 28: 199.5, 29: 186.9, 30: 181.0, 31: 182.5 (KV_NEXT on since),
+    # 32: 195.9, 33: 203.2 (search backward 3.4 -> 11.7 ms, span dQ 34.9 -> 42.5)
+    {"span.KV_NEXT": False},  # 34: the key range read in its own trip
+    {"span.KV_LEAN": True, "span.KV_BLOCK_N": 64, "span.KV_WARPS": 4, "span.KV_INTERIOR": False},  # 35
 ]
 MODULES = {"window": window, "span": span, "common": common, "search": search}  # also used by fwd_tune.py
 

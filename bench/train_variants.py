@@ -41,6 +41,16 @@ VARIANTS = {
     "recompute": {"common.KEEP_RESIDUALS": False},  # dO·O_k recomputed instead of stored residuals
     "session5": {"window.DQ_SPLIT": False, "common.TRAIN_FWD_PARTS": 1},
     "fwd-queries": {"common.TRAIN_FWD_BY_HEADS": False},  # the forward's chunks are queries (sessions 5-6)
+    # session 9: the backward kernels as session 8 left them (no lean span visits, tl.exp, int64 window indices,
+    # acq_rel gradient atomics), and without the lean span visits only
+    "s8-kernels": {"span.KV_LEAN": False, "window.KV_EXP2": False, "window.KV_I32": False,
+                   "common.GRAD_ATOMIC_SEM": "acq_rel"},
+    "exp2-only": {"span.KV_LEAN": False},
+    "lean": {"span.KV_LEAN": True},  # the span dK/dV kernel's lean visits (off by default after window A)
+    "span-64x4": {"span.KV_BLOCK_N": 64, "span.KV_WARPS": 4},  # span dK/dV in 64-key programs of 4 warps
+    "next": {"span.KV_NEXT": True},  # span dK/dV reads the next tile's key range one trip ahead (default since B)
+    "lean-64x4": {"span.KV_LEAN": True, "span.KV_BLOCK_N": 64, "span.KV_WARPS": 4},
+    "lean-64x4-masked": {"span.KV_LEAN": True, "span.KV_BLOCK_N": 64, "span.KV_WARPS": 4, "span.KV_INTERIOR": False},
 }
 
 

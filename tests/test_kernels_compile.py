@@ -37,7 +37,7 @@ _SCRIPT = textwrap.dedent('''
 
     HALF = {"q_ptr", "k_ptr", "v_ptr", "q1_ptr", "out_ptr", "do_ptr", "res_ptr", "dq1_ptr"}  # the model dtype (fp16)
     I64 = {"pos_ptr", "start_ptr", "order_ptr", "mstripe_ptr", "table_ptr", "blen_ptr", "flen_ptr", "part_a_ptr",
-           "spos_ptr", "qrange_ptr", "tile_lo_ptr", "tile_hi_ptr", "trange_ptr"}
+           "spos_ptr", "qrange_ptr", "tile_lo_ptr", "tile_hi_ptr", "tile_in_ptr", "trange_ptr"}
     I32 = {"qstart_ptr", "qend_ptr", "qanchor_ptr", "anchor_ptr"}
     FLOAT = {"scale", "qk_scale", "INVALID"}
     WIDE = ("sk_", "sv_")  # strides are int64
@@ -65,13 +65,16 @@ _SCRIPT = textwrap.dedent('''
     sbd, sbn, sbp = span._blocks(D)
     KERNELS = [
         (search._search_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), GH=gh, BQ=bq, SC=search.SEARCH_STRIPES,
-                                     BLOCK_D=BD, IS_SPLIT=False, FIXED_TOP=False, KEYED=False, PRECISION="tf32")),
+                                     BLOCK_D=BD, IS_SPLIT=False, FIXED_TOP=False, KEYED=False, PRECISION="tf32",
+                                     PDL=False)),
         (search._search_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), GH=gh, BQ=bq, SC=search.SEARCH_STRIPES,
-                                     BLOCK_D=BD, IS_SPLIT=False, FIXED_TOP=False, KEYED=True, PRECISION="tf32")),
+                                     BLOCK_D=BD, IS_SPLIT=False, FIXED_TOP=False, KEYED=True, PRECISION="tf32",
+                                     PDL=False)),
         (search._search_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), GH=gh, BQ=bq1, SC=search.DECODE_STRIPES,
-                                     BLOCK_D=BD, IS_SPLIT=True, FIXED_TOP=True, KEYED=False, PRECISION="tf32")),
-        (search._search_merge_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BLOCK_R=4, BLOCK_C=128)),
-        (search._search_bwd_kernel, dict(NUM_SPANS=K, BLOCK_R=32, BLOCK_D=BD)),
+                                     BLOCK_D=BD, IS_SPLIT=True, FIXED_TOP=True, KEYED=False, PRECISION="tf32",
+                                     PDL=True)),
+        (search._search_merge_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BLOCK_R=4, BLOCK_C=128, PDL=True)),
+        (search._search_bwd_kernel, dict(NUM_SPANS=K, BLOCK_R=32, BLOCK_D=BD, SEM="relaxed")),
         (window._window_fwd_kernel, dict(GH=wfh, BQ=wfq, BLOCK_N=window.FWD_BLOCK_N, BLOCK_D=BD,
                                          SPLIT=window.FWD_SPLIT, EVEN_D=True, PRECISION="tf32")),
         (window._window_bwd_dq_kernel, dict(GH=wgh, BQ=wbq, BLOCK_N=64, BLOCK_D=BD, SPLIT=window.DQ_SPLIT,
@@ -79,25 +82,37 @@ _SCRIPT = textwrap.dedent('''
         (window._window_bwd_dq_kernel, dict(GH=wgh, BQ=wbq, BLOCK_N=64, BLOCK_D=BD, SPLIT=window.DQ_SPLIT,
                                             EVEN_D=True, PRECISION="tf32", DOTS=True)),
         (window._window_bwd_kv_kernel, dict(GH=wkh, BQ=wkq, BLOCK_N=window.KV_BLOCK, BLOCK_D=BD, PRECISION="tf32",
-                                            SPLIT=False)),
+                                            SPLIT=False, EXP2=False, I32=False)),
         (window._window_bwd_kv_kernel, dict(GH=wkh, BQ=wkq, BLOCK_N=window.KV_BLOCK, BLOCK_D=BD, PRECISION="tf32",
-                                            SPLIT=True)),
+                                            SPLIT=True, EXP2=True, I32=True)),
         (span._span_fwd_kernel, dict(NUM_SPANS=K, BLOCK_P=span.FWD_BLOCK_P, BLOCK_N=span.FWD_BLOCK_N, BLOCK_D=sbd,
                                      SPLIT=span.FWD_SPLIT, EVEN_D=True, PRECISION="tf32")),
         (span._span_bwd_dq_kernel, dict(NUM_SPANS=K, BLOCK_P=sbp, BLOCK_N=min(sbn, span.DQ_BLOCK_N), BLOCK_D=sbd,
-                                        SPLIT=window.DQ_SPLIT, EVEN_D=True, PRECISION="tf32", DOTS=False)),
+                                        SPLIT=window.DQ_SPLIT, EVEN_D=True, PRECISION="tf32", DOTS=False,
+                                        SEM="relaxed")),
         (span._span_bwd_dq_kernel, dict(NUM_SPANS=K, BLOCK_P=sbp, BLOCK_N=min(sbn, span.DQ_BLOCK_N), BLOCK_D=sbd,
-                                        SPLIT=window.DQ_SPLIT, EVEN_D=True, PRECISION="tf32", DOTS=True)),
+                                        SPLIT=window.DQ_SPLIT, EVEN_D=True, PRECISION="tf32", DOTS=True,
+                                        SEM="acq_rel")),
         (span._span_bwd_kv_kernel, dict(NUM_SPANS=K, BLOCK_P=span.KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=sbd,
-                                        PRECISION="tf32", SKIP=True, SORTED=False)),
+                                        PRECISION="tf32", SKIP=True, SORTED=False, EXP2=False, LEAN=False,
+                                        EVEN_P=False, EVEN_D=True, INTERIOR=True, NEXT=False)),
         (span._span_bwd_kv_kernel, dict(NUM_SPANS=K, BLOCK_P=span.KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=sbd,
-                                        PRECISION="tf32", SKIP=False, SORTED=True)),
+                                        PRECISION="tf32", SKIP=False, SORTED=True, EXP2=True, LEAN=False,
+                                        EVEN_P=False, EVEN_D=True, INTERIOR=True, NEXT=False)),
+        (span._span_bwd_kv_kernel, dict(NUM_SPANS=K, BLOCK_P=span.KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=sbd,
+                                        PRECISION="tf32", SKIP=True, SORTED=True, EXP2=True, LEAN=True,
+                                        EVEN_P=True, EVEN_D=True, INTERIOR=True, NEXT=True)),
+        (span._span_bwd_kv_kernel, dict(NUM_SPANS=K, BLOCK_P=span.KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=sbd,
+                                        PRECISION="tf32", SKIP=True, SORTED=True, EXP2=True, LEAN=True,
+                                        EVEN_P=False, EVEN_D=False, INTERIOR=False, NEXT=True)),
         (merge._gate_kernel, dict(NUM_SPANS=K, BLOCK_R=32, BLOCK_D=BD, RESIDUALS=True)),
         (merge._gate_bwd_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BLOCK_R=16, BLOCK_D=BD, DOTS=False)),
         (merge._gate_bwd_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BLOCK_R=16, BLOCK_D=BD, DOTS=True)),
         (decode._decode_group_kernel, dict(NUM_SPANS=K, RB=decode.DECODE_MAX_ROWS, BLOCK_N=decode.DECODE_BLOCK_N,
-                                           BLOCK_D=BD, EVEN_D=True, PRECISION="tf32")),
-        (decode._decode_merge_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BC=64, BLOCK_D=BD)),
+                                           BLOCK_D=BD, EVEN_D=True, PRECISION="tf32", PDL=False)),
+        (decode._decode_heads_kernel, dict(NUM_SPANS=K, GH=16, BLOCK_N=decode.DECODE_BLOCK_N, BLOCK_D=BD,
+                                           EVEN_D=True, PRECISION="tf32", PDL=True)),
+        (decode._decode_merge_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BC=64, BLOCK_D=BD, PDL=True)),
     ]
     results = []
     for arch in map(int, sys.argv[1:]):
@@ -125,4 +140,4 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     failed = [f"{name} (sm_{arch}): {error}" for name, arch, _, error in results if error]
     assert not failed, "\n".join(failed)
-    assert len(results) == 20 and all(size > 0 for _, _, size, _ in results)
+    assert len(results) == 23 and all(size > 0 for _, _, size, _ in results)

@@ -113,20 +113,32 @@ def test_non_contiguous_cache_positions():
     _compare(DEFAULT, 1, 4, 2, 5, 60, 16, torch.float32, positions=[3, 40, 41, 17, 59])
 
 
-@pytest.mark.parametrize("skip, sort, split", [(True, False, False), (False, False, False), (True, True, False),
-                                               (True, False, True)], ids=["skip", "masked", "sorted", "window-split"])
-def test_backward_small_tiles(monkeypatch, skip, sort, split):
+@pytest.mark.parametrize("skip, sort, split, lean, span_block, nxt", [
+    (True, False, False, False, None, False), (False, False, False, False, None, False),
+    (True, True, False, False, None, False), (True, True, False, False, None, True),
+    (True, True, False, True, None, True), (True, True, False, False, 32, False),
+    (True, False, True, False, None, False)],
+    ids=["skip", "masked", "sorted", "sorted-next", "sorted-lean-next", "sorted-span-block-32", "window-split"])
+def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, nxt):
     """The key-major dK/dV kernels with many small key blocks and pair tiles: a block meets many tiles, tiles end
     and start inside blocks, and queries come in no particular order (the window's position sort). `masked`:
     tiles that miss the block are computed under the masks instead of skipped; `sorted`: the span kernel reads
-    the pair arrays gathered into sorted order; `window-split`: the window kernel's loop trips whose queries'
-    windows all hold the key block run without the per-key mask (W = 24 or 26 over 16-key blocks and 8-query
-    trips: such trips exist, between masked ones, and rows starting inside or after a block must not use them; then
-    16 heads of one KV group, so a trip is one query and the run's ends are checked to the query)."""
+    the pair arrays gathered into sorted order; `sorted-next`: and each loop trip reads the next tile's key range
+    ahead (`span.KV_NEXT`); `sorted-lean-next`: both, with the lean visits (`span.KV_LEAN`: the gate folded
+    into lse and Δ, dead pairs through their lse, tiles whose live spans all hold the block without the per-key mask;
+    here both kinds of visit occur, and dead pairs sort into the last tiles); `sorted-span-block-32`: the span
+    kernel's key blocks (`span.KV_BLOCK_N`) twice the window kernel's; `window-split`: the window kernel's
+    loop trips whose queries' windows all hold the key block run without the per-key mask (W = 24 or 26 over
+    16-key blocks and 8-query trips: such trips exist, between masked ones, and rows starting inside or after a
+    block must not use them; then 16 heads of one KV group, so a trip is one query and the run's ends are checked
+    to the query)."""
     from superlinear_kernels.triton import span, window
 
     monkeypatch.setattr(span, "KV_SKIP", skip)
     monkeypatch.setattr(span, "KV_SORTED", sort)
+    monkeypatch.setattr(span, "KV_LEAN", lean)
+    monkeypatch.setattr(span, "KV_BLOCK_N", span_block)
+    monkeypatch.setattr(span, "KV_NEXT", nxt)
     monkeypatch.setattr(window, "KV_SPLIT", split)
     monkeypatch.setattr(window, "KV_ROWS", 16)
     monkeypatch.setattr(window, "KV_BLOCK", 16)

@@ -46,6 +46,10 @@ TRAIN_FWD_BY_HEADS = True
 # more pass over the window and the spans, K × q2's size less memory). A second backward through the same graph
 # (retain_graph=True) recomputes too.
 KEEP_RESIDUALS = True
+# Memory order of the backward's gradient atomics (the span dQ tiles' adds, the search backward's dK scatter): pure
+# sums, read only after the kernel ends, so "relaxed" (plain RED on sm_90). Triton's default "acq_rel" wraps each
+# atomic in MEMBAR.ALL.GPU + ERRBAR + CCTL.IVALL (sm_90 SASS, Triton 3.6).
+GRAD_ATOMIC_SEM = "relaxed"
 
 
 def train_forward_chunk(l_q: int, rows_per_query: int) -> int:

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import common
 from .common import block_d, dot_precision, gdc_launch_dependents, gdc_wait, max_stripes, next_pow2, pdl_launch
 from .rules import window_lo
 
@@ -301,8 +302,9 @@ def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, r
 @triton.jit
 def _search_bwd_kernel(q1_ptr, k_ptr, anchor_ptr, dval_ptr, dq1_ptr, dk_ptr,
                        sk_b, sk_h, sk_l, H_Q, H_KV, L_Q, L_KV, D, G, N_ROWS,
-                       NUM_SPANS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dQ1(q) = Σ_k u_k K(a_k); dK(a_k) += u_k Q1(q) (atomic scatter: sums over the GQA group)."""
+                       NUM_SPANS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SEM: tl.constexpr):
+    """dQ1(q) = Σ_k u_k K(a_k); dK(a_k) += u_k Q1(q) (atomic scatter: sums over the GQA group; SEM its memory order,
+    `common.GRAD_ATOMIC_SEM`)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = rows < N_ROWS
     rows64 = rows.to(tl.int64)
@@ -323,7 +325,7 @@ def _search_bwd_kernel(q1_ptr, k_ptr, anchor_ptr, dval_ptr, dq1_ptr, dk_ptr,
         ml = live[:, None] & dmask[None, :]
         kk = tl.load(k_ptr + k_row[:, None] + anchor[:, None] * sk_l + d[None, :], mask=ml, other=0.0)
         dq += u[:, None] * kk.to(tl.float32)
-        tl.atomic_add(dk_ptr + (dk_row + anchor)[:, None] * D + d[None, :], u[:, None] * q, mask=ml)
+        tl.atomic_add(dk_ptr + (dk_row + anchor)[:, None] * D + d[None, :], u[:, None] * q, mask=ml, sem=SEM)
     tl.store(dq1_ptr + rows64[:, None] * D + d[None, :], dq.to(dq1_ptr.dtype.element_ty), mask=m2)
 
 
@@ -346,5 +348,5 @@ def search_backward(q1: torch.Tensor, k: torch.Tensor, qanchor: torch.Tensor, dv
     _search_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
         q1, k, qanchor.contiguous(), dvalues.contiguous(), dq1, dk,
         k.stride(0), k.stride(1), k.stride(2), h_q, h_kv, l_q, l_kv, d, h_q // h_kv, n_rows,
-        NUM_SPANS=num_spans, BLOCK_R=block_r, BLOCK_D=block_d(d), num_warps=4)
+        NUM_SPANS=num_spans, BLOCK_R=block_r, BLOCK_D=block_d(d), SEM=common.GRAD_ATOMIC_SEM, num_warps=4)
     return dq1

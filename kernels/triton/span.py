@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import window
+from . import common, window
 from .common import block_d, dot_precision
 from .rules import LN2, LOG2E
 from .window import dq_blocks, fwd_blocks, fwd_finish, kv_grad_step
@@ -146,7 +146,7 @@ def _span_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
                         H_Q, H_KV, L_Q, D, G, PG, qk_scale,
                         NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-                        DOTS: tl.constexpr):
+                        DOTS: tl.constexpr, SEM: tl.constexpr):
     """dQ2 of a tile of sorted pairs over the union of its spans (`window.dq_blocks`: base 2, masks only at the
     edges of the live pairs' spans with SPLIT); one atomic add per pair row at the end (a row's K pairs and its
     window all add into it). DOTS: instead, each pair's Σ_{j ∈ S_k} P_kj (dO·V_j) (dO
@@ -182,13 +182,14 @@ def _span_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
     if DOTS:
         tl.store(dq_ptr + pair, dots, mask=ok)
     else:
-        tl.atomic_add(dq_ptr + row[:, None] * D + d[None, :], dq * (qk_scale * LN2), mask=m2)
+        tl.atomic_add(dq_ptr + row[:, None] * D + d[None, :], dq * (qk_scale * LN2), mask=m2, sem=SEM)
 
 
 @triton.jit
 def _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr, kk, vv, dk, dv,
                   cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D, G, scale,
-                  NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, SORTED: tl.constexpr, PRECISION: tl.constexpr):
+                  NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, SORTED: tl.constexpr, PRECISION: tl.constexpr,
+                  EXP2: tl.constexpr):
     """One pair tile's contribution to a key block's (dK / scale, dV): P recomputed from the pairs' lse.
     SORTED: the pair arrays are already in sorted order (`order_ptr` then holds each pair's row), so the tile reads
     them contiguously instead of through the sort."""
@@ -211,19 +212,67 @@ def _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse
     lse = tl.load(blse_ptr + key, mask=live, other=float("inf"))
     delta = tl.load(delta_ptr + key, mask=live, other=0.0)
     allowed = live[None, :] & (cols[:, None] >= qs[None, :]) & (cols[:, None] <= qe[None, :])  # [BLOCK_N, BLOCK_P]
-    return kv_grad_step(kk, vv, q, do, lse, delta, allowed, dk, dv, scale, PRECISION)
+    return kv_grad_step(kk, vv, q, do, lse, delta, allowed, dk, dv, scale, PRECISION, True, EXP2)
+
+
+@triton.jit
+def _span_kv_lean_tile(q_ptr, row_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr, delta_ptr, kk, vv, dk, dv,
+                       cols, d, dmask, grp, tile, PG, D, scale,
+                       BLOCK_P: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, EVEN_P: tl.constexpr,
+                       EVEN_D: tl.constexpr):
+    """`_span_kv_tile` on the lean pair arrays of `span_backward_kv` (KV_LEAN): in sorted order, with the gate in
+    the lse and Δ, lse' = lse − ln g (+inf for a dead pair or g = 0) and Δ' = Δ/g (0 where g = 0), so that
+    P' = exp(q·k·scale − lse') = g·P and dS = P'(dO·v − Δ') = P(g dO·v − Δ): the rows' dO is read unscaled and
+    liveness needs no per-pair test (a dead pair's row is a real row; its P' is 0). P' with exp2. MASKED = False: the
+    key block lies inside every live pair's span (no per-key mask, no span bounds read). EVEN_P: the group's pairs
+    fill whole tiles; EVEN_D: D is a power of two >= 16 (no lane mask)."""
+    r = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    key = grp.to(tl.int64) * PG + r
+    if EVEN_P:
+        row = tl.load(row_ptr + key)
+        lse = tl.load(blse_ptr + key)
+        delta = tl.load(delta_ptr + key)
+    else:
+        ok = r < PG
+        row = tl.load(row_ptr + key, mask=ok, other=0)
+        lse = tl.load(blse_ptr + key, mask=ok, other=float("inf"))
+        delta = tl.load(delta_ptr + key, mask=ok, other=0.0)
+    off = row.to(tl.int64)[:, None] * D + d[None, :]
+    if EVEN_D:
+        q = tl.load(q_ptr + off)
+        do = tl.load(do_ptr + off)
+    else:
+        q = tl.load(q_ptr + off, mask=dmask[None, :], other=0.0)
+        do = tl.load(do_ptr + off, mask=dmask[None, :], other=0.0)
+    if MASKED:
+        if EVEN_P:
+            qs = tl.load(qstart_ptr + key)
+            qe = tl.load(qend_ptr + key)
+        else:
+            qs = tl.load(qstart_ptr + key, mask=r < PG, other=0)
+            qe = tl.load(qend_ptr + key, mask=r < PG, other=-1)
+        allowed = (cols[:, None] >= qs[None, :]) & (cols[:, None] <= qe[None, :])  # [BLOCK_N, BLOCK_P]
+    else:
+        allowed = None
+    return kv_grad_step(kk, vv, q, do, lse, delta, allowed, dk, dv, scale, PRECISION, MASKED, True)
 
 
 @triton.jit
 def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr,
-                        delta_ptr, tile_lo_ptr, tile_hi_ptr, trange_ptr, dk_ptr, dv_ptr,
+                        delta_ptr, tile_lo_ptr, tile_hi_ptr, tile_in_ptr, trange_ptr, dk_ptr, dv_ptr,
                         sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                         H_Q, H_KV, L_Q, L_KV, D, G, PG, N_TILES, N_KB, scale,
                         NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr, SORTED: tl.constexpr):
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr, SORTED: tl.constexpr,
+                        EXP2: tl.constexpr, LEAN: tl.constexpr, EVEN_P: tl.constexpr, EVEN_D: tl.constexpr,
+                        INTERIOR: tl.constexpr, NEXT: tl.constexpr):
     """dK, dV of one key block of one KV group, key-major: the program visits the pair tiles whose key range
     [tile_lo, tile_hi] can meet the block (a contiguous run of tiles, `trange`), skips those that do not,
-    keeps dK and dV in registers and adds them once to the window's (no atomics: it owns the block)."""
+    keeps dK and dV in registers and adds them once to the window's (no atomics: it owns the block).
+    LEAN (with SKIP and SORTED): `_span_kv_lean_tile`, and a tile whose live pairs' spans all hold the whole block
+    (tile_in_ptr: per tile the largest qstart and smallest qend of its live pairs) runs without the per-key mask
+    (with INTERIOR; else every lean visit is masked). NEXT: each trip reads the next tile's key range (and with LEAN
+    and INTERIOR its inner range) before this tile's visit, so the branch does not wait for a memory round trip."""
     kb = tl.program_id(0)
     grp = tl.program_id(1)
     b = grp // H_KV
@@ -243,30 +292,70 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    tb = grp.to(tl.int64) * N_TILES
+    if NEXT:  # the first tile's ranges (any tile of the group when the run is empty; then never used)
+        at = tl.minimum(t_lo, N_TILES - 1)
+        n_lo = tl.load(tile_lo_ptr + tb + at)
+        n_hi = tl.load(tile_hi_ptr + tb + at)
+        if LEAN & INTERIOR:
+            n_in_lo = tl.load(tile_in_ptr + (tb + at) * 2)
+            n_in_hi = tl.load(tile_in_ptr + (tb + at) * 2 + 1)
+        else:  # not read
+            n_in_lo = n_lo
+            n_in_hi = n_hi
     for tile in range(t_lo, t_hi):
-        lo = tl.load(tile_lo_ptr + grp.to(tl.int64) * N_TILES + tile)
-        hi = tl.load(tile_hi_ptr + grp.to(tl.int64) * N_TILES + tile)
-        if SKIP:
+        if NEXT:
+            lo, hi, in_lo, in_hi = n_lo, n_hi, n_in_lo, n_in_hi
+            at = tl.minimum(tile + 1, N_TILES - 1)
+            n_lo = tl.load(tile_lo_ptr + tb + at)
+            n_hi = tl.load(tile_hi_ptr + tb + at)
+            if LEAN & INTERIOR:
+                n_in_lo = tl.load(tile_in_ptr + (tb + at) * 2)
+                n_in_hi = tl.load(tile_in_ptr + (tb + at) * 2 + 1)
+        else:
+            lo = tl.load(tile_lo_ptr + tb + tile)
+            hi = tl.load(tile_hi_ptr + tb + tile)
+            if LEAN & INTERIOR:
+                in_lo = tl.load(tile_in_ptr + (tb + tile) * 2)
+                in_hi = tl.load(tile_in_ptr + (tb + tile) * 2 + 1)
+        if LEAN:
+            if INTERIOR:
+                if (lo < k0 + BLOCK_N) & (hi >= k0):
+                    if (in_lo <= k0) & (in_hi >= k0 + BLOCK_N - 1):
+                        dk, dv = _span_kv_lean_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr,
+                                                    delta_ptr, kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, D, scale,
+                                                    BLOCK_P, PRECISION, False, EVEN_P, EVEN_D)
+                    else:
+                        dk, dv = _span_kv_lean_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr,
+                                                    delta_ptr, kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, D, scale,
+                                                    BLOCK_P, PRECISION, True, EVEN_P, EVEN_D)
+            elif (lo < k0 + BLOCK_N) & (hi >= k0):
+                dk, dv = _span_kv_lean_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr, delta_ptr,
+                                            kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, D, scale,
+                                            BLOCK_P, PRECISION, True, EVEN_P, EVEN_D)
+        elif SKIP:
             if (lo < k0 + BLOCK_N) & (hi >= k0):
                 dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr,
                                        kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D, G, scale,
-                                       NUM_SPANS, BLOCK_P, SORTED, PRECISION)
+                                       NUM_SPANS, BLOCK_P, SORTED, PRECISION, EXP2)
         else:  # tiles that miss the block are computed under the masks (no branch in the loop)
             dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr,
                                    kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, H_Q, H_KV, L_Q, D, G, scale,
-                                   NUM_SPANS, BLOCK_P, SORTED, PRECISION)
+                                   NUM_SPANS, BLOCK_P, SORTED, PRECISION, EXP2)
     off = (grp.to(tl.int64) * L_KV + cols[:, None]) * D + d[None, :]  # dk/dv: contiguous fp32 [B, H_KV, L_KV, D]
     tl.store(dk_ptr + off, tl.load(dk_ptr + off, mask=kv_mask, other=0.0) + dk * scale, mask=kv_mask)
     tl.store(dv_ptr + off, tl.load(dv_ptr + off, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
 
 
-def tile_key_ranges(qs, qe, block_p: int, l_kv: int, block_n: int):
+def tile_key_ranges(qs, qe, block_p: int, l_kv: int, block_n: int, inner: bool = False):
     """Per pair tile (BLOCK_P consecutive sorted pairs of a group): the key range [lo, hi] of its live pairs
     (lo = 2^62, hi = -1 for a tile without one), int64 [n_groups, n_tiles] each; and per key block the run
     [first, last) of tiles that can meet it, int64 [n_groups, n_blocks, 2]. A tile before `first` ends before
     the block (prefix maximum of hi), a tile from `last` on starts after it (suffix minimum of lo), whatever
     the sort order; sorting only keeps the run short. qs, qe: the pairs' span bounds in sorted order,
-    [n_groups, pairs per group]. Device tensors only, no host sync."""
+    [n_groups, pairs per group]. With `inner`, also per tile the keys [in_lo, in_hi] inside every live pair's span
+    (the largest qstart, the smallest qend; -1 and 2^62 for a tile without a live pair), int64
+    [n_groups, n_tiles, 2], as a fourth result. Device tensors only, no host sync."""
     n_groups, pg = qs.shape
     n_tiles = -(-pg // block_p)
     qs, qe = qs.long(), qe.long()
@@ -281,12 +370,35 @@ def tile_key_ranges(qs, qe, block_p: int, l_kv: int, block_n: int):
     first_key = torch.arange(0, l_kv, block_n, device=qs.device).expand(n_groups, -1).contiguous()
     first = torch.searchsorted(reach, first_key, right=False)
     last = torch.searchsorted(floor, first_key + block_n - 1, right=True)
-    return lo, hi, torch.stack([first, last], dim=-1).contiguous()
+    ranges = torch.stack([first, last], dim=-1).contiguous()
+    if not inner:
+        return lo, hi, ranges
+    in_lo = torch.nn.functional.pad(torch.where(live, qs, torch.full_like(qs, -1)), (0, pad), value=-1)
+    in_hi = torch.nn.functional.pad(torch.where(live, qe, torch.full_like(qe, 1 << 62)), (0, pad), value=1 << 62)
+    inside = torch.stack([in_lo.view(n_groups, n_tiles, block_p).amax(-1),
+                          in_hi.view(n_groups, n_tiles, block_p).amin(-1)], dim=-1).contiguous()
+    return lo, hi, ranges, inside
 
 
 KV_TILE = 64  # sorted pairs per tile visited by the key-major kernel (independent of the dQ kernel's tiles)
 KV_SKIP = True  # branch over tiles of the run that miss the block (else they are computed fully masked)
 KV_SORTED = True  # the key-major kernel reads the pair arrays gathered into sorted order (else through the sort)
+# The key-major kernel's lean visits (`_span_kv_lean_tile`, with KV_SKIP and KV_SORTED): the gate folded into the
+# sorted lse and Δ (lse − ln g, Δ/g; dead pairs' lse +inf), so a visit reads no gate, tests no liveness and scales no
+# dO; exp2; no per-key mask where the block lies inside every live pair's span of the tile. Session 9, sm_90 SASS
+# (Triton 3.6, 128 keys x 64 pairs, 8 warps): a visit from ~1,087 instructions per thread (exp2) to ~414 (inside every
+# span) or ~492 (masked). Off: window A (H200) measured its first form (gate on P and dP, 494/574 instructions) slower,
+# span dK/dV 110.1 ms at 128K against 93.6 for the plain visits with exp2 (106.7 for session 8's).
+KV_LEAN = False
+KV_INTERIOR = True  # lean visits of a block inside every live span of the tile skip the per-key mask
+# Each trip of the key-major loop reads the next tile's key range ahead (scalars only), so the meet test does not wait
+# for a memory round trip. H200, session 9 window B: backward alone at 128K 187.2 -> 182.5 ms (span dK/dV 94.1 ->
+# 89.5), train step 128K 247.7 -> 244.6 ms, 64K 99.8 -> 97.9, 32K 44.3 -> 43.5; gpu_check grads 41/41.
+KV_NEXT = True
+# Keys and warps per program of the span dK/dV kernel (None: the window's, `window.KV_BLOCK` / `KV_WARPS`). 64 keys
+# at 4 warps: two programs per SM (255 registers x 128 threads each) instead of one of 8 warps.
+KV_BLOCK_N = None
+KV_WARPS = None
 DQ_BLOCK_N = 64  # keys per loop trip of the dQ kernel (D <= 128; 32 above)
 DQ_STAGES = 2
 DQ_WARPS = 4  # warps of the dQ kernel
@@ -314,7 +426,8 @@ def span_backward_dq(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, d, group, pg, d ** -0.5 * LOG2E.value,
         NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=min(block_n, DQ_BLOCK_N), BLOCK_D=bd, SPLIT=window.DQ_SPLIT,
-        EVEN_D=bd == d, PRECISION=dot_precision(q2.dtype), DOTS=dots, num_warps=DQ_WARPS, num_stages=DQ_STAGES)
+        EVEN_D=bd == d, PRECISION=dot_precision(q2.dtype), DOTS=dots, SEM=common.GRAD_ATOMIC_SEM, num_warps=DQ_WARPS,
+        num_stages=DQ_STAGES)
 
 
 def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta, dk, dv) -> None:
@@ -332,16 +445,25 @@ def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta,
     n_groups = b * h_kv
     pairs = (order, qstart, qend, gate, branch_lse, delta)
     sqs, sqe = (x.reshape(-1)[order] for x in (qstart, qend))
-    tile_lo, tile_hi, ranges = tile_key_ranges(sqs.view(n_groups, pg), sqe.view(n_groups, pg), KV_TILE, l_kv,
-                                               window.KV_BLOCK)
+    lean = KV_LEAN and KV_SKIP and KV_SORTED
+    block_n = KV_BLOCK_N or window.KV_BLOCK
+    tile_lo, tile_hi, ranges, *inside = tile_key_ranges(sqs.view(n_groups, pg), sqe.view(n_groups, pg), KV_TILE,
+                                                        l_kv, block_n, inner=lean)
     if KV_SORTED:
-        pairs = (order // num_spans, sqs, sqe) + tuple(x.reshape(-1)[order] for x in (gate, branch_lse, delta))
+        sgate, slse, sdelta = (x.reshape(-1)[order] for x in (gate, branch_lse, delta))
+        if lean:  # the gate into lse and Δ (`_span_kv_lean_tile`); a dead pair's P' is 0 through its lse
+            on = (sqs >= 0) & (sqe >= sqs) & (sgate > 0)
+            slse = torch.where(on, slse - torch.log(torch.where(on, sgate, 1.0)), float("inf"))
+            sdelta = torch.where(on, sdelta / torch.where(on, sgate, 1.0), 0.0)
+        pairs = (order // num_spans, sqs, sqe, sgate, slse, sdelta)
     del sqs, sqe
-    n_kb = triton.cdiv(l_kv, window.KV_BLOCK)
+    n_kb = triton.cdiv(l_kv, block_n)
     srow, sqs, sqe, sgate, slse, sdelta = pairs
     _span_bwd_kv_kernel[(n_kb, n_groups)](
-        q2, k, v, srow, sqs, sqe, do, sgate, slse, sdelta, tile_lo, tile_hi, ranges, dk, dv,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        q2, k, v, srow, sqs, sqe, do, sgate, slse, sdelta, tile_lo, tile_hi, inside[0] if lean else tile_lo, ranges,
+        dk, dv, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, pg, tile_lo.shape[1], n_kb, d ** -0.5,
-        NUM_SPANS=num_spans, BLOCK_P=KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
-        SKIP=KV_SKIP, SORTED=KV_SORTED, num_warps=window.KV_WARPS if bd >= 128 else 4, num_stages=window.KV_STAGES)
+        NUM_SPANS=num_spans, BLOCK_P=KV_TILE, BLOCK_N=block_n, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
+        SKIP=KV_SKIP, SORTED=KV_SORTED, EXP2=window.KV_EXP2, LEAN=lean, EVEN_P=pg % KV_TILE == 0, EVEN_D=bd == d,
+        INTERIOR=KV_INTERIOR, NEXT=KV_NEXT,
+        num_warps=KV_WARPS or (window.KV_WARPS if bd >= 128 else 4), num_stages=window.KV_STAGES)
