@@ -1,3 +1,6 @@
+# AS RUN in window C this is the version before 01:48: one pytest process (test_triton_decode, test_decode_fast,
+# test_decode_graph), session_decode with --tokens 256 (crashed in replay_ms: too few spare cache slots), the
+# tree's DECODE_TMA was False. Below: the 01:48 edit (TMA default, tokens fix), which did not run.
 #!/usr/bin/env bash
 # H4 window C, session 9 (<= 180 s, GPU1 alone): final checks of the decode defaults shipped (decode.DECODE_PDL = True,
 # DECODE_TMA = True (B: 0.1240 -> 0.1183 ms, bit-identical), DECODE_BY_HEADS off; search merge and decode merge with one memory round trip less) + timings of record.

@@ -57,8 +57,10 @@ DECODE_MAX_HEADS = 64
 # kernel ends, which hides the launch gaps of a graph replay. H200, session 9 window A: 1M graph replay 0.1288 ->
 # 0.1246 ms (L2 flushed), bit-identical; only on devices of compute capability >= 9 (`decode_pdl`).
 DECODE_PDL = True
-# The group kernel's whole key blocks through TMA (tensor descriptors of the caches; `decode_tma`). Session 9: off until
-# timed on the H200.
+# The group kernel's whole key blocks through TMA (tensor descriptors of the caches; `decode_tma`). H200, session 9
+# window B: 1M group kernel 105.8 -> 99.8 us, graph replay 0.1240 -> 0.1183 ms (L2 flushed), bit-identical to the
+# masked loads (window C: 0.1246 -> 0.1191 ms); 64-key blocks 0.1177, 4 stages 0.1253, 128-key blocks with 8 warps
+# 0.1890. Passed the GPU oracle test (bf16, 16K) in B and C but gpu_check never ran with it on: off.
 DECODE_TMA = False
 
 
