@@ -149,11 +149,17 @@ def _group_step(q, kk, vv, cols, stop, qs, qe, w_lo, w_hi, rok, m, l, acc, qk_sc
     keep = (cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])
     keep = (keep | in_win[None, :]) & (cols < stop)[None, :] & rok[:, None]  # [RB, BLOCK_N]: key in S_k ∪ Wnd
     logits = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * qk_scale
-    logits = tl.where(keep, logits, float("-inf"))
-    m_new = tl.maximum(m, tl.max(logits, axis=1))
+    return _online_step(tl.where(keep, logits, float("-inf")), m, l, acc, vv, PRECISION)
+
+
+@triton.jit
+def _online_step(x, m, l, acc, vv, PRECISION: tl.constexpr):
+    """Fold one block of masked base-2 logits x [rows, BLOCK_N] (-inf where a key is not kept) into each row's
+    running max m, normaliser l and accumulator acc [rows, D] (values vv [BLOCK_N, D])."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m - m_use)
-    p = tl.exp2(logits - m_use[:, None])
+    p = tl.exp2(x - m_use[:, None])
     l = l * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
     return m_new, l, acc
@@ -252,14 +258,7 @@ def _slot_run(qs, qe, ok, c0, c1, lo, hi):
 def _slot_step(logits, cols, qs, qe, in_win, colok, m, l, acc, vv, PRECISION: tl.constexpr):
     """One key block of one slot's online softmax (base 2): the heads' shared logits masked to S_k ∪ Wnd."""
     keep = ((cols[None, :] >= qs[:, None]) & (cols[None, :] <= qe[:, None])) | in_win[None, :]
-    x = tl.where(keep & colok, logits, float("-inf"))
-    m_new = tl.maximum(m, tl.max(x, axis=1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m - m_use)
-    p = tl.exp2(x - m_use[:, None])
-    l = l * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
-    return m_new, l, acc
+    return _online_step(tl.where(keep & colok, logits, float("-inf")), m, l, acc, vv, PRECISION)
 
 
 @triton.jit
