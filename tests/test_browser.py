@@ -115,7 +115,7 @@ def _run_notebook(page, base: str, token: str, notebook: str, stem: str):
     for i in range(views.count()):
         view = views.nth(i)
         view.scroll_into_view_if_needed()
-        view.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=30_000)
+        view.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=90_000)  # a view scrolled into view renders its plot; 2 busy CI cores took > 30 s once
         assert view.locator(".widget-slider, .widget-dropdown, .widget-toggle-buttons, "
                             ".widget-button, .widget-text").count() > 0, f"{notebook}: view {i} has no controls"
         view.screenshot(path=str(ARTIFACTS / f"{stem}.view{i}.png"))
