@@ -20,8 +20,9 @@ Runs (`--runs` picks some; names are backend-precision[-variant]):
   alone makes, whatever is computed in fp32.
 Pairs of bf16 runs are compared too (`pairs`): Triton vs oracle both in bf16, torch vs oracle both in bf16.
 
-`--train-steps N` also trains the tiny model from one random init with each backend under bf16 autocast
-(`train.train`, same batches), and reports the loss curves and their largest gap.
+`--train-steps N` also trains the tiny model from one random init with each backend (`train.train`, same seed,
+batches and steps; bf16 autocast, or fp32 for a run named `backend-fp32`) and reports the loss curves and, for every
+pair of curves, the largest and the mean |loss difference| over the steps.
 
     python bench/model_grad_check.py [--lengths 1024 4096] [--train-steps 150]
 On CPU (`--device cpu`) bf16 runs use CPU autocast and the Triton backend is skipped.
@@ -148,20 +149,50 @@ def compare(ref, got) -> dict:
             "per_param": rel}
 
 
+@contextlib.contextmanager
+def fp32_training():
+    """`train.train` without autocast and without TF32 (it turns TF32 on for CUDA) inside: an fp32 loss curve."""
+    from superlinear_lab import train as train_module
+
+    step_loss_bf16 = train_module.step_loss
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    def step_loss_fp32(model, cfg, examples, device, autocast):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        return step_loss_bf16(model, cfg, examples, device, False)
+
+    train_module.step_loss = step_loss_fp32
+    try:
+        yield
+    finally:
+        train_module.step_loss = step_loss_bf16
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def curve_gaps(a: list, b: list) -> dict:
+    """The largest and the mean |a_i − b_i| over the steps both curves have."""
+    diffs = [abs(x - y) for x, y in zip(a, b)]
+    return {"max": max(diffs), "mean": sum(diffs) / len(diffs), "steps": len(diffs)}
+
+
 def loss_curves(cfg: TrainConfig, device: str, runs, steps: int, length: int, batch: int, done=None) -> dict:
-    """Train from the same random init with each run (a backend name, optionally with "-no-fp32-regions"; bf16
-    autocast on CUDA, `train.train`, same batches); the loss per step, and per run against the first (the oracle):
-    the largest and the mean |loss − oracle's| over the steps, and the mean loss of the last 20 steps.
-    `done(result)` is called with the result so far after each run."""
+    """Train from the same random init with each run (a backend name, optionally with "-no-fp32-regions" or "-fp32";
+    bf16 autocast on CUDA unless "-fp32", `train.train`, same batches); the loss per step, per run against the first
+    the largest and the mean |loss − first's| over the steps, the same for every pair of runs (`gaps`, "a vs b"),
+    and the mean loss of the last 20 steps. `done(result)` is called with the result so far after each run."""
     run_cfg = TrainConfig(**{**cfg.__dict__, "stages": [[length, steps, batch]], "probe_every": 0, "warmup": 20})
-    curves, seconds = {}, {}
-    result = {"length": length, "batch": batch, "steps": steps, "curves": curves, "seconds": seconds}
+    curves, seconds, gaps = {}, {}, {}
+    result = {"length": length, "batch": batch, "steps": steps, "curves": curves, "seconds": seconds, "gaps": gaps,
+              "precision": {r: "fp32 (no autocast, no TF32)" if r.endswith("-fp32") else
+                            "bf16 autocast" + (" without fp32 regions" if "no-fp32-regions" in r else "")
+                            for r in runs}}
     for run in runs:
         backend = run.split("-", 1)[0]
         precision.FP32_REGIONS = "no-fp32-regions" not in run
         t0 = time.perf_counter()
         try:
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory() as tmp, \
+                    (fp32_training() if run.endswith("-fp32") else contextlib.nullcontext()):
                 torch.manual_seed(0)
                 train(run_cfg, tmp, device=device, backend=backend, save_every=10**9, progress=False)
                 log = [json.loads(line) for line in (Path(tmp) / "log.jsonl").read_text().splitlines()]
@@ -175,10 +206,13 @@ def loss_curves(cfg: TrainConfig, device: str, runs, steps: int, length: int, ba
         curves[run] = [e["loss"] for e in log]
         print(f"loss curve {run}: {steps} steps in {seconds[run]:.1f} s, last 20 mean "
               f"{sum(curves[run][-20:]) / len(curves[run][-20:]):.4f}", flush=True)
+        for other in curves:
+            if other != run:
+                gaps[f"{run} vs {other}"] = curve_gaps(curves[run], curves[other])
         base = curves.get(runs[0], [])
-        result[f"max_abs_gap_vs_{runs[0]}"] = {b: max(abs(x - y) for x, y in zip(base, c))
+        result[f"max_abs_gap_vs_{runs[0]}"] = {b: curve_gaps(base, c)["max"]
                                                for b, c in curves.items() if b != runs[0] and base}
-        result[f"mean_abs_gap_vs_{runs[0]}"] = {b: sum(abs(x - y) for x, y in zip(base, c)) / len(c)
+        result[f"mean_abs_gap_vs_{runs[0]}"] = {b: curve_gaps(base, c)["mean"]
                                                 for b, c in curves.items() if b != runs[0] and base}
         result["mean_loss_last_20"] = {b: sum(c[-20:]) / len(c[-20:]) for b, c in curves.items()}
         if done is not None:
@@ -199,7 +233,8 @@ def main() -> None:
     parser.add_argument("--train-length", type=int, default=1024)
     parser.add_argument("--train-batch", type=int, default=16)
     parser.add_argument("--train-runs", nargs="+", default=["oracle", "triton", "torch"],
-                        help="loss-curve runs: backends, the first is the reference; '-no-fp32-regions' suffix allowed")
+                        help="loss-curve runs: backends, the first is the reference; suffix '-no-fp32-regions' "
+                        "(bf16 autocast without the fp32 regions) or '-fp32' (no autocast, no TF32) allowed")
     parser.add_argument("--timing", type=int, nargs="*", default=[],
                         help="also time training steps at these lengths (batch = 16K tokens / L), regions on/off")
     parser.add_argument("--timing-reps", type=int, default=10)
@@ -270,6 +305,9 @@ def main() -> None:
         print(f"loss curves, {args.train_steps} steps at L={args.train_length} x {args.train_batch}: "
               f"max |loss - {runs[0]}'s| {curves[f'max_abs_gap_vs_{runs[0]}']}, mean {curves[f'mean_abs_gap_vs_{runs[0]}']}, "
               f"mean of last 20 {curves['mean_loss_last_20']}", flush=True)
+        for pair, gap in curves["gaps"].items():
+            print(f"  {pair}: max |difference| {gap['max']:.4f}, mean {gap['mean']:.4f} over {gap['steps']} steps",
+                  flush=True)
     out.write_text(json.dumps(report, indent=1))
 
 
