@@ -27,6 +27,13 @@ this question". These tasks take that shortcut away:
 * ``fact_hop_steps`` (training aid) is ``fact_hop_quiz`` with the first hop asked as a question of its own: per
   chain, mostly "What is <owner>'s <thing> called?" (-> the pointer name) and then where it is kept (-> the
   place), sometimes the place alone;
+* ``fact_phrase_quiz`` (training aid) is ``fact_quiz`` for long multi-word values: a grid of phrase facts whose
+  values are 2–5 words (real words of the split and made-up ones, often all starting with the same word), every
+  one asked in turn: tens of multi-word copy targets per row under the split's phrasings, where a byte slip
+  inside a later word costs a phrase its exact match (session 9's candidate: first byte 91 %, exact 59 %);
+* ``fact_hop_named`` (training aid) is the second hop alone: ``fact_hop_quiz``'s chains, each asked with its pointer
+  name in the question ("Where is <Name> kept?", the row's place question with the key replaced by the name), the
+  answer being the place, which needs the place statement only;
 * ``fact_list`` (training aid, not an evaluation suite) asks for a whole list of words: every answer byte is a
   copy of a word in the evidence, so one row gives tens of copy targets instead of one value's few bytes. A small
   byte-level model learns to copy letters (not only digits, which are rare in prose) from this dense signal far
@@ -49,7 +56,8 @@ from . import data as D
 
 KINDS = ("word", "name", "phrase", "date", "number")
 TASKS = tuple(f"fact_{k}" for k in KINDS) + ("fact_multi_key", "fact_hop")  # the evaluation suites
-AUX_TASKS = ("fact_list", "fact_needle", "fact_quiz", "fact_hop_quiz", "fact_hop_steps")  # training aids (make_fact builds them too)
+AUX_TASKS = ("fact_list", "fact_needle", "fact_quiz", "fact_hop_quiz", "fact_hop_steps", "fact_phrase_quiz",
+             "fact_hop_named")  # training aids (make_fact builds them too)
 EVAL_FRACTION = 0.2  # share of words and names (by hash) that only the "eval" split uses as values
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
@@ -404,12 +412,12 @@ def _fill(template: str, owner: str, thing: str, value: str = "", name: str = ""
 
 
 def _statement(rng: random.Random, template: str, owner: str, thing: str, kind: str, split: str,
-               taken: set[str], name: str = "") -> tuple[str, str]:
-    """A fresh value of `kind` and `template` filled with it, the value being its statement's last occurrence
-    of that string (the builder marks evidence by `rindex`): a value that also occurs later in the sentence
-    (the word "word" before "as the secret word") is drawn again."""
+               taken: set[str], name: str = "", draw=None) -> tuple[str, str]:
+    """A fresh value of `kind` (or ``draw()``'s, which must add it to `taken`) and `template` filled with it, the
+    value being its statement's last occurrence of that string (the builder marks evidence by `rindex`): a
+    value that also occurs later in the sentence (the word "word" before "as the secret word") is drawn again."""
     for _ in range(100):
-        value = _value(kind, rng, split, taken)
+        value = draw() if draw else _value(kind, rng, split, taken)
         text = _fill(template, owner, thing, value, name)
         if text.rindex(value) == _fill(template, owner, thing, "\0", name).index("\0"):
             return text, value
@@ -429,9 +437,9 @@ def _builder(rng: random.Random, length: int, split: str) -> D._Builder:
     return D._Builder(rng, length, split, inline=INLINE if split == "train" else 0.0)
 
 
-def _ask(lead: str, template: str, owner: str, thing: str) -> str:
+def _ask(lead: str, template: str, owner: str, thing: str, name: str = "") -> str:
     """The end of a prompt: "\nQuestion: <lead><template filled>\nAnswer: "."""
-    return "\nQuestion: " + lead + _fill(template, owner, thing) + "\nAnswer: "
+    return "\nQuestion: " + lead + _fill(template, owner, thing, name=name) + "\nAnswer: "
 
 
 def _question(rng: random.Random, split: str, kind: str, owner: str, thing: str, template: str | None = None) -> str:
@@ -619,6 +627,27 @@ def _check_n_facts(n_facts: int) -> None:
         raise ValueError(f"n_facts={n_facts}: expected at least 1 fact to ask")
 
 
+def _quiz(task: str, rng: random.Random, length: int, split: str, kind: str, keys: list, draw=None):
+    """The facts of a quiz row (`fact_quiz`, `fact_phrase_quiz`): per key a statement of `kind` in the split's
+    phrasings (value from ``draw(taken)`` when given) at a random depth, every value a rival of the other
+    questions; then every fact asked in turn in a random order.
+
+    Returns (builder, values, order, questions, answer, need, prompts) as `_in_turn` makes them."""
+    taken: set[str] = set()
+    b = _builder(rng, length, split)
+    values = []
+    for owner, thing in keys:
+        text, value = _statement(rng, _statement_template(rng, split, kind), owner, thing, kind, split, taken,
+                                 draw=(lambda: draw(taken)) if draw else None)
+        b.needle(rng.random(), text, [value], rivals=(value,))  # each value is a rival of every other question
+        values.append(value)
+    n_facts = len(keys)
+    order = rng.sample(range(n_facts), n_facts)
+    questions = [_question(rng, split, kind, *keys[i]) for i in order]
+    answer, need, prompts = _in_turn(questions, [values[i] for i in order], [[i] for i in order])
+    return b, values, order, questions, answer, need, prompts
+
+
 def fact_quiz(length: int, seed: int, split: str = "train", n_facts: int = 4) -> D.Example:
     """`n_facts` facts of one kind whose keys come from a grid of owners × things (so facts share owners and
     things), then every fact asked in turn: "Question: … Answer: <value>" repeated. The answer range holds all the
@@ -629,19 +658,54 @@ def fact_quiz(length: int, seed: int, split: str = "train", n_facts: int = 4) ->
     rng = D._rng(task, length, seed, split, n_facts)
     kind = rng.choices(list(QUIZ_KINDS), list(QUIZ_KINDS.values()))[0]
     keys, near = _key_grid(rng, split, THINGS[kind], n_facts)
-    taken: set[str] = set()
-    b = _builder(rng, length, split)
-    values = []
-    for owner, thing in keys:
-        text, value = _statement(rng, _statement_template(rng, split, kind), owner, thing, kind, split, taken)
-        b.needle(rng.random(), text, [value], rivals=(value,))  # each value is a rival of every other question
-        values.append(value)
-    order = rng.sample(range(n_facts), n_facts)
-    questions = [_question(rng, split, kind, *keys[i]) for i in order]
-    answer, need, prompts = _in_turn(questions, [values[i] for i in order], [[i] for i in order])
+    b, values, order, questions, answer, need, prompts = _quiz(task, rng, length, split, kind, keys)
     return b.build(questions[0], answer, lambda j: need[j], task,
                    {"kind": kind, "keys": keys, "values": values, "order": order, "value": answer,
                     "near_keys": near, "n_distractors": n_facts - 1, "seed": seed}, prompts)
+
+
+PHRASE_QUIZ_WORDS = (2, 5)  # fact_phrase_quiz: fewest and most words of a value (the phrase suite's are 2-4)
+SHARED_START = 0.4  # fact_phrase_quiz: chance that a row's values all begin with the same word
+
+
+def _long_phrase(rng: random.Random, split: str, first: str | None, taken: set[str]) -> str:
+    """A fresh value of `PHRASE_QUIZ_WORDS` words, each a real word of the split or a made-up one (`_copy_kind`),
+    beginning with `first` when given; added to `taken` (no value inside another one, as `_value`)."""
+    for _ in range(1000):
+        n = rng.randint(*PHRASE_QUIZ_WORDS)
+        words = [first] if first else []
+        while len(words) < n:
+            words.append(rng.choice(vocabulary("words.txt", split)) if _copy_kind(rng) == "word"
+                         else _generated_name(rng).lower())
+        v = " ".join(words)
+        if v not in taken and not any(v in t or t in v for t in taken):
+            taken.add(v)
+            return v
+    raise RuntimeError("no fresh long phrase left")
+
+
+def fact_phrase_quiz(length: int, seed: int, split: str = "train", n_facts: int = 4, attempt: int = 0) -> D.Example:
+    """`fact_quiz` for long multi-word values (training aid): `n_facts` phrase facts whose keys come from a grid of
+    owners × phrase things, each value `PHRASE_QUIZ_WORDS` words (`_long_phrase`: real words of the split and
+    made-up ones; with chance `SHARED_START` every value of the row begins with the same word, so the first byte
+    picks nothing and the rest must be copied from the right statement), in the split's phrase phrasings; then
+    every fact asked in turn. Evidence per fact: its value; each value byte needs its own value; rivals: every
+    value. ``meta``: kind ("phrase"), keys, values, order, value (the whole answer), shared_start, near_keys.
+    `attempt` > 0 draws the row anew (for a short row that the first draw does not fit)."""
+    _check_n_facts(n_facts)
+    task = "fact_phrase_quiz"
+    rng = D._rng(task, length, seed, split, f"{n_facts}:{attempt}")
+    keys, near = _key_grid(rng, split, THINGS["phrase"], n_facts)
+    first = None
+    if rng.random() < SHARED_START:
+        first = rng.choice(vocabulary("words.txt", split)) if _copy_kind(rng) == "word" else \
+            _generated_name(rng).lower()
+    b, values, order, questions, answer, need, prompts = _quiz(
+        task, rng, length, split, "phrase", keys, draw=lambda taken: _long_phrase(rng, split, first, taken))
+    return b.build(questions[0], answer, lambda j: need[j], task,
+                   {"kind": "phrase", "keys": keys, "values": values, "order": order, "value": answer,
+                    "shared_start": first, "near_keys": near, "n_distractors": n_facts - 1, "seed": seed},
+                   prompts)
 
 
 def _hop_chains(rng: random.Random, length: int, split: str, n: int, name_rivals: bool):
@@ -728,6 +792,42 @@ def fact_hop_steps(length: int, seed: int, split: str = "train", n_chains: int =
                     "n_distractors": n_chains - 1, "seed": seed}, prompts)
 
 
+def named_hop_question(question: str) -> str:
+    """A hop place question (`hop_phrasings`, with a key of `_KEY_FORMS` or the eval bank's "{owner}'s {thing}")
+    with its key replaced by the pointer ("Where is the {thing} of {owner} kept?" -> "Where is {name} kept?")."""
+    for key in sorted(set(_KEY_FORMS + _KEY_FORMS_DATE), key=len, reverse=True):
+        for form in (key, _sentence(key)):
+            if form in question:
+                out = question.replace(form, "{name}", 1)
+                if "{owner}" not in out.lower() and "{thing}" not in out:
+                    return out
+    raise ValueError(f"question={question!r}: expected a hop question with one key of the grammar's forms")
+
+
+def fact_hop_named(length: int, seed: int, split: str = "train", n_chains: int = 3, attempt: int = 0) -> D.Example:
+    """The second hop alone (training aid, the rung below `fact_hop_steps`): `n_chains` chains as in
+    `fact_hop_quiz` ("<owner>'s <thing> is called <Name>." and "<Name> is kept in <Place>.", keys from an owner ×
+    thing grid, one place phrasing per row), then every chain asked in turn with its pointer name in the question
+    (`named_hop_question`: "Where is <Name> kept?"), the answer being its place. Each place's bytes need the place
+    statement's place only (the name is in the question); the naming statements stay in the row as context.
+    Rivals: the places. ``meta``: keys, middles (the pointer names), values (the places), order, hop_phrasing
+    (the place statement, the named question), value (the whole answer). `attempt` > 0 draws the row anew."""
+    _check_n_facts(n_chains)
+    task = "fact_hop_named"
+    rng = D._rng(task, length, seed, split, f"{n_chains}:{attempt}")
+    b, keys, near, (where, place_question), names, places, hops = _hop_chains(rng, length, split, n_chains,
+                                                                             name_rivals=False)
+    named = named_hop_question(place_question)
+    lead = split == "train"
+    order = rng.sample(range(n_chains), n_chains)
+    questions = [_ask(rng.choice(QUESTION_LEADS) if lead else "", named, *keys[i], name=names[i]) for i in order]
+    answer, need, prompts = _in_turn(questions, [places[i] for i in order], [hops[i][1:] for i in order])
+    return b.build(questions[0], answer, lambda j: need[j], task,
+                   {"keys": keys, "middles": names, "values": places, "order": order,
+                    "hop_phrasing": (where, named), "value": answer, "near_keys": near,
+                    "n_distractors": n_chains - 1, "seed": seed}, prompts)
+
+
 def _fewer_if_too_short(build, n_distractors: int, least: int = 0) -> D.Example:
     """`build(n_distractors)`, with one distractor fewer each time the row is too short (long phrases and
     wrapped statements may not fit a short row with every distractor the seed drew), down to `least`."""
@@ -777,6 +877,14 @@ def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Exam
         most = n.randint(0, max(0, min(4, room // 3)))
         return _redrawn(lambda attempt: _fewer_if_too_short(
             lambda d: fact_hop_steps(length, seed, split, n_chains=d + 1, attempt=attempt), most))
+    if task == "fact_phrase_quiz":  # values of up to 5 words: as many facts as fact_quiz, redrawn if none fits
+        most = n.randint(1, max(1, min(7, room - 1)))
+        return _redrawn(lambda attempt: _fewer_if_too_short(
+            lambda d: fact_phrase_quiz(length, seed, split, n_facts=d + 1, attempt=attempt), most))
+    if task == "fact_hop_named":  # two statements per chain, one answer each: as many chains as the hop quiz
+        most = n.randint(1, max(1, min(5, room // 2)))
+        return _redrawn(lambda attempt: _fewer_if_too_short(
+            lambda d: fact_hop_named(length, seed, split, n_chains=d + 1, attempt=attempt), most))
     if task == "fact_list":  # as many words and distractor lists as fit: fewer when the row is too short
         words, lists = n.randint(3, max(3, min(12, length // 48))), n.randint(0, max(0, min(2, room // 3)))
         while True:
