@@ -47,9 +47,11 @@ The prompt ends with ``"\\nQuestion: <question>\\nAnswer: "`` and the answer is 
 """
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import random
+import re
 from importlib import resources
 
 from . import data as D
@@ -668,15 +670,39 @@ PHRASE_QUIZ_WORDS = (2, 5)  # fact_phrase_quiz: fewest and most words of a value
 SHARED_START = 0.4  # fact_phrase_quiz: chance that a row's values all begin with the same word
 
 
+CORPUS_WORD_MIN = 5  # corpus_words: occurrences a word needs (real words, which the model has a prior for)
+
+
+@functools.lru_cache(maxsize=4)
+def corpus_words(source: str) -> tuple[str, ...]:
+    """The lower-case words (4-12 letters, at least `CORPUS_WORD_MIN` times) of the train corpus now in use
+    (`source`: its folder, the cache key), less every word that could be an eval value (`_in_eval`), sorted: on
+    runs/corpus 10,343 words, far more than the packaged list's train part (4,230 entries: the list was subsampled
+    by the same hash, so two thirds of it is eval-only), so a value word is rarely seen twice as a value."""
+    counts = collections.Counter(re.findall(rb"\b[a-z]{4,12}\b", D.corpus("train")))
+    return tuple(sorted(w.decode() for w, n in counts.items() if n >= CORPUS_WORD_MIN and not _in_eval(w.decode())))
+
+
+def _copy_word(rng: random.Random, split: str) -> str:
+    """A word of a `fact_phrase_quiz` value: in the train split half words of the train corpus (`corpus_words`),
+    a quarter words of the packaged list's train part, a quarter made-up; in the eval split a word of the eval
+    list or a made-up one (half each)."""
+    r = rng.random()
+    if split == "train" and r < 0.5:
+        return rng.choice(corpus_words(str(D._CORPUS_DIR[0])))
+    if r < (0.75 if split == "train" else 0.5):
+        return rng.choice(vocabulary("words.txt", split))
+    return _generated_name(rng).lower()
+
+
 def _long_phrase(rng: random.Random, split: str, first: str | None, taken: set[str]) -> str:
-    """A fresh value of `PHRASE_QUIZ_WORDS` words, each a real word of the split or a made-up one (`_copy_kind`),
-    beginning with `first` when given; added to `taken` (no value inside another one, as `_value`)."""
+    """A fresh value of `PHRASE_QUIZ_WORDS` words (`_copy_word`), beginning with `first` when given; added to
+    `taken` (no value inside another one, as `_value`)."""
     for _ in range(1000):
         n = rng.randint(*PHRASE_QUIZ_WORDS)
         words = [first] if first else []
         while len(words) < n:
-            words.append(rng.choice(vocabulary("words.txt", split)) if _copy_kind(rng) == "word"
-                         else _generated_name(rng).lower())
+            words.append(_copy_word(rng, split))
         v = " ".join(words)
         if v not in taken and not any(v in t or t in v for t in taken):
             taken.add(v)
@@ -686,8 +712,8 @@ def _long_phrase(rng: random.Random, split: str, first: str | None, taken: set[s
 
 def fact_phrase_quiz(length: int, seed: int, split: str = "train", n_facts: int = 4, attempt: int = 0) -> D.Example:
     """`fact_quiz` for long multi-word values (training aid): `n_facts` phrase facts whose keys come from a grid of
-    owners × phrase things, each value `PHRASE_QUIZ_WORDS` words (`_long_phrase`: real words of the split and
-    made-up ones; with chance `SHARED_START` every value of the row begins with the same word, so the first byte
+    owners × phrase things, each value `PHRASE_QUIZ_WORDS` words (`_long_phrase`: in the train split words of the
+    train corpus, of the packaged list's train part and made-up ones, never a word that could be an eval value; with chance `SHARED_START` every value of the row begins with the same word, so the first byte
     picks nothing and the rest must be copied from the right statement), in the split's phrase phrasings; then
     every fact asked in turn. Evidence per fact: its value; each value byte needs its own value; rivals: every
     value. ``meta``: kind ("phrase"), keys, values, order, value (the whole answer), shared_start, near_keys.
@@ -698,8 +724,7 @@ def fact_phrase_quiz(length: int, seed: int, split: str = "train", n_facts: int 
     keys, near = _key_grid(rng, split, THINGS["phrase"], n_facts)
     first = None
     if rng.random() < SHARED_START:
-        first = rng.choice(vocabulary("words.txt", split)) if _copy_kind(rng) == "word" else \
-            _generated_name(rng).lower()
+        first = _copy_word(rng, split)
     b, values, order, questions, answer, need, prompts = _quiz(
         task, rng, length, split, "phrase", keys, draw=lambda taken: _long_phrase(rng, split, first, taken))
     return b.build(questions[0], answer, lambda j: need[j], task,

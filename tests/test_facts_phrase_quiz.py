@@ -1,6 +1,7 @@
 """fact_phrase_quiz (superlinear_lab.facts): a quiz of long multi-word values, every one asked in turn (a dense
 copy signal for multi-word values under the split's phrasings)."""
 import hashlib
+import re
 from importlib import resources
 
 import pytest
@@ -33,14 +34,16 @@ def _word_list() -> tuple[set[str], set[str]]:
 
 @pytest.mark.parametrize("split", D.SPLITS)
 def test_phrase_quiz_values_evidence_needs_and_rivals(split, monkeypatch):
-    """Every value is 2-5 words, each a word of the split's list or a made-up word (never a word of the other
-    split); evidence decodes to the values, each inside the statement of its own key; the answer gives the values
+    """Every value is 2-5 words: in the train split words of the train corpus, of the list's train part and
+    made-up ones, never a word that could be an eval value (its hash); in the eval split the eval list's words
+    and made-up ones; evidence decodes to the values, each inside the statement of its own key; the answer gives the values
     in asking order with the later questions as prompts; each value byte needs its own value, question bytes
     nothing; every value is a rival."""
     planted = _statements(monkeypatch)
     train_words, eval_words = _word_list()
     mine, other = (train_words, eval_words) if split == "train" else (eval_words, train_words)
-    counts, made_up, total = set(), 0, 0
+    corpus = set(re.findall(r"[a-z]+", D.corpus("train").decode("utf-8", "replace")))
+    counts, kinds = set(), {"list": 0, "corpus": 0, "made_up": 0}
     for seed in range(12):
         ex = D.make_example("fact_phrase_quiz", 2048, seed, split)
         keys, values, order = [tuple(k) for k in ex.meta["keys"]], ex.meta["values"], ex.meta["order"]
@@ -52,8 +55,9 @@ def test_phrase_quiz_values_evidence_needs_and_rivals(split, monkeypatch):
             counts.add(len(words))
             for w in words:
                 assert w not in other and w == w.lower() and w.isalpha(), (split, w)
-                made_up += w not in mine
-                total += 1
+                if split == "train" and w in corpus:  # a real word, never one the eval split could hold
+                    assert hashlib.sha256(w.encode()).digest()[0] >= 256 * 0.2, w
+                kinds["list" if w in mine else "corpus" if w in corpus and split == "train" else "made_up"] += 1
         assert [bytes(ex.ids[a:b]).decode() for a, b in ex.evidence] == values
         raw = b"\0" + bytes(ex.ids[1:])  # ids[0] is <|bos|>: keep the indices
         for (owner, thing), (a, b) in zip(keys, ex.evidence):
@@ -78,7 +82,11 @@ def test_phrase_quiz_values_evidence_needs_and_rivals(split, monkeypatch):
         in_prompt = {q for a, b in ex.prompts for q in range(a - 1, b - 1)}
         assert set(ex.needs) == set(range(ex.answer[0] - 1, ex.answer[1] - 1)) - in_prompt
     assert counts == {2, 3, 4, 5}
-    assert 0.3 * total <= made_up <= 0.7 * total  # about half made-up words: values that no word list teaches
+    total = sum(kinds.values())
+    if split == "train":  # half corpus words, a quarter list words, a quarter made-up (some corpus words are listed)
+        assert kinds["corpus"] >= 0.3 * total and kinds["list"] >= 0.15 * total and kinds["made_up"] >= 0.12 * total
+    else:
+        assert kinds["corpus"] == 0 and 0.3 * total <= kinds["made_up"] <= 0.7 * total
 
 
 def test_phrase_quiz_rows_often_share_the_first_word():
