@@ -671,16 +671,35 @@ SHARED_START = 0.4  # fact_phrase_quiz: chance that a row's values all begin wit
 
 
 CORPUS_WORD_MIN = 5  # corpus_words: occurrences a word needs (real words, which the model has a prior for)
+PROBE_FRACTION = 0.1  # share of the corpus words (by a second hash byte) kept out of training for probe_words
 
 
 @functools.lru_cache(maxsize=4)
-def corpus_words(source: str) -> tuple[str, ...]:
-    """The lower-case words (4-12 letters, at least `CORPUS_WORD_MIN` times) of the train corpus now in use
-    (`source`: its folder, the cache key), less every word that could be an eval value (`_in_eval`), sorted: on
-    runs/corpus 10,343 words, far more than the packaged list's train part (4,230 entries: the list was subsampled
-    by the same hash, so two thirds of it is eval-only), so a value word is rarely seen twice as a value."""
+def _word_pools(source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(`corpus_words`, `probe_words`) of the train corpus now in use (`source`: its folder, the cache key): its
+    lower-case words (4-12 letters, at least `CORPUS_WORD_MIN` times) less every word that could be an eval value
+    (`_in_eval`), sorted, split by a second hash byte (`PROBE_FRACTION`); probe words also leave out the packaged
+    list's words."""
     counts = collections.Counter(re.findall(rb"\b[a-z]{4,12}\b", D.corpus("train")))
-    return tuple(sorted(w.decode() for w, n in counts.items() if n >= CORPUS_WORD_MIN and not _in_eval(w.decode())))
+    words = sorted(w.decode() for w, n in counts.items() if n >= CORPUS_WORD_MIN and not _in_eval(w.decode()))
+    probe = {w for w in words if hashlib.sha256(w.encode()).digest()[1] < 256 * PROBE_FRACTION}
+    listed = set(_entries("words.txt"))
+    return tuple(w for w in words if w not in probe), tuple(w for w in words if w in probe and w not in listed)
+
+
+def corpus_words() -> tuple[str, ...]:
+    """The train corpus's words that `fact_phrase_quiz` values use: on runs/corpus 9,208 words, far more than the
+    packaged list's train part (4,230 entries: the list was subsampled by the same hash as the eval split, so two
+    thirds of it is eval-only), so a value word is rarely seen twice as a value."""
+    return _word_pools(str(D._CORPUS_DIR[0]))[0]
+
+
+def probe_words() -> tuple[str, ...]:
+    """Train-split words that no training row uses as a value (1,030 on runs/corpus): real words of the train
+    corpus outside the packaged word list, kept out of `corpus_words`. A train-split selection probe can ask for
+    values made of them: words the model has a prior for but never copied as a value, as the eval split's
+    held-out words are."""
+    return _word_pools(str(D._CORPUS_DIR[0]))[1]
 
 
 def _copy_word(rng: random.Random, split: str) -> str:
@@ -689,7 +708,7 @@ def _copy_word(rng: random.Random, split: str) -> str:
     list or a made-up one (half each)."""
     r = rng.random()
     if split == "train" and r < 0.5:
-        return rng.choice(corpus_words(str(D._CORPUS_DIR[0])))
+        return rng.choice(corpus_words())
     if r < (0.75 if split == "train" else 0.5):
         return rng.choice(vocabulary("words.txt", split))
     return _generated_name(rng).lower()

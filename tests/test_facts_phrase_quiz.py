@@ -105,3 +105,20 @@ def test_phrase_quiz_rows_often_share_the_first_word():
     assert 0.25 * rows <= shared <= 0.55 * rows
     with pytest.raises(ValueError, match="n_facts=0"):
         F.fact_phrase_quiz(1024, 0, "train", n_facts=0)
+
+
+def test_probe_words_are_real_train_words_that_no_training_value_uses():
+    """probe_words: words of the train corpus, none a possible eval value, none in the packaged list (whose train
+    part fact_word / fact_phrase values use) and none in corpus_words (fact_phrase_quiz's); no training row's value
+    holds one."""
+    probe, pool = set(F.probe_words()), set(F.corpus_words())
+    corpus = set(re.findall(r"[a-z]+", D.corpus("train").decode("utf-8", "replace")))
+    listed = set().union(*_word_list())
+    assert len(probe) > 50 and len(pool) > 5 * len(probe)
+    assert probe <= corpus and not probe & listed and not probe & pool
+    assert all(hashlib.sha256(w.encode()).digest()[0] >= 256 * 0.2 for w in probe)
+    for seed in range(40):
+        for task in ("fact_phrase_quiz", "fact_phrase", "fact_word", "fact_quiz", "fact_list"):
+            ex = D.make_example(task, 1024, seed, "train")
+            values = ex.meta.get("values") or ex.meta.get("words") or [ex.meta["value"]]
+            assert not {w for v in values for w in v.split(" ")} & probe, (task, seed)
