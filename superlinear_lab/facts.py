@@ -629,10 +629,11 @@ def _check_n_facts(n_facts: int) -> None:
         raise ValueError(f"n_facts={n_facts}: expected at least 1 fact to ask")
 
 
-def _quiz(task: str, rng: random.Random, length: int, split: str, kind: str, keys: list, draw=None):
+def _quiz(task: str, rng: random.Random, length: int, split: str, kind: str, keys: list, draw=None, ask=None):
     """The facts of a quiz row (`fact_quiz`, `fact_phrase_quiz`): per key a statement of `kind` in the split's
     phrasings (value from ``draw(taken)`` when given) at a random depth, every value a rival of the other
-    questions; then every fact asked in turn in a random order.
+    questions; then every fact asked in turn in a random order (the question ``ask(owner, thing)`` when given,
+    else one of the split's for `kind`).
 
     Returns (builder, values, order, questions, answer, need, prompts) as `_in_turn` makes them."""
     taken: set[str] = set()
@@ -645,7 +646,7 @@ def _quiz(task: str, rng: random.Random, length: int, split: str, kind: str, key
         values.append(value)
     n_facts = len(keys)
     order = rng.sample(range(n_facts), n_facts)
-    questions = [_question(rng, split, kind, *keys[i]) for i in order]
+    questions = [ask(*keys[i]) if ask else _question(rng, split, kind, *keys[i]) for i in order]
     answer, need, prompts = _in_turn(questions, [values[i] for i in order], [[i] for i in order])
     return b, values, order, questions, answer, need, prompts
 
@@ -664,6 +665,26 @@ def fact_quiz(length: int, seed: int, split: str = "train", n_facts: int = 4) ->
     return b.build(questions[0], answer, lambda j: need[j], task,
                    {"kind": kind, "keys": keys, "values": values, "order": order, "value": answer,
                     "near_keys": near, "n_distractors": n_facts - 1, "seed": seed}, prompts)
+
+
+_RECITE = ("recite {key}, word for word.", "spell out {key}.", "read out {key}.", "copy out {key} exactly.",
+           "cite {key}.", "write out {key} in full.", "say {key} back, word for word.", "reproduce {key}.")
+RECITE_ASKED = 0.5  # fact_phrase_quiz (train): chance that a fact is asked with a `recite_questions` phrasing
+
+
+@functools.lru_cache(maxsize=None)
+def recite_questions() -> tuple[str, ...]:
+    """Train-only imperative questions of `fact_phrase_quiz` ("Spell out the motto of {owner}.", sorted): the
+    held-out phrase question is an imperative ("Quote ..."), and session 9's candidate copied held-out phrases
+    worse under it than under a train question (13 vs 10 of 16 exact on the same eval rows). Not drawn by any
+    other task, so their rows stay as they were."""
+    out = set()
+    for frame in _Q_FRAMES:
+        for form in _RECITE:
+            for key in _KEY_FORMS:
+                q = form.replace("{key}", key)
+                out.add(frame + q if frame else _sentence(q))
+    return tuple(sorted(out))
 
 
 PHRASE_QUIZ_WORDS = (2, 5)  # fact_phrase_quiz: fewest and most words of a value (the phrase suite's are 2-4)
@@ -732,11 +753,13 @@ def _long_phrase(rng: random.Random, split: str, first: str | None, taken: set[s
 def fact_phrase_quiz(length: int, seed: int, split: str = "train", n_facts: int = 4, attempt: int = 0) -> D.Example:
     """`fact_quiz` for long multi-word values (training aid): `n_facts` phrase facts whose keys come from a grid of
     owners × phrase things, each value `PHRASE_QUIZ_WORDS` words (`_long_phrase`: in the train split words of the
-    train corpus, of the packaged list's train part and made-up ones, never a word that could be an eval value; with chance `SHARED_START` every value of the row begins with the same word, so the first byte
-    picks nothing and the rest must be copied from the right statement), in the split's phrase phrasings; then
-    every fact asked in turn. Evidence per fact: its value; each value byte needs its own value; rivals: every
-    value. ``meta``: kind ("phrase"), keys, values, order, value (the whole answer), shared_start, near_keys.
-    `attempt` > 0 draws the row anew (for a short row that the first draw does not fit)."""
+    train corpus, of the packaged list's train part and made-up ones, never a word that could be an eval value;
+    with chance `SHARED_START` every value of the row begins with the same word, so the first byte picks nothing
+    and the rest must be copied from the right statement), in the split's phrase phrasings; then every fact asked
+    in turn (train: with chance `RECITE_ASKED` in a `recite_questions` phrasing). Evidence per fact: its value;
+    each value byte needs its own value; rivals: every value. ``meta``: kind ("phrase"), keys, values, order,
+    value (the whole answer), shared_start, near_keys. `attempt` > 0 draws the row anew (for a short row that the
+    first draw does not fit)."""
     _check_n_facts(n_facts)
     task = "fact_phrase_quiz"
     rng = D._rng(task, length, seed, split, f"{n_facts}:{attempt}")
@@ -744,8 +767,13 @@ def fact_phrase_quiz(length: int, seed: int, split: str = "train", n_facts: int 
     first = None
     if rng.random() < SHARED_START:
         first = _copy_word(rng, split)
+    def ask(owner: str, thing: str) -> str:
+        if split == "train" and rng.random() < RECITE_ASKED:
+            return _ask(rng.choice(QUESTION_LEADS), rng.choice(recite_questions()), owner, thing)
+        return _question(rng, split, "phrase", owner, thing)
+
     b, values, order, questions, answer, need, prompts = _quiz(
-        task, rng, length, split, "phrase", keys, draw=lambda taken: _long_phrase(rng, split, first, taken))
+        task, rng, length, split, "phrase", keys, draw=lambda taken: _long_phrase(rng, split, first, taken), ask=ask)
     return b.build(questions[0], answer, lambda j: need[j], task,
                    {"kind": "phrase", "keys": keys, "values": values, "order": order, "value": answer,
                     "shared_start": first, "near_keys": near, "n_distractors": n_facts - 1, "seed": seed},

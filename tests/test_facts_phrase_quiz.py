@@ -92,9 +92,19 @@ def test_phrase_quiz_values_evidence_needs_and_rivals(split, monkeypatch):
 def test_phrase_quiz_rows_often_share_the_first_word():
     """In about SHARED_START of the rows every value begins with the same word (named in meta), so a value's first
     byte picks nothing; in the others the values begin with different words."""
-    shared, rows = 0, 0
+    shared, rows, recited, asked = 0, 0, 0, 0
     for seed in range(80):
         ex = F.fact_phrase_quiz(4096, seed, "train", n_facts=4)
+        questions = re.findall(r"\nQuestion: (.*)\nAnswer: ", ex.text())
+        keys = [tuple(ex.meta["keys"][i]) for i in ex.meta["order"]]
+        for q, (owner, thing) in zip(questions, keys):
+            bare = q
+            for lead in sorted(F.QUESTION_LEADS, key=len, reverse=True):
+                if lead and q.startswith(lead):
+                    bare = q[len(lead):]
+                    break
+            recited += any(F._fill(t, owner, thing) == bare for t in F.recite_questions())
+            asked += 1
         firsts = {v.split(" ")[0] for v in ex.meta["values"]}
         if ex.meta["shared_start"] is not None:
             assert firsts == {ex.meta["shared_start"]}
@@ -103,6 +113,7 @@ def test_phrase_quiz_rows_often_share_the_first_word():
             assert len(firsts) > 1
         rows += 1
     assert 0.25 * rows <= shared <= 0.55 * rows
+    assert asked == 4 * rows and 0.35 * asked <= recited <= 0.65 * asked  # about RECITE_ASKED of the questions
     with pytest.raises(ValueError, match="n_facts=0"):
         F.fact_phrase_quiz(1024, 0, "train", n_facts=0)
 

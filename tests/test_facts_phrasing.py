@@ -127,6 +127,16 @@ def test_composed_phrasings_are_many_and_never_held_out(kind):
     assert eval_drawn == set(F.STATEMENTS["eval"][kind])  # the eval split keeps its own bank, unwrapped
 
 
+def test_recite_questions_are_many_and_never_held_out():
+    """fact_phrase_quiz's imperative questions: a few hundred, each naming owner and thing once, none (after any
+    question lead) holding an eval template's frame or stretch."""
+    questions = F.recite_questions()
+    assert len(questions) >= 200 and not set(questions) & set(F._train_questions("phrase"))
+    for t in questions:
+        assert t.lower().count("{owner}") == 1 and t.count("{thing}") == 1 and t.endswith("."), t
+    _assert_unseen({lead + t for lead in F.QUESTION_LEADS for t in questions})
+
+
 def test_composed_hop_phrasings_are_many_and_never_held_out():
     """Train hop phrasings (place statement, question): the fixed train pairs and hundreds of composed ones, none
     holding an eval frame (wrapped in any question lead); the eval split keeps its own bank."""
