@@ -69,8 +69,8 @@ CANDIDATES = [
     # and the window dK/dV's indices in int32 (window.KV_I32), the defaults for window A; sm_90 SASS (Triton 3.6):
     # span loop ~1,195 instructions per visit before, ~414 (interior) / ~492 (masked) after; window masked trip
     # 1,651 -> 1,098, unmasked 907 -> 773
-    {"span.KV_LEAN": False, "window.KV_EXP2": False, "window.KV_I32": False,
-     "common.GRAD_ATOMIC_SEM": "acq_rel"},  # 24: session 8's backward kernels (acq_rel atomics since window B)
+    {"span.KV_LEAN": False, "window.KV_EXP2": False, "window.KV_I32": False, "common.GRAD_ATOMIC_SEM": "acq_rel",
+     "span.KV_BLOCK_N": None, "span.KV_WARPS": None},  # 24: session 8's backward kernels (+ KV_NEXT since s9 C)
     {"span.KV_LEAN": False},  # 25: exp2 (both kernels) and the window's int32 indices, not the lean span visits
     {"window.KV_I32": False},  # 26: everything but the window's int32 indices
     {"span.KV_BLOCK_N": 64, "span.KV_WARPS": 4},  # 27: span dK/dV in 64-key programs of 4 warps (two per SM)
@@ -89,6 +89,11 @@ CANDIDATES = [
     # 32: 195.9, 33: 203.2 (search backward 3.4 -> 11.7 ms, span dQ 34.9 -> 42.5)
     {"span.KV_NEXT": False},  # 34: the key range read in its own trip
     {"span.KV_LEAN": True, "span.KV_BLOCK_N": 64, "span.KV_WARPS": 4, "span.KV_INTERIOR": False},  # 35
+    # session 10: the defaults are 30's (lean visits in 64-key 4-warp programs, with KV_NEXT); candidates 25-35 above
+    # are read against the defaults of their session
+    {"span.KV_LEAN": False, "span.KV_BLOCK_N": None, "span.KV_WARPS": None},  # 36: session 9's shipped span dK/dV
+    {"span.KV_INTERIOR": False},  # 37: the defaults with every lean visit masked (= 35)
+    {"span.KV_NEXT": False},  # 38: the defaults without the next tile's key range read ahead
 ]
 MODULES = {"window": window, "span": span, "common": common, "search": search}  # also used by fwd_tune.py
 

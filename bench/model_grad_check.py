@@ -5,7 +5,7 @@ Same weights, same batch, one forward + backward of the training loss (`train.st
 ‖g − g_ref‖ / ‖g_ref‖ (Frobenius norms over the whole tensor), reported as the max and median over the model's
 parameter tensors, with the loss, and how much of the routing differs: `topk_sets_differ` = the fraction of
 (row, query head, query) whose set of chosen anchors (top-K of the search) differs from the reference's, over every
-attention layer of the training forward.
+attention layer of the training forward (`sets_differ_per_layer`: the same per layer, in call order).
 
 Runs (`--runs` picks some; names are backend-precision[-variant]):
 * `triton-fp32`, `oracle-bf16`, `torch-bf16`, `triton-bf16`: bf16 = autocast over the whole model, with the model's
@@ -129,14 +129,20 @@ def step_seconds(cfg: TrainConfig, examples, device: str, backend: str, regions:
     return times[len(times) // 2]
 
 
-def topk_sets_differ(ref: list, got: list) -> float:
-    """Fraction of (row, query head, query) over all layers whose set of anchors differs between two routings."""
-    differ = total = 0
+def sets_differ_per_layer(ref: list, got: list) -> list[tuple[int, int]]:
+    """Per attention layer (in call order): (how many (row, query head, query) have a different set of anchors in
+    the two routings, how many there are)."""
+    counts = []
     for a, b in zip(ref, got):
         sa, sb = a.qanchor.sort(-1).values, b.qanchor.sort(-1).values
-        differ += int((sa != sb).any(-1).sum())
-        total += sa[..., 0].numel()
-    return differ / max(total, 1)
+        counts.append((int((sa != sb).any(-1).sum()), sa[..., 0].numel()))
+    return counts
+
+
+def topk_sets_differ(ref: list, got: list) -> float:
+    """Fraction of (row, query head, query) over all layers whose set of anchors differs between two routings."""
+    counts = sets_differ_per_layer(ref, got)
+    return sum(c for c, _ in counts) / max(sum(n for _, n in counts), 1)
 
 
 def compare(ref, got) -> dict:
@@ -146,6 +152,7 @@ def compare(ref, got) -> dict:
     ordered = sorted(rel.values())
     return {"loss_ref": l_ref, "loss": l_got, "max_grad_rel": rel[worst], "worst_param": worst,
             "median_grad_rel": ordered[len(ordered) // 2], "topk_sets_differ": topk_sets_differ(r_ref, r_got),
+            "sets_differ_per_layer": [c / max(n, 1) for c, n in sets_differ_per_layer(r_ref, r_got)],
             "per_param": rel}
 
 
@@ -279,7 +286,8 @@ def main() -> None:
                 rows.append(row)
                 print(f"{wname:>11} {length:>5}/{batch_step} {run:>40} {ref:>11} {row['loss']:>9.5f} {row['loss_ref']:>9.5f} "
                       f"{row['max_grad_rel']:>8.2%} {row['median_grad_rel']:>8.2%} "
-                      f"{row['topk_sets_differ']:>11.2%}  {row['worst_param']}", flush=True)
+                      f"{row['topk_sets_differ']:>11.2%}  {row['worst_param']}  per layer "
+                      + " ".join(f"{x:.2%}" for x in row["sets_differ_per_layer"]), flush=True)
             out.write_text(json.dumps(report, indent=1))
             del results
     report["timing"] = timing = []

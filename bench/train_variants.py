@@ -44,13 +44,16 @@ VARIANTS = {
     # session 9: the backward kernels as session 8 left them (no lean span visits, tl.exp, int64 window indices,
     # acq_rel gradient atomics), and without the lean span visits only
     "s8-kernels": {"span.KV_LEAN": False, "window.KV_EXP2": False, "window.KV_I32": False,
-                   "common.GRAD_ATOMIC_SEM": "acq_rel"},
+                   "common.GRAD_ATOMIC_SEM": "acq_rel", "span.KV_BLOCK_N": None, "span.KV_WARPS": None},
     "exp2-only": {"span.KV_LEAN": False},
     "lean": {"span.KV_LEAN": True},  # the span dK/dV kernel's lean visits (off by default after window A)
     "span-64x4": {"span.KV_BLOCK_N": 64, "span.KV_WARPS": 4},  # span dK/dV in 64-key programs of 4 warps
     "next": {"span.KV_NEXT": True},  # span dK/dV reads the next tile's key range one trip ahead (default since B)
     "lean-64x4": {"span.KV_LEAN": True, "span.KV_BLOCK_N": 64, "span.KV_WARPS": 4},
     "lean-64x4-masked": {"span.KV_LEAN": True, "span.KV_BLOCK_N": 64, "span.KV_WARPS": 4, "span.KV_INTERIOR": False},
+    # session 10: the lean visits in 64-key 4-warp programs are the defaults (so "lean", "span-64x4", "lean-64x4" are
+    # the defaults too, and "exp2-only" is plain visits in 64-key programs); session 9's shipped span dK/dV:
+    "s9-shipped": {"span.KV_LEAN": False, "span.KV_BLOCK_N": None, "span.KV_WARPS": None},
 }
 
 

@@ -387,18 +387,21 @@ KV_SORTED = True  # the key-major kernel reads the pair arrays gathered into sor
 # sorted lse and Δ (lse − ln g, Δ/g; dead pairs' lse +inf), so a visit reads no gate, tests no liveness and scales no
 # dO; exp2; no per-key mask where the block lies inside every live pair's span of the tile. Session 9, sm_90 SASS
 # (Triton 3.6, 128 keys x 64 pairs, 8 warps): a visit from ~1,087 instructions per thread (exp2) to ~414 (inside every
-# span) or ~492 (masked). Off: window A (H200) measured its first form (gate on P and dP, 494/574 instructions) slower,
-# span dK/dV 110.1 ms at 128K against 93.6 for the plain visits with exp2 (106.7 for session 8's).
-KV_LEAN = False
+# span) or ~492 (masked). Session 9 (H200): in 128-key 8-warp programs slower than the plain visits (span dK/dV at
+# 128K 105.0 vs 94.1 ms; first form 110.1), in 64-key 4-warp programs (`KV_BLOCK_N`, `KV_WARPS`) the fastest measured
+# (85.3 ms). On since session 10 together with those programs: gpu_check grads, both presets bf16/fp16, release fp32,
+# recompute, 40K chunks: 47/47 (window A); timings: bench/BENCHMARKS.md "H200, session 10: training kernels".
+KV_LEAN = True
 KV_INTERIOR = True  # lean visits of a block inside every live span of the tile skip the per-key mask
 # Each trip of the key-major loop reads the next tile's key range ahead (scalars only), so the meet test does not wait
 # for a memory round trip. H200, session 9 window B: backward alone at 128K 187.2 -> 182.5 ms (span dK/dV 94.1 ->
 # 89.5), train step 128K 247.7 -> 244.6 ms, 64K 99.8 -> 97.9, 32K 44.3 -> 43.5; gpu_check grads 41/41.
 KV_NEXT = True
 # Keys and warps per program of the span dK/dV kernel (None: the window's, `window.KV_BLOCK` / `KV_WARPS`). 64 keys
-# at 4 warps: two programs per SM (255 registers x 128 threads each) instead of one of 8 warps.
-KV_BLOCK_N = None
-KV_WARPS = None
+# at 4 warps: two programs per SM (255 registers x 128 threads each) instead of one of 8 warps; with the plain visits
+# slower (134.7 ms at 128K), with the lean ones faster (see KV_LEAN).
+KV_BLOCK_N = 64
+KV_WARPS = 4
 DQ_BLOCK_N = 64  # keys per loop trip of the dQ kernel (D <= 128; 32 above)
 DQ_STAGES = 2
 DQ_WARPS = 4  # warps of the dQ kernel
