@@ -65,9 +65,11 @@ def test_phrase_quiz_values_evidence_needs_and_rivals(split, monkeypatch):
                        and raw.find(t.encode()) <= a <= b <= raw.find(t.encode()) + len(t.encode())]
             assert len(holding) == 1 and owner[4:] in holding[0] and thing in holding[0]
             assert holding[0].count('"') == 2  # the value is quoted, as the phrase phrasings quote it
-        if split == "eval":
+        if split == "eval":  # the eval split's own phrasings only, statements and questions
             assert all(any(F._fill(t, o, th, v) == s for t in F.STATEMENTS["eval"]["phrase"])
                        for s, (o, th), v in zip(planted, keys, values))
+            asked = re.findall(r"\nQuestion: (.*)\nAnswer: ", ex.text())
+            assert asked == [F._fill(F.QUESTIONS["eval"]["phrase"][0], *keys[i]) for i in order]
         assert sorted(bytes(ex.ids[a:b]).decode() for a, b in ex.rivals) == sorted(values)
         parts = ex.answer_text().split("\nAnswer: ")
         assert [p.split("\nQuestion: ")[0] for p in parts] == [values[i] for i in order]
