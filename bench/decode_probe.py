@@ -128,7 +128,9 @@ SWEEP_B = [dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32),
            dict(by_heads=False, chunk=1024, stages=4, warps=4, block_n=32, pdl=True, set={"decode.DECODE_TMA": True}),
            dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=64, pdl=True, set={"decode.DECODE_TMA": True}),
            dict(by_heads=False, chunk=1024, stages=3, warps=8, block_n=128, pdl=True,
-                set={"decode.DECODE_TMA": True})]
+                set={"decode.DECODE_TMA": True}),
+           # 17: session 9's shipped step (TMA off; DECODE_TMA is on by default since session 10)
+           dict(by_heads=False, chunk=1024, stages=3, warps=4, block_n=32, pdl=True, set={"decode.DECODE_TMA": False})]
 SWEEPS = {"A": SWEEP, "B": SWEEP_B}
 
 ONLY: list[int] | None = None  # --only: indices of the sweep list to run

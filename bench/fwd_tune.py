@@ -37,6 +37,12 @@ SPAN = [  # (pairs per tile, key block, warps, stages, interior without masks)
     {"span.FWD_BLOCK_P": 256, "span.FWD_BLOCK_N": 32, "span.FWD_WARPS": 8},
     {"span.FWD_BLOCK_P": 128, "span.FWD_WARPS": 8, "span.FWD_STAGES": 4},
     {"span.FWD_BLOCK_P": 128, "span.FWD_BLOCK_N": 32, "span.FWD_WARPS": 8, "span.FWD_STAGES": 3},
+    # 10-13 (session 10): the scale folded into exp2's argument (window.FWD_FOLD, used by the span forward too),
+    # interior key blocks through TMA, both; 32-key blocks in 3 stages with the fold (64 KB of shared memory)
+    {"window.FWD_FOLD": True},
+    {"span.FWD_TMA": True},
+    {"window.FWD_FOLD": True, "span.FWD_TMA": True},
+    {"window.FWD_FOLD": True, "span.FWD_BLOCK_N": 32, "span.FWD_STAGES": 3},
 ]
 WINDOW = [
     {"window.FWD_SPLIT": False},
@@ -46,6 +52,10 @@ WINDOW = [
     {"window.FWD_ROWS": 128, "window.FWD_BLOCK_N": 128, "window.FWD_WARPS": 8},
     {"window.FWD_STAGES": 3},
     {"window.FWD_ROWS": 128, "window.FWD_WARPS": 8, "window.FWD_BLOCK_N": 32, "window.FWD_STAGES": 3},
+    # 7-9 (session 10): fold, TMA, both (as SPAN 10-12)
+    {"window.FWD_FOLD": True},
+    {"window.FWD_TMA": True},
+    {"window.FWD_FOLD": True, "window.FWD_TMA": True},
 ]
 SEARCH = [
     {},
@@ -55,6 +65,10 @@ SEARCH = [
     {"search.SEARCH_TILE_BYTES": 16384},
     {"search.SEARCH_KEYED": True},
     {"search.SEARCH_KEYED": True, "search.SEARCH_WARPS": 8},
+    # 7-9 (session 10): the top-K as named fp32 slots filled in anchor order; every round run; 32 stripes per trip
+    {"search.SEARCH_ORDERED": True},
+    {"search.SEARCH_ORDERED": True, "search.SEARCH_SKIP": False},
+    {"search.SEARCH_ORDERED": True, "search.SEARCH_STRIPES": 32},
 ]
 
 
@@ -97,6 +111,22 @@ def stage_inputs(length: int, q_len: int, dtype=torch.bfloat16, h_q: int = speed
     return dict(cfg=cfg, q1=q1, q2=q2, k=k, v=v, pos=pos, start=start, tables=tables, routing=routing, win=win)
 
 
+def stage_work(x) -> dict:
+    """Useful FLOPs of each stage on these inputs, counted from the routing itself: span = 4·D·Σ over valid pairs of
+    their span's keys (QKᵀ and PV), window = 4·D·Σ over query rows of their window's keys, search = 2·D·Σ over query
+    rows of the stripes M(q + 1) − σ scored (K rows dotted with Q1)."""
+    cfg, (qstart, _, qend, _) = x["cfg"], x["routing"]
+    d = x["q2"].shape[-1]
+    live = (qstart >= 0) & (qend >= qstart)
+    span_keys = torch.where(live, qend.long() - qstart.long() + 1, torch.zeros_like(qend, dtype=torch.int64)).sum()
+    pos = x["pos"]
+    win_keys = (pos - torch.clamp(pos - cfg.window_len + 1, min=0) + 1).sum() * x["q2"].shape[1]
+    offsets = x["tables"][0]
+    stripes = (common.max_stripes(offsets, pos) - cfg.sw_index).clamp(min=0).sum() * x["q1"].shape[1]
+    return {"span": 4 * d * int(span_keys), "window": 4 * d * int(win_keys), "search": 2 * d * int(stripes),
+            "span_pair_keys": int(span_keys), "window_row_keys": int(win_keys), "search_row_stripes": int(stripes)}
+
+
 def stage_fns(x):
     cfg, (qstart, qanchor, qend, values) = x["cfg"], x["routing"]
     return {
@@ -119,7 +149,7 @@ def max_diff(ref, got) -> float:
     return worst
 
 
-def sweep(stage: str, candidates, x, reps: int, rows: list, label: str, deadline: float):
+def sweep(stage: str, candidates, x, reps: int, rows: list, label: str, deadline: float, work: dict | None = None):
     fn = stage_fns(x)[stage]
     ref = None
     best = None
@@ -136,8 +166,11 @@ def sweep(stage: str, candidates, x, reps: int, rows: list, label: str, deadline
             diff = 0.0 if ref is None else max_diff(ref, out)
             ref = out if ref is None else ref
             ms = gpu_check.cuda_time(fn, reps) * 1e3
-            rows.append({"at": label, "stage": stage, "setting": setting, "ms": ms, "max_diff_vs_first": diff})
-            print(f"  {label} {stage:6s} {json.dumps(setting):80s} {ms:8.2f} ms  diff {diff:.3g}", flush=True)
+            tflops = None if work is None else work[stage] / ms / 1e9
+            rows.append({"at": label, "stage": stage, "setting": setting, "ms": ms, "max_diff_vs_first": diff,
+                         "tflops": tflops})
+            print(f"  {label} {stage:6s} {json.dumps(setting):80s} {ms:8.2f} ms  diff {diff:.3g}"
+                  + ("" if tflops is None else f"  {tflops:6.1f} TFLOP/s"), flush=True)
             if diff < 1e-2 and (best is None or ms < best[1]):
                 best = (setting, ms)
         except Exception as e:  # a setting that does not compile or fit is reported, not fatal
@@ -203,11 +236,14 @@ def main() -> None:
     for length in args.lengths:
         x = stage_inputs(length, min(speed.CHUNK, length))
         label = f"L{length // 1024}K-last32K"
+        work = stage_work(x)
+        report.setdefault("work", {})[label] = work
+        print(f"  {label} useful work: " + ", ".join(f"{k} {v:.3e}" for k, v in work.items()), flush=True)
         for stage in args.stages:
             if length < args.lengths[0] and stage == "search":
                 continue  # the search is swept at the first (longest) length only
             cands = [c for i, c in enumerate(table[stage]) if args.pick is None or f"{stage}:{i}" in args.pick]
-            found = sweep(stage, cands, x, args.reps, rows, label, t0 + args.budget)
+            found = sweep(stage, cands, x, args.reps, rows, label, t0 + args.budget, work)
             if found is not None and stage not in best:  # the first (longest) length decides
                 best[stage] = found[0]
             out.write_text(json.dumps(report, indent=1))

@@ -122,9 +122,14 @@ def timed_generate(session, mode: str, n: int, stream: bool = False) -> tuple[li
 
 
 def replay_ms(session, reps: int = 200) -> float | None:
-    """Device ms of one replay of the session's captured step, back to back (writes past the cursor only)."""
+    """Device ms of one replay of the session's captured step, back to back (writes past the cursor only). Each
+    replay advances the device-held position, so the replays (1 + 5 loops of `reps`) are bounded by the spare cache
+    slots past the cursor (the last slot, max_len - 1, is the capture's)."""
     decoder = session._decoder
     if decoder is None or decoder.graph is None:
+        return None
+    reps = min(reps, (session.max_len - 2 - session.cursor - 1) // 5)
+    if reps < 1:
         return None
     saved = (session.cache.conv_states.clone(), session.cache.ssm_states.clone())
     decoder.position.fill_(session.cursor)

@@ -38,7 +38,7 @@ _SCRIPT = textwrap.dedent('''
     HALF = {"q_ptr", "k_ptr", "v_ptr", "q1_ptr", "out_ptr", "do_ptr", "res_ptr", "dq1_ptr"}  # the model dtype (fp16)
     I64 = {"pos_ptr", "start_ptr", "order_ptr", "mstripe_ptr", "table_ptr", "blen_ptr", "flen_ptr", "part_a_ptr",
            "spos_ptr", "qrange_ptr", "tile_lo_ptr", "tile_hi_ptr", "tile_in_ptr", "trange_ptr"}
-    I32 = {"qstart_ptr", "qend_ptr", "qanchor_ptr", "anchor_ptr"}
+    I32 = {"qstart_ptr", "qend_ptr", "qanchor_ptr", "anchor_ptr", "key_ptr"}
     FLOAT = {"scale", "qk_scale", "INVALID"}
     WIDE = ("sk_", "sv_")  # strides are int64
 
@@ -47,6 +47,8 @@ _SCRIPT = textwrap.dedent('''
         for n in fn.arg_names:
             if n in const:
                 sig[n] = "constexpr"
+            elif n.endswith("_desc"):  # a TMA descriptor of a K or V cache [B, H_KV, L_KV, D], the kernel's blocks
+                sig[n] = f"tensordesc<fp16[1, 1, {DESC_BLOCK_N[fn.__name__]}, {BD}]>"
             elif n.endswith("_ptr"):
                 sig[n] = "*fp16" if n in HALF else "*i64" if n in I64 else "*i32" if n in I32 else "*fp32"
             else:
@@ -63,20 +65,29 @@ _SCRIPT = textwrap.dedent('''
     wfh, wfq, _ = common.head_rows(GROUP, LONG, window.FWD_ROWS)
     wkh, wkq, _ = common.head_rows(GROUP, LONG, window.KV_ROWS)
     sbd, sbn, sbp = span._blocks(D)
+    DESC_BLOCK_N = {"_decode_group_kernel": decode.DECODE_BLOCK_N, "_window_fwd_kernel": window.FWD_BLOCK_N,
+                    "_span_fwd_kernel": span.FWD_BLOCK_N}  # key rows of one TMA block
     KERNELS = [
         (search._search_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), GH=gh, BQ=bq, SC=search.SEARCH_STRIPES,
-                                     BLOCK_D=BD, IS_SPLIT=False, FIXED_TOP=False, KEYED=False, PRECISION="tf32",
-                                     PDL=False)),
+                                     BLOCK_D=BD, IS_SPLIT=False, FIXED_TOP=False, KEYED=False, ORDERED=False,
+                                     SKIP=False, PRECISION="tf32", PDL=False)),
         (search._search_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), GH=gh, BQ=bq, SC=search.SEARCH_STRIPES,
-                                     BLOCK_D=BD, IS_SPLIT=False, FIXED_TOP=False, KEYED=True, PRECISION="tf32",
-                                     PDL=False)),
+                                     BLOCK_D=BD, IS_SPLIT=False, FIXED_TOP=False, KEYED=True, ORDERED=False,
+                                     SKIP=False, PRECISION="tf32", PDL=False)),
+        (search._search_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), GH=gh, BQ=bq, SC=search.SEARCH_STRIPES,
+                                     BLOCK_D=BD, IS_SPLIT=False, FIXED_TOP=False, KEYED=False, ORDERED=True,
+                                     SKIP=True, PRECISION="tf32", PDL=False)),
         (search._search_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), GH=gh, BQ=bq1, SC=search.DECODE_STRIPES,
-                                     BLOCK_D=BD, IS_SPLIT=True, FIXED_TOP=True, KEYED=False, PRECISION="tf32",
-                                     PDL=True)),
+                                     BLOCK_D=BD, IS_SPLIT=True, FIXED_TOP=True, KEYED=False, ORDERED=False,
+                                     SKIP=False, PRECISION="tf32", PDL=True)),
         (search._search_merge_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BLOCK_R=4, BLOCK_C=128, PDL=True)),
         (search._search_bwd_kernel, dict(NUM_SPANS=K, BLOCK_R=32, BLOCK_D=BD, SEM="relaxed")),
+        (window._window_fwd_kernel, dict(k_desc=None, v_desc=None, GH=wfh, BQ=wfq, BLOCK_N=window.FWD_BLOCK_N,
+                                         BLOCK_D=BD, SPLIT=window.FWD_SPLIT, EVEN_D=True, PRECISION="tf32",
+                                         FOLD=False, TMA=False)),
         (window._window_fwd_kernel, dict(GH=wfh, BQ=wfq, BLOCK_N=window.FWD_BLOCK_N, BLOCK_D=BD,
-                                         SPLIT=window.FWD_SPLIT, EVEN_D=True, PRECISION="tf32")),
+                                         SPLIT=window.FWD_SPLIT, EVEN_D=True, PRECISION="tf32", FOLD=True,
+                                         TMA=True)),
         (window._window_bwd_dq_kernel, dict(GH=wgh, BQ=wbq, BLOCK_N=64, BLOCK_D=BD, SPLIT=window.DQ_SPLIT,
                                             EVEN_D=True, PRECISION="tf32", DOTS=False)),
         (window._window_bwd_dq_kernel, dict(GH=wgh, BQ=wbq, BLOCK_N=64, BLOCK_D=BD, SPLIT=window.DQ_SPLIT,
@@ -85,8 +96,11 @@ _SCRIPT = textwrap.dedent('''
                                             SPLIT=False, EXP2=False, I32=False)),
         (window._window_bwd_kv_kernel, dict(GH=wkh, BQ=wkq, BLOCK_N=window.KV_BLOCK, BLOCK_D=BD, PRECISION="tf32",
                                             SPLIT=True, EXP2=True, I32=True)),
+        (span._span_fwd_kernel, dict(k_desc=None, v_desc=None, NUM_SPANS=K, BLOCK_P=span.FWD_BLOCK_P,
+                                     BLOCK_N=span.FWD_BLOCK_N, BLOCK_D=sbd, SPLIT=span.FWD_SPLIT, EVEN_D=True,
+                                     PRECISION="tf32", FOLD=False, TMA=False)),
         (span._span_fwd_kernel, dict(NUM_SPANS=K, BLOCK_P=span.FWD_BLOCK_P, BLOCK_N=span.FWD_BLOCK_N, BLOCK_D=sbd,
-                                     SPLIT=span.FWD_SPLIT, EVEN_D=True, PRECISION="tf32")),
+                                     SPLIT=span.FWD_SPLIT, EVEN_D=False, PRECISION="tf32", FOLD=True, TMA=True)),
         (span._span_bwd_dq_kernel, dict(NUM_SPANS=K, BLOCK_P=sbp, BLOCK_N=min(sbn, span.DQ_BLOCK_N), BLOCK_D=sbd,
                                         SPLIT=window.DQ_SPLIT, EVEN_D=True, PRECISION="tf32", DOTS=False,
                                         SEM="relaxed")),
@@ -105,11 +119,16 @@ _SCRIPT = textwrap.dedent('''
         (span._span_bwd_kv_kernel, dict(NUM_SPANS=K, BLOCK_P=span.KV_TILE, BLOCK_N=window.KV_BLOCK, BLOCK_D=sbd,
                                         PRECISION="tf32", SKIP=True, SORTED=True, EXP2=True, LEAN=True,
                                         EVEN_P=False, EVEN_D=False, INTERIOR=False, NEXT=True)),
+        (span._pair_key_kernel, dict(BLOCK=1024, WIDE=False)),
+        (span._pair_key_kernel, dict(BLOCK=1024, WIDE=True)),
         (merge._gate_kernel, dict(NUM_SPANS=K, BLOCK_R=32, BLOCK_D=BD, RESIDUALS=True)),
         (merge._gate_bwd_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BLOCK_R=16, BLOCK_D=BD, DOTS=False)),
         (merge._gate_bwd_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BLOCK_R=16, BLOCK_D=BD, DOTS=True)),
+        (decode._decode_group_kernel, dict(k_desc=None, v_desc=None, NUM_SPANS=K, RB=decode.DECODE_MAX_ROWS,
+                                           BLOCK_N=decode.DECODE_BLOCK_N, BLOCK_D=BD, EVEN_D=True, PRECISION="tf32",
+                                           PDL=False, TMA=False)),
         (decode._decode_group_kernel, dict(NUM_SPANS=K, RB=decode.DECODE_MAX_ROWS, BLOCK_N=decode.DECODE_BLOCK_N,
-                                           BLOCK_D=BD, EVEN_D=True, PRECISION="tf32", PDL=False)),
+                                           BLOCK_D=BD, EVEN_D=True, PRECISION="tf32", PDL=True, TMA=True)),
         (decode._decode_heads_kernel, dict(NUM_SPANS=K, GH=16, BLOCK_N=decode.DECODE_BLOCK_N, BLOCK_D=BD,
                                            EVEN_D=True, PRECISION="tf32", PDL=True)),
         (decode._decode_merge_kernel, dict(NUM_SPANS=K, KP=common.next_pow2(K), BC=64, BLOCK_D=BD, PDL=True)),
@@ -140,4 +159,4 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     failed = [f"{name} (sm_{arch}): {error}" for name, arch, _, error in results if error]
     assert not failed, "\n".join(failed)
-    assert len(results) == 23 and all(size > 0 for _, _, size, _ in results)
+    assert len(results) == 29 and all(size > 0 for _, _, size, _ in results)

@@ -154,14 +154,17 @@ def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, 
         _compare(RELEASE_SMALL, 1, 16, 1, 64, 64, 16, torch.float32, starts=[5])
 
 
-@pytest.mark.parametrize("split", [True, False], ids=["interior", "masked"])
-def test_forward_small_tiles(monkeypatch, split):
+@pytest.mark.parametrize("split, fold", [(True, False), (False, False), (True, True), (False, True)],
+                         ids=["interior", "masked", "interior-fold", "masked-fold"])
+def test_forward_small_tiles(monkeypatch, split, fold):
     """The window and span forwards with small key blocks, pair tiles and row blocks: tiles then have interior key
     blocks (inside the keys of every row, computed without masks) between masked edge blocks, and tiles end and
-    start inside blocks. `masked`: every block under the masks. Outputs and gradients match the oracle."""
+    start inside blocks. `masked`: every block under the masks. `fold`: the scale folded into exp2's argument
+    (`window.FWD_FOLD`). Outputs and gradients match the oracle."""
     from superlinear_kernels.triton import span, window
 
     monkeypatch.setattr(span, "_blocks", lambda d: (max(16, d), 16, 16))  # the pair sort by 16-key blocks
+    monkeypatch.setattr(window, "FWD_FOLD", fold)
     for mod, rows in ((span, "FWD_BLOCK_P"), (window, "FWD_ROWS")):
         monkeypatch.setattr(mod, rows, 16)
         monkeypatch.setattr(mod, "FWD_BLOCK_N", 16)
@@ -169,6 +172,29 @@ def test_forward_small_tiles(monkeypatch, split):
     _compare(RELEASE_SMALL, 1, 4, 2, 120, 120, 16, torch.float32, starts=[9])
     order = torch.randperm(40, generator=torch.Generator().manual_seed(3)) + 60
     _compare(K3_FORWARD, 2, 4, 2, 40, 100, 16, torch.float16, starts=[0, 21], positions=order.tolist())
+
+
+@pytest.mark.parametrize("l_kv, block_n", [(3000, 64), (1 << 21, 16)], ids=["int32-keys", "int64-keys"])
+def test_pair_sort_order(l_kv, block_n):
+    """`span.sort_pairs` orders the pairs by (KV group, first key block, last key block), empty spans last in their
+    group, as a naive stable sort of that key does (equal keys in any order); 2M keys in 16-key blocks need int64 keys
+    (`_pair_key_kernel`'s WIDE)."""
+    from superlinear_kernels.triton import span
+
+    gen = torch.Generator().manual_seed(0)
+    b, h_q, h_kv, l_q, k = 2, 8, 2, 40, 3
+    qs = torch.randint(-1, l_kv, (b, h_q, l_q, k), generator=gen, dtype=torch.int32)
+    qe = (qs + torch.randint(-50, 2000, qs.shape, generator=gen, dtype=torch.int32)).clamp(max=l_kv - 1)
+    qs.view(-1)[::7] = -1  # invalid slots; the -50 above also gives spans that end before they start
+    qe = torch.where(qs < 0, -1, qe).to(torch.int32)
+    order = span.sort_pairs(qs.to(DEVICE), qe.to(DEVICE), h_kv, block_n, l_kv).cpu()
+    n_groups, n_blocks = b * h_kv, -(-l_kv // block_n)
+    key = []
+    for pair, (s0, e0) in enumerate(zip(qs.reshape(-1).tolist(), qe.reshape(-1).tolist())):
+        group = pair // (h_q // h_kv * l_q * k)
+        key.append((group, s0 // block_n, e0 // block_n) if 0 <= s0 <= e0 else (group, n_blocks, 0))
+    assert sorted(order.tolist()) == list(range(len(key)))
+    assert [key[i] for i in order.tolist()] == sorted(key)
 
 
 @pytest.mark.parametrize("split", [True, False], ids=["interior", "masked"])
@@ -345,13 +371,16 @@ def test_padding_queries_are_zero_not_nan():
     _compare(DEFAULT, 1, 2, 1, 20, 20, 16, torch.float32, starts=[12])
 
 
+@pytest.mark.parametrize("ordered", [False, True], ids=["merge", "ordered"])
 @pytest.mark.parametrize("num_spans", [1, 2, 3, 4])
-def test_search_routing_and_values(monkeypatch, num_spans):
+def test_search_routing_and_values(monkeypatch, num_spans, ordered):
     """Routing and values equal the oracle's, with the top-K kept as (score, anchor) pairs (K = 1, 2) or as one
-    int64 key per slot (K = 3, 4; `search.SEARCH_KEYED`); negative and positive scores, left padding."""
+    int64 key per slot (K = 3, 4; `search.SEARCH_KEYED`), or as named slots filled in anchor order
+    (`search.SEARCH_ORDERED`); negative and positive scores, left padding."""
     from superlinear_kernels.triton import search
 
     monkeypatch.setattr(search, "SEARCH_KEYED", num_spans > 2)
+    monkeypatch.setattr(search, "SEARCH_ORDERED", ordered)
     cfg = RELEASE_SMALL.replace(num_spans=num_spans)
     b, h_q, h_kv, l, d = 2, 8, 2, 70, 16
     q1, _, k, _ = random_inputs(b, h_q, h_kv, l, l, d, device=DEVICE)
@@ -398,13 +427,15 @@ def test_non_finite_values_are_nan_never_inf():
     assert_close("finite queries", ref[safe], out[safe], 1e-4)
 
 
-@pytest.mark.parametrize("keyed", [False, True], ids=["pairs", "keyed"])
-def test_search_tie_rule_earlier_position_wins(monkeypatch, keyed):
-    """Identical keys give identical scores: the earliest anchors must win (docs/algorithm.md §2.3). `keyed`: the
-    prefill search keeps its top-K as one int64 key per slot (score bits, then the anchor reversed)."""
+@pytest.mark.parametrize("mode", ["pairs", "keyed", "ordered"])
+def test_search_tie_rule_earlier_position_wins(monkeypatch, mode):
+    """Identical keys give identical scores: the earliest anchors must win (docs/algorithm.md §2.3). "keyed": the
+    prefill search keeps its top-K as one int64 key per slot (score bits, then the anchor reversed); "ordered": as
+    named slots filled in anchor order, a later anchor entering only with a strictly higher score."""
     from superlinear_kernels.triton import search
 
-    monkeypatch.setattr(search, "SEARCH_KEYED", keyed)
+    monkeypatch.setattr(search, "SEARCH_KEYED", mode == "keyed")
+    monkeypatch.setattr(search, "SEARCH_ORDERED", mode == "ordered")
     cfg = DEFAULT.replace(num_spans=3)
     b, h_q, h_kv, l, d = 1, 4, 2, 64, 16
     q1, _, k, _ = random_inputs(b, h_q, h_kv, l, l, d, device=DEVICE)
@@ -414,6 +445,28 @@ def test_search_tie_rule_earlier_position_wins(monkeypatch, keyed):
     _routing_equal(ref, got)
     anchors = got.qanchor[got.qanchor >= 0].view(-1)
     assert anchors.numel() > 0
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "every-round"])
+@pytest.mark.parametrize("num_spans", [1, 2, 3, 4])
+def test_search_ordered_over_many_trips(monkeypatch, num_spans, skip):
+    """`search.SEARCH_ORDERED` over many 16-stripe trips (sw_index 1, 600 keys: up to ~40 trips per query), so the
+    slots fill up early and later trips insert one, several or no candidates (`SEARCH_SKIP`: rounds after the first
+    only where some row of the program needs them). Every 5th key repeats key 0 (equal scores across trips and
+    inside one trip: the earliest anchor must win); the other rows are random. Routing and values == the oracle."""
+    from superlinear_kernels.triton import search
+
+    monkeypatch.setattr(search, "SEARCH_ORDERED", True)
+    monkeypatch.setattr(search, "SEARCH_SKIP", skip)
+    cfg = DEFAULT.replace(num_spans=num_spans, sw_index=1)
+    b, h_q, h_kv, l, d = 1, 4, 2, 600, 16
+    q1, _, k, _ = random_inputs(b, h_q, h_kv, l, l, d, seed=7, device=DEVICE)
+    k[:, :, ::5] = k[:, :, :1]
+    positions = torch.arange(l - 40, l)
+    ref = span_search(q1[:, :, positions], k, positions, cfg, backend="oracle")
+    got = span_search(q1[:, :, positions], k, positions, cfg, backend="triton")
+    _routing_equal(ref, got)
+    assert int(got.valid.sum(-1).min()) == num_spans
 
 
 def test_search_gradient_through_values():
@@ -469,3 +522,25 @@ def test_gpu_matches_oracle(cfg, dtype):
     """Moderate sizes on a real GPU (the interpreter can't check bf16 tl.dot)."""
     _compare(cfg, 2, 8, 2, 2500, 2500, 64, dtype, starts=[0, 301], grads=True)
     _compare(cfg, 2, 16, 1, 1, 3000, 128, dtype, starts=[0, 700], positions=[2999], grads=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("block", [16, 64])
+def test_gpu_forward_tma(monkeypatch, block):
+    """The window and span forwards reading their interior key blocks through TMA (`span.FWD_TMA`, `window.FWD_TMA`;
+    with the scale folded into exp2, `window.FWD_FOLD`), release preset in bf16 with left padding, 16- and 64-key
+    blocks (16: many interior blocks between masked edges, pair tiles of 16): outputs and gradients == the oracle's
+    within the bf16 tolerances, and the descriptors are really used."""
+    from superlinear_kernels.triton import common, span, window
+
+    for mod in (span, window):
+        monkeypatch.setattr(mod, "FWD_TMA", True)
+        monkeypatch.setattr(mod, "FWD_BLOCK_N", block)
+    monkeypatch.setattr(window, "FWD_FOLD", True)
+    if block == 16:
+        monkeypatch.setattr(span, "_blocks", lambda d: (max(16, d), 16, 16))
+        monkeypatch.setattr(span, "FWD_BLOCK_P", 16)
+    k = random_inputs(2, 8, 2, 8, 2500, 64, dtype=torch.bfloat16, device=DEVICE)[2]
+    assert common.tma_ok(k, k) and window.fwd_descriptors(k, k, block, 64, True)[2]
+    _compare(SpanConfig.release(), 2, 8, 2, 2500, 2500, 64, torch.bfloat16, starts=[0, 301], grads=True)

@@ -120,3 +120,33 @@ def test_gpu_decode_pdl_graph_bit_identical(monkeypatch, kernel):
         outs[pdl] = rows
     for (g0, d0), (g1, d1) in zip(outs[False], outs[True]):
         assert torch.equal(g0, d0) and torch.equal(g1, g0) and torch.equal(d1, d0)
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decode_tma_bit_identical(monkeypatch):
+    """decode.DECODE_TMA (the group kernel's whole key blocks through TMA, its last partial block masked): graph replays
+    and direct launches give the bits of the masked loads, position after position (runs ending mid-block, chunks cut
+    by the position). The cache holds NaN from key 59,990 on, inside the key block of positions 59,985 and 59,989:
+    keys past the position may hold anything, and a step must not read them."""
+    monkeypatch.setattr(decode, "DECODE_BY_HEADS", False)
+    cfg = SpanConfig.release()
+    q1, q2, k, v = random_inputs(1, 32, 2, 1, 65536, 128, dtype=torch.bfloat16, seed=4, device=DEVICE)
+    k[:, :, 59990:] = float("nan")
+    v[:, :, 59990:] = float("nan")
+    outs = {}
+    for tma in (False, True):
+        monkeypatch.setattr(decode, "DECODE_TMA", tma)
+        assert decode.decode_tma(k, v) == tma
+        graph = DecodeAttention(k, v, cfg, num_heads=32, backend="triton")
+        direct = DecodeAttention(k, v, cfg, num_heads=32, backend="triton", graph=False)
+        rows = []
+        for step, position in enumerate((59985, 40001, 59989, 9000, 30017, 1000)):
+            qa, qb = q1 * (1 + step / 8), q2 * (1 - step / 16)
+            rows.append((graph(qa, qb, position).clone(), direct(qa, qb, position).clone()))
+        assert graph.use_graph and graph._graph is not None, "the step was not captured as a graph"
+        outs[tma] = rows
+    for position, (g0, d0), (g1, d1) in zip((59985, 40001, 59989, 9000, 30017, 1000), outs[False], outs[True]):
+        assert torch.isfinite(d0).all(), f"position {position}: the masked loads gave non-finite rows"
+        assert torch.equal(g0, d0) and torch.equal(g1, g0) and torch.equal(d1, d0), f"position {position}"

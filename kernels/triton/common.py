@@ -52,6 +52,20 @@ KEEP_RESIDUALS = True
 GRAD_ATOMIC_SEM = "relaxed"
 
 
+def tma_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether K and V caches can be read through TMA host descriptors: compiled kernels (not the interpreter) on a
+    CUDA device of compute capability >= 9.0, a Triton with tensor descriptors, 16-byte aligned bases and strides and
+    unit stride over D."""
+    if INTERPRET or k.device.type != "cuda" or torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return all(x.data_ptr() % 16 == 0 and x.stride(-1) == 1 and all(st * x.element_size() % 16 == 0
+                                                                     for st in x.stride()[:-1]) for x in (k, v))
+
+
 def train_forward_chunk(l_q: int, rows_per_query: int) -> int:
     """Queries per chunk of the training forward over l_q queries of rows_per_query = B·H_Q rows each (see
     TRAIN_FWD_PARTS)."""

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..softmax import INVALID_GATE_LOGIT
 from .common import (HAS_PDL, INTERPRET, MAX_SPANS, block_d, dot_precision, gdc_launch_dependents, gdc_wait, next_pow2,
-                     pdl_launch)
+                     pdl_launch, tma_ok)
 from .rules import LN2, LOG2E, nonfinite_rows, window_lo
 
 DECODE_BLOCK_N = 32  # keys per loop trip (32 and 64 tie on random routing; 32 is ~10% faster on coherent)
@@ -57,11 +57,12 @@ DECODE_MAX_HEADS = 64
 # kernel ends, which hides the launch gaps of a graph replay. H200, session 9 window A: 1M graph replay 0.1288 ->
 # 0.1246 ms (L2 flushed), bit-identical; only on devices of compute capability >= 9 (`decode_pdl`).
 DECODE_PDL = True
-# The group kernel's whole key blocks through TMA (tensor descriptors of the caches; `decode_tma`). H200, session 9
-# window B: 1M group kernel 105.8 -> 99.8 us, graph replay 0.1240 -> 0.1183 ms (L2 flushed), bit-identical to the
-# masked loads (window C: 0.1246 -> 0.1191 ms); 64-key blocks 0.1177, 4 stages 0.1253, 128-key blocks with 8 warps
-# 0.1890. Passed the GPU oracle test (bf16, 16K) in B and C but gpu_check never ran with it on: off.
-DECODE_TMA = False
+# The group kernel's whole key blocks through TMA (tensor descriptors of the caches; only on compute capability >= 9,
+# `decode_tma`). H200, session 9 window B: 1M group kernel 105.8 -> 99.8 us, graph replay 0.1240 -> 0.1183 ms (L2
+# flushed), bit-identical to the masked loads (window C: 0.1246 -> 0.1191 ms); 64-key blocks 0.1177, 4 stages 0.1253,
+# 128-key blocks with 8 warps 0.1890. Session 10: one kernel with a TMA constexpr (no separate TMA kernel), on by
+# default after gpu_check --no-timing passed with it on (window A).
+DECODE_TMA = True
 
 
 def decode_chunk(l_kv: int) -> int:
@@ -166,11 +167,14 @@ def _online_step(x, m, l, acc, vv, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, start_ptr, pm_ptr, pl_ptr, pacc_ptr,
-                         sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+def _decode_group_kernel(q_ptr, k_ptr, v_ptr, k_desc, v_desc, qstart_ptr, qend_ptr, pos_ptr, start_ptr,
+                         pm_ptr, pl_ptr, pacc_ptr, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                          H_Q, H_KV, L_KV, D, G, W, N_ROWS, N_RB, N_CHUNKS, CHUNK, qk_scale,
                          NUM_SPANS: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         EVEN_D: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                         EVEN_D: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr):
+    """With TMA the whole key blocks of the run are read through TMA (k_desc/v_desc: tensor descriptors of K and V
+    [B, H_KV, L_KV, D], blocks [1, 1, BLOCK_N, BLOCK_D]; None without it) and only the last, partial block (keys from
+    `stop` on may lie past the position, where the cache can hold anything) with masked loads."""
     if PDL:  # programmatic dependent launch: wait for the search, let the merge launch
         gdc_wait()
         gdc_launch_dependents()
@@ -181,53 +185,20 @@ def _decode_group_kernel(q_ptr, k_ptr, v_ptr, qstart_ptr, qend_ptr, pos_ptr, sta
         NUM_SPANS, RB, BLOCK_N, BLOCK_D)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
-    v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
     m = tl.full([RB], float("-inf"), tl.float32)
     l = tl.zeros([RB], tl.float32)
     acc = tl.zeros([RB, BLOCK_D], tl.float32)
-    for n0 in range(first, stop, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        kk, vv = _group_masked_tiles(k_base, v_base, cols, stop, d, dmask, sk_l, sv_l, EVEN_D)
-        m, l, acc = _group_step(q, kk, vv, cols, stop, qs, qe, w_lo, w_hi, rok, m, l, acc, qk_scale, PRECISION)
-    part = pair * N_CHUNKS + c
-    tl.store(pm_ptr + part, m, mask=rok)
-    tl.store(pl_ptr + part, l, mask=rok)
-    tl.store(pacc_ptr + part[:, None] * D + d[None, :], acc, mask=(rok & (l > 0))[:, None] & dmask[None, :])
-
-
-@triton.jit
-def _decode_group_tma_kernel(q_ptr, k_ptr, v_ptr, k_desc, v_desc, qstart_ptr, qend_ptr, pos_ptr, start_ptr,
-                             pm_ptr, pl_ptr, pacc_ptr, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                             H_Q, H_KV, L_KV, D, G, W, N_ROWS, N_RB, N_CHUNKS, CHUNK, qk_scale,
-                             NUM_SPANS: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-                             PDL: tl.constexpr):
-    """`_decode_group_kernel` reading the whole key blocks of its run through TMA (k_desc/v_desc: tensor descriptors
-    of K and V [B, H_KV, L_KV, D], blocks [1, 1, BLOCK_N, BLOCK_D]); the last, partial block (keys from `stop` on may
-    lie past the position, where the cache can hold anything) with masked loads."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    pid = tl.program_id(0)
-    c = tl.program_id(1)
-    (b, hkv, r, rok, pair, qrow, qs, qe, w_lo, w_hi, first, stop, q) = _group_setup(
-        q_ptr, qstart_ptr, qend_ptr, pos_ptr, start_ptr, pid, c, H_Q, H_KV, L_KV, D, G, W, N_ROWS, N_RB, CHUNK,
-        NUM_SPANS, RB, BLOCK_N, BLOCK_D)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    m = tl.full([RB], float("-inf"), tl.float32)
-    l = tl.zeros([RB], tl.float32)
-    acc = tl.zeros([RB, BLOCK_D], tl.float32)
-    full = first + ((stop - first) // BLOCK_N) * BLOCK_N
-    for n0 in range(first, full, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        kk = k_desc.load([b, hkv, n0, 0]).reshape([BLOCK_N, BLOCK_D])
-        vv = v_desc.load([b, hkv, n0, 0]).reshape([BLOCK_N, BLOCK_D])
-        m, l, acc = _group_step(q, kk, vv, cols, stop, qs, qe, w_lo, w_hi, rok, m, l, acc, qk_scale, PRECISION)
+    masked_from = first
+    if TMA:
+        masked_from = first + ((stop - first) // BLOCK_N) * BLOCK_N
+        for n0 in range(first, masked_from, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            kk = k_desc.load([b, hkv, n0, 0]).reshape([BLOCK_N, BLOCK_D])
+            vv = v_desc.load([b, hkv, n0, 0]).reshape([BLOCK_N, BLOCK_D])
+            m, l, acc = _group_step(q, kk, vv, cols, stop, qs, qe, w_lo, w_hi, rok, m, l, acc, qk_scale, PRECISION)
     k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
-    for n0 in range(full, stop, BLOCK_N):  # at most one trip
+    for n0 in range(masked_from, stop, BLOCK_N):  # the whole run, or (TMA) at most its last, partial block
         cols = n0 + tl.arange(0, BLOCK_N)
         kk, vv = _group_masked_tiles(k_base, v_base, cols, stop, d, dmask, sk_l, sv_l, EVEN_D)
         m, l, acc = _group_step(q, kk, vv, cols, stop, qs, qe, w_lo, w_hi, rok, m, l, acc, qk_scale, PRECISION)
@@ -449,17 +420,9 @@ def decode_pdl(device: torch.device) -> bool:
 
 
 def decode_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the group kernel reads K and V through TMA (`_decode_group_tma_kernel`): DECODE_TMA, a CUDA device of
-    compute capability >= 9.0, Triton's tensor descriptors, and caches TMA can describe (16-byte aligned base and
-    strides, unit stride over D)."""
-    if not DECODE_TMA or INTERPRET or k.device.type != "cuda" or torch.cuda.get_device_capability(k.device)[0] < 9:
-        return False
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
-        return False
-    return all(x.data_ptr() % 16 == 0 and x.stride(-1) == 1 and all(st * x.element_size() % 16 == 0
-                                                                     for st in x.stride()[:-1]) for x in (k, v))
+    """Whether the group kernel reads its whole key blocks through TMA (its TMA constexpr): DECODE_TMA and caches TMA
+    can read (`common.tma_ok`: compute capability >= 9.0, Triton's tensor descriptors, aligned caches)."""
+    return DECODE_TMA and tma_ok(k, v)
 
 
 def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start, window: int, max_span_len: int):
@@ -500,25 +463,22 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
             NUM_SPANS=num_spans, GH=gh, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, EVEN_D=bd == d,
             PRECISION=dot_precision(q2.dtype), PDL=pdl, num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
             **pdl_launch(pdl))
-    elif decode_tma(k, v):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
+    else:
         warps = 2 * DECODE_WARPS if bd * rb > 64 * 128 else DECODE_WARPS
-        block = [1, 1, DECODE_BLOCK_N, bd]
-        k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), block)
-        v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), block)
-        _decode_group_tma_kernel[(b * h_kv * n_rb, n_chunks)](
+        k_desc = v_desc = None
+        tma = decode_tma(k, v)
+        if tma:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            block = [1, 1, DECODE_BLOCK_N, bd]
+            k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), block)
+            v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), block)
+        _decode_group_kernel[(b * h_kv * n_rb, n_chunks)](
             q2, k, v, k_desc, v_desc, qstart, qend, positions, row_start, pm, pl, pacc, *strides,
             h_q, h_kv, l_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, d ** -0.5 * LOG2E.value,
             NUM_SPANS=num_spans, RB=rb, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, EVEN_D=bd == d,
-            PRECISION=dot_precision(q2.dtype), PDL=pdl, num_warps=warps, num_stages=DECODE_STAGES, **pdl_launch(pdl))
-    else:
-        warps = 2 * DECODE_WARPS if bd * rb > 64 * 128 else DECODE_WARPS
-        _decode_group_kernel[(b * h_kv * n_rb, n_chunks)](
-            q2, k, v, qstart, qend, positions, row_start, pm, pl, pacc, *strides,
-            h_q, h_kv, l_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, d ** -0.5 * LOG2E.value,
-            NUM_SPANS=num_spans, RB=rb, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=bd, EVEN_D=bd == d,
-            PRECISION=dot_precision(q2.dtype), PDL=pdl, num_warps=warps, num_stages=DECODE_STAGES, **pdl_launch(pdl))
+            PRECISION=dot_precision(q2.dtype), PDL=pdl, TMA=tma, num_warps=warps, num_stages=DECODE_STAGES,
+            **pdl_launch(pdl))
 
     out = torch.empty(b, h_q, l_q, d, dtype=q2.dtype, device=dev)
     gate = torch.empty(b, h_q, l_q, num_spans, dtype=torch.float32, device=dev)

@@ -84,6 +84,47 @@ def _merge_top_keyed(top, key, slot, NUM_SPANS: tl.constexpr, AXIS: tl.constexpr
 
 
 @triton.jit
+def _insert_ordered(x, xs, v0, s0, v1, s1, v2, s2, v3, s3, NUM_SPANS: tl.constexpr):
+    """Insert one candidate (score x, stripe xs; [rows]) into the running slots v0 >= v1 >= ... (their stripes s0, s1,
+    ...; -inf / -1 when empty) of the first NUM_SPANS <= 4 slots. Every slot holds an earlier anchor than x, so x
+    displaces a slot only with a strictly higher score (the tie rule of docs/algorithm.md §2.3); -inf never enters."""
+    # Slots are sorted, so x beats a suffix of them: c_k = x > v_k (old values); slot k takes x where x beats k but
+    # not k - 1, the old slot k - 1 where x beats k - 1, else keeps its own.
+    c0 = x > v0
+    if NUM_SPANS > 3:
+        c3 = x > v3
+        c2 = x > v2
+        v3 = tl.where(c2, v2, tl.where(c3, x, v3))
+        s3 = tl.where(c2, s2, tl.where(c3, xs, s3))
+    if NUM_SPANS > 2:
+        c2 = x > v2
+        c1 = x > v1
+        v2 = tl.where(c1, v1, tl.where(c2, x, v2))
+        s2 = tl.where(c1, s1, tl.where(c2, xs, s2))
+    if NUM_SPANS > 1:
+        c1 = x > v1
+        v1 = tl.where(c0, v0, tl.where(c1, x, v1))
+        s1 = tl.where(c0, s0, tl.where(c1, xs, s1))
+    v0 = tl.where(c0, x, v0)
+    s0 = tl.where(c0, xs, s0)
+    return v0, s0, v1, s1, v2, s2, v3, s3
+
+
+@triton.jit
+def _last_slot(v0, v1, v2, v3, NUM_SPANS: tl.constexpr):
+    """The last of the NUM_SPANS running slots (`_insert_ordered`)."""
+    if NUM_SPANS == 1:
+        last = v0
+    elif NUM_SPANS == 2:
+        last = v1
+    elif NUM_SPANS == 3:
+        last = v2
+    else:
+        last = v3
+    return last
+
+
+@triton.jit
 def _span_lengths(t, ok, L_KV, blen_ptr, flen_ptr):
     """B(t) and Fw(t) from the tables (0 where not `ok`); they end at L_KV (a decode position beyond the cache is not
     read on the host)."""
@@ -115,7 +156,8 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
                    H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, SIGMA, W, SPLIT, N_SPLIT, I_MAX,
                    NUM_SPANS: tl.constexpr, KP: tl.constexpr, GH: tl.constexpr, BQ: tl.constexpr,
                    SC: tl.constexpr, BLOCK_D: tl.constexpr, IS_SPLIT: tl.constexpr, FIXED_TOP: tl.constexpr,
-                   KEYED: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                   KEYED: tl.constexpr, ORDERED: tl.constexpr, SKIP: tl.constexpr, PRECISION: tl.constexpr,
+                   PDL: tl.constexpr):
     if PDL:  # programmatic dependent launch (decode): wait for the previous kernel, let the next one launch
         gdc_wait()
         gdc_launch_dependents()
@@ -150,24 +192,79 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
     top_v = tl.full([BQ, GH, KP], float("-inf"), tl.float32)
     top_a = tl.full([BQ, GH, KP], -1, tl.int64)
     top_key = tl.full([BQ, GH, KP], KEY_NONE, tl.int64)
+    if ORDERED:  # the running top-K as NUM_SPANS <= 4 named slots (score, stripe index), best first
+        v0 = tl.full([BQ, GH], float("-inf"), tl.float32)
+        s0 = tl.full([BQ, GH], -1, tl.int32)
+        v1 = v0
+        s1 = s0
+        v2 = v0
+        s2 = s0
+        v3 = v0
+        s3 = s0
+        col3 = col[None, None, :]
+        pos32 = pos.to(tl.int32)
+        s32 = s.to(tl.int32)
     i_hi = tl.minimum(i_top, SIGMA + (pid_s + 1) * SPLIT)
     n = i_hi - SIGMA - pid_s * SPLIT
     for j0 in range(0, n, SC):
         # SC stripes per trip, largest index (earliest anchor) in column 0.
-        offset = tl.load(table_ptr + (i_hi - j0 - col), mask=j0 + col < n, other=1 << 62)  # [SC]
-        anchor = pos[:, None] + 1 - offset[None, :]  # [BQ, SC]; masked columns are negative
-        cand = q_ok[:, None] & (anchor >= s) & (anchor >= 0) & (anchor < L_KV)
+        if ORDERED:  # anchors in int32 (positions fit: L_KV < 2^31, checked by the backend); only offsets int64
+            col_ok = j0 + col < n
+            offset = tl.load(table_ptr + (i_hi - j0 - col), mask=col_ok, other=0).to(tl.int32)  # [SC]
+            anchor = pos32[:, None] + 1 - offset[None, :]  # [BQ, SC]
+            cand = q_ok[:, None] & col_ok[None, :] & (anchor >= s32) & (anchor >= 0) & (anchor < L_KV)
+            rows = anchor.to(tl.int64)
+        else:
+            offset = tl.load(table_ptr + (i_hi - j0 - col), mask=j0 + col < n, other=1 << 62)  # [SC]
+            anchor = pos[:, None] + 1 - offset[None, :]  # [BQ, SC]; masked columns are negative
+            cand = q_ok[:, None] & (anchor >= s) & (anchor >= 0) & (anchor < L_KV)
+            rows = anchor
         # One gather of BQ x SC key rows; each is shared by all heads of the group.
-        kt = tl.load(k_base + anchor[:, None, :] * sk_l + d[None, :, None],
+        kt = tl.load(k_base + rows[:, None, :] * sk_l + d[None, :, None],
                      mask=cand[:, None, :] & dmask[None, :, None], other=0.0)  # [BQ, BLOCK_D, SC]
         score = tl.dot(q, kt, input_precision=PRECISION)  # [BQ, GH, SC], fp32 accumulation, no 1/sqrt(D)
-        score = tl.where(cand[:, None, :], score, float("-inf"))
-        anchor3 = tl.broadcast_to(anchor[:, None, :], [BQ, GH, SC])
-        if KEYED:
-            top_key = _merge_top_keyed(top_key, _slot_key(score, anchor3), slot, NUM_SPANS, 2)
+        if ORDERED:
+            # Anchors grow with the column and from trip to trip, so "earliest anchor among equal scores" is "first
+            # seen": the trip's best NUM_SPANS in order (first column on ties), each inserted into the running slots
+            # with a strict >. Only fp32 maxima and int32 column minima; NaN scores are never picked.
+            x = tl.where(cand[:, None, :] & (score == score), score, float("-inf"))
+            first = (i_hi - j0).to(tl.int32)  # stripe index of column 0
+            for r in tl.static_range(NUM_SPANS):
+                best = tl.max(x, axis=2)  # [BQ, GH]
+                # A round changes a slot only where its best beats the last slot; past the first, most trips find
+                # no such row in the whole program (the slots fill up), and no later round then can either.
+                if r == 0 or not SKIP:
+                    need = 1
+                else:
+                    need = tl.max(tl.where(best > _last_slot(v0, v1, v2, v3, NUM_SPANS), 1, 0))
+                if need > 0:
+                    pick = tl.min(tl.where(x == best[:, :, None], col3, SC), axis=2)
+                    x = tl.where(col3 == pick[:, :, None], float("-inf"), x)
+                    v0, s0, v1, s1, v2, s2, v3, s3 = _insert_ordered(best, first - pick, v0, s0, v1, s1, v2, s2,
+                                                                     v3, s3, NUM_SPANS)
         else:
-            top_v, top_a = _merge_top(top_v, top_a, score, anchor3, slot, NUM_SPANS, 2)
-    if KEYED:
+            score = tl.where(cand[:, None, :], score, float("-inf"))
+            anchor3 = tl.broadcast_to(anchor[:, None, :], [BQ, GH, SC])
+            if KEYED:
+                top_key = _merge_top_keyed(top_key, _slot_key(score, anchor3), slot, NUM_SPANS, 2)
+            else:
+                top_v, top_a = _merge_top(top_v, top_a, score, anchor3, slot, NUM_SPANS, 2)
+    if ORDERED:
+        top_v = tl.where(slot == 0, v0[:, :, None], top_v)
+        top_s = tl.where(slot == 0, s0[:, :, None], -1)
+        if NUM_SPANS > 1:
+            top_v = tl.where(slot == 1, v1[:, :, None], top_v)
+            top_s = tl.where(slot == 1, s1[:, :, None], top_s)
+        if NUM_SPANS > 2:
+            top_v = tl.where(slot == 2, v2[:, :, None], top_v)
+            top_s = tl.where(slot == 2, s2[:, :, None], top_s)
+        if NUM_SPANS > 3:
+            top_v = tl.where(slot == 3, v3[:, :, None], top_v)
+            top_s = tl.where(slot == 3, s3[:, :, None], top_s)
+        picked = top_s >= 0
+        offset = tl.load(table_ptr + top_s, mask=picked, other=0)
+        top_a = tl.where(picked, pos[:, None, None] + 1 - offset, -1)
+    elif KEYED:
         top_v, top_a = _key_slot(top_key)
 
     in_k = ok[:, :, None] & (slot < NUM_SPANS)
@@ -223,6 +320,11 @@ SEARCH_STRIPES = 16  # stripes per loop trip (the N of the batched tl.dot)
 SEARCH_TILE_BYTES = 32768  # bytes of the [queries x heads x D] Q1 tile a program keeps in registers
 SEARCH_WARPS = 4  # warps of a prefill search program
 SEARCH_KEYED = True  # the running top-K as one int64 key per slot (`_slot_key`), one max per round
+# Prefill with K <= 4 (`_insert_ordered` has four slots): the running top-K as named fp32 slots filled in anchor order (`_insert_ordered`): each trip's best
+# K by fp32 maxima, inserted with a strict >. The int64 keyed merge is ~1,640 SASS instructions per trip of 16
+# stripes (ISETP/SEL pairs), the search's bound (Triton 3.6, sm_90a).
+SEARCH_ORDERED = False
+SEARCH_SKIP = True  # with SEARCH_ORDERED: a round after the first runs only if some row of the program needs it
 
 
 def search_layout(group: int, l_q: int, d: int, itemsize: int) -> tuple[int, int, int]:
@@ -287,7 +389,8 @@ def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, r
         k.stride(0), k.stride(1), k.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, n_chunks, sw_index, window, run, n_split, offsets.numel() - 2,
         NUM_SPANS=num_spans, KP=next_pow2(num_spans), GH=gh, BQ=bq, SC=stripes_per_trip, BLOCK_D=block_d(d), IS_SPLIT=split,
-        FIXED_TOP=l_q == 1, KEYED=SEARCH_KEYED and not split, PRECISION=dot_precision(q1.dtype), PDL=pdl,
+        FIXED_TOP=l_q == 1, KEYED=SEARCH_KEYED and not split, ORDERED=SEARCH_ORDERED and not split and num_spans <= 4,
+        SKIP=SEARCH_SKIP, PRECISION=dot_precision(q1.dtype), PDL=pdl,
         num_warps=4 if l_q == 1 else SEARCH_WARPS, **pdl_launch(pdl))
     if split:
         block_r = 4

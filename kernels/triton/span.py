@@ -36,16 +36,43 @@ def sort_pairs(qstart: torch.Tensor, qend: torch.Tensor, h_kv: int, block_n: int
     """int64 [P]: pair indices (flattened [B, H_Q, L_Q, K]) sorted by (group, qstart block, qend block).
 
     Pairs of KV group g = b·H_KV + h_kv fill positions [g·Pg, (g+1)·Pg), Pg = P / (B·H_KV); pairs with
-    an empty span sort last within their group.
+    an empty span sort last within their group. The key is one int per pair (`_pair_key_kernel`: int32 where
+    every key fits, as at 1M with B·H_KV = 2, else int64; either way the same order), then one `argsort`.
     """
     n_groups = qstart.shape[0] * h_kv
     n_blocks = -(-l_kv // block_n)
-    qs = qstart.reshape(n_groups, -1).long()
-    qe = qend.reshape(n_groups, -1).long()
+    n = qstart.numel()
+    wide = max((n_blocks * n_blocks + 1) * n_groups, n) >= 2**31
+    key = torch.empty(n, dtype=torch.int64 if wide else torch.int32, device=qstart.device)
+    block = 1024
+    _pair_key_kernel[(triton.cdiv(n, block),)](qstart.contiguous(), qend.contiguous(), key, n, n // n_groups,
+                                               n_blocks, block_n, BLOCK=block, WIDE=wide)
+    return torch.argsort(key)
+
+
+@triton.jit
+def _pair_key_kernel(qstart_ptr, qend_ptr, key_ptr, N, PER_GROUP, N_BLOCKS, BLOCK_N, BLOCK: tl.constexpr,
+                     WIDE: tl.constexpr):
+    """key = group·(N_BLOCKS² + 1) + (qstart // BLOCK_N)·N_BLOCKS + qend // BLOCK_N for a live pair, group·(N_BLOCKS²
+    + 1) + N_BLOCKS² for an empty one (group = pair // PER_GROUP); int64 with WIDE, else int32 (the same values)."""
+    if WIDE:  # (also where the pair count itself needs int64)
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < N
+    qs = tl.load(qstart_ptr + i, mask=ok, other=-1)
+    qe = tl.load(qend_ptr + i, mask=ok, other=-1)
+    if WIDE:
+        qs = qs.to(tl.int64)
+        qe = qe.to(tl.int64)
+        nb = N_BLOCKS.to(tl.int64)
+        grp = (i // PER_GROUP).to(tl.int64)
+    else:
+        nb = N_BLOCKS
+        grp = i // PER_GROUP
     live = (qs >= 0) & (qe >= qs)
-    key = torch.where(live, (qs // block_n) * n_blocks + qe // block_n, torch.full_like(qs, n_blocks * n_blocks))
-    key = key + torch.arange(n_groups, device=qs.device)[:, None] * (n_blocks * n_blocks + 1)
-    return torch.argsort(key.reshape(-1))
+    key = tl.where(live, (qs // BLOCK_N) * nb + qe // BLOCK_N, nb * nb) + grp * (nb * nb + 1)
+    tl.store(key_ptr + i, key, mask=ok)
 
 
 @triton.jit
@@ -62,12 +89,13 @@ def _pair_rows(order_ptr, qstart_ptr, qend_ptr, grp, tile, PG, H_Q, H_KV, L_Q, G
 
 
 @triton.jit
-def _span_fwd_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, wout_ptr, wlse_ptr,
+def _span_fwd_kernel(q_ptr, k_ptr, v_ptr, k_desc, v_desc, order_ptr, qstart_ptr, qend_ptr, wout_ptr, wlse_ptr,
                      bout_ptr, blse_ptr,
                      sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                      H_Q, H_KV, L_Q, D, G, PG, qk_scale,
                      NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                     BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+                     FOLD: tl.constexpr, TMA: tl.constexpr):
     tile = tl.program_id(0)
     grp = tl.program_id(1)
     b = grp // H_KV
@@ -89,7 +117,8 @@ def _span_fwd_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, wout_
     k_base = k_ptr + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h
     v_base = v_ptr + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h
     m, l, acc = fwd_blocks(q, k_base, v_base, sk_l, sv_l, d, dmask, qs, qe, ok, lo, hi, m, l, acc, qk_scale,
-                           BLOCK_N, SPLIT, EVEN_D, PRECISION)  # masks only at the edges of the pairs' spans
+                           k_desc, v_desc, b, hkv, BLOCK_N, BLOCK_D, SPLIT, EVEN_D, PRECISION, FOLD,
+                           TMA)  # masks only at the edges of the pairs' spans
     out, lse = fwd_finish(m, l, acc)
     tl.store(bout_ptr + pair[:, None] * D + d[None, :], out, mask=m2)
     tl.store(blse_ptr + pair, lse, mask=ok)
@@ -103,6 +132,7 @@ FWD_BLOCK_N = 64
 FWD_WARPS = 4
 FWD_STAGES = 2
 FWD_SPLIT = True
+FWD_TMA = False  # interior key blocks through TMA (`window.fwd_blocks`; compute capability >= 9)
 
 
 def _blocks(d: int) -> tuple[int, int, int]:
@@ -131,11 +161,14 @@ def span_forward(q2, k, v, qstart, qend, win_out, win_lse):
     strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
     order = sort_pairs(qstart, qend, h_kv, block_n, l_kv)
     pg = group * l_q * num_spans
+    fwd_block_n = FWD_BLOCK_N if bd <= 128 else 32
+    k_desc, v_desc, tma = window.fwd_descriptors(k, v, fwd_block_n, bd, FWD_TMA)
     _span_fwd_kernel[(triton.cdiv(pg, block_p), b * h_kv)](
-        q2, k, v, order, qstart, qend, win_out, win_lse, bout, blse, *strides,
+        q2, k, v, k_desc, v_desc, order, qstart, qend, win_out, win_lse, bout, blse, *strides,
         h_q, h_kv, l_q, d, group, pg, d ** -0.5 * LOG2E.value,
-        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=FWD_BLOCK_N if bd <= 128 else 32, BLOCK_D=bd, SPLIT=FWD_SPLIT,
-        EVEN_D=bd == d, PRECISION=dot_precision(q2.dtype), num_warps=FWD_WARPS, num_stages=FWD_STAGES)
+        NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=fwd_block_n, BLOCK_D=bd, SPLIT=FWD_SPLIT,
+        EVEN_D=bd == d, PRECISION=dot_precision(q2.dtype), FOLD=window.FWD_FOLD, TMA=tma, num_warps=FWD_WARPS,
+        num_stages=FWD_STAGES)
     return bout, blse, order
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_d, dot_precision, head_rows
+from .common import block_d, dot_precision, head_rows, tma_ok
 from .rules import LN2, LOG2E, window_lo
 
 
@@ -61,24 +61,42 @@ def allowed_keys(cols, lo_col, hi_col, row_ok):
 
 @triton.jit
 def fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok, hi, m, l, acc, qk_scale,
-             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+             FOLD: tl.constexpr):
     """One key block of a flash-style online softmax in base 2 (window and span forwards): rows attend keys
     [lo_col, hi_col] (per row, [rows]); `m` is the running max of logits·log2(e), (l, acc) the sum and fp32 output.
     MASKED = False for a block inside every row's range and inside [0, hi] (no per-key mask, no bounds check:
-    the tile's interior, see `interior`)."""
+    the tile's interior, see `interior`). The block's math: `fwd_fold`."""
     cols = n0 + tl.arange(0, BLOCK_N)
     kk, vv = kv_block(k_base, v_base, sk_l, sv_l, cols, d, dmask, hi, MASKED, EVEN_D)
-    s = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * qk_scale
+    return fwd_fold(q, kk, vv, cols, lo_col, hi_col, row_ok, m, l, acc, qk_scale, MASKED, PRECISION, FOLD)
+
+
+@triton.jit
+def fwd_fold(q, kk, vv, cols, lo_col, hi_col, row_ok, m, l, acc, qk_scale, MASKED: tl.constexpr,
+             PRECISION: tl.constexpr, FOLD: tl.constexpr):
+    """Fold key block `cols` (K and V rows kk, vv [BLOCK_N, D]) into the online-softmax state (m, l, acc) of `fwd_step`.
+    FOLD: the scale is folded into the exponent (one fused multiply-add per logit, exp2(s·c − m), instead of a
+    multiply and a subtraction; the row max is taken before scaling, which gives the same m since c > 0)."""
+    s = tl.dot(q, tl.trans(kk), input_precision=PRECISION)
+    if not FOLD:
+        s = s * qk_scale
     if MASKED:
         allowed = allowed_keys(cols, lo_col, hi_col, row_ok)
         s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if FOLD:
+        m_new = tl.maximum(m, tl.max(s, axis=1) * qk_scale)
     else:
         m_new = tl.maximum(m, tl.max(s, axis=1))
+    if MASKED:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
         m_use = m_new
     alpha = tl.exp2(m - m_use)
-    p = tl.exp2(s - m_use[:, None])
+    if FOLD:
+        p = tl.exp2(s * qk_scale - m_use[:, None])
+    else:
+        p = tl.exp2(s - m_use[:, None])
     l = l * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
     return m_new, l, acc
@@ -98,10 +116,15 @@ def interior(lo_col, hi_col, row_ok, first, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def fwd_blocks(q, k_base, v_base, sk_l, sv_l, d, dmask, lo_col, hi_col, row_ok, lo, hi, m, l, acc, qk_scale,
-               BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+               k_desc, v_desc, b, hkv,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_D: tl.constexpr,
+               PRECISION: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr):
     """Every key block from `lo` to `hi` through `fwd_step` (window and span forwards). With SPLIT the blocks inside
-    every row's [lo_col, hi_col] (`interior`) run without masks and only the edge blocks are masked. Returns the
-    online-softmax state (m, l, acc), base 2."""
+    every row's [lo_col, hi_col] (`interior`) run without masks and only the edge blocks are masked. TMA: the
+    interior blocks are read through TMA (k_desc/v_desc: tensor descriptors of K and V [B, H_KV, L_KV, D], blocks
+    [1, 1, BLOCK_N, BLOCK_D], read at batch b, KV head hkv; None without TMA). Returns the online-softmax state
+    (m, l, acc), base 2. (Triton 3.6's Hopper warp specialization, `tl.range(warp_specialize=True)` on the TMA loop,
+    fails in its NVGPUWarpSpecialization pass on this kernel.)"""
     if SPLIT:
         a, e = interior(lo_col, hi_col, row_ok, lo, BLOCK_N)
     else:
@@ -109,13 +132,21 @@ def fwd_blocks(q, k_base, v_base, sk_l, sv_l, d, dmask, lo_col, hi_col, row_ok, 
         e = lo
     for n0 in range(lo, a, BLOCK_N):
         m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok, hi, m, l, acc,
-                             qk_scale, BLOCK_N, True, EVEN_D, PRECISION)
-    for n0 in range(a, e, BLOCK_N):
-        m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok, hi, m, l, acc,
-                             qk_scale, BLOCK_N, False, EVEN_D, PRECISION)
+                             qk_scale, BLOCK_N, True, EVEN_D, PRECISION, FOLD)
+    if TMA:
+        for n0 in range(a, e, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            kk = k_desc.load([b, hkv, n0.to(tl.int32), 0]).reshape([BLOCK_N, BLOCK_D])  # positions fit int32
+            vv = v_desc.load([b, hkv, n0.to(tl.int32), 0]).reshape([BLOCK_N, BLOCK_D])
+            m, l, acc = fwd_fold(q, kk, vv, cols, lo_col, hi_col, row_ok, m, l, acc, qk_scale, False, PRECISION,
+                                 FOLD)
+    else:
+        for n0 in range(a, e, BLOCK_N):
+            m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok, hi, m, l,
+                                 acc, qk_scale, BLOCK_N, False, EVEN_D, PRECISION, FOLD)
     for n0 in range(e, hi + 1, BLOCK_N):
         m, l, acc = fwd_step(q, k_base, v_base, sk_l, sv_l, n0, d, dmask, lo_col, hi_col, row_ok, hi, m, l, acc,
-                             qk_scale, BLOCK_N, True, EVEN_D, PRECISION)
+                             qk_scale, BLOCK_N, True, EVEN_D, PRECISION, FOLD)
     return m, l, acc
 
 
@@ -129,11 +160,12 @@ def fwd_finish(m, l, acc):
 
 
 @triton.jit
-def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, out_ptr, lse_ptr,
+def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, k_desc, v_desc, pos_ptr, start_ptr, out_ptr, lse_ptr,
                        sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                        H_Q, H_KV, L_Q, D, G, N_CHUNKS, W, qk_scale,
                        GH: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       SPLIT: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                       SPLIT: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr,
+                       TMA: tl.constexpr):
     b, hkv, qi, ok, base = _rows(tl.program_id(0), tl.program_id(1), N_CHUNKS, H_Q, H_KV, L_Q, G, GH, BQ)
     pos = tl.load(pos_ptr + qi, mask=ok, other=0)
     s = tl.load(start_ptr + b)
@@ -152,7 +184,8 @@ def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, out_ptr, lse_ptr
     l = tl.zeros([GH * BQ], tl.float32)
     acc = tl.zeros([GH * BQ, BLOCK_D], tl.float32)
     m, l, acc = fwd_blocks(q, k_base, v_base, sk_l, sv_l, d, dmask, lo_row, pos, ok, lo, hi, m, l, acc, qk_scale,
-                           BLOCK_N, SPLIT, EVEN_D, PRECISION)  # masks only at the edges of the rows' windows
+                           k_desc, v_desc, b, hkv, BLOCK_N, BLOCK_D, SPLIT, EVEN_D, PRECISION, FOLD,
+                           TMA)  # masks only at the edges of the rows' windows
     out, lse = fwd_finish(m, l, acc)
     tl.store(out_ptr + base[:, None] * D + d[None, :], out, mask=ok[:, None] & dmask[None, :])
     tl.store(lse_ptr + base, lse, mask=ok)
@@ -165,6 +198,21 @@ FWD_BLOCK_N = 64
 FWD_WARPS = 4
 FWD_STAGES = 3
 FWD_SPLIT = True
+FWD_FOLD = False  # the scale folded into exp2's argument (`fwd_fold`; window and span forwards)
+FWD_TMA = False  # interior key blocks through TMA (compute capability >= 9; `fwd_descriptors`)
+
+
+def fwd_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int, use: bool):
+    """(k_desc, v_desc, tma) for `fwd_blocks`: host TMA descriptors of K and V [B, H_KV, L_KV, D] with blocks
+    [1, 1, block_n, block_d] when `use` and the device and caches allow it (`common.tma_ok`), else (None, None,
+    False)."""
+    if not (use and tma_ok(k, v)):
+        return None, None, False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block = [1, 1, block_n, block_d]
+    return (TensorDescriptor(k, list(k.shape), list(k.stride()), block),
+            TensorDescriptor(v, list(v.shape), list(v.stride()), block), True)
 
 
 def window_forward(q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -188,12 +236,14 @@ def window_forward(q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     gh, bq, n_chunks = head_rows(group, l_q, FWD_ROWS)
     bd = block_d(d)
     grid = (triton.cdiv(l_q, bq), b * h_kv * n_chunks)
+    block_n = FWD_BLOCK_N if bd <= 128 else 32
+    k_desc, v_desc, tma = fwd_descriptors(k, v, block_n, bd, FWD_TMA)
     _window_fwd_kernel[grid](
-        q2, k, v, positions, row_start, out, lse,
+        q2, k, v, k_desc, v_desc, positions, row_start, out, lse,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, d, group, n_chunks, window, d ** -0.5 * LOG2E.value,
-        GH=gh, BQ=bq, BLOCK_N=FWD_BLOCK_N if bd <= 128 else 32, BLOCK_D=bd, SPLIT=FWD_SPLIT, EVEN_D=bd == d,
-        PRECISION=dot_precision(q2.dtype), num_warps=FWD_WARPS, num_stages=FWD_STAGES)
+        GH=gh, BQ=bq, BLOCK_N=block_n, BLOCK_D=bd, SPLIT=FWD_SPLIT, EVEN_D=bd == d,
+        PRECISION=dot_precision(q2.dtype), FOLD=FWD_FOLD, TMA=tma, num_warps=FWD_WARPS, num_stages=FWD_STAGES)
     return out, lse
 
 
