@@ -34,6 +34,8 @@ this question". These tasks take that shortcut away:
 * ``fact_hop_named`` (training aid) is the second hop alone: ``fact_hop_quiz``'s chains, each asked with its pointer
   name in the question ("Where is <Name> kept?", the row's place question with the key replaced by the name), the
   answer being the place, which needs the place statement only;
+* ``fact_name_keyed`` (training aid) is ``fact_hop_named`` without the naming statements: facts keyed by a proper
+  name ("Heara is kept in Gibriwen."), all asked by name: the name-keyed lookup that the second hop needs;
 * ``fact_list`` (training aid, not an evaluation suite) asks for a whole list of words: every answer byte is a
   copy of a word in the evidence, so one row gives tens of copy targets instead of one value's few bytes. A small
   byte-level model learns to copy letters (not only digits, which are rare in prose) from this dense signal far
@@ -59,7 +61,7 @@ from . import data as D
 KINDS = ("word", "name", "phrase", "date", "number")
 TASKS = tuple(f"fact_{k}" for k in KINDS) + ("fact_multi_key", "fact_hop")  # the evaluation suites
 AUX_TASKS = ("fact_list", "fact_needle", "fact_quiz", "fact_hop_quiz", "fact_hop_steps", "fact_phrase_quiz",
-             "fact_hop_named")  # training aids (make_fact builds them too)
+             "fact_hop_named", "fact_name_keyed")  # training aids (make_fact builds them too)
 EVAL_FRACTION = 0.2  # share of words and names (by hash) that only the "eval" split uses as values
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
@@ -780,23 +782,28 @@ def fact_phrase_quiz(length: int, seed: int, split: str = "train", n_facts: int 
                    prompts)
 
 
-def _hop_chains(rng: random.Random, length: int, split: str, n: int, name_rivals: bool):
+def _hop_chains(rng: random.Random, length: int, split: str, n: int, name_rivals: bool, naming: bool = True):
     """The chains of the hop quizzes: `n` keys from an owner × thing grid (things of kind name), one place phrasing
     of the split for the row, and per key "<owner>'s <thing> is called <Name>." (the split's name statements) and
     the place statement of that name, each at a random depth of a new row builder. The names are rivals too when
-    `name_rivals` (they are asked then); the places always are.
+    `name_rivals` (they are asked then); the places always are. Without `naming` the naming statements are left
+    out (a name is drawn fresh, the place statement alone is planted).
 
     Returns (builder, keys, near, (place statement, place question), names, places, hops: per chain the evidence
-    indices [name, place])."""
+    indices [name, place], or [place] without `naming`)."""
     keys, near = _key_grid(rng, split, THINGS["name"], n)
     phrasing = rng.choice(hop_phrasings(split))
     taken: set[str] = set()
     b = _builder(rng, length, split)
     names, places, hops = [], [], []
     for owner, thing in keys:
-        named, name = _statement(rng, _statement_template(rng, split, "name"), owner, thing, "name", split, taken)
+        if naming:
+            named, name = _statement(rng, _statement_template(rng, split, "name"), owner, thing, "name", split,
+                                     taken)
+        else:
+            name = _value("name", rng, split, taken)
         kept, place = _statement(rng, phrasing[0], owner, thing, "name", split, taken, name=name)
-        hops.append(b.needle(rng.random(), named, [name], rivals=(name,) if name_rivals else ())
+        hops.append((b.needle(rng.random(), named, [name], rivals=(name,) if name_rivals else ()) if naming else [])
                     + b.needle(rng.random(), kept, [place], rivals=(place,)))
         names.append(name)
         places.append(place)
@@ -876,24 +883,27 @@ def named_hop_question(question: str) -> str:
     raise ValueError(f"question={question!r}: expected a hop question with one key of the grammar's forms")
 
 
-def fact_hop_named(length: int, seed: int, split: str = "train", n_chains: int = 3, attempt: int = 0) -> D.Example:
+def fact_hop_named(length: int, seed: int, split: str = "train", n_chains: int = 3, attempt: int = 0,
+                   naming: bool = True) -> D.Example:
     """The second hop alone (training aid, the rung below `fact_hop_steps`): `n_chains` chains as in
     `fact_hop_quiz` ("<owner>'s <thing> is called <Name>." and "<Name> is kept in <Place>.", keys from an owner ×
     thing grid, one place phrasing per row), then every chain asked in turn with its pointer name in the question
     (`named_hop_question`: "Where is <Name> kept?"), the answer being its place. Each place's bytes need the place
     statement's place only (the name is in the question); the naming statements stay in the row as context.
     Rivals: the places. ``meta``: keys, middles (the pointer names), values (the places), order, hop_phrasing
-    (the place statement, the named question), value (the whole answer). `attempt` > 0 draws the row anew."""
+    (the place statement, the named question), value (the whole answer). `attempt` > 0 draws the row anew.
+    Without `naming` (task ``fact_name_keyed``, the rung below this one) the row holds the place statements only:
+    facts keyed by a proper name, each name once in the text, and the places of the other names as rivals."""
     _check_n_facts(n_chains)
-    task = "fact_hop_named"
+    task = "fact_hop_named" if naming else "fact_name_keyed"
     rng = D._rng(task, length, seed, split, f"{n_chains}:{attempt}")
     b, keys, near, (where, place_question), names, places, hops = _hop_chains(rng, length, split, n_chains,
-                                                                             name_rivals=False)
+                                                                             name_rivals=False, naming=naming)
     named = named_hop_question(place_question)
     lead = split == "train"
     order = rng.sample(range(n_chains), n_chains)
     questions = [_ask(rng.choice(QUESTION_LEADS) if lead else "", named, *keys[i], name=names[i]) for i in order]
-    answer, need, prompts = _in_turn(questions, [places[i] for i in order], [hops[i][1:] for i in order])
+    answer, need, prompts = _in_turn(questions, [places[i] for i in order], [hops[i][-1:] for i in order])
     return b.build(questions[0], answer, lambda j: need[j], task,
                    {"keys": keys, "middles": names, "values": places, "order": order,
                     "hop_phrasing": (where, named), "value": answer, "near_keys": near,
@@ -957,6 +967,10 @@ def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Exam
         most = n.randint(1, max(1, min(5, room // 2)))
         return _redrawn(lambda attempt: _fewer_if_too_short(
             lambda d: fact_hop_named(length, seed, split, n_chains=d + 1, attempt=attempt), most))
+    if task == "fact_name_keyed":  # one statement and one answer per fact: as many as a quiz
+        most = n.randint(1, max(1, min(7, room - 1)))
+        return _redrawn(lambda attempt: _fewer_if_too_short(
+            lambda d: fact_hop_named(length, seed, split, n_chains=d + 1, attempt=attempt, naming=False), most))
     if task == "fact_list":  # as many words and distractor lists as fit: fewer when the row is too short
         words, lists = n.randint(3, max(3, min(12, length // 48))), n.randint(0, max(0, min(2, room // 3)))
         while True:

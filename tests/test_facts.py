@@ -414,7 +414,8 @@ def test_hop_quiz_asks_every_chain_with_both_hops_as_evidence(split, monkeypatch
         F.fact_hop_quiz(1024, 0, split, n_facts=0)
 
 
-@pytest.mark.parametrize("task", ["fact_hop_quiz", "fact_hop_steps", "fact_phrase_quiz", "fact_hop_named"])
+@pytest.mark.parametrize("task", ["fact_hop_quiz", "fact_hop_steps", "fact_phrase_quiz", "fact_hop_named",
+                                  "fact_name_keyed"])
 def test_hop_quiz_is_a_task_mix_name(task):
     """A training config names the hop quizzes in its task mix, as any other task."""
     from superlinear_lab import train as T

@@ -1,4 +1,5 @@
-"""fact_hop_named (superlinear_lab.facts): the second hop alone, the pointer name given in the question."""
+"""fact_hop_named (superlinear_lab.facts): the second hop alone, the pointer name given in the question; and
+fact_name_keyed, the same without the naming statements (facts keyed by a proper name)."""
 import pytest
 
 from superlinear_lab import data as D
@@ -43,31 +44,41 @@ def test_named_question_replaces_the_key_by_the_name():
         F.named_hop_question("Where is it kept?")
 
 
+@pytest.mark.parametrize("task", ["fact_hop_named", "fact_name_keyed"])
 @pytest.mark.parametrize("split", D.SPLITS)
-def test_hop_named_asks_each_place_by_its_name_with_the_place_as_evidence(split, monkeypatch):
-    """Per chain: evidence (name, place), the name in its chain's naming statement, the place in "<name> <verb>
-    <place>."; every chain asked once, its question naming the pointer name (not the owner); place bytes need the
-    place only; question bytes nothing; rivals: the places. Train questions carry train leads, eval ones none."""
+def test_hop_named_asks_each_place_by_its_name_with_the_place_as_evidence(split, task, monkeypatch):
+    """Per chain: evidence (name, place) (fact_name_keyed: the place only), the name in its chain's naming statement
+    (fact_name_keyed: no naming statements), the place in "<name> <verb> <place>.";
+    every chain asked once, its question naming the pointer name (not the owner); place bytes need the place
+    only; question bytes nothing; rivals: the places. Train questions carry train leads, eval ones none."""
     planted = _statements(monkeypatch)
+    naming = task == "fact_hop_named"
     sizes, led = set(), 0
     for seed in range(10):
-        ex = D.make_example("fact_hop_named", 2048, seed, split)
+        ex = D.make_example(task, 2048, seed, split)
         keys, names, places = [tuple(k) for k in ex.meta["keys"]], ex.meta["middles"], ex.meta["values"]
         order = ex.meta["order"]
         where, named = ex.meta["hop_phrasing"]
         assert any(w == where and F.named_hop_question(q) == named for w, q in F.hop_phrasings(split))
         sizes.add(len(keys))
-        assert ex.task == "fact_hop_named" and ex.length == 2048 and ex.answer_text() == ex.meta["value"]
+        assert ex.task == task and ex.length == 2048 and ex.answer_text() == ex.meta["value"]
         assert len(set(names + places)) == 2 * len(keys) and sorted(order) == list(range(len(keys)))
-        assert [bytes(ex.ids[a:b]).decode() for a, b in ex.evidence] == [v for p in zip(names, places) for v in p]
+        place_at = [2 * i + 1 if naming else i for i in range(len(keys))]  # each place's evidence index
+        assert [bytes(ex.ids[a:b]).decode() for a, b in ex.evidence] == \
+            ([v for p in zip(names, places) for v in p] if naming else places)
         raw = b"\0" + bytes(ex.ids[1:])  # ids[0] is <|bos|>: keep the indices
         for i, (owner, thing) in enumerate(keys):
             kept = where.format(name=names[i], value=places[i])
             at = raw.find(kept.encode())
-            assert kept in planted and at >= 0 and at <= ex.evidence[2 * i + 1][0] < ex.evidence[2 * i + 1][1] <= \
-                at + len(kept.encode())
-            naming = [t for t in planted if names[i] in t and places[i] not in t]
-            assert len(naming) == 1 and owner[4:] in naming[0] and thing in naming[0]
+            assert kept in planted and at >= 0 and at <= ex.evidence[place_at[i]][0] < ex.evidence[place_at[i]][1] \
+                <= at + len(kept.encode())
+            naming_statements = [t for t in planted if names[i] in t and places[i] not in t]
+            if naming:
+                assert len(naming_statements) == 1
+                assert owner[4:] in naming_statements[0] and thing in naming_statements[0]
+            else:
+                assert not naming_statements
+        assert len(planted) == (2 if naming else 1) * len(keys)  # fact_name_keyed: the place statements only
         assert sorted(bytes(ex.ids[a:b]).decode() for a, b in ex.rivals) == sorted(places)
         parts = ex.answer_text().split("\nAnswer: ")
         assert [p.split("\nQuestion: ")[0] for p in parts] == [places[i] for i in order]
@@ -83,14 +94,14 @@ def test_hop_named_asks_each_place_by_its_name_with_the_place_as_evidence(split,
         for k, i in enumerate(order):
             at += len(prompts[k - 1].encode()) if k else 0
             for j in range(len(places[i].encode())):
-                assert ex.needs[at + j - 1] == [2 * i + 1]
+                assert ex.needs[at + j - 1] == [place_at[i]]
             at += len(places[i].encode())
         in_prompt = {q for a, b in ex.prompts for q in range(a - 1, b - 1)}
         assert set(ex.needs) == set(range(ex.answer[0] - 1, ex.answer[1] - 1)) - in_prompt
     assert len(sizes) > 1
     assert (led > 0) == (split == "train")  # train questions come after a lead now and then
     with pytest.raises(ValueError, match="n_facts=0"):
-        F.fact_hop_named(1024, 0, split, n_chains=0)
+        F.fact_hop_named(1024, 0, split, n_chains=0, naming=naming)
 
 
 def test_train_named_questions_keep_off_the_eval_wording():
