@@ -37,12 +37,16 @@ SPAN = [  # (pairs per tile, key block, warps, stages, interior without masks)
     {"span.FWD_BLOCK_P": 256, "span.FWD_BLOCK_N": 32, "span.FWD_WARPS": 8},
     {"span.FWD_BLOCK_P": 128, "span.FWD_WARPS": 8, "span.FWD_STAGES": 4},
     {"span.FWD_BLOCK_P": 128, "span.FWD_BLOCK_N": 32, "span.FWD_WARPS": 8, "span.FWD_STAGES": 3},
-    # 10-13 (session 10): the scale folded into exp2's argument (window.FWD_FOLD, used by the span forward too),
-    # interior key blocks through TMA, both; 32-key blocks in 3 stages with the fold (64 KB of shared memory)
+    # 10-15 (session 10): the scale folded into exp2's argument (window.FWD_FOLD, used by the span forward too),
+    # interior key blocks through TMA, both; 32-key blocks in 3 stages with the fold (64 KB of shared memory); the fold
+    # with 3 stages of 64-key blocks (112 KB: still 2 programs per SM), and with TMA too
     {"window.FWD_FOLD": True},
     {"span.FWD_TMA": True},
     {"window.FWD_FOLD": True, "span.FWD_TMA": True},
     {"window.FWD_FOLD": True, "span.FWD_BLOCK_N": 32, "span.FWD_STAGES": 3},
+    {"window.FWD_FOLD": True, "span.FWD_STAGES": 3},
+    {"window.FWD_FOLD": True, "span.FWD_TMA": True, "span.FWD_STAGES": 3},
+    {"window.FWD_FOLD": True, "window.FWD_I32": True},  # 16: the fold with int32 key indices and masks
 ]
 WINDOW = [
     {"window.FWD_SPLIT": False},
@@ -56,6 +60,7 @@ WINDOW = [
     {"window.FWD_FOLD": True},
     {"window.FWD_TMA": True},
     {"window.FWD_FOLD": True, "window.FWD_TMA": True},
+    {"window.FWD_FOLD": True, "window.FWD_I32": True},  # 10: the fold with int32 key indices and masks
 ]
 SEARCH = [
     {},

@@ -155,16 +155,17 @@ def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, 
 
 
 @pytest.mark.parametrize("split, fold", [(True, False), (False, False), (True, True), (False, True)],
-                         ids=["interior", "masked", "interior-fold", "masked-fold"])
+                         ids=["interior", "masked", "interior-fold-i32", "masked-fold-i32"])
 def test_forward_small_tiles(monkeypatch, split, fold):
     """The window and span forwards with small key blocks, pair tiles and row blocks: tiles then have interior key
     blocks (inside the keys of every row, computed without masks) between masked edge blocks, and tiles end and
     start inside blocks. `masked`: every block under the masks. `fold`: the scale folded into exp2's argument
-    (`window.FWD_FOLD`). Outputs and gradients match the oracle."""
+    (`window.FWD_FOLD`) and key indices in int32 (`window.FWD_I32`). Outputs and gradients match the oracle."""
     from superlinear_kernels.triton import span, window
 
     monkeypatch.setattr(span, "_blocks", lambda d: (max(16, d), 16, 16))  # the pair sort by 16-key blocks
     monkeypatch.setattr(window, "FWD_FOLD", fold)
+    monkeypatch.setattr(window, "FWD_I32", fold)
     for mod, rows in ((span, "FWD_BLOCK_P"), (window, "FWD_ROWS")):
         monkeypatch.setattr(mod, rows, 16)
         monkeypatch.setattr(mod, "FWD_BLOCK_N", 16)

@@ -95,14 +95,19 @@ def _span_fwd_kernel(q_ptr, k_ptr, v_ptr, k_desc, v_desc, order_ptr, qstart_ptr,
                      H_Q, H_KV, L_Q, D, G, PG, qk_scale,
                      NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-                     FOLD: tl.constexpr, TMA: tl.constexpr):
+                     FOLD: tl.constexpr, TMA: tl.constexpr, I32: tl.constexpr):
     tile = tl.program_id(0)
     grp = tl.program_id(1)
     b = grp // H_KV
     hkv = grp % H_KV
     pair, row, ok, live, qs, qe = _pair_rows(order_ptr, qstart_ptr, qend_ptr, grp, tile, PG, H_Q, H_KV, L_Q, G,
                                              NUM_SPANS, BLOCK_P)
-    lo = tl.min(tl.where(live, qs, 1 << 62), axis=0)
+    if I32:  # positions fit int32 (L_KV < 2^31, checked by the backend): 32-bit key indices and masks
+        qs = qs.to(tl.int32)
+        qe = qe.to(tl.int32)
+        lo = tl.min(tl.where(live, qs, 2147483647), axis=0)
+    else:
+        lo = tl.min(tl.where(live, qs, 1 << 62), axis=0)
     hi = tl.max(tl.where(live, qe, -1), axis=0)
     lo = (lo // BLOCK_N) * BLOCK_N
     qe = tl.where(live, qe, -1)  # a dead pair's range is empty
@@ -167,8 +172,8 @@ def span_forward(q2, k, v, qstart, qend, win_out, win_lse):
         q2, k, v, k_desc, v_desc, order, qstart, qend, win_out, win_lse, bout, blse, *strides,
         h_q, h_kv, l_q, d, group, pg, d ** -0.5 * LOG2E.value,
         NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=fwd_block_n, BLOCK_D=bd, SPLIT=FWD_SPLIT,
-        EVEN_D=bd == d, PRECISION=dot_precision(q2.dtype), FOLD=window.FWD_FOLD, TMA=tma, num_warps=FWD_WARPS,
-        num_stages=FWD_STAGES)
+        EVEN_D=bd == d, PRECISION=dot_precision(q2.dtype), FOLD=window.FWD_FOLD, TMA=tma, I32=window.FWD_I32,
+        num_warps=FWD_WARPS, num_stages=FWD_STAGES)
     return bout, blse, order
 
 
