@@ -117,9 +117,10 @@ def test_non_contiguous_cache_positions():
     (True, False, False, False, None, False), (False, False, False, False, None, False),
     (True, True, False, False, None, False), (True, True, False, False, None, True),
     (True, True, False, True, None, True), (True, True, False, False, 32, False),
-    (True, True, False, True, 32, True), (True, False, True, False, None, False)],
+    (True, True, False, True, 32, True), (True, True, False, "masked", 32, True),
+    (True, False, True, False, None, False)],
     ids=["skip", "masked", "sorted", "sorted-next", "sorted-lean-next", "sorted-span-block-32",
-         "sorted-lean-next-span-block-32", "window-split"])
+         "sorted-lean-next-span-block-32", "sorted-lean-masked-next-span-block-32", "window-split"])
 def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, nxt):
     """The key-major dK/dV kernels with many small key blocks and pair tiles: a block meets many tiles, tiles end
     and start inside blocks, and queries come in no particular order (the window's position sort). `masked`:
@@ -130,7 +131,8 @@ def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, 
     here both kinds of visit occur, and dead pairs sort into the last tiles); `sorted-span-block-32`: the span
     kernel's key blocks (`span.KV_BLOCK_N`) twice the window kernel's; `sorted-lean-next-span-block-32`: the lean
     visits with the next tile's range read ahead in key blocks of their own (as `span.KV_BLOCK_N = 64` with
-    128-key window blocks); `window-split`: the window kernel's
+    128-key window blocks); `sorted-lean-masked-...`: the same with every lean visit under the per-key mask
+    (`span.KV_INTERIOR = False`); `window-split`: the window kernel's
     loop trips whose queries' windows all hold the key block run without the per-key mask (W = 24 or 26 over
     16-key blocks and 8-query trips: such trips exist, between masked ones, and rows starting inside or after a
     block must not use them; then 16 heads of one KV group, so a trip is one query and the run's ends are checked
@@ -139,7 +141,8 @@ def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, 
 
     monkeypatch.setattr(span, "KV_SKIP", skip)
     monkeypatch.setattr(span, "KV_SORTED", sort)
-    monkeypatch.setattr(span, "KV_LEAN", lean)
+    monkeypatch.setattr(span, "KV_LEAN", bool(lean))
+    monkeypatch.setattr(span, "KV_INTERIOR", lean != "masked")
     monkeypatch.setattr(span, "KV_BLOCK_N", span_block)
     monkeypatch.setattr(span, "KV_NEXT", nxt)
     monkeypatch.setattr(window, "KV_SPLIT", split)
