@@ -37,7 +37,9 @@ SPAN = [  # (pairs per tile, key block, warps, stages, interior without masks)
     {"span.FWD_BLOCK_P": 256, "span.FWD_BLOCK_N": 32, "span.FWD_WARPS": 8},
     {"span.FWD_BLOCK_P": 128, "span.FWD_WARPS": 8, "span.FWD_STAGES": 4},
     {"span.FWD_BLOCK_P": 128, "span.FWD_BLOCK_N": 32, "span.FWD_WARPS": 8, "span.FWD_STAGES": 3},
-    # 10-15 (session 10): the scale folded into exp2's argument (window.FWD_FOLD, used by the span forward too),
+    # 10-15 (session 10; since its window C, FWD_FOLD and FWD_TMA are the defaults and TMA runs span.FWD_TMA_STAGES = 3,
+    # so these rows reproduce its sweep only with both set back to False first):
+    # the scale folded into exp2's argument (window.FWD_FOLD, used by the span forward too),
     # interior key blocks through TMA, both; 32-key blocks in 3 stages with the fold (64 KB of shared memory); the fold
     # with 3 stages of 64-key blocks (112 KB: still 2 programs per SM), and with TMA too
     {"window.FWD_FOLD": True},

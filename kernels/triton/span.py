@@ -137,7 +137,12 @@ FWD_BLOCK_N = 64
 FWD_WARPS = 4
 FWD_STAGES = 2
 FWD_SPLIT = True
-FWD_TMA = False  # interior key blocks through TMA (`window.fwd_blocks`; compute capability >= 9)
+# Interior key blocks through TMA (`window.fwd_blocks`; compute capability >= 9 only), then with FWD_TMA_STAGES
+# stages (112 KB of shared memory: two programs per SM on Hopper; 3 stages without TMA would not fit smaller GPUs).
+# H200, session 10 window C (last 32K queries of 1M, with window.FWD_FOLD): 31.01 ms; TMA 31.68; 3 stages 29.97; TMA
+# and 3 stages 29.42 (443 TFLOP/s of useful work); whole 1M prefill's span 653.9 -> 598.5 ms.
+FWD_TMA = True
+FWD_TMA_STAGES = 3
 
 
 def _blocks(d: int) -> tuple[int, int, int]:
@@ -173,7 +178,7 @@ def span_forward(q2, k, v, qstart, qend, win_out, win_lse):
         h_q, h_kv, l_q, d, group, pg, d ** -0.5 * LOG2E.value,
         NUM_SPANS=num_spans, BLOCK_P=block_p, BLOCK_N=fwd_block_n, BLOCK_D=bd, SPLIT=FWD_SPLIT,
         EVEN_D=bd == d, PRECISION=dot_precision(q2.dtype), FOLD=window.FWD_FOLD, TMA=tma, I32=window.FWD_I32,
-        num_warps=FWD_WARPS, num_stages=FWD_STAGES)
+        num_warps=FWD_WARPS, num_stages=FWD_TMA_STAGES if tma else FWD_STAGES)
     return bout, blse, order
 
 
