@@ -23,3 +23,20 @@ def model():
     from superlinear_lab.model import load_model
 
     return load_model("tiny", backend="torch")
+
+
+@pytest.fixture
+def planted_statements(monkeypatch):
+    """The statements (needle texts) of the last row the data builder built: a spy on `data._Builder.build`,
+    filled in place each time a row is built while the test runs."""
+    from superlinear_lab import data as D
+
+    planted: list[str] = []
+    build = D._Builder.build
+
+    def spy(self, *args, **kwargs):
+        planted[:] = [n[1] for n in self.needles]
+        return build(self, *args, **kwargs)
+
+    monkeypatch.setattr(D._Builder, "build", spy)
+    return planted

@@ -9,16 +9,6 @@ KEYS = ("{owner}'s {thing}", "the {thing} of {owner}", "{owner}'s own {thing}", 
         "the {thing} belonging to {owner}", "the {thing} that {owner} has")  # the key forms a hop question holds
 
 
-def _statements(monkeypatch) -> list[str]:
-    planted: list[str] = []
-    build = D._Builder.build
-
-    def spy(self, *args, **kwargs):
-        planted[:] = [n[1] for n in self.needles]
-        return build(self, *args, **kwargs)
-
-    monkeypatch.setattr(D._Builder, "build", spy)
-    return planted
 
 
 def _bare(question: str, name: str) -> str:
@@ -46,12 +36,12 @@ def test_named_question_replaces_the_key_by_the_name():
 
 @pytest.mark.parametrize("task", ["fact_hop_named", "fact_name_keyed"])
 @pytest.mark.parametrize("split", D.SPLITS)
-def test_hop_named_asks_each_place_by_its_name_with_the_place_as_evidence(split, task, monkeypatch):
+def test_hop_named_asks_each_place_by_its_name_with_the_place_as_evidence(split, task, planted_statements):
     """Per chain: evidence (name, place) (fact_name_keyed: the place only), the name in its chain's naming statement
     (fact_name_keyed: no naming statements), the place in "<name> <verb> <place>.";
     every chain asked once, its question naming the pointer name (not the owner); place bytes need the place
     only; question bytes nothing; rivals: the places. Train questions carry train leads, eval ones none."""
-    planted = _statements(monkeypatch)
+    planted = planted_statements
     naming = task == "fact_hop_named"
     sizes, led = set(), 0
     for seed in range(10):

@@ -5,17 +5,6 @@ from superlinear_lab import data as D
 from superlinear_lab import facts as F
 
 
-def _statements(monkeypatch) -> list[str]:
-    """The statements of the last row built (a spy on the row builder)."""
-    planted: list[str] = []
-    build = D._Builder.build
-
-    def spy(self, *args, **kwargs):
-        planted[:] = [n[1] for n in self.needles]
-        return build(self, *args, **kwargs)
-
-    monkeypatch.setattr(D._Builder, "build", spy)
-    return planted
 
 
 def _inside(raw: bytes, statement: str, r: tuple[int, int]) -> bool:
@@ -30,14 +19,14 @@ def _inside(raw: bytes, statement: str, r: tuple[int, int]) -> bool:
 
 
 @pytest.mark.parametrize("split", D.SPLITS)
-def test_hop_steps_ask_the_pointer_then_the_place_with_both_hops_as_evidence(split, monkeypatch):
+def test_hop_steps_ask_the_pointer_then_the_place_with_both_hops_as_evidence(split, planted_statements):
     """Every chain is asked once for its place, most right after a question for its pointer name. Evidence decodes
     to (name, place) per chain; the name sits in a statement naming that chain's owner and thing, the place in
     the row's place statement of that name. Name bytes need the name only; place bytes need both hops; question
     bytes need nothing. Rivals: every name and place. Train questions carry train leads; eval ones are bare."""
     from superlinear_lab import train as T
 
-    planted = _statements(monkeypatch)
+    planted = planted_statements
     sizes, firsts, chains = set(), 0, 0
     for seed in range(10):
         ex = D.make_example("fact_hop_steps", 2048, seed, split)

@@ -10,17 +10,6 @@ from superlinear_lab import data as D
 from superlinear_lab import facts as F
 
 
-def _statements(monkeypatch) -> list[str]:
-    """The statements of the last row built (a spy on the row builder)."""
-    planted: list[str] = []
-    build = D._Builder.build
-
-    def spy(self, *args, **kwargs):
-        planted[:] = [n[1] for n in self.needles]
-        return build(self, *args, **kwargs)
-
-    monkeypatch.setattr(D._Builder, "build", spy)
-    return planted
 
 
 def _word_list() -> tuple[set[str], set[str]]:
@@ -33,13 +22,13 @@ def _word_list() -> tuple[set[str], set[str]]:
 
 
 @pytest.mark.parametrize("split", D.SPLITS)
-def test_phrase_quiz_values_evidence_needs_and_rivals(split, monkeypatch):
+def test_phrase_quiz_values_evidence_needs_and_rivals(split, planted_statements):
     """Every value is 2-5 words: in the train split words of the train corpus, of the list's train part and
     made-up ones, never a word that could be an eval value (its hash); in the eval split the eval list's words
     and made-up ones; evidence decodes to the values, each inside the statement of its own key; the answer gives the values
     in asking order with the later questions as prompts; each value byte needs its own value, question bytes
     nothing; every value is a rival."""
-    planted = _statements(monkeypatch)
+    planted = planted_statements
     train_words, eval_words = _word_list()
     mine, other = (train_words, eval_words) if split == "train" else (eval_words, train_words)
     corpus = set(re.findall(r"[a-z]+", D.corpus("train").decode("utf-8", "replace")))
