@@ -94,6 +94,9 @@ CANDIDATES = [
     {"span.KV_LEAN": False, "span.KV_BLOCK_N": None, "span.KV_WARPS": None},  # 36: session 9's shipped span dK/dV
     {"span.KV_INTERIOR": False},  # 37: the defaults with every lean visit masked (= 35)
     {"span.KV_NEXT": False},  # 38: the defaults without the next tile's key range read ahead
+    # window C (bwd_tune_C.json, 128K): 0: 177.4 ms (span dK/dV 84.9), 36: 179.4 (89.0), 37: 172.7 (80.0), 38: 177.2
+    # (85.3); since window D the defaults are 37's (every lean visit masked)
+    {"span.KV_INTERIOR": True},  # 39: window C's defaults (lean 64 x 4 with unmasked interior visits)
 ]
 MODULES = {"window": window, "span": span, "common": common, "search": search}  # also used by fwd_tune.py
 

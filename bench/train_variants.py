@@ -54,6 +54,8 @@ VARIANTS = {
     # session 10: the lean visits in 64-key 4-warp programs are the defaults (so "lean", "span-64x4", "lean-64x4" are
     # the defaults too, and "exp2-only" is plain visits in 64-key programs); session 9's shipped span dK/dV:
     "s9-shipped": {"span.KV_LEAN": False, "span.KV_BLOCK_N": None, "span.KV_WARPS": None},
+    # since window D every lean visit is masked by default (= "lean-64x4-masked"); window C's defaults:
+    "lean-64x4-interior": {"span.KV_INTERIOR": True},
 }
 
 
