@@ -432,10 +432,17 @@ KV_SORTED = True  # the key-major kernel reads the pair arrays gathered into sor
 # (Triton 3.6, 128 keys x 64 pairs, 8 warps): a visit from ~1,087 instructions per thread (exp2) to ~414 (inside every
 # span) or ~492 (masked). Session 9 (H200): in 128-key 8-warp programs slower than the plain visits (span dK/dV at
 # 128K 105.0 vs 94.1 ms; first form 110.1), in 64-key 4-warp programs (`KV_BLOCK_N`, `KV_WARPS`) the fastest measured
-# (85.3 ms). On since session 10 together with those programs: gpu_check grads, both presets bf16/fp16, release fp32,
-# recompute, 40K chunks: 47/47 (window A); timings: bench/BENCHMARKS.md "H200, session 10: training kernels".
+# (85.3 ms). On since session 10 together with those programs, every visit masked (`KV_INTERIOR = False`): H200
+# window C, backward alone at 128K 179.4 ms (session 9's plain 128 x 8) -> 177.4 (lean 64 x 4) -> 172.7 (all masked;
+# span dK/dV 89.0 -> 84.9 -> 80.0); window D, train step vs session 9's, same process: 128K 232.3 -> 224.9-229.2 ms,
+# 256K 605.7 -> 592.3-592.7, 32K 41.5 -> 39.1-39.2, 64K 93.9 -> 91.3-91.8. Checks: gpu_check grads (window A, lean
+# 64 x 4: both presets bf16/fp16, release fp32, recompute, 40K chunks 47/47; window D, all masked: release bf16,
+# recompute, chunks 17/17; session 9 window C, all masked: both presets bf16/fp16 41/41). bench/BENCHMARKS.md
+# "H200, session 10: training kernels".
 KV_LEAN = True
-KV_INTERIOR = True  # lean visits of a block inside every live span of the tile skip the per-key mask
+# Lean visits of a block inside every live span of the tile skip the per-key mask (True) or every visit is masked
+# (False, the default: the branch between the two visit bodies cost more than the masks it saved, see KV_LEAN).
+KV_INTERIOR = False
 # Each trip of the key-major loop reads the next tile's key range ahead (scalars only), so the meet test does not wait
 # for a memory round trip. H200, session 9 window B: backward alone at 128K 187.2 -> 182.5 ms (span dK/dV 94.1 ->
 # 89.5), train step 128K 247.7 -> 244.6 ms, 64K 99.8 -> 97.9, 32K 44.3 -> 43.5; gpu_check grads 41/41.
