@@ -546,5 +546,5 @@ def test_gpu_forward_tma(monkeypatch, block):
         monkeypatch.setattr(span, "_blocks", lambda d: (max(16, d), 16, 16))
         monkeypatch.setattr(span, "FWD_BLOCK_P", 16)
     k = random_inputs(2, 8, 2, 8, 2500, 64, dtype=torch.bfloat16, device=DEVICE)[2]
-    assert common.tma_ok(k, k) and window.fwd_descriptors(k, k, block, 64, True)[2]
+    assert common.tma_ok(k, k) and common.tma_descriptors(k, k, block, 64, True)[2]
     _compare(SpanConfig.release(), 2, 8, 2, 2500, 2500, 64, torch.bfloat16, starts=[0, 301], grads=True)

@@ -66,6 +66,19 @@ def tma_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
                                                                      for st in x.stride()[:-1]) for x in (k, v))
 
 
+def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int, use: bool):
+    """(k_desc, v_desc, tma) for kernels that read whole key blocks through TMA (window/span forwards, decode):
+    host TMA descriptors of K and V [B, H_KV, L_KV, D] with blocks [1, 1, block_n, block_d] when `use` and the device
+    and caches allow it (`tma_ok`), else (None, None, False)."""
+    if not (use and tma_ok(k, v)):
+        return None, None, False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block = [1, 1, block_n, block_d]
+    return (TensorDescriptor(k, list(k.shape), list(k.stride()), block),
+            TensorDescriptor(v, list(v.shape), list(v.stride()), block), True)
+
+
 def train_forward_chunk(l_q: int, rows_per_query: int) -> int:
     """Queries per chunk of the training forward over l_q queries of rows_per_query = B·H_Q rows each (see
     TRAIN_FWD_PARTS)."""

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..softmax import INVALID_GATE_LOGIT
 from .common import (HAS_PDL, INTERPRET, MAX_SPANS, block_d, dot_precision, gdc_launch_dependents, gdc_wait, next_pow2,
-                     pdl_launch, tma_ok)
+                     pdl_launch, tma_descriptors, tma_ok)
 from .rules import LN2, LOG2E, nonfinite_rows, window_lo
 
 DECODE_BLOCK_N = 32  # keys per loop trip (32 and 64 tie on random routing; 32 is ~10% faster on coherent)
@@ -465,14 +465,7 @@ def decode_forward(q2, k, v, qstart, qend, qanchor, values, positions, row_start
             **pdl_launch(pdl))
     else:
         warps = 2 * DECODE_WARPS if bd * rb > 64 * 128 else DECODE_WARPS
-        k_desc = v_desc = None
-        tma = decode_tma(k, v)
-        if tma:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-
-            block = [1, 1, DECODE_BLOCK_N, bd]
-            k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), block)
-            v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), block)
+        k_desc, v_desc, tma = tma_descriptors(k, v, DECODE_BLOCK_N, bd, DECODE_TMA)  # tma == decode_tma(k, v)
         _decode_group_kernel[(b * h_kv * n_rb, n_chunks)](
             q2, k, v, k_desc, v_desc, qstart, qend, positions, row_start, pm, pl, pacc, *strides,
             h_q, h_kv, l_kv, d, group, window, n_rows, n_rb, n_chunks, chunk, d ** -0.5 * LOG2E.value,

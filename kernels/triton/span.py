@@ -172,7 +172,7 @@ def span_forward(q2, k, v, qstart, qend, win_out, win_lse):
     order = sort_pairs(qstart, qend, h_kv, block_n, l_kv)
     pg = group * l_q * num_spans
     fwd_block_n = FWD_BLOCK_N if bd <= 128 else 32
-    k_desc, v_desc, tma = window.fwd_descriptors(k, v, fwd_block_n, bd, FWD_TMA)
+    k_desc, v_desc, tma = common.tma_descriptors(k, v, fwd_block_n, bd, FWD_TMA)
     _span_fwd_kernel[(triton.cdiv(pg, block_p), b * h_kv)](
         q2, k, v, k_desc, v_desc, order, qstart, qend, win_out, win_lse, bout, blse, *strides,
         h_q, h_kv, l_q, d, group, pg, d ** -0.5 * LOG2E.value,

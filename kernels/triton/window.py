@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block_d, dot_precision, head_rows, tma_ok
+from .common import block_d, dot_precision, head_rows, tma_descriptors
 from .rules import LN2, LOG2E, window_lo
 
 
@@ -212,21 +212,8 @@ FWD_SPLIT = True
 # H200, session 10 window C (last 32K queries of 1M): window 3.05 ms, with FWD_FOLD 2.72, with FWD_FOLD and FWD_TMA
 # 2.57 (424 TFLOP/s of useful work); FWD_FOLD + FWD_I32 2.90 (span 35.1 vs 31.0 ms): int32 stays off.
 FWD_FOLD = True  # the scale folded into exp2's argument (`fwd_fold`; window and span forwards)
-FWD_TMA = True  # interior key blocks through TMA (compute capability >= 9 only; `fwd_descriptors`)
+FWD_TMA = True  # interior key blocks through TMA (compute capability >= 9 only; `common.tma_descriptors`)
 FWD_I32 = False  # key indices and masks in int32 (window and span forwards)
-
-
-def fwd_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int, use: bool):
-    """(k_desc, v_desc, tma) for `fwd_blocks`: host TMA descriptors of K and V [B, H_KV, L_KV, D] with blocks
-    [1, 1, block_n, block_d] when `use` and the device and caches allow it (`common.tma_ok`), else (None, None,
-    False)."""
-    if not (use and tma_ok(k, v)):
-        return None, None, False
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    block = [1, 1, block_n, block_d]
-    return (TensorDescriptor(k, list(k.shape), list(k.stride()), block),
-            TensorDescriptor(v, list(v.shape), list(v.stride()), block), True)
 
 
 def window_forward(q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -251,7 +238,7 @@ def window_forward(q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     bd = block_d(d)
     grid = (triton.cdiv(l_q, bq), b * h_kv * n_chunks)
     block_n = FWD_BLOCK_N if bd <= 128 else 32
-    k_desc, v_desc, tma = fwd_descriptors(k, v, block_n, bd, FWD_TMA)
+    k_desc, v_desc, tma = tma_descriptors(k, v, block_n, bd, FWD_TMA)
     _window_fwd_kernel[grid](
         q2, k, v, k_desc, v_desc, positions, row_start, out, lse,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
