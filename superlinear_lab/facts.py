@@ -631,7 +631,7 @@ def _check_n_facts(n_facts: int) -> None:
         raise ValueError(f"n_facts={n_facts}: expected at least 1 fact to ask")
 
 
-def _quiz(task: str, rng: random.Random, length: int, split: str, kind: str, keys: list, draw=None, ask=None):
+def _quiz(rng: random.Random, length: int, split: str, kind: str, keys: list, draw=None, ask=None):
     """The facts of a quiz row (`fact_quiz`, `fact_phrase_quiz`): per key a statement of `kind` in the split's
     phrasings (value from ``draw(taken)`` when given) at a random depth, every value a rival of the other
     questions; then every fact asked in turn in a random order (the question ``ask(owner, thing)`` when given,
@@ -663,7 +663,7 @@ def fact_quiz(length: int, seed: int, split: str = "train", n_facts: int = 4) ->
     rng = D._rng(task, length, seed, split, n_facts)
     kind = rng.choices(list(QUIZ_KINDS), list(QUIZ_KINDS.values()))[0]
     keys, near = _key_grid(rng, split, THINGS[kind], n_facts)
-    b, values, order, questions, answer, need, prompts = _quiz(task, rng, length, split, kind, keys)
+    b, values, order, questions, answer, need, prompts = _quiz(rng, length, split, kind, keys)
     return b.build(questions[0], answer, lambda j: need[j], task,
                    {"kind": kind, "keys": keys, "values": values, "order": order, "value": answer,
                     "near_keys": near, "n_distractors": n_facts - 1, "seed": seed}, prompts)
@@ -775,7 +775,7 @@ def fact_phrase_quiz(length: int, seed: int, split: str = "train", n_facts: int 
         return _question(rng, split, "phrase", owner, thing)
 
     b, values, order, questions, answer, need, prompts = _quiz(
-        task, rng, length, split, "phrase", keys, draw=lambda taken: _long_phrase(rng, split, first, taken), ask=ask)
+        rng, length, split, "phrase", keys, draw=lambda taken: _long_phrase(rng, split, first, taken), ask=ask)
     return b.build(questions[0], answer, lambda j: need[j], task,
                    {"kind": "phrase", "keys": keys, "values": values, "order": order, "value": answer,
                     "shared_start": first, "near_keys": near, "n_distractors": n_facts - 1, "seed": seed},
