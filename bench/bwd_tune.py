@@ -97,6 +97,15 @@ CANDIDATES = [
     # window C (bwd_tune_C.json, 128K): 0: 177.4 ms (span dK/dV 84.9), 36: 179.4 (89.0), 37: 172.7 (80.0), 38: 177.2
     # (85.3); since window D the defaults are 37's (every lean visit masked)
     {"span.KV_INTERIOR": True},  # 39: window C's defaults (lean 64 x 4 with unmasked interior visits)
+    # session 11 (span dK/dV; regs / spill bytes from bench/bwd_spills.py, sm_90a ptxas): the defaults 255 regs,
+    # 212 B spill stores
+    {"span.KV_L2_PREFETCH": True},  # 40: each trip asks L2 for the next tile's q/dO rows and pair arrays
+    {"span.KV_ROTATE": 264},  # 41: runs visited from a phase set by the launch index (264 = 132 SMs x 2 programs)
+    {"span.KV_L2_PREFETCH": True, "span.KV_ROTATE": 264},  # 42: both
+    {"span.KV_WARPS": 8},  # 43: 64-key programs of 8 warps (no spills; the [keys x pairs] tiles computed per warpgroup)
+    {"span.KV_TILE": 32},  # 44: 32-pair tiles (32 B spilled)
+    {"span.KV_TILE": 32, "span.KV_L2_PREFETCH": True},  # 45
+    {"span.KV_ROTATE": 132},  # 46: a rotation phase for one resident program per SM
 ]
 MODULES = {"window": window, "span": span, "common": common, "search": search}  # also used by fwd_tune.py
 

@@ -56,6 +56,12 @@ VARIANTS = {
     "s9-shipped": {"span.KV_LEAN": False, "span.KV_BLOCK_N": None, "span.KV_WARPS": None},
     # since window D every lean visit is masked by default (= "lean-64x4-masked"); window C's defaults:
     "lean-64x4-interior": {"span.KV_INTERIOR": True},
+    # session 11: span dK/dV with the L2 prefetch of the next tiles' reads, rotated runs, both
+    "l2-prefetch": {"span.KV_L2_PREFETCH": True},
+    "rotate": {"span.KV_ROTATE": 264},
+    "prefetch-rotate": {"span.KV_L2_PREFETCH": True, "span.KV_ROTATE": 264},
+    "span-64x8": {"span.KV_WARPS": 8},
+    "tile-32": {"span.KV_TILE": 32},
 }
 
 

@@ -113,15 +113,17 @@ def test_non_contiguous_cache_positions():
     _compare(DEFAULT, 1, 4, 2, 5, 60, 16, torch.float32, positions=[3, 40, 41, 17, 59])
 
 
-@pytest.mark.parametrize("skip, sort, split, lean, span_block, nxt", [
-    (True, False, False, False, None, False), (False, False, False, False, None, False),
-    (True, True, False, False, None, False), (True, True, False, False, None, True),
-    (True, True, False, True, None, True), (True, True, False, False, 32, False),
-    (True, True, False, True, 32, True), (True, True, False, "masked", 32, True),
-    (True, False, True, False, None, False)],
+@pytest.mark.parametrize("skip, sort, split, lean, span_block, nxt, rotate", [
+    (True, False, False, False, None, False, 0), (False, False, False, False, None, False, 0),
+    (True, True, False, False, None, False, 0), (True, True, False, False, None, True, 0),
+    (True, True, False, True, None, True, 0), (True, True, False, False, 32, False, 0),
+    (True, True, False, True, 32, True, 0), (True, True, False, "masked", 32, True, 0),
+    (True, True, False, "masked", 32, True, 3), (True, True, False, True, None, False, 2),
+    (True, False, True, False, None, False, 0)],
     ids=["skip", "masked", "sorted", "sorted-next", "sorted-lean-next", "sorted-span-block-32",
-         "sorted-lean-next-span-block-32", "sorted-lean-masked-next-span-block-32", "window-split"])
-def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, nxt):
+         "sorted-lean-next-span-block-32", "sorted-lean-masked-next-span-block-32",
+         "sorted-lean-masked-next-rotate-span-block-32", "sorted-lean-rotate", "window-split"])
+def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, nxt, rotate):
     """The key-major dK/dV kernels with many small key blocks and pair tiles: a block meets many tiles, tiles end
     and start inside blocks, and queries come in no particular order (the window's position sort). `masked`:
     tiles that miss the block are computed under the masks instead of skipped; `sorted`: the span kernel reads
@@ -132,7 +134,9 @@ def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, 
     kernel's key blocks (`span.KV_BLOCK_N`) twice the window kernel's; `sorted-lean-next-span-block-32`: the lean
     visits with the next tile's range read ahead in key blocks of their own (as `span.KV_BLOCK_N = 64` with
     128-key window blocks); `sorted-lean-masked-...`: the same with every lean visit under the per-key mask
-    (`span.KV_INTERIOR = False`); `window-split`: the window kernel's
+    (`span.KV_INTERIOR = False`); `...-rotate-...`: each program visits its run of tiles from a rotated start
+    (`span.KV_ROTATE`; 3 or 2 programs assumed resident, so the runs start at many phases), with and without the next
+    tile's range read ahead; `window-split`: the window kernel's
     loop trips whose queries' windows all hold the key block run without the per-key mask (W = 24 or 26 over
     16-key blocks and 8-query trips: such trips exist, between masked ones, and rows starting inside or after a
     block must not use them; then 16 heads of one KV group, so a trip is one query and the run's ends are checked
@@ -145,6 +149,7 @@ def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, 
     monkeypatch.setattr(span, "KV_INTERIOR", lean != "masked")
     monkeypatch.setattr(span, "KV_BLOCK_N", span_block)
     monkeypatch.setattr(span, "KV_NEXT", nxt)
+    monkeypatch.setattr(span, "KV_ROTATE", rotate)
     monkeypatch.setattr(window, "KV_SPLIT", split)
     monkeypatch.setattr(window, "KV_ROWS", 16)
     monkeypatch.setattr(window, "KV_BLOCK", 16)
@@ -158,17 +163,16 @@ def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, 
 
 
 @pytest.mark.parametrize("split, fold", [(True, False), (False, False), (True, True), (False, True)],
-                         ids=["interior", "masked", "interior-fold-i32", "masked-fold-i32"])
+                         ids=["interior", "masked", "interior-fold", "masked-fold"])
 def test_forward_small_tiles(monkeypatch, split, fold):
     """The window and span forwards with small key blocks, pair tiles and row blocks: tiles then have interior key
     blocks (inside the keys of every row, computed without masks) between masked edge blocks, and tiles end and
     start inside blocks. `masked`: every block under the masks. `fold`: the scale folded into exp2's argument
-    (`window.FWD_FOLD`) and key indices in int32 (`window.FWD_I32`). Outputs and gradients match the oracle."""
+    (`window.FWD_FOLD`). Outputs and gradients match the oracle."""
     from superlinear_kernels.triton import span, window
 
     monkeypatch.setattr(span, "_blocks", lambda d: (max(16, d), 16, 16))  # the pair sort by 16-key blocks
     monkeypatch.setattr(window, "FWD_FOLD", fold)
-    monkeypatch.setattr(window, "FWD_I32", fold)
     for mod, rows in ((span, "FWD_BLOCK_P"), (window, "FWD_ROWS")):
         monkeypatch.setattr(mod, rows, 16)
         monkeypatch.setattr(mod, "FWD_BLOCK_N", 16)
@@ -451,17 +455,15 @@ def test_search_tie_rule_earlier_position_wins(monkeypatch, mode):
     assert anchors.numel() > 0
 
 
-@pytest.mark.parametrize("skip", [True, False], ids=["skip", "every-round"])
 @pytest.mark.parametrize("num_spans", [1, 2, 3, 4])
-def test_search_ordered_over_many_trips(monkeypatch, num_spans, skip):
+def test_search_ordered_over_many_trips(monkeypatch, num_spans):
     """`search.SEARCH_ORDERED` over many 16-stripe trips (sw_index 1, 600 keys: up to ~40 trips per query), so the
-    slots fill up early and later trips insert one, several or no candidates (`SEARCH_SKIP`: rounds after the first
-    only where some row of the program needs them). Every 5th key repeats key 0 (equal scores across trips and
-    inside one trip: the earliest anchor must win); the other rows are random. Routing and values == the oracle."""
+    slots fill up early and later trips insert one, several or no candidates. Every 5th key repeats key 0 (equal
+    scores across trips and inside one trip: the earliest anchor must win); the other rows are random. Routing and
+    values == the oracle."""
     from superlinear_kernels.triton import search
 
     monkeypatch.setattr(search, "SEARCH_ORDERED", True)
-    monkeypatch.setattr(search, "SEARCH_SKIP", skip)
     cfg = DEFAULT.replace(num_spans=num_spans, sw_index=1)
     b, h_q, h_kv, l, d = 1, 4, 2, 600, 16
     q1, _, k, _ = random_inputs(b, h_q, h_kv, l, l, d, seed=7, device=DEVICE)
@@ -548,3 +550,41 @@ def test_gpu_forward_tma(monkeypatch, block):
     k = random_inputs(2, 8, 2, 8, 2500, 64, dtype=torch.bfloat16, device=DEVICE)[2]
     assert common.tma_ok(k, k) and common.tma_descriptors(k, k, block, 64, True)[2]
     _compare(SpanConfig.release(), 2, 8, 2, 2500, 2500, 64, torch.bfloat16, starts=[0, 301], grads=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("d, tile", [(128, None), (64, None), (128, 16)], ids=["d128", "d64", "d128-tile16"])
+def test_gpu_backward_l2_prefetch_bit_identical(monkeypatch, d, tile):
+    """The span dK/dV loop's L2 prefetch (`span.KV_L2_PREFETCH`: hints only) changes no bit of its dK, dV (the kernel
+    has no atomics, so two runs are bit-comparable): bf16, 2 KV groups of 8 heads, spans of up to 700 keys over 3000,
+    some pairs empty; with and without it on the same inputs (rows of two 128-byte lines at D = 128, one at 64; 16-pair
+    tiles take the small-tile prefetch of the pair arrays); and the launcher really turns it on."""
+    from superlinear_kernels.triton import span
+
+    if tile:
+        monkeypatch.setattr(span, "KV_TILE", tile)
+    gen = torch.Generator().manual_seed(0)
+    b, h_q, h_kv, l, n = 1, 16, 2, 3000, 3
+    q2, do = (torch.randn(b, h_q, l, d, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(b, h_kv, l, d, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+    qend = torch.randint(0, l, (b, h_q, l, n), generator=gen, dtype=torch.int32)
+    qstart = (qend - torch.randint(0, 700, qend.shape, generator=gen, dtype=torch.int32)).clamp(min=0)
+    qstart.view(-1)[::11] = -1  # empty slots
+    qend = torch.where(qstart < 0, -1, qend).to(torch.int32)
+    gate = torch.rand(b, h_q, l, n, generator=gen)
+    lse = 6.0 + torch.rand(b, h_q, l, n, generator=gen)  # P = exp(q·k·scale − lse) stays small
+    delta = torch.randn(b, h_q, l, n, generator=gen)
+    qstart, qend, gate, lse, delta = (x.to(DEVICE) for x in (qstart, qend, gate, lse, delta))
+    assert span.kv_prefetch_lines(q2, do, True) == 0  # off by default
+    results = {}
+    for on in (False, True):
+        monkeypatch.setattr(span, "KV_L2_PREFETCH", on)
+        assert span.kv_prefetch_lines(q2, do, True) == (d * 2 // 128 if on else 0)
+        dk = torch.zeros(b, h_kv, l, d, device=DEVICE)
+        dv = torch.zeros_like(dk)
+        span.span_backward_kv(q2, k, v, qstart, qend, None, do, gate, lse, delta, dk, dv)
+        results[on] = (dk, dv)
+    assert results[False][1].abs().max() > 0
+    for name, off, on in zip(("dk", "dv"), results[False], results[True]):
+        assert torch.equal(off, on), f"{name}: differs with the L2 prefetch"
