@@ -48,7 +48,7 @@ SPAN = [  # (pairs per tile, key block, warps, stages, interior without masks)
     {"window.FWD_FOLD": True, "span.FWD_BLOCK_N": 32, "span.FWD_STAGES": 3},
     {"window.FWD_FOLD": True, "span.FWD_STAGES": 3},
     {"window.FWD_FOLD": True, "span.FWD_TMA": True, "span.FWD_STAGES": 3},
-    {"window.FWD_FOLD": True, "window.FWD_I32": True},  # 16: the fold with int32 key indices and masks
+    # (16, the fold with int32 key indices and masks: window.FWD_I32, slower, removed in session 11)
 ]
 WINDOW = [
     {"window.FWD_SPLIT": False},
@@ -62,7 +62,7 @@ WINDOW = [
     {"window.FWD_FOLD": True},
     {"window.FWD_TMA": True},
     {"window.FWD_FOLD": True, "window.FWD_TMA": True},
-    {"window.FWD_FOLD": True, "window.FWD_I32": True},  # 10: the fold with int32 key indices and masks
+    # (10, the fold with int32 key indices and masks: window.FWD_I32, slower, removed in session 11)
 ]
 SEARCH = [
     {},
@@ -72,9 +72,10 @@ SEARCH = [
     {"search.SEARCH_TILE_BYTES": 16384},
     {"search.SEARCH_KEYED": True},
     {"search.SEARCH_KEYED": True, "search.SEARCH_WARPS": 8},
-    # 7-9 (session 10): the top-K as named fp32 slots filled in anchor order; every round run; 32 stripes per trip
+    # 7-8 (session 10): the top-K as named fp32 slots filled in anchor order, every round run (session 10's row 7,
+    # rounds after the first only where a row needed them, search.SEARCH_SKIP, was slower and removed in session 11);
+    # 32 stripes per trip
     {"search.SEARCH_ORDERED": True},
-    {"search.SEARCH_ORDERED": True, "search.SEARCH_SKIP": False},
     {"search.SEARCH_ORDERED": True, "search.SEARCH_STRIPES": 32},
 ]
 

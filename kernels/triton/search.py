@@ -111,20 +111,6 @@ def _insert_ordered(x, xs, v0, s0, v1, s1, v2, s2, v3, s3, NUM_SPANS: tl.constex
 
 
 @triton.jit
-def _last_slot(v0, v1, v2, v3, NUM_SPANS: tl.constexpr):
-    """The last of the NUM_SPANS running slots (`_insert_ordered`)."""
-    if NUM_SPANS == 1:
-        last = v0
-    elif NUM_SPANS == 2:
-        last = v1
-    elif NUM_SPANS == 3:
-        last = v2
-    else:
-        last = v3
-    return last
-
-
-@triton.jit
 def _span_lengths(t, ok, L_KV, blen_ptr, flen_ptr):
     """B(t) and Fw(t) from the tables (0 where not `ok`); they end at L_KV (a decode position beyond the cache is not
     read on the host)."""
@@ -156,7 +142,7 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
                    H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, SIGMA, W, SPLIT, N_SPLIT, I_MAX,
                    NUM_SPANS: tl.constexpr, KP: tl.constexpr, GH: tl.constexpr, BQ: tl.constexpr,
                    SC: tl.constexpr, BLOCK_D: tl.constexpr, IS_SPLIT: tl.constexpr, FIXED_TOP: tl.constexpr,
-                   KEYED: tl.constexpr, ORDERED: tl.constexpr, SKIP: tl.constexpr, PRECISION: tl.constexpr,
+                   KEYED: tl.constexpr, ORDERED: tl.constexpr, PRECISION: tl.constexpr,
                    PDL: tl.constexpr):
     if PDL:  # programmatic dependent launch (decode): wait for the previous kernel, let the next one launch
         gdc_wait()
@@ -229,19 +215,12 @@ def _search_kernel(q1_ptr, k_ptr, pos_ptr, start_ptr, mstripe_ptr, table_ptr, bl
             # with a strict >. Only fp32 maxima and int32 column minima; NaN scores are never picked.
             x = tl.where(cand[:, None, :] & (score == score), score, float("-inf"))
             first = (i_hi - j0).to(tl.int32)  # stripe index of column 0
-            for r in tl.static_range(NUM_SPANS):
+            for _ in tl.static_range(NUM_SPANS):
                 best = tl.max(x, axis=2)  # [BQ, GH]
-                # A round changes a slot only where its best beats the last slot; past the first, most trips find
-                # no such row in the whole program (the slots fill up), and no later round then can either.
-                if r == 0 or not SKIP:
-                    need = 1
-                else:
-                    need = tl.max(tl.where(best > _last_slot(v0, v1, v2, v3, NUM_SPANS), 1, 0))
-                if need > 0:
-                    pick = tl.min(tl.where(x == best[:, :, None], col3, SC), axis=2)
-                    x = tl.where(col3 == pick[:, :, None], float("-inf"), x)
-                    v0, s0, v1, s1, v2, s2, v3, s3 = _insert_ordered(best, first - pick, v0, s0, v1, s1, v2, s2,
-                                                                     v3, s3, NUM_SPANS)
+                pick = tl.min(tl.where(x == best[:, :, None], col3, SC), axis=2)
+                x = tl.where(col3 == pick[:, :, None], float("-inf"), x)
+                v0, s0, v1, s1, v2, s2, v3, s3 = _insert_ordered(best, first - pick, v0, s0, v1, s1, v2, s2, v3, s3,
+                                                                 NUM_SPANS)
         else:
             score = tl.where(cand[:, None, :], score, float("-inf"))
             anchor3 = tl.broadcast_to(anchor[:, None, :], [BQ, GH, SC])
@@ -325,10 +304,9 @@ SEARCH_KEYED = True  # the running top-K as one int64 key per slot (`_slot_key`)
 # is ~1,640 SASS instructions per trip of 16 stripes (ISETP/SEL pairs; Triton 3.6, sm_90a), the search's bound.
 # H200, session 10 window C (last 32K queries of 1M, routing identical): keyed 13.50 ms, ordered 11.31 ms; whole 1M
 # prefill's search 304.8 -> 252.5 ms.
+# Tried in the same run and removed (session 11): a round after the first only where some row of the program needs it
+# (a block-wide reduction per round), 13.26 ms: the reductions' barriers cost more than the rounds they skip.
 SEARCH_ORDERED = True
-# With SEARCH_ORDERED: a round after the first runs only if some row of the program needs it (a block-wide reduction
-# per round). Slower: 13.26 ms in the same run (the reductions' barriers cost more than the rounds they skip). Off.
-SEARCH_SKIP = False
 
 
 def search_layout(group: int, l_q: int, d: int, itemsize: int) -> tuple[int, int, int]:
@@ -394,7 +372,7 @@ def search_forward(q1: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, r
         h_q, h_kv, l_q, l_kv, d, group, n_chunks, sw_index, window, run, n_split, offsets.numel() - 2,
         NUM_SPANS=num_spans, KP=next_pow2(num_spans), GH=gh, BQ=bq, SC=stripes_per_trip, BLOCK_D=block_d(d), IS_SPLIT=split,
         FIXED_TOP=l_q == 1, KEYED=SEARCH_KEYED and not split, ORDERED=SEARCH_ORDERED and not split and num_spans <= 4,
-        SKIP=SEARCH_SKIP, PRECISION=dot_precision(q1.dtype), PDL=pdl,
+        PRECISION=dot_precision(q1.dtype), PDL=pdl,
         num_warps=4 if l_q == 1 else SEARCH_WARPS, **pdl_launch(pdl))
     if split:
         block_r = 4

@@ -107,10 +107,7 @@ def interior(lo_col, hi_col, row_ok, first, BLOCK_N: tl.constexpr):
     """[a, e): the key blocks (multiples of BLOCK_N, from `first`) that lie inside [lo_col, hi_col] of every row
     with row_ok (an empty range if some row's own range is empty); rows without row_ok do not count."""
     in_lo = tl.max(tl.where(row_ok, lo_col, -1), axis=0)
-    if hi_col.dtype == tl.int32:  # (the forwards' FWD_I32)
-        in_hi = tl.min(tl.where(row_ok, hi_col, 2147483647), axis=0)
-    else:
-        in_hi = tl.min(tl.where(row_ok, hi_col, 1 << 62), axis=0)
+    in_hi = tl.min(tl.where(row_ok, hi_col, 1 << 62), axis=0)
     a = tl.maximum(((in_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, first)
     e = ((in_hi + 1) // BLOCK_N) * BLOCK_N
     empty = e <= a
@@ -130,8 +127,6 @@ def fwd_blocks(q, k_base, v_base, sk_l, sv_l, d, dmask, lo_col, hi_col, row_ok, 
     fails in its NVGPUWarpSpecialization pass on this kernel.)"""
     if SPLIT:
         a, e = interior(lo_col, hi_col, row_ok, lo, BLOCK_N)
-        a = a.to(lo.dtype)  # (int32 key indices stay int32: `interior` computes in int64)
-        e = e.to(lo.dtype)
     else:
         a = lo
         e = lo
@@ -170,18 +165,12 @@ def _window_fwd_kernel(q_ptr, k_ptr, v_ptr, k_desc, v_desc, pos_ptr, start_ptr, 
                        H_Q, H_KV, L_Q, D, G, N_CHUNKS, W, qk_scale,
                        GH: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        SPLIT: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, FOLD: tl.constexpr,
-                       TMA: tl.constexpr, I32: tl.constexpr):
+                       TMA: tl.constexpr):
     b, hkv, qi, ok, base = _rows(tl.program_id(0), tl.program_id(1), N_CHUNKS, H_Q, H_KV, L_Q, G, GH, BQ)
     pos = tl.load(pos_ptr + qi, mask=ok, other=0)
     s = tl.load(start_ptr + b)
-    if I32:  # positions fit int32 (L_KV < 2^31, checked by the backend): 32-bit key indices and masks
-        pos = pos.to(tl.int32)
-        s = s.to(tl.int32)
-        none = 2147483647
-    else:
-        none = 1 << 62
     lo_row = window_lo(pos, s, W)
-    lo = tl.min(tl.where(ok, lo_row, none), axis=0)
+    lo = tl.min(tl.where(ok, lo_row, 1 << 62), axis=0)
     hi = tl.max(tl.where(ok, pos, -1), axis=0)
     lo = (lo // BLOCK_N) * BLOCK_N
 
@@ -210,10 +199,10 @@ FWD_WARPS = 4
 FWD_STAGES = 3
 FWD_SPLIT = True
 # H200, session 10 window C (last 32K queries of 1M): window 3.05 ms, with FWD_FOLD 2.72, with FWD_FOLD and FWD_TMA
-# 2.57 (424 TFLOP/s of useful work); FWD_FOLD + FWD_I32 2.90 (span 35.1 vs 31.0 ms): int32 stays off.
+# 2.57 (424 TFLOP/s of useful work). Key indices and masks in int32 instead of int64 were slower (window 2.90 ms with
+# FWD_FOLD, span 35.1 vs 31.0 ms) and were removed (session 11).
 FWD_FOLD = True  # the scale folded into exp2's argument (`fwd_fold`; window and span forwards)
 FWD_TMA = True  # interior key blocks through TMA (compute capability >= 9 only; `common.tma_descriptors`)
-FWD_I32 = False  # key indices and masks in int32 (window and span forwards)
 
 
 def window_forward(q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -244,7 +233,7 @@ def window_forward(q2: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, d, group, n_chunks, window, d ** -0.5 * LOG2E.value,
         GH=gh, BQ=bq, BLOCK_N=block_n, BLOCK_D=bd, SPLIT=FWD_SPLIT, EVEN_D=bd == d,
-        PRECISION=dot_precision(q2.dtype), FOLD=FWD_FOLD, TMA=tma, I32=FWD_I32, num_warps=FWD_WARPS,
+        PRECISION=dot_precision(q2.dtype), FOLD=FWD_FOLD, TMA=tma, num_warps=FWD_WARPS,
         num_stages=FWD_STAGES)
     return out, lse
 
