@@ -11,7 +11,8 @@ static cache of capacity L, the query at L - 1), per L and per variant:
 
   ``eager_ms``: device time of `--reps` back-to-back eager calls / reps (CUDA events, median of 5 loops; an eager
   call is host-bound, so this is its host time); ``enqueue_us``: wall time of the Python call alone (no
-  synchronisation), median over `--reps` calls; ``lone_call_ms``: one call then a synchronisation (median of 50);
+  synchronisation), median over `--reps` calls; both the median of `--rounds` rounds that interleave the variants
+  (each round's value is kept), so that a busy host (load average recorded) slows every variant alike; ``lone_call_ms``: one call then a synchronisation (median of 50);
   ``equals_graph``: its output == the caller's CUDA graph of the same call (defaults), bit for bit.
   Same run: ``graph_ms`` (that graph, replayed back to back), ``entry_ms`` (`DecodeAttention` with its own graph),
   ``descriptors_us`` (one `tma_descriptors` call, kept vs built) and, per variant, the `--top` functions of a
@@ -98,7 +99,7 @@ def descriptors_us(k, v, reps: int = 2000) -> dict:
     return out
 
 
-def length_row(length: int, reps: int, profile_calls: int, top: int) -> dict:
+def length_row(length: int, reps: int, rounds: int, profile_calls: int, top: int) -> dict:
     cfg = SpanConfig.release()
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -118,19 +119,27 @@ def length_row(length: int, reps: int, profile_calls: int, top: int) -> dict:
         row["graph_ms"] = loop_ms(graph.replay, reps)
         row["entry_ms"] = loop_ms(lambda: entry(q1, q2, pos), reps)
         row["entry_equals_graph"] = bool(torch.equal(entry(q1, q2, pos), ref))
+        calls = {}
         for name in VARIANTS:
             with variant(name):
                 eager = DecodeAttention(k, v, cfg, num_heads=H_Q, backend="triton", graph=False)
-                call = lambda: eager(q1, q2, pos)  # noqa: E731
-                out = call()
+                calls[name] = lambda eager=eager: eager(q1, q2, pos)
+                out = calls[name]()
                 torch.cuda.synchronize()
-                row["variants"][name] = {
-                    "equals_graph": bool(torch.equal(out, ref)),
-                    "eager_ms": loop_ms(call, reps),
-                    "enqueue_us": enqueue_us(call, reps),
-                    "lone_call_ms": 1e3 * timed(call, 50),
-                    "profile": profile_top(call, profile_calls, top),
-                }
+                row["variants"][name] = {"equals_graph": bool(torch.equal(out, ref)), "eager_ms_rounds": [],
+                                         "enqueue_us_rounds": []}
+        for _ in range(rounds):  # the variants interleaved, so a busy host slows them alike
+            for name, call in calls.items():
+                with variant(name):
+                    row["variants"][name]["eager_ms_rounds"].append(loop_ms(call, reps))
+                    row["variants"][name]["enqueue_us_rounds"].append(enqueue_us(call, reps))
+        for name, call in calls.items():
+            r = row["variants"][name]
+            with variant(name):
+                r["eager_ms"] = statistics.median(r["eager_ms_rounds"])
+                r["enqueue_us"] = statistics.median(r["enqueue_us_rounds"])
+                r["lone_call_ms"] = 1e3 * timed(call, 50)
+                r["profile"] = profile_top(call, profile_calls, top)
         row["descriptors_us"] = descriptors_us(k, v)
     for name, r in row["variants"].items():
         r["eager_over_graph"] = r["eager_ms"] / row["graph_ms"]
@@ -141,6 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[131072, 1048576])
     parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds over the variants")
     parser.add_argument("--profile-calls", type=int, default=200)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", str(ROOT / "bench")), "decode_eager.json"))
@@ -151,15 +161,16 @@ def main() -> None:
 
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tma_desc_cache": common.TMA_DESC_CACHE,
-              "rows": []}
+              "cpus": os.cpu_count(), "load_avg_start": os.getloadavg(), "rows": []}
     for length in args.lengths:
-        row = length_row(length, args.reps, args.profile_calls, args.top)
+        row = length_row(length, args.reps, args.rounds, args.profile_calls, args.top)
         torch.cuda.empty_cache()
         summary = {name: (round(r["eager_ms"], 4), round(r["enqueue_us"], 1), r["equals_graph"])
                    for name, r in row["variants"].items()}
         print(f"L={length} graph {row['graph_ms']:.4f} ms, entry {row['entry_ms']:.4f} ms, descriptors "
               f"{row['descriptors_us']}; eager (ms, enqueue us, == graph): {summary}", flush=True)
         result["rows"].append(row)
+        result["load_avg_end"] = os.getloadavg()  # eager calls are host-bound: a busy host inflates them
         Path(args.out).write_text(json.dumps(result, indent=2))
 
 
