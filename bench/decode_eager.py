@@ -12,8 +12,9 @@ static cache of capacity L, the query at L - 1), per L and per variant:
   ``eager_ms``: device time of `--reps` back-to-back eager calls / reps (CUDA events, median of 5 loops; an eager
   call is host-bound, so this is its host time); ``enqueue_us``: wall time of the Python call alone (no
   synchronisation), median over `--reps` calls; both the median of `--rounds` rounds that interleave the variants
-  (each round's value is kept), so that a busy host (load average recorded) slows every variant alike; ``lone_call_ms``: one call then a synchronisation (median of 50);
-  ``equals_graph``: its output == the caller's CUDA graph of the same call (defaults), bit for bit.
+  (each round's value is kept), so that a busy host (load average recorded) slows every variant alike;
+  ``lone_call_ms``: one call then a synchronisation (median of 50); ``equals_graph``: its output == the caller's
+  CUDA graph of the same call (defaults), bit for bit.
   Same run: ``graph_ms`` (that graph, replayed back to back), ``entry_ms`` (`DecodeAttention` with its own graph),
   ``descriptors_us`` (one `tma_descriptors` call, kept vs built) and, per variant, the `--top` functions of a
   cProfile of `--profile-calls` eager calls by own time (µs per call).
