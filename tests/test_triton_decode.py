@@ -149,14 +149,16 @@ def test_tma_descriptors_reused(descriptor_builds):
 
 
 def test_tma_descriptors_follow_the_cache(descriptor_builds):
-    """A descriptor is never stale: a view of a cache's first keys (same address and strides), a cache replaced by a
-    new tensor (same shape), grown (a new tensor, or the same tensor object resized in place), moved to new storage in
-    place, viewed with other strides or another dtype at the same address gets descriptors of what it is now."""
+    """A descriptor is never stale: a view of a cache's first keys (same address and strides), a cache (K, or V
+    alone) replaced by a new tensor (same shape), grown (a new tensor, or the same tensor object resized in place),
+    moved to new storage in place, viewed with other strides or another dtype at the same address gets descriptors
+    of what it is now."""
     k, v = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
     common.tma_descriptors(k, v, 32, 16, True)
     cases = {
         "a view of its first keys": lambda k, v: (k[:, :, :32], v[:, :, :32]),
-        "replaced": lambda k, v: (torch.randn(1, 2, 64, 16), v),
+        "K replaced": lambda k, v: (torch.randn(1, 2, 64, 16), v),
+        "V replaced alone": lambda k, v: (k, torch.randn(1, 2, 64, 16)),
         "grown": lambda k, v: (torch.randn(1, 2, 128, 16), torch.randn(1, 2, 128, 16)),
         "resized in place": lambda k, v: (k.resize_(1, 2, 256, 16), v.resize_(1, 2, 256, 16)),
         "new storage in place": lambda k, v: (k.set_(torch.randn(1, 2, 256, 16)), v),

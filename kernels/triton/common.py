@@ -91,11 +91,12 @@ class _DescriptorBase:
 _TMA_CACHE: dict = {}  # `_tma_key` -> (k_desc, v_desc), oldest first
 
 
-def _tma_key(k: torch.Tensor, v: torch.Tensor, block: tuple) -> tuple:
+def _tma_key(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int) -> tuple:
     """Everything a descriptor pair is made of: each tensor's address, shape, strides, dtype and device, and the
     block. A cache reallocated, grown (in place or not) or viewed differently gives another key; a new tensor at a
     freed one's address with the same layout gives the same key, and the same descriptors are right for it."""
-    return tuple((x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device) for x in (k, v)) + (block,)
+    return (k.data_ptr(), k.shape, k.stride(), k.dtype, k.device, v.data_ptr(), v.shape, v.stride(), v.dtype,
+            v.device, block_n, block_d)
 
 
 def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int, use: bool):
@@ -105,13 +106,12 @@ def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int
     and returned again for the same layout (`_tma_key`), so a decoding loop launched from Python builds them once."""
     if not use:
         return None, None, False
-    block = (1, 1, block_n, block_d)
-    key = _tma_key(k, v, block) if TMA_DESC_CACHE else None
+    key = _tma_key(k, v, block_n, block_d) if TMA_DESC_CACHE else None
     pair = _TMA_CACHE.get(key)
     if pair is None:
         if not tma_ok(k, v):
             return None, None, False
-        pair = tuple(TensorDescriptor(_DescriptorBase(x), list(x.shape), list(x.stride()), list(block))
+        pair = tuple(TensorDescriptor(_DescriptorBase(x), list(x.shape), list(x.stride()), [1, 1, block_n, block_d])
                      for x in (k, v))
         if key is not None:
             while len(_TMA_CACHE) >= TMA_DESC_CACHE:  # first in, first out
