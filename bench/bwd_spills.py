@@ -16,7 +16,8 @@ TRITON_INTERPRET:
         [--variant NAME MODULE.NAME=VALUE ...] [--json bench/bwd_spills.json]
 
 Prints one row per (setting, kernel): registers, spill stores / loads (bytes), local-memory instructions in the SASS
-(STL / LDL), SASS instructions, shared memory, warps, stages.
+(STL / LDL), SASS instructions, the same counts inside the kernel's largest loop (the widest backward branch: what a
+loop trip pays), shared memory, warps, stages.
 """
 from __future__ import annotations
 
@@ -97,7 +98,19 @@ def _sass_counts(cubin: bytes) -> dict:
         f.flush()
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)]
-    return {"sass": len(lines), "stl": sum(" STL" in ln for ln in lines), "ldl": sum(" LDL" in ln for ln in lines)}
+    addr = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
+    # the largest loop: the widest backward branch (BRA to a lower address); its body's local-memory instructions are
+    # the spills paid per trip
+    lo, hi = 0, -1
+    for i, ln in enumerate(lines):
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", ln)
+        target = int(m.group(1), 16) if m else addr[i]
+        if target < addr[i] and target in addr and (hi < 0 or addr[i] - target > addr[hi] - addr[lo]):
+            lo, hi = addr.index(target), i
+    body = lines[lo:hi + 1] if hi >= 0 else []
+    return {"sass": len(lines), "stl": sum(" STL" in ln for ln in lines), "ldl": sum(" LDL" in ln for ln in lines),
+            "loop_sass": len(body), "loop_stl": sum(" STL" in ln for ln in body),
+            "loop_ldl": sum(" LDL" in ln for ln in body)}
 
 
 class Capture:
@@ -210,7 +223,7 @@ def main() -> None:
         settings.append((" ".join(items), {k: ast.literal_eval(v) for k, v in (i.split("=", 1) for i in items)}))
     print(f"triton {triton.__version__}, sm_{TARGET.arch}a, release layer, {args.length} queries", flush=True)
     print(f"{'setting':28s} {'kernel':24s} {'warps':>5} {'stg':>3} {'regs':>4} {'spill st':>8} {'spill ld':>8} "
-          f"{'STL':>5} {'LDL':>5} {'SASS':>6} {'smem':>6}  constexprs", flush=True)
+          f"{'STL':>5} {'LDL':>5} {'SASS':>6} {'loop':>5} {'lSTL':>4} {'lLDL':>4} {'smem':>6}  constexprs", flush=True)
     report = []
     for name, setting in settings:
         for row in measure(setting, args.length, args.only):
@@ -222,7 +235,8 @@ def main() -> None:
                           or k.startswith("KV") or k.startswith("SPLIT_"))
             print(f"{name[:28]:28s} {row['kernel'][:24]:24s} {row['warps']:5d} {row['stages']:3d} {row['regs']:4d} "
                   f"{row['spill_stores']:8d} {row['spill_loads']:8d} {row['stl']:5d} {row['ldl']:5d} "
-                  f"{row['sass']:6d} {row['shared']:6d}  {ce}", flush=True)
+                  f"{row['sass']:6d} {row['loop_sass']:5d} {row['loop_stl']:4d} {row['loop_ldl']:4d} "
+                  f"{row['shared']:6d}  {ce}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
 

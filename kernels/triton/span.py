@@ -255,7 +255,7 @@ def _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse
 
 @triton.jit
 def _span_kv_lean_tile(q_ptr, row_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr, delta_ptr, kk, vv, dk, dv,
-                       cols, d, dmask, grp, tile, PG, D, scale, n_tiles, tile1, tile2, n_meet,
+                       cols, d, dmask, grp, tile, PG, D, scale, n_tiles, rows1, tile3, n_meet,
                        BLOCK_P: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, EVEN_P: tl.constexpr,
                        EVEN_D: tl.constexpr, PREFETCH: tl.constexpr = 0):
     """`_span_kv_tile` on the lean pair arrays of `span_backward_kv` (KV_LEAN): in sorted order, with the gate in
@@ -264,8 +264,8 @@ def _span_kv_lean_tile(q_ptr, row_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr, d
     liveness needs no per-pair test (a dead pair's row is a real row; its P' is 0). P' with exp2. MASKED = False: the
     key block lies inside every live pair's span (no per-key mask, no span bounds read). EVEN_P: the group's pairs
     fill whole tiles; EVEN_D: D is a power of two >= 16 (no lane mask). PREFETCH (`KV_L2_PREFETCH`): once this
-    tile's q/dO gathers are issued, the next trips' reads (tiles tile1, tile2) are asked of L2
-    (`_span_kv_l2_prefetch`)."""
+    tile's q/dO gathers are issued, the next trips' reads (the next tile's rows `rows1`, the pair arrays of tile3) are
+    asked of L2 (`_span_kv_l2_prefetch`)."""
     r = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     key = grp.to(tl.int64) * PG + r
     if EVEN_P:
@@ -285,7 +285,7 @@ def _span_kv_lean_tile(q_ptr, row_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr, d
         q = tl.load(q_ptr + off, mask=dmask[None, :], other=0.0)
         do = tl.load(do_ptr + off, mask=dmask[None, :], other=0.0)
     if PREFETCH:
-        _span_kv_l2_prefetch(q_ptr, do_ptr, row_ptr, qstart_ptr, qend_ptr, blse_ptr, delta_ptr, grp, tile1, tile2,
+        _span_kv_l2_prefetch(q_ptr, do_ptr, row_ptr, qstart_ptr, qend_ptr, blse_ptr, delta_ptr, grp, rows1, tile3,
                              PG, D, n_tiles, n_meet, BLOCK_P, PREFETCH)
     if MASKED:
         if EVEN_P:
@@ -319,34 +319,41 @@ def _l2_prefetch(ptr):
 
 
 @triton.jit
-def _span_kv_l2_prefetch(q_ptr, do_ptr, row_ptr, qstart_ptr, qend_ptr, blse_ptr, delta_ptr, grp, tile1, tile2, PG, D,
+def _span_kv_rows(row_ptr, grp, tile, PG, n_tiles, BLOCK_P: tl.constexpr):
+    """The q/dO row indices of a pair tile's lean pairs (sorted order), int64 [BLOCK_P]; a tile past the group's last
+    reads the last one's, a pair past the group's last the last pair's (used only as prefetch addresses)."""
+    r = tl.minimum(tile, n_tiles - 1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return tl.load(row_ptr + grp.to(tl.int64) * PG + tl.minimum(r, PG - 1))
+
+
+@triton.jit
+def _span_kv_l2_prefetch(q_ptr, do_ptr, row_ptr, qstart_ptr, qend_ptr, blse_ptr, delta_ptr, grp, rows1, tile3, PG, D,
                          n_tiles, n_meet, BLOCK_P: tl.constexpr, LINES: tl.constexpr):
-    """The span dK/dV loop's L2 prefetch for the next two trips: the q and dO rows of tile1 (LINES 128-byte lines per
-    row; its row indices are read here) if that tile meets the program's key block (`n_meet`), and the lean pair
-    arrays (row, lse, Δ, qstart, qend) of tile2, which the next trip's row read then finds in L2. Tiles past the
-    group's last are clamped to it (every address stays inside the arrays)."""
+    """The span dK/dV loop's L2 prefetch: the q and dO rows `rows1` of the next trip's tile (LINES 128-byte lines per
+    row; the indices were read a trip earlier, `_span_kv_rows`) if that tile meets the program's key block
+    (`n_meet`), and the lean pair arrays (row, lse, Δ, qstart, qend) of tile3, three trips on, so that the row read
+    of the trip before it finds them in L2. A tile past the group's last is clamped to it (every address stays inside
+    the arrays)."""
     base = grp.to(tl.int64) * PG
-    first2 = tl.minimum(tile2, n_tiles - 1) * BLOCK_P
+    first3 = tl.minimum(tile3, n_tiles - 1) * BLOCK_P
     if BLOCK_P >= 32:  # one address per 128-byte line: 16 int64, 32 fp32 / int32
-        _l2_prefetch(row_ptr + base + tl.minimum(first2 + tl.arange(0, BLOCK_P // 16) * 16, PG - 1))
-        line = base + tl.minimum(first2 + tl.arange(0, BLOCK_P // 32) * 32, PG - 1)
+        _l2_prefetch(row_ptr + base + tl.minimum(first3 + tl.arange(0, BLOCK_P // 16) * 16, PG - 1))
+        line = base + tl.minimum(first3 + tl.arange(0, BLOCK_P // 32) * 32, PG - 1)
         _l2_prefetch(blse_ptr + line)
         _l2_prefetch(delta_ptr + line)
         _l2_prefetch(qstart_ptr + line)
         _l2_prefetch(qend_ptr + line)
     else:  # small tiles (tests): every element's line
-        _l2_prefetch(row_ptr + base + tl.minimum(first2 + tl.arange(0, BLOCK_P), PG - 1))
+        _l2_prefetch(row_ptr + base + tl.minimum(first3 + tl.arange(0, BLOCK_P), PG - 1))
     if n_meet:
-        r1 = tl.minimum(tile1, n_tiles - 1) * BLOCK_P + tl.arange(0, BLOCK_P)
-        rows = tl.load(row_ptr + base + tl.minimum(r1, PG - 1))
-        off = rows.to(tl.int64)[:, None] * D + (tl.arange(0, LINES) * (D // LINES))[None, :]  # [BLOCK_P, LINES]
+        off = rows1.to(tl.int64)[:, None] * D + (tl.arange(0, LINES) * (D // LINES))[None, :]  # [BLOCK_P, LINES]
         _l2_prefetch(q_ptr + off)
         _l2_prefetch(do_ptr + off)
 
 
 @triton.jit
 def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr,
-                        delta_ptr, tile_lo_ptr, tile_hi_ptr, tile_in_ptr, trange_ptr, dk_ptr, dv_ptr,
+                        delta_ptr, tile_lo_ptr, tile_hi_ptr, tile_in_ptr, trange_ptr, period_ptr, dk_ptr, dv_ptr,
                         sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                         H_Q, H_KV, L_Q, L_KV, D, G, PG, N_TILES, N_KB, scale,
                         NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -362,8 +369,12 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
     (with INTERIOR; else every lean visit is masked). NEXT: each trip reads the next tile's key range (and with LEAN
     and INTERIOR its inner range) before this tile's visit, so the branch does not wait for a memory round trip.
     PREFETCH (with LEAN and NEXT; `KV_L2_PREFETCH`): each trip, visited or skipped, asks L2 for the next tile's q/dO
-    rows (if it meets the block) and the pair arrays of the one after (`_span_kv_l2_prefetch`; PREFETCH = the 128-byte
-    lines of a q row). ROTATE (`KV_ROTATE`): the run of tiles is visited from a rotated start (`_run_tile`)."""
+    rows (if it meets the block; their indices read a trip ahead) and the pair arrays of the tile three trips on
+    (`_span_kv_l2_prefetch`; PREFETCH = the 128-byte lines of a q row). ROTATE (`KV_ROTATE`, the programs resident at once): the run of tiles is visited from a rotated
+    start (`_run_tile`), the tile (pid · P / ROTATE) mod P of a period P (period_ptr: one int64, the mean run length)
+    brought into the run, pid = the launch index: a program launched one program-length / ROTATE after another
+    starts P / ROTATE tiles further, so both read their shared tiles at about the same time (and their gathered rows
+    from L2)."""
     kb = tl.program_id(0)
     grp = tl.program_id(1)
     b = grp // H_KV
@@ -385,10 +396,10 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     tb = grp.to(tl.int64) * N_TILES
     shift = t_lo * 0
-    if ROTATE:  # start the run at a phase proportional to the program's launch index (see KV_ROTATE)
-        n_run = tl.maximum(t_hi - t_lo, 1)
-        shift = ((grp.to(tl.int64) * N_KB + kb) * n_run // ROTATE - t_lo) % n_run
-        shift = tl.where(shift < 0, shift + n_run, shift)
+    if ROTATE:  # start the run at the tile ≡ pid · P / ROTATE (mod P), P the period
+        period = tl.maximum(tl.load(period_ptr), 1)
+        shift = ((grp.to(tl.int64) * N_KB + kb) * period // ROTATE - t_lo) % period
+        shift = tl.where(shift < 0, shift + period, shift) % tl.maximum(t_hi - t_lo, 1)
     if NEXT:  # the first tile's ranges (any tile of the group when the run is empty; then never used)
         at = tl.minimum(_run_tile(t_lo, t_lo, t_hi, shift, ROTATE), N_TILES - 1)
         n_lo = tl.load(tile_lo_ptr + tb + at)
@@ -399,11 +410,21 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
         else:  # not read
             n_in_lo = n_lo
             n_in_hi = n_hi
-    n_meet = kb < 0  # (PREFETCH: whether the next tile meets the block)
+    n_meet = kb < 0  # PREFETCH: whether the next trip's tile meets the block, its rows (read a trip ahead)
+    if PREFETCH:
+        n_rows = _span_kv_rows(order_ptr, grp, _run_tile(t_lo + 1, t_lo, t_hi, shift, ROTATE), PG, N_TILES, BLOCK_P)
+    else:  # placeholders, never read
+        n_rows = kb
+    rows1 = n_rows
+    tile3 = t_lo
     for it in range(t_lo, t_hi):
         tile = _run_tile(it, t_lo, t_hi, shift, ROTATE)
         tile1 = _run_tile(it + 1, t_lo, t_hi, shift, ROTATE)  # the next trip's tile (NEXT, PREFETCH)
-        tile2 = _run_tile(it + 2, t_lo, t_hi, shift, ROTATE)  # and the one after (PREFETCH)
+        if PREFETCH:
+            rows1 = n_rows
+            n_rows = _span_kv_rows(order_ptr, grp, _run_tile(it + 2, t_lo, t_hi, shift, ROTATE), PG, N_TILES,
+                                   BLOCK_P)
+            tile3 = _run_tile(it + 3, t_lo, t_hi, shift, ROTATE)
         if NEXT:
             lo, hi, in_lo, in_hi = n_lo, n_hi, n_in_lo, n_in_hi
             at = tl.minimum(tile1, N_TILES - 1)
@@ -426,22 +447,22 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
                     if (in_lo <= k0) & (in_hi >= k0 + BLOCK_N - 1):
                         dk, dv = _span_kv_lean_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr,
                                                     delta_ptr, kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, D, scale,
-                                                    N_TILES, tile1, tile2, n_meet, BLOCK_P, PRECISION, False, EVEN_P,
+                                                    N_TILES, rows1, tile3, n_meet, BLOCK_P, PRECISION, False, EVEN_P,
                                                     EVEN_D,
                                                     PREFETCH)
                     else:
                         dk, dv = _span_kv_lean_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr,
                                                     delta_ptr, kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, D, scale,
-                                                    N_TILES, tile1, tile2, n_meet, BLOCK_P, PRECISION, True, EVEN_P,
+                                                    N_TILES, rows1, tile3, n_meet, BLOCK_P, PRECISION, True, EVEN_P,
                                                     EVEN_D, PREFETCH)
             elif (lo < k0 + BLOCK_N) & (hi >= k0):
                 dk, dv = _span_kv_lean_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr, delta_ptr,
                                             kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, D, scale,
-                                            N_TILES, tile1, tile2, n_meet, BLOCK_P, PRECISION, True, EVEN_P, EVEN_D,
+                                            N_TILES, rows1, tile3, n_meet, BLOCK_P, PRECISION, True, EVEN_P, EVEN_D,
                                             PREFETCH)
             elif PREFETCH:  # a skipped trip asks for the next visits' reads too
-                _span_kv_l2_prefetch(q_ptr, do_ptr, order_ptr, qstart_ptr, qend_ptr, blse_ptr, delta_ptr, grp, tile1,
-                                     tile2, PG, D, N_TILES, n_meet, BLOCK_P, PREFETCH)
+                _span_kv_l2_prefetch(q_ptr, do_ptr, order_ptr, qstart_ptr, qend_ptr, blse_ptr, delta_ptr, grp, rows1,
+                                     tile3, PG, D, N_TILES, n_meet, BLOCK_P, PREFETCH)
         elif SKIP:
             if (lo < k0 + BLOCK_N) & (hi >= k0):
                 dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr,
@@ -519,15 +540,17 @@ KV_NEXT = True
 KV_BLOCK_N = 64
 KV_WARPS = 4
 # With the lean visits and KV_NEXT: every trip of the span dK/dV loop, visited or skipped, asks L2 for the next tile's
-# q/dO rows (if that tile meets the block) and for the pair arrays of the tile after it (PTX prefetch.global.L2, one
-# 128-byte line per thread and address; no register waits for it), so a visit's gathers find their rows in L2 instead
-# of waiting on HBM. Compiled kernels only (the interpreter runs without it: a prefetch changes no value).
+# q/dO rows if that tile meets the block (their indices read one trip ahead) and for the pair arrays of the tile three
+# trips on (PTX prefetch.global.L2, one 128-byte line per thread and address; no register waits for it), so a visit's
+# gathers find their rows in L2 instead of waiting on HBM. Compiled kernels only (the interpreter runs without it: a
+# prefetch changes no value).
 KV_L2_PREFETCH = False
-# Visit order of each span dK/dV program's run of tiles: 0 in order; else the run is rotated to start at a phase
-# (pid · run length / KV_ROTATE) mod run length, pid = the program's launch index, so that programs launched one after
-# another (one program-length / KV_ROTATE apart once the GPU is full, KV_ROTATE = programs resident at once) read
-# their shared tiles at about the same time and the gathered q/dO rows are reused from L2 (in order, neighbouring
-# key blocks read a tile ~ 42 trips apart at 128K). The sums are the same, in another order.
+# Visit order of each span dK/dV program's run of tiles: 0 in order; else KV_ROTATE = the programs resident at once
+# (132 SMs x 2 on the H200), and each run is rotated to start at the tile ≡ pid · P / KV_ROTATE (mod P), P = the
+# mean run length, pid = the launch index: once the GPU is full a program starts about one program-length /
+# KV_ROTATE after the one before it, so neighbouring key blocks then read their shared tiles at about the same time
+# and the gathered q/dO rows come from L2 (in order, they read a tile ~ 42 trips apart at 128K: ~ 0.4 GB of other
+# reads in between). The sums are the same, in another order.
 KV_ROTATE = 0
 # Register cap per thread of the span dK/dV kernel (ptxas .maxnreg; None: the compiler's choice, up to 255).
 KV_MAXNREG = None
@@ -591,9 +614,11 @@ def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta,
     del sqs, sqe
     n_kb = triton.cdiv(l_kv, block_n)
     srow, sqs, sqe, sgate, slse, sdelta = pairs
+    # KV_ROTATE's period: the mean run length (one int64 on the device, no host sync)
+    period = (ranges[..., 1] - ranges[..., 0]).double().mean().round().long().view(1) if KV_ROTATE else ranges
     _span_bwd_kv_kernel[(n_kb, n_groups)](
         q2, k, v, srow, sqs, sqe, do, sgate, slse, sdelta, tile_lo, tile_hi, inside[0] if lean else tile_lo, ranges,
-        dk, dv, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        period, dk, dv, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, pg, tile_lo.shape[1], n_kb, d ** -0.5,
         NUM_SPANS=num_spans, BLOCK_P=KV_TILE, BLOCK_N=block_n, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
         SKIP=KV_SKIP, SORTED=KV_SORTED, EXP2=window.KV_EXP2, LEAN=lean, EVEN_P=pg % KV_TILE == 0, EVEN_D=bd == d,
