@@ -49,7 +49,9 @@ def documents(split: str) -> list[tuple[str, str]]:
 
 def places(text: str, where: str) -> list[int]:
     """Character offsets where a statement may go: line starts, or the start of a sentence after another one
-    (a full stop, one or two spaces or one line break, a capital letter: inside a paragraph), never in the first or last 5 % of the text."""
+    (a full stop, one or two spaces or one line break, a capital letter: inside a paragraph), never in the first or
+    last 5 % of the text. Not `superlinear_lab.data._sentence_start` (which plants training needles in filler and also takes paragraph
+    starts): this probe's held-out rows have been compared across sessions since session 9, so its rule stays as is."""
     pattern = r"(?<=\n)(?=\S)" if where == "line" else r"(?<=[a-z)\]`]\.)(?: {1,2}|\n)(?=[A-Z])"
     lo, hi = 0.05 * len(text), 0.95 * len(text)
     return [m.end() for m in re.finditer(pattern, text) if lo <= m.end() <= hi]

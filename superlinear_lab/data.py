@@ -119,10 +119,15 @@ def reference_docs() -> str:
     return "\n\n".join(f"{name}\n{body}" for name, body in sorted(topics.items()))
 
 
+def corpus_source() -> str:
+    """Where `corpus` reads from now: "python-docs" (the default) or the folder given to `use_corpus`."""
+    return "python-docs" if _CORPUS_DIR[0] is None else str(_CORPUS_DIR[0])
+
+
 def corpus_fingerprint() -> dict:
     """Source, sizes and sha256 of both corpus splits (recorded in logs and the model card)."""
     out: dict = {s: {"bytes": len(corpus(s)), "sha256": hashlib.sha256(corpus(s)).hexdigest()[:16]} for s in SPLITS}
-    out["source"] = "python-docs" if _CORPUS_DIR[0] is None else str(_CORPUS_DIR[0])
+    out["source"] = corpus_source()
     return out
 
 

@@ -699,10 +699,10 @@ PROBE_FRACTION = 0.1  # share of the corpus words (by a second hash byte) kept o
 
 @functools.lru_cache(maxsize=4)
 def _word_pools(source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(`corpus_words`, `probe_words`) of the train corpus now in use (`source`: its folder, the cache key): its
-    lower-case words (4-12 letters, at least `CORPUS_WORD_MIN` times) less every word that could be an eval value
-    (`_in_eval`), sorted, split by a second hash byte (`PROBE_FRACTION`); probe words also leave out the packaged
-    list's words."""
+    """(`corpus_words`, `probe_words`) of the train corpus now in use (`source`: `D.corpus_source()`, the cache
+    key): its lower-case words (4-12 letters, at least `CORPUS_WORD_MIN` times) less every word that could be an
+    eval value (`_in_eval`), sorted, split by a second hash byte (`PROBE_FRACTION`); probe words also leave out the
+    packaged list's words."""
     counts = collections.Counter(re.findall(rb"\b[a-z]{4,12}\b", D.corpus("train")))
     words = sorted(w.decode() for w, n in counts.items() if n >= CORPUS_WORD_MIN and not _in_eval(w.decode()))
     probe = {w for w in words if hashlib.sha256(w.encode()).digest()[1] < 256 * PROBE_FRACTION}
@@ -714,7 +714,7 @@ def corpus_words() -> tuple[str, ...]:
     """The train corpus's words that `fact_phrase_quiz` values use: on runs/corpus 9,208 words, far more than the
     packaged list's train part (4,230 entries: the list was subsampled by the same hash as the eval split, so two
     thirds of it is eval-only), so a value word is rarely seen twice as a value."""
-    return _word_pools(str(D._CORPUS_DIR[0]))[0]
+    return _word_pools(D.corpus_source())[0]
 
 
 def probe_words() -> tuple[str, ...]:
@@ -722,7 +722,7 @@ def probe_words() -> tuple[str, ...]:
     corpus outside the packaged word list, kept out of `corpus_words`. A train-split selection probe can ask for
     values made of them: words the model has a prior for but never copied as a value, as the eval split's
     held-out words are."""
-    return _word_pools(str(D._CORPUS_DIR[0]))[1]
+    return _word_pools(D.corpus_source())[1]
 
 
 def _copy_word(rng: random.Random, split: str) -> str:

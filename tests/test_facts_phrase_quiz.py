@@ -1,5 +1,6 @@
 """fact_phrase_quiz (superlinear_lab.facts): a quiz of long multi-word values, every one asked in turn (a dense
 copy signal for multi-word values under the split's phrasings)."""
+import gzip
 import hashlib
 import re
 from importlib import resources
@@ -124,3 +125,23 @@ def test_probe_words_are_real_train_words_that_no_training_value_uses():
             ex = D.make_example(task, 1024, seed, "train")
             values = ex.meta.get("values") or ex.meta.get("words") or [ex.meta["value"]]
             assert not {w for v in values for w in v.split(" ")} & probe, (task, seed)
+
+
+def test_corpus_words_follow_the_corpus_in_use(tmp_path):
+    """corpus_words / probe_words are cached per corpus source: after `use_corpus` switches to another folder they
+    come from that folder's train text, and switching back gives the first pools again (a cache keyed on anything
+    but the source would keep the old words)."""
+    before = F.corpus_words()
+    words = [f"zq{a}{b}{c}x" for a in "bcdfg" for b in "hjklm" for c in "nprst"]  # made-up 6-letter words
+    text = " ".join(w for w in words for _ in range(F.CORPUS_WORD_MIN)).encode()
+    for split in D.SPLITS:
+        (tmp_path / f"{split}.txt.gz").write_bytes(gzip.compress(text))
+    previous = D.corpus_source()
+    D.use_corpus(tmp_path)
+    try:
+        assert D.corpus_source() == str(tmp_path)
+        pools = set(F.corpus_words()) | set(F.probe_words())
+        assert pools and pools <= set(words)
+    finally:
+        D.use_corpus(None if previous == "python-docs" else previous)
+    assert F.corpus_words() == before
