@@ -109,7 +109,12 @@ def main() -> None:
     parser.add_argument("--host", type=int, nargs="*", default=[], help="lengths where the forward's host time is "
                         "measured too (`host_forward_s`)")
     parser.add_argument("--json", default="train_variants.json")
+    parser.add_argument("--set", nargs="*", default=None, metavar="MODULE.NAME=VALUE",
+                        help="one more variant, named 'set', from these backend constants (run after --variants)")
     args = parser.parse_args()
+    if args.set is not None:
+        VARIANTS["set"] = bwd_tune.parse_settings(args.set)
+        args.variants = [v for v in args.variants if v != "set"] + ["set"]
     import triton
 
     cfg = SpanConfig.release()

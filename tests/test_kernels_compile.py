@@ -94,9 +94,11 @@ _SCRIPT = textwrap.dedent('''
         (window._window_bwd_dq_kernel, dict(GH=wgh, BQ=wbq, BLOCK_N=64, BLOCK_D=BD, SPLIT=window.DQ_SPLIT,
                                             EVEN_D=True, PRECISION="tf32", DOTS=True)),
         (window._window_bwd_kv_kernel, dict(GH=wkh, BQ=wkq, BLOCK_N=window.KV_BLOCK, BLOCK_D=BD, PRECISION="tf32",
-                                            SPLIT=False, EXP2=False, I32=False)),
+                                            SPLIT=False, EXP2=False, I32=False, ROTATE=0)),
         (window._window_bwd_kv_kernel, dict(GH=wkh, BQ=wkq, BLOCK_N=window.KV_BLOCK, BLOCK_D=BD, PRECISION="tf32",
-                                            SPLIT=True, EXP2=True, I32=True)),
+                                            SPLIT=True, EXP2=True, I32=True, ROTATE=0)),
+        (window._window_bwd_kv_kernel, dict(GH=wkh, BQ=wkq, BLOCK_N=window.KV_BLOCK, BLOCK_D=BD, PRECISION="tf32",
+                                            SPLIT=True, EXP2=True, I32=True, ROTATE=132)),  # window.KV_ROTATE
         (span._span_fwd_kernel, dict(k_desc=None, v_desc=None, NUM_SPANS=K, BLOCK_P=span.FWD_BLOCK_P,
                                      BLOCK_N=span.FWD_BLOCK_N, BLOCK_D=sbd, SPLIT=span.FWD_SPLIT, EVEN_D=True,
                                      PRECISION="tf32", FOLD=False, TMA=False)),
@@ -173,4 +175,4 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     failed = [f"{name} (sm_{arch}): {error}" for name, arch, _, error in results if error]
     assert not failed, "\n".join(failed)
-    assert len(results) == 31 and all(size > 0 for _, _, size, _ in results)
+    assert len(results) == 32 and all(size > 0 for _, _, size, _ in results)

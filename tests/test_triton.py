@@ -119,10 +119,12 @@ def test_non_contiguous_cache_positions():
     (True, True, False, True, None, True, 0), (True, True, False, False, 32, False, 0),
     (True, True, False, True, 32, True, 0), (True, True, False, "masked", 32, True, 0),
     (True, True, False, "masked", 32, True, 3), (True, True, False, True, None, False, 2),
-    (True, False, True, False, None, False, 0)],
+    (True, False, True, False, None, False, 0), (True, False, True, False, None, False, 3),
+    (True, False, False, False, None, False, 2)],
     ids=["skip", "masked", "sorted", "sorted-next", "sorted-lean-next", "sorted-span-block-32",
          "sorted-lean-next-span-block-32", "sorted-lean-masked-next-span-block-32",
-         "sorted-lean-masked-next-rotate-span-block-32", "sorted-lean-rotate", "window-split"])
+         "sorted-lean-masked-next-rotate-span-block-32", "sorted-lean-rotate", "window-split", "window-split-rotate",
+         "skip-rotate"])
 def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, nxt, rotate):
     """The key-major dK/dV kernels with many small key blocks and pair tiles: a block meets many tiles, tiles end
     and start inside blocks, and queries come in no particular order (the window's position sort). `masked`:
@@ -136,7 +138,8 @@ def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, 
     128-key window blocks); `sorted-lean-masked-...`: the same with every lean visit under the per-key mask
     (`span.KV_INTERIOR = False`); `...-rotate-...`: each program visits its run of tiles from a rotated start
     (`span.KV_ROTATE`; 3 or 2 programs assumed resident, so the runs start at many phases), with and without the next
-    tile's range read ahead; `window-split`: the window kernel's
+    tile's range read ahead (and the window kernel's runs of query trips, `window.KV_ROTATE`, masked only in
+    `skip-rotate`, split in `window-split-rotate`); `window-split`: the window kernel's
     loop trips whose queries' windows all hold the key block run without the per-key mask (W = 24 or 26 over
     16-key blocks and 8-query trips: such trips exist, between masked ones, and rows starting inside or after a
     block must not use them; then 16 heads of one KV group, so a trip is one query and the run's ends are checked
@@ -150,6 +153,7 @@ def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, 
     monkeypatch.setattr(span, "KV_BLOCK_N", span_block)
     monkeypatch.setattr(span, "KV_NEXT", nxt)
     monkeypatch.setattr(span, "KV_ROTATE", rotate)
+    monkeypatch.setattr(window, "KV_ROTATE", rotate)
     monkeypatch.setattr(window, "KV_SPLIT", split)
     monkeypatch.setattr(window, "KV_ROWS", 16)
     monkeypatch.setattr(window, "KV_BLOCK", 16)

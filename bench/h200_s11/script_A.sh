@@ -4,8 +4,8 @@
 # END seconds. Outputs under $OUT/h2A/.
 #   j1 gpu_check --grads-only on HEAD's defaults: both presets bf16/fp16, release fp32, recompute, 40K chunks (the
 #      fp16 / default-preset / fp32 grad rows were never run on session 10's final combination);
-#   j2 gpu_check --grads-only release bf16 (+ recompute, chunks) with the new span dK/dV switches together:
-#      span.KV_L2_PREFETCH=True span.KV_ROTATE=264;
+#   j2 gpu_check --grads-only release bf16 (+ recompute, chunks) with the new dK/dV switches together:
+#      span.KV_L2_PREFETCH=True span.KV_ROTATE=264 window.KV_ROTATE=132;
 #   j3 pytest on CUDA: the small-tile dK/dV tests (incl. the rotate cases) and test_gpu_backward_l2_prefetch_bit_identical;
 #   j4 (when a slot frees) gpu_check --grads-only release bf16 with span.KV_WARPS=8 (64-key programs of 8 warps);
 #   j5 (when a slot frees) the same with span.KV_TILE=32.
@@ -24,9 +24,9 @@ job() { # name cap command... : run in the background under min(cap, END - now) 
 }
 job j1_gpu_check_defaults 190 env OUT=$R/j1 python3 bench/gpu_check.py --grads-only
 job j2_gpu_check_prefetch_rotate 150 env OUT=$R/j2 python3 bench/gpu_check.py --grads-only --presets release \
-    --dtypes bf16 --set span.KV_L2_PREFETCH=True span.KV_ROTATE=264
+    --dtypes bf16 --set span.KV_L2_PREFETCH=True span.KV_ROTATE=264 window.KV_ROTATE=132
 job j3_pytest 150 python3 -m pytest -o addopts="" -p no:cacheprovider -q -rfEs tests/test_triton.py \
-    -k "backward_small_tiles or l2_prefetch_bit_identical"
+    -k "backward_small_tiles or l2_prefetch_bit_identical"  # 16 tests
 wait -n
 job j4_gpu_check_64x8 120 env OUT=$R/j4 python3 bench/gpu_check.py --grads-only --presets release --dtypes bf16 \
     --set span.KV_WARPS=8

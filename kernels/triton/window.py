@@ -378,17 +378,46 @@ def _window_kv_trips(q_ptr, order_ptr, spos_ptr, do_ptr, lse_ptr, delta_ptr, kk,
 
 
 @triton.jit
+def _window_kv_part(q_ptr, order_ptr, spos_ptr, do_ptr, lse_ptr, delta_ptr, kk, vv, dk, dv, cols, d, dmask, rows, g,
+                    b, hkv, s, first, last, a, e, q_hi, H_Q, L_Q, D, G, W, scale,
+                    BQ: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr, EXP2: tl.constexpr,
+                    I32: tl.constexpr):
+    """The trips [first, last) of a run (bounds BQ-aligned from the run's start, or last = q_hi): under the mask
+    outside [a, e), without it inside (SPLIT; else all masked)."""
+    if SPLIT:
+        dk, dv = _window_kv_trips(q_ptr, order_ptr, spos_ptr, do_ptr, lse_ptr, delta_ptr, kk, vv, dk, dv, cols, d,
+                                  dmask, rows, g, b, hkv, s, first, tl.minimum(a, last), q_hi, H_Q, L_Q, D, G, W,
+                                  scale, BQ, PRECISION, True, EXP2, I32)
+        dk, dv = _window_kv_trips(q_ptr, order_ptr, spos_ptr, do_ptr, lse_ptr, delta_ptr, kk, vv, dk, dv, cols, d,
+                                  dmask, rows, g, b, hkv, s, tl.maximum(first, a), tl.minimum(e, last), q_hi, H_Q,
+                                  L_Q, D, G, W, scale, BQ, PRECISION, False, EXP2, I32)
+        dk, dv = _window_kv_trips(q_ptr, order_ptr, spos_ptr, do_ptr, lse_ptr, delta_ptr, kk, vv, dk, dv, cols, d,
+                                  dmask, rows, g, b, hkv, s, tl.maximum(first, e), last, q_hi, H_Q, L_Q, D, G, W,
+                                  scale, BQ, PRECISION, True, EXP2, I32)
+    else:
+        dk, dv = _window_kv_trips(q_ptr, order_ptr, spos_ptr, do_ptr, lse_ptr, delta_ptr, kk, vv, dk, dv, cols, d,
+                                  dmask, rows, g, b, hkv, s, first, last, q_hi, H_Q, L_Q, D, G, W, scale, BQ,
+                                  PRECISION, True, EXP2, I32)
+    return dk, dv
+
+
+@triton.jit
 def _window_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, spos_ptr, qrange_ptr, start_ptr, do_ptr, lse_ptr,
-                          delta_ptr, dk_ptr, dv_ptr,
+                          delta_ptr, period_ptr, dk_ptr, dv_ptr,
                           sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                           H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, W, scale,
                           GH: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PRECISION: tl.constexpr, SPLIT: tl.constexpr, EXP2: tl.constexpr, I32: tl.constexpr):
+                          PRECISION: tl.constexpr, SPLIT: tl.constexpr, EXP2: tl.constexpr, I32: tl.constexpr,
+                          ROTATE: tl.constexpr = 0):
     """dK, dV of one key block of one KV group, key-major: the program loops over the queries whose window
     can hold the block (a contiguous run of the position-sorted queries) times the group's heads, keeps dK
     and dV in registers and stores them once (no atomics). SPLIT: the whole trips inside the run of queries whose
     window holds the whole block (`window_query_ranges`' [a, e)) run without the per-key mask, the rest under it.
-    I32: the row start, the query runs and the positions in 32-bit integers (all < 2^31; int64 only for addresses)."""
+    I32: the row start, the query runs and the positions in 32-bit integers (all < 2^31; int64 only for addresses).
+    ROTATE (`KV_ROTATE`, the programs resident at once): the run of trips is visited from trip (pid · P / ROTATE) mod P
+    of a period P (period_ptr: one int64, the mean trips per run), counted in absolute BQ-query trips and brought into
+    the run, then wraps around (`_window_kv_part` on both parts), so programs launched one after another read their
+    shared queries at about the same time (span.KV_ROTATE's rule)."""
     kb = tl.program_id(0)
     grp = tl.program_id(1)
     b = grp // H_KV
@@ -421,23 +450,38 @@ def _window_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, spos_ptr, qrange_ptr, 
         a = tl.where(empty, q_lo, a)
         e = tl.where(empty, q_lo, e)
     else:
+        a = q_lo
         e = q_lo
 
     rows = tl.arange(0, GH * BQ)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if ROTATE:
+        n_trips = tl.maximum((q_hi - q_lo + BQ - 1) // BQ, 1)
+        period = tl.maximum(tl.load(period_ptr), 1)
+        shift = ((grp.to(tl.int64) * tl.num_programs(0) + kb) * period // ROTATE - q_lo // BQ) % period
+        shift = tl.where(shift < 0, shift + period, shift) % n_trips
+        mid = (q_lo + shift * BQ).to(q_lo.dtype)
     for chunk in range(0, N_CHUNKS):  # outside: the loop over queries is the innermost one
         g = chunk * GH + rows // BQ
-        if SPLIT:
+        if ROTATE:
+            dk, dv = _window_kv_part(q_ptr, order_ptr, spos_ptr, do_ptr, lse_ptr, delta_ptr, kk, vv, dk, dv, cols, d,
+                                     dmask, rows, g, b, hkv, s, mid, q_hi, a, e, q_hi, H_Q, L_Q, D, G, W, scale, BQ,
+                                     PRECISION, SPLIT, EXP2, I32)
+            dk, dv = _window_kv_part(q_ptr, order_ptr, spos_ptr, do_ptr, lse_ptr, delta_ptr, kk, vv, dk, dv, cols, d,
+                                     dmask, rows, g, b, hkv, s, q_lo, mid, a, e, q_hi, H_Q, L_Q, D, G, W, scale, BQ,
+                                     PRECISION, SPLIT, EXP2, I32)
+        elif SPLIT:
             dk, dv = _window_kv_trips(q_ptr, order_ptr, spos_ptr, do_ptr, lse_ptr, delta_ptr, kk, vv, dk, dv, cols,
                                       d, dmask, rows, g, b, hkv, s, q_lo, a, q_hi, H_Q, L_Q, D, G, W, scale, BQ,
                                       PRECISION, True, EXP2, I32)
             dk, dv = _window_kv_trips(q_ptr, order_ptr, spos_ptr, do_ptr, lse_ptr, delta_ptr, kk, vv, dk, dv, cols,
                                       d, dmask, rows, g, b, hkv, s, a, e, q_hi, H_Q, L_Q, D, G, W, scale, BQ,
                                       PRECISION, False, EXP2, I32)
-        dk, dv = _window_kv_trips(q_ptr, order_ptr, spos_ptr, do_ptr, lse_ptr, delta_ptr, kk, vv, dk, dv, cols, d,
-                                  dmask, rows, g, b, hkv, s, e, q_hi, q_hi, H_Q, L_Q, D, G, W, scale, BQ, PRECISION,
-                                  True, EXP2, I32)
+        if not ROTATE:
+            dk, dv = _window_kv_trips(q_ptr, order_ptr, spos_ptr, do_ptr, lse_ptr, delta_ptr, kk, vv, dk, dv, cols,
+                                      d, dmask, rows, g, b, hkv, s, e, q_hi, q_hi, H_Q, L_Q, D, G, W, scale, BQ,
+                                      PRECISION, True, EXP2, I32)
     off = (grp.to(tl.int64) * L_KV + cols[:, None]) * D + d[None, :]  # dk/dv: contiguous fp32 [B, H_KV, L_KV, D]
     tl.store(dk_ptr + off, dk * scale, mask=kv_mask)
     tl.store(dv_ptr + off, dv, mask=kv_mask)
@@ -457,6 +501,11 @@ KV_ROWS = 64  # rows (heads x queries) per loop trip of the window's dK/dV kerne
 KV_EXP2 = True
 # The window dK/dV kernel's row start, query runs and positions in int32 (its mask compares were 64-bit).
 KV_I32 = True
+# Visit order of the window dK/dV kernel's run of query trips (span.KV_ROTATE's rule): 0 in order; else the programs
+# resident at once (132 on the H200: one 8-warp program per SM), and each run starts at the trip ≡ pid · P / KV_ROTATE
+# (mod P), P = the mean trips per run, and wraps around. In order, neighbouring key blocks read a query ~ BLOCK_N / BQ
+# = 32 trips apart (~ 0.13 GB of other reads in between at 132 programs x 32 KB a trip); rotated, about together.
+KV_ROTATE = 0
 DQ_SPLIT = True  # the query-major dQ kernels (window and span) skip the masks on interior key blocks (`dq_blocks`)
 DQ_BLOCK_N = 64  # keys per loop trip of the window's dQ kernel (D <= 128; 32 above)
 DQ_ROWS = 64  # rows (heads x queries) per program of the window's dQ kernel
@@ -517,10 +566,13 @@ def window_backward_kv(q2, k, v, positions, row_start, window, do, lse, delta, d
     bd = block_d(d)
     order, sorted_pos, ranges = window_query_ranges(positions, l_kv, window, KV_BLOCK)
     gh, bq, n_chunks = head_rows(group, max(l_q, 64), KV_ROWS)  # rows of one loop trip = heads x queries
+    # KV_ROTATE's period: the mean trips per run (one int64 on the device, no host sync)
+    period = ((ranges[:, 1] - ranges[:, 0] + bq - 1) // bq).double().mean().round().long().view(1) if KV_ROTATE \
+        else ranges
     _window_bwd_kv_kernel[(triton.cdiv(l_kv, KV_BLOCK), b * h_kv)](
-        q2, k, v, order, sorted_pos, ranges, row_start, do, lse, delta, dk, dv,
+        q2, k, v, order, sorted_pos, ranges, row_start, do, lse, delta, period, dk, dv,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, n_chunks, window, d ** -0.5,
         GH=gh, BQ=bq, BLOCK_N=KV_BLOCK, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype), SPLIT=KV_SPLIT, EXP2=KV_EXP2,
-        I32=KV_I32,
+        I32=KV_I32, ROTATE=KV_ROTATE,
         num_warps=KV_WARPS if bd >= 128 else 4, num_stages=KV_STAGES)
