@@ -106,6 +106,9 @@ CANDIDATES = [
     {"span.KV_TILE": 32},  # 44: 32-pair tiles (32 B spilled)
     {"span.KV_TILE": 32, "span.KV_L2_PREFETCH": True},  # 45
     {"span.KV_ROTATE": 132},  # 46: a rotation phase for one resident program per SM
+    {"window.KV_ROTATE": 132},  # 47: the window dK/dV's runs of query trips rotated (one 8-warp program per SM)
+    {"span.KV_ROTATE": 264, "window.KV_ROTATE": 132},  # 48: both kernels' runs rotated
+    {"span.KV_L2_PREFETCH": True, "span.KV_ROTATE": 264, "window.KV_ROTATE": 132},  # 49: and the L2 prefetch
 ]
 MODULES = {"window": window, "span": span, "common": common, "search": search}  # also used by fwd_tune.py
 

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# H2 window C, session 11 (<= 245 s, ALONE on the GPU): timings of the backward candidates against HEAD's defaults in
+# one process, then the train step of record (32K-256K) with the fastest against the defaults, then 1M.
+# Candidates (bench/bwd_tune.py CANDIDATES): 0 defaults; 40 span.KV_L2_PREFETCH; 41 span.KV_ROTATE=264; 42 40+41;
+# 43 span.KV_WARPS=8; 44 span.KV_TILE=32; 46 span.KV_ROTATE=132; 47 window.KV_ROTATE=132; 48 41+47; 49 40+41+47.
+# Phase 1 (<= 70 s): compile every candidate's kernels at 16K in 6 parallel processes (Triton's disk cache).
+# Phase 2 (alone): backward alone at 128K, each candidate after its own forward, median of 3, per-kernel profile.
+# Phase 3 (alone): train step 32K/64K/128K/256K, dense in the same process: defaults ("new"), the fastest candidate of
+#   phase 2 ("set") if it beats the defaults by >= 1%, and the second fastest of another kind if time allows
+#   (--set lists); "new" again last.
+# Phase 4 (alone): the 1M train step with the faster of new / set at 128K + 256K.
+cd "$(dirname "$0")/../.." || exit 1
+R=${OUT:-/tmp}/h2C
+mkdir -p $R/warm
+export OUT=$R
+step() { echo "== $1 rc=$2 at ${SECONDS}s"; }
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | grep -v '^??' | head -20
+nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+CANDS="0 40 41 42 43 44 46 47 48 49"
+timeout -k 2 70 python3 bench/bwd_tune.py --length 16384 --reps 1 --only $CANDS --warm 6 --json warm.json \
+  > $R/p1_warm.txt 2>&1
+step "phase 1 (warm-up)" $?; grep -E "compiled|error" $R/p1_warm.txt | tail -4
+
+left=$(( 125 - SECONDS )); [ $left -gt 60 ] && left=60
+[ $left -gt 10 ] && timeout -k 2 $left python3 bench/bwd_tune.py --length 131072 --reps 3 --only $CANDS \
+  --profile-all --json bwd_tune_C.json > $R/p2_bwd_tune.txt 2>&1
+step "phase 2 bwd_tune 128K" $?
+grep -E "backward|error|_span_bwd_kv|_window_bwd_kv|_span_bwd_dq|_window_bwd_dq|_search_bwd" $R/p2_bwd_tune.txt | tail -70
+
+PICK=$(python3 - "$R/bwd_tune_C.json" <<'PYEOF'
+import json, sys
+try:
+    rows = [r for r in json.load(open(sys.argv[1]))["rows"] if "backward_s" in r]
+except Exception:
+    rows = []
+base = [r["backward_s"] for r in rows if not r["setting"]]
+if not base:
+    print("")
+    raise SystemExit
+best = sorted((r for r in rows if r["setting"] and r["backward_s"] < 0.99 * base[0]), key=lambda r: r["backward_s"])
+print(" ".join(f"{k}={v}" for k, v in best[0]["setting"].items()) if best else "")
+PYEOF
+)
+echo "phase 3 candidate: ${PICK:-none (defaults only)}"
+left=$(( 205 - SECONDS )); [ $left -gt 75 ] && left=75
+if [ -n "$PICK" ]; then SETARG="--set $PICK"; else SETARG=""; fi
+[ $left -gt 12 ] && timeout -k 2 $left python3 bench/train_variants.py --lengths 131072 262144 32768 65536 \
+  --variants new --reps 5 $SETARG --json train_variants_C.json > $R/p3_train_variants.txt 2>&1
+step "phase 3 train_variants new / ${PICK:-none}" $?
+grep -v "^  mem\|UserWarning\|_warn_once" $R/p3_train_variants.txt | tail -14
+
+SET1M=$(python3 - "$R/train_variants_C.json" "$PICK" <<'PYEOF'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["rows"]
+except Exception:
+    rows = []
+t = {}
+for r in rows:
+    if r.get("length") in (131072, 262144) and "ours_s" in r and "again" not in r["variant"]:
+        t.setdefault(r["variant"], []).append(r["ours_s"])
+full = {v: sum(x) for v, x in t.items() if len(x) == 2}
+print(f"--set {sys.argv[2]}" if sys.argv[2] and "set" in full and "new" in full and full["set"] < full["new"] else "")
+PYEOF
+)
+echo "1M with: ${SET1M:-defaults}"
+left=$(( 243 - SECONDS ))
+[ $left -gt 14 ] && timeout -k 1 $left python3 bench/speed.py --mode train --reps 1 --lengths 1048576 --dense-max 0 \
+  --json speed_train_1m_C.json $SET1M > $R/p4_speed_train_1m.txt 2>&1
+step "phase 4 speed.py train 1M" $?; tail -4 $R/p4_speed_train_1m.txt
+ls -la $R
