@@ -57,9 +57,10 @@ try:  # host TMA descriptors (Triton >= 3.3); without them no kernel takes its T
 except ImportError:
     TensorDescriptor = None
 
-# Most (K, V) descriptor pairs `tma_descriptors` keeps (0: build both on every call). A launch from Python with
-# descriptors built anew each time paid for them in host time: DecodeAttention(graph=False) at 1M on the H200,
-# session 10, 0.223 -> 0.396 ms per call once the decode step read its keys through TMA.
+# Most (K, V) descriptor pairs `tma_descriptors` keeps (0: build both on every call): a launch from Python otherwise
+# builds them anew each time. H200, session 11 window D (host busy): a kept pair costs 3.9 us per call, building it
+# 23-25 us; eager DecodeAttention(graph=False) 1M 0.602 -> 0.556 ms, 128K 0.427 -> 0.411 (without TMA 0.487 / 0.367:
+# Triton 3.6's launcher still encodes both tensor maps and rebuilds its argument list at every launch).
 TMA_DESC_CACHE = 64
 
 
