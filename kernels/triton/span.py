@@ -448,13 +448,15 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
                         dk, dv = _span_kv_lean_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr,
                                                     delta_ptr, kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, D, scale,
                                                     N_TILES, rows1, tile3, n_meet, BLOCK_P, PRECISION, False, EVEN_P,
-                                                    EVEN_D,
-                                                    PREFETCH)
+                                                    EVEN_D, PREFETCH)
                     else:
                         dk, dv = _span_kv_lean_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr,
                                                     delta_ptr, kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, D, scale,
                                                     N_TILES, rows1, tile3, n_meet, BLOCK_P, PRECISION, True, EVEN_P,
                                                     EVEN_D, PREFETCH)
+                elif PREFETCH:  # a skipped trip asks for the next visits' reads too
+                    _span_kv_l2_prefetch(q_ptr, do_ptr, order_ptr, qstart_ptr, qend_ptr, blse_ptr, delta_ptr, grp,
+                                         rows1, tile3, PG, D, N_TILES, n_meet, BLOCK_P, PREFETCH)
             elif (lo < k0 + BLOCK_N) & (hi >= k0):
                 dk, dv = _span_kv_lean_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr, delta_ptr,
                                             kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, D, scale,
