@@ -13,7 +13,11 @@ Needs a Triton with the NVIDIA backend and its ptxas (the GPU's Triton 3.6: PYTH
 TRITON_INTERPRET:
 
     PYTHONPATH=/tmp/t36 .venv/bin/python bench/bwd_spills.py [--only span_bwd_kv] \
-        [--variant NAME MODULE.NAME=VALUE ...] [--json bench/bwd_spills.json]
+        [--set MODULE.NAME=VALUE ...] [--set ...] [--json rows.json] [--ptx DIR]
+
+With --ptx, each compiled kernel's PTX is written without its line information, so that two trees' builds compare
+with diff (a copy of another commit's kernels/ as superlinear_kernels first on PYTHONPATH): whether a change left the
+default kernels as they were.
 
 Prints one row per (setting, kernel): registers, spill stores / loads (bytes), local-memory instructions in the SASS
 (STL / LDL), SASS instructions, the same counts inside the kernel's largest loop (the widest backward branch: what a
@@ -22,7 +26,6 @@ loop trip pays), shared memory, warps, stages.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import json
 import os
@@ -43,10 +46,9 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from bwd_tune import apply, parse_settings  # noqa: E402  (the settings rule of bwd_tune / train_variants / gpu_check)
 from superlinear_kernels import SpanConfig  # noqa: E402
-from superlinear_kernels.triton import common, grad, search, span, window  # noqa: E402
-
-MODULES = {"window": window, "span": span, "common": common, "search": search}  # as bwd_tune.MODULES
+from superlinear_kernels.triton import common, grad  # noqa: E402
 
 # Named settings (besides the defaults, always first). Each is a dict of backend constants.
 VARIANTS: dict[str, dict] = {
@@ -55,17 +57,6 @@ VARIANTS: dict[str, dict] = {
 
 TARGET = GPUTarget("cuda", 90, 32)
 _BACKEND = make_backend(TARGET)
-
-
-def apply(setting: dict) -> dict:
-    """Set the constants of `setting`; returns the previous values (bwd_tune.apply, without importing the GPU
-    benchmark modules)."""
-    old = {}
-    for key, value in setting.items():
-        mod, name = key.split(".")
-        old[key] = getattr(MODULES[mod], name)
-        setattr(MODULES[mod], name, value)
-    return old
 
 
 def _ptxas_usage(ptx: str) -> dict:
@@ -86,6 +77,23 @@ def _ptxas_usage(ptx: str) -> dict:
             "spill_stores": int(spill.group(1)) if spill else -1,
             "spill_loads": int(spill.group(2)) if spill else -1,
             "stack": int(stack.group(1)) if stack else -1}
+
+
+def normalized_ptx(ptx: str) -> str:
+    """The PTX without what moves when only source lines move: .loc / .file lines, comments and the DWARF sections
+    (so that two builds of the same kernel compare equal)."""
+    out, skip = [], False
+    for line in ptx.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(".section") and ".debug" in stripped:
+            skip = True
+        if skip:
+            skip = stripped != "}"
+            continue
+        if stripped.startswith((".loc", ".file", "//")) or not stripped:
+            continue
+        out.append(line.split("//")[0].rstrip())
+    return "\n".join(out) + "\n"
 
 
 def _sass_counts(cubin: bytes) -> dict:
@@ -117,8 +125,9 @@ class Capture:
     """Replaces JITFunction.run while active: each launch is compiled for sm_90a (as the GPU launcher would
     specialize it) and measured, not run. Results in `rows` (one per distinct kernel + specialization)."""
 
-    def __init__(self, only: list[str] | None):
+    def __init__(self, only: list[str] | None, ptx_dir: Path | None = None, tag: str = ""):
         self.only = only
+        self.ptx_dir, self.tag = ptx_dir, tag
         self.rows: list[dict] = []
         self.seen: set = set()
 
@@ -143,6 +152,8 @@ class Capture:
                "shared": binary.metadata.shared,
                "constexprs": {fn.arg_names[k[0]]: v for k, v in constexprs.items()
                               if isinstance(v, (bool, int, str)) and fn.params[k[0]].is_constexpr}}
+        if self.ptx_dir is not None:  # normalized PTX, named by setting, kernel and launch order
+            (self.ptx_dir / f"{self.tag}_{len(self.rows):02d}_{name}.ptx").write_text(normalized_ptx(binary.asm["ptx"]))
         row.update(_ptxas_usage(binary.asm["ptx"]))
         row.update(_sass_counts(binary.asm["cubin"]))
         self.rows.append(row)
@@ -193,12 +204,12 @@ def release_backward(l_q: int, dtype=torch.bfloat16, seed: int = 0) -> None:
                             cfg.window_len, do, grads)
 
 
-def measure(setting: dict, l_q: int, only: list[str] | None) -> list[dict]:
+def measure(setting: dict, l_q: int, only: list[str] | None, ptx_dir: Path | None = None, tag: str = "") -> list[dict]:
     old = apply(setting)
     tma_ok = common.tma_ok
     common.tma_ok = lambda *tensors: True  # as on the H200 (CPU tensors here): the launchers pick their sm_90 paths
     try:
-        cap = Capture(only)
+        cap = Capture(only, ptx_dir, tag)
         with cap.active():
             release_backward(l_q)
         return cap.rows
@@ -217,16 +228,22 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", action="append", default=[], metavar="MODULE.NAME=VALUE",
                         help="an extra setting (repeat the option for several)")
     parser.add_argument("--json", default=None, help="write the rows here too")
+    parser.add_argument("--ptx", default=None, help="write each compiled kernel's normalized PTX into this folder "
+                        "(setting number, launch order, kernel name), to compare two trees' builds with diff")
     args = parser.parse_args()
     settings = [(name, VARIANTS[name]) for name in (args.variants or list(VARIANTS))]
     for items in args.set:
-        settings.append((" ".join(items), {k: ast.literal_eval(v) for k, v in (i.split("=", 1) for i in items)}))
+        settings.append((" ".join(items), parse_settings(items)))
     print(f"triton {triton.__version__}, sm_{TARGET.arch}a, release layer, {args.length} queries", flush=True)
     print(f"{'setting':28s} {'kernel':24s} {'warps':>5} {'stg':>3} {'regs':>4} {'spill st':>8} {'spill ld':>8} "
           f"{'STL':>5} {'LDL':>5} {'SASS':>6} {'loop':>5} {'lSTL':>4} {'lLDL':>4} {'smem':>6}  constexprs", flush=True)
     report = []
-    for name, setting in settings:
-        for row in measure(setting, args.length, args.only):
+    ptx_dir = None
+    if args.ptx:
+        ptx_dir = Path(args.ptx)
+        ptx_dir.mkdir(parents=True, exist_ok=True)
+    for number, (name, setting) in enumerate(settings):
+        for row in measure(setting, args.length, args.only, ptx_dir, f"s{number:02d}"):
             row["setting"] = name
             row["values"] = setting
             report.append(row)

@@ -37,8 +37,7 @@ _SCRIPT = textwrap.dedent('''
 
     HALF = {"q_ptr", "k_ptr", "v_ptr", "q1_ptr", "out_ptr", "do_ptr", "res_ptr", "dq1_ptr"}  # the model dtype (fp16)
     I64 = {"pos_ptr", "start_ptr", "order_ptr", "mstripe_ptr", "table_ptr", "blen_ptr", "flen_ptr", "part_a_ptr",
-           "spos_ptr", "qrange_ptr", "tile_lo_ptr", "tile_hi_ptr", "tile_in_ptr", "trange_ptr",
-           "period_ptr"}
+           "spos_ptr", "qrange_ptr", "tile_lo_ptr", "tile_hi_ptr", "tile_in_ptr", "trange_ptr"}
     I32 = {"qstart_ptr", "qend_ptr", "qanchor_ptr", "anchor_ptr", "key_ptr"}
     FLOAT = {"scale", "qk_scale", "INVALID"}
     WIDE = ("sk_", "sv_")  # strides are int64

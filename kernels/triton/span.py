@@ -353,7 +353,7 @@ def _span_kv_l2_prefetch(q_ptr, do_ptr, row_ptr, qstart_ptr, qend_ptr, blse_ptr,
 
 @triton.jit
 def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr,
-                        delta_ptr, tile_lo_ptr, tile_hi_ptr, tile_in_ptr, trange_ptr, period_ptr, dk_ptr, dv_ptr,
+                        delta_ptr, tile_lo_ptr, tile_hi_ptr, tile_in_ptr, trange_ptr, dk_ptr, dv_ptr,
                         sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                         H_Q, H_KV, L_Q, L_KV, D, G, PG, N_TILES, N_KB, scale,
                         NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -370,11 +370,11 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
     and INTERIOR its inner range) before this tile's visit, so the branch does not wait for a memory round trip.
     PREFETCH (with LEAN and NEXT; `KV_L2_PREFETCH`): each trip, visited or skipped, asks L2 for the next tile's q/dO
     rows (if it meets the block; their indices read a trip ahead) and the pair arrays of the tile three trips on
-    (`_span_kv_l2_prefetch`; PREFETCH = the 128-byte lines of a q row). ROTATE (`KV_ROTATE`, the programs resident at once): the run of tiles is visited from a rotated
-    start (`_run_tile`), the tile (pid · P / ROTATE) mod P of a period P (period_ptr: one int64, the mean run length)
-    brought into the run, pid = the launch index: a program launched one program-length / ROTATE after another
-    starts P / ROTATE tiles further, so both read their shared tiles at about the same time (and their gathered rows
-    from L2)."""
+    (`_span_kv_l2_prefetch`; PREFETCH = the 128-byte lines of a q row). ROTATE (`KV_ROTATE`, the programs resident
+    at once): the run of tiles is visited from a rotated start (`_run_tile`), the tile (pid · P / ROTATE) mod P of a
+    period P (the mean run length: one int64 after the runs in trange_ptr) brought into the run, pid = the launch
+    index: a program launched one program-length / ROTATE after another starts P / ROTATE tiles further, so both read
+    their shared tiles at about the same time (and their gathered rows from L2)."""
     kb = tl.program_id(0)
     grp = tl.program_id(1)
     b = grp // H_KV
@@ -397,7 +397,7 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
     tb = grp.to(tl.int64) * N_TILES
     shift = t_lo * 0
     if ROTATE:  # start the run at the tile ≡ pid · P / ROTATE (mod P), P the period
-        period = tl.maximum(tl.load(period_ptr), 1)
+        period = tl.maximum(tl.load(trange_ptr + tl.num_programs(1).to(tl.int64) * N_KB * 2), 1)
         shift = ((grp.to(tl.int64) * N_KB + kb) * period // ROTATE - t_lo) % period
         shift = tl.where(shift < 0, shift + period, shift) % tl.maximum(t_hi - t_lo, 1)
     if NEXT:  # the first tile's ranges (any tile of the group when the run is empty; then never used)
@@ -616,11 +616,12 @@ def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta,
     del sqs, sqe
     n_kb = triton.cdiv(l_kv, block_n)
     srow, sqs, sqe, sgate, slse, sdelta = pairs
-    # KV_ROTATE's period: the mean run length (one int64 on the device, no host sync)
-    period = (ranges[..., 1] - ranges[..., 0]).double().mean().round().long().view(1) if KV_ROTATE else ranges
+    if KV_ROTATE:  # its period after the runs: the mean run length (on the device, no host sync)
+        period = (ranges[..., 1] - ranges[..., 0]).double().mean().round().long().view(1)
+        ranges = torch.cat([ranges.view(-1), period])
     _span_bwd_kv_kernel[(n_kb, n_groups)](
         q2, k, v, srow, sqs, sqe, do, sgate, slse, sdelta, tile_lo, tile_hi, inside[0] if lean else tile_lo, ranges,
-        period, dk, dv, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        dk, dv, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, pg, tile_lo.shape[1], n_kb, d ** -0.5,
         NUM_SPANS=num_spans, BLOCK_P=KV_TILE, BLOCK_N=block_n, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
         SKIP=KV_SKIP, SORTED=KV_SORTED, EXP2=window.KV_EXP2, LEAN=lean, EVEN_P=pg % KV_TILE == 0, EVEN_D=bd == d,

@@ -403,7 +403,7 @@ def _window_kv_part(q_ptr, order_ptr, spos_ptr, do_ptr, lse_ptr, delta_ptr, kk, 
 
 @triton.jit
 def _window_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, spos_ptr, qrange_ptr, start_ptr, do_ptr, lse_ptr,
-                          delta_ptr, period_ptr, dk_ptr, dv_ptr,
+                          delta_ptr, dk_ptr, dv_ptr,
                           sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                           H_Q, H_KV, L_Q, L_KV, D, G, N_CHUNKS, W, scale,
                           GH: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -415,9 +415,9 @@ def _window_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, spos_ptr, qrange_ptr, 
     window holds the whole block (`window_query_ranges`' [a, e)) run without the per-key mask, the rest under it.
     I32: the row start, the query runs and the positions in 32-bit integers (all < 2^31; int64 only for addresses).
     ROTATE (`KV_ROTATE`, the programs resident at once): the run of trips is visited from trip (pid · P / ROTATE) mod P
-    of a period P (period_ptr: one int64, the mean trips per run), counted in absolute BQ-query trips and brought into
-    the run, then wraps around (`_window_kv_part` on both parts), so programs launched one after another read their
-    shared queries at about the same time (span.KV_ROTATE's rule)."""
+    of a period P (the mean trips per run: one int64 after the runs in qrange_ptr), counted in absolute BQ-query trips
+    and brought into the run, then wraps around (`_window_kv_part` on both parts), so programs launched one after
+    another read their shared queries at about the same time (span.KV_ROTATE's rule)."""
     kb = tl.program_id(0)
     grp = tl.program_id(1)
     b = grp // H_KV
@@ -458,7 +458,7 @@ def _window_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, spos_ptr, qrange_ptr, 
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if ROTATE:
         n_trips = tl.maximum((q_hi - q_lo + BQ - 1) // BQ, 1)
-        period = tl.maximum(tl.load(period_ptr), 1)
+        period = tl.maximum(tl.load(qrange_ptr + 4 * tl.num_programs(0)), 1)
         shift = ((grp.to(tl.int64) * tl.num_programs(0) + kb) * period // ROTATE - q_lo // BQ) % period
         shift = tl.where(shift < 0, shift + period, shift) % n_trips
         mid = (q_lo + shift * BQ).to(q_lo.dtype)
@@ -566,11 +566,11 @@ def window_backward_kv(q2, k, v, positions, row_start, window, do, lse, delta, d
     bd = block_d(d)
     order, sorted_pos, ranges = window_query_ranges(positions, l_kv, window, KV_BLOCK)
     gh, bq, n_chunks = head_rows(group, max(l_q, 64), KV_ROWS)  # rows of one loop trip = heads x queries
-    # KV_ROTATE's period: the mean trips per run (one int64 on the device, no host sync)
-    period = ((ranges[:, 1] - ranges[:, 0] + bq - 1) // bq).double().mean().round().long().view(1) if KV_ROTATE \
-        else ranges
+    if KV_ROTATE:  # its period after the runs: the mean trips per run (on the device, no host sync)
+        period = ((ranges[:, 1] - ranges[:, 0] + bq - 1) // bq).double().mean().round().long().view(1)
+        ranges = torch.cat([ranges.view(-1), period])
     _window_bwd_kv_kernel[(triton.cdiv(l_kv, KV_BLOCK), b * h_kv)](
-        q2, k, v, order, sorted_pos, ranges, row_start, do, lse, delta, period, dk, dv,
+        q2, k, v, order, sorted_pos, ranges, row_start, do, lse, delta, dk, dv,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, n_chunks, window, d ** -0.5,
         GH=gh, BQ=bq, BLOCK_N=KV_BLOCK, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype), SPLIT=KV_SPLIT, EXP2=KV_EXP2,
