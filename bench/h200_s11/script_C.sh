@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# H2 window C, session 11 (<= 245 s, ALONE on the GPU): timings of the backward candidates against HEAD's defaults in
-# one process, then the train step of record (32K-256K) with the fastest against the defaults, then 1M.
+# H2 window C, written in session 11 (not run: the session's device time was spent before window C), for the next
+# session (<= 245 s, ALONE on the GPU; after script_A.sh's correctness jobs): timings of the backward candidates against
+# HEAD's defaults in one process, then the train step of record (32K-256K) with the fastest against the defaults,
+# then 1M.
 # Candidates (bench/bwd_tune.py CANDIDATES): 0 defaults; 40 span.KV_L2_PREFETCH; 41 span.KV_ROTATE=264; 42 40+41;
-# 43 span.KV_WARPS=8; 44 span.KV_TILE=32; 46 span.KV_ROTATE=132; 47 window.KV_ROTATE=132; 48 41+47; 49 40+41+47.
+# 43 span.KV_WARPS=8; 44 span.KV_TILE=32; 45 44+40; 46 span.KV_ROTATE=132; 47 window.KV_ROTATE=132; 48 41+47;
+# 49 40+41+47; 18 span.DQ_WARPS=8 (span dQ without spills, bench/bwd_spills.py).
 # Phase 1 (<= 70 s): compile every candidate's kernels at 16K in 6 parallel processes (Triton's disk cache).
 # Phase 2 (alone): backward alone at 128K, each candidate after its own forward, median of 3, per-kernel profile.
 # Phase 3 (alone): train step 32K/64K/128K/256K, dense in the same process: defaults ("new"), the fastest candidate of
-#   phase 2 ("set") if it beats the defaults by >= 1%, and the second fastest of another kind if time allows
-#   (--set lists); "new" again last.
+#   phase 2 ("set", train_variants --set) if it beats the defaults by >= 1%; "new" again last.
 # Phase 4 (alone): the 1M train step with the faster of new / set at 128K + 256K.
 cd "$(dirname "$0")/../.." || exit 1
 R=${OUT:-/tmp}/h2C
@@ -17,12 +19,12 @@ step() { echo "== $1 rc=$2 at ${SECONDS}s"; }
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | grep -v '^??' | head -20
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
-CANDS="0 40 41 42 43 44 46 47 48 49"
+CANDS="0 40 41 42 43 44 45 46 47 48 49 18"
 timeout -k 2 70 python3 bench/bwd_tune.py --length 16384 --reps 1 --only $CANDS --warm 6 --json warm.json \
   > $R/p1_warm.txt 2>&1
 step "phase 1 (warm-up)" $?; grep -E "compiled|error" $R/p1_warm.txt | tail -4
 
-left=$(( 125 - SECONDS )); [ $left -gt 60 ] && left=60
+left=$(( 135 - SECONDS )); [ $left -gt 65 ] && left=65
 [ $left -gt 10 ] && timeout -k 2 $left python3 bench/bwd_tune.py --length 131072 --reps 3 --only $CANDS \
   --profile-all --json bwd_tune_C.json > $R/p2_bwd_tune.txt 2>&1
 step "phase 2 bwd_tune 128K" $?
@@ -43,7 +45,7 @@ print(" ".join(f"{k}={v}" for k, v in best[0]["setting"].items()) if best else "
 PYEOF
 )
 echo "phase 3 candidate: ${PICK:-none (defaults only)}"
-left=$(( 205 - SECONDS )); [ $left -gt 75 ] && left=75
+left=$(( 210 - SECONDS )); [ $left -gt 75 ] && left=75
 if [ -n "$PICK" ]; then SETARG="--set $PICK"; else SETARG=""; fi
 [ $left -gt 12 ] && timeout -k 2 $left python3 bench/train_variants.py --lengths 131072 262144 32768 65536 \
   --variants new --reps 5 $SETARG --json train_variants_C.json > $R/p3_train_variants.txt 2>&1
