@@ -113,19 +113,21 @@ def test_non_contiguous_cache_positions():
     _compare(DEFAULT, 1, 4, 2, 5, 60, 16, torch.float32, positions=[3, 40, 41, 17, 59])
 
 
-@pytest.mark.parametrize("skip, sort, split, lean, span_block, nxt, rotate", [
-    (True, False, False, False, None, False, 0), (False, False, False, False, None, False, 0),
-    (True, True, False, False, None, False, 0), (True, True, False, False, None, True, 0),
-    (True, True, False, True, None, True, 0), (True, True, False, False, 32, False, 0),
-    (True, True, False, True, 32, True, 0), (True, True, False, "masked", 32, True, 0),
-    (True, True, False, "masked", 32, True, 3), (True, True, False, True, None, False, 2),
-    (True, False, True, False, None, False, 0), (True, False, True, False, None, False, 3),
-    (True, False, False, False, None, False, 2)],
+@pytest.mark.parametrize("skip, sort, split, lean, span_block, nxt, rotate, prefetch", [
+    (True, False, False, False, None, False, 0, False), (False, False, False, False, None, False, 0, False),
+    (True, True, False, False, None, False, 0, False), (True, True, False, False, None, True, 0, False),
+    (True, True, False, True, None, True, 0, False), (True, True, False, False, 32, False, 0, False),
+    (True, True, False, True, 32, True, 0, False), (True, True, False, "masked", 32, True, 0, False),
+    (True, True, False, "masked", 32, True, 3, False), (True, True, False, True, None, False, 2, False),
+    (True, False, True, False, None, False, 0, False), (True, False, True, False, None, False, 3, False),
+    (True, False, False, False, None, False, 2, False), (True, True, False, "masked", 32, True, 0, True),
+    (True, True, False, "masked", 32, True, 3, True), (True, True, False, True, None, True, 2, True)],
     ids=["skip", "masked", "sorted", "sorted-next", "sorted-lean-next", "sorted-span-block-32",
          "sorted-lean-next-span-block-32", "sorted-lean-masked-next-span-block-32",
          "sorted-lean-masked-next-rotate-span-block-32", "sorted-lean-rotate", "window-split", "window-split-rotate",
-         "skip-rotate"])
-def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, nxt, rotate):
+         "skip-rotate", "sorted-lean-masked-next-prefetch-span-block-32",
+         "sorted-lean-masked-next-prefetch-rotate-span-block-32", "sorted-lean-next-prefetch-rotate"])
+def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, nxt, rotate, prefetch):
     """The key-major dK/dV kernels with many small key blocks and pair tiles: a block meets many tiles, tiles end
     and start inside blocks, and queries come in no particular order (the window's position sort). `masked`:
     tiles that miss the block are computed under the masks instead of skipped; `sorted`: the span kernel reads
@@ -139,7 +141,9 @@ def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, 
     (`span.KV_INTERIOR = False`); `...-rotate-...`: each program visits its run of tiles from a rotated start
     (`span.KV_ROTATE`; 3 or 2 programs assumed resident, so the runs start at many phases), with and without the next
     tile's range read ahead (and the window kernel's runs of query trips, `window.KV_ROTATE`, masked only in
-    `skip-rotate`, split in `window-split-rotate`); `window-split`: the window kernel's
+    `skip-rotate`, split in `window-split-rotate`); `...-prefetch-...`: with the span loop's L2 prefetch bookkeeping
+    (`span.KV_L2_PREFETCH`: the next tile's rows read a trip ahead, its meet test, the later tiles' indices; the hints
+    themselves are compiled only), in order and rotated, masked and interior visits; `window-split`: the window kernel's
     loop trips whose queries' windows all hold the key block run without the per-key mask (W = 24 or 26 over
     16-key blocks and 8-query trips: such trips exist, between masked ones, and rows starting inside or after a
     block must not use them; then 16 heads of one KV group, so a trip is one query and the run's ends are checked
@@ -154,6 +158,10 @@ def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, 
     monkeypatch.setattr(span, "KV_NEXT", nxt)
     monkeypatch.setattr(span, "KV_ROTATE", rotate)
     monkeypatch.setattr(window, "KV_ROTATE", rotate)
+    monkeypatch.setattr(span, "KV_L2_PREFETCH", prefetch)
+    if prefetch:  # the interpreter runs the prefetch bookkeeping (one line per row), without the hints
+        x = torch.zeros(1, 1, 1, 16)
+        assert span.kv_prefetch_lines(x, x, True) == 1
     monkeypatch.setattr(window, "KV_SPLIT", split)
     monkeypatch.setattr(window, "KV_ROWS", 16)
     monkeypatch.setattr(window, "KV_BLOCK", 16)

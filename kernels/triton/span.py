@@ -310,12 +310,18 @@ def _run_tile(it, t_lo, t_hi, shift, ROTATE: tl.constexpr):
     return it
 
 
+# Whether `_l2_prefetch` emits its PTX: not in Triton's interpreter, which has no inline assembly (there the prefetch
+# bookkeeping of KV_L2_PREFETCH runs, with the hints themselves left out: they change no value).
+_HINTS = tl.constexpr(not common.INTERPRET)
+
+
 @triton.jit
 def _l2_prefetch(ptr):
     """Ask L2 for the 128-byte line of each address of `ptr` (PTX `prefetch.global.L2`, one per element and thread: a
-    hint, nothing is written and no register waits for it). Compiled kernels only (inline PTX)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32,
-                              is_pure=False, pack=1)
+    hint, nothing is written and no register waits for it). Nothing in the interpreter (`_HINTS`)."""
+    if _HINTS:
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 
 @triton.jit
@@ -631,11 +637,16 @@ def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta,
 
 
 def kv_prefetch_lines(q2: torch.Tensor, do: torch.Tensor, lean: bool) -> int:
-    """The span dK/dV kernel's PREFETCH for `KV_L2_PREFETCH`: the 128-byte lines of one q/dO row, or 0 (off: without
-    the lean visits or KV_NEXT, where `common.tma_ok` refuses q2 and dO — the interpreter, not CUDA, compute
-    capability < 9, unaligned rows — or where a row is not a power of two of whole lines)."""
+    """The span dK/dV kernel's PREFETCH for `KV_L2_PREFETCH`: the 128-byte lines of one q/dO row (at least 1), or 0
+    (off: without the lean visits or KV_NEXT, where `common.tma_ok` refuses q2 and dO — not CUDA, compute capability
+    < 9, unaligned rows — or where a row is not a power of two of whole lines). The interpreter runs it (without the
+    hints, `_HINTS`) at one line per row whatever the row's size."""
+    if not (KV_L2_PREFETCH and lean and KV_NEXT):
+        return 0
+    if common.INTERPRET:
+        return 1
     lines, rest = divmod(q2.shape[-1] * q2.element_size(), 128)
-    if not (KV_L2_PREFETCH and lean and KV_NEXT) or rest or lines & (lines - 1) or do.dtype != q2.dtype:
+    if rest or lines & (lines - 1) or do.dtype != q2.dtype:
         return 0
     return lines if common.tma_ok(q2, do) else 0
 
