@@ -38,8 +38,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from session_decode import loop_ms  # noqa: E402  (imports speed, which imports the kernels of this checkout)
-from speed import D, H_KV, H_Q, graphed, timed  # noqa: E402
+# session_decode imports speed, which imports the kernels of this checkout
+from session_decode import loop_ms, release_decode_inputs  # noqa: E402
+from speed import D, H_Q, graphed, timed  # noqa: E402
 
 from superlinear_kernels import DecodeAttention, SpanConfig  # noqa: E402
 from superlinear_kernels.triton import common, decode  # noqa: E402
@@ -102,15 +103,7 @@ def descriptors_us(k, v, reps: int = 2000) -> dict:
 
 def length_row(length: int, reps: int, rounds: int, profile_calls: int, top: int) -> dict:
     cfg = SpanConfig.release()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, device="cuda", generator=gen, dtype=torch.bfloat16)
-
-    k, v = rand(1, H_KV, length, D), rand(1, H_KV, length, D)
-    q1, q2 = rand(1, H_Q, 1, D), rand(1, H_Q, 1, D)
-    pos = length - 1
-    pos_dev = torch.tensor([pos], device="cuda")
+    k, v, q1, q2, pos, pos_dev = release_decode_inputs(length)
     row = {"L": length, "tma": decode.decode_tma(k, v), "variants": {}}
     with torch.no_grad():
         direct = DecodeAttention(k, v, cfg, num_heads=H_Q, backend="triton", graph=False)

@@ -37,7 +37,8 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from speed import graphed, kernel_rows, timed  # noqa: E402  (bench/speed.py: timing, capture, profiler summary)
+# bench/speed.py: timing, capture, profiler summary, random inputs
+from speed import H_Q, graphed, kernel_rows, make_inputs, timed  # noqa: E402
 
 
 def loop_ms(fn, reps: int, loops: int = 5) -> float:
@@ -56,22 +57,20 @@ def loop_ms(fn, reps: int, loops: int = 5) -> float:
     return statistics.median(times)
 
 
+def release_decode_inputs(length: int) -> tuple:
+    """Random bf16 inputs of one release-layer decode step at the last of `length` positions (speed.make_inputs,
+    seed 0): (k, v [1, H_KV, L, D], q1, q2 [1, H_Q, 1, D], pos: int, pos_dev: [1] int64 CUDA tensor)."""
+    q1, q2, k, v = make_inputs(length, torch.bfloat16, coherent=False, q_len=1)
+    return k, v, q1, q2, length - 1, torch.tensor([length - 1], device="cuda")
+
+
 def attention_row(length: int, reps: int) -> dict:
     from superlinear_kernels import DecodeAttention, SpanConfig, superlinear_attention
 
     cfg = SpanConfig.release()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    h_q, h_kv, d = 32, 2, 128
-
-    def rand(*shape):
-        return torch.randn(*shape, device="cuda", generator=gen, dtype=torch.bfloat16)
-
-    k, v = rand(1, h_kv, length, d), rand(1, h_kv, length, d)
-    q1, q2 = rand(1, h_q, 1, d), rand(1, h_q, 1, d)
-    pos = length - 1
-    pos_dev = torch.tensor([pos], device="cuda")
-    entry = DecodeAttention(k, v, cfg, num_heads=h_q, backend="triton")  # the default: replays its own graph
-    direct = DecodeAttention(k, v, cfg, num_heads=h_q, backend="triton", graph=False)
+    k, v, q1, q2, pos, pos_dev = release_decode_inputs(length)
+    entry = DecodeAttention(k, v, cfg, num_heads=H_Q, backend="triton")  # the default: replays its own graph
+    direct = DecodeAttention(k, v, cfg, num_heads=H_Q, backend="triton", graph=False)
     with torch.no_grad():
         ref = superlinear_attention(q1, q2, k, v, pos_dev, cfg, backend="triton")
         got_entry = entry(q1, q2, pos)
