@@ -9,6 +9,12 @@ exact match. Two or more models run on the same rows, so the comparison is paire
 NLL difference against the first model, how many rows each model wins, and the exact-match rows only one of them
 gets (the discordant pairs a sign test counts). NLL moves long before exact match does.
 
+``--rival-pull`` (session 11's lesson: the candidate lost held-out names by picking another name of its row, which
+exact counts on train-split rows did not show against the other arm) adds per row the probability the model puts,
+at the query that predicts the answer's first byte, on the first bytes of the row's rival values
+(`Example.rivals`: the other same-kind values of its statements) that differ from the answer's own first byte; the
+cell reports its mean over all rows (a row without rivals adds 0) next to the exact counts (`rival_pull`).
+
 Answer bytes are the row's answer less its prompt ranges (`Example.prompts`); for the single-question suites this is
 the whole answer, and exact match is the same as `superlinear_lab.evaluate`'s (greedy decoding reproduces the value
 under teacher forcing). Never reads the eval split. Writes JSON and prints one line per suite and length::
@@ -47,10 +53,26 @@ def answer_positions(ex: D.Example) -> list[int]:
     return [p for p in range(a0, a1) if p not in prompt]
 
 
+def rival_pull(probs: torch.Tensor, ex: D.Example) -> tuple[float, int]:
+    """(mass, n): the summed probability in `probs` of the n distinct first bytes of `ex`'s rival values that differ
+    from the answer's first byte.
+
+    probs: the next-byte distribution [V] at the query before the answer's first byte (position answer[0] - 1).
+    A rival range that this query needs (evidence of the answer, as a `fact_quiz` value can be) is not a rival here;
+    a rival whose first byte is the answer's cannot be told from the answer at this byte and is left out; rivals
+    sharing a first byte count it once."""
+    q = ex.answer[0] - 1
+    first = ex.ids[ex.answer[0]]
+    needed = {tuple(ex.evidence[i]) for i in ex.needs.get(q, [])}
+    tokens = {ex.ids[a] for a, b in ex.rivals if b > a and (a, b) not in needed} - {first}
+    return float(sum(probs[t].item() for t in tokens)), len(tokens)
+
+
 @torch.no_grad()
-def score_rows(model, rows: list[D.Example], tokens_per_batch: int = 65536) -> list[dict]:
+def score_rows(model, rows: list[D.Example], tokens_per_batch: int = 65536, rival: bool = False) -> list[dict]:
     """Per row: ``nll`` (mean negative log-likelihood of its answer bytes, nats, teacher forcing), ``first_nll``
-    (of the first one: where the fact is picked), ``exact`` (argmax right at every answer byte).
+    (of the first one: where the fact is picked), ``exact`` (argmax right at every answer byte); with `rival`, also
+    ``rival_pull`` and ``rival_bytes`` (`rival_pull`'s mass and count at the first answer byte's query).
 
     rows: examples of one length L; batched as [B, L] ids with B = max(1, tokens_per_batch // L)."""
     out = []
@@ -65,8 +87,12 @@ def score_rows(model, rows: list[D.Example], tokens_per_batch: int = 65536) -> l
             logp = F.log_softmax(logits[b, pos - 1].float(), dim=-1)  # the query before each answer byte
             target = ids[b, pos]
             nll = -logp.gather(1, target[:, None])[:, 0]
-            out.append({"nll": nll.mean().item(), "first_nll": nll[0].item(),
-                        "exact": bool((logp.argmax(-1) == target).all())})
+            row = {"nll": nll.mean().item(), "first_nll": nll[0].item(),
+                   "exact": bool((logp.argmax(-1) == target).all())}
+            if rival:  # the query before the answer's first byte, whatever the scored positions are
+                probs = F.softmax(logits[b, ex.answer[0] - 1].float(), dim=-1)
+                row["rival_pull"], row["rival_bytes"] = rival_pull(probs, ex)
+            out.append(row)
     return out
 
 
@@ -81,13 +107,20 @@ def paired(a: list[dict], b: list[dict]) -> dict:
 
 def summary(scores: list[dict]) -> dict:
     n = len(scores)
-    return {"rows": n, "exact": sum(s["exact"] for s in scores) / n, "nll": sum(s["nll"] for s in scores) / n,
-            "first_nll": sum(s["first_nll"] for s in scores) / n}
+    out = {"rows": n, "exact": sum(s["exact"] for s in scores) / n, "nll": sum(s["nll"] for s in scores) / n,
+           "first_nll": sum(s["first_nll"] for s in scores) / n}
+    if scores and "rival_pull" in scores[0]:
+        out["rival_pull"] = sum(s["rival_pull"] for s in scores) / n  # over all rows: no rival adds 0
+        out["rival_rows"] = sum(s["rival_bytes"] > 0 for s in scores)
+    return out
 
 
-def run(models: dict, suites, lengths, rows: int, tokens_per_batch: int = 65536) -> dict:
+def run(models: dict, suites, lengths, rows: int, tokens_per_batch: int = 65536, rival: bool = False,
+        on_cell=None) -> dict:
     """models: {name: model}. Returns {"cells": {suite: {L: {"models": {name: summary}, "paired": {name: paired vs
-    the first model}}}}, "overall": {name: summed paired counts and the mean NLL difference over all cells}}."""
+    the first model}}}}, "overall": {name: summed paired counts and the mean NLL difference over all cells}}.
+    `rival`: score_rows' rival pull too. `on_cell(cells)` is called after each cell (e.g. to write what is done
+    so far: a process stopped by a time limit keeps its finished cells)."""
     names = list(models)
     cells: dict = {}
     overall = {n: {"cells": 0, "nll_diff": 0.0, "b_lower_nll": 0, "a_lower_nll": 0, "only_b_exact": 0,
@@ -96,7 +129,7 @@ def run(models: dict, suites, lengths, rows: int, tokens_per_batch: int = 65536)
         for length in lengths:
             t0 = time.time()
             exs = [D.make_example(suite, length, SEED_BASE + s, SPLIT) for s in range(rows)]
-            per = {n: score_rows(m, exs, tokens_per_batch) for n, m in models.items()}
+            per = {n: score_rows(m, exs, tokens_per_batch, rival) for n, m in models.items()}
             cell = {"models": {n: summary(s) for n, s in per.items()}, "paired": {}}
             for n in names[1:]:
                 p = paired(per[names[0]], per[n])
@@ -111,6 +144,8 @@ def run(models: dict, suites, lengths, rows: int, tokens_per_batch: int = 65536)
             print(suite, length, json.dumps({n: {k: round(v, 4) for k, v in s.items()}
                                              for n, s in cell["models"].items()}),
                   json.dumps(cell["paired"]), flush=True)
+            if on_cell is not None:
+                on_cell(cells)
     for o in overall.values():
         o["nll_diff"] = o["nll_diff"] / max(o["cells"], 1)
     return {"cells": cells, "overall": overall}
@@ -127,6 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="torch")
     p.add_argument("--corpus", default="runs/corpus", help="filler text folder (superlinear_lab.corpus)")
     p.add_argument("--tokens-per-batch", type=int, default=65536)
+    p.add_argument("--rival-pull", action="store_true", help="also the probability on rival values' first bytes "
+                   "at the answer's first byte (per row; mean per cell and model)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.rows < 1:
@@ -142,8 +179,12 @@ def main(argv=None) -> int:
               for m in tqdm(args.models, desc="models", unit="model")}
     report = {"split": SPLIT, "seed_base": SEED_BASE, "rows": args.rows, "lengths": args.lengths,
               "suites": args.suites, "models": args.models, "backend": args.backend, "device": args.device,
-              "corpus": D.corpus_fingerprint()[SPLIT], "torch": torch.__version__}
-    report.update(run(models, args.suites, args.lengths, args.rows, args.tokens_per_batch))
+              "corpus": D.corpus_fingerprint()[SPLIT], "torch": torch.__version__, "rival_pull": args.rival_pull}
+
+    def partial(cells):  # the cells done so far, rewritten after each one; the full report replaces it at the end
+        Path(args.out).write_text(json.dumps({**report, "cells": cells, "partial": True}, indent=1) + "\n")
+
+    report.update(run(models, args.suites, args.lengths, args.rows, args.tokens_per_batch, args.rival_pull, partial))
     for n, o in report["overall"].items():
         print(f"overall {n} vs {args.models[0]}: mean NLL diff {o['nll_diff']:+.4f} over {o['cells']} cells; "
               f"rows with lower NLL {o['b_lower_nll']} vs {o['a_lower_nll']}; exact only {o['only_b_exact']} vs "

@@ -97,3 +97,81 @@ def test_bad_arguments(tmp_path):
         P.main(["--models", "tiny", "tiny", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit):
         P.main(["--models", "tiny", "--rows", "0", "--out", str(tmp_path / "x.json")])
+
+
+# --------------------------------------------------------------------------- rival pull (session 11's name loss)
+ANSWER, RIVAL_B, RIVAL_C = 65, 66, 67  # first bytes: the answer's "A", rivals "B…" and "C…"
+
+
+def _rival_row() -> D.Example:
+    """A hand-built row: the answer "A.." at 15-18, its statement's value at 3-6 (evidence, also listed among the
+    rivals, as a quiz lists every value), rivals "B.." twice, a rival "A.." (the answer's first byte), a rival "C..",
+    and an empty range."""
+    ids = [1] + [32] * 19
+    for start, first in ((3, ANSWER), (6, RIVAL_B), (8, RIVAL_B), (10, ANSWER), (12, RIVAL_C), (15, ANSWER)):
+        ids[start] = first
+    return D.Example(ids=ids, answer=(15, 18), evidence=[(3, 6)], needs={14: [0], 15: [0], 16: [0]},
+                     task="fact_name", rivals=[(3, 6), (6, 8), (8, 10), (10, 12), (12, 14), (14, 14)])
+
+
+def _probs(mass: dict[int, float], vocab: int = 264) -> torch.Tensor:
+    rest = (1 - sum(mass.values())) / (vocab - len(mass))
+    p = torch.full((vocab,), rest, dtype=torch.float64)
+    for t, v in mass.items():
+        p[t] = v
+    return p
+
+
+def test_rival_pull_sums_distinct_rival_first_bytes_never_the_answers():
+    """B (two rivals) once, C once; never A: the answer's own byte, whether it comes from the evidence listed as a
+    rival or from a rival that starts like the answer."""
+    mass, n = P.rival_pull(_probs({ANSWER: 0.5, RIVAL_B: 0.2, RIVAL_C: 0.1}), _rival_row())
+    assert n == 2 and mass == pytest.approx(0.3)
+    mass, n = P.rival_pull(_probs({ANSWER: 0.97}), _rival_row())  # all mass on the answer: no pull
+    assert mass == pytest.approx(2 * 0.03 / 263)  # B and C hold the uniform rest
+
+
+class _PositionModel:
+    """Logits that differ by position: the answer's query (14) puts 0.2 on B and 0.1 on C, the answer's first
+    byte's own position (15) 0.6 on B, the position before (13) 0.7 on C."""
+    device = torch.device("cpu")
+
+    def __call__(self, ids):
+        rows = [_probs({RIVAL_B: 0.01})] * ids.shape[1]
+        rows[13] = _probs({RIVAL_C: 0.7})
+        rows[14] = _probs({ANSWER: 0.5, RIVAL_B: 0.2, RIVAL_C: 0.1})
+        rows[15] = _probs({RIVAL_B: 0.6})
+        return torch.stack(rows).log().float()[None].expand(ids.shape[0], -1, -1)
+
+
+def test_rival_pull_reads_the_query_before_the_answer():
+    got = P.score_rows(_PositionModel(), [_rival_row(), _rival_row()], rival=True)
+    assert [g["rival_bytes"] for g in got] == [2, 2]
+    assert [g["rival_pull"] for g in got] == [pytest.approx(0.3, abs=1e-5)] * 2
+    assert "rival_pull" not in P.score_rows(_PositionModel(), [_rival_row()])[0]  # only when asked
+
+
+def test_rival_pull_cell_mean_counts_rows_without_rivals():
+    rows = [{"nll": 1.0, "first_nll": 1.0, "exact": True, "rival_pull": 0.3, "rival_bytes": 2},
+            {"nll": 1.0, "first_nll": 1.0, "exact": True, "rival_pull": 0.0, "rival_bytes": 0}]
+    s = P.summary(rows)
+    assert s["rival_pull"] == pytest.approx(0.15) and s["rival_rows"] == 1
+    assert "rival_pull" not in P.summary([{k: v for k, v in r.items() if not k.startswith("rival")} for r in rows])
+
+
+def test_rival_pull_on_real_name_rows(one_thread):
+    """Train-split fact_name rows: rival bytes are first bytes of the row's other names, never the answer's; the
+    report carries the mean per model; a cell is written as soon as it is done."""
+    rows = [D.make_example("fact_name", 512, 900_000 + s, "train") for s in range(6)]
+    assert any(ex.rivals for ex in rows)
+    for ex in rows:
+        probs = torch.zeros(264, dtype=torch.float64)
+        probs[ex.ids[ex.answer[0]]] = 1.0
+        assert P.rival_pull(probs, ex)[0] == 0.0
+        probs = torch.ones(264, dtype=torch.float64)
+        assert P.rival_pull(probs, ex)[1] == len({ex.ids[a] for a, _ in ex.rivals} - {ex.ids[ex.answer[0]]})
+    seen = []
+    model = open_model("small", backend="torch")
+    out = P.run({"small": model}, ["fact_name"], [512], rows=2, rival=True, on_cell=lambda c: seen.append(c))
+    cell = out["cells"]["fact_name"]["512"]["models"]["small"]
+    assert 0.0 <= cell["rival_pull"] <= 1.0 and seen and "512" in seen[0]["fact_name"]
