@@ -74,9 +74,9 @@ def test_training_starts_from_the_fp16_export(tmp_path, one_thread):
 
 
 def test_compact_checkpoint_resumes(tmp_path, one_thread):
-    """pack -> unpack gives the weights, state and log exactly and the moments to bf16; train.train resumes from it
-    with the unpacked train_config.json and reaches the step a straight run reaches, with weights close to it;
-    without the moments file it resumes too (zero moments)."""
+    """pack -> unpack gives the weights, state and log exactly, the second moment to bf16 and the first at zero;
+    train.train resumes from it with the unpacked train_config.json and reaches the step a straight run reaches,
+    its weights within one update of it; without the moments file it resumes too (zero moments)."""
     cfg = _tiny_run(lr=1e-4, steps=3)
     straight = tmp_path / "straight"
     T.train(cfg, straight, backend="torch", progress=False, max_steps=2)
@@ -85,13 +85,15 @@ def test_compact_checkpoint_resumes(tmp_path, one_thread):
     files = CK.pack(first, tmp_path / "ck_A")
     assert [f.name for f in files] == ["ck_A_model.safetensors", "ck_A_moments.safetensors"]
     got = CK.unpack(tmp_path / "ck_A", tmp_path / "resumed")
-    assert got == {"step": 2, "moments": "bf16"}
+    assert got == {"step": 2, "moments": "second, bf16"}
+    assert files[0].stat().st_size > 1.9 * files[1].stat().st_size  # fp32 weights, one bf16 moment
     for name in ("model.safetensors",):
         a, b = load_file(str(first / name)), load_file(str(tmp_path / "resumed" / name))
         assert all(torch.equal(a[k], b[k]) for k in a)
-    for name in ("optimizer_exp_avg.safetensors", "optimizer_exp_avg_sq.safetensors"):
-        a, b = load_file(str(first / name)), load_file(str(tmp_path / "resumed" / name))
-        assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-2, atol=1e-12) for k in a)
+    a, b = (load_file(str(d / "optimizer_exp_avg_sq.safetensors")) for d in (first, tmp_path / "resumed"))
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-2, atol=1e-12) for k in a)
+    a, b = (load_file(str(d / "optimizer_exp_avg.safetensors")) for d in (first, tmp_path / "resumed"))
+    assert set(a) == set(b) and all(not b[k].any() for k in b) and any(a[k].any() for k in a)
     assert (first / "state.json").read_text() == (tmp_path / "resumed" / "state.json").read_text()
     assert (first / "log.jsonl").read_text() == (tmp_path / "resumed" / "log.jsonl").read_text()
     resumed_cfg = T.load_config(str(tmp_path / "resumed" / "train_config.json"))
@@ -100,7 +102,9 @@ def test_compact_checkpoint_resumes(tmp_path, one_thread):
     T.train(cfg, straight, backend="torch", progress=False)
     assert state["step"] == 3
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(tmp_path / "resumed" / "model.safetensors"))
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5  # one bf16-moment step of lr 1e-4
+    start = load_file(str(first / "model.safetensors"))
+    moved = max(float((a[k] - start[k]).abs().max()) for k in a)
+    assert 0 < max(float((a[k] - b[k]).abs().max()) for k in a) <= moved  # within the one update both made
     (tmp_path / "ck_A_moments.safetensors").unlink()
     assert CK.unpack(tmp_path / "ck_A", tmp_path / "zero") == {"step": 2, "moments": "zero"}
     assert T.train(resumed_cfg, tmp_path / "zero", backend="torch", progress=False)["step"] == 3

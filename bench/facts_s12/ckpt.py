@@ -8,14 +8,17 @@ working tree (28 MB) and the corpus (11 MB), so two arms' checkpoints cannot com
     python bench/facts_s12/ckpt.py unpack PREFIX CKPT   # -> a checkpoint train.train resumes
     python bench/facts_s12/ckpt.py config CKPT OUT      # the run's own (planned) TrainConfig as JSON
 
-``pack``: PREFIX_model.safetensors holds the weights in fp32 with state.json and log.jsonl in its metadata;
-PREFIX_moments.safetensors both AdamW moments in bf16 (keys ``exp_avg.<param>`` / ``exp_avg_sq.<param>``).
-``unpack``: the weights, the state (step, tokens, AdamW step counts, config) and the log come back exactly; the moments
-are upcast from bf16, or, where the moments file is absent (dropped to fit a carry), start at zero: AdamW then
-re-estimates them (β1 0.9 / β2 0.95 forget in tens of steps) while the step counts stay, so the first updates are
-smaller than usual, never larger. It also writes ``train_config.json`` into CKPT, the config the run was planned
-with: resume with ``--config CKPT/train_config.json``, since facts_gpu.py plans only a fresh run and `train.train`
-refuses a checkpoint made with another config.
+``pack``: PREFIX_model.safetensors (11.3 MB) holds the weights in fp32 with state.json and log.jsonl in its
+metadata; PREFIX_moments.safetensors (5.6 MB) AdamW's second moment in bf16 (keys ``exp_avg_sq.<param>``). The first
+moment is not kept: with it the files of one short arm, the other arm's export, the corpus and the tree (28 MB) come
+to 68 MB, over what may travel. ``unpack``: the weights, the state (step, tokens, AdamW step counts, config) and the
+log come back exactly; the second moment is upcast from bf16, the first starts at zero (β1 0.9: re-estimated within
+~10 steps); where the moments file is absent (both arms short: dropped to fit the carry) both start at zero (β2 0.95:
+~20-60 steps). The step counts stay, so the bias correction is off: the first updates are smaller than usual (a
+restarted first moment alone: never larger; both restarted: at most ~10 % larger for a few tens of steps). Weights,
+LR schedule and data order stay exact. It also writes ``train_config.json`` into CKPT, the config the run was
+planned with: resume with ``--config CKPT/train_config.json``, since facts_gpu.py plans only a fresh run and
+`train.train` refuses a checkpoint made with another config.
 """
 from __future__ import annotations
 
@@ -40,10 +43,8 @@ def pack(ckpt: str | Path, prefix: str | Path) -> list[Path]:
     meta = {"state": state, "log": log_path.read_text() if log_path.is_file() else ""}
     weights = load_file(str(ckpt / "model.safetensors"))
     save_file({k: v.float().contiguous() for k, v in weights.items()}, prefix + MODEL, metadata=meta)
-    moments = {}
-    for key in ("exp_avg", "exp_avg_sq"):
-        for name, v in load_file(str(ckpt / f"optimizer_{key}.safetensors")).items():
-            moments[f"{key}.{name}"] = v.to(torch.bfloat16).contiguous()
+    moments = {f"exp_avg_sq.{name}": v.to(torch.bfloat16).contiguous()
+               for name, v in load_file(str(ckpt / "optimizer_exp_avg_sq.safetensors")).items()}
     save_file(moments, prefix + MOMENTS)
     return [Path(prefix + MODEL), Path(prefix + MOMENTS)]
 
@@ -56,23 +57,21 @@ def write_config(ckpt: str | Path, out: str | Path) -> Path:
 
 
 def unpack(prefix: str | Path, ckpt: str | Path) -> dict:
-    """Write a train.train checkpoint into `ckpt` from pack's files; returns {"step", "moments": "bf16" | "zero"}."""
+    """Write a train.train checkpoint into `ckpt` from pack's files; returns {"step", "moments": "second, bf16" |
+    "zero"}."""
     prefix, ckpt = str(prefix), Path(ckpt)
     ckpt.mkdir(parents=True, exist_ok=True)
     with safe_open(prefix + MODEL, framework="pt") as f:
         meta = f.metadata()
         weights = {k: f.get_tensor(k) for k in f.keys()}
     state = json.loads(meta["state"])
+    moments = {key: {n: torch.zeros_like(weights[n]) for n in state["adam_steps"]} for key in ("exp_avg", "exp_avg_sq")}
+    kind = "zero"
     moments_path = Path(prefix + MOMENTS)
     if moments_path.is_file():
         packed = load_file(str(moments_path))
-        moments = {key: {n: packed[f"{key}.{n}"].float().contiguous() for n in state["adam_steps"]}
-                   for key in ("exp_avg", "exp_avg_sq")}
-        kind = "bf16"
-    else:
-        moments = {key: {n: torch.zeros_like(weights[n]) for n in state["adam_steps"]}
-                   for key in ("exp_avg", "exp_avg_sq")}
-        kind = "zero"
+        moments["exp_avg_sq"] = {n: packed[f"exp_avg_sq.{n}"].float().contiguous() for n in state["adam_steps"]}
+        kind = "second, bf16"
     for name, obj in zip(FILES, (weights, moments["exp_avg"], moments["exp_avg_sq"])):
         save_file(obj, str(ckpt / name))
     (ckpt / "state.json").write_text(meta["state"])

@@ -12,7 +12,9 @@ train)
   tar xzf $F/train.tgz -C runs/s12_out/train || exit 1
   rm -f runs/s12/ck_*; cp $F/ck_* runs/s12/ 2>/dev/null
   for arm in A B; do W=runs/s12_out/train/$arm/weights
-    [ -f $W/model.safetensors ] && rm -rf runs/s12/$arm && cp -r $W runs/s12/$arm
+    if [ -f runs/s12/ck_${arm}_model.safetensors ]; then rm -rf runs/s12/$arm  # short: the resume call exports it
+    elif [ -f $W/model.safetensors ]; then rm -rf runs/s12/$arm && cp -r $W runs/s12/$arm
+    elif [ -f runs/s12/$arm/model.safetensors ]; then echo "arm $arm: kept from an earlier call"; continue; fi
     .venv/bin/python - $arm runs/s12_out/train/$arm/facts_eval.json <<'PY'
 import json, sys
 arm, path = sys.argv[1:]
@@ -25,7 +27,7 @@ print(f"arm {arm}: {t['step']} of {t['total_steps']} planned steps ({share:.1%})
       "taken as it stands" if share >= 0.9 else "SHORT (< 90 %): the next call is train.sh again (resume)")
 PY
   done
-  ls runs/s12/ck_* 2>/dev/null && echo "(both arms short: rm runs/s12/ck_*_moments.safetensors to fit the carry)" ;;
+  ls runs/s12/ck_* 2>/dev/null ;;
 eval)
   tar xzf $F/call2.tgz -C runs/s12_out/eval || exit 1
   rm -rf runs/s12/call2 && cp -r runs/s12_out/eval/call2 runs/s12/call2
@@ -40,5 +42,10 @@ TREE=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
 OTHER=$(git ls-files -z --others --exclude-standard | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)
 CARRY=$(du -cb .dev runs/corpus runs/s12 | tail -1 | cut -f1)
 TOTAL=$(( TREE + ${OTHER:-0} + CARRY ))
+if [ $TOTAL -gt 67108864 ] && ls runs/s12/ck_*_moments.safetensors >/dev/null 2>&1; then
+  echo "over 64 MiB ($TOTAL bytes): the moments files are dropped (the resume restarts AdamW's moments)"
+  rm -f runs/s12/ck_*_moments.safetensors; CARRY=$(du -cb .dev runs/corpus runs/s12 | tail -1 | cut -f1)
+  TOTAL=$(( TREE + ${OTHER:-0} + CARRY ))
+fi
 echo "would travel: tree $TREE + untracked ${OTHER:-0} + carry $CARRY = $TOTAL bytes of 67108864"
-[ $TOTAL -le 67108864 ] || echo "TOO LARGE: drop runs/s12/ck_*_moments.safetensors, or runs/s12_out from the tree"
+[ $TOTAL -le 67108864 ] || echo "TOO LARGE: carry less (runs/s12 holds only what the next call reads)"

@@ -3,7 +3,8 @@
 # autocast, 6 batch workers each), each under TL seconds of training after its plan (PLAN s, shares 0.5 / 0.5).
 # Resumable: an arm continues from /tmp/s12ck/<arm> (a warm machine: the call came within 30 s of the last) or from
 # runs/s12/ck_<arm>_model.safetensors (+ _moments, carried back from a cut call; bench/facts_s12/ckpt.py), else
-# starts from its config's init_from with a fresh plan. Checkpoints every 60 s.
+# starts from its config's init_from with a fresh plan; an arm whose export runs/s12/<arm> came with no checkpoint
+# (done in an earlier call) is skipped. Checkpoints every 60 s.
 # Back in $OUT: train.tgz (per arm log.txt, log.jsonl, planned config.json, facts_eval.json, the fp16 export in
 # weights/) and, for an arm short of its planned steps, ck_<arm>_model.safetensors + ck_<arm>_moments.safetensors.
 #   run: bash bench/facts_s12/scripts/train.sh      (env TL=400 PLAN=370 by default; timeout_s 600)
@@ -14,7 +15,10 @@ echo "4c60165bc14d28335cd03a612cd986eba2d37658af03a03a3e0a4bb413674884  bench/fa
   | sha256sum -c || exit 1
 [ -f runs/corpus/manifest.json ] || { echo "no runs/corpus: carry it"; exit 1; }
 for arm in A B; do
-  CK=/tmp/s12ck/$arm; mkdir -p $OUT/$arm
+  CK=/tmp/s12ck/$arm
+  if [ -f runs/s12/$arm/model.safetensors ] && [ ! -f runs/s12/ck_${arm}_model.safetensors ]; then
+    echo "$arm: trained in an earlier call (runs/s12/$arm): skipped"; continue; fi
+  mkdir -p $OUT/$arm
   if [ -f $CK/state.json ]; then echo "$arm: warm checkpoint"
   elif [ -f runs/s12/ck_${arm}_model.safetensors ]; then python3 bench/facts_s12/ckpt.py unpack runs/s12/ck_$arm $CK
   fi
@@ -32,9 +36,9 @@ for arm in A B; do
 done
 wait
 for arm in A B; do
-  CK=/tmp/s12ck/$arm; echo "== $arm"; grep -v Warn $OUT/$arm/log.txt | tail -3
+  CK=/tmp/s12ck/$arm; [ -d $OUT/$arm ] || continue; echo "== $arm"; grep -v Warn $OUT/$arm/log.txt | tail -3
   LEFT=$(python3 -c "import json,sys; s=json.load(open('$CK/state.json')); t=sum(x[1] for x in s['config']['stages'])
 print(s['step'], t, 'done' if s['step'] >= t else 'short')" 2>/dev/null); echo "$arm steps: ${LEFT:-no checkpoint}"
   case "$LEFT" in *short) python3 bench/facts_s12/ckpt.py pack $CK $OUT/ck_$arm ;; esac
 done
-cd $OUT && tar czf train.tgz A B && rm -rf A B; ls -la $OUT
+cd $OUT && tar czf train.tgz $(ls -d A B 2>/dev/null) && rm -rf A B; ls -la $OUT
