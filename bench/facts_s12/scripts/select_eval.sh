@@ -7,8 +7,8 @@
 #      beside it small's two 64K evaluation processes (they need no pick; the rest waits, so that the selection
 #      shares the GPU with 8 processes, not 11);
 #   2. the pick (rule.py pick) once every selection process has ended;
-#   3. as slots free, longest first: the pick's held-out evaluation (8 processes), small's other two, the real
-#      documents of both (facts_realdoc.py, word, 64 tries).
+#   3. as slots free, longest first: the pick's 64K cells (4 processes), both models' 32K (2 + 2) and 8K/16K cells
+#      (2 + 2), the real documents of both (facts_realdoc.py, word, 64 tries).
 # Cells END cuts are listed in missing.txt (call 3 runs them). Back in $OUT: call2.tgz (sel/, ev/, pick.json,
 # pick.txt, verdict.txt, missing.txt, jobs.txt).
 #   run: bash bench/facts_s12/scripts/select_eval.sh      (env END=560 SEL=240 ROWS=64; timeout_s 600)
@@ -49,12 +49,14 @@ ev cand_64a $CAND "fact_word fact_name" 65536
 ev cand_64b $CAND "fact_phrase fact_date" 65536
 ev cand_64c $CAND "fact_number fact_multi_key" 65536
 ev cand_64d $CAND "fact_hop niah" 65536
-ev small_32 small "fact_word fact_name fact_phrase fact_date fact_number fact_multi_key fact_hop niah" 32768
-ev small_lo small "fact_word fact_name fact_phrase fact_date fact_number fact_multi_key fact_hop niah" "8192 16384"
-ev cand_32a $CAND "fact_word fact_name fact_phrase fact_date" 32768
-ev cand_32b $CAND "fact_number fact_multi_key fact_hop niah" 32768
-ev cand_lo_a $CAND "fact_word fact_name fact_phrase fact_date" "8192 16384"
-ev cand_lo_b $CAND "fact_number fact_multi_key fact_hop niah" "8192 16384"
+for M in cand small; do MP=$CAND; [ $M = small ] && MP=small
+  ev ${M}_32a $MP "fact_word fact_name fact_phrase fact_date" 32768
+  ev ${M}_32b $MP "fact_number fact_multi_key fact_hop niah" 32768
+done
+for M in cand small; do MP=$CAND; [ $M = small ] && MP=small
+  ev ${M}_lo_a $MP "fact_word fact_name fact_phrase fact_date" "8192 16384"
+  ev ${M}_lo_b $MP "fact_number fact_multi_key fact_hop niah" "8192 16384"
+done
 realdoc cand $CAND
 realdoc small small
 wait
