@@ -24,6 +24,12 @@ this question". These tasks take that shortcut away:
 * ``fact_hop_quiz`` (training aid) is ``fact_quiz`` for ``fact_hop``'s chains: a grid of same-kind two-hop facts
   ("<owner>'s <thing> is called <Name>." and "<Name> is kept in <Place>."), every place asked in turn, each
   answer needing both of its hops, the other places being its rivals (``fact_hop`` is one question per row);
+* ``fact_hop_wide`` (training aid) is ``fact_hop_quiz`` asked in other words: each chain's question drawn from
+  `hop_wide_questions` (a place question that names the key but not the row's place verb, in many wh-forms:
+  "What place is <key> in?", "Where can <key> be found?"), not the verb-matched "where" question that every other
+  train hop row pairs with its place statements (issue 13 session 12: every train hop question says "where", and
+  the held-out "In which place does <key> stay?" is answered with the pointer name, as a name question; asked
+  "Where does <key> stay?" session 11's candidate answers a place instead — bench/BENCHMARKS.md);
 * ``fact_hop_steps`` (training aid) is ``fact_hop_quiz`` with the first hop asked as a question of its own: per
   chain, mostly "What is <owner>'s <thing> called?" (-> the pointer name) and then where it is kept (-> the
   place), sometimes the place alone;
@@ -61,7 +67,7 @@ from . import data as D
 KINDS = ("word", "name", "phrase", "date", "number")
 TASKS = tuple(f"fact_{k}" for k in KINDS) + ("fact_multi_key", "fact_hop")  # the evaluation suites
 AUX_TASKS = ("fact_list", "fact_needle", "fact_quiz", "fact_hop_quiz", "fact_hop_steps", "fact_phrase_quiz",
-             "fact_hop_named", "fact_name_keyed")  # training aids (make_fact builds them too)
+             "fact_hop_named", "fact_name_keyed", "fact_hop_wide")  # training aids (make_fact builds them too)
 EVAL_FRACTION = 0.2  # share of words and names (by hash) that only the "eval" split uses as values
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
@@ -336,6 +342,32 @@ def hop_phrasings(split: str) -> tuple[tuple[str, str], ...]:
                 for q_frame in _Q_FRAMES:
                     q = question.replace("{key}", key)
                     out.add((frame.replace("{verb}", verb), q_frame + q if q_frame else _sentence(q)))
+    return tuple(sorted(out))
+
+
+# Train-only place questions for `fact_hop_wide`: the key, no verb of the row's place statement (the verbs in them
+# are bare ones never paired with a statement of the row, and never the held-out "stay"), and wh-forms other than
+# the "where is/does …" that `_HOP_VERBS` ties to each statement verb.
+_HOP_WIDE_FORMS = ("where is {key}?", "where is {key} now?", "where can {key} be found?",
+                   "where would one find {key}?", "what place is {key} in?", "in what place is {key}?",
+                   "which spot is {key} in?", "at what place is {key}?", "in which town is {key}?",
+                   "what is the place of {key}?", "what spot holds {key}?", "name the place where {key} is.",
+                   "tell me where {key} is.", "say where {key} can be found.")
+_HOP_WIDE_VERB_FORMS = ("in what place does {key} {verb}?", "what place does {key} {verb} in?",
+                        "which town does {key} {verb} in?")
+_HOP_WIDE_VERBS = ("reside", "rest", "belong", "end up", "turn up", "wait")
+
+
+@functools.lru_cache(maxsize=None)
+def hop_wide_questions() -> tuple[str, ...]:
+    """Every `fact_hop_wide` question (sorted): `_HOP_WIDE_FORMS` and `_HOP_WIDE_VERB_FORMS` × `_HOP_WIDE_VERBS`,
+    each with every key form of `_KEY_FORMS` and question frame of `_Q_FRAMES`; {owner} and {thing} once each."""
+    forms = _HOP_WIDE_FORMS + tuple(f.replace("{verb}", v) for f in _HOP_WIDE_VERB_FORMS for v in _HOP_WIDE_VERBS)
+    out = set()
+    for form in forms:
+        for key in _KEY_FORMS:
+            q = form.replace("{key}", key)
+            out |= {frame + q if frame else _sentence(q) for frame in _Q_FRAMES}
     return tuple(sorted(out))
 
 
@@ -810,20 +842,25 @@ def _hop_chains(rng: random.Random, length: int, split: str, n: int, name_rivals
     return b, keys, near, phrasing, names, places, hops
 
 
-def fact_hop_quiz(length: int, seed: int, split: str = "train", n_facts: int = 3) -> D.Example:
+def fact_hop_quiz(length: int, seed: int, split: str = "train", n_facts: int = 3, wide: bool = False) -> D.Example:
     """`fact_quiz` for two-hop facts: `n_facts` chains whose keys come from a grid of owners × things of kind
     name, each "<owner>'s <thing> is called <Name>." (a statement of the split's bank) and "<Name> is kept in
     <Place>." (one `HOP` phrasing per row, as in `fact_hop`, so no question matches its place statement by
     wording), all at random depths; then every chain asked in turn ("Where is <owner>'s <thing> kept?"), the
     answer being its place. Evidence per chain: the pointer name in the naming statement, then the place; each
     place's bytes need both. Rivals: the places (for a query, every place but its own).
-    ``meta``: keys, middles (the pointer names), values (the places), order (asking order)."""
+    ``meta``: keys, middles (the pointer names), values (the places), order (asking order).
+    With `wide` (task ``fact_hop_wide``) the train split asks each chain with a question of `hop_wide_questions`
+    (after a question lead) instead of the row's verb-matched place question; the eval split is unchanged."""
     _check_n_facts(n_facts)
-    task = "fact_hop_quiz"
+    task = "fact_hop_wide" if wide else "fact_hop_quiz"
     rng = D._rng(task, length, seed, split, n_facts)
     b, keys, near, (_, question), names, places, needs = _hop_chains(rng, length, split, n_facts, name_rivals=False)
     order = rng.sample(range(n_facts), n_facts)
-    questions = [_question(rng, split, "name", *keys[i], template=question) for i in order]
+    if wide and split == "train":
+        questions = [_ask(rng.choice(QUESTION_LEADS), rng.choice(hop_wide_questions()), *keys[i]) for i in order]
+    else:
+        questions = [_question(rng, split, "name", *keys[i], template=question) for i in order]
     answer, need, prompts = _in_turn(questions, [places[i] for i in order], [needs[i] for i in order])
     return b.build(questions[0], answer, lambda j: need[j], task,
                    {"keys": keys, "middles": names, "values": places, "order": order, "value": answer,
@@ -954,6 +991,9 @@ def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Exam
                                    n.randint(1, max(1, min(7, room - 1))))
     if task == "fact_hop_quiz":  # two statements per chain: half as many chains as quiz facts
         return _fewer_if_too_short(lambda d: fact_hop_quiz(length, seed, split, n_facts=d + 1),
+                                   n.randint(1, max(1, min(5, room // 2))))
+    if task == "fact_hop_wide":  # the hop quiz's chains, asked in other words
+        return _fewer_if_too_short(lambda d: fact_hop_quiz(length, seed, split, n_facts=d + 1, wide=True),
                                    n.randint(1, max(1, min(5, room // 2))))
     if task == "fact_hop_steps":  # two statements per chain and up to two answers: fewer chains than the hop quiz
         most = n.randint(0, max(0, min(4, room // 3)))

@@ -88,6 +88,10 @@ class TrainConfig:
     probe_rows: int = 8  # held-out NIAH rows per probe
     corpus: str | None = None  # filler text: a folder built by `python -m superlinear_lab.corpus` (None: Python docs)
     init_from: str | None = None  # start from these weights (a shipped model name or a model folder), not at random
+    # Tasks whose chained evidence is routed in order (`pair_ranks`): a query's k-th needed range (a chain's pointer
+    # first, then its place) is supervised only in the k-th routed attention layer and later ones, so the first
+    # routed layer is asked for the first hop alone. Empty: every layer is supervised on every range (as before).
+    route_in_order: list = field(default_factory=list)
 
     @property
     def total_steps(self) -> int:
@@ -144,16 +148,31 @@ def rival_ranges(examples: list[D.Example]) -> tuple[torch.Tensor, torch.Tensor]
     return out[0], out[1]
 
 
-def _stripe_targets(span: SpanConfig, pairs, l_kv: int, rivals=None):
+def pair_ranks(examples: list[D.Example], tasks) -> torch.Tensor:
+    """int64 [P], aligned with `evaluate.evidence_pairs(examples)`: for an example whose task is in `tasks`, each
+    pair's position in its query's `needs` list (the chain tasks list a chain's pointer first, then its place:
+    0 for the first hop, 1 for the second), else 0. `routing_loss` supervises a pair of rank k only in the k-th
+    routed layer and later ones (`TrainConfig.route_in_order`)."""
+    out = []
+    for ex in examples:
+        for q in ex.queries:
+            n = len(ex.needs[q])
+            out += list(range(n)) if ex.task in tasks else [0] * n
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def _stripe_targets(span: SpanConfig, pairs, l_kv: int, rivals=None, ranks=None):
     """The candidate stripes of each (query, evidence) pair that training can supervise: pairs whose evidence lies
     before the window (reachable only through a span) and that have a stripe whose span holds all of it.
 
     Returns (row [P'], query [P'], anchor [P', S], candidate [P', S], target [P', S]: the stripe's span holds the
-    evidence, rival [P', S] or None: a candidate that is no target and whose span holds a whole rival range)."""
+    evidence, rival [P', S] or None: a candidate that is no target and whose span holds a whole rival range,
+    rank [P'] or None: `ranks` [P] of the pairs kept)."""
     row, query, es, ee = pairs
     window_lo = window_bounds(span, query)[0]  # -1 where there is no window
     keep = (window_lo < 0) | (es < window_lo)  # evidence reachable only through a span
     row, query, es, ee = row[keep], query[keep], es[keep], ee[keep]
+    ranks = None if ranks is None else ranks.to(keep.device)[keep]
     if row.numel() == 0:
         return None
     dev = query.device
@@ -173,7 +192,7 @@ def _stripe_targets(span: SpanConfig, pairs, l_kv: int, rivals=None):
     if not has_target.any():
         return None
     pick = lambda t: None if t is None else t[has_target]  # noqa: E731
-    return pick(row), pick(query), pick(anchor), pick(candidate), pick(target), pick(rival)
+    return pick(row), pick(query), pick(anchor), pick(candidate), pick(target), pick(rival), pick(ranks)
 
 
 def _stripe_scores(records: dict, row, query, anchor, candidate):
@@ -189,7 +208,7 @@ def _stripe_scores(records: dict, row, query, anchor, candidate):
         yield scores.masked_fill(~candidate[:, None, :], float("-inf"))
 
 
-def routing_loss(records: dict, span: SpanConfig, pairs, rivals=None) -> tuple[torch.Tensor, torch.Tensor]:
+def routing_loss(records: dict, span: SpanConfig, pairs, rivals=None, ranks=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Supervised stripe loss (module docstring) over every recorded layer, query head and evidence pair, and the
     rival contrast: −log of the mass on the evidence's stripes within (evidence's stripes ∪ rivals' stripes), over
     the pairs that have a rival stripe (a stripe holding another same-kind value but not the evidence).
@@ -198,23 +217,33 @@ def routing_loss(records: dict, span: SpanConfig, pairs, rivals=None) -> tuple[t
         records: {layer: (positions [L], routing, q1 [B, H_Q, L, D], k [B, H_KV, L, D])} from `capture_routing`.
         pairs: (row, query, ev_start, ev_end) int64 [P] from `evidence_pairs`.
         rivals: (rival_start, rival_end) [B, R] from `rival_ranges`, or None.
-    Returns (stripe loss, rival contrast): scalars, 0 where nothing applies (e.g. evidence in the window).
+        ranks: int64 [P] from `pair_ranks`, or None: a pair of rank k counts only in the routed layers of rank
+            ≥ k (layers ranked 0, 1, … in index order); None = every pair in every layer.
+    Returns (stripe loss, rival contrast): scalars, 0 where nothing applies (e.g. evidence in the window). Each
+    layer's terms are means over its pairs and heads; the two scalars are their sums over layers / layer count.
     """
     first = next(iter(records.values()))
     zero = first[2].sum() * 0
     dev = first[2].device
-    picked = _stripe_targets(span, tuple(t.to(dev) for t in pairs), first[3].shape[2], rivals)
+    picked = _stripe_targets(span, tuple(t.to(dev) for t in pairs), first[3].shape[2], rivals, ranks)
     if picked is None:
         return zero, zero
-    row, query, anchor, candidate, target, rival = picked
+    row, query, anchor, candidate, target, rival, rank = picked
     contrasted = rival.any(1) if rival is not None else None
+    layer_rank = {layer: r for r, layer in enumerate(sorted(records))}
     total, contrast = zero, zero
-    for scores in _stripe_scores(records, row, query, anchor, candidate):
+    for layer, scores in zip(records, _stripe_scores(records, row, query, anchor, candidate)):
+        use = None if rank is None else rank <= layer_rank[layer]  # [P'] pairs this layer is asked to reach
+        if use is not None and not use.any():
+            continue
         good = scores.masked_fill(~target[:, None, :], float("-inf"))
-        total = total + (torch.logsumexp(scores, -1) - torch.logsumexp(good, -1)).mean()
-        if contrasted is not None and contrasted.any():
-            both = scores.masked_fill(~(target | rival)[:, None, :], float("-inf"))
-            contrast = contrast + (torch.logsumexp(both, -1) - torch.logsumexp(good, -1))[contrasted].mean()
+        term = torch.logsumexp(scores, -1) - torch.logsumexp(good, -1)  # [P', H]
+        total = total + (term if use is None else term[use]).mean()
+        if contrasted is not None:
+            on = contrasted if use is None else contrasted & use
+            if on.any():
+                both = scores.masked_fill(~(target | rival)[:, None, :], float("-inf"))
+                contrast = contrast + (torch.logsumexp(both, -1) - torch.logsumexp(good, -1))[on].mean()
     return total / len(records), contrast / len(records)
 
 
@@ -223,6 +252,7 @@ def step_loss(model: HybridLM, cfg: TrainConfig, examples: list[D.Example], devi
     ids, ans_mask, first_mask = loss_weights(examples, device)
     pairs = evidence_pairs(examples)
     rivals = rival_ranges(examples)  # the contrast is logged at w_rival = 0 too
+    ranks = pair_ranks(examples, set(cfg.route_in_order)) if cfg.route_in_order else None
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         with capture_routing(model) as records:
             logits = model(ids)
@@ -231,7 +261,7 @@ def step_loss(model: HybridLM, cfg: TrainConfig, examples: list[D.Example], devi
         n_ans = ans_mask.sum()
         ans = (ce * ans_mask).sum() / n_ans.clamp_min(1)
         first = (ce * first_mask).sum() / first_mask.sum().clamp_min(1)
-        route, rival = routing_loss(records, model.cfg.span, pairs, rivals) \
+        route, rival = routing_loss(records, model.cfg.span, pairs, rivals, ranks) \
             if (cfg.w_route > 0 or cfg.w_rival > 0) and pairs[0].numel() else (lm * 0, lm * 0)
     loss = cfg.w_lm * lm + cfg.w_answer * ans + cfg.w_first * first + cfg.w_route * route + cfg.w_rival * rival
     with torch.no_grad():

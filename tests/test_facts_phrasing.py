@@ -236,9 +236,9 @@ def test_train_fact_rows_plant_about_half_inline_and_keep_evidence_exact(monkeyp
             for split in D.SPLITS:
                 ex = D.make_example(task, 1024, seed, split)
                 if task in ("fact_quiz", "fact_list", "fact_hop_quiz", "fact_hop_steps", "fact_phrase_quiz",
-                            "fact_hop_named", "fact_name_keyed"):
+                            "fact_hop_named", "fact_name_keyed", "fact_hop_wide"):
                     values = ex.meta["words"] if task == "fact_list" else ex.meta["values"]
-                    if task in ("fact_hop_quiz", "fact_hop_steps", "fact_hop_named"):
+                    if task in ("fact_hop_quiz", "fact_hop_steps", "fact_hop_named", "fact_hop_wide"):
                         values = [v for pair in zip(ex.meta["middles"], values) for v in pair]
                 else:
                     values = [ex.meta["middle"], ex.meta["value"]] if task == "fact_hop" else [ex.meta["value"]]
