@@ -5,6 +5,8 @@ with a round trip of trace deltas, serialises 2-D numpy arrays as nested lists (
 warning) and re-sends unchanged heavy traces. Here:
 
 * plotly.js travels once per kernel session, in one shared `_PlotlyLib` model that every pane references;
+* what the kernel sends a pane travels over the shared channel of `_channel.ChannelPane` (anywidget drops the
+  messages of a model whose set-up took a busy page more than 2 s; the module docstring there says more);
 * the figure travels as JSON with numpy arrays base64-encoded (plotly.js typed-array spec, NaN-safe);
 * on every `show(fig)` the pane compares each trace and each top-level layout key with what it sent last
   (Python side, by their serialised text — or a trace by `uid` alone when a view sets one, without
@@ -24,16 +26,18 @@ import logging
 from types import SimpleNamespace
 from typing import Callable
 
-import anywidget
+import ipywidgets
 import plotly.graph_objects as go
 import traitlets
 from _plotly_utils.utils import convert_to_base64
 from ipywidgets import widget_serialization
 from plotly.io.json import to_json_plotly
 
+from ._channel import CHANNEL_JS, ChannelPane
+
 log = logging.getLogger(__name__)
 
-_JS = r"""
+_JS = CHANNEL_JS + r"""
 async function plotlyOf(model) {
   if (globalThis.Plotly) return globalThis.Plotly;
   if (!globalThis.__slPlotly) {
@@ -54,6 +58,7 @@ function render({ model, el }) {
   el.appendChild(box);
   let data = null, layout = null, queue = Promise.resolve(), alive = true;
   const config = {displaylogo: false, responsive: true};
+  let clickMode = model.get("click_mode");  // kept up to date by "mode" messages (trait updates may be lost)
   const draw = (Plotly) => Plotly.react(box, data.slice(), layout, config);
   const trace = (what) => {  // a short event log for debugging in the browser console
     const ev = (globalThis.__slPaneEvents = globalThis.__slPaneEvents || []);
@@ -64,6 +69,7 @@ function render({ model, el }) {
   const onMsg = (msg) => {
     const received = performance.now();
     trace("msg " + msg.type);
+    if (msg.type === "mode") { clickMode = msg.mode; return; }
     queue = queue.then(async () => {
       if (!alive) return;
       const Plotly = await plotlyOf(model);
@@ -75,13 +81,13 @@ function render({ model, el }) {
           box.__slWired = true;
           box.on("plotly_click", (ev) => {
             const p = ev.points && ev.points[0];
-            if (!p || model.get("click_mode") !== "points") return;
+            if (!p || clickMode !== "points") return;
             model.send({type: "click", curve: p.curveNumber, x: p.x, y: p.y, point: p.pointNumber ?? null});
           });
           // "area" mode: any press inside a subplot is a pick, in data coordinates (also on empty cells of a
           // heatmap), sent at once; plotly never sees the press (its zoom drag would first cost tens of ms of
           // work in a large page, then its click handling as much again): zoom with the modebar's buttons
-          const area = (ev) => model.get("click_mode") === "area" && ev.button === 0 && ev.target.closest
+          const area = (ev) => clickMode === "area" && ev.button === 0 && ev.target.closest
             && ev.target.closest(".nsewdrag");
           box.addEventListener("mousedown", (ev) => { if (area(ev)) ev.stopPropagation(); }, true);
           box.addEventListener("pointerdown", (ev) => {
@@ -127,8 +133,9 @@ function render({ model, el }) {
       if (log.length > 200) log.splice(0, log.length - 200);
     }).catch((err) => console.error("superlinear-lab pane:", err));
   };
-  model.on("msg:custom", onMsg);
-  // ask for the figure; ask again while none came (a request sent while the kernel is busy can be dropped)
+  // listen, then ask for the figure; ask again while none came (a request sent while the kernel is busy can be
+  // dropped)
+  const stop = listen(model, onMsg);
   let tries = 0;
   const ask = () => {
     if (!alive || data !== null || tries++ > 20) return;
@@ -136,8 +143,11 @@ function render({ model, el }) {
     trace("sync sent");
     setTimeout(ask, 2000);
   };
-  ask();
-  return () => { trace("disposed"); alive = false; model.off("msg:custom", onMsg); if (globalThis.Plotly) globalThis.Plotly.purge(box); };
+  stop.then(ask, (err) => { trace("no channel: " + err); console.error("superlinear-lab pane: no channel:", err); });
+  return () => {
+    trace("disposed"); alive = false; stop.then((off) => off());
+    if (globalThis.Plotly) globalThis.Plotly.purge(box);
+  };
 }
 export default { render };
 """
@@ -149,10 +159,10 @@ _CSS = """.sl-pane { width: 100%; } .sl-pane .modebar-container { opacity: 0.6; 
 """
 
 
-class _PlotlyLib(anywidget.AnyWidget):
-    """Holds plotly.js (inlined from the installed plotly package, no CDN) for every pane of the session."""
+class _PlotlyLib(ipywidgets.Widget):
+    """Holds plotly.js (inlined from the installed plotly package, no CDN) for every pane of the session (a plain
+    widget model in the browser: its state arrives with it, nothing else is ever sent)."""
 
-    _esm = "export default {};"
     source = traitlets.Unicode("").tag(sync=True)
 
 
@@ -187,7 +197,7 @@ class _TraceHandle:
         callbacks.append(callback)
 
 
-class FigurePane(anywidget.AnyWidget):
+class FigurePane(ChannelPane):
     """One plotly figure in the browser, updated by patches (see the module docstring).
 
     `show(fig) -> bool` sends what changed since the last call (True when the trace structure changed and
@@ -255,6 +265,11 @@ class FigurePane(anywidget.AnyWidget):
                 len(k) + len(v or "") for k, v in layout_changed.items())
             self.send(msg)
         return replace
+
+    @traitlets.observe("click_mode")
+    def _click_mode_changed(self, change) -> None:
+        if getattr(self, "_synced", False):  # a view shows the pane: tell it on the channel (see the module docstring)
+            self.send(dict(type="mode", mode=change["new"]))
 
     def request_image(self, callback: Callable[[], None]) -> bool:
         """Ask the browser for a PNG of the figure as drawn now; `callback()` runs once it arrived (`image`,

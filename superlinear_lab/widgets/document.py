@@ -18,12 +18,12 @@ from __future__ import annotations
 import html
 from typing import Callable
 
-import anywidget
 import numpy as np
 import traitlets
 
 from ._aggregate import display_token, raw_token
 from ._base import ViewError
+from ._channel import CHANNEL_JS, ChannelPane
 
 # Highlight colours (the views' colours: window blue, chosen span orange, evidence green, the query dark).
 _STYLE = {
@@ -115,20 +115,29 @@ class Document:
                 f"click a token to pick it as the query</div><div class='sl-doc-text'>{''.join(parts)}</div>")
 
 
-_JS = r"""
+_JS = CHANNEL_JS + r"""
 function render({ model, el }) {
   const box = document.createElement("div");
   box.className = "sl-document";
   el.appendChild(box);
-  const draw = () => { box.innerHTML = model.get("html"); };
+  box.innerHTML = model.get("html");  // as built; the kernel sends the current HTML when asked (below)
+  let current = false;
   box.addEventListener("click", (ev) => {
     const t = ev.target.closest("i"), ex = t && t.parentElement;
     if (!ex || !ex.classList.contains("sl-ex")) return;
     model.send({type: "pick", pos: Number(ex.dataset.start) + Array.prototype.indexOf.call(ex.children, t)});
   });
-  model.on("change:html", draw);
-  draw();
-  return () => model.off("change:html", draw);
+  const stop = listen(model, (msg) => {
+    if (msg.type === "html") { box.innerHTML = msg.html; current = true; }
+  });
+  let tries = 0;
+  const ask = () => {  // ask for the current HTML until it came (a request sent while the kernel is busy can be dropped)
+    if (current || tries++ > 20) return;
+    model.send({type: "sync"});
+    setTimeout(ask, 2000);
+  };
+  stop.then(ask);
+  return () => { current = true; stop.then((off) => off()); };
 }
 export default { render };
 """
@@ -141,29 +150,42 @@ _CSS = """.sl-document { font-family: ui-monospace, monospace; font-size: 12px; 
 """ + "\n".join(f".sl-document i.{c} {{ {_STYLE[k]}; }}" for k, c in _CLASS.items())
 
 
-class DocumentPane(anywidget.AnyWidget):
-    """The document pane widget: shows `Document.render(...)` HTML; a click on a token calls `on_pick(pos)`."""
+class DocumentPane(ChannelPane):
+    """The document pane widget: shows `Document.render(...)` HTML; a click on a token calls `on_pick(pos)`.
+
+    `html` (the HTML shown) travels with the pane when it is first displayed; later changes are sent over the
+    shared channel (`_channel`), and a view that renders asks for the current HTML."""
 
     _esm = _JS
     _css = _CSS
-    html = traitlets.Unicode("").tag(sync=True)
+    html = traitlets.Unicode("").tag(sync=True)  # as built (the browser's first picture); see `current_html`
 
     def __init__(self, document: Document, **kwargs):
         super().__init__(**kwargs)
         self.document = document
+        self.current_html = self.html  # what the views show once they have synchronised
+        self._synced = False  # a view asked for the HTML: changes go over the channel from now on
         self._pick: Callable[[int], None] | None = None
         self.on_msg(self._on_msg)
 
     def show(self, **highlights) -> None:
         """Redraw with `Document.render(**highlights)` (only sent when the HTML changed)."""
         text = self.document.render(**highlights)
-        if text != self.html:
-            self.html = text
+        if text != self.current_html:
+            self.current_html = text
+            if self._synced:
+                self.send({"type": "html", "html": text})
+            else:  # not shown yet: the first picture travels with the pane's state
+                self.html = text
 
     def on_pick(self, callback: Callable[[int], None]) -> None:
         """Call `callback(position)` when the user clicks a token."""
         self._pick = callback
 
     def _on_msg(self, _widget, content, _buffers) -> None:
-        if isinstance(content, dict) and content.get("type") == "pick" and self._pick is not None:
+        kind = content.get("type") if isinstance(content, dict) else None
+        if kind == "sync":
+            self._synced = True
+            self.send({"type": "html", "html": self.current_html})
+        elif kind == "pick" and self._pick is not None:
             self._pick(int(content["pos"]))
