@@ -221,6 +221,17 @@ def memory_trace(length: int) -> list[dict]:
     return rows
 
 
+def faster_than_defaults(rows: list[dict], margin: float = 0.01) -> dict | None:
+    """The fastest timed setting of `rows` (this script's JSON rows) whose backward beats the defaults' row
+    (setting {}) by more than `margin` (a fraction), or None (no defaults row, or nothing that fast)."""
+    timed = [r for r in rows if "backward_s" in r]
+    base = [r["backward_s"] for r in timed if not r["setting"]]
+    if not base:
+        return None
+    better = [r for r in timed if r["setting"] and r["backward_s"] < (1 - margin) * base[0]]
+    return min(better, key=lambda r: r["backward_s"])["setting"] if better else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=131072)
@@ -234,7 +245,13 @@ def main() -> None:
                         "the first run only)")
     parser.add_argument("--warm", type=int, default=0,
                         help="compile the candidates first in this many parallel processes (a short run each)")
+    parser.add_argument("--pick", metavar="JSON", help="only print the setting of an earlier run's JSON that beats the "
+                        "defaults by > 1 %% as MODULE.NAME=VALUE words for --set (nothing if none), and exit")
     args = parser.parse_args()
+    if args.pick:
+        best = faster_than_defaults(json.loads(Path(args.pick).read_text())["rows"])
+        print(" ".join(f"{k}={v}" for k, v in (best or {}).items()))
+        return
     picked = [i for i in range(len(CANDIDATES)) if args.only is None or i in args.only]
     if args.warm:
         import fwd_tune

@@ -93,6 +93,17 @@ def reps_for(length: int, reps: int) -> int:
     return reps if length <= 65536 else max(2, reps // 2) if length <= 131072 else 1
 
 
+def faster_variant(rows: list[dict], lengths=(131072, 262144)) -> str:
+    """'set' when the command-line variant's train steps, summed over `lengths`, beat the defaults' ('new'),
+    else 'new' (also when either lacks a length). `rows` are this script's JSON rows."""
+    times: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if r.get("length") in lengths and "ours_s" in r:
+            times.setdefault(r["variant"], {})[r["length"]] = r["ours_s"]
+    total = {v: sum(t.values()) for v, t in times.items() if len(t) == len(lengths)}
+    return "set" if "set" in total and "new" in total and total["set"] < total["new"] else "new"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536, 131072, 262144])
@@ -111,7 +122,12 @@ def main() -> None:
     parser.add_argument("--json", default="train_variants.json")
     parser.add_argument("--set", nargs="*", default=None, metavar="MODULE.NAME=VALUE",
                         help="one more variant, named 'set', from these backend constants (run after --variants)")
+    parser.add_argument("--faster", metavar="JSON", help="only print which of 'new' and 'set' of an earlier run's "
+                        "JSON was faster over 128K + 256K, and exit")
     args = parser.parse_args()
+    if args.faster:
+        print(faster_variant(json.loads(Path(args.faster).read_text())["rows"]))
+        return
     if args.set is not None:
         VARIANTS["set"] = bwd_tune.parse_settings(args.set)
         args.variants = [v for v in args.variants if v != "set"] + ["set"]

@@ -30,20 +30,7 @@ left=$(( 135 - SECONDS )); [ $left -gt 65 ] && left=65
 step "phase 2 bwd_tune 128K" $?
 grep -E "backward|error|_span_bwd_kv|_window_bwd_kv|_span_bwd_dq|_window_bwd_dq|_search_bwd" $R/p2_bwd_tune.txt | tail -70
 
-PICK=$(python3 - "$R/bwd_tune_C.json" <<'PYEOF'
-import json, sys
-try:
-    rows = [r for r in json.load(open(sys.argv[1]))["rows"] if "backward_s" in r]
-except Exception:
-    rows = []
-base = [r["backward_s"] for r in rows if not r["setting"]]
-if not base:
-    print("")
-    raise SystemExit
-best = sorted((r for r in rows if r["setting"] and r["backward_s"] < 0.99 * base[0]), key=lambda r: r["backward_s"])
-print(" ".join(f"{k}={v}" for k, v in best[0]["setting"].items()) if best else "")
-PYEOF
-)
+PICK=$(python3 bench/bwd_tune.py --pick "$R/bwd_tune_C.json" 2>/dev/null)  # faster than the defaults by > 1 %
 echo "phase 3 candidate: ${PICK:-none (defaults only)}"
 left=$(( 210 - SECONDS )); [ $left -gt 75 ] && left=75
 if [ -n "$PICK" ]; then SETARG="--set $PICK"; else SETARG=""; fi
@@ -52,20 +39,9 @@ if [ -n "$PICK" ]; then SETARG="--set $PICK"; else SETARG=""; fi
 step "phase 3 train_variants new / ${PICK:-none}" $?
 grep -v "^  mem\|UserWarning\|_warn_once" $R/p3_train_variants.txt | tail -14
 
-SET1M=$(python3 - "$R/train_variants_C.json" "$PICK" <<'PYEOF'
-import json, sys
-try:
-    rows = json.load(open(sys.argv[1]))["rows"]
-except Exception:
-    rows = []
-t = {}
-for r in rows:
-    if r.get("length") in (131072, 262144) and "ours_s" in r and "again" not in r["variant"]:
-        t.setdefault(r["variant"], []).append(r["ours_s"])
-full = {v: sum(x) for v, x in t.items() if len(x) == 2}
-print(f"--set {sys.argv[2]}" if sys.argv[2] and "set" in full and "new" in full and full["set"] < full["new"] else "")
-PYEOF
-)
+SET1M=""
+[ -n "$PICK" ] && [ "$(python3 bench/train_variants.py --faster "$R/train_variants_C.json" 2>/dev/null)" = set ] \
+  && SET1M="--set $PICK"
 echo "1M with: ${SET1M:-defaults}"
 left=$(( 243 - SECONDS ))
 [ $left -gt 14 ] && timeout -k 1 $left python3 bench/speed.py --mode train --reps 1 --lengths 1048576 --dense-max 0 \
