@@ -28,15 +28,20 @@ class Channel(ipywidgets.Widget):
     """The shared plain widget (a base `WidgetModel` in the browser) that carries the panes' messages."""
 
 
-_CHANNEL: Channel | None = None
+_SHARED: dict[type, ipywidgets.Widget] = {}
+
+
+def shared(cls: type, make=None) -> ipywidgets.Widget:
+    """The kernel's one widget of class `cls` (`make()` builds it; default `cls()`), made again if it was closed."""
+    widget = _SHARED.get(cls)
+    if widget is None or getattr(widget, "comm", None) is None:
+        widget = _SHARED[cls] = (make or cls)()
+    return widget
 
 
 def channel() -> Channel:
     """The kernel's channel (made again if it was closed)."""
-    global _CHANNEL
-    if _CHANNEL is None or getattr(_CHANNEL, "comm", None) is None:
-        _CHANNEL = Channel()
-    return _CHANNEL
+    return shared(Channel)
 
 
 class ChannelPane(anywidget.AnyWidget):
@@ -53,15 +58,28 @@ class ChannelPane(anywidget.AnyWidget):
         self.channel.send({"key": self.key, "msg": content}, buffers)
 
 
-# Front-end half, prepended to each pane's `_esm`: `listen(model, onMsg)` calls `onMsg(content)` for every message
-# the kernel sends this pane and returns a function that stops listening.
+# Front-end half, prepended to each pane's `_esm`: `follow(model, onMsg, answered, onAsk)` calls `onMsg(content)` for
+# every message the kernel sends this pane, then asks for the pane's state (`{"type": "sync"}`) every 2 s until
+# `answered()` (at most 21 times: a request sent while the kernel is busy can be dropped); `onAsk(error)` is told of
+# each request (error null) or of a channel that could not be found. Returns a function that stops listening.
 CHANNEL_JS = r"""
-async function listen(model, onMsg) {
-  const ref = model.get("channel");
-  const channel = await model.widget_manager.get_model(ref.slice("IPY_MODEL_".length));
-  const key = model.get("key");
-  const handler = (content) => { if (content && content.key === key) onMsg(content.msg); };
-  channel.on("msg:custom", handler);
-  return () => channel.off("msg:custom", handler);
+function follow(model, onMsg, answered, onAsk = () => {}) {
+  const listening = (async () => {
+    const ref = model.get("channel");
+    const channel = await model.widget_manager.get_model(ref.slice("IPY_MODEL_".length));
+    const key = model.get("key");
+    const handler = (content) => { if (content && content.key === key) onMsg(content.msg); };
+    channel.on("msg:custom", handler);
+    return () => channel.off("msg:custom", handler);
+  })();
+  let tries = 0, stopped = false;
+  const ask = () => {
+    if (stopped || answered() || tries++ > 20) return;
+    model.send({type: "sync"});
+    onAsk(null);
+    setTimeout(ask, 2000);
+  };
+  listening.then(ask, (err) => { onAsk(err); console.error("superlinear-lab pane: no channel:", err); });
+  return () => { stopped = true; listening.then((off) => off(), () => {}); };
 }
 """

@@ -33,7 +33,7 @@ from _plotly_utils.utils import convert_to_base64
 from ipywidgets import widget_serialization
 from plotly.io.json import to_json_plotly
 
-from ._channel import CHANNEL_JS, ChannelPane
+from ._channel import CHANNEL_JS, ChannelPane, shared
 
 log = logging.getLogger(__name__)
 
@@ -133,19 +133,11 @@ function render({ model, el }) {
       if (log.length > 200) log.splice(0, log.length - 200);
     }).catch((err) => console.error("superlinear-lab pane:", err));
   };
-  // listen, then ask for the figure; ask again while none came (a request sent while the kernel is busy can be
-  // dropped)
-  const stop = listen(model, onMsg);
-  let tries = 0;
-  const ask = () => {
-    if (!alive || data !== null || tries++ > 20) return;
-    model.send({type: "sync"});
-    trace("sync sent");
-    setTimeout(ask, 2000);
-  };
-  stop.then(ask, (err) => { trace("no channel: " + err); console.error("superlinear-lab pane: no channel:", err); });
+  // listen on the channel, then ask for the figure until it came
+  const stop = follow(model, onMsg, () => !alive || data !== null,
+                      (err) => trace(err ? "no channel: " + err : "sync sent"));
   return () => {
-    trace("disposed"); alive = false; stop.then((off) => off());
+    trace("disposed"); alive = false; stop();
     if (globalThis.Plotly) globalThis.Plotly.purge(box);
   };
 }
@@ -166,16 +158,10 @@ class _PlotlyLib(ipywidgets.Widget):
     source = traitlets.Unicode("").tag(sync=True)
 
 
-_LIB: _PlotlyLib | None = None
-
-
 def _lib() -> _PlotlyLib:
-    global _LIB
-    if _LIB is None or getattr(_LIB, "comm", None) is None:
-        from plotly.offline import get_plotlyjs
+    from plotly.offline import get_plotlyjs
 
-        _LIB = _PlotlyLib(source=get_plotlyjs())
-    return _LIB
+    return shared(_PlotlyLib, lambda: _PlotlyLib(source=get_plotlyjs()))
 
 
 def _trace_json(trace) -> str:

@@ -127,17 +127,10 @@ function render({ model, el }) {
     if (!ex || !ex.classList.contains("sl-ex")) return;
     model.send({type: "pick", pos: Number(ex.dataset.start) + Array.prototype.indexOf.call(ex.children, t)});
   });
-  const stop = listen(model, (msg) => {
+  const stop = follow(model, (msg) => {
     if (msg.type === "html") { box.innerHTML = msg.html; current = true; }
-  });
-  let tries = 0;
-  const ask = () => {  // ask for the current HTML until it came (a request sent while the kernel is busy can be dropped)
-    if (current || tries++ > 20) return;
-    model.send({type: "sync"});
-    setTimeout(ask, 2000);
-  };
-  stop.then(ask);
-  return () => { current = true; stop.then((off) => off()); };
+  }, () => current);  // listen on the channel, then ask for the current HTML until it came
+  return () => { current = true; stop(); };
 }
 export default { render };
 """
