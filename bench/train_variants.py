@@ -56,12 +56,14 @@ VARIANTS = {
     "s9-shipped": {"span.KV_LEAN": False, "span.KV_BLOCK_N": None, "span.KV_WARPS": None},
     # since window D every lean visit is masked by default (= "lean-64x4-masked"); window C's defaults:
     "lean-64x4-interior": {"span.KV_INTERIOR": True},
-    # session 11: span dK/dV with the L2 prefetch of the next tiles' reads, rotated runs, both
-    "l2-prefetch": {"span.KV_L2_PREFETCH": True},
-    "rotate": {"span.KV_ROTATE": 264},
-    "prefetch-rotate": {"span.KV_L2_PREFETCH": True, "span.KV_ROTATE": 264},
+    # session 11: span dK/dV in 64-key programs of 8 warps, 32-pair tiles. Its variants of the span dK/dV with the L2
+    # prefetch of the next tiles' reads and rotated runs are gone with those kernel paths (session 13, H200, backward
+    # alone at 128K: defaults 172.3 ms, prefetch 179.2, rotated 172.3; bench/bwd_tune.py's candidates 40-49)
     "span-64x8": {"span.KV_WARPS": 8},
     "tile-32": {"span.KV_TILE": 32},
+    # session 13: the window dK/dV's runs rotated by the device's SM count are the default (train step 128K 226.6 ->
+    # 222.9 ms, 256K 603.8 -> 591.0, measured with the span's rotation too); in order, as up to session 13:
+    "window-in-order": {"window.KV_ROTATE": 0},
 }
 
 

@@ -13,20 +13,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_backward_pick_needs_a_one_percent_win_over_the_defaults(tmp_path):
     tune = load_bench("bwd_tune")
     rows = [{"setting": {}, "backward_s": 1.000},
-            {"setting": {"span.KV_ROTATE": 264}, "backward_s": 0.995},  # 0.5 % faster: not enough
-            {"setting": {"span.KV_L2_PREFETCH": True}, "backward_s": 0.980},
+            {"setting": {"window.KV_ROTATE": 0}, "backward_s": 0.995},  # 0.5 % faster: not enough
+            {"setting": {"window.KV_ROTATE": 132}, "backward_s": 0.980},
             {"setting": {"span.KV_WARPS": 8}, "backward_s": 0.970},
             {"setting": {"span.KV_TILE": 32}, "error": "out of resources"},
-            {"setting": {"window.KV_ROTATE": 132}, "backward_s": 1.200}]
+            {"setting": {"span.DQ_WARPS": 8}, "backward_s": 1.200}]
     assert tune.faster_than_defaults(rows) == {"span.KV_WARPS": 8}
-    assert tune.faster_than_defaults(rows[:3]) == {"span.KV_L2_PREFETCH": True}
+    assert tune.faster_than_defaults(rows[:3]) == {"window.KV_ROTATE": 132}
     assert tune.faster_than_defaults(rows[:2]) is None
     assert tune.faster_than_defaults(rows[1:]) is None  # no defaults row: nothing to beat
     path = tmp_path / "bwd.json"
     path.write_text(json.dumps({"rows": rows[:3]}))
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "bwd_tune.py"), "--pick", str(path)],
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["span.KV_L2_PREFETCH=True"]  # words for --set
+    assert out == ["window.KV_ROTATE=132"]  # words for --set
 
 
 def test_faster_variant_sums_128k_and_256k():

@@ -113,21 +113,17 @@ def test_non_contiguous_cache_positions():
     _compare(DEFAULT, 1, 4, 2, 5, 60, 16, torch.float32, positions=[3, 40, 41, 17, 59])
 
 
-@pytest.mark.parametrize("skip, sort, split, lean, span_block, nxt, rotate, prefetch", [
-    (True, False, False, False, None, False, 0, False), (False, False, False, False, None, False, 0, False),
-    (True, True, False, False, None, False, 0, False), (True, True, False, False, None, True, 0, False),
-    (True, True, False, True, None, True, 0, False), (True, True, False, False, 32, False, 0, False),
-    (True, True, False, True, 32, True, 0, False), (True, True, False, "masked", 32, True, 0, False),
-    (True, True, False, "masked", 32, True, 3, False), (True, True, False, True, None, False, 2, False),
-    (True, False, True, False, None, False, 0, False), (True, False, True, False, None, False, 3, False),
-    (True, False, False, False, None, False, 2, False), (True, True, False, "masked", 32, True, 0, True),
-    (True, True, False, "masked", 32, True, 3, True), (True, True, False, True, None, True, 2, True)],
+@pytest.mark.parametrize("skip, sort, split, lean, span_block, nxt, rotate", [
+    (True, False, False, False, None, False, 0), (False, False, False, False, None, False, 0),
+    (True, True, False, False, None, False, 0), (True, True, False, False, None, True, 0),
+    (True, True, False, True, None, True, 0), (True, True, False, False, 32, False, 0),
+    (True, True, False, True, 32, True, 0), (True, True, False, "masked", 32, True, 0),
+    (True, False, True, False, None, False, 0), (True, False, True, False, None, False, 3),
+    (True, False, False, False, None, False, 2)],
     ids=["skip", "masked", "sorted", "sorted-next", "sorted-lean-next", "sorted-span-block-32",
-         "sorted-lean-next-span-block-32", "sorted-lean-masked-next-span-block-32",
-         "sorted-lean-masked-next-rotate-span-block-32", "sorted-lean-rotate", "window-split", "window-split-rotate",
-         "skip-rotate", "sorted-lean-masked-next-prefetch-span-block-32",
-         "sorted-lean-masked-next-prefetch-rotate-span-block-32", "sorted-lean-next-prefetch-rotate"])
-def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, nxt, rotate, prefetch):
+         "sorted-lean-next-span-block-32", "sorted-lean-masked-next-span-block-32", "window-split",
+         "window-split-rotate", "skip-rotate"])
+def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, nxt, rotate):
     """The key-major dK/dV kernels with many small key blocks and pair tiles: a block meets many tiles, tiles end
     and start inside blocks, and queries come in no particular order (the window's position sort). `masked`:
     tiles that miss the block are computed under the masks instead of skipped; `sorted`: the span kernel reads
@@ -138,13 +134,10 @@ def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, 
     kernel's key blocks (`span.KV_BLOCK_N`) twice the window kernel's; `sorted-lean-next-span-block-32`: the lean
     visits with the next tile's range read ahead in key blocks of their own (as `span.KV_BLOCK_N = 64` with
     128-key window blocks); `sorted-lean-masked-...`: the same with every lean visit under the per-key mask
-    (`span.KV_INTERIOR = False`); `...-rotate-...`: each program visits its run of tiles from a rotated start
-    (`span.KV_ROTATE`; 3 or 2 programs assumed resident, so the runs start at many phases), with and without the next
-    tile's range read ahead (and the window kernel's runs of query trips, `window.KV_ROTATE`, masked only in
-    `skip-rotate`, split in `window-split-rotate`); `...-prefetch-...`: with the span loop's L2 prefetch bookkeeping
-    (`span.KV_L2_PREFETCH`: the next tile's rows read a trip ahead, its meet test, the later tiles' indices; the hints
-    themselves are compiled only), in order and rotated, masked and interior visits; `window-split`: the window kernel's
-    loop trips whose queries' windows all hold the key block run without the per-key mask (W = 24 or 26 over
+    (`span.KV_INTERIOR = False`); `...-rotate`: the window kernel visits its runs of query trips from a rotated start
+    (`window.KV_ROTATE`; 3 or 2 programs assumed resident, so the runs start at many phases; masked only in
+    `skip-rotate`, split in `window-split-rotate`; every other case sets 0, in order); `window-split`: the window
+    kernel's loop trips whose queries' windows all hold the key block run without the per-key mask (W = 24 or 26 over
     16-key blocks and 8-query trips: such trips exist, between masked ones, and rows starting inside or after a
     block must not use them; then 16 heads of one KV group, so a trip is one query and the run's ends are checked
     to the query)."""
@@ -156,12 +149,7 @@ def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, 
     monkeypatch.setattr(span, "KV_INTERIOR", lean != "masked")
     monkeypatch.setattr(span, "KV_BLOCK_N", span_block)
     monkeypatch.setattr(span, "KV_NEXT", nxt)
-    monkeypatch.setattr(span, "KV_ROTATE", rotate)
     monkeypatch.setattr(window, "KV_ROTATE", rotate)
-    monkeypatch.setattr(span, "KV_L2_PREFETCH", prefetch)
-    if prefetch:  # the interpreter runs the prefetch bookkeeping (one line per row), without the hints
-        x = torch.zeros(1, 1, 1, 16)
-        assert span.kv_prefetch_lines(x, x, True) == 1
     monkeypatch.setattr(window, "KV_SPLIT", split)
     monkeypatch.setattr(window, "KV_ROWS", 16)
     monkeypatch.setattr(window, "KV_BLOCK", 16)
@@ -172,6 +160,53 @@ def test_backward_small_tiles(monkeypatch, skip, sort, split, lean, span_block, 
     _compare(K3_FORWARD, 2, 4, 2, 40, 100, 16, torch.float32, starts=[0, 21], positions=order.tolist())
     if split:
         _compare(RELEASE_SMALL, 1, 16, 1, 64, 64, 16, torch.float32, starts=[5])
+
+
+def test_window_kv_rotate_follows_the_device(monkeypatch):
+    """`window.KV_ROTATE`'s default (None): the window dK/dV kernel's runs rotated for the SM count of the tensors'
+    CUDA device (`window.kv_rotate`, asked of the driver once per device: mocked here, no GPU), in order (0) in the
+    interpreter and off CUDA; a value set (0 included, as bench's --set window.KV_ROTATE=132) wins on any device.
+    And the launcher passes kv_rotate's value for its tensors' device to the kernel (a spy in the kernel's place)."""
+    from types import SimpleNamespace
+
+    from superlinear_kernels.triton import common, window
+
+    asked = []
+
+    def properties(index):
+        asked.append(index)
+        return SimpleNamespace(multi_processor_count={0: 132, 1: 78}[index])
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(common, "_SM_COUNT", {})
+    monkeypatch.setattr(common, "INTERPRET", False)
+    assert window.KV_ROTATE is None
+    cuda0, cuda1, cpu = torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cpu")
+    assert [window.kv_rotate(x) for x in (cuda0, cuda1, cuda0, cuda1)] == [132, 78, 132, 78]
+    assert asked == [0, 1]  # once per device
+    assert window.kv_rotate(cpu) == 0
+    monkeypatch.setattr(common, "INTERPRET", True)
+    assert window.kv_rotate(cuda0) == 0
+    for n in (0, 132, 7):
+        monkeypatch.setattr(window, "KV_ROTATE", n)
+        assert window.kv_rotate(cuda0) == window.kv_rotate(cpu) == n
+
+    launches = []
+
+    class Spy:  # `_window_bwd_kv_kernel[grid](...)`: records the launch instead of running it
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((args[5].numel(), kwargs["ROTATE"]))
+
+    monkeypatch.setattr(window, "_window_bwd_kv_kernel", Spy())
+    monkeypatch.setattr(window, "kv_rotate", lambda device: 5 if device == k.device else -1)
+    b, h_q, h_kv, l, d = 1, 4, 2, 300, 16
+    q2, do = torch.zeros(b, h_q, l, d), torch.zeros(b, h_q, l, d)
+    k, v = torch.zeros(b, h_kv, l, d), torch.zeros(b, h_kv, l, d)
+    lse, delta = torch.zeros(b, h_q, l), torch.zeros(b, h_q, l)
+    dk, dv = torch.zeros(b, h_kv, l, d), torch.zeros(b, h_kv, l, d)
+    window.window_backward_kv(q2, k, v, torch.arange(l), torch.zeros(b, dtype=torch.long), 15, do, lse, delta, dk, dv)
+    n_blocks = -(-l // window.KV_BLOCK)
+    assert launches == [(4 * n_blocks + 1, 5)]  # the runs [n_blocks, 4] and the period after them
 
 
 @pytest.mark.parametrize("split, fold", [(True, False), (False, False), (True, True), (False, True)],
@@ -562,41 +597,3 @@ def test_gpu_forward_tma(monkeypatch, block):
     k = random_inputs(2, 8, 2, 8, 2500, 64, dtype=torch.bfloat16, device=DEVICE)[2]
     assert common.tma_ok(k, k) and common.tma_descriptors(k, k, block, 64, True)[2]
     _compare(SpanConfig.release(), 2, 8, 2, 2500, 2500, 64, torch.bfloat16, starts=[0, 301], grads=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("d, tile", [(128, None), (64, None), (128, 16)], ids=["d128", "d64", "d128-tile16"])
-def test_gpu_backward_l2_prefetch_bit_identical(monkeypatch, d, tile):
-    """The span dK/dV loop's L2 prefetch (`span.KV_L2_PREFETCH`: hints only) changes no bit of its dK, dV (the kernel
-    has no atomics, so two runs are bit-comparable): bf16, 2 KV groups of 8 heads, spans of up to 700 keys over 3000,
-    some pairs empty; with and without it on the same inputs (rows of two 128-byte lines at D = 128, one at 64; 16-pair
-    tiles take the small-tile prefetch of the pair arrays); and the launcher really turns it on."""
-    from superlinear_kernels.triton import span
-
-    if tile:
-        monkeypatch.setattr(span, "KV_TILE", tile)
-    gen = torch.Generator().manual_seed(0)
-    b, h_q, h_kv, l, n = 1, 16, 2, 3000, 3
-    q2, do = (torch.randn(b, h_q, l, d, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
-    k, v = (torch.randn(b, h_kv, l, d, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
-    qend = torch.randint(0, l, (b, h_q, l, n), generator=gen, dtype=torch.int32)
-    qstart = (qend - torch.randint(0, 700, qend.shape, generator=gen, dtype=torch.int32)).clamp(min=0)
-    qstart.view(-1)[::11] = -1  # empty slots
-    qend = torch.where(qstart < 0, -1, qend).to(torch.int32)
-    gate = torch.rand(b, h_q, l, n, generator=gen)
-    lse = 6.0 + torch.rand(b, h_q, l, n, generator=gen)  # P = exp(q·k·scale − lse) stays small
-    delta = torch.randn(b, h_q, l, n, generator=gen)
-    qstart, qend, gate, lse, delta = (x.to(DEVICE) for x in (qstart, qend, gate, lse, delta))
-    assert span.kv_prefetch_lines(q2, do, True) == 0  # off by default
-    results = {}
-    for on in (False, True):
-        monkeypatch.setattr(span, "KV_L2_PREFETCH", on)
-        assert span.kv_prefetch_lines(q2, do, True) == (d * 2 // 128 if on else 0)
-        dk = torch.zeros(b, h_kv, l, d, device=DEVICE)
-        dv = torch.zeros_like(dk)
-        span.span_backward_kv(q2, k, v, qstart, qend, None, do, gate, lse, delta, dk, dv)
-        results[on] = (dk, dv)
-    assert results[False][1].abs().max() > 0
-    for name, off, on in zip(("dk", "dv"), results[False], results[True]):
-        assert torch.equal(off, on), f"{name}: differs with the L2 prefetch"

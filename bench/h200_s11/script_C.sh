@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
+# HISTORY: ran in session 13 (bench/s13/call1.sh, STOP_WITHOUT_PICK=1) with CANDS "0 40 41 42 43 44 45 46 47 48 49 18";
+# the span dK/dV switches of 40-42, 45, 46, 48, 49 were removed after it (bench/bwd_tune.py), so CANDS below is what is
+# left of that list (47 is now the H200's default; 50 is the window in order).
 # H2 window C, written in session 11 (not run: the session's device time was spent before window C), for the next
 # session (<= 245 s, ALONE on the GPU; after script_A.sh's correctness jobs): timings of the backward candidates against
 # HEAD's defaults in one process, then the train step of record (32K-256K) with the fastest against the defaults,
 # then 1M.
-# Candidates (bench/bwd_tune.py CANDIDATES): 0 defaults; 40 span.KV_L2_PREFETCH; 41 span.KV_ROTATE=264; 42 40+41;
-# 43 span.KV_WARPS=8; 44 span.KV_TILE=32; 45 44+40; 46 span.KV_ROTATE=132; 47 window.KV_ROTATE=132; 48 41+47;
-# 49 40+41+47; 18 span.DQ_WARPS=8 (span dQ without spills, bench/bwd_spills.py).
+# Candidates (bench/bwd_tune.py CANDIDATES): 0 defaults; 43 span.KV_WARPS=8; 44 span.KV_TILE=32;
+# 47 window.KV_ROTATE=132; 50 window.KV_ROTATE=0; 18 span.DQ_WARPS=8 (span dQ without spills, bench/bwd_spills.py).
 # Phase 1 (<= 70 s): compile every candidate's kernels at 16K in 6 parallel processes (Triton's disk cache).
 # Phase 2 (alone): backward alone at 128K, each candidate after its own forward, median of 3, per-kernel profile.
 # Phase 3 (alone): train step 32K/64K/128K/256K, dense in the same process: defaults ("new"), the fastest candidate of
@@ -19,7 +21,7 @@ step() { echo "== $1 rc=$2 at ${SECONDS}s"; }
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | grep -v '^??' | head -20
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
-CANDS="0 40 41 42 43 44 45 46 47 48 49 18"
+CANDS="0 43 44 47 50 18"
 timeout -k 2 70 python3 bench/bwd_tune.py --length 16384 --reps 1 --only $CANDS --warm 6 --json warm.json \
   > $R/p1_warm.txt 2>&1
 step "phase 1 (warm-up)" $?; grep -E "compiled|error" $R/p1_warm.txt | tail -4

@@ -75,6 +75,19 @@ def tma_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
                                                                      for st in x.stride()[:-1]) for x in (k, v))
 
 
+_SM_COUNT: dict = {}  # CUDA device index -> its SM count (`sm_count`)
+
+
+def sm_count(device) -> int:
+    """The streaming multiprocessors of a CUDA device, asked of the driver once per device and kept (launchers call
+    this on every step)."""
+    device = torch.device(device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
 class _DescriptorBase:
     """What a launch reads of a descriptor's base: the address and the element type (Triton's launcher encodes the
     TMA map from the base's data_ptr() and the descriptor's shape and strides at each launch). A cached descriptor

@@ -255,17 +255,15 @@ def _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse
 
 @triton.jit
 def _span_kv_lean_tile(q_ptr, row_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr, delta_ptr, kk, vv, dk, dv,
-                       cols, d, dmask, grp, tile, PG, D, scale, n_tiles, rows1, tile3, n_meet,
+                       cols, d, dmask, grp, tile, PG, D, scale,
                        BLOCK_P: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, EVEN_P: tl.constexpr,
-                       EVEN_D: tl.constexpr, PREFETCH: tl.constexpr = 0):
+                       EVEN_D: tl.constexpr):
     """`_span_kv_tile` on the lean pair arrays of `span_backward_kv` (KV_LEAN): in sorted order, with the gate in
     the lse and Δ, lse' = lse − ln g (+inf for a dead pair or g = 0) and Δ' = Δ/g (0 where g = 0), so that
     P' = exp(q·k·scale − lse') = g·P and dS = P'(dO·v − Δ') = P(g dO·v − Δ): the rows' dO is read unscaled and
     liveness needs no per-pair test (a dead pair's row is a real row; its P' is 0). P' with exp2. MASKED = False: the
     key block lies inside every live pair's span (no per-key mask, no span bounds read). EVEN_P: the group's pairs
-    fill whole tiles; EVEN_D: D is a power of two >= 16 (no lane mask). PREFETCH (`KV_L2_PREFETCH`): once this
-    tile's q/dO gathers are issued, the next trips' reads (the next tile's rows `rows1`, the pair arrays of tile3) are
-    asked of L2 (`_span_kv_l2_prefetch`)."""
+    fill whole tiles; EVEN_D: D is a power of two >= 16 (no lane mask)."""
     r = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     key = grp.to(tl.int64) * PG + r
     if EVEN_P:
@@ -284,9 +282,6 @@ def _span_kv_lean_tile(q_ptr, row_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr, d
     else:
         q = tl.load(q_ptr + off, mask=dmask[None, :], other=0.0)
         do = tl.load(do_ptr + off, mask=dmask[None, :], other=0.0)
-    if PREFETCH:
-        _span_kv_l2_prefetch(q_ptr, do_ptr, row_ptr, qstart_ptr, qend_ptr, blse_ptr, delta_ptr, grp, rows1, tile3,
-                             PG, D, n_tiles, n_meet, BLOCK_P, PREFETCH)
     if MASKED:
         if EVEN_P:
             qs = tl.load(qstart_ptr + key)
@@ -301,63 +296,6 @@ def _span_kv_lean_tile(q_ptr, row_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr, d
 
 
 @triton.jit
-def _run_tile(it, t_lo, t_hi, shift, ROTATE: tl.constexpr):
-    """The tile of loop position `it` in a run [t_lo, t_hi) visited from t_lo + shift on, wrapping around to t_lo
-    (0 <= shift < t_hi - t_lo; without ROTATE the run in order, tile = it)."""
-    if ROTATE:
-        tile = it + shift
-        return tl.where(tile >= t_hi, tile - (t_hi - t_lo), tile)
-    return it
-
-
-# Whether `_l2_prefetch` emits its PTX: not in Triton's interpreter, which has no inline assembly (there the prefetch
-# bookkeeping of KV_L2_PREFETCH runs, with the hints themselves left out: they change no value).
-_HINTS = tl.constexpr(not common.INTERPRET)
-
-
-@triton.jit
-def _l2_prefetch(ptr):
-    """Ask L2 for the 128-byte line of each address of `ptr` (PTX `prefetch.global.L2`, one per element and thread: a
-    hint, nothing is written and no register waits for it). Nothing in the interpreter (`_HINTS`)."""
-    if _HINTS:
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-
-@triton.jit
-def _span_kv_rows(row_ptr, grp, tile, PG, n_tiles, BLOCK_P: tl.constexpr):
-    """The q/dO row indices of a pair tile's lean pairs (sorted order), int64 [BLOCK_P]; a tile past the group's last
-    reads the last one's, a pair past the group's last the last pair's (used only as prefetch addresses)."""
-    r = tl.minimum(tile, n_tiles - 1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    return tl.load(row_ptr + grp.to(tl.int64) * PG + tl.minimum(r, PG - 1))
-
-
-@triton.jit
-def _span_kv_l2_prefetch(q_ptr, do_ptr, row_ptr, qstart_ptr, qend_ptr, blse_ptr, delta_ptr, grp, rows1, tile3, PG, D,
-                         n_tiles, n_meet, BLOCK_P: tl.constexpr, LINES: tl.constexpr):
-    """The span dK/dV loop's L2 prefetch: the q and dO rows `rows1` of the next trip's tile (LINES 128-byte lines per
-    row; the indices were read a trip earlier, `_span_kv_rows`) if that tile meets the program's key block
-    (`n_meet`), and the lean pair arrays (row, lse, Δ, qstart, qend) of tile3, three trips on, so that the row read
-    of the trip before it finds them in L2. A tile past the group's last is clamped to it (every address stays inside
-    the arrays)."""
-    base = grp.to(tl.int64) * PG
-    first3 = tl.minimum(tile3, n_tiles - 1) * BLOCK_P
-    if BLOCK_P >= 32:  # one address per 128-byte line: 16 int64, 32 fp32 / int32
-        _l2_prefetch(row_ptr + base + tl.minimum(first3 + tl.arange(0, BLOCK_P // 16) * 16, PG - 1))
-        line = base + tl.minimum(first3 + tl.arange(0, BLOCK_P // 32) * 32, PG - 1)
-        _l2_prefetch(blse_ptr + line)
-        _l2_prefetch(delta_ptr + line)
-        _l2_prefetch(qstart_ptr + line)
-        _l2_prefetch(qend_ptr + line)
-    else:  # small tiles (tests): every element's line
-        _l2_prefetch(row_ptr + base + tl.minimum(first3 + tl.arange(0, BLOCK_P), PG - 1))
-    if n_meet:
-        off = rows1.to(tl.int64)[:, None] * D + (tl.arange(0, LINES) * (D // LINES))[None, :]  # [BLOCK_P, LINES]
-        _l2_prefetch(q_ptr + off)
-        _l2_prefetch(do_ptr + off)
-
-
-@triton.jit
 def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr,
                         delta_ptr, tile_lo_ptr, tile_hi_ptr, tile_in_ptr, trange_ptr, dk_ptr, dv_ptr,
                         sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
@@ -365,22 +303,14 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
                         NUM_SPANS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, SKIP: tl.constexpr, SORTED: tl.constexpr,
                         EXP2: tl.constexpr, LEAN: tl.constexpr, EVEN_P: tl.constexpr, EVEN_D: tl.constexpr,
-                        INTERIOR: tl.constexpr, NEXT: tl.constexpr, PREFETCH: tl.constexpr = 0,
-                        ROTATE: tl.constexpr = 0):
+                        INTERIOR: tl.constexpr, NEXT: tl.constexpr):
     """dK, dV of one key block of one KV group, key-major: the program visits the pair tiles whose key range
     [tile_lo, tile_hi] can meet the block (a contiguous run of tiles, `trange`), skips those that do not,
     keeps dK and dV in registers and adds them once to the window's (no atomics: it owns the block).
     LEAN (with SKIP and SORTED): `_span_kv_lean_tile`, and a tile whose live pairs' spans all hold the whole block
     (tile_in_ptr: per tile the largest qstart and smallest qend of its live pairs) runs without the per-key mask
     (with INTERIOR; else every lean visit is masked). NEXT: each trip reads the next tile's key range (and with LEAN
-    and INTERIOR its inner range) before this tile's visit, so the branch does not wait for a memory round trip.
-    PREFETCH (with LEAN and NEXT; `KV_L2_PREFETCH`): each trip, visited or skipped, asks L2 for the next tile's q/dO
-    rows (if it meets the block; their indices read a trip ahead) and the pair arrays of the tile three trips on
-    (`_span_kv_l2_prefetch`; PREFETCH = the 128-byte lines of a q row). ROTATE (`KV_ROTATE`, the programs resident
-    at once): the run of tiles is visited from a rotated start (`_run_tile`), the tile (pid · P / ROTATE) mod P of a
-    period P (the mean run length: one int64 after the runs in trange_ptr) brought into the run, pid = the launch
-    index: a program launched one program-length / ROTATE after another starts P / ROTATE tiles further, so both read
-    their shared tiles at about the same time (and their gathered rows from L2)."""
+    and INTERIOR its inner range) before this tile's visit, so the branch does not wait for a memory round trip."""
     kb = tl.program_id(0)
     grp = tl.program_id(1)
     b = grp // H_KV
@@ -401,13 +331,8 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     tb = grp.to(tl.int64) * N_TILES
-    shift = t_lo * 0
-    if ROTATE:  # start the run at the tile ≡ pid · P / ROTATE (mod P), P the period
-        period = tl.maximum(tl.load(trange_ptr + tl.num_programs(1).to(tl.int64) * N_KB * 2), 1)
-        shift = ((grp.to(tl.int64) * N_KB + kb) * period // ROTATE - t_lo) % period
-        shift = tl.where(shift < 0, shift + period, shift) % tl.maximum(t_hi - t_lo, 1)
     if NEXT:  # the first tile's ranges (any tile of the group when the run is empty; then never used)
-        at = tl.minimum(_run_tile(t_lo, t_lo, t_hi, shift, ROTATE), N_TILES - 1)
+        at = tl.minimum(t_lo, N_TILES - 1)
         n_lo = tl.load(tile_lo_ptr + tb + at)
         n_hi = tl.load(tile_hi_ptr + tb + at)
         if LEAN & INTERIOR:
@@ -416,31 +341,15 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
         else:  # not read
             n_in_lo = n_lo
             n_in_hi = n_hi
-    n_meet = kb < 0  # PREFETCH: whether the next trip's tile meets the block, its rows (read a trip ahead)
-    if PREFETCH:
-        n_rows = _span_kv_rows(order_ptr, grp, _run_tile(t_lo + 1, t_lo, t_hi, shift, ROTATE), PG, N_TILES, BLOCK_P)
-    else:  # placeholders, never read
-        n_rows = kb
-    rows1 = n_rows
-    tile3 = t_lo
-    for it in range(t_lo, t_hi):
-        tile = _run_tile(it, t_lo, t_hi, shift, ROTATE)
-        tile1 = _run_tile(it + 1, t_lo, t_hi, shift, ROTATE)  # the next trip's tile (NEXT, PREFETCH)
-        if PREFETCH:
-            rows1 = n_rows
-            n_rows = _span_kv_rows(order_ptr, grp, _run_tile(it + 2, t_lo, t_hi, shift, ROTATE), PG, N_TILES,
-                                   BLOCK_P)
-            tile3 = _run_tile(it + 3, t_lo, t_hi, shift, ROTATE)
+    for tile in range(t_lo, t_hi):
         if NEXT:
             lo, hi, in_lo, in_hi = n_lo, n_hi, n_in_lo, n_in_hi
-            at = tl.minimum(tile1, N_TILES - 1)
+            at = tl.minimum(tile + 1, N_TILES - 1)
             n_lo = tl.load(tile_lo_ptr + tb + at)
             n_hi = tl.load(tile_hi_ptr + tb + at)
             if LEAN & INTERIOR:
                 n_in_lo = tl.load(tile_in_ptr + (tb + at) * 2)
                 n_in_hi = tl.load(tile_in_ptr + (tb + at) * 2 + 1)
-            if PREFETCH:
-                n_meet = (it + 1 < t_hi) & (n_lo < k0 + BLOCK_N) & (n_hi >= k0)
         else:
             lo = tl.load(tile_lo_ptr + tb + tile)
             hi = tl.load(tile_hi_ptr + tb + tile)
@@ -453,24 +362,15 @@ def _span_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, qstart_ptr, qend_ptr, do
                     if (in_lo <= k0) & (in_hi >= k0 + BLOCK_N - 1):
                         dk, dv = _span_kv_lean_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr,
                                                     delta_ptr, kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, D, scale,
-                                                    N_TILES, rows1, tile3, n_meet, BLOCK_P, PRECISION, False, EVEN_P,
-                                                    EVEN_D, PREFETCH)
+                                                    BLOCK_P, PRECISION, False, EVEN_P, EVEN_D)
                     else:
                         dk, dv = _span_kv_lean_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr,
                                                     delta_ptr, kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, D, scale,
-                                                    N_TILES, rows1, tile3, n_meet, BLOCK_P, PRECISION, True, EVEN_P,
-                                                    EVEN_D, PREFETCH)
-                elif PREFETCH:  # a skipped trip asks for the next visits' reads too
-                    _span_kv_l2_prefetch(q_ptr, do_ptr, order_ptr, qstart_ptr, qend_ptr, blse_ptr, delta_ptr, grp,
-                                         rows1, tile3, PG, D, N_TILES, n_meet, BLOCK_P, PREFETCH)
+                                                    BLOCK_P, PRECISION, True, EVEN_P, EVEN_D)
             elif (lo < k0 + BLOCK_N) & (hi >= k0):
                 dk, dv = _span_kv_lean_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, blse_ptr, delta_ptr,
                                             kk, vv, dk, dv, cols, d, dmask, grp, tile, PG, D, scale,
-                                            N_TILES, rows1, tile3, n_meet, BLOCK_P, PRECISION, True, EVEN_P, EVEN_D,
-                                            PREFETCH)
-            elif PREFETCH:  # a skipped trip asks for the next visits' reads too
-                _span_kv_l2_prefetch(q_ptr, do_ptr, order_ptr, qstart_ptr, qend_ptr, blse_ptr, delta_ptr, grp, rows1,
-                                     tile3, PG, D, N_TILES, n_meet, BLOCK_P, PREFETCH)
+                                            BLOCK_P, PRECISION, True, EVEN_P, EVEN_D)
         elif SKIP:
             if (lo < k0 + BLOCK_N) & (hi >= k0):
                 dk, dv = _span_kv_tile(q_ptr, order_ptr, qstart_ptr, qend_ptr, do_ptr, gate_ptr, blse_ptr, delta_ptr,
@@ -547,21 +447,6 @@ KV_NEXT = True
 # slower (134.7 ms at 128K), with the lean ones faster (see KV_LEAN).
 KV_BLOCK_N = 64
 KV_WARPS = 4
-# With the lean visits and KV_NEXT: every trip of the span dK/dV loop, visited or skipped, asks L2 for the next tile's
-# q/dO rows if that tile meets the block (their indices read one trip ahead) and for the pair arrays of the tile three
-# trips on (PTX prefetch.global.L2, one 128-byte line per thread and address; no register waits for it), so a visit's
-# gathers find their rows in L2 instead of waiting on HBM. Compiled kernels only (the interpreter runs without it: a
-# prefetch changes no value).
-KV_L2_PREFETCH = False
-# Visit order of each span dK/dV program's run of tiles: 0 in order; else KV_ROTATE = the programs resident at once
-# (132 SMs x 2 on the H200), and each run is rotated to start at the tile ≡ pid · P / KV_ROTATE (mod P), P = the
-# mean run length, pid = the launch index: once the GPU is full a program starts about one program-length /
-# KV_ROTATE after the one before it, so neighbouring key blocks then read their shared tiles at about the same time
-# and the gathered q/dO rows come from L2 (in order, they read a tile ~ 42 trips apart at 128K: ~ 0.4 GB of other
-# reads in between). The sums are the same, in another order.
-KV_ROTATE = 0
-# Register cap per thread of the span dK/dV kernel (ptxas .maxnreg; None: the compiler's choice, up to 255).
-KV_MAXNREG = None
 DQ_BLOCK_N = 64  # keys per loop trip of the dQ kernel (D <= 128; 32 above)
 DQ_STAGES = 2
 DQ_WARPS = 4  # warps of the dQ kernel
@@ -622,35 +507,11 @@ def span_backward_kv(q2, k, v, qstart, qend, order, do, gate, branch_lse, delta,
     del sqs, sqe
     n_kb = triton.cdiv(l_kv, block_n)
     srow, sqs, sqe, sgate, slse, sdelta = pairs
-    if KV_ROTATE:  # its period after the runs: the mean run length (on the device, no host sync)
-        period = (ranges[..., 1] - ranges[..., 0]).double().mean().round().long().view(1)
-        ranges = torch.cat([ranges.view(-1), period])
     _span_bwd_kv_kernel[(n_kb, n_groups)](
         q2, k, v, srow, sqs, sqe, do, sgate, slse, sdelta, tile_lo, tile_hi, inside[0] if lean else tile_lo, ranges,
         dk, dv, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, pg, tile_lo.shape[1], n_kb, d ** -0.5,
         NUM_SPANS=num_spans, BLOCK_P=KV_TILE, BLOCK_N=block_n, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype),
         SKIP=KV_SKIP, SORTED=KV_SORTED, EXP2=window.KV_EXP2, LEAN=lean, EVEN_P=pg % KV_TILE == 0, EVEN_D=bd == d,
-        INTERIOR=KV_INTERIOR, NEXT=KV_NEXT, PREFETCH=kv_prefetch_lines(q2, do, lean), ROTATE=KV_ROTATE,
-        **kv_maxnreg(),
+        INTERIOR=KV_INTERIOR, NEXT=KV_NEXT,
         num_warps=KV_WARPS or (window.KV_WARPS if bd >= 128 else 4), num_stages=window.KV_STAGES)
-
-
-def kv_prefetch_lines(q2: torch.Tensor, do: torch.Tensor, lean: bool) -> int:
-    """The span dK/dV kernel's PREFETCH for `KV_L2_PREFETCH`: the 128-byte lines of one q/dO row (at least 1), or 0
-    (off: without the lean visits or KV_NEXT, where `common.tma_ok` refuses q2 and dO — not CUDA, compute capability
-    < 9, unaligned rows — or where a row is not a power of two of whole lines). The interpreter runs it (without the
-    hints, `_HINTS`) at one line per row whatever the row's size."""
-    if not (KV_L2_PREFETCH and lean and KV_NEXT):
-        return 0
-    if common.INTERPRET:
-        return 1
-    lines, rest = divmod(q2.shape[-1] * q2.element_size(), 128)
-    if rest or lines & (lines - 1) or do.dtype != q2.dtype:
-        return 0
-    return lines if common.tma_ok(q2, do) else 0
-
-
-def kv_maxnreg() -> dict:
-    """Launch option for `KV_MAXNREG` (none in the interpreter or when unset)."""
-    return {} if KV_MAXNREG is None or common.INTERPRET else {"maxnreg": KV_MAXNREG}

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import common
 from .common import block_d, dot_precision, head_rows, tma_descriptors
 from .rules import LN2, LOG2E, window_lo
 
@@ -414,10 +415,11 @@ def _window_bwd_kv_kernel(q_ptr, k_ptr, v_ptr, order_ptr, spos_ptr, qrange_ptr, 
     and dV in registers and stores them once (no atomics). SPLIT: the whole trips inside the run of queries whose
     window holds the whole block (`window_query_ranges`' [a, e)) run without the per-key mask, the rest under it.
     I32: the row start, the query runs and the positions in 32-bit integers (all < 2^31; int64 only for addresses).
-    ROTATE (`KV_ROTATE`, the programs resident at once): the run of trips is visited from trip (pid · P / ROTATE) mod P
-    of a period P (the mean trips per run: one int64 after the runs in qrange_ptr), counted in absolute BQ-query trips
-    and brought into the run, then wraps around (`_window_kv_part` on both parts), so programs launched one after
-    another read their shared queries at about the same time (span.KV_ROTATE's rule)."""
+    ROTATE (`KV_ROTATE`, `kv_rotate`: the programs resident at once; 0 in order): the run of trips is visited from
+    trip (pid · P / ROTATE) mod P of a period P (the mean trips per run: one int64 after the runs in qrange_ptr),
+    counted in absolute BQ-query trips and brought into the run, pid = the launch index, then wraps around
+    (`_window_kv_part` on both parts), so programs launched one after another read their shared queries at about the
+    same time."""
     kb = tl.program_id(0)
     grp = tl.program_id(1)
     b = grp // H_KV
@@ -501,11 +503,17 @@ KV_ROWS = 64  # rows (heads x queries) per loop trip of the window's dK/dV kerne
 KV_EXP2 = True
 # The window dK/dV kernel's row start, query runs and positions in int32 (its mask compares were 64-bit).
 KV_I32 = True
-# Visit order of the window dK/dV kernel's run of query trips (span.KV_ROTATE's rule): 0 in order; else the programs
-# resident at once (132 on the H200: one 8-warp program per SM), and each run starts at the trip ≡ pid · P / KV_ROTATE
-# (mod P), P = the mean trips per run, and wraps around. In order, neighbouring key blocks read a query ~ BLOCK_N / BQ
-# = 32 trips apart (~ 0.13 GB of other reads in between at 132 programs x 32 KB a trip); rotated, about together.
-KV_ROTATE = 0
+# Visit order of the window dK/dV kernel's run of query trips: 0 in order; n > 0: each run starts at the trip
+# ≡ pid · P / n (mod P), P = the mean trips per run, pid = the launch index, and wraps around. With n = the programs
+# resident at once, a program starts about one program-length / n after the one before it, so neighbouring key blocks
+# read their shared queries at about the same time (from L2); in order they read a query ~ BLOCK_N / BQ = 32 trips
+# apart (~ 0.13 GB of other reads in between at 132 programs x 32 KB a trip). Same sums, in another order.
+# None (the default, `kv_rotate`): n = the device's SM count (one 8-warp program per SM at D >= 128), read once per
+# device; 0 in Triton's interpreter, where nothing runs at once (tests set n themselves). H200 (132 SMs), session 13,
+# bench/bwd_tune.py: backward alone at 128K 172.3 -> 169.5 ms with 132 (the only one of session 11's four backward
+# switches that helped, ~1.6 %); train step with it (and the span dK/dV's rotation, since removed: alone it gave
+# nothing) 32K 39.6 -> 38.7 ms, 64K 92.6 -> 90.0, 128K 226.6 -> 222.9, 256K 603.8 -> 591.0.
+KV_ROTATE = None
 DQ_SPLIT = True  # the query-major dQ kernels (window and span) skip the masks on interior key blocks (`dq_blocks`)
 DQ_BLOCK_N = 64  # keys per loop trip of the window's dQ kernel (D <= 128; 32 above)
 DQ_ROWS = 64  # rows (heads x queries) per program of the window's dQ kernel
@@ -566,7 +574,8 @@ def window_backward_kv(q2, k, v, positions, row_start, window, do, lse, delta, d
     bd = block_d(d)
     order, sorted_pos, ranges = window_query_ranges(positions, l_kv, window, KV_BLOCK)
     gh, bq, n_chunks = head_rows(group, max(l_q, 64), KV_ROWS)  # rows of one loop trip = heads x queries
-    if KV_ROTATE:  # its period after the runs: the mean trips per run (on the device, no host sync)
+    rotate = kv_rotate(k.device)
+    if rotate:  # its period after the runs: the mean trips per run (on the device, no host sync)
         period = ((ranges[:, 1] - ranges[:, 0] + bq - 1) // bq).double().mean().round().long().view(1)
         ranges = torch.cat([ranges.view(-1), period])
     _window_bwd_kv_kernel[(triton.cdiv(l_kv, KV_BLOCK), b * h_kv)](
@@ -574,5 +583,13 @@ def window_backward_kv(q2, k, v, positions, row_start, window, do, lse, delta, d
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         h_q, h_kv, l_q, l_kv, d, group, n_chunks, window, d ** -0.5,
         GH=gh, BQ=bq, BLOCK_N=KV_BLOCK, BLOCK_D=bd, PRECISION=dot_precision(q2.dtype), SPLIT=KV_SPLIT, EXP2=KV_EXP2,
-        I32=KV_I32, ROTATE=KV_ROTATE,
+        I32=KV_I32, ROTATE=rotate,
         num_warps=KV_WARPS if bd >= 128 else 4, num_stages=KV_STAGES)
+
+
+def kv_rotate(device: torch.device) -> int:
+    """The window dK/dV kernel's ROTATE for tensors on `device` (see KV_ROTATE): KV_ROTATE when set, else the SM
+    count of a CUDA device (`common.sm_count`), 0 (in order) in the interpreter or off CUDA."""
+    if KV_ROTATE is not None:
+        return KV_ROTATE
+    return common.sm_count(device) if device.type == "cuda" and not common.INTERPRET else 0
