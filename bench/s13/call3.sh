@@ -1,5 +1,6 @@
 #!/bin/bash
 # Session 13, device call 3 (timeout_s <= 560): two jobs that share the GPU, neither timed.
+# HISTORY (session 13): ran once as the third device call; its --set span.KV_ROTATE=264 names a switch removed since (d3d9ed8), so it no longer runs as written.
 #  * #13 arm H (bench/facts_s13_H.json, a probe for the hop diagnosis of session 12, not a ship candidate this
 #    session): the shipped pick A's weights (runs/s12/A) trained on A's mix with fact_hop_wide 5 % (from multi_key,
 #    fact_list, fact_needle) and TrainConfig.route_in_order on the chain tasks, TL s (default 320, PLAN TL-30),
