@@ -5,7 +5,10 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PORT ?= 8888
 LAB_ARGS ?=
-PYTEST_ARGS ?=
+# Tests run in JOBS processes (pytest-xdist), each test file whole in one of them (module fixtures, the browser's
+# server); 2 fits a 2-core CI machine; JOBS=1 runs them serially in this process (e.g. with a debugger).
+JOBS ?= 2
+PYTEST_ARGS ?= $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadfile)
 PY := $(VENV)/bin/python
 # Jupyter refuses to run as root unless told; containers and CI machines often are root.
 ALLOW_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)

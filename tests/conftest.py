@@ -7,6 +7,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Under pytest-xdist each worker gets an equal share of the cores for torch's intra-op threads, so that two workers
+# on a 2-core machine do not each start two threads and slow each other down.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture(scope="module")
 def one_thread():
