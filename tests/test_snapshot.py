@@ -176,7 +176,14 @@ def _set(path, value):
     return fn
 
 
-_DELETE = object()
+class _Deleted:
+    """Marker: delete the manifest field (its repr names the test case the same way in every process)."""
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+_DELETE = _Deleted()
 OWN = object()  # load the snapshot's own id
 
 
