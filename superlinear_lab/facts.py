@@ -42,6 +42,22 @@ this question". These tasks take that shortcut away:
   answer being the place, which needs the place statement only;
 * ``fact_name_keyed`` (training aid) is ``fact_hop_named`` without the naming statements: facts keyed by a proper
   name ("Heara is kept in Gibriwen."), all asked by name: the name-keyed lookup that the second hop needs;
+* ``fact_hop_crowded``, ``fact_hop_quiz_crowded`` and ``fact_hop_wide_crowded`` (training aids) are ``fact_hop``,
+  ``fact_hop_quiz`` and ``fact_hop_wide`` with at least `HOP_CROWD` (2) other chains in every row that can hold
+  them (``make_fact`` draws ``fact_hop``'s 0–3 distractor chains and the quizzes' 1–5 other chains, and drops
+  chains from a row that is too short; the crowded aids redraw such a row and hold fewer only below ~1K tokens),
+  so a place picked by its form alone is right at most a third of the time and only binding the key to its
+  chain pays (issue 13 session 13: most hop misses answered another chain's place). ``fact_hop_crowded`` also
+  marks the other chains' names and places as rivals (``fact_hop`` marks none). Same phrasings, questions and
+  evidence as the task each crowds; the uncrowded tasks' rows are unchanged;
+* ``fact_hop_contrast`` (training aid) asks "which name" and "which place" side by side on one hop document: at
+  least `HOP_CROWD` + 1 chains as in ``fact_hop_quiz``, each asked once in turn, some by their first hop alone ("What
+  is <owner>'s <thing> called?" -> the pointer name, a name question of the split) and the others by their place
+  (the row's place question or, with chance `CONTRAST_WIDE`, one of `hop_wide_questions`), at least one of each.
+  A chain asked by name never has its place asked in the row, so its own place is that query's rival (every name
+  and place is a rival). Unlike ``fact_hop_steps``, whose place question always follows its own chain's pointer
+  just answered, every place here needs both hops from the key (issue 13 session 13: arm H answered the held-out
+  first-hop name question with a place's first byte);
 * ``fact_list`` (training aid, not an evaluation suite) asks for a whole list of words: every answer byte is a
   copy of a word in the evidence, so one row gives tens of copy targets instead of one value's few bytes. A small
   byte-level model learns to copy letters (not only digits, which are rare in prose) from this dense signal far
@@ -67,7 +83,9 @@ from . import data as D
 KINDS = ("word", "name", "phrase", "date", "number")
 TASKS = tuple(f"fact_{k}" for k in KINDS) + ("fact_multi_key", "fact_hop")  # the evaluation suites
 AUX_TASKS = ("fact_list", "fact_needle", "fact_quiz", "fact_hop_quiz", "fact_hop_steps", "fact_phrase_quiz",
-             "fact_hop_named", "fact_name_keyed", "fact_hop_wide")  # training aids (make_fact builds them too)
+             "fact_hop_named", "fact_name_keyed", "fact_hop_wide", "fact_hop_crowded", "fact_hop_quiz_crowded",
+             "fact_hop_wide_crowded", "fact_hop_contrast")  # training aids (make_fact builds them too)
+HOP_CROWD = 2  # the *_crowded hop aids and fact_hop_contrast: the fewest other chains in a row
 EVAL_FRACTION = 0.2  # share of words and names (by hash) that only the "eval" split uses as values
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
@@ -525,12 +543,16 @@ def fact(length: int, seed: int, split: str = "train", kind: str = "word", n_dis
                     "n_distractors": n_distractors, "near_keys": near_keys, "seed": seed})
 
 
-def fact_hop(length: int, seed: int, split: str = "train", n_distractors: int = 2) -> D.Example:
+def fact_hop(length: int, seed: int, split: str = "train", n_distractors: int = 2, crowded: bool = False,
+             attempt: int = 0) -> D.Example:
     """Two hops: "<owner>'s <thing> is called <Name>." and "<Name> is kept in <Place>." (either order, random
     depths), plus `n_distractors` chains of other owners' things of the same kind. The question asks where the
-    owner's thing is; every answer query needs both the pointer name and the place."""
-    task = "fact_hop"
-    rng = D._rng(task, length, seed, split, n_distractors)
+    owner's thing is; every answer query needs both the pointer name and the place.
+    With `crowded` (task ``fact_hop_crowded``, a training aid; `make_fact` gives it at least `HOP_CROWD`
+    distractor chains) the distractor chains' names and places are rivals too, and `attempt` > 0 draws the row
+    anew; without it the row is ``fact_hop``'s as before."""
+    task = "fact_hop_crowded" if crowded else "fact_hop"
+    rng = D._rng(task, length, seed, split, f"{n_distractors}:{attempt}" if crowded else n_distractors)
     thing = rng.choice(THINGS["name"])
     owner = _owner(rng, split)
     taken: set[str] = set()
@@ -547,8 +569,10 @@ def fact_hop(length: int, seed: int, split: str = "train", n_distractors: int = 
             other = _owner(rng, split)
         owners.add(other)
         named2, n2 = _statement(rng, _statement_template(rng, split, "name"), other, thing, "name", split, taken)
-        b.needle(rng.random(), named2, [])
-        b.needle(rng.random(), _statement(rng, where, other, thing, "name", split, taken, name=n2)[0], [])
+        b.needle(rng.random(), named2, [], rivals=(n2,) if crowded else ())
+        depth = rng.random()  # drawn before the place statement, as before: fact_hop's rows stay as they were
+        kept2, p2 = _statement(rng, where, other, thing, "name", split, taken, name=n2)
+        b.needle(depth, kept2, [], rivals=(p2,) if crowded else ())
     return b.build(_ask("", question, owner, thing), place, lambda j: [0, 1], task,
                    {"owner": owner, "thing": thing, "middle": name, "value": place,
                     "n_distractors": n_distractors, "seed": seed})
@@ -842,7 +866,8 @@ def _hop_chains(rng: random.Random, length: int, split: str, n: int, name_rivals
     return b, keys, near, phrasing, names, places, hops
 
 
-def fact_hop_quiz(length: int, seed: int, split: str = "train", n_facts: int = 3, wide: bool = False) -> D.Example:
+def fact_hop_quiz(length: int, seed: int, split: str = "train", n_facts: int = 3, wide: bool = False,
+                  crowded: bool = False, attempt: int = 0) -> D.Example:
     """`fact_quiz` for two-hop facts: `n_facts` chains whose keys come from a grid of owners × things of kind
     name, each "<owner>'s <thing> is called <Name>." (a statement of the split's bank) and "<Name> is kept in
     <Place>." (one `HOP` phrasing per row, as in `fact_hop`, so no question matches its place statement by
@@ -851,10 +876,13 @@ def fact_hop_quiz(length: int, seed: int, split: str = "train", n_facts: int = 3
     place's bytes need both. Rivals: the places (for a query, every place but its own).
     ``meta``: keys, middles (the pointer names), values (the places), order (asking order).
     With `wide` (task ``fact_hop_wide``) the train split asks each chain with a question of `hop_wide_questions`
-    (after a question lead) instead of the row's verb-matched place question; the eval split is unchanged."""
+    (after a question lead) instead of the row's verb-matched place question; the eval split is unchanged.
+    `crowded` names the task ``fact_hop_quiz_crowded`` / ``fact_hop_wide_crowded`` (training aids whose rows
+    `make_fact` gives at least `HOP_CROWD` + 1 chains; the row is built the same way from its own seed stream) and
+    lets `attempt` > 0 draw the row anew."""
     _check_n_facts(n_facts)
-    task = "fact_hop_wide" if wide else "fact_hop_quiz"
-    rng = D._rng(task, length, seed, split, n_facts)
+    task = ("fact_hop_wide" if wide else "fact_hop_quiz") + ("_crowded" if crowded else "")
+    rng = D._rng(task, length, seed, split, f"{n_facts}:{attempt}" if crowded else n_facts)
     b, keys, near, (_, question), names, places, needs = _hop_chains(rng, length, split, n_facts, name_rivals=False)
     order = rng.sample(range(n_facts), n_facts)
     if wide and split == "train":
@@ -901,6 +929,56 @@ def fact_hop_steps(length: int, seed: int, split: str = "train", n_chains: int =
         values.append(places[i])
         needs.append(hops[i])
         steps.append((i, "place"))
+    answer, need, prompts = _in_turn(questions, values, needs)
+    return b.build(questions[0], answer, lambda j: need[j], task,
+                   {"keys": keys, "middles": names, "values": places, "order": order, "steps": steps,
+                    "hop_phrasing": (where, place_question), "value": answer, "near_keys": near,
+                    "n_distractors": n_chains - 1, "seed": seed}, prompts)
+
+
+CONTRAST_WIDE = 0.3  # fact_hop_contrast (train): chance that a place is asked with a `hop_wide_questions` form
+
+
+def fact_hop_contrast(length: int, seed: int, split: str = "train", n_chains: int = 3,
+                      attempt: int = 0) -> D.Example:
+    """"Which name" beside "which place" on one hop document (training aid): `n_chains` (≥ 2) chains as in
+    `fact_hop_quiz` ("<owner>'s <thing> is called <Name>." and "<Name> is kept in <Place>.", keys from an owner ×
+    thing grid, one place phrasing per row), then every chain asked once, in a random order: between 1 and
+    `n_chains` - 1 of them (drawn) by their first hop alone ("What is <owner>'s <thing> called?" -> the pointer
+    name, a name question of the split), the others by their place (the row's place question; in the train split
+    with chance `CONTRAST_WIDE` one of `hop_wide_questions` instead). A chain asked by name is never asked its
+    place in the row, and no place question follows its own chain's pointer, so every place needs both hops from
+    the key (`make_fact` gives a row at least `HOP_CROWD` + 1 chains where they fit).
+
+    Evidence per chain: the pointer name in the naming statement, then the place. A pointer's bytes need its name
+    only; a place's bytes need both hops, in that order (`TrainConfig.route_in_order` applies). Rivals: every name
+    and place (for a query, all but what it needs: a name query's own place is its rival). ``meta``: keys, middles
+    (the pointer names), values (the places), order (chain asking order), steps (per answer, in order: (chain,
+    "name" or "place")), hop_phrasing (the place statement and question templates), value (the whole answer).
+    `attempt` > 0 draws the row anew (for a short row that the first draw does not fit). A row of one chain (what
+    `make_fact` falls back to where two do not fit) asks its name only."""
+    _check_n_facts(n_chains)
+    task = "fact_hop_contrast"
+    rng = D._rng(task, length, seed, split, f"{n_chains}:{attempt}")
+    b, keys, near, (where, place_question), names, places, hops = _hop_chains(rng, length, split, n_chains,
+                                                                             name_rivals=True)
+    order = rng.sample(range(n_chains), n_chains)
+    by_name = set(rng.sample(range(n_chains), rng.randint(1, max(1, n_chains - 1))))
+    questions, values, needs, steps = [], [], [], []
+    for i in order:
+        if i in by_name:
+            questions.append(_question(rng, split, "name", *keys[i]))
+            values.append(names[i])
+            needs.append(hops[i][:1])
+            steps.append((i, "name"))
+        else:
+            if split == "train" and rng.random() < CONTRAST_WIDE:
+                questions.append(_ask(rng.choice(QUESTION_LEADS), rng.choice(hop_wide_questions()), *keys[i]))
+            else:
+                questions.append(_question(rng, split, "name", *keys[i], template=place_question))
+            values.append(places[i])
+            needs.append(hops[i])
+            steps.append((i, "place"))
     answer, need, prompts = _in_turn(questions, values, needs)
     return b.build(questions[0], answer, lambda j: need[j], task,
                    {"keys": keys, "middles": names, "values": places, "order": order, "steps": steps,
@@ -970,6 +1048,17 @@ def _redrawn(build, tries: int = 20) -> D.Example:
     return build(tries - 1)
 
 
+def _crowded(build, most: int) -> D.Example:
+    """A crowded hop row: ``build(d, attempt)`` with `most` down to `HOP_CROWD` other chains, each count drawn anew
+    up to 20 times (`_redrawn`) before the row holds fewer; only a row too short for `HOP_CROWD` other chains in
+    any draw (under ~1K tokens; training rows are 4K and longer) falls back to fewer, down to none, so that a short
+    training row never fails."""
+    try:
+        return _redrawn(lambda attempt: _fewer_if_too_short(lambda d: build(d, attempt), most, least=HOP_CROWD))
+    except D.TooShort:
+        return _redrawn(lambda attempt: _fewer_if_too_short(lambda d: build(d, attempt), HOP_CROWD - 1))
+
+
 def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Example:
     """Any fact task by name; the number of distractors is drawn from the seed, capped by what fits `length`."""
     room = max(1, length // 160)  # a statement is ~50-90 tokens: short rows hold fewer of them
@@ -977,6 +1066,18 @@ def make_fact(task: str, length: int, seed: int, split: str = "train") -> D.Exam
     if task == "fact_hop":
         return _fewer_if_too_short(lambda d: fact_hop(length, seed, split, n_distractors=d),
                                    n.randint(0, max(0, min(3, room // 2 - 1))))
+    if task == "fact_hop_crowded":  # fact_hop with HOP_CROWD to 4 other chains
+        return _crowded(lambda d, attempt: fact_hop(length, seed, split, n_distractors=d, crowded=True,
+                                                    attempt=attempt),
+                        n.randint(HOP_CROWD, max(HOP_CROWD, min(4, room // 2 - 1))))
+    if task in ("fact_hop_quiz_crowded", "fact_hop_wide_crowded"):  # HOP_CROWD + 1 to 6 chains
+        wide = task == "fact_hop_wide_crowded"
+        return _crowded(lambda d, attempt: fact_hop_quiz(length, seed, split, n_facts=d + 1, wide=wide, crowded=True,
+                                                         attempt=attempt),
+                        n.randint(HOP_CROWD, max(HOP_CROWD, min(5, room // 2))))
+    if task == "fact_hop_contrast":  # HOP_CROWD + 1 to 6 chains, each asked once (by name or by place)
+        return _crowded(lambda d, attempt: fact_hop_contrast(length, seed, split, n_chains=d + 1, attempt=attempt),
+                        n.randint(HOP_CROWD, max(HOP_CROWD, min(5, room // 2))))
     if task == "fact_multi_key":
         kind = n.choice(("name", "word", "number"))
         most = n.randint(1, max(1, min(5, room - 1)))

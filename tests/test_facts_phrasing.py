@@ -236,12 +236,15 @@ def test_train_fact_rows_plant_about_half_inline_and_keep_evidence_exact(monkeyp
             for split in D.SPLITS:
                 ex = D.make_example(task, 1024, seed, split)
                 if task in ("fact_quiz", "fact_list", "fact_hop_quiz", "fact_hop_steps", "fact_phrase_quiz",
-                            "fact_hop_named", "fact_name_keyed", "fact_hop_wide"):
+                            "fact_hop_named", "fact_name_keyed", "fact_hop_wide", "fact_hop_quiz_crowded",
+                            "fact_hop_wide_crowded", "fact_hop_contrast"):
                     values = ex.meta["words"] if task == "fact_list" else ex.meta["values"]
-                    if task in ("fact_hop_quiz", "fact_hop_steps", "fact_hop_named", "fact_hop_wide"):
+                    if task in ("fact_hop_quiz", "fact_hop_steps", "fact_hop_named", "fact_hop_wide",
+                                "fact_hop_quiz_crowded", "fact_hop_wide_crowded", "fact_hop_contrast"):
                         values = [v for pair in zip(ex.meta["middles"], values) for v in pair]
                 else:
-                    values = [ex.meta["middle"], ex.meta["value"]] if task == "fact_hop" else [ex.meta["value"]]
+                    values = [ex.meta["middle"], ex.meta["value"]] if task in ("fact_hop", "fact_hop_crowded") \
+                        else [ex.meta["value"]]
                 assert [bytes(ex.ids[a:b]).decode() for a, b in ex.evidence] == values, (task, split, seed)
                 raw = bytes(ex.ids[1:])
                 for text in planted:
