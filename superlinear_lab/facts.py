@@ -898,6 +898,28 @@ def fact_hop_quiz(length: int, seed: int, split: str = "train", n_facts: int = 3
 FIRST_HOP_ASKED = 0.7  # fact_hop_steps: chance that a chain's pointer is asked before its place
 
 
+class _HopQuestions:
+    """The questions of a step-wise hop row (`fact_hop_steps`, `fact_hop_contrast`), in asking order: a chain's
+    first hop ("name": its pointer, needing the naming statement) or its place (needing both hops, pointer first)."""
+
+    def __init__(self, names: list, places: list, hops: list):
+        self.names, self.places, self.hops = names, places, hops
+        self.questions, self.values, self.needs, self.steps = [], [], [], []
+
+    def add(self, chain: int, kind: str, question: str) -> None:
+        self.questions.append(question)
+        self.values.append(self.names[chain] if kind == "name" else self.places[chain])
+        self.needs.append(self.hops[chain][:1] if kind == "name" else self.hops[chain])
+        self.steps.append((chain, kind))
+
+    def build(self, b, task: str, keys, near, order, hop_phrasing, seed: int) -> D.Example:
+        answer, need, prompts = _in_turn(self.questions, self.values, self.needs)
+        return b.build(self.questions[0], answer, lambda j: need[j], task,
+                       {"keys": keys, "middles": self.names, "values": self.places, "order": order,
+                        "steps": self.steps, "hop_phrasing": hop_phrasing, "value": answer, "near_keys": near,
+                        "n_distractors": len(keys) - 1, "seed": seed}, prompts)
+
+
 def fact_hop_steps(length: int, seed: int, split: str = "train", n_chains: int = 2, attempt: int = 0) -> D.Example:
     """Two-hop chains asked step by step (training aid): `n_chains` chains as in `fact_hop_quiz` ("<owner>'s
     <thing> is called <Name>." and "<Name> is kept in <Place>.", keys from an owner × thing grid, one place
@@ -918,22 +940,12 @@ def fact_hop_steps(length: int, seed: int, split: str = "train", n_chains: int =
     b, keys, near, (where, place_question), names, places, hops = _hop_chains(rng, length, split, n_chains,
                                                                              name_rivals=True)
     order = rng.sample(range(n_chains), n_chains)
-    questions, values, needs, steps = [], [], [], []
+    asked = _HopQuestions(names, places, hops)
     for i in order:
         if rng.random() < FIRST_HOP_ASKED:
-            questions.append(_question(rng, split, "name", *keys[i]))
-            values.append(names[i])
-            needs.append(hops[i][:1])
-            steps.append((i, "name"))
-        questions.append(_question(rng, split, "name", *keys[i], template=place_question))
-        values.append(places[i])
-        needs.append(hops[i])
-        steps.append((i, "place"))
-    answer, need, prompts = _in_turn(questions, values, needs)
-    return b.build(questions[0], answer, lambda j: need[j], task,
-                   {"keys": keys, "middles": names, "values": places, "order": order, "steps": steps,
-                    "hop_phrasing": (where, place_question), "value": answer, "near_keys": near,
-                    "n_distractors": n_chains - 1, "seed": seed}, prompts)
+            asked.add(i, "name", _question(rng, split, "name", *keys[i]))
+        asked.add(i, "place", _question(rng, split, "name", *keys[i], template=place_question))
+    return asked.build(b, task, keys, near, order, (where, place_question), seed)
 
 
 CONTRAST_WIDE = 0.3  # fact_hop_contrast (train): chance that a place is asked with a `hop_wide_questions` form
@@ -964,26 +976,15 @@ def fact_hop_contrast(length: int, seed: int, split: str = "train", n_chains: in
                                                                              name_rivals=True)
     order = rng.sample(range(n_chains), n_chains)
     by_name = set(rng.sample(range(n_chains), rng.randint(1, max(1, n_chains - 1))))
-    questions, values, needs, steps = [], [], [], []
+    asked = _HopQuestions(names, places, hops)
     for i in order:
         if i in by_name:
-            questions.append(_question(rng, split, "name", *keys[i]))
-            values.append(names[i])
-            needs.append(hops[i][:1])
-            steps.append((i, "name"))
+            asked.add(i, "name", _question(rng, split, "name", *keys[i]))
+        elif split == "train" and rng.random() < CONTRAST_WIDE:
+            asked.add(i, "place", _ask(rng.choice(QUESTION_LEADS), rng.choice(hop_wide_questions()), *keys[i]))
         else:
-            if split == "train" and rng.random() < CONTRAST_WIDE:
-                questions.append(_ask(rng.choice(QUESTION_LEADS), rng.choice(hop_wide_questions()), *keys[i]))
-            else:
-                questions.append(_question(rng, split, "name", *keys[i], template=place_question))
-            values.append(places[i])
-            needs.append(hops[i])
-            steps.append((i, "place"))
-    answer, need, prompts = _in_turn(questions, values, needs)
-    return b.build(questions[0], answer, lambda j: need[j], task,
-                   {"keys": keys, "middles": names, "values": places, "order": order, "steps": steps,
-                    "hop_phrasing": (where, place_question), "value": answer, "near_keys": near,
-                    "n_distractors": n_chains - 1, "seed": seed}, prompts)
+            asked.add(i, "place", _question(rng, split, "name", *keys[i], template=place_question))
+    return asked.build(b, task, keys, near, order, (where, place_question), seed)
 
 
 def named_hop_question(question: str) -> str:
