@@ -898,6 +898,15 @@ def fact_hop_quiz(length: int, seed: int, split: str = "train", n_facts: int = 3
 FIRST_HOP_ASKED = 0.7  # fact_hop_steps: chance that a chain's pointer is asked before its place
 
 
+def _step_chains(task: str, length: int, seed: int, split: str, n_chains: int, attempt: int):
+    """The start of a step-wise hop row: the row's rng, `_hop_chains`' chains (names as rivals) and the order the
+    chains are asked in."""
+    _check_n_facts(n_chains)
+    rng = D._rng(task, length, seed, split, f"{n_chains}:{attempt}")
+    b, keys, near, phrasing, names, places, hops = _hop_chains(rng, length, split, n_chains, name_rivals=True)
+    return rng, b, keys, near, phrasing, names, places, hops, rng.sample(range(n_chains), n_chains)
+
+
 class _HopQuestions:
     """The questions of a step-wise hop row (`fact_hop_steps`, `fact_hop_contrast`), in asking order: a chain's
     first hop ("name": its pointer, needing the naming statement) or its place (needing both hops, pointer first)."""
@@ -934,12 +943,9 @@ def fact_hop_steps(length: int, seed: int, split: str = "train", n_chains: int =
     answer, in order: (chain, "name" or "place")), hop_phrasing (the place statement and question templates),
     value (the whole answer). `attempt` > 0 draws the row anew
     (for a short row that the first draw does not fit)."""
-    _check_n_facts(n_chains)
     task = "fact_hop_steps"
-    rng = D._rng(task, length, seed, split, f"{n_chains}:{attempt}")
-    b, keys, near, (where, place_question), names, places, hops = _hop_chains(rng, length, split, n_chains,
-                                                                             name_rivals=True)
-    order = rng.sample(range(n_chains), n_chains)
+    rng, b, keys, near, (where, place_question), names, places, hops, order = _step_chains(task, length, seed,
+                                                                                          split, n_chains, attempt)
     asked = _HopQuestions(names, places, hops)
     for i in order:
         if rng.random() < FIRST_HOP_ASKED:
@@ -969,12 +975,9 @@ def fact_hop_contrast(length: int, seed: int, split: str = "train", n_chains: in
     "name" or "place")), hop_phrasing (the place statement and question templates), value (the whole answer).
     `attempt` > 0 draws the row anew (for a short row that the first draw does not fit). A row of one chain (what
     `make_fact` falls back to where two do not fit) asks its name only."""
-    _check_n_facts(n_chains)
     task = "fact_hop_contrast"
-    rng = D._rng(task, length, seed, split, f"{n_chains}:{attempt}")
-    b, keys, near, (where, place_question), names, places, hops = _hop_chains(rng, length, split, n_chains,
-                                                                             name_rivals=True)
-    order = rng.sample(range(n_chains), n_chains)
+    rng, b, keys, near, (where, place_question), names, places, hops, order = _step_chains(task, length, seed,
+                                                                                          split, n_chains, attempt)
     by_name = set(rng.sample(range(n_chains), rng.randint(1, max(1, n_chains - 1))))
     asked = _HopQuestions(names, places, hops)
     for i in order:
