@@ -187,3 +187,48 @@ def test_missing_cells():
     got = RULE.missing([rep], [A, "small"])
     assert len(got) == 31 and (A, "fact_word", "8192") not in got and all(m == A for m, _, _ in got)
     assert RULE.missing([rep], ["small"]) == []
+
+
+# --------------------------------------------------------------------------- session 14: the hop gate
+def _hop_rows(model: str, exact: int, first: int, n: int = 24) -> list[dict]:
+    """facts_hop_diagnose-shaped train rows: the first `exact` answered, the first `first` first hops right."""
+    return [{"model": model, "split": "train", "seed": 900_000 + i, "correct": i < exact,
+             "first_hop": {"correct": i < first}} for i in range(n)]
+
+
+def test_hop_gate_needs_the_first_hop_kept_and_three_more_hops():
+    base = _hop_rows("small", exact=5, first=24)
+    assert RULE.hop_gate(_hop_rows("hop", 8, 23) + base, "hop", "small")["passed"]  # +3 exact, first -1
+    g = RULE.hop_gate(_hop_rows("hop", 8, 22) + base, "hop", "small")  # first -2: session 13's H lost it
+    assert not g["passed"] and g["g2_exact"] and not g["g1_first_hop"]
+    g = RULE.hop_gate(_hop_rows("hop", 7, 24) + base, "hop", "small")  # +2 exact only
+    assert not g["passed"] and g["g1_first_hop"] and g["counts"]["hop"] == {"rows": 24, "exact": 7, "first_hop": 24}
+    with pytest.raises(ValueError, match="same train rows"):
+        RULE.hop_gate(_hop_rows("hop", 8, 24, n=12) + base, "hop", "small")
+    eval_rows = [{**r, "split": "eval"} for r in _hop_rows("hop", 24, 24)]  # held-out rows never count
+    with pytest.raises(ValueError, match="same train rows"):
+        RULE.hop_gate(eval_rows + base, "hop", "small")
+
+
+def test_a_passed_hop_gate_picks_the_hop_arm_unless_it_is_more_than_2_percent_behind():
+    base, passed, failed = [50] * 7, {"passed": True}, {"passed": False}
+    behind8 = _report([42] + [50] * 6, base)  # -8 of 448 (2 % = 8.96): picked for its hop
+    res = RULE.pick_with_gate([behind8], A, B, passed)
+    assert res["pick"] == "A" and res["hop_gate"] and "hop gate passed" in res["why"]
+    assert RULE.pick_with_gate([behind8], A, B, failed)["pick"] == "B"  # session 12's steps: B leads by 8 > 1 %
+    assert RULE.pick_with_gate([_report([41] + [50] * 6, base)], A, B, passed)["pick"] == "B"  # -9 > 2 %
+    few = _report([50] * 7, [40] * 7)
+    for suite in RULE.SELECT_SUITES[:4]:
+        del few["cells"][suite]["65536"]
+    assert RULE.pick_with_gate([few], A, B, passed)["pick"] == "B"  # too few cells: the control, gate or not
+
+
+def test_hop_gate_command(tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in _hop_rows("hop", 9, 24) + _hop_rows("small", 5, 24)))
+    assert RULE.main(["hop-gate", str(rows), "--cand", "hop", "--base", "small", "--out", str(tmp_path / "g.json")]) == 0
+    assert json.loads((tmp_path / "g.json").read_text())["passed"] is True
+    (tmp_path / "sel.json").write_text(json.dumps(_report([45] + [50] * 6, [50] * 7)))
+    capsys.readouterr()
+    assert RULE.main(["pick", str(tmp_path / "sel.json"), "--a", A, "--b", B, "--hop-gate", str(tmp_path / "g.json")]) == 0
+    assert capsys.readouterr().out.strip() == "A"

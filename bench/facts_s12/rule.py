@@ -14,6 +14,12 @@
    exact lead is below 5 % of n, the other arm is picked (session 11: `final` led by 4 of 256 rows at 64K with
    a train-split pull of 0.063 against cont's 0.007, and lost 7.8 points of held-out names).
 
+``pick --hop-gate GATE`` is session 14's rule (bench/facts_s14/RULE.md): when GATE (written by ``hop-gate``) passed
+and arm A's exact rows are at least E_B - 2 % of n, A is picked; otherwise the steps above decide.
+``hop-gate`` reads `bench/facts_hop_diagnose.py` train-split rows of the candidate and of the baseline on the same
+seeds: it passes when the first hop asked alone is right in >= the baseline's count - 1 rows and the hop question
+exactly in >= the baseline's count + 3 rows.
+
 ``missing`` lists the held-out cells (8 suites x 4 lengths per model) that no facts_gpu.py report holds yet: what
 the spare call re-runs, one process per cell.
 """
@@ -30,6 +36,8 @@ RIVAL_SUITE, RIVAL_LENGTH = "fact_name", "8192"
 MIN_CELLS = 4
 EXACT_MARGIN, VETO_LEAD = 0.01, 0.05  # of the rows compared
 RIVAL_TIE, VETO_RATIO, VETO_ABS = 0.01, 2.0, 0.02
+GATE_LEAD = 0.02  # of the rows compared: how far behind arm A may be and still be picked for a passed hop gate
+GATE_FIRST_SLACK, GATE_EXACT_GAIN = 1, 3  # rows of the hop gate
 EVAL_SUITES = ("fact_word", "fact_name", "fact_phrase", "fact_date", "fact_number", "fact_multi_key", "fact_hop",
                "niah")
 EVAL_LENGTHS = ("8192", "16384", "32768", "65536")
@@ -90,6 +98,32 @@ def pick(reports: list[dict], a: str, b: str, control: str = "B") -> dict:
     return out
 
 
+def hop_gate(rows: list[dict], cand: str, base: str) -> dict:
+    """Session 14's hop gate from facts_hop_diagnose.py rows (train split): counts per model, and "passed"."""
+    by = {m: {r["seed"]: r for r in rows if r.get("split") == "train" and r["model"] == m} for m in (cand, base)}
+    if not by[cand] or set(by[cand]) != set(by[base]):
+        raise ValueError(f"the gate needs both models on the same train rows: {sorted(by[cand])} vs {sorted(by[base])}")
+    count = {m: {"rows": len(rs), "exact": sum(bool(r["correct"]) for r in rs.values()),
+                 "first_hop": sum(bool(r["first_hop"]["correct"]) for r in rs.values())} for m, rs in by.items()}
+    c, b = count[cand], count[base]
+    g1 = c["first_hop"] >= b["first_hop"] - GATE_FIRST_SLACK
+    g2 = c["exact"] >= b["exact"] + GATE_EXACT_GAIN
+    return {"candidate": cand, "baseline": base, "counts": count, "g1_first_hop": g1, "g2_exact": g2,
+            "passed": g1 and g2, "rule": "bench/facts_s14/RULE.md"}
+
+
+def pick_with_gate(reports: list[dict], a: str, b: str, gate: dict) -> dict:
+    """Session 14: arm A (the hop arm) when its hop gate passed and it is at most GATE_LEAD behind on exact rows;
+    otherwise session 12's pick."""
+    out = pick(reports, a, b)
+    out["hop_gate"] = gate.get("passed")
+    if gate.get("passed") and "exact" in out and out["exact"]["A"] >= out["exact"]["B"] - GATE_LEAD * out["rows"]:
+        out.update(pick="A", why=f"hop gate passed and exact rows A-B {out['exact']['A'] - out['exact']['B']:+d} of "
+                   f"{out['rows']} (>= -{GATE_LEAD:.0%}); session 12's steps said {out['pick']}: {out['why']}",
+                   rule="bench/facts_s14/RULE.md")
+    return out
+
+
 def missing(reports: list[dict], models: list[str], suites=EVAL_SUITES, lengths=EVAL_LENGTHS) -> list[tuple]:
     """(model, suite, length) held-out cells no report holds (bits per byte needs no cell of its own: every
     facts_gpu.py --eval-only process measures it before its first cell)."""
@@ -109,10 +143,22 @@ def main(argv=None) -> int:
     a.add_argument("--a", required=True, help="arm A's model name as the reports write it")
     a.add_argument("--b", required=True)
     a.add_argument("--out")
+    a.add_argument("--hop-gate", help="session 14: the JSON `hop-gate` wrote")
+    a = sub.add_parser("hop-gate")
+    a.add_argument("rows", nargs="+", help="facts_hop_diagnose.py --jsonl files")
+    a.add_argument("--cand", required=True)
+    a.add_argument("--base", required=True)
+    a.add_argument("--out", required=True)
     a = sub.add_parser("missing")
     a.add_argument("reports", nargs="*", help="facts_gpu.py facts_eval.json files")
     a.add_argument("--models", nargs="+", required=True)
     args = p.parse_args(argv)
+    if args.cmd == "hop-gate":
+        rows = [json.loads(line) for f in args.rows for line in Path(f).read_text().splitlines() if line.strip()]
+        res = hop_gate(rows, args.cand, args.base)
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps(res))
+        return 0
     reports = []
     for f in args.reports:
         try:
@@ -120,7 +166,8 @@ def main(argv=None) -> int:
         except (OSError, json.JSONDecodeError) as exc:  # a file cut mid-write by a time limit: its cells are lost
             print(f"skipped {f}: {exc}", file=sys.stderr)
     if args.cmd == "pick":
-        res = pick(reports, args.a, args.b)
+        res = (pick_with_gate(reports, args.a, args.b, json.loads(Path(args.hop_gate).read_text())) if args.hop_gate
+               else pick(reports, args.a, args.b))
         print(json.dumps(res), file=sys.stderr)
         if args.out:
             Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
