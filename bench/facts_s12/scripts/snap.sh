@@ -7,5 +7,5 @@ cd /work/main || exit 1
 REV=${1:-HEAD}
 exec bash bench/facts_s11/scripts/snap.sh "$REV" \
   $(git ls-tree -r --name-only "$REV" superlinear_lab kernels tests | grep -v '^superlinear_lab/models/') \
-  $(git ls-tree -r --name-only "$REV" bench | grep -E '^bench/[^/]*\.py$|^bench/facts_s12/|^bench/facts_s1[12]_[^/]*\.json$') \
+  $(git ls-tree -r --name-only "$REV" bench | grep -E '^bench/[^/]*\.py$|^bench/facts_s1[2-9]/|^bench/facts_s1[1-9]_[^/]*\.json$') \
   bench/h200_s11/jobs.sh bench/facts_s11/scripts/prelude.sh setup.py pyproject.toml
