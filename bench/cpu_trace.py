@@ -3,6 +3,10 @@ session of a shipped model (`--model`, default tiny) while recording a full rout
 tokens/s and peak memory, and writes JSON. Target (docs/design.md): <= 60 s on 2 cores.
 
     python bench/cpu_trace.py [--model tiny] [--tokens 65536] [--chunk-size 4096] [--profile] [--json bench/cpu_trace.json]
+    python bench/cpu_trace.py --model small --with d_model=256 d_ff=704   # random weights, the config changed
+
+`--with FIELD=VALUE ...` times a model that does not exist yet: the shipped model's config with those fields changed,
+random weights (the time depends on the shape, not on the weights). It answers "what would a larger model cost here".
 
 `--profile` adds a second run under cProfile and prints where the time goes (attention kernel vs the rest).
 """
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import json
 import platform
 import pstats
@@ -34,8 +39,12 @@ def reference_document(n_tokens: int) -> str:
     return text.encode()[:n_tokens].decode("utf-8", errors="ignore")
 
 
-def run(doc: str, chunk_size: int, model_name: str = "tiny") -> tuple[dict, object]:
-    model = load_model(model_name, backend="torch")
+def run(doc: str, chunk_size: int, model_name: str = "tiny", changes: dict | None = None) -> tuple[dict, object]:
+    if changes:
+        config = dataclasses.replace(load_model(model_name, backend="torch").cfg, **changes)
+        model = load_model(model_name, config=config, backend="torch")  # a config alone: random weights
+    else:
+        model = load_model(model_name, backend="torch")
     n = len(doc.encode())
     session = Session(model, max_len=n + 1024, chunk_size=chunk_size, progress=False)
     with PeakRSS() as mem:
@@ -47,6 +56,7 @@ def run(doc: str, chunk_size: int, model_name: str = "tiny") -> tuple[dict, obje
         "tokens": n, "seconds": round(seconds, 2), "tokens_per_s": round(n / seconds),
         "peak_rss_gb": round(mem.peak / 1e9, 3), "rss_before_gb": round(mem.base / 1e9, 3),
         "session_memory_mb": {k: round(v / 1e6, 2) for k, v in session.memory().items()},
+        "parameters": sum(p.numel() for p in model.parameters()),
         "trace_queries": int(trace.queries.numel()), "trace_layers": trace.names,
         "coverage_layer1": [round(c, 4) for c in trace.coverage(1).tolist()],
     }, session
@@ -59,10 +69,18 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--model", default="tiny", help="shipped model name")
+    parser.add_argument("--with", dest="changes", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="random weights, the model's config with these fields changed (ints or a pattern)")
     args = parser.parse_args()
+    changes = {}
+    for item in args.changes:
+        field, _, value = item.partition("=")
+        if not value:
+            parser.error(f"--with expects FIELD=VALUE, got {item!r}")
+        changes[field] = int(value) if value.lstrip("-").isdigit() else value
     doc = reference_document(args.tokens)
-    result, _ = run(doc, args.chunk_size, args.model)
-    result.update({"model": args.model, "chunk_size": args.chunk_size, "torch": torch.__version__,
+    result, _ = run(doc, args.chunk_size, args.model, changes)
+    result.update({"model": args.model, "changes": changes, "chunk_size": args.chunk_size, "torch": torch.__version__,
                    "threads": torch.get_num_threads(),
                    "cpus": psutil.cpu_count(), "load_avg_1m": round(psutil.getloadavg()[0], 2),
                    "machine": platform.processor() or platform.machine(),
@@ -71,7 +89,7 @@ def main() -> None:
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()
-        run(doc, args.chunk_size, args.model)
+        run(doc, args.chunk_size, args.model, changes)
         prof.disable()
         stats = pstats.Stats(prof)
         stats.sort_stats("cumulative").print_stats(r"(superlinear_attention|span_search|range_attention|"
