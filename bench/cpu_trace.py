@@ -48,12 +48,12 @@ def run(doc: str, chunk_size: int, model_name: str = "tiny", changes: dict | Non
     n = len(doc.encode())
     session = Session(model, max_len=n + 1024, chunk_size=chunk_size, progress=False)
     with PeakRSS() as mem:
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         with session.trace() as trace:
             session.append(doc)
-        seconds = time.perf_counter() - began
+        seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu_began
     return {
-        "tokens": n, "seconds": round(seconds, 2), "tokens_per_s": round(n / seconds),
+        "tokens": n, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2), "tokens_per_s": round(n / seconds),
         "peak_rss_gb": round(mem.peak / 1e9, 3), "rss_before_gb": round(mem.base / 1e9, 3),
         "session_memory_mb": {k: round(v / 1e6, 2) for k, v in session.memory().items()},
         "parameters": sum(p.numel() for p in model.parameters()),
