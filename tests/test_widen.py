@@ -102,3 +102,14 @@ def test_training_starts_a_wider_model_from_small(tmp_path, one_thread):
     model = load_model(path=trained, backend="torch")
     expected = widen_model(load_model("small", backend="torch"), wide, seed=5)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.state_dict().items())
+
+
+def test_an_untied_head_is_widened_too(small, one_thread):
+    """A model with its own output matrix (tie_embeddings false): the head's new input columns read zeros."""
+    cfg = dataclasses.replace(small.cfg, tie_embeddings=False, init_seed=4)
+    model = load_model(config=cfg, backend="torch")
+    wide = widen_model(model, widened_config(cfg, d_model=224), seed=2)
+    assert wide.lm_head.weight.shape == (cfg.vocab_size, 224)
+    prose = _ids(400)[0]
+    with torch.no_grad():
+        assert torch.allclose(model(prose), wide(prose), atol=1e-4, rtol=0)

@@ -71,9 +71,9 @@ def widen_model(source: HybridLM, new: ModelConfig, seed: int = 0) -> HybridLM:
     def rand(*shape):
         return torch.randn(*shape, generator=gen) * new.init_std
 
-    def residual_gain(g: torch.Tensor) -> torch.Tensor:
-        scale = math.sqrt(d / d2)
-        return torch.cat([g * scale, torch.full((d2 - d,), float(g.abs().mean()) * scale)])
+    def norm_gain(g: torch.Tensor, width: int) -> torch.Tensor:  # [old] -> [width]: the old channels unchanged
+        scale = math.sqrt(g.numel() / width)
+        return torch.cat([g * scale, torch.full((width - g.numel(),), float(g.abs().mean()) * scale)])
 
     def read_residual(w: torch.Tensor) -> torch.Tensor:  # [out, d] -> [out, d']: random new input columns
         return torch.cat([w, rand(w.shape[0], d2 - d)], dim=1)
@@ -85,12 +85,13 @@ def widen_model(source: HybridLM, new: ModelConfig, seed: int = 0) -> HybridLM:
         if key == "embed.weight":
             out[key] = torch.cat([w, w.new_zeros(w.shape[0], d2 - d)], dim=1)
         elif key.endswith(("norm1.weight", "norm2.weight")) or key == "norm_f.weight":
-            out[key] = residual_gain(w)
+            out[key] = norm_gain(w, d2)
         elif key.endswith("mlp.w_gate.weight") or key.endswith("mlp.w_up.weight"):
             out[key] = torch.cat([read_residual(w), rand(f2 - f, d2)], dim=0)
         elif key.endswith("mlp.w_down.weight"):
             out[key] = write_residual(torch.cat([w, w.new_zeros(d, f2 - f)], dim=1))
-        elif key.endswith(("q1_proj.weight", "q2_proj.weight", "k_proj.weight", "v_proj.weight")):
+        elif key.endswith(("q1_proj.weight", "q2_proj.weight", "k_proj.weight", "v_proj.weight")) \
+                or key == "lm_head.weight":  # an untied head reads the final norm, whose new channels are zero
             out[key] = read_residual(w)
         elif key.endswith("o_proj.weight"):
             out[key] = write_residual(w)
@@ -102,8 +103,7 @@ def widen_model(source: HybridLM, new: ModelConfig, seed: int = 0) -> HybridLM:
             fresh = x.new_zeros(e2 - e, *x.shape[1:]) if key.endswith("bias") else rand(e2 - e, *x.shape[1:])
             out[key] = torch.cat([x, fresh, bc])
         elif key.endswith("mixer.norm.weight"):  # gated RMSNorm over the inner width
-            scale = math.sqrt(e / e2)
-            out[key] = torch.cat([w * scale, torch.full((e2 - e,), float(w.abs().mean()) * scale)])
+            out[key] = norm_gain(w, e2)
         elif key.endswith("mixer.out_proj.weight"):  # [d, e] -> [d', e']: new heads write through random columns
             out[key] = write_residual(torch.cat([w, rand(d, e2 - e)], dim=1))
         elif key.endswith(("mixer.dt_bias", "mixer.A_log", "mixer.D")):
