@@ -410,7 +410,7 @@ def train(cfg: TrainConfig, ckpt: str | Path, device: str = "cpu", backend: str 
     opt = make_optimizer(model, cfg)
     state = {"step": 0, "tokens": 0, "answer_tokens": 0, "elapsed_s": 0.0, "slices": []}
     if cfg.init_from and not (ckpt / "state.json").is_file():
-        _init_weights(model, cfg.init_from, widen_seed=cfg.seed if cfg.widen_init else None)
+        _init_weights(model, cfg)
     if (ckpt / "state.json").is_file():
         state = load_checkpoint(ckpt, model, opt)
         saved = state.pop("config")
@@ -471,19 +471,20 @@ def train(cfg: TrainConfig, ckpt: str | Path, device: str = "cpu", backend: str 
     return state
 
 
-def _init_weights(model: HybridLM, spec: str, widen_seed: int | None = None) -> None:
-    """Copy the weights of model `spec` (shipped name or model folder, via `loaders.open_model`) into `model`; the
-    architecture must match (the span geometry may differ: it has no weights), or, with `widen_seed`, `model` may be
-    a widening of it (`model.widen`)."""
+def _init_weights(model: HybridLM, cfg: TrainConfig) -> None:
+    """Copy the weights of model `cfg.init_from` (shipped name or model folder, via `loaders.open_model`) into
+    `model`; the architecture must match (the span geometry may differ: it has no weights), or, with
+    `cfg.widen_init`, `model` may be a widening of it (`model.widen`, new weights from `cfg.seed`)."""
     from .loaders import open_model
     from .model.widen import widen_model
 
+    spec = cfg.init_from
     source = open_model(spec)
     if source.cfg.to_dict() | {"span": None} != model.cfg.to_dict() | {"span": None}:
-        if widen_seed is None:
+        if not cfg.widen_init:
             raise ValueError(f"init_from={spec!r}: its architecture differs from the TrainConfig's model "
                              "(set widen_init to start a wider model from it)")
-        source = widen_model(source, model.cfg, seed=widen_seed)
+        source = widen_model(source, model.cfg, seed=cfg.seed)
         log.info("widened %s to d_model %d, d_ff %d", spec, model.cfg.d_model, model.cfg.d_ff)
     model.load_state_dict({k: v.to(torch.float32) for k, v in source.state_dict().items()})
     log.info("initialised from %s", spec)

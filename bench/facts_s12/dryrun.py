@@ -43,7 +43,7 @@ def check(path: str, steps: int = 2) -> dict:
     if not math.isclose(total, 1.0, abs_tol=1e-9):
         problems.append(f"task mix sums to {total}")
     model = HybridLM(ModelConfig.from_dict(cfg.model))
-    T._init_weights(model, cfg.init_from, widen_seed=cfg.seed if cfg.widen_init else None)  # raises on another architecture
+    T._init_weights(model, cfg)  # raises on another architecture (unless cfg.widen_init widens it)
     digest = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         digest.update(k.encode())
