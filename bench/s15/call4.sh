@@ -5,7 +5,7 @@
 # cand.txt = runs/s15w/wide), so the width result is not confounded by an unfinished schedule. Nothing here ships.
 #   run: bash bench/s15/call4.sh      (carry .dev runs/corpus runs/s15w runs/s15winfo)
 cd "$(dirname "$0")/../.." || exit 1
-RUN=s15w ARMS=wide TL=${TL:-150} PLAN=120 bash bench/facts_s12/scripts/train.sh || exit 1
+RUN=s15w ARMS=wide TL=${TL:-150} bash bench/facts_s12/scripts/train.sh || exit 1
 mkdir -p /tmp/s15w_x && tar xzf $OUT/train.tgz -C /tmp/s15w_x && rm -rf runs/s15w/wide \
   && cp -r /tmp/s15w_x/wide/weights runs/s15w/wide && rm -f runs/s15w/ck_* || { echo "no export"; exit 1; }
 RUN=s15winfo END=${END:-300} bash bench/facts_s12/scripts/spare.sh
